@@ -1,0 +1,61 @@
+"""What the user chooses: one frozen dataclass, and named recipes."""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .kernels import FLOAT8_DTYPES
+
+
+@dataclass(frozen=True)
+class Float8Config:
+    """How Float8Linear quantizes and multiplies. Frozen: it rides on Float8Tensor as metadata.
+
+    Tensorwise dynamic scaling everywhere: each cast computes max(|x|) of the tensor it casts.
+    """
+
+    # input and weight (forward GEMM operands)
+    forward_dtype: torch.dtype = torch.float8_e4m3fn
+    # grad_output (both backward GEMMs): e5m2 keeps the range gradients need
+    backward_dtype: torch.dtype = torch.float8_e5m2
+    # fast accumulation trades a little accuracy for speed; by default only in the output GEMM
+    fast_accum_output: bool = True
+    fast_accum_grad_input: bool = False
+    fast_accum_grad_weight: bool = False
+    # True: save the fp8 input and weight for backward (less memory). False: save the
+    # high-precision input and weight and quantize them again in backward (friendlier to
+    # activation-checkpointing policies that decide what to keep by dtype or identity).
+    save_fp8_for_backward: bool = True
+    # Round every scale down to a power of two (exact scaling, slightly less range used).
+    power_of_2_scale: bool = False
+    # Run the GEMMs in high precision on dequantized operands, for devices without fp8 GEMMs.
+    emulate: bool = False
+
+    def __post_init__(self):
+        for name in ("forward_dtype", "backward_dtype"):
+            if getattr(self, name) not in FLOAT8_DTYPES:
+                raise ValueError(
+                    f"Float8Config.{name} must be torch.float8_e4m3fn or torch.float8_e5m2, "
+                    f"got {getattr(self, name)}"
+                )
+        if self.forward_dtype == torch.float8_e5m2 and self.backward_dtype == torch.float8_e5m2:
+            raise ValueError(
+                "forward_dtype and backward_dtype are both float8_e5m2: the backward GEMMs would "
+                "multiply e5m2 by e5m2, which CUDA's _scaled_mm rejects; use e4m3fn for one of them"
+            )
+
+    @classmethod
+    def from_recipe_name(cls, name: str) -> "Float8Config":
+        """'tensorwise' (default), 'tensorwise_pow2' (power-of-two scales), 'tensorwise_e4m3'
+        (e4m3 gradients too)."""
+        recipes = {
+            "tensorwise": cls(),
+            "tensorwise_pow2": cls(power_of_2_scale=True),
+            "tensorwise_e4m3": cls(backward_dtype=torch.float8_e4m3fn),
+        }
+        if name not in recipes:
+            raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(recipes)}")
+        return recipes[name]
+
+    def replace(self, **changes) -> "Float8Config":
+        return replace(self, **changes)

@@ -1,0 +1,75 @@
+"""convert_to_float8_training: swap nn.Linear for Float8Linear in place, and say what was done."""
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from .config import Float8Config
+from .linear import Float8Linear
+
+logger = logging.getLogger("f8tensor")
+
+# Set on an nn.Linear that conversion left alone, read by conversion_summary.
+SKIP_REASON_ATTR = "_f8tensor_skip_reason"
+
+
+def default_skip_reason(mod: nn.Linear) -> str | None:
+    """Why the default filter keeps a layer in high precision, or None to convert it."""
+    if mod.in_features % 16 or mod.out_features % 16:
+        return (f"in_features={mod.in_features}, out_features={mod.out_features}: "
+                "_scaled_mm needs both divisible by 16")
+    return None
+
+
+def convert_to_float8_training(
+    module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    config: Float8Config | None = None,
+) -> nn.Module:
+    """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear.
+
+    Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
+    returns True to convert; the default filter skips layers whose dims are not multiples of 16,
+    and the layers it skips are logged (logger "f8tensor") and listed by conversion_summary.
+    Parameters are moved, not copied, so optimizers built before conversion keep working.
+    Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear).
+    """
+    config = config or Float8Config()
+
+    def convert(mod: nn.Module, fqn: str) -> nn.Module:
+        if type(mod) is not nn.Linear:
+            return mod
+        if module_filter_fn is not None:
+            reason = None if module_filter_fn(mod, fqn) else "excluded by module_filter_fn"
+        else:
+            reason = default_skip_reason(mod)
+        if reason is not None:
+            setattr(mod, SKIP_REASON_ATTR, reason)
+            logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)
+            return mod
+        return Float8Linear.from_float(mod, config)
+
+    for fqn, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            new = convert(child, f"{fqn}.{name}" if fqn else name)
+            if new is not child:
+                setattr(parent, name, new)
+    return convert(module, "")
+
+
+def conversion_summary(module: nn.Module) -> str:
+    """A table of every linear layer: float8 or kept, with the reason."""
+    rows = []
+    for fqn, mod in module.named_modules():
+        if isinstance(mod, Float8Linear):
+            status = "float8"
+        elif isinstance(mod, nn.Linear):
+            status = "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted")
+        else:
+            continue
+        rows.append((fqn or "<root>", f"{mod.in_features}->{mod.out_features}", status))
+    converted = sum(r[2] == "float8" for r in rows)
+    width = max([len(r[0]) for r in rows] + [5])
+    lines = [f"f8tensor: {converted} of {len(rows)} linear layers in float8"]
+    lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""The __torch_dispatch__ op table of Float8Tensor: one small handler per group of aten ops.
+
+Every matrix product lands in `scaled_mm`, which enforces CUDA's `_scaled_mm` rules (first operand
+row-major, second column-major, 16-byte aligned, K and N multiples of 16, never e5m2 x e5m2) on
+every device, so a layout the GPU would refuse fails the same way in CPU CI.
+"""
+
+import torch
+
+from .config import Float8Config
+from .tensor import OPS, Float8Tensor, GemmRole, to_float8
+
+aten = torch.ops.aten
+DEFAULT_CONFIG = Float8Config()
+
+
+def implements(ops):
+    def register(handler):
+        for op in ops:
+            OPS[op] = handler
+        return handler
+
+    return register
+
+
+def _rewrap(t: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = None) -> Float8Tensor:
+    return Float8Tensor(data, t._scale if scale is None else scale, t._orig_dtype, t._role, t._config)
+
+
+# Shape and view ops: the same op on the data, the scale shared (views share it as they share data).
+@implements([
+    aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
+    aten.reshape.default, aten.t.default, aten.transpose.int, aten.permute.default,
+    aten.as_strided.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.default, aten.expand.default,
+])
+def _view_op(func, args, kwargs):
+    return _rewrap(args[0], func(args[0]._data, *args[1:], **kwargs))
+
+
+@implements([aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int])
+def _split_op(func, args, kwargs):
+    t = args[0]
+    return [_rewrap(t, d) for d in func(t._data, *args[1:], **kwargs)]
+
+
+# clone owns its scale too: copy_ into the clone must not change the original's scale.
+@implements([aten.clone.default])
+def _clone(func, args, kwargs):
+    t = args[0]
+    return _rewrap(t, func(t._data, *args[1:], **kwargs), t._scale.clone())
+
+
+@implements([aten.empty_like.default])
+def _empty_like(func, args, kwargs):
+    t = args[0]
+    dtype = kwargs.pop("dtype", None)
+    if dtype is not None and dtype != t._orig_dtype:
+        return torch.empty_like(t._data, dtype=dtype, **kwargs)
+    return _rewrap(t, torch.empty_like(t._data, **kwargs), torch.empty_like(t._scale))
+
+
+@implements([aten.is_same_size.default])
+def _is_same_size(func, args, kwargs):
+    return args[0].shape == args[1].shape
+
+
+@implements([aten._to_copy.default])
+def _to_copy(func, args, kwargs):
+    """Device moves move data and scale; a dtype change changes the presented (output) dtype and
+    keeps the float8 data (this is what autocast asks of a weight). `.dequantize()` gives values."""
+    t = args[0]
+    dtype = kwargs.pop("dtype", None) or t._orig_dtype
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError("Float8Tensor.to(float8 dtype) is ambiguous; use ._data for the raw float8 data")
+    device = kwargs.pop("device", None)
+    return Float8Tensor(
+        t._data.to(device=device), t._scale.to(device=device), dtype, t._role, t._config
+    )
+
+
+@implements([aten.cat.default])
+def _cat(func, args, kwargs):
+    tensors = args[0]
+    first = tensors[0]
+    if not all(isinstance(t, Float8Tensor) for t in tensors):
+        raise TypeError("torch.cat mixes Float8Tensor and plain tensors; quantize or dequantize all first")
+    for t in tensors[1:]:
+        if t.float8_dtype != first.float8_dtype or t._orig_dtype != first._orig_dtype:
+            raise TypeError("torch.cat of Float8Tensors needs one float8 dtype and one orig_dtype")
+        # Concatenating data is only exact under one scale (a value check syncs; cat is rare).
+        if t._scale is not first._scale and not torch.equal(t._scale, first._scale):
+            raise ValueError(
+                "torch.cat of Float8Tensors with different scales would mix two quantization grids; "
+                "dequantize them, concatenate, and quantize the result"
+            )
+    return _rewrap(first, func([t._data for t in tensors], *args[1:], **kwargs))
+
+
+@implements([aten.copy_.default])
+def _copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if isinstance(dst, Float8Tensor) and isinstance(src, Float8Tensor):
+        if dst._data.numel() != dst._data.untyped_storage().nbytes():
+            raise ValueError(
+                "copy_ of a Float8Tensor into a part of another would change the scale of the "
+                "whole destination; copy into the whole tensor, or dequantize first"
+            )
+        if src.float8_dtype != dst.float8_dtype:
+            raise TypeError(f"copy_ from {src.float8_dtype} into {dst.float8_dtype} data; requantize instead")
+        dst._data.copy_(src._data)
+        dst._scale.copy_(src._scale)
+    elif isinstance(dst, Float8Tensor):
+        # High-precision values into float8 storage: quantize onto dst's existing scale.
+        fp8_max = torch.finfo(dst.float8_dtype).max
+        y = src.to(device=dst.device, dtype=torch.float32) / dst._scale
+        dst._data.copy_(y.clamp(-fp8_max, fp8_max))
+    else:
+        dst.copy_(src.dequantize())
+    return dst
+
+
+def _is_row_major(d: torch.Tensor) -> bool:
+    return d.is_contiguous() and d.data_ptr() % 16 == 0
+
+
+def _is_col_major(d: torch.Tensor) -> bool:
+    return d.t().is_contiguous() and d.data_ptr() % 16 == 0
+
+
+def _gemm_fast_accum(a: Float8Tensor, b: Float8Tensor, config: Float8Config) -> bool:
+    """The three GEMMs of a linear layer, told apart by their operands' roles."""
+    if a._role is GemmRole.GRAD_OUTPUT:
+        if b._role is GemmRole.WEIGHT:
+            return config.fast_accum_grad_input
+        return config.fast_accum_grad_weight
+    return config.fast_accum_output
+
+
+def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias) through torch._scaled_mm, in a's original dtype.
+
+    Copies an operand's data only when its layout or alignment is not what _scaled_mm takes.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"scaled_mm needs [M, K] @ [K, N], got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.float8_dtype == torch.float8_e5m2 and b.float8_dtype == torch.float8_e5m2:
+        raise TypeError("_scaled_mm on CUDA rejects float8_e5m2 x float8_e5m2; make one operand e4m3fn")
+    K, N = b.shape
+    if K % 16 or N % 16:
+        raise ValueError(
+            f"_scaled_mm needs K and N divisible by 16, got [{a.shape[0]}, {K}] @ [{K}, {N}]; pad the "
+            "layer's features to a multiple of 16 or keep this layer in high precision"
+        )
+    config = a._config or b._config or DEFAULT_CONFIG
+    out_dtype = a._orig_dtype
+    a_data = a._data if _is_row_major(a._data) else a._data.contiguous()
+    b_data = b._data if _is_col_major(b._data) else b._data.t().contiguous().t()
+    if config.emulate:
+        out = (a_data.float() * a._scale) @ (b_data.float() * b._scale)
+        return (out if bias is None else out + bias).to(out_dtype)
+    # cuBLAS adds a bias of the output dtype in its epilogue for bf16/fp16 outputs only.
+    fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
+    out = torch._scaled_mm(
+        a_data, b_data, scale_a=a._scale, scale_b=b._scale,
+        bias=bias if fused_bias else None, out_dtype=out_dtype,
+        use_fast_accum=_gemm_fast_accum(a, b, config),
+    )
+    if bias is not None and not fused_bias:
+        out = out + bias
+    return out
+
+
+def _as_float8(t, other: Float8Tensor, layout: str) -> Float8Tensor:
+    """A plain operand multiplied with a Float8Tensor is quantized on the fly (forward dtype)."""
+    if isinstance(t, Float8Tensor):
+        return t
+    config = other._config or DEFAULT_CONFIG
+    return to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config)
+
+
+@implements([aten.mm.default, aten.matmul.default])
+def _mm(func, args, kwargs):
+    a, b = args[0], args[1]
+    if a.dim() != 2 or b.dim() != 2:
+        raise NotImplementedError(f"{func} with a Float8Tensor supports 2-D operands only")
+    fp8 = a if isinstance(a, Float8Tensor) else b
+    return scaled_mm(_as_float8(a, fp8, "row"), _as_float8(b, fp8, "col"))
+
+
+@implements([aten.addmm.default])
+def _addmm(func, args, kwargs):
+    bias, a, b = args[0], args[1], args[2]
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+        raise NotImplementedError("addmm with a Float8Tensor supports beta=1 and alpha=1 only")
+    fp8 = a if isinstance(a, Float8Tensor) else b
+    if isinstance(bias, Float8Tensor):
+        bias = bias.dequantize()
+    if bias.dim() != 1:
+        return scaled_mm(_as_float8(a, fp8, "row"), _as_float8(b, fp8, "col")) + bias
+    return scaled_mm(_as_float8(a, fp8, "row"), _as_float8(b, fp8, "col"), bias)

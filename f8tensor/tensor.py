@@ -1,0 +1,162 @@
+"""Float8Tensor: float8 data and a dequantization scale, presenting itself as a high-precision tensor.
+
+    hp ≈ data.float() * scale          (scale is what torch._scaled_mm takes as scale_a / scale_b)
+
+`scale` is an fp32 0-d tensor on the data's device. The wrapper's shape and strides are the data's,
+so layout (row- or column-major) is read off the tensor itself. Operations go through the op
+table in ops.py; see `__torch_dispatch__` for what happens to ops outside it.
+"""
+
+import enum
+import warnings
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .config import Float8Config
+from .kernels import FLOAT8_DTYPES, LAYOUTS, quantize
+
+# Filled by ops.py: aten op -> handler(func, args, kwargs).
+OPS: dict = {}
+_warned_fallback: set = set()
+
+
+class GemmRole(enum.Enum):
+    """Which operand of a linear layer's GEMMs a tensor is; picks the GEMM's settings."""
+
+    INPUT = "input"
+    WEIGHT = "weight"
+    GRAD_OUTPUT = "grad_output"
+
+
+class Float8Tensor(torch.Tensor):
+    _data: torch.Tensor
+    _scale: torch.Tensor
+    _orig_dtype: torch.dtype
+    _role: GemmRole | None
+    _config: Float8Config | None
+
+    @staticmethod
+    def __new__(cls, data, scale, orig_dtype, role=None, config=None):
+        if data.dtype not in FLOAT8_DTYPES:
+            raise TypeError(f"Float8Tensor data must be float8_e4m3fn or float8_e5m2, got {data.dtype}")
+        if scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != data.device:
+            raise ValueError(
+                "Float8Tensor scale must be a one-element float32 tensor on the data's device, got "
+                f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device} (data on {data.device})"
+            )
+        if not orig_dtype.is_floating_point or orig_dtype in FLOAT8_DTYPES:
+            raise TypeError(f"orig_dtype must be a high-precision float dtype, got {orig_dtype}")
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(),
+            dtype=orig_dtype, device=data.device, requires_grad=False,
+        )
+        self._data = data
+        self._scale = scale.reshape(())
+        self._orig_dtype = orig_dtype
+        self._role = role
+        self._config = config
+        return self
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def from_hp(cls, x, float8_dtype=torch.float8_e4m3fn, *, layout="row", role=None, config=None):
+        """Quantize x with a dynamic tensorwise scale; see `to_float8`."""
+        return to_float8(x, float8_dtype, layout=layout, role=role, config=config)
+
+    def dequantize(self) -> torch.Tensor:
+        """The high-precision tensor this stands for, in its original dtype and layout."""
+        return (self._data.float() * self._scale).to(self._orig_dtype)
+
+    to_original_precision = dequantize
+
+    @property
+    def float8_dtype(self) -> torch.dtype:
+        return self._data.dtype
+
+    @property
+    def layout_name(self) -> str:
+        if self._data.dim() == 2 and self._data.t().is_contiguous() and not self._data.is_contiguous():
+            return "col"
+        return "row" if self._data.is_contiguous() else "strided"
+
+    def __repr__(self):
+        role = self._role.value if self._role else None
+        return (
+            f"Float8Tensor(shape={tuple(self.shape)}, {str(self.float8_dtype).removeprefix('torch.')}, "
+            f"layout={self.layout_name}, scale={self._scale.item():.6g}, "
+            f"orig_dtype={str(self._orig_dtype).removeprefix('torch.')}, role={role})"
+        )
+
+    def __tensor_flatten__(self):
+        return ["_data", "_scale"], (self._orig_dtype, self._role, self._config)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        orig_dtype, role, config = meta
+        return Float8Tensor(inner["_data"], inner["_scale"], orig_dtype, role, config)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = OPS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        return _fallback(func, args, kwargs)
+
+
+def _fallback(func, args, kwargs):
+    """Ops outside the table: run on the dequantized values (correct, not fast); refuse mutation.
+
+    A mutating op would have to write high-precision results back into float8 storage, which is
+    a requantization the caller did not ask for, so it raises instead.
+    """
+    if func._schema.is_mutable:
+        raise NotImplementedError(
+            f"Float8Tensor does not support the mutating op {func}: it would have to requantize in "
+            "place. Call .dequantize() and operate on the high-precision tensor instead."
+        )
+    if func not in _warned_fallback:
+        _warned_fallback.add(func)
+        warnings.warn(
+            f"f8tensor: {func} is not in Float8Tensor's op table; it ran on the dequantized "
+            "(high-precision) values and returns a plain tensor.",
+            stacklevel=3,
+        )
+
+    def unwrap(t):
+        return t.dequantize() if isinstance(t, Float8Tensor) else t
+
+    return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def to_float8(
+    x: torch.Tensor, float8_dtype: torch.dtype = torch.float8_e4m3fn, *, layout: str = "row",
+    role: GemmRole | None = None, config: Float8Config | None = None,
+):
+    """Quantize x with a dynamic tensorwise scale (amax -> scale -> saturating cast).
+
+    layout: "row" (row-major data), "col" (column-major: the matrix [M, K] stored as its transpose,
+    strides (1, M), what _scaled_mm wants for its second operand), or "both", which returns the
+    pair (row, col) from one read of x. N-D inputs are treated as the matrix [prod(leading), K];
+    a view when x's strides allow it, otherwise one copy. On CUDA this runs the Triton kernels,
+    elsewhere the PyTorch reference; both give the same bits.
+    """
+    if isinstance(x, Float8Tensor):
+        raise TypeError("x is already a Float8Tensor; call .dequantize() first to requantize it")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if x.dim() == 0:
+        raise ValueError("cannot quantize a 0-d tensor: float8 data needs at least one dimension")
+    power_of_2 = config.power_of_2_scale if config is not None else False
+    shape = x.shape
+    x2d = x.unsqueeze(0) if x.dim() == 1 else x.reshape(-1, shape[-1])
+    row, col, scale = quantize(x2d, float8_dtype, layout, power_of_2)
+
+    def wrap(data):
+        return Float8Tensor(data.view(shape), scale, x.dtype, role, config)
+
+    if layout == "both":
+        return wrap(row), wrap(col)
+    return wrap(row if layout == "row" else col)

@@ -1,0 +1,29 @@
+"""Quantization kernels (Triton) and their plain-PyTorch references (`naive`).
+
+Installed as `f8tensor.kernels`. `quantize` is the one entry point: Triton on CUDA, the
+reference elsewhere; both return (row_major | None, col_major | None, scale) for a 2-D input.
+"""
+
+import torch
+
+from .naive import EPS, FLOAT8_DTYPES, LAYOUTS, fp8_max, quantize_ref, scale_from_amax_ref
+
+try:
+    from .quantize import quantize_triton
+except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
+    quantize_triton = None
+
+__all__ = [
+    "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "quantize", "quantize_ref",
+    "quantize_triton", "scale_from_amax_ref",
+]
+
+
+def quantize(
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    if x.is_cuda:
+        if quantize_triton is None:
+            raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
+        return quantize_triton(x, float8_dtype, layout, power_of_2)
+    return quantize_ref(x, float8_dtype, layout, power_of_2)

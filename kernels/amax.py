@@ -1,0 +1,69 @@
+"""max(|x|) of a 2-D tensor, on the GPU, with no host synchronization.
+
+Reference: `naive.amax_ref`. The kernel keeps |x| as fp32 bit patterns in int32: for non-negative
+floats integer order is float order, and every NaN pattern sorts above inf, so NaN propagates exactly
+as `x.abs().amax()` propagates it, with one integer max per element.
+
+Two ways to finish the reduction:
+- staged: a persistent grid of P programs, each writes one partial; whoever needs the amax reduces
+  the P partials (the cast kernel does it in its prologue, so this costs no launch);
+- atomic: every program does an atomic max into one zeroed word (one more launch, for the zeroing).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def amax_kernel(
+    x_ptr, out_ptr, M, N, stride_m, stride_n, TILES_N, NUM_PROGRAMS, ITERS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # Tiles pid, pid + P, ...; the last round may run past the end, and the mask empties it.
+    for i in range(ITERS):
+        tile = pid + i * NUM_PROGRAMS
+        rows = (tile // TILES_N) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    result = tl.max(tl.max(acc, 1), 0)
+    if ATOMIC:
+        tl.atomic_max(out_ptr, result)
+    else:
+        tl.store(out_ptr + pid, result)
+
+
+def tile_grid(M: int, N: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(number of tiles, tiles per row of tiles) for an M x N matrix."""
+    tiles_n = triton.cdiv(N, block_n)
+    return triton.cdiv(M, block_m) * tiles_n, tiles_n
+
+
+def amax_partials(
+    x: torch.Tensor, *, num_programs: int, atomic: bool = False,
+    block_m: int = 64, block_n: int = 128, num_warps: int = 8,
+) -> torch.Tensor:
+    """int32 buffer whose max, bit-cast to fp32, is max(|x|): P partials, or one word if atomic."""
+    M, N = x.shape
+    num_tiles, tiles_n = tile_grid(M, N, block_m, block_n)
+    num_programs = max(1, min(num_programs, num_tiles))
+    if atomic:
+        out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    else:
+        out = torch.empty(num_programs, dtype=torch.int32, device=x.device)
+    amax_kernel[(num_programs,)](
+        x, out, M, N, x.stride(0), x.stride(1), tiles_n, num_programs,
+        triton.cdiv(num_tiles, num_programs),
+        BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=atomic, num_warps=num_warps,
+    )
+    return out
+
+
+def amax_triton(x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """0-d fp32 max(|x|) of a non-empty 2-D tensor (reduces the partials with one torch op)."""
+    return amax_partials(x, **kwargs).max().view(torch.float32)

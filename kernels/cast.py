@@ -1,0 +1,77 @@
+"""Saturating cast to float8 with dynamic tensorwise scale: row-major, column-major, or both from one read.
+
+Reference: `naive.quantize_ref`. The prologue of every program reduces the amax partials written by
+`amax.amax_kernel` (a few hundred words, L2-resident) and derives the scale through
+`scale.scale_from_amax`, so quantizing costs exactly two launches and never reads amax on the host.
+Tiles are visited in the reverse of the amax pass's order: the tiles it read last are still in L2.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .scale import scale_from_amax, to_float8
+
+
+@triton.jit
+def cast_kernel(
+    x_ptr, partials_ptr, NUM_PARTIALS, row_ptr, col_ptr, scale_ptr,
+    M, N, stride_m, stride_n, NUM_TILES, TILES_N,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
+    MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
+    WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_PARTIALS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_PARTIALS)
+    partials = tl.load(partials_ptr + offs, mask=offs < NUM_PARTIALS, other=0)
+    amax = tl.max(partials, 0).to(tl.float32, bitcast=True)
+    multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+
+    tile = NUM_TILES - 1 - pid
+    rows = (tile // TILES_N) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One mask in (row, col) coordinates serves both stores: the column-major store only changes
+    # the address arithmetic, never which elements are in bounds.
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask)
+    y = x.to(tl.float32) * multiplier
+    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q = to_float8(y, row_ptr.dtype.element_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    if WRITE_ROW:
+        tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+    if WRITE_COL:
+        tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
+
+
+# (mantissa bits, exponent of the smallest normal) of each float8 format.
+FORMAT_BITS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+def launch_cast(
+    x: torch.Tensor, partials: torch.Tensor, float8_dtype: torch.dtype, *,
+    write_row: bool, write_col: bool, power_of_2: bool, exact_round: bool, eps: float,
+    block_m: int = 64, block_n: int = 128, num_warps: int = 8,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Cast a 2-D tensor; returns (row [M, N] contiguous | None, col [M, N] strides (1, M) | None, scale)."""
+    M, N = x.shape
+    row = torch.empty((M, N), dtype=float8_dtype, device=x.device) if write_row else None
+    col = torch.empty((N, M), dtype=float8_dtype, device=x.device).t() if write_col else None
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    tiles_n = triton.cdiv(N, block_n)
+    num_tiles = triton.cdiv(M, block_m) * tiles_n
+    mant_bits, min_normal_exp = FORMAT_BITS[float8_dtype]
+    any_out = row if row is not None else col
+    cast_kernel[(num_tiles,)](
+        x, partials, partials.numel(),
+        any_out if row is None else row, any_out if col is None else col, scale,
+        M, N, x.stride(0), x.stride(1), num_tiles, tiles_n,
+        FP8_MAX=torch.finfo(float8_dtype).max, EPS=eps, POWER_OF_2=power_of_2,
+        MANT_BITS=mant_bits, MIN_NORMAL_EXP=min_normal_exp, EXACT_ROUND=exact_round,
+        WRITE_ROW=write_row, WRITE_COL=write_col,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_PARTIALS=triton.next_power_of_2(partials.numel()), num_warps=num_warps,
+    )
+    return row, col, scale

@@ -1,0 +1,80 @@
+"""Plain-PyTorch reference of dynamic tensorwise float8 quantization.
+
+This file defines the semantics; every Triton kernel in this folder computes the same function and
+is tested against it bit for bit. Read this first.
+
+    amax       = max(|x|) over the whole tensor (NaN wins over everything, so it propagates)
+    multiplier = fp8_max / max(amax, EPS)            (fp32, correctly rounded division)
+                 optionally rounded down to a power of two
+                 NaN when amax is inf or NaN        (a non-finite input poisons the whole tensor)
+    scale      = 1 / multiplier                      (fp32, correctly rounded; the dequantization factor)
+    data       = fp8(clamp(fp32(x) * multiplier, -fp8_max, fp8_max))   round to nearest even
+
+so that hp ≈ data * scale, and `scale` is exactly what `torch._scaled_mm` takes as scale_a/scale_b.
+"""
+
+import torch
+
+# amax is clamped to EPS so an all-zero tensor gets a finite scale (its data is all zeros).
+EPS = 1e-12
+
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+LAYOUTS = ("row", "col", "both")
+
+
+def fp8_max(float8_dtype: torch.dtype) -> float:
+    if float8_dtype not in FLOAT8_DTYPES:
+        raise ValueError(
+            f"float8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {float8_dtype}"
+        )
+    return torch.finfo(float8_dtype).max
+
+
+def amax_ref(x: torch.Tensor) -> torch.Tensor:
+    """max(|x|) as a 0-d fp32 tensor on x's device; 0 for an empty tensor, NaN if any NaN."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.abs().amax().float()
+
+
+def scale_from_amax_ref(
+    amax: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one place scale edge cases are decided. Returns (multiplier, scale), both fp32 0-d."""
+    amax = amax.float()
+    # tensor / tensor: `float / tensor` would be reciprocal-then-multiply, two roundings.
+    multiplier = amax.new_full((), fp8_max(float8_dtype)) / amax.clamp(min=EPS)
+    if power_of_2:
+        multiplier = (multiplier.view(torch.int32) & 0x7F800000).view(torch.float32)
+    finite = amax <= torch.finfo(torch.float32).max  # False for inf and NaN
+    multiplier = torch.where(finite, multiplier, torch.full_like(multiplier, float("nan")))
+    return multiplier, multiplier.reciprocal()
+
+
+def cast_ref(x: torch.Tensor, multiplier: torch.Tensor, float8_dtype: torch.dtype) -> torch.Tensor:
+    """Saturating cast of x * multiplier; same shape and layout as x (made contiguous)."""
+    m = fp8_max(float8_dtype)
+    y = x.float() * multiplier
+    out = torch.empty(x.shape, dtype=float8_dtype, device=x.device)
+    return out.copy_(y.clamp(-m, m))
+
+
+def to_col_major(data: torch.Tensor) -> torch.Tensor:
+    """The same matrix [M, N] stored column-major: strides (1, M)."""
+    M, N = data.shape
+    return torch.empty_strided((M, N), (1, M), dtype=data.dtype, device=data.device).copy_(data)
+
+
+def quantize_ref(
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Quantize a 2-D tensor. Returns (row_major_data | None, col_major_data | None, scale)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_ref takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    multiplier, scale = scale_from_amax_ref(amax_ref(x), float8_dtype, power_of_2)
+    data = cast_ref(x, multiplier, float8_dtype)
+    row = data if layout in ("row", "both") else None
+    col = to_col_major(data) if layout in ("col", "both") else None
+    return row, col, scale
