@@ -29,8 +29,8 @@ def convert_to_float8_training(
     """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear.
 
     Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
-    returns True to convert; the default filter skips layers whose dims are not multiples of 16,
-    and the layers it skips are logged (logger "f8tensor") and listed by conversion_summary.
+    returns True to convert. Layers whose dims are not multiples of 16 are always kept (_scaled_mm
+    cannot run them); kept layers are logged (logger "f8tensor") and listed by conversion_summary.
     Parameters are moved, not copied, so optimizers built before conversion keep working.
     Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear).
     """
@@ -38,11 +38,13 @@ def convert_to_float8_training(
 
     def convert(mod: nn.Module, fqn: str) -> nn.Module:
         if type(mod) is not nn.Linear:
+            if isinstance(mod, nn.Linear) and not isinstance(mod, Float8Linear):
+                setattr(mod, SKIP_REASON_ATTR, f"{type(mod).__name__}: only exact nn.Linear is converted")
             return mod
-        if module_filter_fn is not None:
-            reason = None if module_filter_fn(mod, fqn) else "excluded by module_filter_fn"
-        else:
-            reason = default_skip_reason(mod)
+        # The divisibility rule is a hard requirement of _scaled_mm, so it applies under any filter.
+        reason = default_skip_reason(mod)
+        if reason is None and module_filter_fn is not None and not module_filter_fn(mod, fqn):
+            reason = "excluded by module_filter_fn"
         if reason is not None:
             setattr(mod, SKIP_REASON_ATTR, reason)
             logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)

@@ -128,6 +128,17 @@ def _is_col_major(d: torch.Tensor) -> bool:
     return d.t().is_contiguous() and d.data_ptr() % 16 == 0
 
 
+def _pad_inner(a_data: torch.Tensor, b_data: torch.Tensor):
+    """Zero-pad K up to a multiple of 16: a stays row-major, b column-major."""
+    (M, K), N = a_data.shape, b_data.shape[1]
+    Kp = (K + 15) // 16 * 16
+    a_pad = a_data.new_zeros(M, Kp)
+    a_pad[:, :K] = a_data
+    b_pad = b_data.new_zeros(N, Kp)
+    b_pad[:, :K] = b_data.t()
+    return a_pad, b_pad.t()
+
+
 def _gemm_fast_accum(a: Float8Tensor, b: Float8Tensor, config: Float8Config) -> bool:
     """The three GEMMs of a linear layer, told apart by their operands' roles."""
     if a._role is GemmRole.GRAD_OUTPUT:
@@ -147,15 +158,19 @@ def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None
     if a.float8_dtype == torch.float8_e5m2 and b.float8_dtype == torch.float8_e5m2:
         raise TypeError("_scaled_mm on CUDA rejects float8_e5m2 x float8_e5m2; make one operand e4m3fn")
     K, N = b.shape
-    if K % 16 or N % 16:
+    if N % 16:
         raise ValueError(
-            f"_scaled_mm needs K and N divisible by 16, got [{a.shape[0]}, {K}] @ [{K}, {N}]; pad the "
+            f"_scaled_mm needs N divisible by 16, got [{a.shape[0]}, {K}] @ [{K}, {N}]; pad the "
             "layer's features to a multiple of 16 or keep this layer in high precision"
         )
     config = a._config or b._config or DEFAULT_CONFIG
     out_dtype = a._orig_dtype
     a_data = a._data if _is_row_major(a._data) else a._data.contiguous()
     b_data = b._data if _is_col_major(b._data) else b._data.t().contiguous().t()
+    if K % 16:
+        # _scaled_mm needs K % 16 == 0; zero columns add nothing, so padding is exact. This is the
+        # weight-gradient GEMM (K = tokens) when the token count is not a multiple of 16.
+        a_data, b_data = _pad_inner(a_data, b_data)
     if config.emulate:
         out = (a_data.float() * a._scale) @ (b_data.float() * b._scale)
         return (out if bias is None else out + bias).to(out_dtype)

@@ -52,7 +52,7 @@ class Float8Tensor(torch.Tensor):
             dtype=orig_dtype, device=data.device, requires_grad=False,
         )
         self._data = data
-        self._scale = scale.reshape(())
+        self._scale = scale if scale.dim() == 0 else scale.reshape(())
         self._orig_dtype = orig_dtype
         self._role = role
         self._config = config

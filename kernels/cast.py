@@ -54,11 +54,22 @@ def launch_cast(
     x: torch.Tensor, partials: torch.Tensor, float8_dtype: torch.dtype, *,
     write_row: bool, write_col: bool, power_of_2: bool, exact_round: bool, eps: float,
     block_m: int = 64, block_n: int = 128, num_warps: int = 8,
+    row_out: torch.Tensor | None = None, col_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Cast a 2-D tensor; returns (row [M, N] contiguous | None, col [M, N] strides (1, M) | None, scale)."""
+    """Cast a 2-D tensor; returns (row [M, N] contiguous | None, col [M, N] strides (1, M) | None, scale).
+
+    row_out / col_out: optional preallocated outputs of exactly those layouts (tests pass views
+    into guarded buffers to catch stray writes).
+    """
     M, N = x.shape
-    row = torch.empty((M, N), dtype=float8_dtype, device=x.device) if write_row else None
-    col = torch.empty((N, M), dtype=float8_dtype, device=x.device).t() if write_col else None
+    row = col = None
+    if write_row:
+        row = torch.empty((M, N), dtype=float8_dtype, device=x.device) if row_out is None else row_out
+    if write_col:
+        col = torch.empty((N, M), dtype=float8_dtype, device=x.device).t() if col_out is None else col_out
+    for out, strides in ((row, (N, 1)), (col, (1, M))):
+        if out is not None and (out.shape != (M, N) or out.stride() != strides or out.dtype != float8_dtype):
+            raise ValueError(f"output buffer must be {float8_dtype} [{M}, {N}] with strides {strides}")
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     tiles_n = triton.cdiv(N, block_n)
     num_tiles = triton.cdiv(M, block_m) * tiles_n

@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter; this must be set before triton's
+# jit decorators run, i.e. before f8tensor is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_real_scaled_mm = torch._scaled_mm
+
+
+def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
+                          use_fast_accum=False):
+    """torch._scaled_mm with CUDA's operand rules checked first: CPU's kernel accepts more."""
+    assert a.is_contiguous(), f"first operand not row-major: {a.stride()}"
+    assert b.t().is_contiguous(), f"second operand not column-major: {b.stride()}"
+    assert a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0, "operand not 16-byte aligned"
+    assert not (a.dtype == b.dtype == torch.float8_e5m2), "e5m2 x e5m2"
+    assert b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, f"K, N not multiples of 16: {b.shape}"
+    for s in (scale_a, scale_b):
+        assert s.dtype == torch.float32 and s.numel() == 1, "tensorwise scale must be fp32, numel 1"
+    return _real_scaled_mm(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result,
+                           out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+
+@pytest.fixture(autouse=True)
+def cuda_rules_for_scaled_mm(monkeypatch):
+    """Every test's GEMMs must pass CUDA's layout and dtype rules, on every device."""
+    monkeypatch.setattr(torch, "_scaled_mm", _cuda_rules_scaled_mm)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)

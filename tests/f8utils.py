@@ -1,0 +1,40 @@
+"""Shared test helpers: device choice, SQNR, an independent float8 rounding oracle."""
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+HP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20 log10(|ref| / |ref - out|)."""
+    ref, out = ref.double(), out.double()
+    return (20 * torch.log10(ref.norm() / (ref - out).norm())).item()
+
+
+def nearest_float8(y: torch.Tensor, float8_dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 values (finite, within range) to the nearest float8 value, ties to the even code.
+
+    Built from the table of all 256 codes, independent of any cast implementation.
+    """
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = codes.view(float8_dtype).float()
+    keep = values.isfinite() & ~((values == 0) & (codes >= 128))  # drop -0 (same value as +0)
+    values, codes = values[keep], codes[keep].int()
+    values, order = values.sort()
+    codes = codes[order]
+    y = y.double().flatten()
+    hi = torch.searchsorted(values.double(), y).clamp(1, len(values) - 1)
+    lo = hi - 1
+    d_lo, d_hi = y - values[lo].double(), values[hi].double() - y
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (codes[hi] % 2 == 0))
+    return torch.where(pick_hi, values[hi], values[lo]).view(y.shape)
+
+
+def spanning_values(shape, dtype, device=DEVICE, seed=0):
+    """Random values over ~40 binades with both signs, so quantization hits max, normals and subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.empty(shape).uniform_(-30, 10, generator=g))
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    return (mag * sign).to(dtype).to(device)

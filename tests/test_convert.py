@@ -1,0 +1,67 @@
+"""convert_to_float8_training: what is swapped, what is kept and why, idempotence, the summary."""
+
+import torch
+from expecttest import TestCase
+from f8utils import DEVICE
+from torch import nn
+
+from f8tensor import Float8Config, Float8Linear, conversion_summary, convert_to_float8_training
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 256)
+        self.down = nn.Linear(256, 64)
+        self.odd = nn.Linear(64, 10)  # 10 outputs: not a multiple of 16
+        self.attn = nn.MultiheadAttention(64, 4)  # out_proj is a subclass of nn.Linear
+
+
+def model():
+    return nn.Sequential(Block(), nn.Linear(64, 64, bias=False)).to(DEVICE)
+
+
+class TestConvert(TestCase):
+    def test_summary(self):
+        m = convert_to_float8_training(model())
+        self.assertExpectedInline(conversion_summary(m), """\
+f8tensor: 3 of 5 linear layers in float8
+  0.up             64->256      float8
+  0.down           256->64      float8
+  0.odd            64->10       kept: in_features=64, out_features=10: _scaled_mm needs both divisible by 16
+  0.attn.out_proj  64->64       kept: NonDynamicallyQuantizableLinear: only exact nn.Linear is converted
+  1                64->64       float8""")
+
+    def test_filter_fn_and_its_reason(self):
+        m = convert_to_float8_training(model(), module_filter_fn=lambda mod, fqn: fqn != "0.down")
+        self.assertExpectedInline(conversion_summary(m).splitlines()[2], """  0.down           256->64      kept: excluded by module_filter_fn""")
+
+
+def test_swaps_in_place_keeping_parameters_and_optimizer():
+    m = model()
+    params = list(m.parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    out = convert_to_float8_training(m, config=Float8Config(fast_accum_output=False))
+    assert out is m
+    assert list(m.parameters()) == params  # same objects, same order
+    assert type(m[0].up) is Float8Linear and m[0].up.config.fast_accum_output is False
+    assert type(m[0].odd) is nn.Linear
+    loss = m[0].down(m[0].up(torch.randn(8, 64, device=DEVICE))).sum()
+    loss.backward()
+    before = m[0].up.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, m[0].up.weight)
+
+
+def test_converting_twice_is_a_no_op():
+    m = convert_to_float8_training(model())
+    layers = [m[0].up, m[0].down, m[1]]
+    convert_to_float8_training(m)
+    assert [m[0].up, m[0].down, m[1]] == layers
+
+
+def test_root_linear_is_replaced_and_returned():
+    lin = nn.Linear(32, 48).to(DEVICE)
+    out = convert_to_float8_training(lin)
+    assert type(out) is Float8Linear and out.weight is lin.weight
+    assert convert_to_float8_training(out) is out

@@ -1,0 +1,149 @@
+"""Float8Linear: numerics (SQNR, exact parity with _scaled_mm by hand), modes, nn.Linear compatibility."""
+
+import pytest
+import torch
+from f8utils import DEVICE, sqnr
+from torch import nn
+
+from f8tensor import Float8Config, Float8Linear, Float8Tensor
+from f8tensor.kernels import quantize_ref
+
+
+def pair(bias=True, in_f=256, out_f=512, dtype=torch.float32, config=None):
+    ref = nn.Linear(in_f, out_f, bias=bias, device=DEVICE, dtype=dtype)
+    f8 = Float8Linear(in_f, out_f, bias=bias, device=DEVICE, dtype=dtype, config=config)
+    f8.load_state_dict(ref.state_dict())
+    return ref, f8
+
+
+def run(mod, x, grad):
+    x = x.detach().clone().requires_grad_()
+    out = mod(x)
+    out.backward(grad)
+    return out, x.grad, mod.weight.grad, None if mod.bias is None else mod.bias.grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sqnr_against_fp32_reference(bias, dtype):
+    ref, f8 = pair(bias, dtype=dtype)
+    ref = ref.float()
+    x = torch.randn(4, 128, 256, device=DEVICE)
+    grad = torch.randn(4, 128, 512, device=DEVICE)
+    want = run(ref, x, grad)
+    got = run(f8, x.to(dtype), grad.to(dtype))
+    assert got[0].shape == (4, 128, 512) and got[0].dtype == dtype
+    assert sqnr(want[0], got[0]) >= 25
+    assert sqnr(want[1], got[1]) >= 20
+    assert sqnr(want[2], got[2]) >= 20
+    if bias:  # the bias gradient is a plain sum: only rounding to the parameter dtype
+        assert sqnr(want[3], got[3]) >= 40
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_parity_with_scaled_mm_by_hand(bias, dtype):
+    ref, f8 = pair(bias, dtype=dtype)
+    x = torch.randn(4, 128, 256, device=DEVICE, dtype=dtype)
+    grad = torch.randn(4, 128, 512, device=DEVICE, dtype=dtype)
+    out, gx, gw, _ = run(f8, x, grad)
+    cfg = f8.config
+    x_row, x_col, sx = quantize_ref(x.view(-1, 256), cfg.forward_dtype, "both")
+    w_row, w_col, sw = quantize_ref(f8.weight.detach(), cfg.forward_dtype, "both")
+    g_row, g_col, sg = quantize_ref(grad.view(-1, 512), cfg.backward_dtype, "both")
+    b = f8.bias if bias and dtype != torch.float32 else None
+    want = torch._scaled_mm(x_row, w_row.t(), sx, sw, bias=b, out_dtype=dtype, use_fast_accum=True)
+    if bias and dtype == torch.float32:
+        want = want + f8.bias
+    assert torch.equal(out.view(-1, 512), want)
+    assert torch.equal(gx.view(-1, 256), torch._scaled_mm(g_row, w_col, sg, sw, out_dtype=dtype))
+    assert torch.equal(gw, torch._scaled_mm(g_col.t(), x_col, sg, sx, out_dtype=dtype))
+
+
+def test_backward_saves_float8_or_high_precision_as_configured():
+    for save_fp8 in (True, False):
+        _, f8 = pair(config=Float8Config(save_fp8_for_backward=save_fp8))
+        x = torch.randn(64, 256, device=DEVICE, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            f8(x)
+        saved = [t for t in saved if t is not None]
+        assert len(saved) == 2
+        if save_fp8:
+            assert all(isinstance(t, Float8Tensor) and t._data.element_size() == 1 for t in saved)
+        else:
+            assert all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 for t in saved)
+
+
+def test_recompute_mode_gives_identical_gradients():
+    x = torch.randn(2, 64, 256, device=DEVICE)
+    grad = torch.randn(2, 64, 512, device=DEVICE)
+    _, a = pair()
+    _, b = pair(config=Float8Config(save_fp8_for_backward=False))
+    b.load_state_dict(a.state_dict())
+    for got, want in zip(run(b, x, grad), run(a, x, grad)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (2, 32, 256), (2, 2, 16, 256), (3, 5, 256)])
+def test_nd_inputs(shape):  # 3 x 5 = 15 tokens: the weight-gradient GEMM pads K
+    ref, f8 = pair()
+    x = torch.randn(shape, device=DEVICE)
+    grad = torch.randn(*shape[:-1], 512, device=DEVICE)
+    want, got = run(ref, x, grad), run(f8, x, grad)
+    assert got[0].shape == (*shape[:-1], 512) and got[1].shape == shape
+    assert sqnr(want[0], got[0]) >= 25 and sqnr(want[1], got[1]) >= 20 and sqnr(want[2], got[2]) >= 20
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    ref, f8 = pair()
+    x = torch.randn(64, 256, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = f8(x)
+        want = ref(x)
+    assert out.dtype == torch.bfloat16 == want.dtype
+    out.float().sum().backward()
+    assert f8.weight.grad.dtype == torch.float32 and f8.bias.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32
+    assert sqnr(want.float(), out.float()) >= 25
+
+
+def test_frozen_weight_input_without_grad_and_no_grad():
+    _, f8 = pair()
+    f8.weight.requires_grad_(False)
+    x = torch.randn(64, 256, device=DEVICE, requires_grad=True)
+    f8(x).sum().backward()
+    assert x.grad is not None and f8.weight.grad is None and f8.bias.grad is not None
+    _, f8 = pair()
+    f8(torch.randn(64, 256, device=DEVICE)).sum().backward()
+    assert f8.weight.grad is not None
+    with torch.no_grad():
+        assert not f8(torch.randn(64, 256, device=DEVICE)).requires_grad
+
+
+def test_dtype_mismatch_and_wrong_width_raise():
+    _, f8 = pair()
+    with pytest.raises(RuntimeError, match="differs from weight dtype"):
+        f8(torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"expects input \[..., 256\]"):
+        f8(torch.randn(4, 128, device=DEVICE))
+
+
+def test_state_dict_and_parameters_match_nn_linear():
+    ref, f8 = pair()
+    sd_ref, sd_f8 = ref.state_dict(), f8.state_dict()
+    assert list(sd_ref) == list(sd_f8)
+    for k in sd_ref:
+        assert sd_ref[k].dtype == sd_f8[k].dtype and sd_ref[k].shape == sd_f8[k].shape
+        assert torch.equal(sd_ref[k], sd_f8[k])
+    moved = Float8Linear.from_float(ref)
+    assert moved.weight is ref.weight and moved.bias is ref.bias
+    assert "float8: fwd=float8_e4m3fn, bwd=float8_e5m2" in repr(moved)
+
+
+def test_emulate_is_close_to_real():
+    x = torch.randn(64, 256, device=DEVICE)
+    _, real = pair()
+    _, emu = pair(config=Float8Config(emulate=True))
+    emu.load_state_dict(real.state_dict())
+    assert sqnr(real(x), emu(x)) >= 40

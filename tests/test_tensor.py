@@ -1,0 +1,227 @@
+"""Float8Tensor: construction, repr, flatten/unflatten, the op table, the fallback policy, GEMM routing."""
+
+import pytest
+import torch
+from expecttest import TestCase
+from f8utils import DEVICE
+
+import f8tensor
+from f8tensor import Float8Config, Float8Tensor, GemmRole, scaled_mm, to_float8
+from f8tensor.kernels import quantize_ref
+
+
+def q(x, **kw):
+    return to_float8(x.to(DEVICE), **kw)
+
+
+class TestRepr(TestCase):
+    def test_repr(self):
+        x = torch.arange(-8, 24, dtype=torch.float32).view(4, 8) / 4
+        t = to_float8(x, role=GemmRole.WEIGHT)
+        self.assertExpectedInline(repr(t), """Float8Tensor(shape=(4, 8), float8_e4m3fn, layout=row, scale=0.0128348, orig_dtype=float32, role=weight)""")
+        self.assertExpectedInline(repr(t.t()), """Float8Tensor(shape=(8, 4), float8_e4m3fn, layout=col, scale=0.0128348, orig_dtype=float32, role=weight)""")
+        row, col = to_float8(x.bfloat16(), torch.float8_e5m2, layout="both")
+        self.assertExpectedInline(repr(col), """Float8Tensor(shape=(4, 8), float8_e5m2, layout=col, scale=0.000100272, orig_dtype=bfloat16, role=None)""")
+
+
+def test_construction_validates_fields():
+    data = torch.zeros(4, 16, dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="float8_e4m3fn or float8_e5m2"):
+        Float8Tensor(torch.zeros(4, 16), torch.tensor(1.0), torch.bfloat16)
+    with pytest.raises(ValueError, match="one-element float32"):
+        Float8Tensor(data, torch.tensor([1.0, 2.0]), torch.bfloat16)
+    with pytest.raises(ValueError, match="one-element float32"):
+        Float8Tensor(data, torch.tensor(1.0, dtype=torch.float64), torch.bfloat16)
+    with pytest.raises(TypeError, match="high-precision"):
+        Float8Tensor(data, torch.tensor(1.0), torch.int32)
+    t = Float8Tensor(data, torch.tensor([0.5]), torch.bfloat16)
+    assert t.dtype == torch.bfloat16 and t.shape == (4, 16) and t._scale.shape == ()
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("shape", [(17, 48), (2, 8, 32), (16,)])
+def test_to_float8_matches_reference_and_keeps_shape(layout, shape):
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    t = q(x, layout=layout)
+    assert t.shape == x.shape and t.dtype == torch.bfloat16
+    row, col, scale = quantize_ref(x.reshape(-1, shape[-1]).to(DEVICE), torch.float8_e4m3fn, layout)
+    want = row if layout == "row" else col
+    assert torch.equal(t._data.reshape(want.shape).float(), want.float())
+    assert torch.equal(t._scale, scale)
+    assert torch.allclose(t.dequantize().float(), x.to(DEVICE).float(), rtol=0.07, atol=1e-6 * x.abs().max())
+
+
+def test_both_layouts_share_one_scale_and_values():
+    row, col = q(torch.randn(32, 64), layout="both")
+    assert row._scale is col._scale
+    assert row._data.is_contiguous() and col._data.t().is_contiguous()
+    assert torch.equal(row.dequantize(), col.dequantize())
+
+
+def test_flatten_unflatten_roundtrip():
+    config = Float8Config(fast_accum_output=False)
+    t = q(torch.randn(16, 32), role=GemmRole.INPUT, config=config)
+    names, meta = t.__tensor_flatten__()
+    inner = {n: getattr(t, n) for n in names}
+    u = Float8Tensor.__tensor_unflatten__(inner, meta, t.shape, t.stride())
+    assert u._data is t._data and u._scale is t._scale
+    assert (u._orig_dtype, u._role, u._config) == (torch.float32, GemmRole.INPUT, config)
+
+
+@pytest.mark.parametrize("op", [
+    lambda t: t.detach(), lambda t: t.view(8, 64), lambda t: t.reshape(64, 8), lambda t: t.t(),
+    lambda t: t.transpose(0, 1), lambda t: t[2:10], lambda t: t[:, 16:48], lambda t: t[3],
+    lambda t: t.unsqueeze(0), lambda t: t.permute(1, 0), lambda t: t.clone(),
+    lambda t: t.as_strided((4, 4), (64, 1)), lambda t: t.unsqueeze(1).squeeze(1),
+])
+def test_view_ops_act_on_data_and_keep_scale(op):
+    x = torch.randn(16, 32, device=DEVICE)
+    t = q(x)
+    out = op(t)
+    assert isinstance(out, Float8Tensor)
+    assert torch.equal(out._scale, t._scale)
+    assert torch.equal(out.dequantize(), op(t.dequantize()))
+
+
+def test_split_and_cat():
+    t = q(torch.randn(16, 32))
+    parts = torch.split(t, 5)
+    assert all(isinstance(p, Float8Tensor) for p in parts) and [p.shape[0] for p in parts] == [5, 5, 5, 1]
+    joined = torch.cat(parts)
+    assert isinstance(joined, Float8Tensor) and torch.equal(joined.dequantize(), t.dequantize())
+    other = q(torch.randn(16, 32) * 100)
+    with pytest.raises(ValueError, match="different scales"):
+        torch.cat([t, other])
+
+
+def test_clone_owns_its_scale_and_copy_between_float8_tensors():
+    a, b = q(torch.randn(16, 32)), q(torch.randn(16, 32) * 10)
+    c = a.clone()
+    c.copy_(b)
+    assert torch.equal(c.dequantize(), b.dequantize())
+    assert not torch.equal(a._scale, c._scale)  # the original is untouched
+    with pytest.raises(ValueError, match="part of another"):
+        c[:8].copy_(b[:8])
+    with pytest.raises(TypeError, match="requantize"):
+        c.copy_(q(torch.randn(16, 32), float8_dtype=torch.float8_e5m2))
+
+
+def test_copy_high_precision_in_and_out():
+    t = q(torch.randn(16, 32))
+    x = torch.randn(16, 32, device=DEVICE)
+    t.copy_(x)  # quantized onto t's existing scale, saturating
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    assert torch.equal(t._data.float(), (x / t._scale).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn).float())
+    plain = torch.empty(16, 32, device=DEVICE)
+    plain.copy_(t)
+    assert torch.equal(plain, t.dequantize())
+
+
+def test_to_copy_changes_presented_dtype_keeps_data():
+    t = q(torch.randn(16, 32))
+    b = t.to(torch.bfloat16)
+    assert isinstance(b, Float8Tensor) and b.dtype == torch.bfloat16 and b._data is not None
+    assert torch.equal(b._data.view(torch.uint8), t._data.view(torch.uint8))
+    with pytest.raises(TypeError, match="ambiguous"):
+        t.to(torch.float8_e4m3fn)
+
+
+def test_empty_like_and_is_same_size():
+    t = q(torch.randn(16, 32))
+    e = torch.empty_like(t)
+    assert isinstance(e, Float8Tensor) and e.shape == t.shape and e._scale is not t._scale
+    assert isinstance(torch.empty_like(t, dtype=torch.float16), torch.Tensor)
+    assert torch.ops.aten.is_same_size(t, e) and not torch.ops.aten.is_same_size(t, t[:3])
+
+
+def test_ops_outside_the_table_run_dequantized_with_a_warning():
+    t = q(torch.randn(16, 32))
+    f8tensor.tensor._warned_fallback.discard(torch.ops.aten.add.Tensor)
+    with pytest.warns(UserWarning, match="not in Float8Tensor's op table"):
+        out = t + 1
+    assert type(out) is torch.Tensor and torch.equal(out, t.dequantize() + 1)
+
+
+def test_mutating_ops_outside_the_table_raise():
+    t = q(torch.randn(16, 32))
+    with pytest.raises(NotImplementedError, match="mutating op .*add_.*dequantize"):
+        t.add_(1)
+
+
+def test_requantizing_a_float8_tensor_is_refused():
+    with pytest.raises(TypeError, match="already a Float8Tensor"):
+        to_float8(q(torch.randn(16, 32)))
+
+
+# --- GEMM routing ---------------------------------------------------------------------------
+
+def by_hand(a, b, out_dtype, bias=None, fast=False):
+    """_scaled_mm on the reference quantization, operands laid out as CUDA wants."""
+    a_row, _, sa = quantize_ref(a, torch.float8_e4m3fn, "row")
+    _, b_col, sb = quantize_ref(b, torch.float8_e4m3fn, "col")
+    return torch._scaled_mm(a_row, b_col, sa, sb, bias=bias, out_dtype=out_dtype, use_fast_accum=fast)
+
+
+@pytest.mark.parametrize("b_layout", ["row", "col"])
+@pytest.mark.parametrize("a_layout", ["row", "col"])
+def test_mm_fixes_layouts_only_where_needed(a_layout, b_layout):
+    a, b = torch.randn(32, 64, device=DEVICE), torch.randn(64, 48, device=DEVICE)
+    out = torch.mm(q(a, layout=a_layout), q(b, layout=b_layout))
+    assert type(out) is torch.Tensor and out.dtype == torch.float32
+    assert torch.equal(out, by_hand(a, b, torch.float32, fast=True))
+
+
+def test_mm_quantizes_a_plain_operand_and_matmul_linear_work():
+    x, w = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16), torch.randn(32, 64, device=DEVICE, dtype=torch.bfloat16)
+    w8 = q(w, role=GemmRole.WEIGHT)
+    want = by_hand(x, w.t(), torch.bfloat16, fast=True)
+    assert torch.equal(torch.mm(x, w8.t()), want)
+    assert torch.equal(x @ w8.t(), want)
+    assert torch.equal(torch.nn.functional.linear(x.view(2, 4, 64), w8).view(8, 32), want)
+    bias = torch.randn(32, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(torch.nn.functional.linear(x, w8, bias), by_hand(x, w.t(), torch.bfloat16, bias, fast=True))
+
+
+def test_scaled_mm_refuses_what_cuda_refuses():
+    a = q(torch.randn(32, 64), float8_dtype=torch.float8_e5m2)
+    with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):
+        scaled_mm(a, q(torch.randn(64, 32), float8_dtype=torch.float8_e5m2, layout="col"))
+    with pytest.raises(ValueError, match="N divisible by 16"):
+        scaled_mm(q(torch.randn(32, 64)), q(torch.randn(64, 40), layout="col"))
+
+
+@pytest.mark.parametrize("K", [8, 40, 1])
+def test_inner_dim_not_multiple_of_16_is_padded_exactly(K):
+    a, b = q(torch.randn(32, K)), q(torch.randn(K, 48), layout="col")
+    want = (a._data.double() * a._scale.double()) @ (b._data.double() * b._scale.double())
+    assert torch.allclose(scaled_mm(a, b).double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
+        scaled_mm(q(torch.randn(32, 64)), q(torch.randn(32, 64), layout="col"))
+
+
+def test_fast_accum_follows_the_gemm_role():
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["use_fast_accum"])
+        return real(*args, **kwargs)
+
+    cfg = Float8Config(fast_accum_output=True, fast_accum_grad_input=False, fast_accum_grad_weight=True)
+    x = q(torch.randn(32, 64), role=GemmRole.INPUT, config=cfg)
+    w = q(torch.randn(48, 64), role=GemmRole.WEIGHT, config=cfg)
+    g = q(torch.randn(32, 48), role=GemmRole.GRAD_OUTPUT, config=cfg, float8_dtype=torch.float8_e5m2)
+    torch._scaled_mm = spy
+    try:
+        torch.mm(x, w.t())
+        torch.mm(g, w)
+        torch.mm(g.t(), x)
+    finally:
+        torch._scaled_mm = real
+    assert calls == [True, False, True]
+
+
+def test_emulate_matches_dequantized_matmul():
+    cfg = Float8Config(emulate=True)
+    a, b = q(torch.randn(32, 64), config=cfg), q(torch.randn(64, 48), config=cfg, layout="col")
+    assert torch.allclose(scaled_mm(a, b), a.dequantize() @ b.dequantize(), rtol=1e-5, atol=1e-5)
