@@ -11,7 +11,7 @@ import triton.language as tl
 # jit functions are bound to the interpreter at decoration time, so this is read once, here too.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ from f8tensor.kernels.scale import INTERPRETING  # noqa: E402
 ON_GPU = DEVICE.type == "cuda"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 # The interpreter is slow: CPU runs small shapes; the GPU adds the large ones.
-SHAPES = [(1, 16), (17, 48), (130, 300)] + ([(4095, 4097), (4096, 16)] if ON_GPU else [])
+SHAPES = [(1, 16), (17, 48), (130, 300), (64, 1), (3, 32)] + ([(4095, 4097), (4096, 16)] if ON_GPU else [])
 EXACT_ROUND = [True] if INTERPRETING else [False, True]
 
 

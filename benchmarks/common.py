@@ -1,0 +1,43 @@
+"""Shared benchmark plumbing: environment row, timing, copy bandwidth, result files."""
+
+import json
+import os
+import platform
+import subprocess
+
+import torch
+import triton
+
+
+def environment() -> dict:
+    """GPU, versions and commit, written beside every result row."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown",
+    }
+
+
+def bench_ms(fn, warmup=25, rep=100) -> float:
+    """Median time of fn in milliseconds (CUDA events via triton.testing.do_bench)."""
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / ms / 1e9
+
+
+def write_rows(path: str, rows: list[dict]):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,127 @@
+"""Linear forward+backward: bf16 nn.Linear vs f8tensor Float8Linear vs the three fp8 GEMMs alone
+(vs torchao float8 eager and compiled, when torchao is importable).
+
+    python benchmarks/linear.py [--out results/linear.jsonl] [--m 1024 4096 16384] [--profile]
+
+Times are medians of CUDA-event-timed calls (triton.testing.do_bench); each call is one forward and
+one backward of a fresh [M, K] bf16 input. Peak memory is measured over one such call.
+"""
+
+import argparse
+import copy
+import os
+
+import torch
+from torch import nn
+
+from common import bench_ms, environment, write_rows
+from f8tensor import Float8Linear, to_float8
+
+SHAPES = {  # (K, N): in_features -> out_features
+    "llama3-8b": [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)],
+    "llama3-70b": [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)],
+}
+
+
+def fwd_bwd(mod, x, g):
+    def step():
+        for p in mod.parameters():
+            p.grad = None
+        x.grad = None
+        mod(x).backward(g)
+    return step
+
+
+def gemms_only(x, w, g):
+    """The three GEMMs of a Float8Linear on pre-quantized operands: the ceiling for our casts."""
+    x_row, x_col = to_float8(x, layout="both")
+    w_row, w_col = to_float8(w, layout="both")
+    g_row, g_col = to_float8(g, torch.float8_e5m2, layout="both")
+
+    def step():
+        torch.mm(x_row, w_row.t())
+        torch.mm(g_row, w_col)
+        torch.mm(g_col.t(), x_col)
+    return step
+
+
+def peak_mib(step) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def torchao_modules(lin):
+    try:
+        from torchao.float8 import convert_to_float8_training as ao_convert
+    except ImportError:
+        return {}
+    eager = ao_convert(nn.Sequential(copy.deepcopy(lin)))
+    compiled = torch.compile(ao_convert(nn.Sequential(copy.deepcopy(lin))))
+    return {"torchao_eager": eager, "torchao_compile": compiled}
+
+
+def count_launches(step) -> tuple[int, list[str]]:
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(names), names
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/linear.jsonl")
+    ap.add_argument("--m", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--torchao-compile-m", type=int, default=16384,
+                    help="compile torchao only at this M (each shape recompiles)")
+    ap.add_argument("--profile", action="store_true", help="list the kernels of one fwd+bwd")
+    args = ap.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    torch._dynamo.config.recompile_limit = 1000
+    env = environment()
+    print(env)
+    rows = []
+    for model in args.models:
+        for K, N in SHAPES[model]:
+            lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+            ours = Float8Linear.from_float(copy.deepcopy(lin))
+            others = torchao_modules(lin)
+            for M in args.m:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+                steps = {"bf16": fwd_bwd(lin, x, g), "f8tensor": fwd_bwd(ours, x, g),
+                         "gemms_only": gemms_only(x.detach(), lin.weight.detach(), g)}
+                for name, mod in others.items():
+                    if name == "torchao_compile" and M != args.torchao_compile_m:
+                        continue
+                    steps[name] = fwd_bwd(mod, x, g)
+                row = dict(env, bench="linear", model=model, M=M, K=K, N=N)
+                for name, step in steps.items():
+                    row[f"{name}_ms"] = bench_ms(step)
+                    row[f"{name}_peak_mib"] = peak_mib(step)
+                for name in steps:
+                    row[f"{name}_speedup"] = row["bf16_ms"] / row[f"{name}_ms"]
+                rows.append(row)
+                print(f"{model:<10} M={M:<6} {K:>5}->{N:<6} bf16 {row['bf16_ms']:.3f} ms  " + "  ".join(
+                    f"{n} {row[f'{n}_speedup']:.2f}x" for n in steps if n != "bf16"), flush=True)
+                del x, g, steps
+    if args.profile:
+        x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ours = Float8Linear(4096, 14336, bias=False, device="cuda", dtype=torch.bfloat16)
+        n, names = count_launches(fwd_bwd(ours, x, torch.randn(16384, 14336, device="cuda", dtype=torch.bfloat16)))
+        print(f"kernels in one Float8Linear fwd+bwd (16384x4096 -> 14336): {n}")
+        for name in names:
+            print("   ", name[:100])
+        rows.append(dict(env, bench="launches", count=n, kernels=names))
+    write_rows(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()

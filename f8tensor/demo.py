@@ -1,0 +1,285 @@
+"""Train a small byte-level transformer twice, in bf16 and in float8, and compare the runs.
+
+    python -m f8tensor.demo                      # CPU: about a minute; GPU: a larger model
+    python -m f8tensor.demo --steps 50 --plot loss.png
+
+The data needs no download: the bytes of the Python standard library's own .py files (the last
+5% held out for a validation loss). Both runs start from the same initial weights and see the
+same batches; the only difference is convert_to_float8_training on the second model, which puts
+every linear layer except the output head in float8. Parameters are bf16 and the optimizer is
+plain AdamW on them (no fp32 master weights), to keep the demo short; the loss is taken in fp32.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from f8tensor import conversion_summary, convert_to_float8_training
+
+DATA_BYTES = 4 << 20
+VAL_FRACTION = 0.05
+VAL_BATCHES = 8
+WARMUP_STEPS = 5  # excluded from tokens/s: the first steps pay for allocator and kernel setup
+CPU_DEFAULTS = dict(steps=80, dim=128, layers=2, heads=4, seq=128, batch=8, lr=2e-3)
+GPU_DEFAULTS = dict(steps=300, dim=1024, layers=8, heads=16, seq=1024, batch=16, lr=6e-4)
+
+
+def load_stdlib_bytes(limit: int = DATA_BYTES) -> torch.Tensor:
+    """The standard library's .py files, in sorted order, concatenated up to `limit` bytes."""
+    root = os.path.dirname(os.__file__)
+    chunks, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Sorted in place so os.walk visits directories in the same order on every machine;
+        # installed packages are not the standard library and differ between environments.
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages"))
+        for name in sorted(f for f in filenames if f.endswith(".py")):
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                chunks.append(fh.read())
+            total += len(chunks[-1])
+            if total >= limit:
+                return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (w(x).view(B, T, self.heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = (8 * dim // 3 + 15) // 16 * 16  # the usual 8/3 * dim, rounded up for _scaled_mm
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.attn, self.mlp = Attention(dim, heads), SwiGLU(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only, byte-level (vocab 256), learned positions."""
+
+    def __init__(self, dim: int, layers: int, heads: int, seq: int):
+        super().__init__()
+        self.tok = nn.Embedding(256, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, 256, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class Progress:
+    """One line per run, redrawn in place on a terminal; on a pipe, a line every ~10% of steps."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total = name, total
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, loss: float, tok_s: float):
+        done = step + 1
+        if not self.tty and done % max(1, self.total // 10) and done != self.total:
+            return
+        bar = "#" * (20 * done // self.total)
+        line = f"{self.name:<5} [{bar:<20}] {done:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  {tok_s:,.0f} tok/s"
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self):
+        if self.tty:
+            print()
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup over the first 10% of steps, then cosine decay to 10% of lr."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model, val_batches) -> float:
+    model.eval()
+    losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()) for x, y in val_batches]
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def train(name, model, batches, val_batches, args, device) -> dict:
+    """Train `model` on `batches` in order; return losses, val loss, tokens/s and peak memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    progress = Progress(name, args.steps)
+    losses = []
+    warmup = min(WARMUP_STEPS, args.steps - 1)
+    t_start = t_warm = time.perf_counter()
+    for step, (x, y) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        sync(device)  # the timer must read finished work, not queued kernels
+        now = time.perf_counter()
+        if step < warmup:
+            tok_s = (step + 1) * x.numel() / (now - t_start)
+            t_warm = now
+        else:
+            tok_s = (step + 1 - warmup) * x.numel() / (now - t_warm)
+        progress.update(step, losses[-1], tok_s)
+    progress.close()
+    tail = max(1, args.steps // 10)
+    return {
+        "losses": losses,
+        # The mean over the last 10% of steps: a single batch's loss is noisy.
+        "train_loss": sum(losses[-tail:]) / tail,
+        "val_loss": evaluate(model, val_batches),
+        "tokens_per_s": tok_s,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def plot(results: dict, path: str):
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); skipping the plot")
+        return
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("bf16", "fp8"):
+        ax.plot(results[name]["losses"], label=f"{name} (val {results[name]['val_loss']:.3f})")
+    ax.set(xlabel="step", ylabel="train loss (nats/byte)", title="f8tensor demo: bf16 vs float8")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"loss curves written to {path}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m f8tensor.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for flag, kind in (("steps", int), ("dim", int), ("layers", int), ("heads", int),
+                       ("seq", int), ("batch", int), ("lr", float)):
+        p.add_argument(f"--{flag}", type=kind, help="default: depends on the device (CPU small, GPU larger)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curves (needs matplotlib)")
+    args = p.parse_args(argv)
+    defaults = GPU_DEFAULTS if torch.device(args.device).type == "cuda" else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dim % 16 or args.dim % args.heads:
+        p.error(f"--dim {args.dim} must be a multiple of 16 and of --heads {args.heads}")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    return args
+
+
+def format_memory(n):
+    return "n/a (CPU)" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+
+    data = load_stdlib_bytes()
+    split = int(len(data) * (1 - VAL_FRACTION))
+    train_data, val_data = data[:split], data[split:]
+    if len(val_data) < VAL_BATCHES * args.batch * (args.seq + 1):
+        raise SystemExit(f"--batch {args.batch} x --seq {args.seq} is too large for the held-out data")
+
+    def batch_at(source, starts):
+        rows = torch.stack([source[s:s + args.seq + 1] for s in starts.tolist()]).long().to(device)
+        return rows[:, :-1], rows[:, 1:]
+
+    # One fixed batch order for both runs, drawn up front from a seeded generator.
+    gen = torch.Generator().manual_seed(args.seed)
+    starts = torch.randint(len(train_data) - args.seq - 1, (args.steps, args.batch), generator=gen)
+    batches = [batch_at(train_data, s) for s in starts]
+    # Consecutive, non-overlapping windows from the start of the held-out bytes.
+    val_starts = torch.arange(VAL_BATCHES * args.batch).view(VAL_BATCHES, args.batch) * (args.seq + 1)
+    val_batches = [batch_at(val_data, s) for s in val_starts]
+
+    torch.manual_seed(args.seed)
+    # Kept on the CPU so it does not count towards either run's peak memory.
+    base = Transformer(args.dim, args.layers, args.heads, args.seq)
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"device {device}, {n_params / 1e6:.2f}M params (dim {args.dim}, {args.layers} layers, "
+          f"{args.heads} heads), seq {args.seq}, batch {args.batch}, {args.steps} steps, "
+          f"{len(train_data) / 1e6:.1f} MB of stdlib source")
+
+    results = {"args": vars(args)}
+    model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
+    results["bf16"] = train("bf16", model, batches, val_batches, args, device)
+    del model  # free the bf16 run's memory before the fp8 run measures its peak
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    fp8_model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
+    # The output head stays in bf16, as is standard: its logits feed the loss directly.
+    convert_to_float8_training(fp8_model, module_filter_fn=lambda m, fqn: fqn != "head")
+    results["fp8"] = train("fp8", fp8_model, batches, val_batches, args, device)
+
+    print()
+    print(conversion_summary(fp8_model))
+    print()
+    print(f"{'run':<6} {'final train loss':>16} {'val loss':>10} {'tokens/s':>12} {'peak memory':>13}")
+    for name in ("bf16", "fp8"):
+        r = results[name]
+        print(f"{name:<6} {r['train_loss']:>16.4f} {r['val_loss']:>10.4f} {r['tokens_per_s']:>12,.0f} "
+              f"{format_memory(r['peak_memory_bytes']):>13}")
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()
