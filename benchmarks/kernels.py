@@ -8,6 +8,7 @@ each requested layout written once. --sweep also times a few block configuration
 
 import argparse
 import os
+import time
 
 import torch
 import triton
@@ -54,6 +55,12 @@ def main():
             if not args.no_compile:
                 row["compile_ms"] = bench_ms(lambda: compiled(x, dt, mode))
                 row["compile_gpu_ms"] = triton.testing.do_bench_cudagraph(lambda: compiled(x, dt, mode), rep=100)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                quantize_triton(x, dt, mode)
+            row["ours_cpu_us"] = (time.perf_counter() - t0) / 50 * 1e6  # host time per call
+            torch.cuda.synchronize()
             row["ours_again_ms"] = bench_ms(lambda: quantize_triton(x, dt, mode))  # the spread
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
