@@ -194,7 +194,8 @@ def test_scaled_mm_refuses_what_cuda_refuses():
 def test_inner_dim_not_multiple_of_16_is_padded_exactly(K):
     a, b = q(torch.randn(32, K)), q(torch.randn(K, 48), layout="col")
     want = (a._data.double() * a._scale.double()) @ (b._data.double() * b._scale.double())
-    assert torch.allclose(scaled_mm(a, b).double(), want, rtol=1e-5, atol=1e-6)
+    # fast accumulation on the GPU keeps fewer bits; a misplaced pad would be off by O(1)
+    assert torch.allclose(scaled_mm(a, b).double(), want, rtol=1e-3, atol=1e-3 * want.abs().max())
     with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
         scaled_mm(q(torch.randn(32, 64)), q(torch.randn(32, 64), layout="col"))
 

@@ -1,0 +1,57 @@
+"""Host (CPU) time per call of the quantization entry point and of a small Float8Linear fwd+bwd.
+
+    python benchmarks/host_overhead.py [--profile]
+
+Eager training is fast only if the CPU issues kernels faster than the GPU runs them; on small
+layers the host time is the bound. Shapes are tiny so that the GPU never holds the CPU back.
+"""
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+from f8tensor import Float8Linear, to_float8
+from f8tensor.kernels.quantize import quantize_triton
+
+
+def host_us(fn, n=200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    cases = {
+        "quantize_triton row": lambda: quantize_triton(x, torch.float8_e4m3fn, "row"),
+        "quantize_triton both": lambda: quantize_triton(x, torch.float8_e4m3fn, "both"),
+        "to_float8 both": lambda: to_float8(x, layout="both"),
+        "torch.empty x3": lambda: [torch.empty(256, 256, device="cuda") for _ in range(3)],
+        "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
+        "nn.Linear fwd+bwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
+    }
+    for name, fn in cases.items():
+        print(f"{name:<28} {host_us(fn):8.1f} us per call")
+    if args.profile:
+        fn = cases["Float8Linear fwd+bwd"]
+        with cProfile.Profile() as prof:
+            for _ in range(200):
+                fn()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
