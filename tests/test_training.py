@@ -1,0 +1,50 @@
+"""Training runs: a converted MLP and a converted small transformer learn in step with bf16."""
+
+import copy
+
+import torch
+from f8utils import DEVICE
+from torch import nn
+
+from f8tensor import Float8Linear, convert_to_float8_training
+from f8tensor.demo import main as demo_main
+
+
+def train_mlp(model, steps=150):
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(64, 16, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(256, 64, generator=g)
+        y = torch.tanh(x @ teacher)
+        x, y = x.to(DEVICE, torch.bfloat16), y.to(DEVICE)
+        loss = nn.functional.mse_loss(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_two_layer_mlp_trains_like_bf16():
+    torch.manual_seed(0)
+    bf16 = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 16)).to(DEVICE, torch.bfloat16)
+    fp8 = convert_to_float8_training(copy.deepcopy(bf16))
+    assert all(isinstance(m, Float8Linear) for m in (fp8[0], fp8[2]))
+    ref, got = train_mlp(bf16), train_mlp(fp8)
+    tail = lambda losses: sum(losses[-20:]) / 20  # noqa: E731
+    assert tail(got) < 0.4 * got[0]  # it learns (bf16 reaches 0.30 of its first loss here)
+    assert abs(tail(got) - tail(ref)) < 0.15 * tail(ref)  # in step with bf16
+    for a, b in zip(ref[::25], got[::25]):  # along the whole curve, not only at the end
+        assert abs(a - b) < 0.2 * a
+
+
+def test_small_transformer_trains_like_bf16():
+    out = demo_main(["--steps", "40", "--dim", "64", "--layers", "2", "--heads", "4", "--seq", "64",
+                     "--batch", "8", "--lr", "4e-3", "--device", DEVICE.type])
+    bf16, fp8 = out["bf16"], out["fp8"]
+    assert fp8["losses"][-1] < 0.7 * fp8["losses"][0]
+    assert abs(fp8["val_loss"] - bf16["val_loss"]) < 0.03 * bf16["val_loss"]
+    for a, b in zip(bf16["losses"][::5], fp8["losses"][::5]):
+        assert abs(a - b) < 0.05 * a
