@@ -8,11 +8,51 @@ Each tensor is quantized once, in both layouts from one read ("both"); forward s
 (float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False.
 """
 
+import threading
+import weakref
+
 import torch
 from torch import nn
 
 from .config import Float8Config
 from .tensor import GemmRole, to_float8
+
+
+class _SharedInput(threading.local):
+    """The last quantized layer input: q/k/v (and w1/w3) read the same tensor, quantize it once.
+
+    Keyed on the tensor object itself (a weak reference), its version counter (an in-place write
+    invalidates it) and the quantization settings; holds one entry, replaced by the next input.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.ref = None
+        self.value = None
+
+    def get(self, x, key):
+        if self.ref is not None and self.ref() is x and self.key == (x._version, *key):
+            return self.value
+        return None
+
+    def put(self, x, key, value):
+        self.ref, self.key, self.value = weakref.ref(x), (x._version, *key), value
+
+
+_shared_input = _SharedInput()
+
+
+def _quantize_input(x, config, layouts):
+    """x as (row | None, col | None), reusing the previous layer's quantization of the same x."""
+    if torch.compiler.is_compiling():
+        return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, GemmRole.INPUT, config, layouts)
+    key = (config, layouts)
+    cached = _shared_input.get(x, key) or _shared_input.get(x, (config, ("row", "col")))
+    if cached is not None:
+        return cached if layouts == ("row", "col") else (cached[0], None)
+    value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, GemmRole.INPUT, config, layouts)
+    _shared_input.put(x, key, value)
+    return value
 
 
 def _quantize(t, dtype, role, config, layouts):
@@ -29,14 +69,11 @@ def _quantize(t, dtype, role, config, layouts):
 class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, config: Float8Config, grad_enabled: bool):
-        x2d = x.reshape(-1, x.shape[-1])
         # Quantize into the backward layouts only if a backward can come.
         need_w_grad = grad_enabled and weight.requires_grad
         need_x_grad = grad_enabled and x.requires_grad
-        x_row, x_col = _quantize(
-            x2d, config.forward_dtype, GemmRole.INPUT, config,
-            ("row", "col") if need_w_grad and config.save_fp8_for_backward else ("row",),
-        )
+        x_row, x_col = _quantize_input(
+            x, config, ("row", "col") if need_w_grad and config.save_fp8_for_backward else ("row",))
         # An fp32 weight under autocast is quantized straight from fp32; outputs take x's dtype.
         w_row, w_col = _quantize(
             weight, config.forward_dtype,
@@ -50,7 +87,8 @@ class _Float8LinearFn(torch.autograd.Function):
         if config.save_fp8_for_backward:
             ctx.save_for_backward(x_col, w_col)
         else:
-            ctx.save_for_backward(x2d if need_w_grad else None, weight if need_x_grad else None)
+            ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if need_w_grad else None,
+                                  weight if need_x_grad else None)
         ctx.config = config
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype

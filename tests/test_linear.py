@@ -147,3 +147,26 @@ def test_emulate_is_close_to_real():
     _, emu = pair(config=Float8Config(emulate=True))
     emu.load_state_dict(real.state_dict())
     assert sqnr(real(x), emu(x)) >= 40
+
+
+def test_one_input_feeding_several_layers_is_quantized_once(monkeypatch):
+    import f8tensor.linear as linear_mod
+
+    calls = []
+    real = linear_mod._quantize
+    monkeypatch.setattr(linear_mod, "_quantize", lambda t, dtype, role, *a: calls.append(role) or real(t, dtype, role, *a))
+    layers = [pair(in_f=64, out_f=64)[1] for _ in range(3)]
+    x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    outs = [layer(x) for layer in layers]  # q, k, v projections of one x
+    assert sum(role.value == "input" for role in calls) == 1
+    want = [pair(in_f=64, out_f=64)[1] for _ in range(3)]
+    for w, layer, out in zip(want, layers, outs):
+        w.load_state_dict(layer.state_dict())
+        linear_mod._shared_input.put(torch.empty(0), (), None)  # forget: compute it afresh
+        assert torch.equal(w(x), out)
+    sum(o.sum() for o in outs).backward()
+    with torch.no_grad():
+        x.mul_(2)  # an in-place write bumps the version: the cached quantization is stale
+    calls.clear()
+    assert torch.equal(layers[0](x), want[0](x.detach().clone().requires_grad_()))
+    assert sum(role.value == "input" for role in calls) == 2

@@ -1,0 +1,105 @@
+"""Turn benchmark result rows (results/*.jsonl or docs/data/*.jsonl) into the PNGs in docs/.
+
+    python benchmarks/plot.py kernels docs/data/kernels.jsonl docs/kernels.png
+    python benchmarks/plot.py kernels-table docs/data/kernels.jsonl   # markdown table
+    python benchmarks/plot.py linear  docs/data/linear.jsonl  docs/linear.png
+    python benchmarks/plot.py train   docs/data/train.jsonl   docs/train.png
+"""
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def subtitle(rows):
+    r = rows[0]
+    return f"{r['gpu']}, torch {r['torch']}, triton {r['triton']}"
+
+
+def plot_kernels(rows, out):
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    labels = [f"{r['shape']}\n{r['mode']}" for r in rows]
+    xs = range(len(rows))
+    w = 0.27
+    ax.bar([x - w for x in xs], [r["ours_pct_copy"] for r in rows], w, label="f8tensor")
+    ax.bar(list(xs), [100 * r["bytes"] / r["compile_gpu_ms"] / 1e9 / r["copy_tbps"] for r in rows], w,
+           label="torch.compile(reference)")
+    ax.bar([x + w for x in xs], [100 * r["bytes"] / r["eager_ms"] / 1e9 / r["copy_tbps"] for r in rows], w,
+           label="eager reference")
+    ax.axhline(85, color="gray", ls="--", lw=1)
+    ax.set_xticks(list(xs), labels, fontsize=6)
+    ax.set_ylabel("% of copy bandwidth\n(GPU time; eager reference: call time)")
+    ax.set_title(f"bf16 → float8_e4m3fn quantization ({subtitle(rows)})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_linear(rows, out):
+    rows = [r for r in rows if r.get("bench") == "linear"]
+    names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile") if f"{n}_speedup" in rows[0]]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    xs = range(len(rows))
+    w = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([x + (i - len(names) / 2 + 0.5) * w for x in xs], [r.get(f"{name}_speedup", 0) for r in rows], w,
+               label=name)
+    ax.axhline(1, color="gray", ls="--", lw=1)
+    ax.set_xticks(list(xs), [f"M={r['M']}\n{r['K']}→{r['N']}" for r in rows], fontsize=6)
+    ax.set_ylabel("speedup vs bf16 nn.Linear (fwd+bwd)")
+    ax.set_title(f"Linear forward+backward ({subtitle(rows)})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_train(rows, out):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['config']}\nac={r['ac']}" for r in rows]
+    ax.bar(range(len(rows)), [r.get("speedup") or 0 for r in rows])
+    ax.axhline(1, color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("tokens/s vs bf16 eager")
+    ax.set_title(f"End-to-end training ({subtitle(rows)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def table_kernels(rows):
+    """Markdown table for docs/benchmarks.md."""
+    print("| shape (bf16) | mode | MiB in | f8tensor GPU ms | TB/s | % of copy | compile GPU ms | "
+          "f8tensor call ms | compile call ms | eager ms | vs eager | vs compile (GPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['mode']} | {r['mib']:.0f} | {r['ours_gpu_ms']:.3f} | {r['ours_tbps']:.2f} | "
+              f"{r['ours_pct_copy']:.0f}% | {r['compile_gpu_ms']:.3f} | {r['ours_ms']:.3f} | {r['compile_ms']:.3f} | "
+              f"{r['eager_ms']:.3f} | {r['eager_ms'] / r['ours_ms']:.1f}x | "
+              f"{r['compile_gpu_ms'] / r['ours_gpu_ms']:.2f}x |")
+
+
+def table_linear(rows):
+    rows = [r for r in rows if r.get("bench") == "linear"]
+    names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile") if f"{n}_speedup" in rows[0]]
+    print("| model | M | K→N | bf16 ms | " + " | ".join(names) + " | bf16 peak MiB | f8tensor peak MiB |")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|---|")
+    for r in rows:
+        cells = " | ".join(f"{r[f'{n}_speedup']:.2f}x" if f"{n}_speedup" in r else "" for n in names)
+        print(f"| {r['model']} | {r['M']} | {r['K']}→{r['N']} | {r['bf16_ms']:.3f} | {cells} | "
+              f"{r['bf16_peak_mib']:.0f} | {r['f8tensor_peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    kind, path = sys.argv[1:3]
+    if kind.endswith("-table"):
+        {"kernels-table": table_kernels, "linear-table": table_linear}[kind](load(path))
+    else:
+        {"kernels": plot_kernels, "linear": plot_linear, "train": plot_train}[kind](load(path), sys.argv[3])
