@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common import bench_ms, environment, write_rows
-from f8tensor import Float8Linear, to_float8
+from f8tensor import Float8Config, Float8Linear, GemmRole, to_float8
 
 SHAPES = {  # (K, N): in_features -> out_features
     "llama3-8b": [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)],
@@ -34,9 +34,10 @@ def fwd_bwd(mod, x, g):
 
 def gemms_only(x, w, g):
     """The three GEMMs of a Float8Linear on pre-quantized operands: the ceiling for our casts."""
-    x_row, x_col = to_float8(x, layout="both")
-    w_row, w_col = to_float8(w, layout="both")
-    g_row, g_col = to_float8(g, torch.float8_e5m2, layout="both")
+    config = Float8Config()  # same fast-accumulation choice per GEMM as Float8Linear's default
+    x_row, x_col = to_float8(x, layout="both", role=GemmRole.INPUT, config=config)
+    w_row, w_col = to_float8(w, layout="both", role=GemmRole.WEIGHT, config=config)
+    g_row, g_col = to_float8(g, torch.float8_e5m2, layout="both", role=GemmRole.GRAD_OUTPUT, config=config)
 
     def step():
         torch.mm(x_row, w_row.t())
