@@ -64,8 +64,9 @@ def plot_linear(rows, out):
 
 def plot_train(rows, out):
     fig, ax = plt.subplots(figsize=(8, 4))
+    rows = [r for r in rows if r.get("status") == "ok"]
     labels = [f"{r['config']}\nac={r['ac']}" for r in rows]
-    ax.bar(range(len(rows)), [r.get("speedup") or 0 for r in rows])
+    ax.bar(range(len(rows)), [r["vs_bf16"] for r in rows])
     ax.axhline(1, color="gray", ls="--", lw=1)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("tokens/s vs bf16 eager")

@@ -120,12 +120,18 @@ def _copy_(func, args, kwargs):
     return dst
 
 
+def _aligned(d: torch.Tensor) -> bool:
+    """16-byte aligned, read off the storage offset (allocations are aligned): unlike data_ptr()
+    this also works on the fake tensors torch.compile traces with."""
+    return d.storage_offset() * d.element_size() % 16 == 0
+
+
 def _is_row_major(d: torch.Tensor) -> bool:
-    return d.is_contiguous() and d.data_ptr() % 16 == 0
+    return d.is_contiguous() and _aligned(d)
 
 
 def _is_col_major(d: torch.Tensor) -> bool:
-    return d.t().is_contiguous() and d.data_ptr() % 16 == 0
+    return d.t().is_contiguous() and _aligned(d)
 
 
 def _pad_inner(a_data: torch.Tensor, b_data: torch.Tensor):

@@ -11,6 +11,7 @@ import enum
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_map
 
 from .config import Float8Config
@@ -83,9 +84,11 @@ class Float8Tensor(torch.Tensor):
 
     def __repr__(self):
         role = self._role.value if self._role else None
+        # Reading the scale's value is impossible while torch.compile traces with fake tensors.
+        scale = "<traced>" if is_fake(self._scale) else f"{self._scale.item():.6g}"
         return (
             f"Float8Tensor(shape={tuple(self.shape)}, {str(self.float8_dtype).removeprefix('torch.')}, "
-            f"layout={self.layout_name}, scale={self._scale.item():.6g}, "
+            f"layout={self.layout_name}, scale={scale}, "
             f"orig_dtype={str(self._orig_dtype).removeprefix('torch.')}, role={role})"
         )
 

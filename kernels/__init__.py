@@ -13,6 +13,8 @@ try:
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = None
 
+from .op import quantize_op  # noqa: E402  (needs quantize_eager defined below only at call time)
+
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "quantize", "quantize_ref",
     "quantize_triton", "scale_from_amax_ref",
@@ -22,6 +24,14 @@ __all__ = [
 def quantize(
     x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        row, col, scale = quantize_op(x, float8_dtype, layout, power_of_2)
+        return (row if layout in ("row", "both") else None,
+                col if layout in ("col", "both") else None, scale)
+    return quantize_eager(x, float8_dtype, layout, power_of_2)
+
+
+def quantize_eager(x, float8_dtype, layout="row", power_of_2=False):
     if x.is_cuda:
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")

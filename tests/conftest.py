@@ -12,17 +12,18 @@ _real_scaled_mm = torch._scaled_mm
 
 
 def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
-                          use_fast_accum=False):
+                          use_fast_accum=False, **out):
     """torch._scaled_mm with CUDA's operand rules checked first: CPU's kernel accepts more."""
     assert a.is_contiguous(), f"first operand not row-major: {a.stride()}"
     assert b.t().is_contiguous(), f"second operand not column-major: {b.stride()}"
-    assert a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0, "operand not 16-byte aligned"
+    # storage_offset, not data_ptr: the check must also run on torch.compile's fake tensors
+    assert a.storage_offset() % 16 == 0 and b.storage_offset() % 16 == 0, "operand not 16-byte aligned"
     assert not (a.dtype == b.dtype == torch.float8_e5m2), "e5m2 x e5m2"
     assert b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, f"K, N not multiples of 16: {b.shape}"
     for s in (scale_a, scale_b):
         assert s.dtype == torch.float32 and s.numel() == 1, "tensorwise scale must be fp32, numel 1"
     return _real_scaled_mm(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result,
-                           out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+                           out_dtype=out_dtype, use_fast_accum=use_fast_accum, **out)
 
 
 @pytest.fixture(autouse=True)
