@@ -1,0 +1,244 @@
+"""End-to-end training throughput: a Llama-3-8B-shaped decoder in bf16 vs float8 (f8tensor, torchao),
+eager and with each block compiled, under three activation-checkpointing modes.
+
+    python benchmarks/train.py          # the issue's figures: defaults below, on one H200
+    python benchmarks/train.py --layers 8 --dim 4096 --heads 32 --kv-heads 8 --ffn 14336 \
+        --vocab 128256 --batch 2 --seq 4096 --steps 20 --warmup 5 --ac-modes none
+
+Each configuration builds a fresh model from the same seed (bf16 parameters, AdamW, cross-entropy on
+random tokens), runs --warmup steps (compilation included), then times --steps steps. Reported:
+tokens/s, its ratio to bf16 eager under the same AC mode, peak CUDA memory, the last loss. The
+output projection stays bf16 in every float8 configuration. A configuration that fails (compile
+error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
+configurations run only when named in --configs.
+"""
+
+import argparse
+import gc
+import os
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from common import environment, write_rows
+from f8tensor import convert_to_float8_training
+
+CONFIGS = ["bf16", "bf16_compiled", "f8tensor", "f8tensor_compiled", "torchao", "torchao_compiled"]
+
+
+def rope_tables(seq, head_dim, theta=500000.0):
+    """cos/sin of Llama 3's rotary embedding, [seq, head_dim] (each frequency used twice)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa: SDPA shares each k/v head across heads/kv_heads query heads without a copy.
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, ffn):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn, bias=False)
+        self.w3 = nn.Linear(dim, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(a.dim, eps=1e-5), nn.RMSNorm(a.dim, eps=1e-5)
+        self.attention = Attention(a.dim, a.heads, a.kv_heads)
+        self.feed_forward = FeedForward(a.dim, a.ffn)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(a.vocab, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.layers))
+        self.norm = nn.RMSNorm(a.dim, eps=1e-5)
+        self.output = nn.Linear(a.dim, a.vocab, bias=False)  # stays bf16: the filter skips "output"
+        cos, sin = rope_tables(a.seq, a.dim // a.heads)  # fp32 tables, computed once
+        self.register_buffer("cos", cos.to(torch.bfloat16), persistent=False)
+        self.register_buffer("sin", sin.to(torch.bfloat16), persistent=False)
+        self.ac = "none"
+
+    def forward(self, tokens):
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            if self.ac == "full" or (self.ac == "every2" and i % 2 == 0):
+                h = checkpoint(layer, h, self.cos, self.sin, use_reentrant=False)
+            else:
+                h = layer(h, self.cos, self.sin)
+        return self.output(self.norm(h))
+
+
+def not_output(mod, fqn):
+    return "output" not in fqn
+
+
+def build(a, config, ac, device):
+    """A fresh model from the seed, converted and compiled as `config` says, and its optimizer."""
+    torch.manual_seed(a.seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build bf16 directly: no fp32 copy of 8B-scale weights
+    try:
+        with torch.device(device):
+            model = Transformer(a)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.ac = ac
+    if config.startswith("f8tensor"):
+        convert_to_float8_training(model, module_filter_fn=not_output)
+    elif config.startswith("torchao"):
+        from torchao.float8 import convert_to_float8_training as ao_convert  # ImportError: reported
+        ao_convert(model, module_filter_fn=not_output)
+    if config.endswith("_compiled"):
+        for block in model.layers:
+            block.compile()  # per block, as torchtitan does: one graph reused by every layer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    return model, opt
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(a, config, ac, device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, opt = build(a, config, ac, device)
+    g = torch.Generator(device=device).manual_seed(a.seed)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device, generator=g)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    t0 = time.perf_counter()
+    for _ in range(a.warmup):
+        step()
+    sync(device)
+    t1 = time.perf_counter()
+    for _ in range(a.steps):
+        loss = step()
+    sync(device)  # kernels are asynchronous: wait for the last step before reading the clock
+    t2 = time.perf_counter()
+    fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+    return dict(tokens_per_s=a.batch * a.seq * a.steps / (t2 - t1), step_ms=(t2 - t1) / a.steps * 1e3,
+                warmup_s=t1 - t0, peak_gb=peak, loss=loss.item(), fp8_linears=fp8)
+
+
+def free(device):
+    gc.collect()
+    torch._dynamo.reset()  # drop compiled graphs (and what their guards hold) of the last model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_configs(device):
+    try:
+        import torchao.float8  # noqa: F401
+        ao = True
+    except Exception:  # noqa: BLE001  (a torchao built for another torch can fail in other ways)
+        ao = False
+    keep = [c for c in CONFIGS if ao or not c.startswith("torchao")]
+    return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, default in [("layers", 8), ("dim", 4096), ("heads", 32), ("kv-heads", 8), ("ffn", 14336),
+                          ("vocab", 128256), ("batch", 2), ("seq", 4096), ("steps", 20), ("warmup", 5),
+                          ("seed", 0)]:
+        ap.add_argument(f"--{flag}", type=int, default=default)
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all that can run here")
+    ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")
+    ap.add_argument("--ac-modes", nargs="+", choices=["none", "every2", "full"], default=["none"])
+    ap.add_argument("--out", default="results/train.jsonl")
+    a = ap.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 1000
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 first in each AC mode: it is the base of the vs_bf16 ratio
+    configs = sorted(a.configs or default_configs(device), key=CONFIGS.index)
+    env = environment()
+    print(env)
+    shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out")}
+    rows = []
+    for ac in [a.ac] if a.ac else a.ac_modes:
+        base = None
+        for config in configs:
+            row = dict(env, bench="train", config=config, ac=ac, device=device.type, **shape)
+            try:
+                row.update(run_one(a, config, ac, device), status="ok")
+            except Exception as e:  # noqa: BLE001  (compile errors, OOM, missing torchao: report, go on)
+                traceback.print_exc()  # the whole story on stderr; the table gets one line
+                lines = str(e).strip().splitlines() or [""]
+                row["status"] = f"{type(e).__name__}: {lines[0]}"[:160]
+            free(device)  # outside except: the traceback no longer pins the failed model
+            if config == "bf16" and row["status"] == "ok":
+                base = row["tokens_per_s"]
+            row["vs_bf16"] = row["tokens_per_s"] / base if base and row["status"] == "ok" else None
+            done = f"ok: {row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
+            print(f"{ac:<7} {config:<18} {done}", flush=True)
+            write_rows(a.out, [row])  # row by row: a later hard crash keeps the numbers so far
+            rows.append(row)
+    print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.layers} x (dim "
+          f"{a.dim}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads})  batch {a.batch} x seq {a.seq}")
+    print_table(rows)
+
+
+def print_table(rows):
+    cols = [("tok/s", "tokens_per_s", "{:.0f}"), ("vs bf16", "vs_bf16", "{:.3f}"),
+            ("step ms", "step_ms", "{:.1f}"), ("peak GB", "peak_gb", "{:.1f}"), ("loss", "loss", "{:.3f}")]
+    print(f"{'ac':<7} {'config':<18}" + "".join(f"{name:>10}" for name, _, _ in cols) + "  status")
+    for r in rows:
+        cells = "".join(f"{fmt.format(r[key]) if r.get(key) is not None else '-':>10}" for _, key, fmt in cols)
+        status = f"ok ({r['fp8_linears']} fp8 linears)" if r["status"] == "ok" else r["status"]
+        print(f"{r['ac']:<7} {r['config']:<18}{cells}  {status}")
+
+if __name__ == "__main__":
+    main()
