@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastLauncher
+
 
 @triton.jit
 def amax_kernel(
@@ -38,6 +40,9 @@ def amax_kernel(
         tl.store(out_ptr + pid, result)
 
 
+_launch_amax = FastLauncher(amax_kernel)  # amax_kernel[grid](...) at a fraction of the host time
+
+
 def tile_grid(M: int, N: int, block_m: int, block_n: int) -> tuple[int, int]:
     """(number of tiles, tiles per row of tiles) for an M x N matrix."""
     tiles_n = triton.cdiv(N, block_n)
@@ -56,7 +61,7 @@ def amax_partials(
         out = torch.zeros(1, dtype=torch.int32, device=x.device)
     else:
         out = torch.empty(num_programs, dtype=torch.int32, device=x.device)
-    amax_kernel[(num_programs,)](
+    _launch_amax[(num_programs,)](
         x, out, M, N, x.stride(0), x.stride(1), tiles_n, num_programs,
         triton.cdiv(num_tiles, num_programs),
         BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=atomic, num_warps=num_warps,
