@@ -14,12 +14,28 @@ logger = logging.getLogger("f8tensor")
 SKIP_REASON_ATTR = "_f8tensor_skip_reason"
 
 
-def default_skip_reason(mod: nn.Linear) -> str | None:
-    """Why the default filter keeps a layer in high precision, or None to convert it."""
+# Layers with a dimension this small or smaller stay bf16 by default: on an H200 their fp8
+# forward+backward was slower than bf16 at every token count measured (4096->1024: 0.09x-0.26x,
+# 8192->1024: 0.10x-0.57x at M = 1024..16384), while every layer with both dims >= 4096 gained
+# at M = 16384 (docs/benchmarks.md, benchmarks/linear.py).
+MIN_DEFAULT_DIM = 1024
+
+
+def required_skip_reason(mod: nn.Linear) -> str | None:
+    """Why a layer cannot run in float8 at all, or None."""
     if mod.in_features % 16 or mod.out_features % 16:
         return (f"in_features={mod.in_features}, out_features={mod.out_features}: "
                 "_scaled_mm needs both divisible by 16")
     return None
+
+
+def default_skip_reason(mod: nn.Linear) -> str | None:
+    """Why the default filter keeps a layer in high precision, or None to convert it."""
+    reason = required_skip_reason(mod)
+    if reason is None and min(mod.in_features, mod.out_features) <= MIN_DEFAULT_DIM:
+        reason = (f"{mod.in_features}->{mod.out_features}: a dimension <= {MIN_DEFAULT_DIM}, "
+                  "where fp8 measured slower than bf16")
+    return reason
 
 
 def convert_to_float8_training(
@@ -29,8 +45,10 @@ def convert_to_float8_training(
     """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear.
 
     Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
-    returns True to convert. Layers whose dims are not multiples of 16 are always kept (_scaled_mm
-    cannot run them); kept layers are logged (logger "f8tensor") and listed by conversion_summary.
+    returns True to convert. Without it, the default filter also keeps layers with a dimension of
+    1024 or less (fp8 measured slower there). Layers whose dims are not multiples of 16 are always
+    kept (_scaled_mm cannot run them); kept layers are logged (logger "f8tensor") and listed by
+    conversion_summary.
     Parameters are moved, not copied, so optimizers built before conversion keep working.
     Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear).
     """
@@ -41,10 +59,12 @@ def convert_to_float8_training(
             if isinstance(mod, nn.Linear) and not isinstance(mod, Float8Linear):
                 setattr(mod, SKIP_REASON_ATTR, f"{type(mod).__name__}: only exact nn.Linear is converted")
             return mod
-        # The divisibility rule is a hard requirement of _scaled_mm, so it applies under any filter.
-        reason = default_skip_reason(mod)
-        if reason is None and module_filter_fn is not None and not module_filter_fn(mod, fqn):
-            reason = "excluded by module_filter_fn"
+        if module_filter_fn is None:
+            reason = default_skip_reason(mod)
+        else:  # the divisibility rule is a requirement of _scaled_mm, so it holds under any filter
+            reason = required_skip_reason(mod)
+            if reason is None and not module_filter_fn(mod, fqn):
+                reason = "excluded by module_filter_fn"
         if reason is not None:
             setattr(mod, SKIP_REASON_ATTR, reason)
             logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)

@@ -4,8 +4,10 @@
     backward     grad_x     = g_row      @ w_col         [M, N] @ [N, K]   g e5m2 row-major, w column-major
                  grad_w     = g_col.t()  @ x_col         [N, M] @ [M, K]   g.t() row-major, x column-major
 
-Each tensor is quantized once, in both layouts from one read ("both"); forward saves x_col and w_col
-(float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False.
+The input and grad_output are quantized once, in both layouts from one read ("both"); forward saves
+x_col (float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False.
+The weight is cast row-major in forward and column-major in backward, from the parameter itself,
+so no float8 copy of it is held between forward and backward.
 """
 
 import threading
@@ -74,18 +76,16 @@ class _Float8LinearFn(torch.autograd.Function):
         need_x_grad = grad_enabled and x.requires_grad
         x_row, x_col = _quantize_input(
             x, config, ("row", "col") if need_w_grad and config.save_fp8_for_backward else ("row",))
-        # An fp32 weight under autocast is quantized straight from fp32; outputs take x's dtype.
-        w_row, w_col = _quantize(
-            weight, config.forward_dtype,
-            GemmRole.WEIGHT, config,
-            ("row", "col") if need_x_grad and config.save_fp8_for_backward else ("row",),
-        )
+        # The weight is quantized row-major here and column-major again in backward from the
+        # parameter itself: saving the fp8 copy would add a byte per parameter to peak memory,
+        # re-casting costs one read of the weight. An fp32 weight (autocast) is cast from fp32.
+        w_row, _ = _quantize(weight, config.forward_dtype, GemmRole.WEIGHT, config, ("row",))
         if bias is None:
             out = torch.mm(x_row, w_row.t())
         else:
             out = torch.addmm(bias.to(x.dtype), x_row, w_row.t())
         if config.save_fp8_for_backward:
-            ctx.save_for_backward(x_col, w_col)
+            ctx.save_for_backward(x_col, weight if need_x_grad else None)
         else:
             ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if need_w_grad else None,
                                   weight if need_x_grad else None)
@@ -103,14 +103,14 @@ class _Float8LinearFn(torch.autograd.Function):
         if not config.save_fp8_for_backward:
             _, saved_x = _quantize(saved_x, config.forward_dtype, GemmRole.INPUT, config,
                                    ("col",) if need_w else ())
-            _, saved_w = _quantize(saved_w, config.forward_dtype, GemmRole.WEIGHT, config,
-                                   ("col",) if need_x else ())
+        _, w_col = _quantize(saved_w, config.forward_dtype, GemmRole.WEIGHT, config,
+                             ("col",) if need_x else ())
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         g_row, g_col = _quantize(
             g2d, config.backward_dtype, GemmRole.GRAD_OUTPUT, config,
             (("row",) if need_x else ()) + (("col",) if need_w else ()),
         )
-        grad_x = torch.mm(g_row, saved_w).view(ctx.x_shape) if need_x else None
+        grad_x = torch.mm(g_row, w_col).view(ctx.x_shape) if need_x else None
         grad_w = torch.mm(g_col.t(), saved_x).to(ctx.weight_dtype) if need_w else None
         grad_b = g2d.sum(0).to(ctx.bias_dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None

@@ -25,7 +25,7 @@ def test_float8_linear_compiles_fullgraph_and_matches_eager():
 def test_compiled_block_with_converted_mlp():
     torch._dynamo.reset()
     mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(DEVICE, torch.bfloat16)
-    convert_to_float8_training(mlp)
+    convert_to_float8_training(mlp, module_filter_fn=lambda mod, fqn: True)
     x = torch.randn(32, 64, device=DEVICE, dtype=torch.bfloat16)
     assert torch.equal(torch.compile(mlp, fullgraph=True)(x), mlp(x))
 

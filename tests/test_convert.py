@@ -21,9 +21,13 @@ def model():
     return nn.Sequential(Block(), nn.Linear(64, 64, bias=False)).to(DEVICE)
 
 
+def every_layer(mod, fqn):
+    return True
+
+
 class TestConvert(TestCase):
     def test_summary(self):
-        m = convert_to_float8_training(model())
+        m = convert_to_float8_training(model(), module_filter_fn=every_layer)
         self.assertExpectedInline(conversion_summary(m), """\
 f8tensor: 3 of 5 linear layers in float8
   0.up             64->256      float8
@@ -41,7 +45,7 @@ def test_swaps_in_place_keeping_parameters_and_optimizer():
     m = model()
     params = list(m.parameters())
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    out = convert_to_float8_training(m, config=Float8Config(fast_accum_output=False))
+    out = convert_to_float8_training(m, config=Float8Config(fast_accum_output=False), module_filter_fn=every_layer)
     assert out is m
     assert list(m.parameters()) == params  # same objects, same order
     assert type(m[0].up) is Float8Linear and m[0].up.config.fast_accum_output is False
@@ -54,14 +58,28 @@ def test_swaps_in_place_keeping_parameters_and_optimizer():
 
 
 def test_converting_twice_is_a_no_op():
-    m = convert_to_float8_training(model())
+    m = convert_to_float8_training(model(), module_filter_fn=every_layer)
     layers = [m[0].up, m[0].down, m[1]]
-    convert_to_float8_training(m)
+    convert_to_float8_training(m, module_filter_fn=every_layer)
     assert [m[0].up, m[0].down, m[1]] == layers
 
 
 def test_root_linear_is_replaced_and_returned():
-    lin = nn.Linear(32, 48).to(DEVICE)
+    lin = nn.Linear(2048, 4096, device="meta")
     out = convert_to_float8_training(lin)
     assert type(out) is Float8Linear and out.weight is lin.weight
     assert convert_to_float8_training(out) is out
+
+
+class TestDefaultFilter(TestCase):
+    def test_small_layers_stay_bf16_by_default(self):
+        with torch.device("meta"):
+            m = nn.ModuleDict({"q": nn.Linear(4096, 4096), "k": nn.Linear(4096, 1024),
+                               "w1": nn.Linear(4096, 14336), "tiny": nn.Linear(64, 64)})
+        convert_to_float8_training(m)
+        self.assertExpectedInline(conversion_summary(m), """\
+f8tensor: 2 of 4 linear layers in float8
+  q      4096->4096   float8
+  k      4096->1024   kept: 4096->1024: a dimension <= 1024, where fp8 measured slower than bf16
+  w1     4096->14336  float8
+  tiny   64->64       kept: 64->64: a dimension <= 1024, where fp8 measured slower than bf16""")

@@ -69,10 +69,14 @@ def test_backward_saves_float8_or_high_precision_as_configured():
             f8(x)
         saved = [t for t in saved if t is not None]
         assert len(saved) == 2
+        x_saved, w_saved = saved
+        # The weight is saved as the parameter itself (no copy), and cast again in backward.
+        assert w_saved is f8.weight
         if save_fp8:
-            assert all(isinstance(t, Float8Tensor) and t._data.element_size() == 1 for t in saved)
+            assert isinstance(x_saved, Float8Tensor) and x_saved._data.element_size() == 1
+            assert x_saved.layout_name == "col"
         else:
-            assert all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 for t in saved)
+            assert type(x_saved) is torch.Tensor and x_saved.dtype == torch.float32
 
 
 def test_recompute_mode_gives_identical_gradients():
