@@ -11,11 +11,14 @@ import triton
 
 def environment() -> dict:
     """GPU, versions and commit, written beside every result row."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        commit = ""
+    # A copy of the tree without .git (the GPU machine's) gets the commit from the environment.
+    commit = os.environ.get("F8TENSOR_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        except OSError:
+            pass
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown",
