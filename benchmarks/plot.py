@@ -46,7 +46,8 @@ def plot_kernels(rows, out):
 
 def plot_linear(rows, out):
     rows = [r for r in rows if r.get("bench") == "linear"]
-    names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile") if f"{n}_speedup" in rows[0]]
+    names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile")
+             if any(f"{n}_speedup" in r for r in rows)]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     xs = range(len(rows))
     w = 0.8 / len(names)
@@ -63,14 +64,15 @@ def plot_linear(rows, out):
 
 
 def plot_train(rows, out):
-    fig, ax = plt.subplots(figsize=(8, 4))
     rows = [r for r in rows if r.get("status") == "ok"]
-    labels = [f"{r['config']}\nac={r['ac']}" for r in rows]
-    ax.bar(range(len(rows)), [r["vs_bf16"] for r in rows])
-    ax.axhline(1, color="gray", ls="--", lw=1)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("tokens/s vs bf16 eager")
-    ax.set_title(f"End-to-end training ({subtitle(rows)})", fontsize=9)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    labels = [f"{r['config']}  ac={r['ac']}  ({r['commit']}, {r['peak_gb']:.1f} GB)" for r in rows]
+    ax.barh(range(len(rows)), [r["vs_bf16"] for r in rows])
+    ax.axvline(1, color="gray", ls="--", lw=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s vs bf16 eager (same AC mode)")
+    ax.set_title(f"8-layer Llama-3-8B-shaped decoder, batch 2 x 4096 ({subtitle(rows)})", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -89,7 +91,8 @@ def table_kernels(rows):
 
 def table_linear(rows):
     rows = [r for r in rows if r.get("bench") == "linear"]
-    names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile") if f"{n}_speedup" in rows[0]]
+    names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile")
+             if any(f"{n}_speedup" in r for r in rows)]
     print("| model | M | K→N | bf16 ms | " + " | ".join(names) + " | bf16 peak MiB | f8tensor peak MiB |")
     print("|---|---|---|---|" + "---|" * len(names) + "---|---|")
     for r in rows:

@@ -44,7 +44,8 @@ def cast_kernel(
     if WRITE_ROW:
         tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     if WRITE_COL:
-        # Stored as bytes: measured up to 20% faster than storing float8 through the same addresses.
+        # Stored as bytes: faster than storing float8 through the same addresses on most shapes
+        # in a probe run on an H200 (docs/benchmarks.md).
         tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M,
                  q.to(tl.uint8, bitcast=True), mask=mask)
 
