@@ -46,7 +46,8 @@ _shared_input = _SharedInput()
 
 def _quantize_input(x, config, layouts):
     """x as (row | None, col | None), reusing the previous layer's quantization of the same x."""
-    if torch.compiler.is_compiling():
+    # Inference tensors have no version counter, so an in-place write could not be detected.
+    if torch.compiler.is_compiling() or x.is_inference():
         return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, GemmRole.INPUT, config, layouts)
     key = (config, layouts)
     cached = _shared_input.get(x, key) or _shared_input.get(x, (config, ("row", "col")))

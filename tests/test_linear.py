@@ -174,3 +174,14 @@ def test_one_input_feeding_several_layers_is_quantized_once(monkeypatch):
     calls.clear()
     assert torch.equal(layers[0](x), want[0](x.detach().clone().requires_grad_()))
     assert sum(role.value == "input" for role in calls) == 2
+
+
+def test_inference_mode():
+    ref, f8 = pair()
+    with torch.inference_mode():
+        x = torch.randn(8, 256, device=DEVICE)
+        first = f8(x)
+        assert sqnr(ref(x), first) >= 25
+        x.mul_(-3)  # inference tensors track no version: the input must be quantized afresh
+        out = f8(x)
+        assert torch.equal(out, f8(x.clone())) and not torch.equal(out, first)
