@@ -94,7 +94,8 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        # _unsafe_view, as matmul does: a view output would trip FSDP2's in-place safety warning.
+        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out):
