@@ -8,6 +8,7 @@ every device, so a layout the GPU would refuse fails the same way in CPU CI.
 import torch
 
 from .config import Float8Config
+from .kernels import has_float8_hardware
 from .tensor import OPS, Float8Tensor, GemmRole, to_float8
 
 aten = torch.ops.aten
@@ -170,6 +171,12 @@ def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None
             "layer's features to a multiple of 16 or keep this layer in high precision"
         )
     config = a._config or b._config or DEFAULT_CONFIG
+    if (a.is_cuda and not config.emulate and not torch.compiler.is_compiling()
+            and not has_float8_hardware(a.device)):
+        raise RuntimeError(
+            f"{torch.cuda.get_device_name(a.device)} has no float8 matrix multiply (it needs compute "
+            "capability 8.9 or newer); use Float8Config(emulate=True) to run the GEMMs in high precision"
+        )
     out_dtype = a._orig_dtype
     a_data = a._data if _is_row_major(a._data) else a._data.contiguous()
     b_data = b._data if _is_col_major(b._data) else b._data.t().contiguous().t()

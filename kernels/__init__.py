@@ -4,6 +4,8 @@ Installed as `f8tensor.kernels`. `quantize` is the one entry point: Triton on CU
 reference elsewhere; both return (row_major | None, col_major | None, scale) for a 2-D input.
 """
 
+import functools
+
 import torch
 
 from .naive import EPS, FLOAT8_DTYPES, LAYOUTS, fp8_max, quantize_ref, scale_from_amax_ref
@@ -16,7 +18,7 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
 from .op import quantize_op  # noqa: E402  (needs quantize_eager defined below only at call time)
 
 __all__ = [
-    "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "quantize", "quantize_ref",
+    "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
     "quantize_triton", "scale_from_amax_ref",
 ]
 
@@ -32,8 +34,20 @@ def quantize(
 
 
 def quantize_eager(x, float8_dtype, layout="row", power_of_2=False):
-    if x.is_cuda:
+    # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
+    # take the reference, which gives the same bits.
+    if x.is_cuda and has_float8_hardware(x.device):
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
         return quantize_triton(x, float8_dtype, layout, power_of_2)
     return quantize_ref(x, float8_dtype, layout, power_of_2)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def has_float8_hardware(device: torch.device) -> bool:
+    """Whether a CUDA device converts and multiplies float8 natively (compute capability >= 8.9)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)

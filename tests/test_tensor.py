@@ -226,3 +226,17 @@ def test_emulate_matches_dequantized_matmul():
     cfg = Float8Config(emulate=True)
     a, b = q(torch.randn(32, 64), config=cfg), q(torch.randn(64, 48), config=cfg, layout="col")
     assert torch.allclose(scaled_mm(a, b), a.dequantize() @ b.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+def test_gpus_without_float8_get_a_clear_error_or_emulation(monkeypatch):
+    import f8tensor.ops as ops_mod
+
+    a, b = q(torch.randn(32, 64)), q(torch.randn(64, 48), layout="col")
+    emulated = scaled_mm(q(torch.randn(32, 64), config=Float8Config(emulate=True)), b)
+    assert emulated.shape == (32, 48)
+    # Pretend the tensors sit on a pre-Ada GPU: the real GEMM must refuse, naming the fix.
+    monkeypatch.setattr(ops_mod, "has_float8_hardware", lambda device: False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(RuntimeError, match="A100 has no float8 matrix multiply.*emulate=True"):
+        scaled_mm(a, b)
