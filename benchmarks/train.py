@@ -164,10 +164,23 @@ def run_one(a, config, ac, device):
         loss = step()
     sync(device)  # kernels are asynchronous: wait for the last step before reading the clock
     t2 = time.perf_counter()
+    if a.profile and device.type == "cuda":
+        profile_step(step, f"{os.path.splitext(a.out)[0]}_{config}_{ac}_profile.txt")
     fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
     return dict(tokens_per_s=a.batch * a.seq * a.steps / (t2 - t1), step_ms=(t2 - t1) / a.steps * 1e3,
                 warmup_s=t1 - t0, peak_gb=peak, loss=loss.item(), fp8_linears=fp8)
+
+
+def profile_step(step, path):
+    """Every kernel of one step with its GPU time, written to `path` (the top 25 printed)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
+    with open(path, "w") as f:
+        f.write(table)
+    print("\n".join(table.splitlines()[:28]))
 
 
 def free(device):
@@ -197,6 +210,8 @@ def main():
     ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")
     ap.add_argument("--ac-modes", nargs="+", choices=["none", "every2", "full"], default=["none"])
     ap.add_argument("--out", default="results/train.jsonl")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile one step per configuration (CUDA only)")
     a = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -206,7 +221,7 @@ def main():
     configs = sorted(a.configs or default_configs(device), key=CONFIGS.index)
     env = environment()
     print(env)
-    shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out")}
+    shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out", "profile")}
     rows = []
     for ac in [a.ac] if a.ac else a.ac_modes:
         base = None
