@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .amax import tile_grid
 from .launch import FastLauncher
 from .scale import scale_from_amax, to_float8
 
@@ -77,8 +78,7 @@ def launch_cast(
         if out is not None and (out.shape != (M, N) or out.stride() != strides or out.dtype != float8_dtype):
             raise ValueError(f"output buffer must be {float8_dtype} [{M}, {N}] with strides {strides}")
     scale = torch.empty((), dtype=torch.float32, device=x.device)
-    tiles_n = triton.cdiv(N, block_n)
-    num_tiles = triton.cdiv(M, block_m) * tiles_n
+    num_tiles, tiles_n = tile_grid(M, N, block_m, block_n)
     mant_bits, min_normal_exp = FORMAT_BITS[float8_dtype]
     # Triton 3.6 on sm90 misplaces hardware-converted fp32 -> float8 values in some small layouts
     # (seen for fp32 inputs of 1x16, 17x48, 64x1; never for bf16/fp16); converting values already
