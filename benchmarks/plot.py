@@ -25,18 +25,23 @@ def subtitle(rows):
     return f"{r['gpu']}, torch {r['torch']}, triton {r['triton']}"
 
 
+def grouped_bars(ax, labels, series: dict, line: float):
+    """One group of bars per label, one bar per series, and a dashed reference line."""
+    w = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + (i - len(series) / 2 + 0.5) * w for x in range(len(labels))], values, w, label=name)
+    ax.axhline(line, color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(labels)), labels, fontsize=6)
+
+
 def plot_kernels(rows, out):
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    labels = [f"{r['shape']}\n{r['mode']}" for r in rows]
-    xs = range(len(rows))
-    w = 0.27
-    ax.bar([x - w for x in xs], [r["ours_pct_copy"] for r in rows], w, label="f8tensor")
-    ax.bar(list(xs), [100 * r["bytes"] / r["compile_gpu_ms"] / 1e9 / r["copy_tbps"] for r in rows], w,
-           label="torch.compile(reference)")
-    ax.bar([x + w for x in xs], [100 * r["bytes"] / r["eager_ms"] / 1e9 / r["copy_tbps"] for r in rows], w,
-           label="eager reference")
-    ax.axhline(85, color="gray", ls="--", lw=1)
-    ax.set_xticks(list(xs), labels, fontsize=6)
+    pct = lambda r, key: 100 * r["bytes"] / r[key] / 1e9 / r["copy_tbps"]  # noqa: E731
+    grouped_bars(ax, [f"{r['shape']}\n{r['mode']}" for r in rows], {
+        "f8tensor": [r["ours_pct_copy"] for r in rows],
+        "torch.compile(reference)": [pct(r, "compile_gpu_ms") for r in rows],
+        "eager reference": [pct(r, "eager_ms") for r in rows],
+    }, line=85)
     ax.set_ylabel("% of copy bandwidth\n(GPU time; eager reference: call time)")
     ax.set_title(f"bf16 → float8_e4m3fn quantization ({subtitle(rows)})", fontsize=9)
     ax.legend(fontsize=8)
@@ -49,13 +54,8 @@ def plot_linear(rows, out):
     names = [n for n in ("f8tensor", "gemms_only", "torchao_eager", "torchao_compile")
              if any(f"{n}_speedup" in r for r in rows)]
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    xs = range(len(rows))
-    w = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ax.bar([x + (i - len(names) / 2 + 0.5) * w for x in xs], [r.get(f"{name}_speedup", 0) for r in rows], w,
-               label=name)
-    ax.axhline(1, color="gray", ls="--", lw=1)
-    ax.set_xticks(list(xs), [f"M={r['M']}\n{r['K']}→{r['N']}" for r in rows], fontsize=6)
+    grouped_bars(ax, [f"M={r['M']}\n{r['K']}→{r['N']}" for r in rows],
+                 {name: [r.get(f"{name}_speedup", 0) for r in rows] for name in names}, line=1)
     ax.set_ylabel("speedup vs bf16 nn.Linear (fwd+bwd)")
     ax.set_title(f"Linear forward+backward ({subtitle(rows)})", fontsize=9)
     ax.legend(fontsize=8)

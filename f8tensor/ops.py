@@ -207,13 +207,17 @@ def _as_float8(t, other: Float8Tensor, layout: str) -> Float8Tensor:
     return to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config)
 
 
-@implements([aten.mm.default, aten.matmul.default])
-def _mm(func, args, kwargs):
-    a, b = args[0], args[1]
+def _operands(func, a, b):
+    """(a row-major, b column-major) as Float8Tensors; a plain one is quantized on the fly."""
     if a.dim() != 2 or b.dim() != 2:
         raise NotImplementedError(f"{func} with a Float8Tensor supports 2-D operands only")
     fp8 = a if isinstance(a, Float8Tensor) else b
-    return scaled_mm(_as_float8(a, fp8, "row"), _as_float8(b, fp8, "col"))
+    return _as_float8(a, fp8, "row"), _as_float8(b, fp8, "col")
+
+
+@implements([aten.mm.default, aten.matmul.default])
+def _mm(func, args, kwargs):
+    return scaled_mm(*_operands(func, args[0], args[1]))
 
 
 @implements([aten.addmm.default])
@@ -221,9 +225,8 @@ def _addmm(func, args, kwargs):
     bias, a, b = args[0], args[1], args[2]
     if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
         raise NotImplementedError("addmm with a Float8Tensor supports beta=1 and alpha=1 only")
-    fp8 = a if isinstance(a, Float8Tensor) else b
     if isinstance(bias, Float8Tensor):
         bias = bias.dequantize()
-    if bias.dim() != 1:
-        return scaled_mm(_as_float8(a, fp8, "row"), _as_float8(b, fp8, "col")) + bias
-    return scaled_mm(_as_float8(a, fp8, "row"), _as_float8(b, fp8, "col"), bias)
+    if bias.dim() != 1:  # a broadcast bias of another shape: added after the GEMM
+        return scaled_mm(*_operands(func, a, b)) + bias
+    return scaled_mm(*_operands(func, a, b), bias)
