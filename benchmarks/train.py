@@ -174,12 +174,20 @@ def run_one(a, config, ac, device):
 
 def profile_step(step, path):
     """Every kernel of one step with its GPU time, written to `path` (the top 25 printed)."""
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    # Busy time well under the step's wall time means the GPU waited for the CPU (host-bound).
+    summary = f"{len(kernels)} kernels, GPU busy {busy_ms:.1f} ms of a {wall_ms:.1f} ms step (profiled)"
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
     with open(path, "w") as f:
-        f.write(table)
+        f.write(summary + "\n" + table)
+    print(summary)
     print("\n".join(table.splitlines()[:28]))
 
 

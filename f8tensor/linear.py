@@ -7,7 +7,14 @@
 The input and grad_output are quantized once, in both layouts from one read ("both"); forward saves
 x_col (float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False.
 The weight is cast row-major in forward and column-major in backward, from the parameter itself,
-so no float8 copy of it is held between forward and backward.
+so no float8 copy of it is held between forward and backward; backward reuses forward's amax of
+the weight (autograd guarantees the saved parameter was not modified in between), so its cast
+is one pass.
+
+The autograd function works on raw float8 data and scales, not on Float8Tensor wrappers: the same
+kernels and the same GEMM routine (`ops.scaled_mm_data`, which checks CUDA's rules) as the tensor
+subclass, without a wrapper construction and a __torch_dispatch__ round trip per operand, which
+eager training would pay in host time on every layer.
 """
 
 import threading
@@ -17,56 +24,71 @@ import torch
 from torch import nn
 
 from .config import Float8Config
-from .tensor import GemmRole, to_float8
+from .kernels import quantize, quantize_with_amax
+from .ops import scaled_mm_data
+
+
+class _Slot:
+    """One thread's cache entry (a plain object, so a weakref callback from any thread finds it)."""
+
+    __slots__ = ("ref", "key", "value")
+
+    def __init__(self):
+        self.ref = self.key = self.value = None
 
 
 class _SharedInput(threading.local):
     """The last quantized layer input: q/k/v (and w1/w3) read the same tensor, quantize it once.
 
     Keyed on the tensor object itself (a weak reference), its version counter (an in-place write
-    invalidates it) and the quantization settings; holds one entry, replaced by the next input.
+    invalidates it) and the quantization settings; holds one entry, replaced by the next input and
+    dropped as soon as the input tensor is freed (so the float8 copies do not outlive their use).
     """
 
     def __init__(self):
-        self.key = None
-        self.ref = None
-        self.value = None
+        self.slot = _Slot()
 
     def get(self, x, key):
-        if self.ref is not None and self.ref() is x and self.key == (x._version, *key):
-            return self.value
+        slot = self.slot
+        if slot.ref is not None and slot.ref() is x and slot.key == (x._version, *key):
+            return slot.value
         return None
 
     def put(self, x, key, value):
-        self.ref, self.key, self.value = weakref.ref(x), (x._version, *key), value
+        slot = self.slot
+
+        def drop(ref):
+            if slot.ref is ref:
+                slot.ref = slot.key = slot.value = None
+
+        slot.ref, slot.key, slot.value = weakref.ref(x, drop), (x._version, *key), value
 
 
 _shared_input = _SharedInput()
 
 
 def _quantize_input(x, config, layouts):
-    """x as (row | None, col | None), reusing the previous layer's quantization of the same x."""
+    """x as (row | None, col | None, scale), reusing the previous layer's quantization of the same x."""
     # Inference tensors have no version counter, so an in-place write could not be detected.
     if torch.compiler.is_compiling() or x.is_inference():
-        return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, GemmRole.INPUT, config, layouts)
+        return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
     key = (config, layouts)
     cached = _shared_input.get(x, key) or _shared_input.get(x, (config, ("row", "col")))
     if cached is not None:
-        return cached if layouts == ("row", "col") else (cached[0], None)
-    value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, GemmRole.INPUT, config, layouts)
+        return cached if layouts == ("row", "col") else (cached[0], None, cached[2])
+    value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
     _shared_input.put(x, key, value)
     return value
 
 
-def _quantize(t, dtype, role, config, layouts):
-    """Only the layouts some GEMM will read: (row | None, col | None)."""
-    if layouts == ("row", "col"):
-        return to_float8(t, dtype, layout="both", role=role, config=config)
-    if layouts == ("row",):
-        return to_float8(t, dtype, layout="row", role=role, config=config), None
-    if layouts == ("col",):
-        return None, to_float8(t, dtype, layout="col", role=role, config=config)
-    return None, None
+_LAYOUT = {("row", "col"): "both", ("row",): "row", ("col",): "col"}
+
+
+def _quantize(t, dtype, config, layouts):
+    """Only the layouts some GEMM will read: (row | None, col | None, scale | None)."""
+    if not layouts:
+        return None, None, None
+    return quantize(t, dtype, _LAYOUT[layouts], config.power_of_2_scale)
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -75,21 +97,21 @@ class _Float8LinearFn(torch.autograd.Function):
         # Quantize into the backward layouts only if a backward can come.
         need_w_grad = grad_enabled and weight.requires_grad
         need_x_grad = grad_enabled and x.requires_grad
-        x_row, x_col = _quantize_input(
+        x_row, x_col, x_scale = _quantize_input(
             x, config, ("row", "col") if need_w_grad and config.save_fp8_for_backward else ("row",))
         # The weight is quantized row-major here and column-major again in backward from the
         # parameter itself: saving the fp8 copy would add a byte per parameter to peak memory,
         # re-casting costs one read of the weight. An fp32 weight (autocast) is cast from fp32.
-        w_row, _ = _quantize(weight, config.forward_dtype, GemmRole.WEIGHT, config, ("row",))
-        if bias is None:
-            out = torch.mm(x_row, w_row.t())
-        else:
-            out = torch.addmm(bias.to(x.dtype), x_row, w_row.t())
+        w_row, _, w_scale, w_amax = quantize_with_amax(
+            weight, config.forward_dtype, "row", config.power_of_2_scale)
+        out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
+                             config, None if bias is None else bias.to(x.dtype))
         if config.save_fp8_for_backward:
-            ctx.save_for_backward(x_col, weight if need_x_grad else None)
+            saved_x = x_col if need_w_grad else None
         else:
-            ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if need_w_grad else None,
-                                  weight if need_x_grad else None)
+            saved_x = x.reshape(-1, x.shape[-1]) if need_w_grad else None
+        ctx.save_for_backward(saved_x, x_scale if need_w_grad and config.save_fp8_for_backward else None,
+                              weight if need_x_grad else None, w_amax if need_x_grad else None)
         ctx.config = config
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
@@ -100,21 +122,27 @@ class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         config = ctx.config
-        saved_x, saved_w = ctx.saved_tensors
+        x_col, x_scale, weight, w_amax = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if not config.save_fp8_for_backward:
-            _, saved_x = _quantize(saved_x, config.forward_dtype, GemmRole.INPUT, config,
-                                   ("col",) if need_w else ())
-        _, w_col = _quantize(saved_w, config.forward_dtype, GemmRole.WEIGHT, config,
-                             ("col",) if need_x else ())
+        if need_w and not config.save_fp8_for_backward:
+            _, x_col, x_scale = _quantize(x_col, config.forward_dtype, config, ("col",))
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
-        g_row, g_col = _quantize(
-            g2d, config.backward_dtype, GemmRole.GRAD_OUTPUT, config,
+        g_row, g_col, g_scale = _quantize(
+            g2d, config.backward_dtype, config,
             (("row",) if need_x else ()) + (("col",) if need_w else ()),
         )
-        grad_x = torch.mm(g_row, w_col).view(ctx.x_shape) if need_x else None
-        grad_w = torch.mm(g_col.t(), saved_x).to(ctx.weight_dtype) if need_w else None
-        grad_b = g2d.sum(0).to(ctx.bias_dtype) if need_b else None
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            # Same values as in forward (autograd checked the version): forward's amax, one pass.
+            _, w_col, w_scale, _ = quantize_with_amax(
+                weight, config.forward_dtype, "col", config.power_of_2_scale, amax=w_amax)
+            grad_x = scaled_mm_data(g_row, g_scale, w_col, w_scale, grad_out.dtype,
+                                    config.fast_accum_grad_input, config).view(ctx.x_shape)
+        if need_w:
+            grad_w = scaled_mm_data(g_col.t(), g_scale, x_col, x_scale, grad_out.dtype,
+                                    config.fast_accum_grad_weight, config).to(ctx.weight_dtype)
+        if need_b:
+            grad_b = g2d.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 

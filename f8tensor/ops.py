@@ -123,7 +123,14 @@ def _copy_(func, args, kwargs):
 
 def _aligned(d: torch.Tensor) -> bool:
     """16-byte aligned, read off the storage offset (allocations are aligned): unlike data_ptr()
-    this also works on the fake tensors torch.compile traces with."""
+    this also works on the fake tensors torch.compile traces with.
+
+    While Dynamo traces Python code (Float8Linear's autograd function) it cannot read a storage
+    offset; the operands there are fresh outputs of the quantize op (offset 0), so they pass.
+    Float8Tensor's own mm is traced below Dynamo, on fake tensors, where the check does run.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return True
     return d.storage_offset() * d.element_size() % 16 == 0
 
 
@@ -156,43 +163,55 @@ def _gemm_fast_accum(a: Float8Tensor, b: Float8Tensor, config: Float8Config) -> 
 
 
 def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b (+ bias) through torch._scaled_mm, in a's original dtype.
+    """a @ b (+ bias) through torch._scaled_mm, in a's original dtype."""
+    config = a._config or b._config or DEFAULT_CONFIG
+    return scaled_mm_data(a._data, a._scale, b._data, b._scale, a._orig_dtype,
+                          _gemm_fast_accum(a, b, config), config, bias)
 
-    Copies an operand's data only when its layout or alignment is not what _scaled_mm takes.
+
+def scaled_mm_data(
+    a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor, b_scale: torch.Tensor,
+    out_dtype: torch.dtype, use_fast_accum: bool, config: Float8Config, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(a_data * a_scale) @ (b_data * b_scale) (+ bias) through torch._scaled_mm, in out_dtype.
+
+    The one place GEMM rules live (Float8Tensor's mm and Float8Linear both land here). Copies an
+    operand only when its layout or alignment is not what _scaled_mm takes.
     """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"scaled_mm needs [M, K] @ [K, N], got {tuple(a.shape)} @ {tuple(b.shape)}")
-    if a.float8_dtype == torch.float8_e5m2 and b.float8_dtype == torch.float8_e5m2:
+    if a_data.dim() != 2 or b_data.dim() != 2 or a_data.shape[1] != b_data.shape[0]:
+        raise ValueError(
+            f"scaled_mm needs [M, K] @ [K, N], got {tuple(a_data.shape)} @ {tuple(b_data.shape)}")
+    if a_data.dtype == torch.float8_e5m2 and b_data.dtype == torch.float8_e5m2:
         raise TypeError("_scaled_mm on CUDA rejects float8_e5m2 x float8_e5m2; make one operand e4m3fn")
-    K, N = b.shape
+    K, N = b_data.shape
     if N % 16:
         raise ValueError(
-            f"_scaled_mm needs N divisible by 16, got [{a.shape[0]}, {K}] @ [{K}, {N}]; pad the "
+            f"_scaled_mm needs N divisible by 16, got [{a_data.shape[0]}, {K}] @ [{K}, {N}]; pad the "
             "layer's features to a multiple of 16 or keep this layer in high precision"
         )
-    config = a._config or b._config or DEFAULT_CONFIG
-    if (a.is_cuda and not config.emulate and not torch.compiler.is_compiling()
-            and not has_float8_hardware(a.device)):
+    if (a_data.is_cuda and not config.emulate and not torch.compiler.is_compiling()
+            and not has_float8_hardware(a_data.device)):
         raise RuntimeError(
-            f"{torch.cuda.get_device_name(a.device)} has no float8 matrix multiply (it needs compute "
-            "capability 8.9 or newer); use Float8Config(emulate=True) to run the GEMMs in high precision"
+            f"{torch.cuda.get_device_name(a_data.device)} has no float8 matrix multiply (it needs "
+            "compute capability 8.9 or newer); use Float8Config(emulate=True) to run the GEMMs in "
+            "high precision"
         )
-    out_dtype = a._orig_dtype
-    a_data = a._data if _is_row_major(a._data) else a._data.contiguous()
-    b_data = b._data if _is_col_major(b._data) else b._data.t().contiguous().t()
+    if not _is_row_major(a_data):
+        a_data = a_data.contiguous()
+    if not _is_col_major(b_data):
+        b_data = b_data.t().contiguous().t()
     if K % 16:
         # _scaled_mm needs K % 16 == 0; zero columns add nothing, so padding is exact. This is the
         # weight-gradient GEMM (K = tokens) when the token count is not a multiple of 16.
         a_data, b_data = _pad_inner(a_data, b_data)
     if config.emulate:
-        out = (a_data.float() * a._scale) @ (b_data.float() * b._scale)
+        out = (a_data.float() * a_scale) @ (b_data.float() * b_scale)
         return (out if bias is None else out + bias).to(out_dtype)
     # cuBLAS adds a bias of the output dtype in its epilogue for bf16/fp16 outputs only.
     fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
     out = torch._scaled_mm(
-        a_data, b_data, scale_a=a._scale, scale_b=b._scale,
-        bias=bias if fused_bias else None, out_dtype=out_dtype,
-        use_fast_accum=_gemm_fast_accum(a, b, config),
+        a_data, b_data, scale_a=a_scale, scale_b=b_scale,
+        bias=bias if fused_bias else None, out_dtype=out_dtype, use_fast_accum=use_fast_accum,
     )
     if bias is not None and not fused_bias:
         out = out + bias

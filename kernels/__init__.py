@@ -8,18 +8,18 @@ import functools
 
 import torch
 
-from .naive import EPS, FLOAT8_DTYPES, LAYOUTS, fp8_max, quantize_ref, scale_from_amax_ref
+from .naive import EPS, FLOAT8_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref, scale_from_amax_ref
 
 try:
-    from .quantize import quantize_triton
+    from .quantize import quantize_triton, quantize_with_amax as _quantize_with_amax_triton
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
-    quantize_triton = None
+    quantize_triton = _quantize_with_amax_triton = None
 
 from .op import quantize_op  # noqa: E402  (needs quantize_eager defined below only at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
-    "quantize_triton", "scale_from_amax_ref",
+    "quantize_triton", "quantize_with_amax", "scale_from_amax_ref",
 ]
 
 
@@ -34,13 +34,27 @@ def quantize(
 
 
 def quantize_eager(x, float8_dtype, layout="row", power_of_2=False):
+    return quantize_with_amax(x, float8_dtype, layout, power_of_2)[:3]
+
+
+def quantize_with_amax(
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False,
+    amax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """`quantize`, plus an amax record: passed back with the same tensor (same values), it skips
+    the amax pass and gives the same bits. Float8Linear quantizes its weight again in backward
+    this way. Under torch.compile the record is None (the compiled graph recomputes it)."""
+    if torch.compiler.is_compiling():
+        return (*quantize(x, float8_dtype, layout, power_of_2), None)
     # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
     # take the reference, which gives the same bits.
     if x.is_cuda and has_float8_hardware(x.device):
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
-        return quantize_triton(x, float8_dtype, layout, power_of_2)
-    return quantize_ref(x, float8_dtype, layout, power_of_2)
+        return _quantize_with_amax_triton(x, float8_dtype, layout, power_of_2, amax=amax)
+    if amax is None:
+        amax = amax_ref(x)
+    return (*quantize_ref(x, float8_dtype, layout, power_of_2, amax=amax), amax)
 
 
 @functools.cache

@@ -1,30 +1,26 @@
-"""Relaunch an already-compiled Triton kernel without `JITFunction.run`'s per-call host work.
+"""Relaunch a kernel that Triton has compiled and launched once, through its C launcher directly.
 
 Every `kernel[grid](...)` in Triton 3.6 pays, in Python, for binding and specializing each
 argument, a string cache key, device and stream lookups, launch metadata and two (empty) hook
-calls; our kernels are short enough that host time, not the GPU, bounds eager training.
-`FastLauncher` keeps its own dict from a cheap tuple key to the `CompiledKernel` that
-`JITFunction.run` chose, and on a hit makes the same final call `JITFunction.run` makes:
-`kernel.run(grid, stream, function, packed_metadata, ..., *args)`.
+calls: about 40 µs per launch on an H200 host, more than our kernels take on the GPU for tensors
+under ~100 MB. The quantization entry point (quantize.py) therefore launches each case once the
+normal way, keeps the `CompiledKernel` Triton chose (`Relaunch.capture`), and from then on makes
+only the final call Triton itself makes: the compiled module's C `launch` function.
 
-The key must be at least as fine as Triton's own: a finer key only costs one more slow call (which
-returns the kernel Triton already cached), a coarser one would launch the wrong binary. Triton 3.6
-(`native_specialize_impl`, `compute_cache_key`) specializes on: for a tensor, its dtype and
-data_ptr() % 16 == 0; for an int, == 1 (it becomes a constexpr), % 16 == 0, and i32/i64/u64 by
-value; for bool and float, the type; None is a constexpr; constexpr and option kwargs (num_warps,
-...) by value, plus the `debug` and `instrumentation_mode` knobs it folds into the options; and
-the current device (one kernel cache per device).
+The caller owns the cache key and must make it at least as fine as Triton's specialization, or a
+relaunch would run a binary compiled for other arguments. Triton 3.6 (`native_specialize_impl`,
+`compute_cache_key`) specializes on: for a tensor, its dtype and data_ptr() % 16 == 0; for an int,
+== 1, % 16 == 0 and its i32/i64 range; for bool and float, the type; constexprs and options
+(num_warps, ...) by value; the `debug` and `instrumentation_mode` knobs; the current device.
+`specialization_key` gives the process-wide part of that (device, knobs); quantize.py adds every
+int argument by value and the alignment of the one tensor it does not allocate itself.
 """
 
 import torch
 from triton import knobs
 from triton.knobs import HookChain
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
 
 from .scale import INTERPRETING
-
-_MISSING = object()
 
 
 def _idle(hook) -> bool:
@@ -32,65 +28,45 @@ def _idle(hook) -> bool:
     return hook is None or (type(hook) is HookChain and not hook.calls)
 
 
-class FastLauncher:
-    """`FastLauncher(jit_fn)[grid](*args, **constexpr_and_option_kwargs)`, as `jit_fn[grid](...)`."""
+def relaunch_possible() -> bool:
+    """False where Triton's own launch path must run: the interpreter, or launch hooks installed
+    (a profiler or a user hook must see Triton's launch metadata)."""
+    rt = knobs.runtime
+    return not INTERPRETING and _idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook)
 
-    def __init__(self, jit_fn):
-        self.jit_fn = jit_fn
-        # The interpreter's InterpretedFunction never yields a CompiledKernel: always the plain path.
-        self.fast = not INTERPRETING and isinstance(jit_fn, JITFunction)
-        self.names = [p.name for p in jit_fn.params] if self.fast else []
-        self.constexprs = {p.name for p in jit_fn.params if p.is_constexpr} if self.fast else set()
-        self.cache = {}
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+def specialization_key() -> tuple:
+    """What, besides the arguments, selects the compiled binary: current device and two knobs."""
+    return torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode
 
-    def launch(self, grid, args, kwargs):
-        rt, fn = knobs.runtime, self.jit_fn
-        if not (self.fast and type(grid) is tuple and _idle(rt.launch_enter_hook)
-                and _idle(rt.launch_exit_hook) and not fn.pre_run_hooks):
-            return fn[grid](*args, **kwargs)  # hooks must see Triton's own launch metadata
-        drv = driver.active  # device and stream exactly as JITFunction.run gets them
-        device = drv.get_current_device()
-        # kwarg types too: Triton's str() cache key tells True from 1 and 1.0, a dict key would not.
-        key = [device, rt.debug, knobs.compilation.instrumentation_mode,
-               tuple(kwargs.items()), tuple(map(type, kwargs.values()))]
-        for a in args:  # inline, not a call per argument: this loop is most of the hit's cost
-            t = type(a)  # exact types, as Triton's dispatch: a bool is not an int here
-            if t is int and -0x8000000000000000 <= a <= 0x7FFFFFFFFFFFFFFF:  # else u64/overflow: slow
-                key += (a == 1, (a & 15) == 0, -0x80000000 <= a <= 0x7FFFFFFF)  # 1 is a constexpr
-            elif isinstance(a, torch.Tensor) and a.is_cuda:  # a CPU tensor: let Triton raise
-                key += (a.dtype, (a.data_ptr() & 15) == 0)
-            elif t is bool or t is float or a is None:
-                key.append(t)
-            else:
-                return fn[grid](*args, **kwargs)
-        # Flat but unambiguous: an int adds 3 bools, a tensor a dtype and a bool, the rest a type.
-        key = tuple(key)
-        try:
-            entry = self.cache.get(key)
-        except TypeError:  # an unhashable kwarg value
-            return fn[grid](*args, **kwargs)
-        if entry is None:
-            kernel = fn[grid](*args, **kwargs)  # compiles if needed, launches, returns the kernel
-            tail = self.names[len(args):]  # params passed by name
-            # Cache only a loaded CompiledKernel (not a jit_cache_hook's None nor an async future),
-            # and only if every param after the positional ones is a constexpr given by name: a
-            # default would have to be bound, and a tensor kwarg would enter the key by identity.
-            if getattr(kernel, "function", None) is not None and all(
-                    n in kwargs and n in self.constexprs for n in tail):
-                self.cache[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata, tail)
-            return kernel
-        kernel, run, function, packed_metadata, tail = entry
-        # JITFunction.run raises if a global the kernel read at compile time has changed: let it.
-        for (name, _), (val, globals_dict) in fn.used_global_vals.items():
-            if globals_dict.get(name, _MISSING) != val:
-                return fn[grid](*args, **kwargs)
-        grid = grid + (1, 1)  # 1-D / 2-D grids: the missing dimensions are 1, as in JITFunction.run
-        # Arguments as JITFunction.run passes them: all params in signature order, constexprs
-        # included (the 3.6 launcher parses them as objects and drops them); launch_metadata and
-        # both hooks None, which is what an empty hook chain amounts to.
-        run(grid[0], grid[1], grid[2], drv.get_current_stream(device), function,
-            packed_metadata, None, None, None, *args, *[kwargs[n] for n in tail])
-        return kernel
+
+class Relaunch:
+    """One compiled kernel on one grid. `self(stream, *args)` takes every parameter of the kernel
+    in signature order, constexprs included (the 3.6 launcher parses and drops them)."""
+
+    __slots__ = ("launch", "function", "metadata", "grid", "flags")
+
+    def __init__(self, launch, function, metadata, grid, flags):
+        self.launch, self.function, self.metadata, self.grid, self.flags = launch, function, metadata, grid, flags
+
+    @classmethod
+    def capture(cls, kernel, grid: tuple) -> "Relaunch | None":
+        """From what `jit_fn[grid](...)` returned; None when it cannot be relaunched directly."""
+        launcher = getattr(kernel, "run", None)
+        if getattr(kernel, "function", None) is None or launcher is None:
+            return None  # not a loaded CompiledKernel (a jit_cache_hook, an async compile)
+        # Kernels that need per-launch scratch memory or tensor descriptors take the slow path.
+        if (getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1)
+                or not callable(getattr(launcher, "launch", None))
+                or getattr(launcher.launch, "__name__", "") == "inner"):
+            return None
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        flags = (launcher.launch_cooperative_grid, launcher.launch_pdl)
+        return cls(launcher.launch, kernel.function, kernel.packed_metadata, grid, flags)
+
+    def __call__(self, stream, *args):
+        g0, g1, g2 = self.grid
+        # grid, stream, function, cooperative, pdl, global scratch, profile scratch, packed
+        # metadata, launch metadata, enter hook, exit hook: what CudaLauncher.__call__ passes.
+        self.launch(g0, g1, g2, stream, self.function, *self.flags, None, None, self.metadata,
+                    None, None, None, *args)

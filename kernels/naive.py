@@ -66,14 +66,18 @@ def to_col_major(data: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_ref(
-    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Quantize a 2-D tensor. Returns (row_major_data | None, col_major_data | None, scale)."""
+    """Quantize a 2-D tensor. Returns (row_major_data | None, col_major_data | None, scale).
+
+    amax: max(|x|) if already known (x quantized before with the same values); else computed.
+    """
     if x.dim() != 2:
         raise ValueError(f"quantize_ref takes a 2-D tensor, got shape {tuple(x.shape)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    multiplier, scale = scale_from_amax_ref(amax_ref(x), float8_dtype, power_of_2)
+    multiplier, scale = scale_from_amax_ref(amax_ref(x) if amax is None else amax, float8_dtype, power_of_2)
     data = cast_ref(x, multiplier, float8_dtype)
     row = data if layout in ("row", "both") else None
     col = to_col_major(data) if layout in ("col", "both") else None

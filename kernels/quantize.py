@@ -1,14 +1,22 @@
 """The Triton quantization path: amax partials, then one cast pass writing the requested layouts.
 
 Reference: `naive.quantize_ref` (same signature, same results bit for bit on the GPU).
+
+Host time: the first call of each case (shape, strides, dtypes, layout, options, device) goes
+through Triton's launch path and records a `_Plan`: the two compiled kernels and their constant
+arguments. Every later call of that case allocates its outputs and makes two direct C launches
+(launch.py). The plan key holds every int argument by value and the input's 16-byte alignment,
+which is finer than Triton's own specialization, so a plan never runs a binary compiled for
+other arguments.
 """
 
 import functools
 
 import torch
 
-from .amax import amax_partials
-from .cast import launch_cast
+from .amax import amax_args, amax_partials, amax_programs
+from .cast import cast_args, cast_exact_round, launch_cast
+from .launch import Relaunch, relaunch_possible, specialization_key
 from .naive import EPS, LAYOUTS, quantize_ref
 from .scale import INTERPRETING
 
@@ -28,16 +36,71 @@ def default_num_programs(device: torch.device) -> int:
     return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+class _Plan:
+    """A recorded case: allocate, launch amax (unless given), launch cast. Column-major inputs are
+    planned as their row-major transpose with the outputs swapped, as in `quantize_with_amax`."""
+
+    __slots__ = ("amax", "cast", "amax_tail", "cast_tail", "num_partials", "atomic", "shape",
+                 "device", "float8_dtype", "write_row", "write_col", "transposed")
+
+    def __call__(self, x, amax):
+        if self.transposed:
+            x = x.t()
+        M, N = self.shape
+        device, dtype = self.device, self.float8_dtype
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        if amax is None:
+            if self.atomic:
+                amax = torch.zeros(1, dtype=torch.int32, device=device)
+            else:
+                amax = torch.empty(self.num_partials, dtype=torch.int32, device=device)
+            self.amax(stream, x, amax, *self.amax_tail)
+        row = torch.empty((M, N), dtype=dtype, device=device) if self.write_row else None
+        # The C launcher reads only data_ptr() of a pointer argument, so the float8 column
+        # buffer goes in as it is; Triton's first launch saw it as uint8 (same address, same bytes).
+        col_t = torch.empty((N, M), dtype=dtype, device=device) if self.write_col else None
+        scale = torch.empty((), dtype=torch.float32, device=device)
+        any_out = row if row is not None else col_t
+        self.cast(stream, x, amax, self.num_partials, any_out, col_t if col_t is not None else any_out,
+                  scale, *self.cast_tail)
+        if self.transposed:  # x's row-major data is the transpose's column-major buffer
+            return col_t, (None if row is None else row.t()), scale, amax
+        return row, (None if col_t is None else col_t.t()), scale, amax
+
+
+_PLANS: dict = {}
+
+
 def quantize_triton(
-    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False, *,
-    amax_mode: str = "staged", num_programs: int | None = None, exact_round: bool = INTERPRETING,
-    block_m: int = 64, block_n: int = 128, num_warps: int = 8,
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False, **options,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Quantize a 2-D tensor. Returns (row_major | None, col_major | None, scale), as quantize_ref.
 
     Any 2-D strides are read in place: a column-major input is quantized as its (row-major)
-    transpose with the two outputs swapped, so neither layout costs a copy.
+    transpose with the two outputs swapped, so neither layout costs a copy. Options (amax_mode,
+    num_programs, exact_round, block_m, block_n, num_warps) are those of `quantize_with_amax`.
     """
+    return quantize_with_amax(x, float8_dtype, layout, power_of_2, **options)[:3]
+
+
+def quantize_with_amax(
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False, *,
+    amax: torch.Tensor | None = None, amax_mode: str = "staged", num_programs: int | None = None,
+    exact_round: bool = INTERPRETING, block_m: int = 64, block_n: int = 128, num_warps: int = 8,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`quantize_triton`, plus the amax record (int32 partials) it computed or was given.
+
+    amax: the record returned by an earlier call on a tensor with the same values and shape (a
+    weight quantized again in backward): the amax pass is skipped and the scale is the same bits.
+    """
+    key = None
+    if amax is None or amax.dtype == torch.int32:
+        key = (x.dtype, x.shape, x.stride(), (x.data_ptr() & 15) == 0, x.get_device(), float8_dtype,
+               layout, power_of_2, None if amax is None else amax.numel(), amax_mode, num_programs,
+               exact_round, block_m, block_n, num_warps, *specialization_key()) if x.is_cuda else None
+        plan = _PLANS.get(key)
+        if plan is not None and relaunch_possible():
+            return plan(x, amax)
     if x.dim() != 2:
         raise ValueError(f"quantize_triton takes a 2-D tensor, got shape {tuple(x.shape)}")
     if layout not in LAYOUTS:
@@ -46,22 +109,42 @@ def quantize_triton(
         raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
     if amax_mode not in ("staged", "atomic"):
         raise ValueError(f"amax_mode must be 'staged' or 'atomic', got {amax_mode!r}")
+    if amax is not None and (amax.dtype != torch.int32 or amax.dim() != 1 or amax.device != x.device):
+        raise ValueError("amax must be the int32 record returned by quantize_with_amax for this tensor")
     if x.numel() == 0:
-        return quantize_ref(x, float8_dtype, layout, power_of_2)  # nothing to launch
-    if x.stride(1) != 1 and x.stride(0) == 1:
-        row_t, col_t, scale = quantize_triton(
-            x.t(), float8_dtype, SWAPPED[layout], power_of_2, amax_mode=amax_mode,
-            num_programs=num_programs, exact_round=exact_round,
-            block_m=block_m, block_n=block_n, num_warps=num_warps,
-        )
-        return (None if col_t is None else col_t.t()), (None if row_t is None else row_t.t()), scale
+        row, col, scale = quantize_ref(x, float8_dtype, layout, power_of_2)  # nothing to launch
+        return row, col, scale, torch.zeros(1, dtype=torch.int32, device=x.device)
+    transposed = x.stride(1) != 1 and x.stride(0) == 1
+    xt = x.t() if transposed else x  # row-major in every case below
+    M, N = xt.shape
+    kernel_layout = SWAPPED[layout] if transposed else layout
     blocks = dict(block_m=block_m, block_n=block_n, num_warps=num_warps)
-    partials = amax_partials(
-        x, num_programs=num_programs or default_num_programs(x.device),
-        atomic=amax_mode == "atomic", **blocks,
-    )
-    return launch_cast(
-        x, partials, float8_dtype, write_row=layout in ("row", "both"),
-        write_col=layout in ("col", "both"), power_of_2=power_of_2,
-        exact_round=exact_round, eps=EPS, **blocks,
-    )
+    launched, grids = [], []
+    given = amax is not None
+    atomic = amax_mode == "atomic"
+    programs = amax_programs(M, N, num_programs or default_num_programs(x.device), block_m, block_n)
+    if not given:
+        amax = amax_partials(xt, num_programs=programs, atomic=atomic, launched=launched, **blocks)
+        grids.append((programs,))
+    options = dict(write_row=kernel_layout in ("row", "both"), write_col=kernel_layout in ("col", "both"),
+                   power_of_2=power_of_2, exact_round=cast_exact_round(x.dtype, exact_round), eps=EPS,
+                   block_m=block_m, block_n=block_n)
+    row, col, scale = launch_cast(xt, amax, float8_dtype, launched=launched, num_warps=num_warps, **options)
+    cast_tail = cast_args(M, N, xt.stride(0), xt.stride(1), amax.numel(), float8_dtype, **options)
+    grids.append((cast_tail[4],))  # one program per tile
+    if key is not None and relaunch_possible():
+        relaunches = [Relaunch.capture(kernel, grid) for kernel, grid in zip(launched, grids)]
+        if len(relaunches) == len(grids) and None not in relaunches:
+            plan = _Plan()
+            plan.amax = None if given else relaunches[0]
+            plan.cast = relaunches[-1]
+            plan.amax_tail = amax_args(M, N, xt.stride(0), xt.stride(1), programs, atomic, block_m, block_n)
+            plan.cast_tail = cast_tail
+            plan.num_partials, plan.atomic = amax.numel(), atomic
+            plan.shape, plan.device, plan.float8_dtype = (M, N), x.device, float8_dtype
+            plan.write_row, plan.write_col = options["write_row"], options["write_col"]
+            plan.transposed = transposed
+            _PLANS[key] = plan
+    if transposed:
+        return (None if col is None else col.t()), (None if row is None else row.t()), scale, amax
+    return row, col, scale, amax

@@ -174,8 +174,8 @@ def test_no_host_sync_in_quantization():
 
 
 def test_repeated_launches_reuse_compiled_kernels_correctly():
-    """Second and later launches of a kernel take the fast path (kernels/launch.py) on the GPU;
-    revisiting cases in a different order after others ran must give the same bits, including
+    """Second and later calls of a case replay its recorded plan (direct C launches, see
+    kernels/quantize.py and kernels/launch.py) on the GPU; revisiting cases in a different order after others ran must give the same bits, including
     for misaligned inputs and sizes that Triton specializes (1, multiples of 16, neither)."""
     flat = spanning_values((3 * 130 * 300 + 1,), torch.bfloat16)
     cases = [
@@ -186,7 +186,51 @@ def test_repeated_launches_reuse_compiled_kernels_correctly():
         flat[: 33 * 17].view(33, 17),
         flat[: 130 * 300].view(300, 130).t(),  # column-major
     ]
-    for _ in range(3 if ON_GPU else 1):  # the interpreter has no fast path to exercise
+    for _ in range(3 if ON_GPU else 1):  # the interpreter has no plan to replay
         for x in cases[::-1] + cases:
             for layout in ("row", "both"):
                 assert_matches_reference(x, torch.float8_e4m3fn, layout)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", ["row", "col", "both"])
+def test_a_given_amax_record_skips_the_amax_pass(monkeypatch, layout, transposed):
+    """Float8Linear casts its weight again in backward with forward's amax record: one pass,
+    and the same bits as a full quantization (the record is what decides the scale)."""
+    import importlib
+
+    # (f8tensor.kernels.quantize the attribute is the entry-point function, not this module)
+    quantize_mod = importlib.import_module("f8tensor.kernels.quantize")
+    x = spanning_values((300, 130) if transposed else (130, 300), torch.bfloat16)
+    x = x.t() if transposed else x  # a column-major input is quantized as its transpose
+    _, _, _, record = quantize_mod.quantize_with_amax(x, torch.float8_e4m3fn, "row")
+    _, _, _, doubled = quantize_mod.quantize_with_amax(x * 2, torch.float8_e4m3fn, "row")
+
+    def no_amax_pass(*args, **kwargs):
+        raise AssertionError("the amax pass ran although an amax record was given")
+
+    monkeypatch.setattr(quantize_mod, "amax_partials", no_amax_pass)
+    for _ in range(2 if ON_GPU else 1):  # on the GPU the second call replays the recorded plan
+        *got, _ = quantize_mod.quantize_with_amax(x, torch.float8_e4m3fn, layout, amax=record)
+        want = quantize_ref(x, torch.float8_e4m3fn, layout)
+        assert torch.equal(got[2], want[2])
+        for g, w in zip(got[:2], want[:2]):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert_same_fp8(g, w)
+    # Someone else's record is used as given: x quantized on the scale of 2x.
+    *got, _ = quantize_mod.quantize_with_amax(x, torch.float8_e4m3fn, layout, amax=doubled)
+    want = quantize_ref(x, torch.float8_e4m3fn, layout, amax=amax_ref(x * 2))
+    assert torch.equal(got[2], want[2])
+    assert torch.equal(got[2], quantize_ref(x * 2, torch.float8_e4m3fn)[2])
+
+
+def test_reference_path_amax_record():
+    """The entry point's reference path (CPU, GPUs without float8) keeps the same contract."""
+    from f8tensor.kernels import quantize_with_amax
+
+    x = spanning_values((17, 48), torch.float32).cpu()
+    row, _, scale, record = quantize_with_amax(x, torch.float8_e5m2, "row")
+    assert torch.equal(record, amax_ref(x))
+    row2, _, scale2, record2 = quantize_with_amax(x, torch.float8_e5m2, "row", amax=record * 4)
+    assert torch.equal(scale2, scale * 4) and record2 is not record
