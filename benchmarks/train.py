@@ -164,12 +164,22 @@ def run_one(a, config, ac, device):
         loss = step()
     sync(device)  # kernels are asynchronous: wait for the last step before reading the clock
     t2 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None  # whole run
+    peaks = {}
+    if device.type == "cuda":
+        # Where the peak is: through forward and loss, and through the whole step (one more step).
+        torch.cuda.reset_peak_memory_stats()
+        extra = F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
+        peaks["peak_fwd_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        extra.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        peaks["peak_step_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if a.profile and device.type == "cuda":
         profile_step(step, f"{os.path.splitext(a.out)[0]}_{config}_{ac}_profile.txt")
     fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
     return dict(tokens_per_s=a.batch * a.seq * a.steps / (t2 - t1), step_ms=(t2 - t1) / a.steps * 1e3,
-                warmup_s=t1 - t0, peak_gb=peak, loss=loss.item(), fp8_linears=fp8)
+                warmup_s=t1 - t0, peak_gb=peak, loss=loss.item(), fp8_linears=fp8, **peaks)
 
 
 def profile_step(step, path):
@@ -256,7 +266,8 @@ def main():
 
 def print_table(rows):
     cols = [("tok/s", "tokens_per_s", "{:.0f}"), ("vs bf16", "vs_bf16", "{:.3f}"),
-            ("step ms", "step_ms", "{:.1f}"), ("peak GB", "peak_gb", "{:.1f}"), ("loss", "loss", "{:.3f}")]
+            ("step ms", "step_ms", "{:.1f}"), ("peak GB", "peak_gb", "{:.2f}"),
+            ("fwd peak", "peak_fwd_gb", "{:.2f}"), ("loss", "loss", "{:.3f}")]
     print(f"{'ac':<7} {'config':<18}" + "".join(f"{name:>10}" for name, _, _ in cols) + "  status")
     for r in rows:
         cells = "".join(f"{fmt.format(r[key]) if r.get(key) is not None else '-':>10}" for _, key, fmt in cols)

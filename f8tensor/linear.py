@@ -132,15 +132,18 @@ class _Float8LinearFn(torch.autograd.Function):
             (("row",) if need_x else ()) + (("col",) if need_w else ()),
         )
         grad_x = grad_w = grad_b = None
+        # grad_w first, so g_col is freed before the weight's cast and grad_x are allocated:
+        # the float8 transients of backward never all coexist.
+        if need_w:
+            grad_w = scaled_mm_data(g_col.t(), g_scale, x_col, x_scale, grad_out.dtype,
+                                    config.fast_accum_grad_weight, config).to(ctx.weight_dtype)
+            del g_col
         if need_x:
             # Same values as in forward (autograd checked the version): forward's amax, one pass.
             _, w_col, w_scale, _ = quantize_with_amax(
                 weight, config.forward_dtype, "col", config.power_of_2_scale, amax=w_amax)
             grad_x = scaled_mm_data(g_row, g_scale, w_col, w_scale, grad_out.dtype,
                                     config.fast_accum_grad_input, config).view(ctx.x_shape)
-        if need_w:
-            grad_w = scaled_mm_data(g_col.t(), g_scale, x_col, x_scale, grad_out.dtype,
-                                    config.fast_accum_grad_weight, config).to(ctx.weight_dtype)
         if need_b:
             grad_b = g2d.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
