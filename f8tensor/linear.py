@@ -5,7 +5,10 @@
                  grad_w     = g_col.t()  @ x_col         [N, M] @ [M, K]   g.t() row-major, x column-major
 
 The input and grad_output are quantized once, in both layouts from one read ("both"); forward saves
-x_col (float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False.
+x_col (float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False,
+or unless autograd keeps x's storage anyway (x is a view of a tensor its producer saved, as the
+attention output feeding wo is of SDPA's saved output): then x itself is saved, at no memory
+cost, and quantized column-major again in backward.
 The weight is cast row-major in forward and column-major in backward, from the parameter itself,
 so no float8 copy of it is held between forward and backward; backward reuses forward's amax of
 the weight (autograd guarantees the saved parameter was not modified in between), so its cast
@@ -81,6 +84,35 @@ def _quantize_input(x, config, layouts):
     return value
 
 
+_SAVED_NAMES: dict = {}  # autograd node type -> names of its saved-tensor attributes
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _kept_by_producer(x) -> bool:
+    """Whether autograd already keeps x's storage for backward (e.g. x is a view of SDPA's output,
+    which SDPA saves): then saving x itself costs no memory, and a float8 copy would add some."""
+    # Under saved-tensor hooks (activation checkpointing, offloading) what is kept is the hooks'
+    # business, and forward and recomputation must decide alike: save as configured.
+    if _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None:
+        return False
+    base = x._base if x._base is not None else x
+    node = base.grad_fn
+    if node is None:
+        return False
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = _SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
+    storage = x.untyped_storage().data_ptr()
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # freed, or packed by a saved-tensor hook (checkpointing): unknown
+            return False
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
+            return True
+    return False
+
+
 _LAYOUT = {("row", "col"): "both", ("row",): "row", ("col",): "col"}
 
 
@@ -97,8 +129,12 @@ class _Float8LinearFn(torch.autograd.Function):
         # Quantize into the backward layouts only if a backward can come.
         need_w_grad = grad_enabled and weight.requires_grad
         need_x_grad = grad_enabled and x.requires_grad
+        # Save float8 for backward unless configured otherwise, or unless x's storage is kept for
+        # backward anyway (attention output feeding wo): there the float8 copy would add memory.
+        save_fp8 = config.save_fp8_for_backward and not (
+            need_w_grad and not torch.compiler.is_compiling() and _kept_by_producer(x))
         x_row, x_col, x_scale = _quantize_input(
-            x, config, ("row", "col") if need_w_grad and config.save_fp8_for_backward else ("row",))
+            x, config, ("row", "col") if need_w_grad and save_fp8 else ("row",))
         # The weight is quantized row-major here and column-major again in backward from the
         # parameter itself: saving the fp8 copy would add a byte per parameter to peak memory,
         # re-casting costs one read of the weight. An fp32 weight (autocast) is cast from fp32.
@@ -106,13 +142,14 @@ class _Float8LinearFn(torch.autograd.Function):
             weight, config.forward_dtype, "row", config.power_of_2_scale)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
                              config, None if bias is None else bias.to(x.dtype))
-        if config.save_fp8_for_backward:
+        if save_fp8:
             saved_x = x_col if need_w_grad else None
         else:
             saved_x = x.reshape(-1, x.shape[-1]) if need_w_grad else None
-        ctx.save_for_backward(saved_x, x_scale if need_w_grad and config.save_fp8_for_backward else None,
+        ctx.save_for_backward(saved_x, x_scale if need_w_grad and save_fp8 else None,
                               weight if need_x_grad else None, w_amax if need_x_grad else None)
         ctx.config = config
+        ctx.saved_fp8 = save_fp8
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -124,7 +161,7 @@ class _Float8LinearFn(torch.autograd.Function):
         config = ctx.config
         x_col, x_scale, weight, w_amax = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if need_w and not config.save_fp8_for_backward:
+        if need_w and not ctx.saved_fp8:
             _, x_col, x_scale = _quantize(x_col, config.forward_dtype, config, ("col",))
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         g_row, g_col, g_scale = _quantize(

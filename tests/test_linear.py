@@ -223,3 +223,36 @@ def test_activation_checkpointing_gives_identical_gradients(save_fp8):
     out_b.square().sum().backward()  # recomputes b's forward, then runs its backward
     for ga, gb in ((xa.grad, xb.grad), (a.weight.grad, b.weight.grad), (a.bias.grad, b.bias.grad)):
         assert torch.equal(ga, gb)
+
+
+def test_input_kept_by_its_producer_is_saved_as_is():
+    """exp saves its result for backward: a float8 copy of a view of it would only add memory,
+    so the layer saves the view itself and quantizes it again in backward, to the same bits.
+    Under activation checkpointing (saved-tensor hooks) the layer saves as configured."""
+    ref, f8 = pair()
+    z = torch.randn(64, 256, device=DEVICE, requires_grad=True)
+    grads = []
+    for keep in (True, False):
+        z.grad = f8.weight.grad = None
+        y = torch.exp(z)
+        x = y.view(2, 32, 256) if keep else y.view(2, 32, 256).clone()  # the clone is not kept
+        out = f8(x)  # (saved-tensor hooks would switch the check off: read the node instead)
+        x_saved = out.grad_fn.saved_tensors[0]
+        if keep:
+            assert x_saved.dtype == torch.float32
+            assert x_saved.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+        else:
+            assert x_saved.dtype == torch.float8_e4m3fn
+        out.square().sum().backward()
+        grads.append((out.detach(), z.grad, f8.weight.grad, f8.bias.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+    from torch.utils.checkpoint import checkpoint
+
+    def block(z):
+        return f8(torch.exp(z).view(2, 32, 256))
+
+    z.grad = f8.weight.grad = None
+    checkpoint(block, z, use_reentrant=False).square().sum().backward()
+    assert torch.equal(z.grad, grads[0][1]) and torch.equal(f8.weight.grad, grads[0][2])
