@@ -69,6 +69,7 @@ class _Plan:
 
 
 _PLANS: dict = {}
+MAX_PLANS = 4096  # a plan is a few hundred bytes; re-recording one costs one Triton launch path
 
 
 def quantize_triton(
@@ -93,11 +94,13 @@ def quantize_with_amax(
     amax: the record returned by an earlier call on a tensor with the same values and shape (a
     weight quantized again in backward): the amax pass is skipped and the scale is the same bits.
     """
+    if amax is not None and (amax.dtype != torch.int32 or amax.dim() != 1 or amax.device != x.device):
+        raise ValueError("amax must be the int32 record returned by quantize_with_amax for this tensor")
     key = None
-    if amax is None or amax.dtype == torch.int32:
+    if x.is_cuda:
         key = (x.dtype, x.shape, x.stride(), (x.data_ptr() & 15) == 0, x.get_device(), float8_dtype,
                layout, power_of_2, None if amax is None else amax.numel(), amax_mode, num_programs,
-               exact_round, block_m, block_n, num_warps, *specialization_key()) if x.is_cuda else None
+               exact_round, block_m, block_n, num_warps, *specialization_key())
         plan = _PLANS.get(key)
         if plan is not None and relaunch_possible():
             return plan(x, amax)
@@ -109,8 +112,6 @@ def quantize_with_amax(
         raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
     if amax_mode not in ("staged", "atomic"):
         raise ValueError(f"amax_mode must be 'staged' or 'atomic', got {amax_mode!r}")
-    if amax is not None and (amax.dtype != torch.int32 or amax.dim() != 1 or amax.device != x.device):
-        raise ValueError("amax must be the int32 record returned by quantize_with_amax for this tensor")
     if x.numel() == 0:
         row, col, scale = quantize_ref(x, float8_dtype, layout, power_of_2)  # nothing to launch
         return row, col, scale, torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -144,6 +145,8 @@ def quantize_with_amax(
             plan.shape, plan.device, plan.float8_dtype = (M, N), x.device, float8_dtype
             plan.write_row, plan.write_col = options["write_row"], options["write_col"]
             plan.transposed = transposed
+            if len(_PLANS) >= MAX_PLANS:  # e.g. a new token count every step: start over
+                _PLANS.clear()
             _PLANS[key] = plan
     if transposed:
         return (None if col is None else col.t()), (None if row is None else row.t()), scale, amax

@@ -234,3 +234,11 @@ def test_reference_path_amax_record():
     assert torch.equal(record, amax_ref(x))
     row2, _, scale2, record2 = quantize_with_amax(x, torch.float8_e5m2, "row", amax=record * 4)
     assert torch.equal(scale2, scale * 4) and record2 is not record
+
+
+def test_an_amax_record_of_the_wrong_kind_is_refused():
+    x = spanning_values((17, 48), torch.bfloat16)
+    for bad in (torch.zeros(3, dtype=torch.float32, device=x.device),
+                torch.zeros(3, 1, dtype=torch.int32, device=x.device)):
+        with pytest.raises(ValueError, match="int32 record"):
+            quantize_triton(x, torch.float8_e4m3fn, "row", amax=bad)
