@@ -41,14 +41,15 @@ class _Plan:
     planned as their row-major transpose with the outputs swapped, as in `quantize_with_amax`."""
 
     __slots__ = ("amax", "cast", "amax_tail", "cast_tail", "num_partials", "atomic", "shape",
-                 "device", "float8_dtype", "write_row", "write_col", "transposed")
+                 "device", "launch_device", "float8_dtype", "write_row", "write_col", "transposed")
 
     def __call__(self, x, amax):
         if self.transposed:
             x = x.t()
         M, N = self.shape
         device, dtype = self.device, self.float8_dtype
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        # The current device's stream, as Triton launches (the plan key holds the current device).
+        stream = torch._C._cuda_getCurrentRawStream(self.launch_device)
         if amax is None:
             if self.atomic:
                 amax = torch.zeros(1, dtype=torch.int32, device=device)
@@ -143,6 +144,7 @@ def quantize_with_amax(
             plan.cast_tail = cast_tail
             plan.num_partials, plan.atomic = amax.numel(), atomic
             plan.shape, plan.device, plan.float8_dtype = (M, N), x.device, float8_dtype
+            plan.launch_device = torch.cuda.current_device()  # in the key too
             plan.write_row, plan.write_col = options["write_row"], options["write_col"]
             plan.transposed = transposed
             if len(_PLANS) >= MAX_PLANS:  # e.g. a new token count every step: start over
