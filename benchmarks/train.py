@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import environment, write_rows
 from f8tensor import convert_to_float8_training
+from f8tensor.convert import default_skip_reason
 
 CONFIGS = ["bf16", "bf16_compiled", "f8tensor", "f8tensor_compiled", "torchao", "torchao_compiled"]
 
@@ -124,7 +125,11 @@ def build(a, config, ac, device):
         torch.set_default_dtype(default_dtype)
     model.ac = ac
     if config.startswith("f8tensor"):
-        convert_to_float8_training(model, module_filter_fn=not_output)
+        if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
+            convert_to_float8_training(
+                model, module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
+        else:  # every linear but the output, as torchao is converted here
+            convert_to_float8_training(model, module_filter_fn=not_output)
     elif config.startswith("torchao"):
         from torchao.float8 import convert_to_float8_training as ao_convert  # ImportError: reported
         ao_convert(model, module_filter_fn=not_output)
@@ -176,14 +181,15 @@ def run_one(a, config, ac, device):
         opt.zero_grad(set_to_none=True)
         peaks["peak_step_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if a.profile and device.type == "cuda":
-        profile_step(step, f"{os.path.splitext(a.out)[0]}_{config}_{ac}_profile.txt")
+        profile_step(step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}")
     fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     return dict(tokens_per_s=a.batch * a.seq * a.steps / (t2 - t1), step_ms=(t2 - t1) / a.steps * 1e3,
                 warmup_s=t1 - t0, peak_gb=peak, loss=loss.item(), fp8_linears=fp8, **peaks)
 
 
-def profile_step(step, path):
-    """Every kernel of one step with its GPU time, written to `path` (the top 25 printed)."""
+def profile_step(step, path, label):
+    """Every kernel of one step with its GPU time, appended to `path` under `label` (the top 25
+    printed). One file for all configurations: fewer files to carry off a remote machine."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -195,8 +201,8 @@ def profile_step(step, path):
     # Busy time well under the step's wall time means the GPU waited for the CPU (host-bound).
     summary = f"{len(kernels)} kernels, GPU busy {busy_ms:.1f} ms of a {wall_ms:.1f} ms step (profiled)"
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
-    with open(path, "w") as f:
-        f.write(summary + "\n" + table)
+    with open(path, "a") as f:
+        f.write(f"== {label}: {summary}\n{table}\n")
     print(summary)
     print("\n".join(table.splitlines()[:28]))
 
@@ -227,6 +233,9 @@ def main():
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all that can run here")
     ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")
     ap.add_argument("--ac-modes", nargs="+", choices=["none", "every2", "full"], default=["none"])
+    ap.add_argument("--f8-filter", choices=["all", "default"], default="all",
+                    help="f8tensor configs: convert every linear but the output (all, as torchao here) "
+                         "or only those f8tensor's default filter converts (default)")
     ap.add_argument("--out", default="results/train.jsonl")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile one step per configuration (CUDA only)")
@@ -240,6 +249,7 @@ def main():
     env = environment()
     print(env)
     shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out", "profile")}
+    # (f8_filter rides along in `shape`: it is part of what was measured)
     rows = []
     for ac in [a.ac] if a.ac else a.ac_modes:
         base = None

@@ -1,0 +1,33 @@
+"""The end-to-end benchmark script runs (tiny shapes on CPU): CI catches a broken benchmark before
+a GPU session spends its time on it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
+def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
+    out = tmp_path / "train.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
+           "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
+           "--steps", "1", "--warmup", "1", "--configs", "bf16", "f8tensor",
+           "--ac-modes", "none", "every2", "full", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "TRITON_INTERPRET": "1"})
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["ac"], r["config"]) for r in rows] == [
+        (ac, c) for ac in ("none", "every2", "full") for c in ("bf16", "f8tensor")]
+    for r in rows:
+        assert r["status"] == "ok", r["status"]
+        assert r["fp8_linears"] == (14 if r["config"] == "f8tensor" else 0)
+    # Same seed, same data: float8 training starts from the same loss as bf16 within fp8 noise.
+    losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
+    for ac in ("none", "every2", "full"):
+        assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
