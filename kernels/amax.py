@@ -55,20 +55,14 @@ def amax_programs(M: int, N: int, num_programs: int, block_m: int, block_n: int)
     return max(1, min(num_programs, tile_grid(M, N, block_m, block_n)[0]))
 
 
-def amax_args(M, N, stride_m, stride_n, num_programs, atomic, block_m, block_n) -> tuple:
-    """amax_kernel's parameters after (x_ptr, out_ptr), in signature order, constexprs included."""
-    num_tiles, tiles_n = tile_grid(M, N, block_m, block_n)
-    return (M, N, stride_m, stride_n, tiles_n, num_programs, cdiv(num_tiles, num_programs),
-            block_m, block_n, atomic)
-
-
 def amax_partials(
     x: torch.Tensor, *, num_programs: int, atomic: bool = False,
     block_m: int = 64, block_n: int = 128, num_warps: int = 8, launched: list | None = None,
 ) -> torch.Tensor:
     """int32 buffer whose max, bit-cast to fp32, is max(|x|): P partials, or one word if atomic.
 
-    launched: a list that receives the CompiledKernel Triton ran (for a later direct relaunch).
+    launched: a list that receives (CompiledKernel Triton ran, grid, parameters after the two
+    pointers) for a later direct relaunch.
     """
     M, N = x.shape
     num_programs = amax_programs(M, N, num_programs, block_m, block_n)
@@ -76,11 +70,14 @@ def amax_partials(
         out = torch.zeros(1, dtype=torch.int32, device=x.device)
     else:
         out = torch.empty(num_programs, dtype=torch.int32, device=x.device)
-    args = amax_args(M, N, x.stride(0), x.stride(1), num_programs, atomic, block_m, block_n)
+    num_tiles, tiles_n = tile_grid(M, N, block_m, block_n)
+    # Every parameter after (x_ptr, out_ptr) in signature order, constexprs included (as replayed).
+    args = (M, N, x.stride(0), x.stride(1), tiles_n, num_programs, cdiv(num_tiles, num_programs),
+            block_m, block_n, atomic)
     kernel = amax_kernel[(num_programs,)](x, out, *args[:-3], BLOCK_M=block_m, BLOCK_N=block_n,
                                            ATOMIC=atomic, num_warps=num_warps)
     if launched is not None:
-        launched.append(kernel)
+        launched.append((kernel, (num_programs,), args))
     return out
 
 

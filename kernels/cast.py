@@ -60,17 +60,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def cast_args(M, N, stride_m, stride_n, num_partials, float8_dtype, *, write_row, write_col,
-              power_of_2, exact_round, eps, block_m, block_n) -> tuple:
-    """cast_kernel's parameters after (x, partials, NUM_PARTIALS, row, col, scale), in signature
-    order, constexprs included."""
-    num_tiles, tiles_n = tile_grid(M, N, block_m, block_n)
-    mant_bits, min_normal_exp = FORMAT_BITS[float8_dtype]
-    return (M, N, stride_m, stride_n, num_tiles, tiles_n, FP8_MAX[float8_dtype], eps, power_of_2,
-            mant_bits, min_normal_exp, exact_round, write_row, write_col, block_m, block_n,
-            next_power_of_2(num_partials))
-
-
 def launch_cast(
     x: torch.Tensor, partials: torch.Tensor, float8_dtype: torch.dtype, *,
     write_row: bool, write_col: bool, power_of_2: bool, exact_round: bool, eps: float,
@@ -81,8 +70,8 @@ def launch_cast(
     """Cast a 2-D tensor; returns (row [M, N] contiguous | None, col [M, N] strides (1, M) | None, scale).
 
     row_out / col_out: optional preallocated outputs of exactly those layouts (tests pass views
-    into guarded buffers to catch stray writes). launched: a list that receives the CompiledKernel
-    Triton ran (for a later direct relaunch).
+    into guarded buffers to catch stray writes). launched: a list that receives (CompiledKernel
+    Triton ran, grid, parameters after the six pointer/count ones) for a later direct relaunch.
     """
     M, N = x.shape
     row = col = None
@@ -94,25 +83,27 @@ def launch_cast(
         if out is not None and (out.shape != (M, N) or out.stride() != strides or out.dtype != float8_dtype):
             raise ValueError(f"output buffer must be {float8_dtype} [{M}, {N}] with strides {strides}")
     scale = torch.empty((), dtype=torch.float32, device=x.device)
-    args = cast_args(M, N, x.stride(0), x.stride(1), partials.numel(), float8_dtype,
-                     write_row=write_row, write_col=write_col, power_of_2=power_of_2,
-                     exact_round=cast_exact_round(x.dtype, exact_round), eps=eps,
-                     block_m=block_m, block_n=block_n)
+    # Triton 3.6 on sm90 misplaces hardware-converted fp32 -> float8 values in some small layouts
+    # (seen for fp32 inputs of 1x16, 17x48, 64x1; never for bf16/fp16); converting values already
+    # on the float8 grid avoids it, and tests/test_kernels.py checks every case bit for bit.
+    exact_round = exact_round or x.dtype == torch.float32
+    num_tiles, tiles_n = tile_grid(M, N, block_m, block_n)
+    mant_bits, min_normal_exp = FORMAT_BITS[float8_dtype]
+    # Every parameter after (x, partials, NUM_PARTIALS, row, col, scale) in signature order,
+    # constexprs included (as replayed).
+    args = (M, N, x.stride(0), x.stride(1), num_tiles, tiles_n, FP8_MAX[float8_dtype], eps, power_of_2,
+            mant_bits, min_normal_exp, exact_round, write_row, write_col, block_m, block_n,
+            next_power_of_2(partials.numel()))
     names = ("FP8_MAX", "EPS", "POWER_OF_2", "MANT_BITS", "MIN_NORMAL_EXP", "EXACT_ROUND",
              "WRITE_ROW", "WRITE_COL", "BLOCK_M", "BLOCK_N", "BLOCK_PARTIALS")
     any_out = row if row is not None else col
-    kernel = cast_kernel[(args[4],)](  # one program per tile
+    grid = (num_tiles,)  # one program per tile
+    kernel = cast_kernel[grid](
         x, partials, partials.numel(),
         any_out if row is None else row, (any_out if col is None else col).view(torch.uint8), scale,
         *args[:6], **dict(zip(names, args[6:])), num_warps=num_warps,
     )
     if launched is not None:
-        launched.append(kernel)
+        launched.append((kernel, grid, args))
     return row, col, scale
 
-
-def cast_exact_round(input_dtype: torch.dtype, exact_round: bool) -> bool:
-    # Triton 3.6 on sm90 misplaces hardware-converted fp32 -> float8 values in some small layouts
-    # (seen for fp32 inputs of 1x16, 17x48, 64x1; never for bf16/fp16); converting values already
-    # on the float8 grid avoids it, and tests/test_kernels.py checks every case bit for bit.
-    return exact_round or input_dtype == torch.float32

@@ -14,8 +14,8 @@ import functools
 
 import torch
 
-from .amax import amax_args, amax_partials, amax_programs
-from .cast import cast_args, cast_exact_round, launch_cast
+from .amax import amax_partials, amax_programs
+from .cast import launch_cast
 from .launch import Relaunch, relaunch_possible, specialization_key
 from .naive import EPS, LAYOUTS, quantize_ref
 from .scale import INTERPRETING
@@ -121,31 +121,27 @@ def quantize_with_amax(
     M, N = xt.shape
     kernel_layout = SWAPPED[layout] if transposed else layout
     blocks = dict(block_m=block_m, block_n=block_n, num_warps=num_warps)
-    launched, grids = [], []
+    launched = []  # (kernel, grid, parameters after the pointers) of each launch, for the plan
     given = amax is not None
     atomic = amax_mode == "atomic"
-    programs = amax_programs(M, N, num_programs or default_num_programs(x.device), block_m, block_n)
     if not given:
+        programs = amax_programs(M, N, num_programs or default_num_programs(x.device), block_m, block_n)
         amax = amax_partials(xt, num_programs=programs, atomic=atomic, launched=launched, **blocks)
-        grids.append((programs,))
-    options = dict(write_row=kernel_layout in ("row", "both"), write_col=kernel_layout in ("col", "both"),
-                   power_of_2=power_of_2, exact_round=cast_exact_round(x.dtype, exact_round), eps=EPS,
-                   block_m=block_m, block_n=block_n)
-    row, col, scale = launch_cast(xt, amax, float8_dtype, launched=launched, num_warps=num_warps, **options)
-    cast_tail = cast_args(M, N, xt.stride(0), xt.stride(1), amax.numel(), float8_dtype, **options)
-    grids.append((cast_tail[4],))  # one program per tile
+    row, col, scale = launch_cast(
+        xt, amax, float8_dtype, write_row=kernel_layout in ("row", "both"),
+        write_col=kernel_layout in ("col", "both"), power_of_2=power_of_2, exact_round=exact_round,
+        eps=EPS, launched=launched, **blocks)
     if key is not None and relaunch_possible():
-        relaunches = [Relaunch.capture(kernel, grid) for kernel, grid in zip(launched, grids)]
-        if len(relaunches) == len(grids) and None not in relaunches:
+        relaunches = [Relaunch.capture(kernel, grid) for kernel, grid, _ in launched]
+        if None not in relaunches:
             plan = _Plan()
             plan.amax = None if given else relaunches[0]
-            plan.cast = relaunches[-1]
-            plan.amax_tail = amax_args(M, N, xt.stride(0), xt.stride(1), programs, atomic, block_m, block_n)
-            plan.cast_tail = cast_tail
+            plan.amax_tail = None if given else launched[0][2]
+            plan.cast, plan.cast_tail = relaunches[-1], launched[-1][2]
             plan.num_partials, plan.atomic = amax.numel(), atomic
             plan.shape, plan.device, plan.float8_dtype = (M, N), x.device, float8_dtype
             plan.launch_device = torch.cuda.current_device()  # in the key too
-            plan.write_row, plan.write_col = options["write_row"], options["write_col"]
+            plan.write_row, plan.write_col = row is not None, col is not None
             plan.transposed = transposed
             if len(_PLANS) >= MAX_PLANS:  # e.g. a new token count every step: start over
                 _PLANS.clear()
