@@ -175,8 +175,9 @@ def test_no_host_sync_in_quantization():
 
 def test_repeated_launches_reuse_compiled_kernels_correctly():
     """Second and later calls of a case replay its recorded plan (direct C launches, see
-    kernels/quantize.py and kernels/launch.py) on the GPU; revisiting cases in a different order after others ran must give the same bits, including
-    for misaligned inputs and sizes that Triton specializes (1, multiples of 16, neither)."""
+    kernels/quantize.py and kernels/launch.py) on the GPU; revisiting cases in a different order
+    after others ran must give the same bits, including for misaligned inputs and sizes that
+    Triton specializes (1, multiples of 16, neither)."""
     flat = spanning_values((3 * 130 * 300 + 1,), torch.bfloat16)
     cases = [
         flat[: 130 * 300].view(130, 300),

@@ -5,7 +5,7 @@ import torch
 from f8utils import DEVICE, sqnr
 from torch import nn
 
-from f8tensor import Float8Config, Float8Linear, Float8Tensor
+from f8tensor import Float8Config, Float8Linear
 from f8tensor.kernels import quantize_ref
 
 
