@@ -2,8 +2,9 @@
 
 Every `kernel[grid](...)` in Triton 3.6 pays, in Python, for binding and specializing each
 argument, a string cache key, device and stream lookups, launch metadata and two (empty) hook
-calls: about 40 µs per launch on an H200 host, more than our kernels take on the GPU for tensors
-under ~100 MB. The quantization entry point (quantize.py) therefore launches each case once the
+calls: one quantization (two launches) took 70–77 µs of host time that way on the H200 machine
+vs 23–30 µs replayed (benchmarks/launch_check.py), more than our kernels take on the GPU for
+tensors under ~100 MB. The quantization entry point (quantize.py) therefore launches each case once the
 normal way, keeps the `CompiledKernel` Triton chose (`Relaunch.capture`), and from then on makes
 only the final call Triton itself makes: the compiled module's C `launch` function.
 
