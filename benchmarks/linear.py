@@ -67,14 +67,15 @@ def torchao_modules(lin):
     return {"torchao_eager": eager, "torchao_compile": compiled}
 
 
-def count_launches(step) -> tuple[int, list[str]]:
+def kernel_times(step) -> list[tuple[str, float]]:
+    """Every CUDA kernel of one call of step, in launch order, with its GPU time in microseconds."""
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(names), names
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def main():
@@ -116,13 +117,20 @@ def main():
                     f"{n} {row[f'{n}_speedup']:.2f}x" for n in steps if n != "bf16"), flush=True)
                 del x, g, steps
     if args.profile:
-        x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        ours = Float8Linear(4096, 14336, bias=False, device="cuda", dtype=torch.bfloat16)
-        n, names = count_launches(fwd_bwd(ours, x, torch.randn(16384, 14336, device="cuda", dtype=torch.bfloat16)))
-        print(f"kernels in one Float8Linear fwd+bwd (16384x4096 -> 14336): {n}")
-        for name in names:
-            print("   ", name[:100])
-        rows.append(dict(env, bench="launches", count=n, kernels=names))
+        for K, N in [(4096, 14336), (14336, 4096)]:
+            lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(16384, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn(16384, N, device="cuda", dtype=torch.bfloat16)
+            mods = {"f8tensor": Float8Linear.from_float(copy.deepcopy(lin)), **torchao_modules(lin)}
+            for name, mod in mods.items():
+                kernels = kernel_times(fwd_bwd(mod, x, g))
+                total = sum(us for _, us in kernels)
+                print(f"{name}: {len(kernels)} kernels in one fwd+bwd (16384x{K} -> {N}), "
+                      f"{total:.0f} us GPU time")
+                for kname, us in kernels:
+                    print(f"    {us:8.1f} us  {kname[:110]}")
+                rows.append(dict(env, bench="launches", impl=name, M=16384, K=K, N=N, count=len(kernels),
+                                 kernels=[k for k, _ in kernels], kernel_us=[us for _, us in kernels]))
     write_rows(args.out, rows)
 
 
