@@ -15,7 +15,7 @@ try:
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = _quantize_with_amax_triton = None
 
-from .op import quantize_op  # noqa: E402  (needs quantize_eager defined below only at call time)
+from .op import amax_of_bits, cast_op  # noqa: E402  (needs quantize_with_amax defined below only at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
@@ -26,14 +26,6 @@ __all__ = [
 def quantize(
     x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    if torch.compiler.is_compiling():
-        row, col, scale = quantize_op(x, float8_dtype, layout, power_of_2)
-        return (row if layout in ("row", "both") else None,
-                col if layout in ("col", "both") else None, scale)
-    return quantize_eager(x, float8_dtype, layout, power_of_2)
-
-
-def quantize_eager(x, float8_dtype, layout="row", power_of_2=False):
     return quantize_with_amax(x, float8_dtype, layout, power_of_2)[:3]
 
 
@@ -43,18 +35,44 @@ def quantize_with_amax(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """`quantize`, plus an amax record: passed back with the same tensor (same values), it skips
     the amax pass and gives the same bits. Float8Linear quantizes its weight again in backward
-    this way. Under torch.compile the record is None (the compiled graph recomputes it)."""
+    this way. The record is the Triton path's int32 partials, or max(|x|) as a 0-d fp32 tensor
+    (reference path, torch.compile); either kind is accepted on every path."""
     if torch.compiler.is_compiling():
-        return (*quantize(x, float8_dtype, layout, power_of_2), None)
+        # amax in plain ops, for inductor to fuse into x's producer; the cast is our kernel (op.py).
+        if amax is None:
+            amax = amax_of_bits(x)
+        # The record conversion is in the graph too (fused with the reduction, no launch of its own).
+        record = _as_record(amax) if amax.dtype == torch.float32 else amax
+        row, col, scale = cast_op(x, record, float8_dtype, layout, power_of_2)
+        return (row if layout in ("row", "both") else None,
+                col if layout in ("col", "both") else None, scale, amax)
     # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
     # take the reference, which gives the same bits.
     if x.is_cuda and has_float8_hardware(x.device):
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
+        if amax is not None and amax.dtype == torch.float32:
+            amax = _as_record(amax)
         return _quantize_with_amax_triton(x, float8_dtype, layout, power_of_2, amax=amax)
-    if amax is None:
-        amax = amax_ref(x)
+    amax = amax_ref(x) if amax is None else _as_amax_value(amax)
     return (*quantize_ref(x, float8_dtype, layout, power_of_2, amax=amax), amax)
+
+
+def _as_record(amax: torch.Tensor) -> torch.Tensor:
+    """A 0-d fp32 max(|x|) as a one-partial int32 record (the bits the amax kernel would write:
+    the sign bit cleared, so a NaN's pattern sorts above every number)."""
+    if amax.numel() != 1:
+        raise ValueError("amax must be a record returned by quantize_with_amax for this tensor")
+    return amax.reshape(1).view(torch.int32) & 0x7FFFFFFF
+
+
+def _as_amax_value(amax: torch.Tensor) -> torch.Tensor:
+    """Either kind of record as a 0-d fp32 max(|x|)."""
+    if amax.dtype == torch.int32:
+        return amax.max().view(torch.float32)
+    if amax.dtype != torch.float32 or amax.numel() != 1:
+        raise ValueError("amax must be a record returned by quantize_with_amax for this tensor")
+    return amax.reshape(())
 
 
 @functools.cache

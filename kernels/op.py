@@ -1,28 +1,54 @@
-"""`torch.ops.f8tensor.quantize`: the quantization entry point as an opaque custom op.
+"""Quantization under torch.compile: `amax_of_bits` in plain PyTorch, then `torch.ops.f8tensor.cast`.
 
-torch.compile cannot trace a Triton launch that goes through our own launcher, and needs the
-outputs' shapes and strides without running anything; this op gives it both. Eager code calls
-the implementation directly (a custom op's dispatch costs host time that eager cannot hide).
+Under torch.compile, quantization is split in two: the amax is plain PyTorch (`amax_of_bits`),
+which inductor fuses into the kernel that produces x (an RMSNorm, a SwiGLU, a gradient's
+elementwise backward), so it costs no pass of its own; the cast is this op, which runs our cast
+kernel given that amax (one read of x, both layouts written at copy bandwidth: inductor's own
+transposed stores are slower). torch.compile cannot trace a launch that goes through our own
+launcher and needs the outputs' shapes and strides without running anything; this op gives it
+both. Eager code calls the implementation directly (a custom op's dispatch costs host time that
+eager cannot hide).
 """
 
 import torch
 
+_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+         torch.float32: (torch.int32, 0x7FFFFFFF)}
 
-@torch.library.custom_op("f8tensor::quantize", mutates_args=())
-def quantize_op(
-    x: torch.Tensor, float8_dtype: torch.dtype, layout: str, power_of_2: bool
+
+def amax_of_bits(x: torch.Tensor) -> torch.Tensor:
+    """max(|x|) as a 0-d fp32 tensor, equal to `naive.amax_ref(x)`, computed on x's bit patterns.
+
+    With the sign bit cleared, integer order is float order and NaN sorts above inf (as in the
+    amax kernel). Reading the bits also pins the values: inductor, fusing this reduction into the
+    kernel that produces a bf16 x, would otherwise take the max of the fp32 values before their
+    rounding to bf16 (it drops such round trips), and the scale would differ from eager's.
+    """
+    if x.dtype not in _BITS:
+        raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    int_dtype, magnitude = _BITS[x.dtype]
+    return (x.view(int_dtype) & magnitude).amax().view(x.dtype).float()
+
+
+@torch.library.custom_op("f8tensor::cast", mutates_args=())
+def cast_op(
+    x: torch.Tensor, amax: torch.Tensor, float8_dtype: torch.dtype, layout: str, power_of_2: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, col, scale); a layout that was not asked for comes back as an empty tensor."""
-    from . import quantize_eager
+    """(row, col, scale) of x given an amax record of x (int32 partials whose max is max(|x|)'s
+    fp32 bits, see `quantize_with_amax`); a layout that was not asked for comes back as an empty
+    tensor (a custom op cannot return None)."""
+    from . import quantize_with_amax
 
-    row, col, scale = quantize_eager(x, float8_dtype, layout, power_of_2)
+    row, col, scale, _ = quantize_with_amax(x, float8_dtype, layout, power_of_2, amax=amax)
     row = row if row is not None else x.new_empty(0, dtype=float8_dtype)
     col = col if col is not None else x.new_empty(0, dtype=float8_dtype)
     return row, col, scale
 
 
-@quantize_op.register_fake
-def _(x, float8_dtype, layout, power_of_2):
+@cast_op.register_fake
+def _(x, amax, float8_dtype, layout, power_of_2):
     M, N = x.shape
     row = x.new_empty((M, N) if layout in ("row", "both") else (0,), dtype=float8_dtype)
     if layout in ("col", "both"):
@@ -30,4 +56,3 @@ def _(x, float8_dtype, layout, power_of_2):
     else:
         col = x.new_empty(0, dtype=float8_dtype)
     return row, col, x.new_empty((), dtype=torch.float32)
-

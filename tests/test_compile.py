@@ -36,3 +36,36 @@ def test_repr_of_a_traced_float8_tensor_does_not_read_the_scale():
     with FakeTensorMode():
         text = repr(to_float8(torch.randn(16, 16)))
     assert "scale=<traced>" in text
+
+
+def test_compiled_amax_is_of_the_rounded_values():
+    """Under compile the amax is fused into the kernel producing x; it must still be the amax of
+    x's bf16 values (as in eager), not of the fp32 values before their rounding to bf16."""
+    from f8tensor.kernels import quantize
+
+    def f(a, b):
+        return quantize(a * b, torch.float8_e4m3fn, "both")  # one rounding of a*b, as eager
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        a, b = (torch.randn(256, 384, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+        for got, want in zip(torch.compile(f, fullgraph=True)(a, b), f(a, b)):
+            assert torch.equal(got.float(), want.float())
+
+
+def test_amax_of_bits_equals_the_reference():
+    from f8tensor.kernels import amax_ref
+    from f8tensor.kernels.op import amax_of_bits
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(64, 48).to(dtype) * 100
+        cases = [x, x.t(), -x.abs(), torch.zeros(0, 3, dtype=dtype), -torch.zeros(2, 2, dtype=dtype)]
+        y = x.clone()
+        y[1, 2] = float("-inf")
+        cases.append(y)
+        z = y.clone()
+        z[3, 4] = -float("nan")  # sign bit set: still NaN, as x.abs().amax() gives
+        cases.append(z)
+        for case in cases:
+            torch.testing.assert_close(amax_of_bits(case), amax_ref(case), rtol=0, atol=0, equal_nan=True)

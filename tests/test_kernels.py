@@ -237,6 +237,23 @@ def test_reference_path_amax_record():
     assert torch.equal(scale2, scale * 4) and record2 is not record
 
 
+def test_entry_point_takes_either_kind_of_amax_record():
+    """The Triton path's int32 partials and the 0-d fp32 amax (reference path, torch.compile) are
+    interchangeable at the entry point: the same bits from either, on the suite's device."""
+    from f8tensor.kernels import quantize_with_amax
+
+    x = spanning_values((130, 300), torch.bfloat16)
+    want = quantize_ref(x, torch.float8_e4m3fn, "both", amax=amax_ref(x) * 3)
+    _, _, _, record = quantize_with_amax(x * 3, torch.float8_e4m3fn, "row")
+    for given in (record, amax_ref(x) * 3):
+        row, col, scale, _ = quantize_with_amax(x, torch.float8_e4m3fn, "both", amax=given)
+        assert torch.equal(scale, want[2])
+        assert_same_fp8(row, want[0])
+        assert_same_fp8(col, want[1])
+    with pytest.raises(ValueError, match="record"):
+        quantize_with_amax(x, torch.float8_e4m3fn, "row", amax=torch.zeros(3, device=x.device))
+
+
 def test_an_amax_record_of_the_wrong_kind_is_refused():
     x = spanning_values((17, 48), torch.bfloat16)
     for bad in (torch.zeros(3, dtype=torch.float32, device=x.device),
