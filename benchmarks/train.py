@@ -3,11 +3,13 @@ eager and with each block compiled, under three activation-checkpointing modes.
 
     python benchmarks/train.py          # the issue's figures: defaults below, on one H200
     python benchmarks/train.py --layers 8 --dim 4096 --heads 32 --kv-heads 8 --ffn 14336 \
-        --vocab 128256 --batch 2 --seq 4096 --steps 20 --warmup 5 --ac-modes none
+        --vocab 128256 --batch 2 --seq 4096 --steps 10 --warmup 3 --rounds 3 --ac-modes none
 
 Each configuration builds a fresh model from the same seed (bf16 parameters, AdamW, cross-entropy on
-random tokens), runs --warmup steps (compilation included), then times --steps steps. Reported:
-tokens/s, its ratio to bf16 eager under the same AC mode, peak CUDA memory, the last loss. The
+random tokens) and runs --warmup steps (compilation included). All configurations of one AC mode
+stay resident and are timed in --rounds interleaved rounds of --steps steps; the median round
+counts. Reported: tokens/s, its ratio to bf16 eager under the same AC mode, the peak CUDA memory
+of one step (this configuration's own: the other resident models are subtracted), the last loss. The
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
 error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
 configurations run only when named in --configs.
@@ -16,6 +18,7 @@ configurations run only when named in --configs.
 import argparse
 import gc
 import os
+import statistics
 import time
 import traceback
 
@@ -145,46 +148,113 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_one(a, config, ac, device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model, opt = build(a, config, ac, device)
-    g = torch.Generator(device=device).manual_seed(a.seed)
-    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device, generator=g)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
-    def step():
-        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
+
+class Run:
+    """One configuration, built, warmed up and kept resident while the others are timed."""
+
+    def __init__(self, a, config, ac, device):
+        self.config, self.device, self.times = config, device, []
+        before = allocated(device)
+        self.model, self.opt = build(a, config, ac, device)
+        g = torch.Generator(device=device).manual_seed(a.seed)
+        tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device, generator=g)
+        self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:]
+        t0 = time.perf_counter()
+        for _ in range(a.warmup):
+            self.step()
+        sync(device)
+        self.warmup_s = time.perf_counter() - t0
+        self.resident = allocated(device) - before  # parameters and optimizer state
+        self.peaks = self.measure_peaks() if device.type == "cuda" else {}
+
+    def loss(self):
+        return F.cross_entropy(self.model(self.inputs).flatten(0, 1).float(), self.labels.flatten())
+
+    def step(self):
+        loss = self.loss()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    t0 = time.perf_counter()
-    for _ in range(a.warmup):
-        step()
-    sync(device)
-    t1 = time.perf_counter()
-    for _ in range(a.steps):
-        loss = step()
-    sync(device)  # kernels are asynchronous: wait for the last step before reading the clock
-    t2 = time.perf_counter()
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None  # whole run
-    peaks = {}
-    if device.type == "cuda":
-        # Where the peak is: through forward and loss, and through the whole step (one more step).
+    def measure_peaks(self):
+        """Peak memory of one step (through forward and loss, and through the whole step), counting
+        this configuration's memory only: the other resident models are subtracted."""
+        torch.cuda.synchronize()
+        others = allocated(self.device) - self.resident
         torch.cuda.reset_peak_memory_stats()
-        extra = F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
-        peaks["peak_fwd_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        extra.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        peaks["peak_step_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        loss = self.loss()
+        fwd = torch.cuda.max_memory_allocated()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        step = torch.cuda.max_memory_allocated()
+        return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": (fwd - others) / 1e9}
+
+    def time_steps(self, steps):
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.last_loss = self.step()
+        sync(self.device)  # kernels are asynchronous: wait for the last step before reading the clock
+        self.times.append((time.perf_counter() - t0) / steps)
+
+    def result(self, a):
+        step_s = statistics.median(self.times)
+        fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
+        return dict(tokens_per_s=a.batch * a.seq / step_s, step_ms=step_s * 1e3,
+                    round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
+                    loss=self.last_loss.item(), fp8_linears=fp8, **self.peaks)
+
+
+def failure(e) -> str:
+    traceback.print_exc()  # the whole story on stderr; the table gets one line
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0]}"[:160]
+
+
+def run_mode(a, configs, ac, device, env, shape):
+    """Every configuration of one AC mode: built one after another and kept resident, then timed
+    in interleaved rounds (--rounds of --steps steps each; the median round counts), so a drift
+    of the GPU's speed during the run (clocks, temperature) falls on every configuration alike."""
+    runs, status = {}, {}
+    for config in configs:
+        try:
+            runs[config] = Run(a, config, ac, device)
+        except Exception as e:  # noqa: BLE001  (compile errors, OOM, missing torchao: report, go on)
+            status[config] = failure(e)
+            free(device, keep_compiled=True)
+    for _ in range(a.rounds):
+        for config, run in list(runs.items()):
+            try:
+                run.time_steps(a.steps)
+            except Exception as e:  # noqa: BLE001
+                status[config] = failure(e)
+                del runs[config]
+                free(device, keep_compiled=True)
+    rows = []
+    base = runs["bf16"].result(a)["tokens_per_s"] if "bf16" in runs else None
+    for config in configs:
+        row = dict(env, bench="train", config=config, ac=ac, device=device.type, **shape)
+        if config in runs:
+            row.update(runs[config].result(a), status="ok")
+            row["vs_bf16"] = row["tokens_per_s"] / base if base else None
+        else:
+            row.update(status=status[config], vs_bf16=None)
+        rows.append(row)
+        done = f"ok: {row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
+        print(f"{ac:<7} {config:<18} {done}", flush=True)
     if a.profile and device.type == "cuda":
-        profile_step(step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}")
-    fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
-    return dict(tokens_per_s=a.batch * a.seq * a.steps / (t2 - t1), step_ms=(t2 - t1) / a.steps * 1e3,
-                warmup_s=t1 - t0, peak_gb=peak, loss=loss.item(), fp8_linears=fp8, **peaks)
+        for config, run in runs.items():
+            profile_step(run.step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}")
+    write_rows(a.out, rows)
+    runs.clear()
+    free(device)
+    return rows
 
 
 def profile_step(step, path, label):
@@ -207,9 +277,10 @@ def profile_step(step, path, label):
     print("\n".join(table.splitlines()[:28]))
 
 
-def free(device):
+def free(device, keep_compiled=False):
     gc.collect()
-    torch._dynamo.reset()  # drop compiled graphs (and what their guards hold) of the last model
+    if not keep_compiled:  # the resident compiled models still need their graphs
+        torch._dynamo.reset()  # drop compiled graphs (and what their guards hold) of the last models
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -227,8 +298,8 @@ def default_configs(device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag, default in [("layers", 8), ("dim", 4096), ("heads", 32), ("kv-heads", 8), ("ffn", 14336),
-                          ("vocab", 128256), ("batch", 2), ("seq", 4096), ("steps", 20), ("warmup", 5),
-                          ("seed", 0)]:
+                          ("vocab", 128256), ("batch", 2), ("seq", 4096), ("steps", 10), ("warmup", 3),
+                          ("rounds", 3), ("seed", 0)]:
         ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all that can run here")
     ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")
@@ -252,23 +323,7 @@ def main():
     # (f8_filter rides along in `shape`: it is part of what was measured)
     rows = []
     for ac in [a.ac] if a.ac else a.ac_modes:
-        base = None
-        for config in configs:
-            row = dict(env, bench="train", config=config, ac=ac, device=device.type, **shape)
-            try:
-                row.update(run_one(a, config, ac, device), status="ok")
-            except Exception as e:  # noqa: BLE001  (compile errors, OOM, missing torchao: report, go on)
-                traceback.print_exc()  # the whole story on stderr; the table gets one line
-                lines = str(e).strip().splitlines() or [""]
-                row["status"] = f"{type(e).__name__}: {lines[0]}"[:160]
-            free(device)  # outside except: the traceback no longer pins the failed model
-            if config == "bf16" and row["status"] == "ok":
-                base = row["tokens_per_s"]
-            row["vs_bf16"] = row["tokens_per_s"] / base if base and row["status"] == "ok" else None
-            done = f"ok: {row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
-            print(f"{ac:<7} {config:<18} {done}", flush=True)
-            write_rows(a.out, [row])  # row by row: a later hard crash keeps the numbers so far
-            rows.append(row)
+        rows += run_mode(a, configs, ac, device, env, shape)
     print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.layers} x (dim "
           f"{a.dim}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads})  batch {a.batch} x seq {a.seq}")
     print_table(rows)

@@ -3,6 +3,7 @@ a GPU session spends its time on it."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
     out = tmp_path / "train.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
            "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
-           "--steps", "1", "--warmup", "1", "--configs", "bf16", "f8tensor",
+           "--steps", "1", "--warmup", "1", "--rounds", "2", "--configs", "bf16", "f8tensor",
            "--ac-modes", "none", "every2", "full", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
                    env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -26,6 +27,8 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
         (ac, c) for ac in ("none", "every2", "full") for c in ("bf16", "f8tensor")]
     for r in rows:
         assert r["status"] == "ok", r["status"]
+        assert len(r["round_step_ms"]) == 2
+        assert r["step_ms"] == pytest.approx(statistics.median(r["round_step_ms"]))
         assert r["fp8_linears"] == (14 if r["config"] == "f8tensor" else 0)
     # Same seed, same data: float8 training starts from the same loss as bf16 within fp8 noise.
     losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
