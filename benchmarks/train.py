@@ -157,6 +157,9 @@ class Run:
 
     def __init__(self, a, config, ac, device):
         self.config, self.device, self.times = config, device, []
+        # Collect first: a cycle of an earlier configuration freed during this one's warmup would
+        # be counted against this configuration's resident memory.
+        gc.collect()
         before = allocated(device)
         self.model, self.opt = build(a, config, ac, device)
         g = torch.Generator(device=device).manual_seed(a.seed)
@@ -167,6 +170,7 @@ class Run:
             self.step()
         sync(device)
         self.warmup_s = time.perf_counter() - t0
+        gc.collect()
         self.resident = allocated(device) - before  # parameters and optimizer state
         self.peaks = self.measure_peaks() if device.type == "cuda" else {}
 
@@ -183,6 +187,7 @@ class Run:
     def measure_peaks(self):
         """Peak memory of one step (through forward and loss, and through the whole step), counting
         this configuration's memory only: the other resident models are subtracted."""
+        gc.collect()
         torch.cuda.synchronize()
         others = allocated(self.device) - self.resident
         torch.cuda.reset_peak_memory_stats()
