@@ -23,6 +23,8 @@ def test_float8_linear_compiles_fullgraph_and_matches_eager():
 
 
 def test_compiled_block_with_converted_mlp():
+    """Also guards the compiled amax (kernels/op.py): with a float amax, inductor took the max of
+    GELU's fp32 values before their rounding to bf16 and this failed on the H200 (ef06171)."""
     torch._dynamo.reset()
     mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(DEVICE, torch.bfloat16)
     convert_to_float8_training(mlp, module_filter_fn=lambda mod, fqn: True)
@@ -36,27 +38,6 @@ def test_repr_of_a_traced_float8_tensor_does_not_read_the_scale():
     with FakeTensorMode():
         text = repr(to_float8(torch.randn(16, 16)))
     assert "scale=<traced>" in text
-
-
-def test_compiled_amax_is_of_the_rounded_values():
-    """Under compile the amax is fused into the kernel producing x; it must still be the amax of
-    x's bf16 values (as in eager), not of the fp32 values before their rounding to bf16."""
-    from f8tensor.kernels import quantize
-
-    def f(a):
-        y = nn.functional.gelu(a)
-        return y, *quantize(y, torch.float8_e4m3fn, "both")
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        a = torch.randn(256, 384, generator=gen).to(DEVICE, torch.bfloat16) * 4
-        y, *got = compiled(a)
-        # Against eager quantization of the very values compiled GELU produced (eager GELU may
-        # differ from inductor's in the last bit; that is not what this test is about).
-        for g, w in zip(got, quantize(y, torch.float8_e4m3fn, "both")):
-            assert torch.equal(g.float(), w.float())
 
 
 def test_amax_of_bits_equals_the_reference():
