@@ -256,3 +256,26 @@ def test_input_kept_by_its_producer_is_saved_as_is():
     z.grad = f8.weight.grad = None
     checkpoint(block, z, use_reentrant=False).square().sum().backward()
     assert torch.equal(z.grad, grads[0][1]) and torch.equal(f8.weight.grad, grads[0][2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_in_a_training_step_of_the_layer():
+    """Forward, backward and an optimizer step of Float8Linear layers (shared input, bias) never
+    wait for the GPU: a sync would stall eager training's CPU run-ahead."""
+    layers = nn.ModuleList(Float8Linear(256, 512, bias=True, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(2))
+    opt = torch.optim.AdamW(layers.parameters(), lr=1e-3, fused=True)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        (layers[0](x) * layers[1](x)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # first calls: kernels compile, plans are recorded, optimizer state is created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
