@@ -3,13 +3,16 @@
 
     python benchmarks/linear.py [--out results/linear.jsonl] [--m 1024 4096 16384] [--profile]
 
-Times are medians of CUDA-event-timed calls (triton.testing.do_bench); each call is one forward and
-one backward of a fresh [M, K] bf16 input. Peak memory is measured over one such call.
+Times are medians of CUDA-event-timed calls (triton.testing.do_bench), taken in --rounds interleaved
+rounds (bf16, f8tensor, ... then again), the median round per implementation counting; each call
+is one forward and one backward of a fresh [M, K] bf16 input. Peak memory is measured over one
+such call.
 """
 
 import argparse
 import copy
 import os
+import statistics
 
 import torch
 from torch import nn
@@ -83,6 +86,7 @@ def main():
     ap.add_argument("--out", default="results/linear.jsonl")
     ap.add_argument("--m", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts")
     ap.add_argument("--torchao-compile-m", type=int, default=16384,
                     help="compile torchao only at this M (each shape recompiles)")
     ap.add_argument("--profile", action="store_true", help="list the kernels of one fwd+bwd")
@@ -107,8 +111,15 @@ def main():
                         continue
                     steps[name] = fwd_bwd(mod, x, g)
                 row = dict(env, bench="linear", model=model, M=M, K=K, N=N)
+                # Interleaved rounds, median per implementation: the fp8 GEMMs' time drifts by up
+                # to +-10 % over seconds (power), and every implementation samples the same drift.
+                times = {name: [] for name in steps}
+                for _ in range(args.rounds):
+                    for name, step in steps.items():
+                        times[name].append(bench_ms(step))
                 for name, step in steps.items():
-                    row[f"{name}_ms"] = bench_ms(step)
+                    row[f"{name}_ms"] = statistics.median(times[name])
+                    row[f"{name}_round_ms"] = times[name]
                     row[f"{name}_peak_mib"] = peak_mib(step)
                 for name in steps:
                     row[f"{name}_speedup"] = row["bf16_ms"] / row[f"{name}_ms"]
