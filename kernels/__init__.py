@@ -15,7 +15,7 @@ try:
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = _quantize_with_amax_triton = None
 
-from .op import amax_of_bits, cast_op  # noqa: E402  (needs quantize_with_amax defined below only at call time)
+from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
