@@ -42,8 +42,7 @@ def quantize_with_amax(
         if amax is None:
             amax = amax_of_bits(x)
         # The record conversion is in the graph too (fused with the reduction, no launch of its own).
-        record = _as_record(amax) if amax.dtype == torch.float32 else amax
-        row, col, scale = cast_op(x, record, float8_dtype, layout, power_of_2)
+        row, col, scale = cast_op(x, _as_record(amax), float8_dtype, layout, power_of_2)
         return (row if layout in ("row", "both") else None,
                 col if layout in ("col", "both") else None, scale, amax)
     # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
@@ -51,17 +50,19 @@ def quantize_with_amax(
     if x.is_cuda and has_float8_hardware(x.device):
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
-        if amax is not None and amax.dtype == torch.float32:
-            amax = _as_record(amax)
+        amax = None if amax is None else _as_record(amax)
         return _quantize_with_amax_triton(x, float8_dtype, layout, power_of_2, amax=amax)
     amax = amax_ref(x) if amax is None else _as_amax_value(amax)
     return (*quantize_ref(x, float8_dtype, layout, power_of_2, amax=amax), amax)
 
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:
-    """A 0-d fp32 max(|x|) as a one-partial int32 record (the bits the amax kernel would write:
-    the sign bit cleared, so a NaN's pattern sorts above every number)."""
-    if amax.numel() != 1:
+    """Either kind of record as int32 partials: a 0-d fp32 max(|x|) becomes one partial (the bits
+    the amax kernel would write: the sign bit cleared, so a NaN's pattern sorts above every
+    number); int32 partials pass through (quantize_triton checks their shape)."""
+    if amax.dtype == torch.int32:
+        return amax
+    if amax.dtype != torch.float32 or amax.numel() != 1:
         raise ValueError("amax must be a record returned by quantize_with_amax for this tensor")
     return amax.reshape(1).view(torch.int32) & 0x7FFFFFFF
 
