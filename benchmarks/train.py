@@ -232,6 +232,7 @@ def run_mode(a, configs, ac, device, env, shape):
             runs[config] = Run(a, config, ac, device)
         except Exception as e:  # noqa: BLE001  (compile errors, OOM, missing torchao: report, go on)
             status[config] = failure(e)
+        if config in status:  # outside except: the traceback no longer pins the failed model
             free(device, keep_compiled=True)
     for _ in range(a.rounds):
         for config, run in list(runs.items()):
@@ -240,13 +241,15 @@ def run_mode(a, configs, ac, device, env, shape):
             except Exception as e:  # noqa: BLE001
                 status[config] = failure(e)
                 del runs[config]
+            if config in status:
                 free(device, keep_compiled=True)
+    results = {config: run.result(a) for config, run in runs.items()}
+    base = results["bf16"]["tokens_per_s"] if "bf16" in results else None
     rows = []
-    base = runs["bf16"].result(a)["tokens_per_s"] if "bf16" in runs else None
     for config in configs:
         row = dict(env, bench="train", config=config, ac=ac, device=device.type, **shape)
-        if config in runs:
-            row.update(runs[config].result(a), status="ok")
+        if config in results:
+            row.update(results[config], status="ok")
             row["vs_bf16"] = row["tokens_per_s"] / base if base else None
         else:
             row.update(status=status[config], vs_bf16=None)
