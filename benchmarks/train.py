@@ -43,8 +43,23 @@ def rope_tables(seq, head_dim, theta=500000.0):
 
 
 def apply_rope(x, cos, sin):
+    """rotate_half form (Hugging Face's Llama), on [B, heads, S, head_dim] views."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_freqs_cis(seq, head_dim, theta=500000.0):
+    """Meta's Llama 3 / torchtitan form of the same frequencies: complex64 [seq, head_dim / 2]."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope_complex(x, freqs_cis):
+    """Meta's Llama 3 / torchtitan apply_rotary_emb, on contiguous [B, S, heads, head_dim]: adjacent
+    pairs as complex numbers, rotated in fp32."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(3).type_as(x)
 
 
 class Attention(nn.Module):
@@ -56,12 +71,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, *rope):
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, S, self.heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.kv_heads, self.head_dim)
         v = self.wv(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if len(rope) == 1:  # complex form: rotated before the transpose, as torchtitan does
+            q, k = apply_rope_complex(q, *rope).transpose(1, 2), apply_rope_complex(k, *rope).transpose(1, 2)
+        else:
+            q, k = apply_rope(q.transpose(1, 2), *rope), apply_rope(k.transpose(1, 2), *rope)
         # enable_gqa: SDPA shares each k/v head across heads/kv_heads query heads without a copy.
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
@@ -85,8 +103,8 @@ class Block(nn.Module):
         self.attention = Attention(a.dim, a.heads, a.kv_heads)
         self.feed_forward = FeedForward(a.dim, a.ffn)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, *rope):
+        x = x + self.attention(self.attention_norm(x), *rope)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -97,18 +115,26 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(a) for _ in range(a.layers))
         self.norm = nn.RMSNorm(a.dim, eps=1e-5)
         self.output = nn.Linear(a.dim, a.vocab, bias=False)  # stays bf16: the filter skips "output"
-        cos, sin = rope_tables(a.seq, a.dim // a.heads)  # fp32 tables, computed once
-        self.register_buffer("cos", cos.to(torch.bfloat16), persistent=False)
-        self.register_buffer("sin", sin.to(torch.bfloat16), persistent=False)
+        if a.rope == "complex":
+            self.register_buffer("freqs_cis", rope_freqs_cis(a.seq, a.dim // a.heads), persistent=False)
+        else:
+            cos, sin = rope_tables(a.seq, a.dim // a.heads)  # fp32 tables, computed once
+            self.register_buffer("cos", cos.to(torch.bfloat16), persistent=False)
+            self.register_buffer("sin", sin.to(torch.bfloat16), persistent=False)
+        self.rope_kind = a.rope
         self.ac = "none"
+
+    def rope(self):
+        return (self.freqs_cis,) if self.rope_kind == "complex" else (self.cos, self.sin)
 
     def forward(self, tokens):
         h = self.tok_embeddings(tokens)
+        rope = self.rope()
         for i, layer in enumerate(self.layers):
             if self.ac == "full" or (self.ac == "every2" and i % 2 == 0):
-                h = checkpoint(layer, h, self.cos, self.sin, use_reentrant=False)
+                h = checkpoint(layer, h, *rope, use_reentrant=False)
             else:
-                h = layer(h, self.cos, self.sin)
+                h = layer(h, *rope)
         return self.output(self.norm(h))
 
 
@@ -315,6 +341,9 @@ def main():
     ap.add_argument("--f8-filter", choices=["all", "default"], default="all",
                     help="f8tensor configs: convert every linear but the output (all, as torchao here) "
                          "or only those f8tensor's default filter converts (default)")
+    ap.add_argument("--rope", choices=["rotate_half", "complex"], default="rotate_half",
+                    help="rotary embedding code: rotate_half on the transposed heads (Hugging Face's "
+                         "Llama; the issue's reference model) or Meta's Llama 3 / torchtitan complex form")
     ap.add_argument("--out", default="results/train.jsonl")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile one step per configuration (CUDA only)")

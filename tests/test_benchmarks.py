@@ -34,3 +34,21 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
     losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
     for ac in ("none", "every2", "full"):
         assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
+
+
+def test_train_benchmark_rope_forms_rotate_alike():
+    """--rope complex (Meta / torchtitan: adjacent pairs) is the rotate_half form (pairs i, i + D/2)
+    with the head dimensions permuted: the two models differ in code, not in what they compute."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    seq, head_dim = 16, 8
+    x = torch.randn(2, seq, 3, head_dim)
+    cos, sin = train.rope_tables(seq, head_dim)
+    half = train.apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    perm = torch.stack([torch.arange(head_dim // 2), torch.arange(head_dim // 2) + head_dim // 2], -1).flatten()
+    pairs = train.apply_rope_complex(x[..., perm], train.rope_freqs_cis(seq, head_dim))
+    torch.testing.assert_close(pairs, half[..., perm])
+    assert not torch.allclose(half, x)  # it does rotate
