@@ -8,7 +8,7 @@ The input and grad_output are quantized once, in both layouts from one read ("bo
 x_col (float8, half the bytes of bf16) for backward unless config.save_fp8_for_backward is False,
 or unless autograd keeps x's storage anyway (x is a view of a tensor its producer saved, as the
 attention output feeding wo is of SDPA's saved output): then x itself is saved, at no memory
-cost, and quantized column-major again in backward.
+cost, with forward's amax record, and cast column-major again in backward in one pass.
 The weight is cast row-major in forward and column-major in backward, from the parameter itself,
 so no float8 copy of it is held between forward and backward; backward reuses forward's amax of
 the weight (autograd guarantees the saved parameter was not modified in between), so its cast
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import Float8Config
-from .kernels import quantize, quantize_with_amax
+from .kernels import quantize_with_amax
 from .ops import scaled_mm_data
 
 
@@ -71,14 +71,15 @@ _shared_input = _SharedInput()
 
 
 def _quantize_input(x, config, layouts):
-    """x as (row | None, col | None, scale), reusing the previous layer's quantization of the same x."""
+    """x as (row | None, col | None, scale, amax record), reusing the previous layer's quantization
+    of the same x."""
     # Inference tensors have no version counter, so an in-place write could not be detected.
     if torch.compiler.is_compiling() or x.is_inference():
         return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
     key = (config, layouts)
     cached = _shared_input.get(x, key) or _shared_input.get(x, (config, ("row", "col")))
     if cached is not None:
-        return cached if layouts == ("row", "col") else (cached[0], None, cached[2])
+        return cached if layouts == ("row", "col") else (cached[0], None, *cached[2:])
     value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
     _shared_input.put(x, key, value)
     return value
@@ -116,11 +117,12 @@ def _kept_by_producer(x) -> bool:
 _LAYOUT = {("row", "col"): "both", ("row",): "row", ("col",): "col"}
 
 
-def _quantize(t, dtype, config, layouts):
-    """Only the layouts some GEMM will read: (row | None, col | None, scale | None)."""
+def _quantize(t, dtype, config, layouts, amax=None):
+    """Only the layouts some GEMM will read: (row | None, col | None, scale | None, amax record |
+    None). amax: the record of an earlier quantization of t's very values (skips the amax pass)."""
     if not layouts:
-        return None, None, None
-    return quantize(t, dtype, _LAYOUT[layouts], config.power_of_2_scale)
+        return None, None, None, None
+    return quantize_with_amax(t, dtype, _LAYOUT[layouts], config.power_of_2_scale, amax=amax)
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -133,7 +135,7 @@ class _Float8LinearFn(torch.autograd.Function):
         # backward anyway (attention output feeding wo): there the float8 copy would add memory.
         save_fp8 = config.save_fp8_for_backward and not (
             need_w_grad and not torch.compiler.is_compiling() and _kept_by_producer(x))
-        x_row, x_col, x_scale = _quantize_input(
+        x_row, x_col, x_scale, x_amax = _quantize_input(
             x, config, ("row", "col") if need_w_grad and save_fp8 else ("row",))
         # The weight is quantized row-major here and column-major again in backward from the
         # parameter itself: saving the fp8 copy would add a byte per parameter to peak memory,
@@ -142,12 +144,13 @@ class _Float8LinearFn(torch.autograd.Function):
             weight, config.forward_dtype, "row", config.power_of_2_scale)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
                              config, None if bias is None else bias.to(x.dtype))
+        # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
+        # x (backward casts it again with the same scale; autograd checks it was not modified).
         if save_fp8:
-            saved_x = x_col if need_w_grad else None
+            saved_x, x_info = (x_col, x_scale) if need_w_grad else (None, None)
         else:
-            saved_x = x.reshape(-1, x.shape[-1]) if need_w_grad else None
-        ctx.save_for_backward(saved_x, x_scale if need_w_grad and save_fp8 else None,
-                              weight if need_x_grad else None, w_amax if need_x_grad else None)
+            saved_x, x_info = (x.reshape(-1, x.shape[-1]), x_amax) if need_w_grad else (None, None)
+        ctx.save_for_backward(saved_x, x_info, weight if need_x_grad else None, w_amax if need_x_grad else None)
         ctx.config = config
         ctx.saved_fp8 = save_fp8
         ctx.x_shape = x.shape
@@ -161,10 +164,10 @@ class _Float8LinearFn(torch.autograd.Function):
         config = ctx.config
         x_col, x_scale, weight, w_amax = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if need_w and not ctx.saved_fp8:
-            _, x_col, x_scale = _quantize(x_col, config.forward_dtype, config, ("col",))
+        if need_w and not ctx.saved_fp8:  # x_col is x itself, x_scale its amax record
+            _, x_col, x_scale, _ = _quantize(x_col, config.forward_dtype, config, ("col",), amax=x_scale)
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
-        g_row, g_col, g_scale = _quantize(
+        g_row, g_col, g_scale, _ = _quantize(
             g2d, config.backward_dtype, config,
             (("row",) if need_x else ()) + (("col",) if need_w else ()),
         )

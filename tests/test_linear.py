@@ -77,8 +77,10 @@ def test_backward_saves_float8_or_high_precision_as_configured():
             assert x_saved.stride() == (1, 64)  # column-major: the grad-weight GEMM's operand
             assert x_scale.dtype == torch.float32 and x_scale.numel() == 1
         else:
-            x_saved, w_saved, w_amax = saved
+            # x itself, and its amax record: backward casts it again with forward's scale
+            x_saved, x_amax, w_saved, w_amax = saved
             assert type(x_saved) is torch.Tensor and x_saved.dtype == torch.float32
+            assert x_amax.numel() <= 4 * 132 and x_amax.dtype in (torch.float32, torch.int32)
         assert w_saved is f8.weight
         assert w_amax.numel() <= 4 * 132 and w_amax.dtype in (torch.float32, torch.int32)
 
@@ -225,10 +227,17 @@ def test_activation_checkpointing_gives_identical_gradients(save_fp8):
         assert torch.equal(ga, gb)
 
 
-def test_input_kept_by_its_producer_is_saved_as_is():
+def test_input_kept_by_its_producer_is_saved_as_is(monkeypatch):
     """exp saves its result for backward: a float8 copy of a view of it would only add memory,
-    so the layer saves the view itself and quantizes it again in backward, to the same bits.
+    so the layer saves the view itself and quantizes it again in backward, to the same bits,
+    reusing forward's amax (backward computes one amax: grad_output's).
     Under activation checkpointing (saved-tensor hooks) the layer saves as configured."""
+    import f8tensor.linear as linear_mod
+
+    amax_passes = []
+    real = linear_mod.quantize_with_amax
+    monkeypatch.setattr(linear_mod, "quantize_with_amax", lambda t, *a, amax=None, **k: amax_passes.append(
+        amax is None) or real(t, *a, amax=amax, **k))
     ref, f8 = pair()
     z = torch.randn(64, 256, device=DEVICE, requires_grad=True)
     grads = []
@@ -243,7 +252,9 @@ def test_input_kept_by_its_producer_is_saved_as_is():
             assert x_saved.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
         else:
             assert x_saved.dtype == torch.float8_e4m3fn
+        amax_passes.clear()
         out.square().sum().backward()
+        assert sum(amax_passes) == 1  # grad_output's; x's (if kept) and the weight's come from forward
         grads.append((out.detach(), z.grad, f8.weight.grad, f8.bias.grad))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
