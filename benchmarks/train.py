@@ -284,26 +284,28 @@ def run_mode(a, configs, ac, device, env, shape):
         print(f"{ac:<7} {config:<18} {done}", flush=True)
     if a.profile and device.type == "cuda":
         for config, run in runs.items():
-            profile_step(run.step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}")
+            profile_step(run.step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}",
+                         results[config]["step_ms"])
     write_rows(a.out, rows)
     runs.clear()
     free(device)
     return rows
 
 
-def profile_step(step, path, label):
-    """Every kernel of one step with its GPU time, appended to `path` under `label` (the top 25
-    printed). One file for all configurations: fewer files to carry off a remote machine."""
+def profile_step(step, path, label, step_ms):
+    """Every kernel of two consecutive steps with its GPU time, appended to `path` under `label`
+    (the top 25 printed). One file for all configurations: fewer files to carry off a remote
+    machine. GPU busy time per step against the timed (unprofiled) step time says how long the
+    GPU waited per step (for the CPU, or on a synchronization)."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
         step()
+        step()  # the second starts while the first still runs, as in training
         torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
-    # Busy time well under the step's wall time means the GPU waited for the CPU (host-bound).
-    summary = f"{len(kernels)} kernels, GPU busy {busy_ms:.1f} ms of a {wall_ms:.1f} ms step (profiled)"
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 2
+    summary = (f"{len(kernels) // 2} kernels per step, GPU busy {busy_ms:.1f} ms per step; timed step "
+               f"{step_ms:.1f} ms, so the GPU waited {step_ms - busy_ms:.1f} ms per step (table: two steps)")
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
     with open(path, "a") as f:
         f.write(f"== {label}: {summary}\n{table}\n")
