@@ -305,12 +305,47 @@ def profile_step(step, path, label, step_ms):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 2
     summary = (f"{len(kernels) // 2} kernels per step, GPU busy {busy_ms:.1f} ms per step; timed step "
-               f"{step_ms:.1f} ms, so the GPU waited {step_ms - busy_ms:.1f} ms per step (table: two steps)")
+               f"{step_ms:.1f} ms, so the GPU waited {step_ms - busy_ms:.1f} ms per step (table: two steps)\n"
+               + idle_gaps(kernels) + "\n" + sync_count(step))
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
     with open(path, "a") as f:
         f.write(f"== {label}: {summary}\n{table}\n")
     print(summary)
     print("\n".join(table.splitlines()[:28]))
+
+
+def idle_gaps(kernels, top=8) -> str:
+    """Where the GPU sat idle between two kernels of the profiled steps: the total, and the
+    longest gaps with the kernels on either side (the first kernel's wait for the CPU excluded)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    gaps, end, last = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    total = sum(g for g, _, _ in gaps) / 1e3
+    small = sum(g for g, _, _ in gaps if g < 20) / 1e3
+    lines = [f"idle between kernels: {total:.1f} ms over both steps, {small:.1f} ms of it in gaps < 20 us "
+             f"({sum(g < 20 for g, _, _ in gaps)} gaps); longest:"]
+    lines += [f"  {g / 1e3:7.3f} ms after {a[:60]} before {b[:60]}" for g, a, b in sorted(gaps, reverse=True)[:top]]
+    return "\n".join(lines)
+
+
+def sync_count(step) -> str:
+    """Host synchronizations in one step (CUDA sync debug mode): each stalls the CPU's run-ahead."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:100] for w in caught if "synchroniz" in str(w.message)]
+    return f"host synchronizations in one step: {len(syncs)}" + "".join(f"\n  {m}" for m in sorted(set(syncs)))
 
 
 def free(device, keep_compiled=False):
