@@ -7,7 +7,8 @@ eager and with each block compiled, under three activation-checkpointing modes.
 
 Each configuration builds a fresh model from the same seed (bf16 parameters, AdamW, cross-entropy on
 random tokens) and runs --warmup steps (compilation included). All configurations of one AC mode
-stay resident and are timed in --rounds interleaved rounds of --steps steps; the median round
+stay resident and are timed in --rounds interleaved rounds of --steps steps, each round after one
+untimed step (it settles the memory allocator after the other models' steps); the median round
 counts. Reported: tokens/s, its ratio to bf16 eager under the same AC mode, the peak CUDA memory
 of one step (this configuration's own: the other resident models are subtracted), the last loss. The
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
@@ -174,6 +175,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def alloc_retries(device) -> int:
+    """Allocations the caching allocator could satisfy only after freeing its cached blocks."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def allocated(device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
@@ -183,6 +189,7 @@ class Run:
 
     def __init__(self, a, config, ac, device):
         self.config, self.device, self.times = config, device, []
+        self.alloc_retries = self.settle_retries = 0
         # Collect first: a cycle of an earlier configuration freed during this one's warmup would
         # be counted against this configuration's resident memory.
         gc.collect()
@@ -227,19 +234,30 @@ class Run:
         return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": (fwd - others) / 1e9}
 
     def time_steps(self, steps):
+        # One untimed step first: the other resident configurations' cached blocks fill the
+        # allocator's pool with their sizes, and this configuration's first step after them
+        # frees and re-allocates (cudaFree synchronizes the device); in training, one model runs
+        # and its blocks stay cached. Timed steps that still had to do so are counted.
+        retries = alloc_retries(self.device)
+        self.step()
         sync(self.device)
+        self.settle_retries += alloc_retries(self.device) - retries
+        retries = alloc_retries(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             self.last_loss = self.step()
         sync(self.device)  # kernels are asynchronous: wait for the last step before reading the clock
         self.times.append((time.perf_counter() - t0) / steps)
+        self.alloc_retries += alloc_retries(self.device) - retries
 
     def result(self, a):
         step_s = statistics.median(self.times)
         fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
         return dict(tokens_per_s=a.batch * a.seq / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
-                    loss=self.last_loss.item(), fp8_linears=fp8, **self.peaks)
+                    loss=self.last_loss.item(), fp8_linears=fp8, alloc_retries=self.alloc_retries,
+                    settle_alloc_retries=self.settle_retries,
+                    **self.peaks)
 
 
 def failure(e) -> str:
@@ -344,7 +362,9 @@ def sync_count(step) -> str:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0][:100] for w in caught if "synchroniz" in str(w.message)]
+    # (the mode's own "prototype feature" notice is not a synchronization)
+    syncs = [str(w.message).splitlines()[0][:100] for w in caught
+             if "called a synchronizing CUDA operation" in str(w.message)]
     return f"host synchronizations in one step: {len(syncs)}" + "".join(f"\n  {m}" for m in sorted(set(syncs)))
 
 
@@ -411,6 +431,8 @@ def print_table(rows):
     for r in rows:
         cells = "".join(f"{fmt.format(r[key]) if r.get(key) is not None else '-':>10}" for _, key, fmt in cols)
         status = f"ok ({r['fp8_linears']} fp8 linears)" if r["status"] == "ok" else r["status"]
+        if r.get("alloc_retries"):  # the allocator freed its cache inside timed steps: slower
+            status += f", {r['alloc_retries']} allocator retries while timed"
         print(f"{r['ac']:<7} {r['config']:<18}{cells}  {status}")
 
 if __name__ == "__main__":
