@@ -8,7 +8,7 @@ eager and with each block compiled, under three activation-checkpointing modes.
 Each configuration builds a fresh model from the same seed (bf16 parameters, AdamW, cross-entropy on
 random tokens) and runs --warmup steps (compilation included). All configurations of one AC mode
 stay resident and are timed in --rounds interleaved rounds of --steps steps, each round after one
-untimed step (it settles the memory allocator after the other models' steps); the median round
+untimed step (a guard against allocator re-allocation after the other models' steps); the median round
 counts. Reported: tokens/s, its ratio to bf16 eager under the same AC mode, the peak CUDA memory
 of one step (this configuration's own: the other resident models are subtracted), the last loss. The
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
@@ -234,10 +234,10 @@ class Run:
         return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": (fwd - others) / 1e9}
 
     def time_steps(self, steps):
-        # One untimed step first: the other resident configurations' cached blocks fill the
-        # allocator's pool with their sizes, and this configuration's first step after them
-        # frees and re-allocates (cudaFree synchronizes the device); in training, one model runs
-        # and its blocks stay cached. Timed steps that still had to do so are counted.
+        # One untimed step first: after the other resident models' steps, the allocator's pool
+        # may lack this model's block sizes, and freeing cached blocks to make room synchronizes
+        # the device; in training one model runs and its blocks stay cached. Retries inside timed
+        # steps are counted and reported (none, in this step or the timed ones, at f40c5a9).
         retries = alloc_retries(self.device)
         self.step()
         sync(self.device)
@@ -312,9 +312,8 @@ def run_mode(a, configs, ac, device, env, shape):
 
 def profile_step(step, path, label, step_ms):
     """Every kernel of two consecutive steps with its GPU time, appended to `path` under `label`
-    (the top 25 printed). One file for all configurations: fewer files to carry off a remote
-    machine. GPU busy time per step against the timed (unprofiled) step time says how long the
-    GPU waited per step (for the CPU, or on a synchronization)."""
+    (the top 25 printed), with the GPU's idle gaps and the host synchronizations of a step. One
+    file for all configurations: fewer files to carry off a remote machine."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
@@ -322,8 +321,10 @@ def profile_step(step, path, label, step_ms):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 2
+    # Timed minus busy is the GPU's waiting plus any clock difference between the timed rounds
+    # and these two steps; the gaps below are the waiting alone.
     summary = (f"{len(kernels) // 2} kernels per step, GPU busy {busy_ms:.1f} ms per step; timed step "
-               f"{step_ms:.1f} ms, so the GPU waited {step_ms - busy_ms:.1f} ms per step (table: two steps)\n"
+               f"{step_ms:.1f} ms ({step_ms - busy_ms:.1f} ms more; table: two steps)\n"
                + idle_gaps(kernels) + "\n" + sync_count(step))
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
     with open(path, "a") as f:
