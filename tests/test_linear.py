@@ -165,7 +165,8 @@ def test_one_input_feeding_several_layers_is_quantized_once(monkeypatch):
     calls = []
     real = linear_mod._quantize
     # In forward, _quantize sees layer inputs only (the weight goes through quantize_with_amax).
-    monkeypatch.setattr(linear_mod, "_quantize", lambda t, dtype, *a: calls.append(dtype) or real(t, dtype, *a))
+    monkeypatch.setattr(linear_mod, "_quantize",
+                        lambda t, dtype, *a, **k: calls.append(dtype) or real(t, dtype, *a, **k))
     layers = [pair(in_f=64, out_f=64)[1] for _ in range(3)]
     x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
     outs = [layer(x) for layer in layers]  # q, k, v projections of one x
