@@ -36,6 +36,23 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
         assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
+def test_train_benchmark_runs_with_complex_rope(tmp_path):
+    out = tmp_path / "train.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
+           "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
+           "--steps", "1", "--warmup", "1", "--rounds", "1", "--configs", "bf16", "f8tensor",
+           "--ac-modes", "none", "full", "--rope", "complex", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "TRITON_INTERPRET": "1"})
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["ac"], r["config"], r["rope"], r["status"]) for r in rows] == [
+        (ac, c, "complex", "ok") for ac in ("none", "full") for c in ("bf16", "f8tensor")]
+    losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
+    assert abs(losses[("none", "f8tensor")] - losses[("none", "bf16")]) < 0.1
+    assert losses[("full", "bf16")] == pytest.approx(losses[("none", "bf16")])  # recomputation: same math
+
+
 def test_train_benchmark_rope_forms_rotate_alike():
     """--rope complex (Meta / torchtitan: adjacent pairs) is the rotate_half form (pairs i, i + D/2)
     with the head dimensions permuted: the two models differ in code, not in what they compute."""
