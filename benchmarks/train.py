@@ -238,17 +238,17 @@ class Run:
         # may lack this model's block sizes, and freeing cached blocks to make room synchronizes
         # the device; in training one model runs and its blocks stay cached. Retries inside timed
         # steps are counted and reported (none, in this step or the timed ones, at f40c5a9).
-        retries = alloc_retries(self.device)
+        before = alloc_retries(self.device)
         self.step()
         sync(self.device)
-        self.settle_retries += alloc_retries(self.device) - retries
-        retries = alloc_retries(self.device)
+        settled = alloc_retries(self.device)
+        self.settle_retries += settled - before
         t0 = time.perf_counter()
         for _ in range(steps):
             self.last_loss = self.step()
         sync(self.device)  # kernels are asynchronous: wait for the last step before reading the clock
         self.times.append((time.perf_counter() - t0) / steps)
-        self.alloc_retries += alloc_retries(self.device) - retries
+        self.alloc_retries += alloc_retries(self.device) - settled
 
     def result(self, a):
         step_s = statistics.median(self.times)

@@ -13,16 +13,23 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
-def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
+
+
+def run_train(tmp_path, *flags) -> list[dict]:
+    """benchmarks/train.py on a tiny model (bf16 and f8tensor, interpreted kernels): its rows."""
     out = tmp_path / "train.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
            "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
-           "--steps", "1", "--warmup", "1", "--rounds", "2", "--configs", "bf16", "f8tensor",
-           "--ac-modes", "none", "every2", "full", "--out", str(out)]
+           "--steps", "1", "--warmup", "1", "--configs", "bf16", "f8tensor", *flags, "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
                    env={**os.environ, "TRITON_INTERPRET": "1"})
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@CPU_ONLY
+def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
+    rows = run_train(tmp_path, "--rounds", "2", "--ac-modes", "none", "every2", "full")
     assert [(r["ac"], r["config"]) for r in rows] == [
         (ac, c) for ac in ("none", "every2", "full") for c in ("bf16", "f8tensor")]
     for r in rows:
@@ -36,16 +43,9 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
         assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
+@CPU_ONLY
 def test_train_benchmark_runs_with_complex_rope(tmp_path):
-    out = tmp_path / "train.jsonl"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
-           "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
-           "--steps", "1", "--warmup", "1", "--rounds", "1", "--configs", "bf16", "f8tensor",
-           "--ac-modes", "none", "full", "--rope", "complex", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
-                   env={**os.environ, "TRITON_INTERPRET": "1"})
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "none", "full", "--rope", "complex")
     assert [(r["ac"], r["config"], r["rope"], r["status"]) for r in rows] == [
         (ac, c, "complex", "ok") for ac in ("none", "full") for c in ("bf16", "f8tensor")]
     losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
