@@ -62,15 +62,18 @@ def _as_record(amax: torch.Tensor) -> torch.Tensor:
     number); int32 partials pass through (quantize_triton checks their shape)."""
     if amax.dtype == torch.int32:
         return amax
-    if amax.dtype != torch.float32 or amax.numel() != 1:
-        raise ValueError("amax must be a record returned by quantize_with_amax for this tensor")
-    return amax.reshape(1).view(torch.int32) & 0x7FFFFFFF
+    return _fp32_amax(amax).reshape(1).view(torch.int32) & 0x7FFFFFFF
 
 
 def _as_amax_value(amax: torch.Tensor) -> torch.Tensor:
     """Either kind of record as a 0-d fp32 max(|x|)."""
     if amax.dtype == torch.int32:
         return amax.max().view(torch.float32)
+    return _fp32_amax(amax)
+
+
+def _fp32_amax(amax: torch.Tensor) -> torch.Tensor:
+    """A record that is not int32 partials must be one fp32 max(|x|); as a 0-d tensor."""
     if amax.dtype != torch.float32 or amax.numel() != 1:
         raise ValueError("amax must be a record returned by quantize_with_amax for this tensor")
     return amax.reshape(())
