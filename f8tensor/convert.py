@@ -16,8 +16,9 @@ SKIP_REASON_ATTR = "_f8tensor_skip_reason"
 
 # Layers with a dimension this small or smaller stay bf16 by default: on an H200 their fp8
 # forward+backward was slower than bf16 (4096->1024: 0.26x-0.58x at M = 1024..16384; 8192->1024:
-# 0.32x-0.35x at M <= 4096 and 1.00x-1.17x at M = 16384, two runs), while every layer with both
-# dims >= 4096 gained 1.48x-1.73x at M = 16384 (docs/benchmarks.md, benchmarks/linear.py).
+# 0.29x-0.35x at M <= 4096) or gained little and unsteadily (8192->1024 at M = 16384: 1.00x-1.27x
+# over three runs), while every layer with both dims >= 4096 gained 1.48x-1.75x at M = 16384
+# (docs/benchmarks.md, benchmarks/linear.py).
 MIN_DEFAULT_DIM = 1024
 
 
