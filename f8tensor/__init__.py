@@ -5,10 +5,11 @@ from .config import Float8Config
 from .convert import conversion_summary, convert_to_float8_training
 from .linear import Float8Linear
 from .ops import scaled_mm
+from .swiglu import swiglu
 from .tensor import Float8Tensor, GemmRole, to_float8
 
 __all__ = [
     "Float8Config", "Float8Linear", "Float8Tensor", "GemmRole", "conversion_summary",
-    "convert_to_float8_training", "scaled_mm", "to_float8",
+    "convert_to_float8_training", "scaled_mm", "swiglu", "to_float8",
 ]
 __version__ = "0.1.0"

@@ -20,68 +20,27 @@ subclass, without a wrapper construction and a __torch_dispatch__ round trip per
 eager training would pay in host time on every layer.
 """
 
-import threading
-import weakref
-
 import torch
 from torch import nn
 
 from .config import Float8Config
 from .kernels import quantize_with_amax
 from .ops import scaled_mm_data
-
-
-class _Slot:
-    """One thread's cache entry (a plain object, so a weakref callback from any thread finds it)."""
-
-    __slots__ = ("ref", "key", "value")
-
-    def __init__(self):
-        self.ref = self.key = self.value = None
-
-
-class _SharedInput(threading.local):
-    """The last quantized layer input: q/k/v (and w1/w3) read the same tensor, quantize it once.
-
-    Keyed on the tensor object itself (a weak reference), its version counter (an in-place write
-    invalidates it) and the quantization settings; holds one entry, replaced by the next input and
-    dropped as soon as the input tensor is freed (so the float8 copies do not outlive their use).
-    """
-
-    def __init__(self):
-        self.slot = _Slot()
-
-    def get(self, x, key):
-        slot = self.slot
-        if slot.ref is not None and slot.ref() is x and slot.key == (x._version, *key):
-            return slot.value
-        return None
-
-    def put(self, x, key, value):
-        slot = self.slot
-
-        def drop(ref):
-            if slot.ref is ref:
-                slot.ref = slot.key = slot.value = None
-
-        slot.ref, slot.key, slot.value = weakref.ref(x, drop), (x._version, *key), value
-
-
-_shared_input = _SharedInput()
+from .tensor_cache import produced_amax, shared_input
 
 
 def _quantize_input(x, config, layouts):
     """x as (row | None, col | None, scale, amax record), reusing the previous layer's quantization
-    of the same x."""
-    # Inference tensors have no version counter, so an in-place write could not be detected.
-    if torch.compiler.is_compiling() or x.is_inference():
+    of the same x, and the amax its producer measured (f8tensor.swiglu's output)."""
+    if torch.compiler.is_compiling():
         return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
     key = (config, layouts)
-    cached = _shared_input.get(x, key) or _shared_input.get(x, (config, ("row", "col")))
+    cached = shared_input.get(x, key) or shared_input.get(x, (config, ("row", "col")))
     if cached is not None:
         return cached if layouts == ("row", "col") else (cached[0], None, *cached[2:])
-    value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
-    _shared_input.put(x, key, value)
+    value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts,
+                      amax=produced_amax.get(x))
+    shared_input.put(x, value, key)
     return value
 
 
@@ -170,6 +129,7 @@ class _Float8LinearFn(torch.autograd.Function):
         g_row, g_col, g_scale, _ = _quantize(
             g2d, config.backward_dtype, config,
             (("row",) if need_x else ()) + (("col",) if need_w else ()),
+            amax=None if torch.compiler.is_compiling() else produced_amax.get(grad_out),
         )
         grad_x = grad_w = grad_b = None
         # grad_w first, so g_col is freed before the weight's cast and grad_x are allocated:

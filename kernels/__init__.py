@@ -8,18 +8,21 @@ import functools
 
 import torch
 
-from .naive import EPS, FLOAT8_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref, scale_from_amax_ref
+from .naive import (EPS, FLOAT8_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref, scale_from_amax_ref,
+                    swiglu_backward_ref, swiglu_ref)
 
 try:
     from .quantize import quantize_triton, quantize_with_amax as _quantize_with_amax_triton
+    from .swiglu import swiglu_backward_triton, swiglu_triton
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
-    quantize_triton = _quantize_with_amax_triton = None
+    quantize_triton = _quantize_with_amax_triton = swiglu_triton = swiglu_backward_triton = None
 
 from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
-    "quantize_triton", "quantize_with_amax", "scale_from_amax_ref",
+    "quantize_triton", "quantize_with_amax", "scale_from_amax_ref", "swiglu_backward_ref",
+    "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
 
 
@@ -48,12 +51,37 @@ def quantize_with_amax(
     # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
     # take the reference, which gives the same bits.
     if x.is_cuda and has_float8_hardware(x.device):
-        if quantize_triton is None:
-            raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
+        _need_triton()
         amax = None if amax is None else _as_record(amax)
         return _quantize_with_amax_triton(x, float8_dtype, layout, power_of_2, amax=amax)
     amax = amax_ref(x) if amax is None else _as_amax_value(amax)
     return (*quantize_ref(x, float8_dtype, layout, power_of_2, amax=amax), amax)
+
+
+def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(a) * b, its amax record) for contiguous a, b of one shape and dtype: one pass on CUDA
+    (Triton), the reference elsewhere. The record goes to `quantize_with_amax` with that tensor."""
+    if a.is_cuda:
+        _need_triton()
+        return swiglu_triton(a, b)
+    h = swiglu_ref(a, b)
+    return h, amax_ref(h)
+
+
+def swiglu_backward_with_amax(
+    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_a, grad_b, record of grad_a, record of grad_b) of h = silu(a) * b given dh = g."""
+    if a.is_cuda:
+        _need_triton()
+        return swiglu_backward_triton(g, a, b)
+    grad_a, grad_b = swiglu_backward_ref(g, a, b)
+    return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
+
+
+def _need_triton():
+    if quantize_triton is None:
+        raise RuntimeError("f8tensor needs triton for CUDA tensors: pip install triton")
 
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:

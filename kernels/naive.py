@@ -82,3 +82,22 @@ def quantize_ref(
     row = data if layout in ("row", "both") else None
     col = to_col_major(data) if layout in ("col", "both") else None
     return row, col, scale
+
+
+# SwiGLU, fused with the amax of what it writes (swiglu.py). The math in fp32, one rounding to the
+# output dtype; the record each kernel returns is amax_ref of its output.
+
+def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h = silu(a) * b = a * sigmoid(a) * b."""
+    af = a.float()
+    return (af * torch.sigmoid(af) * b.float()).to(a.dtype)
+
+
+def swiglu_backward_ref(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh/da * g, dh/db * g): silu'(a) = s * (1 + a * (1 - s)) with s = sigmoid(a), as PyTorch's
+    silu_backward."""
+    gf, af, bf = g.float(), a.float(), b.float()
+    s = torch.sigmoid(af)
+    grad_a = gf * bf * (s * (1 + af * (1 - s)))
+    grad_b = gf * (af * s)
+    return grad_a.to(a.dtype), grad_b.to(b.dtype)

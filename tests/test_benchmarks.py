@@ -16,12 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
 
 
-def run_train(tmp_path, *flags) -> list[dict]:
-    """benchmarks/train.py on a tiny model (bf16 and f8tensor, interpreted kernels): its rows."""
+def run_train(tmp_path, *flags, configs=("bf16", "f8tensor")) -> list[dict]:
+    """benchmarks/train.py on a tiny model (interpreted kernels): its rows."""
     out = tmp_path / "train.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
            "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
-           "--steps", "1", "--warmup", "1", "--configs", "bf16", "f8tensor", *flags, "--out", str(out)]
+           "--steps", "1", "--warmup", "1", "--configs", *configs, *flags, "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
                    env={**os.environ, "TRITON_INTERPRET": "1"})
     return [json.loads(line) for line in out.read_text().splitlines()]
@@ -51,6 +51,17 @@ def test_train_benchmark_runs_with_complex_rope(tmp_path):
     losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
     assert abs(losses[("none", "f8tensor")] - losses[("none", "bf16")]) < 0.1
     assert losses[("full", "bf16")] == pytest.approx(losses[("none", "bf16")])  # recomputation: same math
+
+
+@CPU_ONLY
+def test_train_benchmark_runs_with_the_fused_gate(tmp_path):
+    configs = ("bf16", "bf16_swiglu", "f8tensor", "f8tensor_swiglu")
+    rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "full", configs=configs)
+    assert [(r["config"], r["status"], r["fp8_linears"]) for r in rows] == [
+        ("bf16", "ok", 0), ("bf16_swiglu", "ok", 0), ("f8tensor", "ok", 14), ("f8tensor_swiglu", "ok", 14)]
+    losses = {r["config"]: r["loss"] for r in rows}
+    assert losses["bf16_swiglu"] == pytest.approx(losses["bf16"], abs=0.02)  # one rounding fewer
+    assert losses["f8tensor_swiglu"] == pytest.approx(losses["bf16"], abs=0.1)
 
 
 def test_train_benchmark_rope_forms_rotate_alike():

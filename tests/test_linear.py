@@ -7,6 +7,7 @@ from torch import nn
 
 from f8tensor import Float8Config, Float8Linear
 from f8tensor.kernels import quantize_ref
+from f8tensor.tensor_cache import shared_input
 
 
 def pair(bias=True, in_f=256, out_f=512, dtype=torch.float32, config=None):
@@ -174,7 +175,7 @@ def test_one_input_feeding_several_layers_is_quantized_once(monkeypatch):
     want = [pair(in_f=64, out_f=64)[1] for _ in range(3)]
     for w, layer, out in zip(want, layers, outs):
         w.load_state_dict(layer.state_dict())
-        linear_mod._shared_input.put(torch.empty(0), (), None)  # forget: compute it afresh
+        shared_input.put(torch.empty(0), None)  # forget: compute it afresh
         assert torch.equal(w(x), out)
     sum(o.sum() for o in outs).backward()
     with torch.no_grad():
@@ -186,15 +187,13 @@ def test_one_input_feeding_several_layers_is_quantized_once(monkeypatch):
 
 def test_shared_input_cache_is_dropped_with_its_input():
     """The cached float8 copies of an input must not outlive it (they would add to peak memory)."""
-    import f8tensor.linear as linear_mod
-
     layer = pair(in_f=64, out_f=64)[1]
     x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
     h = x * 2  # a fresh activation, as a norm's output
     out = layer(h)
-    assert linear_mod._shared_input.slot.value is not None
+    assert shared_input.slots[0].value is not None
     del h  # autograd saved only the float8 copy, so the activation is freed here
-    assert linear_mod._shared_input.slot.value is None
+    assert shared_input.slots[0].value is None
     out.sum().backward()
     assert x.grad is not None
 

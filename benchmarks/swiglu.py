@@ -1,0 +1,91 @@
+"""Fused SwiGLU gate benchmark: f8tensor.swiglu's kernels vs what eager PyTorch runs in their place.
+
+    python benchmarks/swiglu.py [--out results/swiglu.jsonl] [--sweep]
+
+Forward: ours = one pass writing h and its amax record; eager = silu, mul, then the amax pass a
+Float8Linear would run on h; compiled = torch.compile of the reference plus amax (inductor's fusion).
+Backward: ours = one pass writing grad_a, grad_b and their records; eager = what autograd runs for
+F.silu(a) * b (two muls, silu's backward) plus the two amax passes. GPU times (CUDA graph replay);
+bytes: those the fused pass must move (forward 2 reads + 1 write, backward 3 reads + 2 writes), as a
+fraction of the copy bandwidth measured in the same run.
+"""
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from common import copy_bandwidth_tbps, environment, write_rows
+from f8tensor.kernels import swiglu_ref
+from f8tensor.kernels.op import amax_of_bits
+from f8tensor.kernels.swiglu import swiglu_backward_triton, swiglu_triton
+
+# [tokens, ffn]: Llama-3-8B's gate at 8192 and 16384 tokens, 70B's at 8192, a small one.
+SHAPES = [(8192, 14336), (16384, 14336), (8192, 28672), (4096, 4096)]
+SWEEP = [dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=4096, num_warps=8),
+         dict(block=8192, num_warps=8)]
+
+
+def gpu_ms(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=100)
+
+
+def eager_forward(a, b):
+    h = F.silu(a) * b
+    return h, h.abs().amax()
+
+
+def eager_backward(g, a, b, silu_a):
+    grad_b = g * silu_a
+    grad_a = torch.ops.aten.silu_backward(g * b, a)
+    return grad_a, grad_b, grad_a.abs().amax(), grad_b.abs().amax()
+
+
+def compiled_forward(a, b):
+    h = swiglu_ref(a, b)
+    return h, amax_of_bits(h)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/swiglu.jsonl")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    env = environment()
+    copy_bw = copy_bandwidth_tbps()
+    print(f"{env}\ncopy bandwidth {copy_bw:.3f} TB/s")
+    compiled = torch.compile(compiled_forward, dynamic=False)
+    rows = []
+    for M, N in SHAPES:
+        a, b, g = (torch.randn(M, N, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        silu_a = F.silu(a)
+        elem = a.numel() * a.element_size()
+        fwd_bytes, bwd_bytes = 3 * elem, 5 * elem
+        row = dict(env, bench="swiglu", shape=f"{M}x{N}", copy_tbps=copy_bw, fwd_bytes=fwd_bytes,
+                   bwd_bytes=bwd_bytes)
+        row["fwd_ms"] = gpu_ms(lambda: swiglu_triton(a, b))
+        row["bwd_ms"] = gpu_ms(lambda: swiglu_backward_triton(g, a, b))
+        row["eager_fwd_ms"] = gpu_ms(lambda: eager_forward(a, b))
+        row["eager_bwd_ms"] = gpu_ms(lambda: eager_backward(g, a, b, silu_a))
+        row["compiled_fwd_ms"] = gpu_ms(lambda: compiled(a, b))
+        row["fwd_pct_copy"] = 100 * fwd_bytes / row["fwd_ms"] / 1e9 / copy_bw
+        row["bwd_pct_copy"] = 100 * bwd_bytes / row["bwd_ms"] / 1e9 / copy_bw
+        if args.sweep:
+            for cfg in SWEEP:
+                tag = f"b{cfg['block']}w{cfg['num_warps']}"
+                row[f"sweep_fwd_{tag}_ms"] = gpu_ms(lambda: swiglu_triton(a, b, **cfg))
+                row[f"sweep_bwd_{tag}_ms"] = gpu_ms(lambda: swiglu_backward_triton(g, a, b, **cfg))
+        rows.append(row)
+        print(f"{M:>6}x{N:<6} fwd {row['fwd_ms']:.3f} ms ({row['fwd_pct_copy']:.0f}% copy) eager "
+              f"{row['eager_fwd_ms']:.3f} compiled {row['compiled_fwd_ms']:.3f} | bwd {row['bwd_ms']:.3f} ms "
+              f"({row['bwd_pct_copy']:.0f}% copy) eager {row['eager_bwd_ms']:.3f}"
+              + "".join(f" {k}={v:.3f}" for k, v in row.items() if k.startswith("sweep")), flush=True)
+        del a, b, g, silu_a
+    write_rows(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()

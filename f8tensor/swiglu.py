@@ -1,0 +1,56 @@
+"""swiglu(a, b) = silu(a) * b, the gate of a SwiGLU feed-forward, fused and float8-aware.
+
+    h = swiglu(w1(x), w3(x))        instead of  F.silu(w1(x)) * w3(x)
+    out = w2(h)
+
+In eager PyTorch the gate is three kernels forward (silu, mul) and backward (two muls, silu's
+backward), each a full pass over [tokens, ffn] tensors; then Float8Linear reads h (w2's input) and
+the two gradients (w1's and w3's grad_output) once more each for their amax. Here forward and
+backward are one pass each, and each measures the amax of what it writes, so those Float8Linear
+layers skip their amax passes (tensor_cache.produced_amax). Autograd saves a and b only (eager
+also saves silu(a)). Values: fp32 math, one rounding (eager rounds silu(a) first); on the GPU
+within one unit in the last place of the reference (`kernels.naive.swiglu_ref`).
+
+Under torch.compile it is the reference in plain ops, which inductor fuses with its neighbours.
+"""
+
+import torch
+
+from .kernels import swiglu_backward_with_amax, swiglu_ref, swiglu_with_amax
+from .tensor_cache import produced_amax
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        h, record = swiglu_with_amax(a, b)
+        produced_amax.put(h, record)
+        ctx.save_for_backward(a, b)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        grad_a, grad_b, record_a, record_b = swiglu_backward_with_amax(g.contiguous(), a, b)
+        produced_amax.put(grad_a, record_a)
+        produced_amax.put(grad_b, record_b)
+        need_a, need_b = ctx.needs_input_grad
+        return grad_a if need_a else None, grad_b if need_b else None
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for floating tensors of one shape, dtype and device (a non-contiguous one is
+    copied to contiguous first)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        raise TypeError(f"swiglu takes two tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(
+            "swiglu(a, b) needs a and b of one shape, dtype and device (no broadcasting), got "
+            f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
+    if a.dtype not in DTYPES:
+        raise TypeError(f"swiglu takes bfloat16, float16 or float32 tensors, got {a.dtype}")
+    if torch.compiler.is_compiling():
+        return swiglu_ref(a, b)
+    return _SwiGLUFn.apply(a.contiguous(), b.contiguous())

@@ -1,0 +1,61 @@
+"""Values remembered for a tensor while it lives and is not modified: weak, per thread, a few slots.
+
+Two uses, both so that work on a tensor's values is not repeated:
+- `shared_input`: the last quantized layer input (q/k/v, and w1/w3, read the same tensor and
+  quantize it once);
+- `produced_amax`: amax records that the kernel producing a tensor measured while writing it
+  (`f8tensor.swiglu`'s output and its gradients): the Float8Linear reading that tensor, as input
+  or as grad_output, skips its amax pass.
+
+An entry matches only the same tensor object (a weak reference: the entry goes when the tensor is
+freed) at the same version (an in-place write invalidates it), and the same extra key. Inference
+tensors have no version counter, so nothing is remembered for them.
+"""
+
+import threading
+import weakref
+
+import torch
+
+
+class _Slot:
+    """One entry (a plain object, so a weakref callback from any thread finds it)."""
+
+    __slots__ = ("ref", "key", "value")
+
+    def __init__(self):
+        self.ref = self.key = self.value = None
+
+
+class TensorCache(threading.local):
+    """`size` entries per thread, the oldest replaced first."""
+
+    def __init__(self, size: int):
+        self.slots = [_Slot() for _ in range(size)]
+        self.next = 0
+
+    def get(self, t: torch.Tensor, key: tuple = ()):
+        if t.is_inference():
+            return None
+        for slot in self.slots:
+            if slot.ref is not None and slot.ref() is t and slot.key == (t._version, *key):
+                return slot.value
+        return None
+
+    def put(self, t: torch.Tensor, value, key: tuple = ()):
+        if t.is_inference():
+            return
+        slot = self.slots[self.next]
+        self.next = (self.next + 1) % len(self.slots)
+
+        def drop(ref):
+            if slot.ref is ref:
+                slot.ref = slot.key = slot.value = None
+
+        slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, *key), value
+
+
+# One entry: its float8 copies are freed as soon as the next input replaces them.
+shared_input = TensorCache(1)
+# A few: swiglu's output in forward, its two gradients in backward (records are a few hundred bytes).
+produced_amax = TensorCache(4)

@@ -1,0 +1,121 @@
+"""SwiGLU, h = silu(a) * b, forward and backward each in one pass that also measures the amax of
+what it writes: the Float8Linear that reads h (w2), or the gradients (w1, w3), skips its amax pass.
+
+Reference: `naive.swiglu_ref`, `naive.swiglu_backward_ref` (fp32 math, one rounding to the output
+dtype; eager PyTorch rounds silu(a) to bf16 before the product). Triton's sigmoid uses the GPU's
+fast exp, so an output may differ from the reference by one unit in the last place; the amax
+record is exact for the kernel's own output: its partials, as `amax.amax_kernel` writes them (fp32
+bits of |x|, sign cleared, one per program), which the cast kernel reduces in its prologue.
+
+Elementwise over the flattened, contiguous tensors; a persistent grid of a few programs per SM,
+each striding over blocks, so the record has a few hundred partials whatever the size.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .amax import cdiv
+from .launch import Relaunch, relaunch_possible, specialization_key
+from .quantize import default_num_programs
+
+
+@triton.jit
+def _magnitude_bits(x):
+    # |x| as fp32 bits: integer order is float order, NaN above inf (as amax_kernel).
+    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def swiglu_kernel(a_ptr, b_ptr, h_ptr, amax_ptr, n, NUM_PROGRAMS, ITERS, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(ITERS):
+        offs = (pid + i * NUM_PROGRAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + offs, h, mask=mask)
+        acc = tl.maximum(acc, _magnitude_bits(h))  # masked lanes hold 0
+    tl.store(amax_ptr + pid, tl.max(acc, 0))
+
+
+@triton.jit
+def swiglu_backward_kernel(
+    g_ptr, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, amax_a_ptr, amax_b_ptr, n, NUM_PROGRAMS, ITERS,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc_a = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(ITERS):
+        offs = (pid + i * NUM_PROGRAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        grad_a = (g * b * (s * (1 + a * (1 - s)))).to(grad_a_ptr.dtype.element_ty)
+        grad_b = (g * (a * s)).to(grad_b_ptr.dtype.element_ty)
+        tl.store(grad_a_ptr + offs, grad_a, mask=mask)
+        tl.store(grad_b_ptr + offs, grad_b, mask=mask)
+        acc_a = tl.maximum(acc_a, _magnitude_bits(grad_a))
+        acc_b = tl.maximum(acc_b, _magnitude_bits(grad_b))
+    tl.store(amax_a_ptr + pid, tl.max(acc_a, 0))
+    tl.store(amax_b_ptr + pid, tl.max(acc_b, 0))
+
+
+BLOCK, NUM_WARPS = 2048, 8
+_RELAUNCH: dict = {}
+MAX_RELAUNCH = 1024
+
+
+def _launch(kernel, inputs, outputs, num_records, block=BLOCK, num_warps=NUM_WARPS):
+    """Run `kernel` over the contiguous `inputs` into `outputs`; returns its `num_records` records.
+
+    The first launch of a case goes through Triton; later ones through its C launcher directly
+    (launch.py), keyed on everything Triton specializes on: the ints by value, the inputs' 16-byte
+    alignment (outputs are fresh allocations), the dtype, the device and the knobs."""
+    n = inputs[0].numel()
+    device = inputs[0].device
+    programs = max(1, min(default_num_programs(device), cdiv(n, block)))
+    records = [torch.empty(programs, dtype=torch.int32, device=device) for _ in range(num_records)]
+    args = (*inputs, *outputs, *records, n, programs, cdiv(cdiv(n, block), programs), block)
+    key = None
+    if device.type == "cuda":
+        key = (kernel, inputs[0].dtype, n, tuple(t.data_ptr() % 16 == 0 for t in inputs), programs,
+               block, num_warps, *specialization_key())
+        relaunch = _RELAUNCH.get(key)
+        if relaunch is not None and relaunch_possible():
+            relaunch(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *args)
+            return records
+    compiled = kernel[(programs,)](*args[:-1], BLOCK=block, num_warps=num_warps)
+    if key is not None and relaunch_possible():
+        relaunch = Relaunch.capture(compiled, (programs,))
+        if relaunch is not None:
+            if len(_RELAUNCH) >= MAX_RELAUNCH:
+                _RELAUNCH.clear()
+            _RELAUNCH[key] = relaunch
+    return records
+
+
+def swiglu_triton(a: torch.Tensor, b: torch.Tensor, **blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, amax record of h) for contiguous a, b of one shape and dtype."""
+    h = torch.empty_like(a)
+    if a.numel() == 0:
+        return h, torch.zeros(1, dtype=torch.int32, device=a.device)
+    (record,) = _launch(swiglu_kernel, (a, b), (h,), 1, **blocks)
+    return h, record
+
+
+def swiglu_backward_triton(
+    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, **blocks
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_a, grad_b, record of grad_a, record of grad_b) for contiguous g, a, b of one shape."""
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    if a.numel() == 0:
+        zero = torch.zeros(1, dtype=torch.int32, device=a.device)
+        return grad_a, grad_b, zero, zero.clone()
+    record_a, record_b = _launch(swiglu_backward_kernel, (g, a, b), (grad_a, grad_b), 2, **blocks)
+    return grad_a, grad_b, record_a, record_b
