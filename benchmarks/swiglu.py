@@ -24,7 +24,8 @@ from f8tensor.kernels.swiglu import swiglu_backward_triton, swiglu_triton
 
 # [tokens, ffn]: Llama-3-8B's gate at 8192 and 16384 tokens, 70B's at 8192, a small one.
 SHAPES = [(8192, 14336), (16384, 14336), (8192, 28672), (4096, 4096)]
-SWEEP = [dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=4096, num_warps=8),
+SWEEP = [dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=2048, num_warps=8),
+         dict(block=4096, num_warps=8),
          dict(block=8192, num_warps=8)]
 
 
