@@ -11,7 +11,8 @@ layers skip their amax passes (tensor_cache.produced_amax). Autograd saves a and
 also saves silu(a)). Values: fp32 math, one rounding (eager rounds silu(a) first); on the GPU
 within one unit in the last place of the reference (`kernels.naive.swiglu_ref`).
 
-Under torch.compile it is the reference in plain ops, which inductor fuses with its neighbours.
+Under torch.compile it is the reference in plain ops, which inductor fuses with its neighbours;
+on tensor subclasses (DTensor, ...) too.
 """
 
 import torch
@@ -51,6 +52,12 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
     if a.dtype not in DTYPES:
         raise TypeError(f"swiglu takes bfloat16, float16 or float32 tensors, got {a.dtype}")
-    if torch.compiler.is_compiling():
+    # Tensor subclasses (DTensor under tensor parallelism, ...) get the reference in plain ops,
+    # which they implement; the kernels need plain tensors' memory.
+    if torch.compiler.is_compiling() or not (_plain(a) and _plain(b)):
         return swiglu_ref(a, b)
     return _SwiGLUFn.apply(a.contiguous(), b.contiguous())
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)

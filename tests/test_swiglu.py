@@ -123,6 +123,20 @@ def test_swiglu_on_non_contiguous_inputs_and_without_grad():
         assert produced_amax.get(swiglu(a, b)) is None
 
 
+def test_tensor_subclasses_get_the_reference_in_plain_ops():
+    """A subclass (DTensor under tensor parallelism) has no memory of its own for the kernels:
+    it gets the reference, in ops it implements, with autograd through them."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a, b, g = inputs((8, 96), torch.float32)
+    a2 = TwoTensor(a, a.clone()).requires_grad_()
+    h = swiglu(a2, TwoTensor(b, b.clone()))
+    assert isinstance(h, TwoTensor) and "SwiGLUFn" not in type(h.grad_fn).__name__
+    assert torch.equal(h.a, swiglu_ref(a, b)) and torch.equal(h.b, swiglu_ref(a, b))
+    (grad,) = torch.autograd.grad(h, (a2,), TwoTensor(g, g.clone()))
+    torch.testing.assert_close(grad.a, swiglu_backward_ref(g, a, b)[0], rtol=1e-5, atol=1e-8)
+
+
 def test_bad_inputs_name_the_problem():
     a = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="one shape, dtype and device"):
