@@ -8,8 +8,9 @@ backward), each a full pass over [tokens, ffn] tensors; then Float8Linear reads 
 the two gradients (w1's and w3's grad_output) once more each for their amax. Here forward and
 backward are one pass each, and each measures the amax of what it writes, so those Float8Linear
 layers skip their amax passes (tensor_cache.produced_amax). Autograd saves a and b only (eager
-also saves silu(a)). Values: fp32 math, one rounding (eager rounds silu(a) first); on the GPU
-within one unit in the last place of the reference (`kernels.naive.swiglu_ref`).
+also saves silu(a)). Values: fp32 math, one rounding (eager rounds silu(a) first); bf16/fp16
+outputs on the GPU within one unit in the last place of the reference (`kernels.naive.swiglu_ref`),
+fp32 ones within the fast exp's error.
 
 Under torch.compile it is the reference in plain ops, which inductor fuses with its neighbours;
 on tensor subclasses (DTensor, ...) too.
@@ -17,11 +18,9 @@ on tensor subclasses (DTensor, ...) too.
 
 import torch
 
-from .kernels import swiglu_backward_with_amax, swiglu_ref, swiglu_with_amax
+from .kernels import (INPUT_DTYPES, swiglu_backward_ref, swiglu_backward_with_amax, swiglu_ref,
+                      swiglu_with_amax)
 from .tensor_cache import produced_amax
-
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
@@ -34,9 +33,12 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        grad_a, grad_b, record_a, record_b = swiglu_backward_with_amax(g.contiguous(), a, b)
-        produced_amax.put(grad_a, record_a)
-        produced_amax.put(grad_b, record_b)
+        if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradients differentiate
+            grad_a, grad_b = swiglu_backward_ref(g, a, b)
+        else:
+            grad_a, grad_b, record_a, record_b = swiglu_backward_with_amax(g.contiguous(), a, b)
+            produced_amax.put(grad_a, record_a)
+            produced_amax.put(grad_b, record_b)
         need_a, need_b = ctx.needs_input_grad
         return grad_a if need_a else None, grad_b if need_b else None
 
@@ -50,7 +52,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             "swiglu(a, b) needs a and b of one shape, dtype and device (no broadcasting), got "
             f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
-    if a.dtype not in DTYPES:
+    if a.dtype not in INPUT_DTYPES:
         raise TypeError(f"swiglu takes bfloat16, float16 or float32 tensors, got {a.dtype}")
     # Tensor subclasses (DTensor under tensor parallelism, ...) get the reference in plain ops,
     # which they implement; the kernels need plain tensors' memory.

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .naive import (EPS, FLOAT8_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref, scale_from_amax_ref,
+from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref, scale_from_amax_ref,
                     swiglu_backward_ref, swiglu_ref)
 
 try:
@@ -51,7 +51,8 @@ def quantize_with_amax(
     # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
     # take the reference, which gives the same bits.
     if x.is_cuda and has_float8_hardware(x.device):
-        _need_triton()
+        if quantize_triton is None:
+            raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
         amax = None if amax is None else _as_record(amax)
         return _quantize_with_amax_triton(x, float8_dtype, layout, power_of_2, amax=amax)
     amax = amax_ref(x) if amax is None else _as_amax_value(amax)
@@ -60,9 +61,9 @@ def quantize_with_amax(
 
 def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(a) * b, its amax record) for contiguous a, b of one shape and dtype: one pass on CUDA
-    (Triton), the reference elsewhere. The record goes to `quantize_with_amax` with that tensor."""
-    if a.is_cuda:
-        _need_triton()
+    (Triton), the reference elsewhere or without triton. The record goes to `quantize_with_amax`
+    with that tensor."""
+    if a.is_cuda and swiglu_triton is not None:
         return swiglu_triton(a, b)
     h = swiglu_ref(a, b)
     return h, amax_ref(h)
@@ -72,16 +73,10 @@ def swiglu_backward_with_amax(
     g: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_a, grad_b, record of grad_a, record of grad_b) of h = silu(a) * b given dh = g."""
-    if a.is_cuda:
-        _need_triton()
+    if a.is_cuda and swiglu_backward_triton is not None:
         return swiglu_backward_triton(g, a, b)
     grad_a, grad_b = swiglu_backward_ref(g, a, b)
     return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
-
-
-def _need_triton():
-    if quantize_triton is None:
-        raise RuntimeError("f8tensor needs triton for CUDA tensors: pip install triton")
 
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:

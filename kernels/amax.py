@@ -17,6 +17,12 @@ import triton.language as tl
 
 
 @triton.jit
+def magnitude_bits(x):
+    """|x| as fp32 bits in int32: integer order is float order, every NaN above inf."""
+    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
 def amax_kernel(
     x_ptr, out_ptr, M, N, stride_m, stride_n, TILES_N, NUM_PROGRAMS, ITERS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr,
@@ -31,7 +37,7 @@ def amax_kernel(
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
         x = tl.load(ptrs, mask=mask, other=0.0)
-        acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        acc = tl.maximum(acc, magnitude_bits(x))
     result = tl.max(tl.max(acc, 1), 0)
     if ATOMIC:
         tl.atomic_max(out_ptr, result)

@@ -19,6 +19,7 @@ import torch
 EPS = 1e-12
 
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the kernels read
 LAYOUTS = ("row", "col", "both")
 
 

@@ -17,11 +17,10 @@ import torch
 from .amax import amax_partials, amax_programs
 from .cast import launch_cast
 from .launch import Relaunch, relaunch_possible, specialization_key
-from .naive import EPS, LAYOUTS, quantize_ref
+from .naive import EPS, INPUT_DTYPES, LAYOUTS, quantize_ref
 from .scale import INTERPRETING
 
 SWAPPED = {"row": "col", "col": "row", "both": "both"}
-INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.cache

@@ -3,7 +3,8 @@ what it writes: the Float8Linear that reads h (w2), or the gradients (w1, w3), s
 
 Reference: `naive.swiglu_ref`, `naive.swiglu_backward_ref` (fp32 math, one rounding to the output
 dtype; eager PyTorch rounds silu(a) to bf16 before the product). Triton's sigmoid uses the GPU's
-fast exp, so an output may differ from the reference by one unit in the last place; the amax
+fast exp, so a bf16/fp16 output may differ from the reference by one unit in the last place (fp32
+by the exp's error, which grows with |a|); the amax
 record is exact for the kernel's own output: its partials, as `amax.amax_kernel` writes them (fp32
 bits of |x|, sign cleared, one per program), which the cast kernel reduces in its prologue.
 
@@ -15,15 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .amax import cdiv
+from .amax import cdiv, magnitude_bits
 from .launch import Relaunch, relaunch_possible, specialization_key
 from .quantize import default_num_programs
-
-
-@triton.jit
-def _magnitude_bits(x):
-    # |x| as fp32 bits: integer order is float order, NaN above inf (as amax_kernel).
-    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -37,7 +32,7 @@ def swiglu_kernel(a_ptr, b_ptr, h_ptr, amax_ptr, n, NUM_PROGRAMS, ITERS, BLOCK: 
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h, mask=mask)
-        acc = tl.maximum(acc, _magnitude_bits(h))  # masked lanes hold 0
+        acc = tl.maximum(acc, magnitude_bits(h))  # masked lanes hold 0
     tl.store(amax_ptr + pid, tl.max(acc, 0))
 
 
@@ -60,8 +55,8 @@ def swiglu_backward_kernel(
         grad_b = (g * (a * s)).to(grad_b_ptr.dtype.element_ty)
         tl.store(grad_a_ptr + offs, grad_a, mask=mask)
         tl.store(grad_b_ptr + offs, grad_b, mask=mask)
-        acc_a = tl.maximum(acc_a, _magnitude_bits(grad_a))
-        acc_b = tl.maximum(acc_b, _magnitude_bits(grad_b))
+        acc_a = tl.maximum(acc_a, magnitude_bits(grad_a))
+        acc_b = tl.maximum(acc_b, magnitude_bits(grad_b))
     tl.store(amax_a_ptr + pid, tl.max(acc_a, 0))
     tl.store(amax_b_ptr + pid, tl.max(acc_b, 0))
 
@@ -87,8 +82,8 @@ def _launch(kernel, inputs, outputs, num_records, block, num_warps):
     args = (*inputs, *outputs, *records, n, programs, cdiv(cdiv(n, block), programs), block)
     key = None
     if device.type == "cuda":
-        key = (kernel, inputs[0].dtype, n, tuple(t.data_ptr() % 16 == 0 for t in inputs), programs,
-               block, num_warps, *specialization_key())
+        key = (kernel, n, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in inputs), device.index,
+               programs, block, num_warps, *specialization_key())
         relaunch = _RELAUNCH.get(key)
         if relaunch is not None and relaunch_possible():
             relaunch(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *args)
@@ -115,7 +110,8 @@ def swiglu_triton(a: torch.Tensor, b: torch.Tensor, **blocks) -> tuple[torch.Ten
 def swiglu_backward_triton(
     g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, **blocks
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_a, grad_b, record of grad_a, record of grad_b) for contiguous g, a, b of one shape."""
+    """(grad_a, grad_b, record of grad_a, record of grad_b) for contiguous g, a, b of one shape
+    (both gradients always: computing one alone would save only its store)."""
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     if a.numel() == 0:
         zero = torch.zeros(1, dtype=torch.int32, device=a.device)
