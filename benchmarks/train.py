@@ -13,7 +13,8 @@ counts. Reported: tokens/s, its ratio to bf16 eager under the same AC mode, the 
 of one step (this configuration's own: the other resident models are subtracted), the last loss. The
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
 error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
-configurations run only when named in --configs.
+configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu (only when named)
+run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x)).
 """
 
 import argparse
