@@ -32,8 +32,6 @@ from .tensor_cache import produced_amax, shared_input
 def _quantize_input(x, config, layouts):
     """x as (row | None, col | None, scale, amax record), reusing the previous layer's quantization
     of the same x, and the amax its producer measured (f8tensor.swiglu's output)."""
-    if torch.compiler.is_compiling():
-        return _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts)
     key = (config, layouts)
     cached = shared_input.get(x, key) or shared_input.get(x, (config, ("row", "col")))
     if cached is not None:
@@ -129,7 +127,7 @@ class _Float8LinearFn(torch.autograd.Function):
         g_row, g_col, g_scale, _ = _quantize(
             g2d, config.backward_dtype, config,
             (("row",) if need_x else ()) + (("col",) if need_w else ()),
-            amax=None if torch.compiler.is_compiling() else produced_amax.get(grad_out),
+            amax=produced_amax.get(grad_out),
         )
         grad_x = grad_w = grad_b = None
         # grad_w first, so g_col is freed before the weight's cast and grad_x are allocated:

@@ -22,6 +22,7 @@ from .kernels import (INPUT_DTYPES, swiglu_backward_ref, swiglu_backward_with_am
                       swiglu_with_amax)
 from .tensor_cache import produced_amax
 
+
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):

@@ -8,8 +8,9 @@ Two uses, both so that work on a tensor's values is not repeated:
   or as grad_output, skips its amax pass.
 
 An entry matches only the same tensor object (a weak reference: the entry goes when the tensor is
-freed) at the same version (an in-place write invalidates it), and the same extra key. Inference
-tensors have no version counter, so nothing is remembered for them.
+freed) at the same version (an in-place write invalidates it), and the same extra key. Nothing is
+remembered for inference tensors (no version counter) nor while torch.compile traces (traced
+tensors stand for every call's tensors: identity and version mean nothing there).
 """
 
 import threading
@@ -35,7 +36,7 @@ class TensorCache(threading.local):
         self.next = 0
 
     def get(self, t: torch.Tensor, key: tuple = ()):
-        if t.is_inference():
+        if _untracked(t):
             return None
         for slot in self.slots:
             if slot.ref is not None and slot.ref() is t and slot.key == (t._version, *key):
@@ -43,7 +44,7 @@ class TensorCache(threading.local):
         return None
 
     def put(self, t: torch.Tensor, value, key: tuple = ()):
-        if t.is_inference():
+        if _untracked(t):
             return
         slot = self.slots[self.next]
         self.next = (self.next + 1) % len(self.slots)
@@ -53,6 +54,10 @@ class TensorCache(threading.local):
                 slot.ref = slot.key = slot.value = None
 
         slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, *key), value
+
+
+def _untracked(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or t.is_inference()
 
 
 # One entry: its float8 copies are freed as soon as the next input replaces them.

@@ -8,8 +8,8 @@ import functools
 
 import torch
 
-from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref, scale_from_amax_ref,
-                    swiglu_backward_ref, swiglu_ref)
+from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref,
+                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
 
 try:
     from .quantize import quantize_triton, quantize_with_amax as _quantize_with_amax_triton
