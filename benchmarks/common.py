@@ -39,6 +39,14 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e9
 
 
+def environment_and_copy_bandwidth() -> tuple[dict, float]:
+    """A kernel benchmark's header: the environment row and this run's copy bandwidth, printed."""
+    env = environment()
+    copy_bw = copy_bandwidth_tbps()
+    print(f"{env}\ncopy bandwidth {copy_bw:.3f} TB/s")
+    return env, copy_bw
+
+
 def write_rows(path: str, rows: list[dict]):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:

@@ -13,7 +13,7 @@ import time
 import torch
 import triton
 
-from common import bench_ms, copy_bandwidth_tbps, environment, write_rows
+from common import bench_ms, environment_and_copy_bandwidth, write_rows
 from f8tensor.kernels import quantize_ref
 from f8tensor.kernels.quantize import quantize_triton
 
@@ -33,9 +33,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    env = environment()
-    copy_bw = copy_bandwidth_tbps()
-    print(f"{env}\ncopy bandwidth {copy_bw:.3f} TB/s")
+    env, copy_bw = environment_and_copy_bandwidth()
     torch._dynamo.config.recompile_limit = 1000  # one compiled graph per shape and mode
     compiled = torch.compile(quantize_ref, dynamic=False)
     rows = []

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from common import copy_bandwidth_tbps, environment, write_rows
+from common import environment_and_copy_bandwidth, write_rows
 from f8tensor.kernels import swiglu_ref
 from f8tensor.kernels.amax import amax_partials
 from f8tensor.kernels.op import amax_of_bits
@@ -61,9 +61,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    env = environment()
-    copy_bw = copy_bandwidth_tbps()
-    print(f"{env}\ncopy bandwidth {copy_bw:.3f} TB/s")
+    env, copy_bw = environment_and_copy_bandwidth()
     compiled = torch.compile(compiled_forward, dynamic=False)
     rows = []
     for M, N in SHAPES:
