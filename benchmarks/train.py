@@ -14,10 +14,13 @@ of one step (this configuration's own: the other resident models are subtracted)
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
 error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
 configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu (only when named)
-run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x)).
+run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x)). --power
+(CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
+GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -30,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common import environment, write_rows
+from power import PowerLog, summarize
 from f8tensor import convert_to_float8_training, swiglu
 from f8tensor.convert import default_skip_reason
 
@@ -197,7 +201,7 @@ class Run:
     """One configuration, built, warmed up and kept resident while the others are timed."""
 
     def __init__(self, a, config, ac, device):
-        self.config, self.device, self.times = config, device, []
+        self.config, self.device, self.times, self.spans = config, device, [], []
         self.alloc_retries = self.settle_retries = 0
         # Collect first: a cycle of an earlier configuration freed during this one's warmup would
         # be counted against this configuration's resident memory.
@@ -252,11 +256,12 @@ class Run:
         sync(self.device)
         settled = alloc_retries(self.device)
         self.settle_retries += settled - before
-        t0 = time.perf_counter()
+        wall0, t0 = time.time(), time.perf_counter()
         for _ in range(steps):
             self.last_loss = self.step()
         sync(self.device)  # kernels are asynchronous: wait for the last step before reading the clock
         self.times.append((time.perf_counter() - t0) / steps)
+        self.spans.append((wall0, time.time()))  # for --power: which samples fall in this round
         self.alloc_retries += alloc_retries(self.device) - settled
 
     def result(self, a):
@@ -287,16 +292,24 @@ def run_mode(a, configs, ac, device, env, shape):
             status[config] = failure(e)
         if config in status:  # outside except: the traceback no longer pins the failed model
             free(device, keep_compiled=True)
-    for _ in range(a.rounds):
-        for config, run in list(runs.items()):
-            try:
-                run.time_steps(a.steps)
-            except Exception as e:  # noqa: BLE001
-                status[config] = failure(e)
-                del runs[config]
-            if config in status:
-                free(device, keep_compiled=True)
+    with PowerLog(torch.cuda.current_device()) if a.power else contextlib.nullcontext() as log:
+        for _ in range(a.rounds):
+            for config, run in list(runs.items()):
+                try:
+                    run.time_steps(a.steps)
+                except Exception as e:  # noqa: BLE001
+                    status[config] = failure(e)
+                    del runs[config]
+                if config in status:
+                    free(device, keep_compiled=True)
     results = {config: run.result(a) for config, run in runs.items()}
+    if log is not None:
+        samples = log.samples()
+        if not samples:
+            print(f"--power: nvidia-smi gave no samples ({log.error or 'no message'})", flush=True)
+        for config, run in runs.items():
+            results[config].update(summarize(samples, run.spans, results[config]["step_ms"] / 1e3),
+                                   power_field=log.power_field)
     base = results["bf16"]["tokens_per_s"] if "bf16" in results else None
     rows = []
     for config in configs:
@@ -415,7 +428,12 @@ def main():
     ap.add_argument("--out", default="results/train.jsonl")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile one step per configuration (CUDA only)")
+    ap.add_argument("--power", action="store_true",
+                    help="sample SM clock and power (nvidia-smi) during the timed rounds; each row gets "
+                         "the median clock, mean power, energy per step and power-capped fraction (CUDA only)")
     a = ap.parse_args()
+    if a.power and not torch.cuda.is_available():
+        ap.error("--power samples a CUDA GPU's clock and power: no CUDA device here")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 1000
@@ -424,7 +442,7 @@ def main():
     configs = sorted(a.configs or default_configs(device), key=CONFIGS.index)
     env = environment()
     print(env)
-    shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out", "profile")}
+    shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out", "profile", "power")}
     # (f8_filter rides along in `shape`: it is part of what was measured)
     rows = []
     for ac in [a.ac] if a.ac else a.ac_modes:
@@ -438,6 +456,9 @@ def print_table(rows):
     cols = [("tok/s", "tokens_per_s", "{:.0f}"), ("vs bf16", "vs_bf16", "{:.3f}"),
             ("step ms", "step_ms", "{:.1f}"), ("peak GB", "peak_gb", "{:.2f}"),
             ("fwd peak", "peak_fwd_gb", "{:.2f}"), ("loss", "loss", "{:.3f}")]
+    if any("sm_mhz_median" in r for r in rows):  # --power
+        cols += [("SM MHz", "sm_mhz_median", "{:.0f}"), ("W", "power_w_mean", "{:.0f}"),
+                 ("J/step", "energy_j_per_step", "{:.1f}"), ("capped", "power_capped_frac", "{:.2f}")]
     print(f"{'ac':<7} {'config':<18}" + "".join(f"{name:>10}" for name, _, _ in cols) + "  status")
     for r in rows:
         cells = "".join(f"{fmt.format(r[key]) if r.get(key) is not None else '-':>10}" for _, key, fmt in cols)

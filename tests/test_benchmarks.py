@@ -80,3 +80,26 @@ def test_train_benchmark_rope_forms_rotate_alike():
     pairs = train.apply_rope_complex(x[..., perm], train.rope_freqs_cis(seq, head_dim))
     torch.testing.assert_close(pairs, half[..., perm])
     assert not torch.allclose(half, x)  # it does rotate
+
+
+def test_power_samples_parse_and_summarize_per_span():
+    """--power's arithmetic: nvidia-smi lines parsed (unfilled ones left out), and only the samples
+    inside a configuration's timed spans counted."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import power
+    finally:
+        sys.path.pop(0)
+    text = ("2026/11/29 04:14:32.100, 1980, 130.5, 0x0000000000000000\n"
+            "2026/11/29 04:14:32.200, 1500, 690.0, 0x0000000000000004\n"
+            "2026/11/29 04:14:32.300, [N/A], 695.0, 0x0000000000000004\n"
+            "2026/11/29 04:14:32.400, 1600, 700.0, 0x0000000000000000\n"
+            "garbage\n")
+    samples = power.parse_samples(text)
+    assert [(s[1], s[2], s[3]) for s in samples] == [(1980, 130.5, 0), (1500, 690.0, 4), (1600, 700.0, 0)]
+    t0 = samples[0][0]
+    assert samples[1][0] - t0 == pytest.approx(0.1, abs=1e-5)  # float seconds since 1970
+    stats = power.summarize(samples, [(t0 + 0.05, t0 + 0.35)], step_s=0.2)
+    assert stats == {"power_samples": 2, "sm_mhz_median": 1550, "power_w_mean": 695.0,
+                     "energy_j_per_step": pytest.approx(139.0), "power_capped_frac": 0.5}
+    assert power.summarize(samples, [(t0 + 5, t0 + 6)], step_s=0.2) == {"power_samples": 0}
