@@ -325,22 +325,29 @@ def run_mode(a, configs, ac, device, env, shape):
     if a.profile and device.type == "cuda":
         for config, run in runs.items():
             profile_step(run.step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}",
-                         results[config]["step_ms"])
+                         results[config]["step_ms"], a.power)
     write_rows(a.out, rows)
     runs.clear()
     free(device)
     return rows
 
 
-def profile_step(step, path, label, step_ms):
+def profile_step(step, path, label, step_ms, power=False, lead=3):
     """Every kernel of two consecutive steps with its GPU time, appended to `path` under `label`
     (the top 25 printed), with the GPU's idle gaps and the host synchronizations of a step. One
-    file for all configurations: fewer files to carry off a remote machine."""
+    file for all configurations: fewer files to carry off a remote machine.
+
+    `lead` unprofiled steps are queued first, without a synchronization, so the profiled steps run
+    on a GPU already drawing training's power, at the clock of the timed rounds (at the power
+    limit a GPU that just idled starts faster). With `power`, the SM clock during them is given."""
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        step()  # the second starts while the first still runs, as in training
-        torch.cuda.synchronize()
+    with PowerLog(torch.cuda.current_device()) if power else contextlib.nullcontext() as log:
+        for _ in range(lead):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            step()  # the second starts while the first still runs, as in training
+            torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / 2
     # Timed minus busy is the GPU's waiting plus any clock difference between the timed rounds
@@ -348,6 +355,11 @@ def profile_step(step, path, label, step_ms):
     summary = (f"{len(kernels) // 2} kernels per step, GPU busy {busy_ms:.1f} ms per step; timed step "
                f"{step_ms:.1f} ms ({step_ms - busy_ms:.1f} ms more; table: two steps)\n"
                + idle_gaps(kernels) + "\n" + sync_count(step))
+    if log is not None:
+        samples = log.samples()
+        clock = summarize(samples, [(samples[0][0], samples[-1][0])], 1.0)["sm_mhz_median"] if samples else None
+        summary += ("\nSM clock during the lead and profiled steps: "
+                    + (f"median {clock:.0f} MHz ({len(samples)} samples)" if samples else "no samples"))
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=-1, max_name_column_width=90)
     with open(path, "a") as f:
         f.write(f"== {label}: {summary}\n{table}\n")
