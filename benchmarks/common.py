@@ -1,8 +1,10 @@
 """Shared benchmark plumbing: environment row, timing, copy bandwidth, result files."""
 
+import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 
 import torch
@@ -21,8 +23,25 @@ def environment() -> dict:
             pass
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-        "torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown",
+        "torch": torch.__version__, "triton": triton.__version__, "torchao": _version("torchao"),
+        "cuda_driver": _driver_version(), "commit": commit or "unknown",
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver (nvidia-smi's driver_version), or None without one."""
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    return out[0] if out else None
 
 
 def bench_ms(fn, warmup=25, rep=100) -> float:

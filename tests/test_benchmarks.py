@@ -3,6 +3,7 @@ a GPU session spends its time on it."""
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -103,3 +104,22 @@ def test_power_samples_parse_and_summarize_per_span():
     assert stats == {"power_samples": 2, "sm_mhz_median": 1550, "power_w_mean": 695.0,
                      "energy_j_per_step": pytest.approx(139.0), "power_capped_frac": 0.5}
     assert power.summarize(samples, [(t0 + 5, t0 + 6)], step_s=0.2) == {"power_samples": 0}
+
+
+def test_profile_classes_sum_to_the_profiled_busy_time():
+    """benchmarks/profile_classes.py (the docs' per-class table) loses no kernel row: per
+    configuration its classes add up to the GPU busy time train.py --profile wrote."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import profile_classes
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(ROOT, "docs", "data", "train_steady_profile.txt")) as f:
+        text = f.read()
+    busy = [float(m) for m in re.findall(r"GPU busy ([\d.]+) ms per step", text)]
+    found = list(profile_classes.sections(text))
+    assert [label for label, _ in found] == [
+        "bf16 ac=none", "f8tensor ac=none", "f8tensor_swiglu ac=none", "torchao_compiled ac=none"]
+    for (label, classes), ms in zip(found, busy, strict=True):
+        assert sum(t for t, _ in classes.values()) == pytest.approx(ms, abs=0.1), label
+    assert found[2][1]["f8tensor: swiglu_kernel"][1] == 8  # one launch per layer
