@@ -14,7 +14,9 @@ of one step (this configuration's own: the other resident models are subtracted)
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
 error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
 configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu (only when named)
-run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x)). --power
+run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x));
+f8tensor_keepweight (only when named) uses Float8Config(keep_fp8_weight=True). --grad-accum N makes
+each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
 GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
 """
@@ -34,13 +36,15 @@ from torch.utils.checkpoint import checkpoint
 
 from common import environment, write_rows
 from power import PowerLog, summarize
-from f8tensor import convert_to_float8_training, swiglu
+from f8tensor import Float8Config, convert_to_float8_training, swiglu
 from f8tensor.convert import default_skip_reason
 
 # *_swiglu: the model's feed-forward gate is f8tensor.swiglu (fused, float8-aware) instead of
 # F.silu(w1(x)) * w3(x); a one-line change of model code, the others run the model as written.
-CONFIGS = ["bf16", "bf16_swiglu", "bf16_compiled", "f8tensor", "f8tensor_swiglu", "f8tensor_compiled",
-           "torchao", "torchao_compiled"]
+# f8tensor_keepweight: Float8Config(keep_fp8_weight=True), the weight cast once per optimizer step
+# (pays with --grad-accum > 1 and with activation checkpointing).
+CONFIGS = ["bf16", "bf16_swiglu", "bf16_compiled", "f8tensor", "f8tensor_swiglu", "f8tensor_keepweight",
+           "f8tensor_compiled", "torchao", "torchao_compiled"]
 
 
 def rope_tables(seq, head_dim, theta=500000.0):
@@ -168,11 +172,13 @@ def build(a, config, ac, device):
     for block in model.layers:
         block.feed_forward.fused_gate = config.endswith("_swiglu")
     if config.startswith("f8tensor"):
+        f8_config = Float8Config(keep_fp8_weight=config.endswith("_keepweight"))
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
-                model, module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
+                model, config=f8_config,
+                module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
         else:  # every linear but the output, as torchao is converted here
-            convert_to_float8_training(model, module_filter_fn=not_output)
+            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output)
     elif config.startswith("torchao"):
         from torchao.float8 import convert_to_float8_training as ao_convert  # ImportError: reported
         ao_convert(model, module_filter_fn=not_output)
@@ -202,6 +208,7 @@ class Run:
 
     def __init__(self, a, config, ac, device):
         self.config, self.device, self.times, self.spans = config, device, [], []
+        self.grad_accum = a.grad_accum
         self.alloc_retries = self.settle_retries = 0
         # Collect first: a cycle of an earlier configuration freed during this one's warmup would
         # be counted against this configuration's resident memory.
@@ -224,8 +231,10 @@ class Run:
         return F.cross_entropy(self.model(self.inputs).flatten(0, 1).float(), self.labels.flatten())
 
     def step(self):
-        loss = self.loss()
-        loss.backward()
+        """One optimizer step over --grad-accum micro-batches (the same tokens each: throughput only)."""
+        for _ in range(self.grad_accum):
+            loss = self.loss()
+            (loss / self.grad_accum).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -237,9 +246,11 @@ class Run:
         torch.cuda.synchronize()
         others = allocated(self.device) - self.resident
         torch.cuda.reset_peak_memory_stats()
-        loss = self.loss()
-        fwd = torch.cuda.max_memory_allocated()
-        loss.backward()
+        for i in range(self.grad_accum):
+            loss = self.loss()
+            if i == 0:
+                fwd = torch.cuda.max_memory_allocated()
+            (loss / self.grad_accum).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -267,7 +278,7 @@ class Run:
     def result(self, a):
         step_s = statistics.median(self.times)
         fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
-        return dict(tokens_per_s=a.batch * a.seq / step_s, step_ms=step_s * 1e3,
+        return dict(tokens_per_s=a.batch * a.seq * a.grad_accum / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
                     loss=self.last_loss.item(), fp8_linears=fp8, alloc_retries=self.alloc_retries,
                     settle_alloc_retries=self.settle_retries,
@@ -426,7 +437,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag, default in [("layers", 8), ("dim", 4096), ("heads", 32), ("kv-heads", 8), ("ffn", 14336),
                           ("vocab", 128256), ("batch", 2), ("seq", 4096), ("steps", 10), ("warmup", 3),
-                          ("rounds", 3), ("seed", 0)]:
+                          ("rounds", 3), ("seed", 0), ("grad-accum", 1)]:
         ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all that can run here")
     ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")

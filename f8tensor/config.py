@@ -26,6 +26,12 @@ class Float8Config:
     # high-precision input and weight and quantize them again in backward (friendlier to
     # activation-checkpointing policies that decide what to keep by dtype or identity).
     save_fp8_for_backward: bool = True
+    # Keep each weight's float8 copies (both layouts, cast in one pass) while the weight is
+    # unchanged: gradient-accumulation micro-batches and activation-checkpoint recomputation reuse
+    # them. Dropped on in-place writes and on every torch.optim step; costs 2 bytes per parameter
+    # until the next optimizer step. Plain-tensor weights only (not DTensor); see weight_cache.py
+    # for the writes it cannot see (.data, FSDP2-sharded parameters outside an optimizer step).
+    keep_fp8_weight: bool = False
     # Round every scale down to a power of two (exact scaling, slightly less range used).
     power_of_2_scale: bool = False
     # Run the GEMMs in high precision on dequantized operands, for devices without fp8 GEMMs.

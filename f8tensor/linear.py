@@ -12,7 +12,8 @@ cost, with forward's amax record, and cast column-major again in backward in one
 The weight is cast row-major in forward and column-major in backward, from the parameter itself,
 so no float8 copy of it is held between forward and backward; backward reuses forward's amax of
 the weight (autograd guarantees the saved parameter was not modified in between), so its cast
-is one pass.
+is one pass. With config.keep_fp8_weight both layouts are cast once, in one pass, and kept while
+the weight is unchanged (weight_cache.py): micro-batches and recomputation reuse them.
 
 The autograd function works on raw float8 data and scales, not on Float8Tensor wrappers: the same
 kernels and the same GEMM routine (`ops.scaled_mm_data`, which checks CUDA's rules) as the tensor
@@ -27,6 +28,7 @@ from .config import Float8Config
 from .kernels import quantize_with_amax
 from .ops import scaled_mm_data
 from .tensor_cache import produced_amax, shared_input
+from .weight_cache import fp8_weight
 
 
 def _quantize_input(x, config, layouts):
@@ -94,11 +96,19 @@ class _Float8LinearFn(torch.autograd.Function):
             need_w_grad and not torch.compiler.is_compiling() and _kept_by_producer(x))
         x_row, x_col, x_scale, x_amax = _quantize_input(
             x, config, ("row", "col") if need_w_grad and save_fp8 else ("row",))
-        # The weight is quantized row-major here and column-major again in backward from the
-        # parameter itself: saving the fp8 copy would add a byte per parameter to peak memory,
-        # re-casting costs one read of the weight. An fp32 weight (autocast) is cast from fp32.
-        w_row, _, w_scale, w_amax = quantize_with_amax(
-            weight, config.forward_dtype, "row", config.power_of_2_scale)
+        # By default the weight is quantized row-major here and column-major again in backward
+        # from the parameter itself: saving the fp8 copy would add a byte per parameter to peak
+        # memory, re-casting costs one read of the weight. With keep_fp8_weight both layouts are
+        # cast once and kept while the weight is unchanged (weight_cache.py); backward reads the
+        # kept column-major copy. An fp32 weight (autocast) is cast from fp32.
+        keep_weight = config.keep_fp8_weight and not torch.compiler.is_compiling()
+        if keep_weight:
+            w_row, w_col, w_scale = fp8_weight(weight, config)
+            w_saved, w_info = (w_col, w_scale) if need_x_grad else (None, None)
+        else:
+            w_row, _, w_scale, w_amax = quantize_with_amax(
+                weight, config.forward_dtype, "row", config.power_of_2_scale)
+            w_saved, w_info = (weight, w_amax) if need_x_grad else (None, None)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
                              config, None if bias is None else bias.to(x.dtype))
         # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
@@ -107,8 +117,10 @@ class _Float8LinearFn(torch.autograd.Function):
             saved_x, x_info = (x_col, x_scale) if need_w_grad else (None, None)
         else:
             saved_x, x_info = (x.reshape(-1, x.shape[-1]), x_amax) if need_w_grad else (None, None)
-        ctx.save_for_backward(saved_x, x_info, weight if need_x_grad else None, w_amax if need_x_grad else None)
+        # w_info: the scale of the kept float8 weight, or the amax record of the weight itself.
+        ctx.save_for_backward(saved_x, x_info, w_saved, w_info)
         ctx.config = config
+        ctx.kept_weight = keep_weight
         ctx.saved_fp8 = save_fp8
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
@@ -119,7 +131,7 @@ class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         config = ctx.config
-        x_col, x_scale, weight, w_amax = ctx.saved_tensors
+        x_col, x_scale, weight, w_info = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if need_w and not ctx.saved_fp8:  # x_col is x itself, x_scale its amax record
             _, x_col, x_scale, _ = _quantize(x_col, config.forward_dtype, config, ("col",), amax=x_scale)
@@ -137,9 +149,11 @@ class _Float8LinearFn(torch.autograd.Function):
                                     config.fast_accum_grad_weight, config).to(ctx.weight_dtype)
             del g_col
         if need_x:
-            # Same values as in forward (autograd checked the version): forward's amax, one pass.
-            _, w_col, w_scale, _ = quantize_with_amax(
-                weight, config.forward_dtype, "col", config.power_of_2_scale, amax=w_amax)
+            if ctx.kept_weight:  # the kept column-major copy and its scale
+                w_col, w_scale = weight, w_info
+            else:  # same values as in forward (autograd checked the version): forward's amax, one pass
+                _, w_col, w_scale, _ = quantize_with_amax(
+                    weight, config.forward_dtype, "col", config.power_of_2_scale, amax=w_info)
             grad_x = scaled_mm_data(g_row, g_scale, w_col, w_scale, grad_out.dtype,
                                     config.fast_accum_grad_input, config).view(ctx.x_shape)
         if need_b:
@@ -179,6 +193,11 @@ class Float8Linear(nn.Linear):
             )
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Float8Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+        if self.config.keep_fp8_weight and type(self.weight) not in (nn.Parameter, torch.Tensor):
+            raise TypeError(
+                f"Float8Config(keep_fp8_weight=True) keeps float8 copies of plain-tensor weights; this "
+                f"weight is a {type(self.weight).__name__} (tensor parallelism, FSDP2's sharded "
+                "parameters): use keep_fp8_weight=False for this model")
         with torch.autocast(device_type, enabled=False):
             return _Float8LinearFn.apply(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
 
@@ -186,4 +205,5 @@ class Float8Linear(nn.Linear):
         c = self.config
         fwd = str(c.forward_dtype).removeprefix("torch.")
         bwd = str(c.backward_dtype).removeprefix("torch.")
-        return f"{super().extra_repr()}, float8: fwd={fwd}, bwd={bwd}" + (", emulate" if c.emulate else "")
+        return (f"{super().extra_repr()}, float8: fwd={fwd}, bwd={bwd}" + (", emulate" if c.emulate else "")
+                + (", keep_fp8_weight" if c.keep_fp8_weight else ""))

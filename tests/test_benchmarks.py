@@ -123,3 +123,17 @@ def test_profile_classes_sum_to_the_profiled_busy_time():
     for (label, classes), ms in zip(found, busy, strict=True):
         assert sum(t for t, _ in classes.values()) == pytest.approx(ms, abs=0.1), label
     assert found[2][1]["f8tensor: swiglu_kernel"][1] == 8  # one launch per layer
+
+
+@CPU_ONLY
+def test_train_benchmark_grad_accum_with_kept_weights(tmp_path):
+    """--grad-accum and the f8tensor_keepweight configuration: kept float8 weights give the same
+    training as casting every time (same loss bits), with and without recomputation."""
+    rows = run_train(tmp_path, "--rounds", "1", "--grad-accum", "2", "--ac-modes", "none", "full",
+                     configs=("bf16", "f8tensor", "f8tensor_keepweight"))
+    assert [(r["ac"], r["config"], r["status"], r["grad_accum"]) for r in rows] == [
+        (ac, c, "ok", 2) for ac in ("none", "full") for c in ("bf16", "f8tensor", "f8tensor_keepweight")]
+    losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
+    for ac in ("none", "full"):
+        assert losses[(ac, "f8tensor_keepweight")] == losses[(ac, "f8tensor")]
+        assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1

@@ -1,15 +1,19 @@
 """torch.compile: Float8Linear traces into one graph (no breaks) and matches eager bit for bit."""
 
+import pytest
 import torch
 from f8utils import DEVICE
 from torch import nn
 
-from f8tensor import Float8Linear, convert_to_float8_training, to_float8
+from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, to_float8
 
 
-def test_float8_linear_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
+def test_float8_linear_compiles_fullgraph_and_matches_eager(keep_weight):
+    """keep_fp8_weight: eager reuses kept copies, the graph casts per call; same bits either way."""
     torch._dynamo.reset()
-    lin = Float8Linear(64, 96, bias=True, device=DEVICE, dtype=torch.bfloat16)
+    lin = Float8Linear(64, 96, bias=True, device=DEVICE, dtype=torch.bfloat16,
+                       config=Float8Config(keep_fp8_weight=keep_weight))
     x = torch.randn(2, 16, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     assert torch._dynamo.explain(lin)(x).graph_break_count == 0
     results = []

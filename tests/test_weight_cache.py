@@ -1,0 +1,178 @@
+"""Float8Config(keep_fp8_weight=True): the weight is cast once while unchanged, results are the
+same bits as casting every time, and every documented change invalidates the kept copies."""
+
+import gc
+
+import pytest
+import torch
+from f8utils import DEVICE
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import f8tensor.linear as linear_mod
+import f8tensor.weight_cache as weight_cache
+from f8tensor import Float8Config, Float8Linear, forget_fp8_weights
+
+KEEP = Float8Config(keep_fp8_weight=True)
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    forget_fp8_weights()
+    yield
+    forget_fp8_weights()
+
+
+def model(config=None, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        Float8Linear(64, 128, device=DEVICE, dtype=torch.bfloat16, config=config), nn.GELU(),
+        Float8Linear(128, 32, device=DEVICE, dtype=torch.bfloat16, config=config))
+
+
+def micro_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 16, 64, generator=g).to(DEVICE, torch.bfloat16) for _ in range(n)]
+
+
+def accumulate(m, batches, ckpt=False):
+    """Gradient accumulation over `batches`: (outputs, gradients of every parameter)."""
+    outs = []
+    for x in batches:
+        x = x.requires_grad_()
+        out = checkpoint(m, x, use_reentrant=False) if ckpt else m(x)
+        out.float().square().mean().backward()
+        outs.append(out.detach())
+    return outs, [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.fixture
+def weight_casts(monkeypatch):
+    """Every quantization of a 2-D weight-shaped tensor: (data_ptr, layout). (Backward gets the
+    weight back from autograd's saved tensors, not always as the Parameter object.)"""
+    casts = []
+
+    def counting(real):
+        def wrapper(t, dtype, layout="row", *args, **kwargs):
+            if tuple(t.shape) in ((128, 64), (32, 128)):  # the weights of model(); inputs are [.., 64|128]
+                casts.append((t.data_ptr(), layout))
+            return real(t, dtype, layout, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(linear_mod, "quantize_with_amax", counting(linear_mod.quantize_with_amax))
+    monkeypatch.setattr(weight_cache, "quantize_with_amax", counting(weight_cache.quantize_with_amax))
+    return casts
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_same_bits_as_casting_every_time(ckpt):
+    batches = micro_batches(3)
+    want_outs, want_grads = accumulate(model(), batches, ckpt)
+    got_outs, got_grads = accumulate(model(KEEP), batches, ckpt)
+    for want, got in zip(want_outs + want_grads, got_outs + got_grads, strict=True):
+        assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_each_weight_cast_once_per_optimizer_step(weight_casts, ckpt):
+    m = model(KEEP)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    accumulate(m, micro_batches(3), ckpt)
+    ids = [m[0].weight.data_ptr(), m[2].weight.data_ptr()]
+    assert sorted(weight_casts) == sorted((i, "both") for i in ids)  # not 3 x (row + col)
+    assert weight_cache.kept_fp8_weights() == 2
+    opt.step()  # changes the weights: the kept copies go, and their memory
+    assert weight_cache.kept_fp8_weights() == 0
+    weight_casts.clear()
+    accumulate(m, micro_batches(2), ckpt)
+    assert sorted(weight_casts) == sorted((i, "both") for i in ids)
+
+
+def test_casting_every_time_without_the_option(weight_casts):
+    m = model()
+    accumulate(m, micro_batches(3), ckpt=True)
+    # per micro-batch and layer: forward row, recomputation row, backward col
+    assert sorted(layout for _, layout in weight_casts) == ["col"] * 6 + ["row"] * 12
+    assert weight_cache.kept_fp8_weights() == 0
+
+
+def test_after_an_optimizer_step_results_follow_the_new_weights():
+    batches = micro_batches(2)
+    runs = []
+    for config in (None, KEEP):
+        m = model(config)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        steps = []
+        for x in batches:
+            steps.append(accumulate(m, [x]))
+            opt.step()
+            opt.zero_grad()
+        runs.append(steps)
+    for (want_outs, want_grads), (got_outs, got_grads) in zip(*runs, strict=True):
+        for want, got in zip(want_outs + want_grads, got_outs + got_grads, strict=True):
+            assert torch.equal(want, got)
+
+
+def test_in_place_write_is_seen():
+    m, x = model(KEEP), micro_batches(1)[0]
+    m(x)
+    with torch.no_grad():
+        m[0].weight.mul_(2)  # bumps the version counter
+    ref = model()
+    ref.load_state_dict(m.state_dict())
+    assert torch.equal(m(x), ref(x))
+
+
+def test_new_storage_is_seen():
+    m, x = model(KEEP), micro_batches(1)[0]
+    m(x)
+    m[0].weight.data = m[0].weight.data * 2  # same object and version, new storage
+    ref = model()
+    ref.load_state_dict(m.state_dict())
+    assert torch.equal(m(x), ref(x))
+
+
+def test_write_through_data_needs_forget():
+    """The documented blind spot: `.data` writes bypass the version counter. forget_fp8_weights()
+    is the remedy; this test pins both halves of that statement."""
+    m, x = model(KEEP), micro_batches(1)[0]
+    before = m(x)
+    m[0].weight.data.mul_(2)
+    assert torch.equal(m(x), before)  # stale: not seen
+    forget_fp8_weights()
+    ref = model()
+    ref.load_state_dict(m.state_dict())
+    assert torch.equal(m(x), ref(x))
+
+
+def test_kept_copies_go_with_the_module():
+    m = model(KEEP)
+    m(micro_batches(1)[0])
+    assert weight_cache.kept_fp8_weights() == 2
+    del m
+    gc.collect()
+    assert weight_cache.kept_fp8_weights() == 0
+
+
+def test_inference_mode_forward_reuses_and_is_correct():
+    m, x = model(KEEP), micro_batches(1)[0]
+    ref = model()
+    with torch.inference_mode():
+        assert torch.equal(m(x), ref(x))
+        assert torch.equal(m(x), ref(x))
+    assert weight_cache.kept_fp8_weights() == 2
+
+
+def test_subclass_weight_is_refused_with_the_fix_named():
+    class Marked(torch.Tensor):
+        pass
+
+    m = Float8Linear(64, 32, device=DEVICE, dtype=torch.bfloat16, config=KEEP)
+    m.weight = nn.Parameter(m.weight.detach().as_subclass(Marked))
+    with pytest.raises(TypeError, match="keep_fp8_weight=False"):
+        m(micro_batches(1)[0])
+
+
+def test_repr_names_the_option():
+    assert "keep_fp8_weight" in repr(model(KEEP))
+    assert "keep_fp8_weight" not in repr(model())
