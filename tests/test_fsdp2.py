@@ -13,44 +13,46 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from f8tensor import Float8Linear, convert_to_float8_training
+from f8tensor import Float8Config, Float8Linear, convert_to_float8_training
 
 STEPS = 4
 
 
-def make_model():
+def make_model(keep_weight=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
-    return convert_to_float8_training(model.bfloat16(), module_filter_fn=lambda mod, fqn: True)
+    return convert_to_float8_training(model.bfloat16(), module_filter_fn=lambda mod, fqn: True,
+                                      config=Float8Config(keep_fp8_weight=keep_weight))
 
 
-def train(model):
+def train(model, micro_batches=1):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):
-        loss = model(torch.randn(2, 16, 64, generator=g).bfloat16()).float().square().mean()
-        loss.backward()
+        for _ in range(micro_batches):
+            loss = model(torch.randn(2, 16, 64, generator=g).bfloat16()).float().square().mean()
+            loss.backward()
+            losses.append(loss.item())
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
     return losses
 
 
-def sharded_run(rank, world, port, results):
+def sharded_run(rank, world, port, keep_weight, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        model = make_model()
+        model = make_model(keep_weight)
         mesh = init_device_mesh("cpu", (world,))
         for layer in model:
             if isinstance(layer, Float8Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        losses = train(model)
+        losses = train(model, micro_batches=2 if keep_weight else 1)
         weights = [p.full_tensor().detach() for p in model.parameters()]
         results[rank] = (losses, weights)
     finally:
@@ -64,11 +66,14 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fully_shard_matches_single_process_bit_for_bit():
+@pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight):
+    """keep_fp8_weight: 2 micro-batches per step. FSDP2's all-gather preserves the unsharded
+    parameter's version counter; the optimizer step hook is what drops the stale copies here."""
     results = mp.Manager().dict()
-    mp.spawn(sharded_run, args=(2, free_port(), results), nprocs=2)
-    model = make_model()
-    want_losses = train(model)
+    mp.spawn(sharded_run, args=(2, free_port(), keep_weight, results), nprocs=2)
+    model = make_model()  # the reference casts every time
+    want_losses = train(model, micro_batches=2 if keep_weight else 1)
     for rank in (0, 1):
         losses, weights = results[rank]
         assert losses == want_losses
