@@ -36,6 +36,14 @@ def kernel_class(name: str) -> str:
     return "other ATen (elementwise, norms, copies)"
 
 
+def _ms(cell: str) -> float:
+    """A profiler time cell ("1.234s", "12.5ms", "830.1us") in milliseconds."""
+    for unit, factor in (("ms", 1.0), ("us", 1e-3), ("s", 1e3)):
+        if cell.endswith(unit):
+            return float(cell[: -len(unit)]) * factor
+    raise ValueError(f"not a profiler time: {cell!r}")
+
+
 def sections(text: str):
     """(label, {class: (ms per step, launches per step)}) per configuration in the file."""
     for section in text.split("== ")[1:]:
@@ -44,12 +52,12 @@ def sections(text: str):
         for line in lines[1:]:
             # Profiler table row: name, then 10 columns; Self CUDA is the 7th field, # of Calls the last.
             parts = re.split(r"\s{2,}", line.strip())
-            if len(parts) != 11 or not re.fullmatch(r"[\d.]+(ms|us)", parts[6]):
+            if len(parts) != 11 or not re.fullmatch(r"[\d.]+(s|ms|us)", parts[6]):
                 continue
             name = parts[0]
             if name.startswith(("cuda", "cuLaunch", "Activity Buffer", "Command Buffer")):
                 continue  # host-side API rows: no GPU time
-            ms = float(parts[6][:-2]) * (1.0 if parts[6].endswith("ms") else 1e-3)
+            ms = _ms(parts[6])
             cls = kernel_class(name)
             times[cls] += ms / 2  # the table covers two steps
             counts[cls] += int(parts[10]) // 2

@@ -29,8 +29,9 @@ class Float8Config:
     # Keep each weight's float8 copies (both layouts, cast in one pass) while the weight is
     # unchanged: gradient-accumulation micro-batches and activation-checkpoint recomputation reuse
     # them. Dropped on in-place writes and on every torch.optim step; costs 2 bytes per parameter
-    # until the next optimizer step. Plain-tensor weights only (not DTensor); see weight_cache.py
-    # for the writes it cannot see (.data, FSDP2-sharded parameters outside an optimizer step).
+    # until the next optimizer step. Plain-tensor weights only (not DTensor), not for FSDP2 (per
+    # rank it would keep every unsharded weight); see weight_cache.py for the writes it cannot see
+    # (.data, collectives or custom kernels writing into a parameter).
     keep_fp8_weight: bool = False
     # Round every scale down to a power of two (exact scaling, slightly less range used).
     power_of_2_scale: bool = False

@@ -196,8 +196,8 @@ class Float8Linear(nn.Linear):
         if self.config.keep_fp8_weight and type(self.weight) not in (nn.Parameter, torch.Tensor):
             raise TypeError(
                 f"Float8Config(keep_fp8_weight=True) keeps float8 copies of plain-tensor weights; this "
-                f"weight is a {type(self.weight).__name__} (tensor parallelism, FSDP2's sharded "
-                "parameters): use keep_fp8_weight=False for this model")
+                f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
+                "use keep_fp8_weight=False for this model")
         with torch.autocast(device_type, enabled=False):
             return _Float8LinearFn.apply(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
 

@@ -12,17 +12,23 @@ while all of these hold:
 - no `torch.optim` optimizer has stepped since: a global optimizer step hook drops every copy,
   which also frees their memory until the next forward.
 
-Not seen: writes that bypass the version counter — through `.data`, or into parameters that FSDP2
-all-gathers (its copy-out preserves the version) other than by an optimizer step. After such a
-write call `forget_fp8_weights()`. Memory: two bytes per parameter (both float8 layouts) from the
-first forward after an optimizer step until the next step. Eager only: under torch.compile the
-cast is part of the graph, done per call; an inference tensor (no version counter) is cast per call.
+Not seen: writes that bypass the version counter — through `.data`, through DLPack or numpy views,
+by collectives or custom kernels writing into the parameter (`dist.broadcast(p)`), or FSDP2's
+all-gather copy-out (it preserves the version) of shards changed other than by an optimizer step.
+After such a write call `forget_fp8_weights()`. Any optimizer's step drops every kept copy, also
+those of weights it does not update (frozen layers are cast again after each step).
+
+Memory: two bytes per parameter (both float8 layouts) from the first forward after an optimizer
+step until the next step. Under FSDP2 that is per unsharded parameter on every rank, and the
+all-gather gives the unsharded parameter new storage (a new key), so copies are seldom reused
+there: not an option for FSDP2. Eager only: under torch.compile the cast is part of the graph,
+done per call; so is it for an inference tensor (no version counter) and while a CUDA graph is
+being captured (the graph must contain the cast).
 
 The cache is one dict for every thread (on CUDA, autograd runs backward, and checkpoint
 recomputation, in its own device thread), keyed on the parameter's id and checked by identity.
 """
 
-import threading
 import weakref
 
 import torch
@@ -35,9 +41,10 @@ class _Entry:
     __slots__ = ("ref", "key", "row", "col", "scale")
 
 
+# Plain dict operations (atomic under the GIL): no lock, which a weakref callback run by the
+# garbage collector in the middle of a locked section would deadlock on.
 _ENTRIES: dict[int, _Entry] = {}
-_LOCK = threading.Lock()
-_HOOK = None
+_HOOK = []
 
 
 def _on_optimizer_step(optimizer, args, kwargs):
@@ -45,11 +52,10 @@ def _on_optimizer_step(optimizer, args, kwargs):
 
 
 def forget_fp8_weights() -> None:
-    """Drop every kept float8 weight (and free its memory): the next forward casts again. Called
-    after every torch.optim optimizer step; call it after writing weights through `.data` or into
-    FSDP2-sharded parameters outside an optimizer step."""
-    with _LOCK:
-        _ENTRIES.clear()
+    """Drop every kept float8 weight (its memory is freed at once): the next forward casts again.
+    Called after every torch.optim optimizer step; call it after writing weights in a way that
+    does not bump their version counter (see this module's docstring)."""
+    _ENTRIES.clear()
 
 
 def _key(w: torch.Tensor, config) -> tuple:
@@ -57,30 +63,43 @@ def _key(w: torch.Tensor, config) -> tuple:
             config.power_of_2_scale)
 
 
+def _drop(ident: int, ref: weakref.ref) -> None:
+    """The parameter was freed: drop its entry (unless a newer one took its id)."""
+    entry = _ENTRIES.get(ident)
+    if entry is not None and entry.ref is ref:
+        _ENTRIES.pop(ident, None)
+
+
+def _cast(w: torch.Tensor, config):
+    if torch.is_inference_mode_enabled():
+        # Copies made by an eval forward under torch.inference_mode must be normal tensors, which
+        # a later training forward can save for backward. (Leaving inference mode turns grad mode
+        # on: no_grad keeps the cast out of autograd, as everywhere else.)
+        with torch.inference_mode(False), torch.no_grad():
+            return _cast(w, config)
+    return quantize_with_amax(w, config.forward_dtype, "both", config.power_of_2_scale)[:3]
+
+
 def fp8_weight(w: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row-major, column-major, scale) of w in config.forward_dtype: the kept copies while w is
     unchanged, else a fresh cast in both layouts (then kept)."""
-    global _HOOK
-    if w.is_inference():  # no version counter to tell a change: cast every time
-        return quantize_with_amax(w, config.forward_dtype, "both", config.power_of_2_scale)[:3]
-    key = _key(w, config)
-    entry = _ENTRIES.get(id(w))
+    # An inference tensor has no version counter to tell a change; a CUDA graph being captured
+    # must contain the cast, or its replays would multiply by this step's copies forever.
+    if w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _cast(w, config)
+    key, ident = _key(w, config), id(w)
+    entry = _ENTRIES.get(ident)
     if entry is not None and entry.ref() is w and entry.key == key:
         return entry.row, entry.col, entry.scale
-    row, col, scale, _ = quantize_with_amax(w, config.forward_dtype, "both", config.power_of_2_scale)
+    row, col, scale = _cast(w, config)
     entry = _Entry()
-    ident = id(w)
-
-    def drop(ref):
-        with _LOCK:
-            if _ENTRIES.get(ident) is entry:
-                del _ENTRIES[ident]
-
-    entry.ref, entry.key, entry.row, entry.col, entry.scale = weakref.ref(w, drop), key, row, col, scale
-    with _LOCK:
-        if _HOOK is None:
-            _HOOK = register_optimizer_step_post_hook(_on_optimizer_step)
-        _ENTRIES[ident] = entry
+    # The callback holds the id, not the entry: no reference cycle, so a dropped entry's float8
+    # copies are freed at once, not at the next garbage collection.
+    entry.ref = weakref.ref(w, lambda ref, ident=ident: _drop(ident, ref))
+    entry.key, entry.row, entry.col, entry.scale = key, row, col, scale
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
+    _ENTRIES[ident] = entry
     return row, col, scale
 
 

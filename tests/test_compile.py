@@ -5,7 +5,8 @@ import torch
 from f8utils import DEVICE
 from torch import nn
 
-from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, to_float8
+from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, forget_fp8_weights, to_float8
+from f8tensor.weight_cache import kept_fp8_weights
 
 
 @pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
@@ -17,11 +18,14 @@ def test_float8_linear_compiles_fullgraph_and_matches_eager(keep_weight):
     x = torch.randn(2, 16, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     assert torch._dynamo.explain(lin)(x).graph_break_count == 0
     results = []
+    forget_fp8_weights()
     for mod in (torch.compile(lin, fullgraph=True), lin):
         x.grad = lin.weight.grad = lin.bias.grad = None
         out = mod(x)
         out.float().square().sum().backward()
         results.append((out, x.grad, lin.weight.grad, lin.bias.grad))
+        if mod is not lin:
+            assert kept_fp8_weights() == 0  # the graph casts per call, the cache is left alone
     for got, want in zip(*results):
         assert torch.equal(got, want)
 

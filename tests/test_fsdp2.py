@@ -68,8 +68,9 @@ def free_port() -> int:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
 def test_fully_shard_matches_single_process_bit_for_bit(keep_weight):
-    """keep_fp8_weight: 2 micro-batches per step. FSDP2's all-gather preserves the unsharded
-    parameter's version counter; the optimizer step hook is what drops the stale copies here."""
+    """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
+    unsharded parameter new storage at each all-gather here, so the copies are not reused: the
+    optimizer-hook safety net is tested in test_weight_cache.py.)"""
     results = mp.Manager().dict()
     mp.spawn(sharded_run, args=(2, free_port(), keep_weight, results), nprocs=2)
     model = make_model()  # the reference casts every time

@@ -2,6 +2,7 @@
 same bits as casting every time, and every documented change invalidates the kept copies."""
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -154,13 +155,67 @@ def test_kept_copies_go_with_the_module():
     assert weight_cache.kept_fp8_weights() == 0
 
 
-def test_inference_mode_forward_reuses_and_is_correct():
+def test_inference_mode_eval_then_training():
+    """An eval forward under inference_mode keeps normal (not inference) tensors: the next
+    training step reuses them and can save them for backward."""
     m, x = model(KEEP), micro_batches(1)[0]
     ref = model()
     with torch.inference_mode():
         assert torch.equal(m(x), ref(x))
         assert torch.equal(m(x), ref(x))
     assert weight_cache.kept_fp8_weights() == 2
+    assert not any(e.row.is_inference() or e.col.is_inference() for e in weight_cache._ENTRIES.values())
+    want = accumulate(ref, [x.clone()])
+    got = accumulate(m, [x.clone()])
+    for a, b in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dropped_copies_are_freed_at_once():
+    """Without a garbage collection: an optimizer step, a replaced entry and a freed parameter
+    each free the float8 copies immediately (no reference cycle keeps them)."""
+    m, x = model(KEEP), micro_batches(1)[0]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def row_ref(layer):
+        return weakref.ref(weight_cache._ENTRIES[id(m[layer].weight)].row)
+
+    gc.disable()
+    try:
+        accumulate(m, [x])
+        kept = row_ref(0)
+        opt.step()
+        assert kept() is None
+        m(x)
+        kept = row_ref(0)
+        with torch.no_grad():
+            m[0].weight.add_(1)
+        m(x)  # replaces the entry
+        assert kept() is None and row_ref(0)() is not None
+        del m, opt
+        m = model(KEEP)
+        m(x)
+        kept = row_ref(0)
+        del m  # the parameters go with the model: their entries go too
+        assert kept() is None
+    finally:
+        gc.enable()
+
+
+def test_optimizer_step_drops_copies_of_writes_the_version_does_not_show():
+    """FSDP2's all-gather writes the unsharded parameter without bumping its version; what makes
+    kept copies safe there is that any torch.optim step drops them all."""
+    m, x = model(KEEP), micro_batches(1)[0]
+    m(x)
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(m[0].weight):
+        m[0].weight.mul_(2)  # as FSDP2's copy-out of updated shards: same storage, same version
+    ref = model()
+    ref.load_state_dict(m.state_dict())
+    assert not torch.equal(m(x), ref(x))  # not seen by itself
+    other = torch.zeros(1, requires_grad=True)
+    other.grad = torch.ones(1)
+    torch.optim.SGD([other], lr=0.1).step()  # any optimizer's step
+    assert torch.equal(m(x), ref(x))
 
 
 def test_subclass_weight_is_refused_with_the_fix_named():
@@ -176,3 +231,27 @@ def test_subclass_weight_is_refused_with_the_fix_named():
 def test_repr_names_the_option():
     assert "keep_fp8_weight" in repr(model(KEEP))
     assert "keep_fp8_weight" not in repr(model())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_records_the_cast():
+    """A graph captured while copies are kept must still cast: its replays run after the weight
+    changed, where no host-side cache check happens."""
+    m = Float8Linear(256, 512, device="cuda", dtype=torch.bfloat16, config=KEEP)
+    ref = Float8Linear(256, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                m(x)  # compiles the kernels and keeps the copies
+        torch.cuda.current_stream().wait_stream(side)
+        assert weight_cache.kept_fp8_weights() == 1
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x)
+        m.weight.mul_(2)
+        graph.replay()
+        ref.load_state_dict(m.state_dict())
+        assert torch.equal(out, ref(x))
