@@ -230,10 +230,13 @@ class Run:
     def loss(self):
         return F.cross_entropy(self.model(self.inputs).flatten(0, 1).float(), self.labels.flatten())
 
-    def step(self):
-        """One optimizer step over --grad-accum micro-batches (the same tokens each: throughput only)."""
-        for _ in range(self.grad_accum):
+    def step(self, after_first_loss=None):
+        """One optimizer step over --grad-accum micro-batches (the same tokens each: throughput
+        only). after_first_loss: called between the first micro-batch's loss and its backward."""
+        for i in range(self.grad_accum):
             loss = self.loss()
+            if i == 0 and after_first_loss is not None:
+                after_first_loss()
             (loss / self.grad_accum).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -246,16 +249,11 @@ class Run:
         torch.cuda.synchronize()
         others = allocated(self.device) - self.resident
         torch.cuda.reset_peak_memory_stats()
-        for i in range(self.grad_accum):
-            loss = self.loss()
-            if i == 0:
-                fwd = torch.cuda.max_memory_allocated()
-            (loss / self.grad_accum).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        fwd = []
+        self.step(after_first_loss=lambda: fwd.append(torch.cuda.max_memory_allocated()))
         torch.cuda.synchronize()
         step = torch.cuda.max_memory_allocated()
-        return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": (fwd - others) / 1e9}
+        return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": (fwd[0] - others) / 1e9}
 
     def time_steps(self, steps):
         # One untimed step first: after the other resident models' steps, the allocator's pool
