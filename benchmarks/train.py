@@ -15,6 +15,8 @@ output projection stays bf16 in every float8 configuration. A configuration that
 error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
 configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu (only when named)
 run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x));
+bf16_fused and f8tensor_fused (only when named) also rotate q and k with f8tensor.rope (two lines
+of model code changed in all, same math: the rotate_half form, fused);
 f8tensor_keepweight (only when named) uses Float8Config(keep_fp8_weight=True). --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
@@ -37,13 +39,16 @@ from torch.utils.checkpoint import checkpoint
 from common import environment, write_rows
 from power import PowerLog, summarize
 from f8tensor import Float8Config, convert_to_float8_training, swiglu
+from f8tensor import rope as fused_rope
 from f8tensor.convert import default_skip_reason
 
 # *_swiglu: the model's feed-forward gate is f8tensor.swiglu (fused, float8-aware) instead of
 # F.silu(w1(x)) * w3(x); a one-line change of model code, the others run the model as written.
+# *_fused: also the rotary embedding is f8tensor.rope (fused) instead of apply_rope below.
 # f8tensor_keepweight: Float8Config(keep_fp8_weight=True), the weight cast once per optimizer step
 # (pays with --grad-accum > 1 and with activation checkpointing).
-CONFIGS = ["bf16", "bf16_swiglu", "bf16_compiled", "f8tensor", "f8tensor_swiglu", "f8tensor_keepweight",
+CONFIGS = ["bf16", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
+           "f8tensor_fused", "f8tensor_keepweight",
            "f8tensor_compiled", "torchao", "torchao_compiled"]
 
 
@@ -83,6 +88,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.fused_rope = False  # the *_fused configurations
 
     def forward(self, x, *rope):
         B, S, _ = x.shape
@@ -92,7 +98,8 @@ class Attention(nn.Module):
         if len(rope) == 1:  # complex form: rotated before the transpose, as torchtitan does
             q, k = apply_rope_complex(q, *rope).transpose(1, 2), apply_rope_complex(k, *rope).transpose(1, 2)
         else:
-            q, k = apply_rope(q.transpose(1, 2), *rope), apply_rope(k.transpose(1, 2), *rope)
+            rotate = fused_rope if self.fused_rope else apply_rope
+            q, k = rotate(q.transpose(1, 2), *rope), rotate(k.transpose(1, 2), *rope)
         # enable_gqa: SDPA shares each k/v head across heads/kv_heads query heads without a copy.
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
@@ -169,8 +176,11 @@ def build(a, config, ac, device):
     finally:
         torch.set_default_dtype(default_dtype)
     model.ac = ac
+    if config.endswith("_fused") and a.rope != "rotate_half":
+        raise ValueError(f"{config}: f8tensor.rope is the rotate_half form; run it with --rope rotate_half")
     for block in model.layers:
-        block.feed_forward.fused_gate = config.endswith("_swiglu")
+        block.feed_forward.fused_gate = config.endswith(("_swiglu", "_fused"))
+        block.attention.fused_rope = config.endswith("_fused")
     if config.startswith("f8tensor"):
         f8_config = Float8Config(keep_fp8_weight=config.endswith("_keepweight"))
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
@@ -426,8 +436,8 @@ def default_configs(device):
         ao = True
     except Exception:  # noqa: BLE001  (a torchao built for another torch can fail in other ways)
         ao = False
-    # The model as written: *_swiglu (changed model code) only when named in --configs.
-    keep = [c for c in CONFIGS if (ao or not c.startswith("torchao")) and not c.endswith("_swiglu")]
+    # The model as written: *_swiglu and *_fused (changed model code) only when named in --configs.
+    keep = [c for c in CONFIGS if (ao or not c.startswith("torchao")) and not c.endswith(("_swiglu", "_fused"))]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 

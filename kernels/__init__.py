@@ -9,19 +9,22 @@ import functools
 import torch
 
 from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref,
-                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
+                    rope_backward_ref, rope_ref, scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
 
 try:
     from .quantize import quantize_triton, quantize_with_amax as _quantize_with_amax_triton
+    from .rope import rope_triton
     from .swiglu import swiglu_backward_triton, swiglu_triton
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = _quantize_with_amax_triton = swiglu_triton = swiglu_backward_triton = None
+    rope_triton = None
 
 from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
-    "quantize_triton", "quantize_with_amax", "scale_from_amax_ref", "swiglu_backward_ref",
+    "quantize_triton", "quantize_with_amax", "rope", "rope_backward", "rope_backward_ref", "rope_ref",
+    "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
 
@@ -77,6 +80,23 @@ def swiglu_backward_with_amax(
         return swiglu_backward_triton(g, a, b)
     grad_a, grad_b = swiglu_backward_ref(g, a, b)
     return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope_ref(x, cos, sin): one pass on CUDA (Triton), the reference elsewhere or without triton.
+    The output has x's layout where x is dense."""
+    if x.is_cuda and rope_triton is not None:
+        return rope_triton(x, cos, sin)
+    return torch.empty_like(x).copy_(rope_ref(x, cos, sin))
+
+
+def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """rope_backward_ref(g, cos, sin) laid out with `strides` (forward's output layout, so the
+    gradient reaches x's producer in x's layout: its view's backward needs no copy)."""
+    if g.is_cuda and rope_triton is not None:
+        return rope_triton(g, cos, sin, backward=True, out_strides=strides)
+    out = torch.empty_strided(g.shape, strides, dtype=g.dtype, device=g.device)
+    return out.copy_(rope_backward_ref(g, cos, sin))
 
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,37 @@ class Relaunch:
         # metadata, launch metadata, enter hook, exit hook: what CudaLauncher.__call__ passes.
         self.launch(g0, g1, g2, stream, self.function, *self.flags, None, None, self.metadata,
                     None, None, None, *args)
+
+
+_CASES: dict = {}
+MAX_CASES = 1024  # a case is a few hundred bytes; re-recording one costs one Triton launch path
+
+
+def _arg_key(arg):
+    # What Triton specializes an argument on, or finer: tensors by dtype and 16-byte alignment,
+    # everything else by type and value.
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return type(arg), arg
+
+
+def launch(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs):
+    """`kernel[grid](*args, num_warps=num_warps, **constexprs)`: the first time for each case
+    through Triton, later through the recorded C launcher (a `Relaunch`). The key holds the kernel,
+    grid, knobs, current device and every argument (ints by value), so it is at least as fine as
+    Triton's specialization. The constexprs must be the kernel's last parameters, in this order."""
+    key = None
+    if relaunch_possible():
+        key = (kernel, grid, num_warps, *constexprs.items(), *specialization_key(), *map(_arg_key, args))
+        relaunch = _CASES.get(key)
+        if relaunch is not None:
+            relaunch(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *args,
+                     *constexprs.values())
+            return
+    compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
+    if key is not None:
+        relaunch = Relaunch.capture(compiled, grid)
+        if relaunch is not None:
+            if len(_CASES) >= MAX_CASES:
+                _CASES.clear()
+            _CASES[key] = relaunch

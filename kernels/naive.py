@@ -102,3 +102,20 @@ def swiglu_backward_ref(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tu
     grad_a = gf * bf * (s * (1 + af * (1 - s)))
     grad_b = gf * (af * s)
     return grad_a.to(a.dtype), grad_b.to(b.dtype)
+
+
+# Rotary position embedding, rotate_half form (rope.py): out = x * cos + rotate_half(x) * sin with
+# rotate_half(x) = cat(-x2, x1) of x's last-dim halves, cos and sin broadcast to x. fp32 math, one
+# rounding to x's dtype (eager PyTorch rounds each of its four steps).
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos.float() + torch.cat([-x2, x1], dim=-1) * sin.float()).to(x.dtype)
+
+
+def rope_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """d rope / dx given dout = g: g * cos + rotate_half's transpose of g * sin, cat(gs2, -gs1)."""
+    gf = g.float()
+    gs1, gs2 = (gf * sin.float()).chunk(2, dim=-1)
+    return (gf * cos.float() + torch.cat([gs2, -gs1], dim=-1)).to(g.dtype)

@@ -17,23 +17,28 @@ import triton
 import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
-from .launch import Relaunch, relaunch_possible, specialization_key
+from .launch import launch
 from .quantize import default_num_programs
 
 
 @triton.jit
+def block_of(i, NUM_PROGRAMS, n, BLOCK: tl.constexpr):
+    """Offsets and mask of this program's i-th block in the grid-stride loop."""
+    offs = (tl.program_id(0) + i * NUM_PROGRAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
 def swiglu_kernel(a_ptr, b_ptr, h_ptr, amax_ptr, n, NUM_PROGRAMS, ITERS, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(ITERS):
-        offs = (pid + i * NUM_PROGRAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+        offs, mask = block_of(i, NUM_PROGRAMS, n, BLOCK)
         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h, mask=mask)
         acc = tl.maximum(acc, magnitude_bits(h))  # masked lanes hold 0
-    tl.store(amax_ptr + pid, tl.max(acc, 0))
+    tl.store(amax_ptr + tl.program_id(0), tl.max(acc, 0))
 
 
 @triton.jit
@@ -41,12 +46,10 @@ def swiglu_backward_kernel(
     g_ptr, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, amax_a_ptr, amax_b_ptr, n, NUM_PROGRAMS, ITERS,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     acc_a = tl.zeros([BLOCK], dtype=tl.int32)
     acc_b = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(ITERS):
-        offs = (pid + i * NUM_PROGRAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+        offs, mask = block_of(i, NUM_PROGRAMS, n, BLOCK)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -57,44 +60,25 @@ def swiglu_backward_kernel(
         tl.store(grad_b_ptr + offs, grad_b, mask=mask)
         acc_a = tl.maximum(acc_a, magnitude_bits(grad_a))
         acc_b = tl.maximum(acc_b, magnitude_bits(grad_b))
-    tl.store(amax_a_ptr + pid, tl.max(acc_a, 0))
-    tl.store(amax_b_ptr + pid, tl.max(acc_b, 0))
+    tl.store(amax_a_ptr + tl.program_id(0), tl.max(acc_a, 0))
+    tl.store(amax_b_ptr + tl.program_id(0), tl.max(acc_b, 0))
 
 
 # Blocks and warps of the fastest of benchmarks/swiglu.py --sweep at 8192 x 14336 on an H200
 # (7fe4c40): forward 4096/8 warps 0.175 ms (2048/8: 0.196), backward 2048/8 0.303 ms (4096/8: 0.332).
 FORWARD_BLOCKS = dict(block=4096, num_warps=8)
 BACKWARD_BLOCKS = dict(block=2048, num_warps=8)
-_RELAUNCH: dict = {}
-MAX_RELAUNCH = 1024
 
 
 def _launch(kernel, inputs, outputs, num_records, block, num_warps):
-    """Run `kernel` over the contiguous `inputs` into `outputs`; returns its `num_records` records.
-
-    The first launch of a case goes through Triton; later ones through its C launcher directly
-    (launch.py), keyed on everything Triton specializes on: the ints by value, the inputs' 16-byte
-    alignment (outputs are fresh allocations), the dtype, the device and the knobs."""
+    """Run `kernel` over the contiguous `inputs` into `outputs`; returns its `num_records` records
+    (launch.py: Triton's launch path the first time for each case, its C launcher after)."""
     n = inputs[0].numel()
     device = inputs[0].device
     programs = max(1, min(default_num_programs(device), cdiv(n, block)))
     records = [torch.empty(programs, dtype=torch.int32, device=device) for _ in range(num_records)]
-    args = (*inputs, *outputs, *records, n, programs, cdiv(cdiv(n, block), programs), block)
-    key = None
-    if device.type == "cuda":
-        key = (kernel, n, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in inputs), device.index,
-               programs, block, num_warps, *specialization_key())
-        relaunch = _RELAUNCH.get(key)
-        if relaunch is not None and relaunch_possible():
-            relaunch(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *args)
-            return records
-    compiled = kernel[(programs,)](*args[:-1], BLOCK=block, num_warps=num_warps)
-    if key is not None and relaunch_possible():
-        relaunch = Relaunch.capture(compiled, (programs,))
-        if relaunch is not None:
-            if len(_RELAUNCH) >= MAX_RELAUNCH:
-                _RELAUNCH.clear()
-            _RELAUNCH[key] = relaunch
+    args = (*inputs, *outputs, *records, n, programs, cdiv(cdiv(n, block), programs))
+    launch(kernel, (programs,), args, num_warps, BLOCK=block)
     return records
 
 

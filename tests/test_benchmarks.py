@@ -55,14 +55,24 @@ def test_train_benchmark_runs_with_complex_rope(tmp_path):
 
 
 @CPU_ONLY
-def test_train_benchmark_runs_with_the_fused_gate(tmp_path):
-    configs = ("bf16", "bf16_swiglu", "f8tensor", "f8tensor_swiglu")
+def test_train_benchmark_runs_with_the_fused_gate_and_rope(tmp_path):
+    configs = ("bf16", "bf16_swiglu", "bf16_fused", "f8tensor", "f8tensor_swiglu", "f8tensor_fused")
     rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "full", configs=configs)
     assert [(r["config"], r["status"], r["fp8_linears"]) for r in rows] == [
-        ("bf16", "ok", 0), ("bf16_swiglu", "ok", 0), ("f8tensor", "ok", 14), ("f8tensor_swiglu", "ok", 14)]
+        ("bf16", "ok", 0), ("bf16_swiglu", "ok", 0), ("bf16_fused", "ok", 0),
+        ("f8tensor", "ok", 14), ("f8tensor_swiglu", "ok", 14), ("f8tensor_fused", "ok", 14)]
     losses = {r["config"]: r["loss"] for r in rows}
-    assert losses["bf16_swiglu"] == pytest.approx(losses["bf16"], abs=0.02)  # one rounding fewer
-    assert losses["f8tensor_swiglu"] == pytest.approx(losses["bf16"], abs=0.1)
+    for fused in ("bf16_swiglu", "bf16_fused"):  # fewer roundings, same math
+        assert losses[fused] == pytest.approx(losses["bf16"], abs=0.02)
+    for fp8 in ("f8tensor_swiglu", "f8tensor_fused"):
+        assert losses[fp8] == pytest.approx(losses["bf16"], abs=0.1)
+
+
+@CPU_ONLY
+def test_train_benchmark_reports_fused_rope_with_the_complex_form_as_failed(tmp_path):
+    rows = run_train(tmp_path, "--rounds", "1", "--rope", "complex", configs=("bf16", "bf16_fused"))
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"].startswith("ValueError: bf16_fused: f8tensor.rope is the rotate_half form")
 
 
 def test_train_benchmark_rope_forms_rotate_alike():

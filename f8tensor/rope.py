@@ -1,0 +1,68 @@
+"""rope(x, cos, sin): rotary position embedding in the rotate_half form, fused.
+
+    q = rope(q, cos, sin)        instead of  q * cos + rotate_half(q) * sin
+                                 with rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
+
+(Hugging Face's Llama `apply_rotary_pos_emb`, one tensor at a time). Not float8 work, but in an
+eager float8 model it is the largest elementwise cost left: five kernels each way per tensor, over
+q and k at every layer, strided where q is a transposed view, about 11 ms of a 177 ms step of the
+8-layer Llama-3-8B-shaped benchmark on an H200 (docs/benchmarks.md), which torch.compile fuses
+away. Here forward and backward are one pass each over x, read in place in any leading layout;
+the gradient comes back in x's layout. Values: fp32 math, one rounding (`kernels.naive.rope_ref`).
+
+cos and sin: the tables, last dim D (each frequency twice: positions' angles repeated over both
+halves, as Llama's), broadcastable to x: [S, D] for x [..., S, D], [B, 1, S, D] per-sequence
+positions for x [B, H, S, D], and so on. Under torch.compile, for tensor subclasses (DTensor, ...)
+and for tables that require grad it is the reference in plain ops.
+"""
+
+import torch
+
+from .kernels import INPUT_DTYPES, rope_backward, rope_backward_ref, rope_ref
+from .kernels import rope as rope_forward
+
+
+class _RoPEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        out = rope_forward(x, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.strides = out.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradient differentiates
+            return rope_backward_ref(g, cos, sin), None, None
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        return rope_backward(g, cos, sin, ctx.strides), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x of 2 to 4 dims [..., D] (D even) and tables cos, sin
+    of last dim D broadcastable to x; the result has x's shape, dtype and (where x is dense) layout."""
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rope takes tensors x, cos, sin; {name} is a {type(t).__name__}")
+        if t.dtype not in INPUT_DTYPES:
+            raise TypeError(f"rope takes bfloat16, float16 or float32 tensors; {name} is {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"rope: {name} is on {t.device}, x on {x.device}")
+    if not 2 <= x.dim() <= 4 or x.shape[-1] % 2:
+        raise ValueError(f"rope takes x of 2 to 4 dims with an even last dim (head_dim), got {tuple(x.shape)}")
+    if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"rope needs cos and sin of one shape with last dim {x.shape[-1]} (x's), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    try:
+        broadcast = torch.broadcast_shapes(x.shape, cos.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != x.shape:
+        raise ValueError(f"rope: tables of shape {tuple(cos.shape)} do not broadcast to x {tuple(x.shape)} "
+                         "(e.g. [S, D] for x [B, H, S, D], or [B, 1, S, D] for per-sequence positions)")
+    if (torch.compiler.is_compiling() or not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, cos, sin))
+            or cos.requires_grad or sin.requires_grad):
+        return rope_ref(x, cos, sin)
+    return _RoPEFn.apply(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)

@@ -1,0 +1,95 @@
+"""Rotary position embedding (rotate_half form), forward and backward, each one pass.
+
+Reference: `naive.rope_ref`, `naive.rope_backward_ref`. With x's last-dim halves x1, x2 and the
+tables' halves c1, c2, s1, s2 (cos and sin broadcast to x):
+
+    forward      out1 = x1 c1 - x2 s1        out2 = x2 c2 + x1 s2
+    backward     dx1  = g1 c1 + g2 s2        dx2  = g2 c2 - g1 s1
+
+in fp32, one rounding to the output dtype. Eager PyTorch's `x * cos + cat(-x2, x1) * sin` is five
+kernels forward (neg, cat, two muls, add) and as many backward, each a full pass over q or k,
+strided where q is a transposed view; here each direction reads x (or g) once and writes once.
+
+Any strides in the leading dims (a [B, H, S, D] view of [B, S, H, D] memory is read in place); the
+last dim must be contiguous. The tables are read through broadcast strides (0 where they repeat),
+so one [S, D] table serves every batch and head from L2.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch
+
+
+@triton.jit
+def rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, ROWS, N1, N2, HALF,
+    x_s0, x_s1, x_s2, c_s0, c_s1, c_s2, s_s0, s_s1, s_s2, o_s0, o_s1, o_s2,
+    BACKWARD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    # A block of rows (one row: one [.., position, head] vector of D = 2 HALF elements), both halves.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (rows < ROWS)[:, None] & (cols < HALF)[None, :]
+    i0, i1, i2 = rows // (N1 * N2), (rows // N2) % N1, rows % N2  # the leading indices
+    x1_ptrs = x_ptr + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)[:, None] + cols[None, :]
+    c1_ptrs = cos_ptr + (i0 * c_s0 + i1 * c_s1 + i2 * c_s2)[:, None] + cols[None, :]
+    s1_ptrs = sin_ptr + (i0 * s_s0 + i1 * s_s1 + i2 * s_s2)[:, None] + cols[None, :]
+    x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(c1_ptrs, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s1_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        out1 = x1 * c1 + x2 * s2
+        out2 = x2 * c2 - x1 * s1
+    else:
+        out1 = x1 * c1 - x2 * s1
+        out2 = x2 * c2 + x1 * s2
+    o1_ptrs = out_ptr + (i0 * o_s0 + i1 * o_s1 + i2 * o_s2)[:, None] + cols[None, :]
+    tl.store(o1_ptrs, out1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o1_ptrs + HALF, out2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# The fastest of benchmarks/rope.py --sweep on an H200 at [2, 32, 4096, 128] (see docs/benchmarks.md).
+BLOCKS = dict(block_elements=4096, num_warps=4)
+
+
+def _as_4d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """t broadcast to shape (a view: repeated dims get stride 0), with leading size-1 dims up to 4."""
+    t = t.broadcast_to(shape)
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+
+def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False,
+                out_strides: tuple | None = None, **blocks) -> torch.Tensor:
+    """rope_ref(x, cos, sin), or rope_backward_ref(x, cos, sin) with backward=True (x is then the
+    gradient), for x of 2 to 4 dims with a contiguous last dim of even size D, and tables whose
+    last dim is D, broadcastable to x. The output has x's shape, and out_strides (a dense layout of
+    that shape), or else x's strides where x is dense, or else contiguous ones."""
+    if x.dim() < 2 or x.dim() > 4:
+        raise ValueError(f"rope_triton takes tensors of 2 to 4 dims, got shape {tuple(x.shape)}")
+    D = x.shape[-1]
+    if D % 2 or x.stride(-1) != 1 or cos.shape[-1] != D or sin.shape[-1] != D:
+        raise ValueError(f"rope_triton needs an even, contiguous last dim shared by x, cos and sin, got "
+                         f"x {tuple(x.shape)} strides {x.stride()}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    if out_strides is None:
+        out = torch.empty_like(x)
+    else:
+        out = torch.empty_strided(x.shape, out_strides, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    cos4, sin4 = (_as_4d(t if t.stride(-1) == 1 else t.contiguous(), x.shape) for t in (cos, sin))
+    x4, out4 = _as_4d(x, x.shape), _as_4d(out, x.shape)
+    rows = x4.shape[0] * x4.shape[1] * x4.shape[2]
+    half = D // 2
+    block_elements, num_warps = (blocks or BLOCKS)["block_elements"], (blocks or BLOCKS)["num_warps"]
+    block_half = triton.next_power_of_2(half)
+    block_rows = max(1, block_elements // (2 * block_half))
+    args = (x4, cos4, sin4, out4, rows, x4.shape[1], x4.shape[2], half,
+            *x4.stride()[:3], *cos4.stride()[:3], *sin4.stride()[:3], *out4.stride()[:3])
+    launch(rope_kernel, (triton.cdiv(rows, block_rows),), args, num_warps,
+           BACKWARD=backward, BLOCK_ROWS=block_rows, BLOCK_HALF=block_half)
+    return out

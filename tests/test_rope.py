@@ -1,0 +1,233 @@
+"""f8tensor.rope: the fused kernel against its reference (forward and backward, every leading
+layout, broadcast tables), the layout of what it returns, and the autograd wrapper's edges.
+
+The kernel runs on the GPU, or in the interpreter on CPU. The interpreter truncates fp32 to
+bf16/fp16 instead of rounding, and the GPU may fuse a product and a sum (one rounding fewer), so
+values are checked to within one unit in the last place of the reference plus 2^-22 of the terms'
+magnitude; on the GPU at most 0.1 % of bf16/fp16 elements may differ at all. On CPU `rope` itself
+runs the reference: the tests of the public function there test its wrapper.
+"""
+
+import pytest
+import torch
+from f8utils import DEVICE, HP_DTYPES
+
+from f8tensor import rope
+from f8tensor.kernels import rope_backward_ref, rope_ref, rope_triton
+
+ON_GPU = DEVICE.type == "cuda"
+needs_triton = pytest.mark.skipif(rope_triton is None, reason="needs triton")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def eager_rope(x, cos, sin):
+    """Hugging Face's Llama apply_rotary_pos_emb, for one tensor."""
+    return x * cos + rotate_half(x) * sin
+
+
+def tables(seq, dim, dtype=torch.float32, theta=10000.0):
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+
+
+def randn(shape, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def assert_close_to_reference(out, ref, terms):
+    """|out - ref| <= one unit in the last place of ref + 2^-22 * terms (the magnitude of the
+    products summed, where cancellation leaves fp32 rounding of the terms to decide)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    o, r = out.double(), ref.double()
+    ulp = torch.nextafter(ref.abs(), torch.full_like(ref, float("inf"))).double() - r.abs()
+    bad = (o - r).abs() > ulp + 2**-22 * terms
+    assert not bad.any(), f"{int(bad.sum())} of {out.numel()} beyond tolerance, e.g. {o[bad][:3]} vs {r[bad][:3]}"
+    if ON_GPU and out.dtype != torch.float32:
+        differ = int((o != r).sum())
+        assert differ <= max(1, out.numel() // 1000), f"{differ} of {out.numel()} differ"
+
+
+def terms(x, cos, sin, backward=False):
+    x, cos, sin = x.double().abs(), cos.double().abs(), sin.double().abs()
+    x1, x2 = x.chunk(2, dim=-1)
+    if backward:  # dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
+        s1, s2 = sin.broadcast_to(x.shape).chunk(2, dim=-1)
+        return x * cos + torch.cat([x2 * s2, x1 * s1], dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
+
+
+def test_reference_is_the_rotation_and_its_derivative():
+    """rope_ref is eager's formula (in float64, where rounding does not intervene), and
+    rope_backward_ref is autograd's derivative of it."""
+    x, g = randn((2, 3, 16, 8), torch.float64), randn((2, 3, 16, 8), torch.float64, seed=1)
+    cos, sin = tables(16, 8, torch.float64)
+    x.requires_grad_()
+    want = eager_rope(x, cos, sin)
+    (want_grad,) = torch.autograd.grad(want, (x,), g)
+    x32, g32, c32, s32 = x.detach().float(), g.float(), cos.float(), sin.float()
+    torch.testing.assert_close(rope_ref(x32, c32, s32).double(), want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rope_backward_ref(g32, c32, s32).double(), want_grad, rtol=1e-6, atol=1e-6)
+    # A rotation: lengths of each (x_i, x_{i + D/2}) pair are kept.
+    out = rope_ref(x32, c32, s32)
+    pair_norm = lambda t: t[..., :4] ** 2 + t[..., 4:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norm(out), pair_norm(x32), rtol=1e-5, atol=1e-6)
+
+
+# (x's shape, how it is laid out, the tables' shape): [B, H, S, D] views of [B, S, H, D] memory
+# as Hugging Face's Llama makes them, contiguous [B, S, H, D] with [S, 1, D] tables (torchtitan's
+# layout), per-sequence tables [B, 1, S, D], 3-D and 2-D x, a head_dim that is not a power of two.
+CASES = [
+    ((2, 4, 33, 16), "transposed", (33, 16)),
+    ((2, 33, 4, 16), "contiguous", (33, 1, 16)),
+    ((2, 4, 33, 16), "contiguous", (2, 1, 33, 16)),
+    ((5, 33, 96), "contiguous", (33, 96)),
+    ((33, 64), "contiguous", (33, 64)),
+    ((3, 2, 7, 6), "transposed", (7, 6)),
+]
+if ON_GPU:
+    CASES += [((2, 32, 4096, 128), "transposed", (4096, 128)), ((2, 8, 4096, 128), "transposed", (4096, 128))]
+
+
+def make_x(shape, layout, dtype, seed=0):
+    if layout == "transposed":  # [B, H, S, D] view of [B, S, H, D] memory
+        B, H, S, D = shape
+        return randn((B, S, H, D), dtype, seed).transpose(1, 2)
+    return randn(shape, dtype, seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks", [dict(block_elements=64, num_warps=1), {}], ids=["small_blocks", "default"])
+def test_kernel_matches_the_reference_in_place_and_in_layout(case, dtype, table_dtype, blocks):
+    shape, layout, table_shape = case
+    x, g = make_x(shape, layout, dtype), make_x(shape, layout, dtype, seed=1)
+    cos, sin = (randn(table_shape, table_dtype, seed=s) for s in (2, 3))  # any values: not only rotations
+    out = rope_triton(x, cos, sin, **blocks)
+    assert out.stride() == x.stride()  # x's layout, read and written in place
+    assert_close_to_reference(out, rope_ref(x, cos, sin), terms(x, cos, sin))
+    grad = rope_triton(g, cos, sin, backward=True, out_strides=x.stride(), **blocks)
+    assert grad.stride() == x.stride()
+    assert_close_to_reference(grad, rope_backward_ref(g, cos, sin), terms(g, cos, sin, backward=True))
+
+
+@needs_triton
+def test_kernel_cases_are_kept_apart():
+    """On the GPU later calls of a case go through the recorded launcher (kernels/launch.py):
+    alternating shapes, layouts and directions must each still get their own binary and ints."""
+    cos, sin = tables(40, 16)
+    for shape, layout, backward in [((2, 4, 40, 16), "transposed", False), ((3, 40, 16), "contiguous", False),
+                                    ((2, 4, 40, 16), "transposed", True), ((2, 4, 40, 16), "transposed", False),
+                                    ((3, 40, 16), "contiguous", True)] * 2:
+        x = make_x(shape, layout, torch.bfloat16)
+        got = rope_triton(x, cos, sin, backward=backward)
+        want = (rope_backward_ref if backward else rope_ref)(x, cos, sin)
+        assert_close_to_reference(got, want, terms(x, cos, sin, backward))
+
+
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+def test_rope_values_gradients_and_layout(dtype):
+    """The public function: values and gradient against the references, the output in x's
+    layout, the gradient in x's layout (so q's view and transpose take it back without a copy)."""
+    x = make_x((2, 4, 24, 16), "transposed", dtype).requires_grad_()
+    g = randn((2, 4, 24, 16), dtype, seed=1)  # contiguous: not x's layout
+    cos, sin = tables(24, 16, dtype)
+    out = rope(x, cos, sin)
+    (grad,) = torch.autograd.grad(out, (x,), g)
+    xd = x.detach()
+    assert out.stride() == x.stride() and grad.stride() == x.stride()
+    assert_close_to_reference(out, rope_ref(xd, cos, sin), terms(xd, cos, sin))
+    assert_close_to_reference(grad, rope_backward_ref(g, cos, sin), terms(g, cos, sin, backward=True))
+    # against eager's formula in its own dtype: eager rounds four times, we once
+    (eager_grad,) = torch.autograd.grad(eager_rope(x, cos, sin), (x,), g)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, eager_rope(xd, cos, sin), **tol)
+    torch.testing.assert_close(grad, eager_grad, **tol)
+
+
+def test_query_projection_gets_its_gradient_without_a_copy():
+    """The Llama pattern: wq(x).view(B, S, H, D).transpose(1, 2), rotated. The gradient reaching
+    the projection's output is a view of what rope's backward wrote (no copy in between)."""
+    B, S, H, D = 2, 24, 4, 16
+    proj = randn((B, S, H * D), torch.bfloat16).requires_grad_()
+    seen = []
+    proj.register_hook(lambda grad: seen.append(grad))
+    q = rope(proj.view(B, S, H, D).transpose(1, 2), *tables(S, D, torch.bfloat16))
+    q.backward(randn((B, H, S, D), torch.bfloat16, seed=1))
+    assert seen[0].is_contiguous() and seen[0]._base is not None  # a view, not a copy
+
+
+def test_last_dim_not_contiguous_is_copied_first():
+    x = randn((3, 24, 32), torch.bfloat16)[..., ::2]
+    cos, sin = tables(24, 16)
+    assert torch.equal(rope(x, cos, sin), rope(x.contiguous(), cos, sin))
+
+
+def test_double_backward_goes_through_plain_ops():
+    x = randn((2, 3, 8, 16), torch.float32).requires_grad_()
+    g = randn((2, 3, 8, 16), torch.float32, seed=1).requires_grad_()
+    cos, sin = tables(8, 16)
+    (grad,) = torch.autograd.grad(rope(x, cos, sin), (x,), g, create_graph=True)
+    got = torch.autograd.grad((grad * grad).sum(), (g,))
+    (want_grad,) = torch.autograd.grad(eager_rope(x, cos, sin), (x,), g, create_graph=True)
+    torch.testing.assert_close(got, torch.autograd.grad((want_grad * want_grad).sum(), (g,)), rtol=1e-5, atol=1e-6)
+
+
+def test_tables_that_require_grad_get_their_gradient():
+    """Learned tables: the reference in plain ops, autograd differentiates both."""
+    x = randn((2, 3, 8, 16), torch.float32).requires_grad_()
+    cos, sin = (t.clone().requires_grad_() for t in tables(8, 16))
+    out = rope(x, cos, sin)
+    assert "RoPEFn" not in type(out.grad_fn).__name__
+    got = torch.autograd.grad(out.square().sum(), (x, cos, sin))
+    want = torch.autograd.grad(eager_rope(x, cos, sin).square().sum(), (x, cos, sin))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_subclasses_get_the_reference_in_plain_ops():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = randn((2, 3, 8, 16), torch.float32)
+    cos, sin = tables(8, 16)
+    out = rope(TwoTensor(x, x.clone()), cos, sin)
+    assert isinstance(out, TwoTensor) and torch.equal(out.a, rope_ref(x, cos, sin))
+
+
+def test_inference_mode_and_no_grad():
+    x = make_x((2, 4, 24, 16), "transposed", torch.bfloat16)
+    cos, sin = tables(24, 16)
+    want = rope(x, cos, sin)
+    with torch.inference_mode():
+        assert torch.equal(rope(x, cos, sin), want)
+    with torch.no_grad():
+        assert torch.equal(rope(x, cos, sin), want)
+
+
+def test_bad_inputs_name_the_problem():
+    x = randn((2, 3, 8, 16), torch.float32)
+    cos, sin = tables(8, 16)
+    with pytest.raises(ValueError, match="even last dim"):
+        rope(x[..., :15], cos[:, :15], sin[:, :15])
+    with pytest.raises(ValueError, match="2 to 4 dims"):
+        rope(x[None], cos, sin)
+    with pytest.raises(ValueError, match="last dim 16"):
+        rope(x, cos[:, :8], sin[:, :8])
+    with pytest.raises(ValueError, match="one shape"):
+        rope(x, cos, sin[None])
+    with pytest.raises(ValueError, match="do not broadcast"):
+        rope(x, *tables(9, 16))  # 9 positions for 8
+    with pytest.raises(ValueError, match="do not broadcast"):
+        rope(x[0, 0], cos[None, None].expand(2, 3, 8, 16), sin[None, None].expand(2, 3, 8, 16))
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32"):
+        rope(x.double(), cos, sin)
+    with pytest.raises(TypeError, match="tensors"):
+        rope(x, 1.0, sin)
