@@ -13,7 +13,7 @@ import argparse
 import collections
 import re
 
-OURS = ("cast_kernel", "amax_kernel", "swiglu_kernel", "swiglu_backward_kernel")
+OURS = ("cast_kernel", "amax_kernel", "swiglu_kernel", "swiglu_backward_kernel", "rope_kernel")
 LOSS_AND_EMBEDDING = ("SoftMax", "nll_loss", "gather", "scatter", "compute_grad_weight", "radix_sort",
                       "cub::", "segment", "arange")
 

@@ -95,3 +95,27 @@ def test_swiglu_feed_forward_compiles_fullgraph():
         results.append([out, x.grad] + [p.grad for p in ffn.parameters()])
     for got, want in zip(*results):
         assert sqnr(want, got) > 40
+
+
+def test_rope_compiles_fullgraph():
+    """Under compile rope is the reference in plain ops (inductor fuses it); values and gradient
+    match eager's kernel (one rounding each, so within a last bit)."""
+    from f8tensor import rope
+
+    def rotate(x, cos, sin):
+        return rope(x.transpose(1, 2), cos, sin).transpose(1, 2) * 2
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 24, 4, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.rand(24, 16, device=DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    assert torch._dynamo.explain(rotate)(x, cos, sin).graph_break_count == 0
+    g = torch.randn_like(x)
+    results = []
+    for fn in (torch.compile(rotate, fullgraph=True), rotate):
+        x.grad = None
+        out = fn(x, cos, sin)
+        out.backward(g)
+        results.append((out, x.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)
