@@ -22,9 +22,10 @@ class Float8Config:
     fast_accum_output: bool = True
     fast_accum_grad_input: bool = False
     fast_accum_grad_weight: bool = False
-    # True: save the fp8 input and weight for backward (less memory). False: save the
-    # high-precision input and weight and quantize them again in backward (friendlier to
-    # activation-checkpointing policies that decide what to keep by dtype or identity).
+    # True: save the fp8 input for backward (less memory). False: save the high-precision input
+    # and quantize it again in backward (friendlier to activation-checkpointing policies that
+    # decide what to keep by dtype or identity). The weight is cast again in backward from the
+    # parameter either way (unless keep_fp8_weight): a saved fp8 copy would add memory.
     save_fp8_for_backward: bool = True
     # Keep each weight's float8 copies (both layouts, cast in one pass) while the weight is
     # unchanged: gradient-accumulation micro-batches and activation-checkpoint recomputation reuse
