@@ -12,13 +12,15 @@ the gradient comes back in x's layout. Values: fp32 math, one rounding (`kernels
 
 cos and sin: the tables, last dim D (each frequency twice: positions' angles repeated over both
 halves, as Llama's), broadcastable to x: [S, D] for x [..., S, D], [B, 1, S, D] per-sequence
-positions for x [B, H, S, D], and so on. Under torch.compile, for tensor subclasses (DTensor, ...)
-and for tables that require grad it is the reference in plain ops.
+positions for x [B, H, S, D], and so on. Under torch.compile, for tensor subclasses (DTensor, ...),
+under torch.func transforms and forward-mode AD, and for tables that require grad it is the
+reference in plain ops. The result has x's dtype (eager's formula would promote bf16 x times fp32
+tables to fp32).
 """
 
 import torch
 
-from .kernels import INPUT_DTYPES, rope_backward, rope_backward_ref, rope_ref
+from .kernels import INPUT_DTYPES, kernels_can_run, rope_backward, rope_backward_ref, rope_ref
 from .kernels import rope as rope_forward
 
 
@@ -42,7 +44,8 @@ class _RoPEFn(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin for x of 2 to 4 dims [..., D] (D even) and tables cos, sin
-    of last dim D broadcastable to x; the result has x's shape, dtype and (where x is dense) layout."""
+    of last dim D broadcastable to x; the result has x's shape, dtype and (where x is dense with a
+    contiguous last dim) layout."""
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"rope takes tensors x, cos, sin; {name} is a {type(t).__name__}")
@@ -62,7 +65,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if broadcast != x.shape:
         raise ValueError(f"rope: tables of shape {tuple(cos.shape)} do not broadcast to x {tuple(x.shape)} "
                          "(e.g. [S, D] for x [B, H, S, D], or [B, 1, S, D] for per-sequence positions)")
-    if (torch.compiler.is_compiling() or not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, cos, sin))
-            or cos.requires_grad or sin.requires_grad):
+    if not kernels_can_run(x, cos, sin) or cos.requires_grad or sin.requires_grad:
         return rope_ref(x, cos, sin)
     return _RoPEFn.apply(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)

@@ -13,13 +13,13 @@ outputs on the GPU within one unit in the last place of the reference (`kernels.
 fp32 ones within the fast exp's error.
 
 Under torch.compile it is the reference in plain ops, which inductor fuses with its neighbours;
-on tensor subclasses (DTensor, ...) too.
+on tensor subclasses (DTensor, ...), under torch.func transforms and forward-mode AD too.
 """
 
 import torch
 
-from .kernels import (INPUT_DTYPES, swiglu_backward_ref, swiglu_backward_with_amax, swiglu_ref,
-                      swiglu_with_amax)
+from .kernels import (INPUT_DTYPES, kernels_can_run, swiglu_backward_ref, swiglu_backward_with_amax,
+                      swiglu_ref, swiglu_with_amax)
 from .tensor_cache import produced_amax
 
 
@@ -55,12 +55,8 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
     if a.dtype not in INPUT_DTYPES:
         raise TypeError(f"swiglu takes bfloat16, float16 or float32 tensors, got {a.dtype}")
-    # Tensor subclasses (DTensor under tensor parallelism, ...) get the reference in plain ops,
-    # which they implement; the kernels need plain tensors' memory.
-    if torch.compiler.is_compiling() or not (_plain(a) and _plain(b)):
+    # Under compile, for tensor subclasses (DTensor under tensor parallelism, ...), torch.func
+    # transforms and forward-mode AD: the reference in plain ops.
+    if not kernels_can_run(a, b):
         return swiglu_ref(a, b)
     return _SwiGLUFn.apply(a.contiguous(), b.contiguous())
-
-
-def _plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, torch.nn.Parameter)

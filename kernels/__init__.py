@@ -7,6 +7,8 @@ reference elsewhere; both return (row_major | None, col_major | None, scale) for
 import functools
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref,
                     rope_backward_ref, rope_ref, scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
@@ -22,7 +24,8 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
 from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
-    "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "quantize", "quantize_ref",
+    "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "kernels_can_run", "quantize",
+    "quantize_ref",
     "quantize_triton", "quantize_with_amax", "rope", "rope_backward", "rope_backward_ref", "rope_ref",
     "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
@@ -80,6 +83,18 @@ def swiglu_backward_with_amax(
         return swiglu_backward_triton(g, a, b)
     grad_a, grad_b = swiglu_backward_ref(g, a, b)
     return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
+
+
+def kernels_can_run(*tensors: torch.Tensor) -> bool:
+    """Whether a fused op's kernels, behind an autograd.Function with a backward and nothing more,
+    may stand in for its reference in plain ops: not while torch.compile traces (inductor fuses the
+    plain ops), not for tensor subclasses (DTensor, ...: no memory of their own for a kernel), not
+    under torch.func transforms (wrapped tensors) nor for forward-mode AD (dual tensors), which
+    need rules such a Function does not have. The reference serves all of these."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not _is_functorch_wrapped(t)
+               and _forward_ad.unpack_dual(t).tangent is None for t in tensors)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ def rope_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (rows < ROWS)[:, None] & (cols < HALF)[None, :]
-    i0, i1, i2 = rows // (N1 * N2), (rows // N2) % N1, rows % N2  # the leading indices
+    i0, i1, i2 = rows // N2 // N1, (rows // N2) % N1, rows % N2  # the leading indices (int64)
     x1_ptrs = x_ptr + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)[:, None] + cols[None, :]
     c1_ptrs = cos_ptr + (i0 * c_s0 + i1 * c_s1 + i2 * c_s2)[:, None] + cols[None, :]
     s1_ptrs = sin_ptr + (i0 * s_s0 + i1 * s_s1 + i2 * s_s2)[:, None] + cols[None, :]
@@ -87,6 +87,8 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     rows = x4.shape[0] * x4.shape[1] * x4.shape[2]
     half = D // 2
     block_elements, num_warps = (blocks or BLOCKS)["block_elements"], (blocks or BLOCKS)["num_warps"]
+    if block_elements & (block_elements - 1):
+        raise ValueError(f"block_elements must be a power of two, got {block_elements}")
     block_half = triton.next_power_of_2(half)
     block_rows = max(1, block_elements // (2 * block_half))
     args = (x4, cos4, sin4, out4, rows, x4.shape[1], x4.shape[2], half,

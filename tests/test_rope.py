@@ -131,6 +131,11 @@ def test_kernel_cases_are_kept_apart():
         got = rope_triton(x, cos, sin, backward=backward)
         want = (rope_backward_ref if backward else rope_ref)(x, cos, sin)
         assert_close_to_reference(got, want, terms(x, cos, sin, backward))
+    # Same ints, different alignment (Triton specializes on a pointer's 16-byte alignment).
+    buffer = randn((2 * 40 * 4 * 16 + 8,), torch.bfloat16)
+    for offset in (0, 1, 8, 3, 0, 1):
+        x = buffer[offset:offset + 2 * 40 * 4 * 16].view(2, 40, 4, 16).transpose(1, 2)
+        assert_close_to_reference(rope_triton(x, cos, sin), rope_ref(x, cos, sin), terms(x, cos, sin))
 
 
 @pytest.mark.parametrize("dtype", HP_DTYPES)
@@ -202,6 +207,22 @@ def test_tensor_subclasses_get_the_reference_in_plain_ops():
     assert isinstance(out, TwoTensor) and torch.equal(out.a, rope_ref(x, cos, sin))
 
 
+def test_torch_func_transforms_and_forward_ad_get_the_reference():
+    """grad, vmap and forward-mode AD work as on eager's formula (the kernel's Function has no
+    rules for them: the reference in plain ops runs instead)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = randn((2, 3, 8, 16), torch.float32), randn((2, 3, 8, 16), torch.float32, seed=1)
+    cos, sin = tables(8, 16)
+    got = torch.func.grad(lambda v: rope(v, cos, sin).square().sum())(x)
+    torch.testing.assert_close(got, torch.func.grad(lambda v: eager_rope(v, cos, sin).square().sum())(x))
+    batched = torch.func.vmap(lambda v: rope(v, cos, sin))(x)
+    torch.testing.assert_close(batched, rope_ref(x, cos, sin))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(rope(fwAD.make_dual(x, t), cos, sin)).tangent
+    torch.testing.assert_close(tangent, rope_ref(t, cos, sin))
+
+
 def test_inference_mode_and_no_grad():
     x = make_x((2, 4, 24, 16), "transposed", torch.bfloat16)
     cos, sin = tables(24, 16)
@@ -231,3 +252,5 @@ def test_bad_inputs_name_the_problem():
         rope(x.double(), cos, sin)
     with pytest.raises(TypeError, match="tensors"):
         rope(x, 1.0, sin)
+    with pytest.raises(ValueError, match="power of two"):
+        rope_triton(x, cos, sin, block_elements=96, num_warps=1)

@@ -171,6 +171,21 @@ def test_tensor_subclasses_get_the_reference_in_plain_ops():
     torch.testing.assert_close(grad.a, swiglu_backward_ref(g, a, b)[0], rtol=1e-5, atol=1e-8)
 
 
+def test_torch_func_transforms_and_forward_ad_get_the_reference():
+    """grad, vmap and forward-mode AD work as on F.silu(a) * b (the kernels' Function has no rules
+    for them: the reference in plain ops runs instead)."""
+    import torch.autograd.forward_ad as fwAD
+
+    a, b, t = inputs((8, 96), torch.float32)
+    got = torch.func.grad(lambda v: swiglu(v, b).sum())(a)
+    torch.testing.assert_close(got, torch.func.grad(lambda v: (F.silu(v) * b).sum())(a), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.func.vmap(swiglu)(a, b), swiglu_ref(a, b))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(swiglu(fwAD.make_dual(a, t), b)).tangent
+    want = torch.func.jvp(lambda v: F.silu(v) * b, (a,), (t,))[1]
+    torch.testing.assert_close(tangent, want, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_inputs_name_the_problem():
     a = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="one shape, dtype and device"):
