@@ -16,7 +16,7 @@ error, OOM) is reported in the status column and the run goes on. On CPU (smoke 
 configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu (only when named)
 run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x));
 bf16_fused and f8tensor_fused (only when named) also rotate q and k with f8tensor.rope (two lines
-of model code changed in all, same math: the rotate_half form, fused);
+of model code changed in all, same math, fused; with --rope complex its interleaved form);
 f8tensor_keepweight (only when named) uses Float8Config(keep_fp8_weight=True). --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
@@ -95,8 +95,13 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, S, self.heads, self.head_dim)
         k = self.wk(x).view(B, S, self.kv_heads, self.head_dim)
         v = self.wv(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        if len(rope) == 1:  # complex form: rotated before the transpose, as torchtitan does
-            q, k = apply_rope_complex(q, *rope).transpose(1, 2), apply_rope_complex(k, *rope).transpose(1, 2)
+        if len(rope) == 3:  # complex form: rotated before the transpose, as torchtitan does
+            freqs_cis, cos, sin = rope  # cos, sin: freqs_cis's parts, for f8tensor.rope
+            if self.fused_rope:
+                q, k = fused_rope(q, cos, sin, interleaved=True), fused_rope(k, cos, sin, interleaved=True)
+            else:
+                q, k = apply_rope_complex(q, freqs_cis), apply_rope_complex(k, freqs_cis)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         else:
             rotate = fused_rope if self.fused_rope else apply_rope
             q, k = rotate(q.transpose(1, 2), *rope), rotate(k.transpose(1, 2), *rope)
@@ -139,7 +144,11 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(a.dim, eps=1e-5)
         self.output = nn.Linear(a.dim, a.vocab, bias=False)  # stays bf16: the filter skips "output"
         if a.rope == "complex":
-            self.register_buffer("freqs_cis", rope_freqs_cis(a.seq, a.dim // a.heads), persistent=False)
+            freqs_cis = rope_freqs_cis(a.seq, a.dim // a.heads)
+            self.register_buffer("freqs_cis", freqs_cis, persistent=False)
+            # the same angles as fp32 [S, 1, head_dim] tables, each twice in a row (adjacent pairs)
+            for name, part in (("cos_interleaved", freqs_cis.real), ("sin_interleaved", freqs_cis.imag)):
+                self.register_buffer(name, part.repeat_interleave(2, dim=-1)[:, None, :], persistent=False)
         else:
             cos, sin = rope_tables(a.seq, a.dim // a.heads)  # fp32 tables, computed once
             self.register_buffer("cos", cos.to(torch.bfloat16), persistent=False)
@@ -148,7 +157,9 @@ class Transformer(nn.Module):
         self.ac = "none"
 
     def rope(self):
-        return (self.freqs_cis,) if self.rope_kind == "complex" else (self.cos, self.sin)
+        if self.rope_kind == "complex":
+            return self.freqs_cis, self.cos_interleaved, self.sin_interleaved
+        return self.cos, self.sin
 
     def forward(self, tokens):
         h = self.tok_embeddings(tokens)
@@ -176,8 +187,6 @@ def build(a, config, ac, device):
     finally:
         torch.set_default_dtype(default_dtype)
     model.ac = ac
-    if config.endswith("_fused") and a.rope != "rotate_half":
-        raise ValueError(f"{config}: f8tensor.rope is the rotate_half form; run it with --rope rotate_half")
     for block in model.layers:
         block.feed_forward.fused_gate = config.endswith(("_swiglu", "_fused"))
         block.attention.fused_rope = config.endswith("_fused")

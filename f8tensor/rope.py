@@ -1,17 +1,20 @@
-"""rope(x, cos, sin): rotary position embedding in the rotate_half form, fused.
+"""rope(x, cos, sin): rotary position embedding, fused.
 
     q = rope(q, cos, sin)        instead of  q * cos + rotate_half(q) * sin
                                  with rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
 
-(Hugging Face's Llama `apply_rotary_pos_emb`, one tensor at a time). Not float8 work, but in an
+(Hugging Face's Llama `apply_rotary_pos_emb`, one tensor at a time), or with interleaved=True the
+form that rotates adjacent pairs (x[2j], x[2j+1]) (Meta's Llama and torchtitan, written there as a
+complex multiply by freqs_cis: cos = freqs_cis.real and sin = freqs_cis.imag, each repeated twice
+along the last dim). Not float8 work, but in an
 eager float8 model it is the largest elementwise cost left: five kernels each way per tensor, over
 q and k at every layer, strided where q is a transposed view, about 11 ms of a 177 ms step of the
 8-layer Llama-3-8B-shaped benchmark on an H200 (docs/benchmarks.md), which torch.compile fuses
 away. Here forward and backward are one pass each over x, read in place in any leading layout;
 the gradient comes back in x's layout. Values: fp32 math, one rounding (`kernels.naive.rope_ref`).
 
-cos and sin: the tables, last dim D (each frequency twice: positions' angles repeated over both
-halves, as Llama's), broadcastable to x: [S, D] for x [..., S, D], [B, 1, S, D] per-sequence
+cos and sin: the tables, last dim D (each frequency twice: repeated over both halves, or twice in
+a row for the interleaved form), broadcastable to x: [S, D] for x [..., S, D], [B, 1, S, D] per-sequence
 positions for x [B, H, S, D], and so on. Under torch.compile, for tensor subclasses (DTensor, ...),
 under torch.func transforms and forward-mode AD, and for tables that require grad it is the
 reference in plain ops. The result has x's dtype (eager's formula would promote bf16 x times fp32
@@ -26,26 +29,26 @@ from .kernels import rope as rope_forward
 
 class _RoPEFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin):
-        out = rope_forward(x, cos, sin)
+    def forward(ctx, x, cos, sin, interleaved):
+        out = rope_forward(x, cos, sin, interleaved)
         ctx.save_for_backward(cos, sin)
-        ctx.strides = out.stride()
+        ctx.strides, ctx.interleaved = out.stride(), interleaved
         return out
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradient differentiates
-            return rope_backward_ref(g, cos, sin), None, None
+            return rope_backward_ref(g, cos, sin, ctx.interleaved), None, None, None
         if g.stride(-1) != 1:
             g = g.contiguous()
-        return rope_backward(g, cos, sin, ctx.strides), None, None
+        return rope_backward(g, cos, sin, ctx.strides, ctx.interleaved), None, None, None
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin for x of 2 to 4 dims [..., D] (D even) and tables cos, sin
-    of last dim D broadcastable to x; the result has x's shape, dtype and (where x is dense with a
-    contiguous last dim) layout."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (interleaved=True: the same rotation of adjacent pairs) for
+    x of 2 to 4 dims [..., D] (D even) and tables cos, sin of last dim D broadcastable to x; the
+    result has x's shape, dtype and (where x is dense with a contiguous last dim) layout."""
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"rope takes tensors x, cos, sin; {name} is a {type(t).__name__}")
@@ -66,5 +69,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rope: tables of shape {tuple(cos.shape)} do not broadcast to x {tuple(x.shape)} "
                          "(e.g. [S, D] for x [B, H, S, D], or [B, 1, S, D] for per-sequence positions)")
     if not kernels_can_run(x, cos, sin) or cos.requires_grad or sin.requires_grad:
-        return rope_ref(x, cos, sin)
-    return _RoPEFn.apply(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)
+        return rope_ref(x, cos, sin, interleaved)
+    return _RoPEFn.apply(x if x.stride(-1) == 1 else x.contiguous(), cos, sin, bool(interleaved))

@@ -97,21 +97,22 @@ def kernels_can_run(*tensors: torch.Tensor) -> bool:
                and _forward_ad.unpack_dual(t).tangent is None for t in tensors)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rope_ref(x, cos, sin): one pass on CUDA (Triton), the reference elsewhere or without triton.
-    The output has x's layout where x is dense."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """rope_ref(x, cos, sin, interleaved): one pass on CUDA (Triton), the reference elsewhere or
+    without triton. The output has x's layout where x is dense."""
     if x.is_cuda and rope_triton is not None:
-        return rope_triton(x, cos, sin)
-    return torch.empty_like(x).copy_(rope_ref(x, cos, sin))
+        return rope_triton(x, cos, sin, interleaved=interleaved)
+    return torch.empty_like(x).copy_(rope_ref(x, cos, sin, interleaved))
 
 
-def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides: tuple) -> torch.Tensor:
-    """rope_backward_ref(g, cos, sin) laid out with `strides` (forward's output layout, so the
-    gradient reaches x's producer in x's layout: its view's backward needs no copy)."""
+def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides: tuple,
+                  interleaved: bool = False) -> torch.Tensor:
+    """rope_backward_ref(g, cos, sin, interleaved) laid out with `strides` (forward's output
+    layout, so the gradient reaches x's producer in x's layout: its view's backward needs no copy)."""
     if g.is_cuda and rope_triton is not None:
-        return rope_triton(g, cos, sin, backward=True, out_strides=strides)
+        return rope_triton(g, cos, sin, backward=True, out_strides=strides, interleaved=interleaved)
     out = torch.empty_strided(g.shape, strides, dtype=g.dtype, device=g.device)
-    return out.copy_(rope_backward_ref(g, cos, sin))
+    return out.copy_(rope_backward_ref(g, cos, sin, interleaved))
 
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:

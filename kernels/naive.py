@@ -104,18 +104,27 @@ def swiglu_backward_ref(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tu
     return grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 
-# Rotary position embedding, rotate_half form (rope.py): out = x * cos + rotate_half(x) * sin with
-# rotate_half(x) = cat(-x2, x1) of x's last-dim halves, cos and sin broadcast to x. fp32 math, one
-# rounding to x's dtype (eager PyTorch rounds each of its four steps).
+# Rotary position embedding (rope.py). Each position's head vector is split into pairs (x1_j, x2_j),
+# each rotated by its angle: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (c, s: the tables' entries at
+# the same places, cos and sin broadcast to x). The pairs are (j, j + D/2) in the rotate_half form
+# (Hugging Face's Llama: x * cos + cat(-x2, x1) * sin) and (2j, 2j + 1) in the interleaved form
+# (Meta's Llama / torchtitan's complex multiply). fp32 math, one rounding to x's dtype (eager
+# rotate_half rounds each of its four steps; the complex form computes in fp32 too).
 
-def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos.float() + torch.cat([-x2, x1], dim=-1) * sin.float()).to(x.dtype)
+def _pairs(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (t[..., 0::2], t[..., 1::2]) if interleaved else t.chunk(2, dim=-1)
 
 
-def rope_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """d rope / dx given dout = g: g * cos + rotate_half's transpose of g * sin, cat(gs2, -gs1)."""
-    gf = g.float()
-    gs1, gs2 = (gf * sin.float()).chunk(2, dim=-1)
-    return (gf * cos.float() + torch.cat([gs2, -gs1], dim=-1)).to(g.dtype)
+def _unpair(a: torch.Tensor, b: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return torch.stack([a, b], dim=-1).flatten(-2) if interleaved else torch.cat([a, b], dim=-1)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    (x1, x2), (c1, c2), (s1, s2) = (_pairs(t.float(), interleaved) for t in (x, cos, sin))
+    return _unpair(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, interleaved).to(x.dtype)
+
+
+def rope_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """d rope / dx given dout = g: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1."""
+    (g1, g2), (c1, c2), (s1, s2) = (_pairs(t.float(), interleaved) for t in (g, cos, sin))
+    return _unpair(g1 * c1 + g2 * s2, g2 * c2 - g1 * s1, interleaved).to(g.dtype)

@@ -1,14 +1,16 @@
-"""Rotary position embedding (rotate_half form), forward and backward, each one pass.
+"""Rotary position embedding, forward and backward, each one pass.
 
-Reference: `naive.rope_ref`, `naive.rope_backward_ref`. With x's last-dim halves x1, x2 and the
-tables' halves c1, c2, s1, s2 (cos and sin broadcast to x):
+Reference: `naive.rope_ref`, `naive.rope_backward_ref`. With x's pairs x1, x2 — last-dim halves
+(rotate_half form) or even and odd elements (interleaved form) — and the tables' entries at the
+same places c1, c2, s1, s2 (cos and sin broadcast to x):
 
     forward      out1 = x1 c1 - x2 s1        out2 = x2 c2 + x1 s2
     backward     dx1  = g1 c1 + g2 s2        dx2  = g2 c2 - g1 s1
 
 in fp32, one rounding to the output dtype. Eager PyTorch's `x * cos + cat(-x2, x1) * sin` is five
 kernels forward (neg, cat, two muls, add) and as many backward, each a full pass over q or k,
-strided where q is a transposed view; here each direction reads x (or g) once and writes once.
+strided where q is a transposed view (the complex form: an fp32 copy, the multiply, a copy back);
+here each direction reads x (or g) once and writes once.
 
 Any strides in the leading dims (a [B, H, S, D] view of [B, S, H, D] memory is read in place); the
 last dim must be contiguous. The tables are read through broadcast strides (0 where they repeat),
@@ -26,31 +28,36 @@ from .launch import launch
 def rope_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, ROWS, N1, N2, HALF,
     x_s0, x_s1, x_s2, c_s0, c_s1, c_s2, s_s0, s_s1, s_s2, o_s0, o_s1, o_s2,
-    BACKWARD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BACKWARD: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     # A block of rows (one row: one [.., position, head] vector of D = 2 HALF elements), both halves.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (rows < ROWS)[:, None] & (cols < HALF)[None, :]
+    # where pair j's two elements sit: (2j, 2j + 1) interleaved, else (j, j + HALF)
+    if INTERLEAVED:
+        first, second = 2 * cols, 1
+    else:
+        first, second = cols, HALF
     i0, i1, i2 = rows // N2 // N1, (rows // N2) % N1, rows % N2  # the leading indices (int64)
-    x1_ptrs = x_ptr + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)[:, None] + cols[None, :]
-    c1_ptrs = cos_ptr + (i0 * c_s0 + i1 * c_s1 + i2 * c_s2)[:, None] + cols[None, :]
-    s1_ptrs = sin_ptr + (i0 * s_s0 + i1 * s_s1 + i2 * s_s2)[:, None] + cols[None, :]
+    x1_ptrs = x_ptr + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)[:, None] + first[None, :]
+    c1_ptrs = cos_ptr + (i0 * c_s0 + i1 * c_s1 + i2 * c_s2)[:, None] + first[None, :]
+    s1_ptrs = sin_ptr + (i0 * s_s0 + i1 * s_s1 + i2 * s_s2)[:, None] + first[None, :]
     x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x1_ptrs + second, mask=mask, other=0.0).to(tl.float32)
     c1 = tl.load(c1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c1_ptrs + second, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(s1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s1_ptrs + second, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         out1 = x1 * c1 + x2 * s2
         out2 = x2 * c2 - x1 * s1
     else:
         out1 = x1 * c1 - x2 * s1
         out2 = x2 * c2 + x1 * s2
-    o1_ptrs = out_ptr + (i0 * o_s0 + i1 * o_s1 + i2 * o_s2)[:, None] + cols[None, :]
+    o1_ptrs = out_ptr + (i0 * o_s0 + i1 * o_s1 + i2 * o_s2)[:, None] + first[None, :]
     tl.store(o1_ptrs, out1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(o1_ptrs + HALF, out2.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o1_ptrs + second, out2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # benchmarks/rope.py --sweep on an H200 (fffffd9): within 2 % of the best at [2, 32, 4096, 128]
@@ -65,9 +72,9 @@ def _as_4d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False,
-                out_strides: tuple | None = None, **blocks) -> torch.Tensor:
-    """rope_ref(x, cos, sin), or rope_backward_ref(x, cos, sin) with backward=True (x is then the
-    gradient), for x of 2 to 4 dims with a contiguous last dim of even size D, and tables whose
+                out_strides: tuple | None = None, interleaved: bool = False, **blocks) -> torch.Tensor:
+    """rope_ref(x, cos, sin, interleaved), or rope_backward_ref(x, cos, sin, interleaved) with
+    backward=True (x is then the gradient), for x of 2 to 4 dims with a contiguous last dim of even size D, and tables whose
     last dim is D, broadcastable to x. The output has x's shape, and out_strides (a dense layout of
     that shape), or else x's strides where x is dense, or else contiguous ones."""
     if x.dim() < 2 or x.dim() > 4:
@@ -94,5 +101,5 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     args = (x4, cos4, sin4, out4, rows, x4.shape[1], x4.shape[2], half,
             *x4.stride()[:3], *cos4.stride()[:3], *sin4.stride()[:3], *out4.stride()[:3])
     launch(rope_kernel, (triton.cdiv(rows, block_rows),), args, num_warps,
-           BACKWARD=backward, BLOCK_ROWS=block_rows, BLOCK_HALF=block_half)
+           BACKWARD=backward, INTERLEAVED=interleaved, BLOCK_ROWS=block_rows, BLOCK_HALF=block_half)
     return out

@@ -69,10 +69,16 @@ def test_train_benchmark_runs_with_the_fused_gate_and_rope(tmp_path):
 
 
 @CPU_ONLY
-def test_train_benchmark_reports_fused_rope_with_the_complex_form_as_failed(tmp_path):
-    rows = run_train(tmp_path, "--rounds", "1", "--rope", "complex", configs=("bf16", "bf16_fused"))
-    assert rows[0]["status"] == "ok"
-    assert rows[1]["status"].startswith("ValueError: bf16_fused: f8tensor.rope is the rotate_half form")
+def test_train_benchmark_fused_rope_in_the_complex_form(tmp_path):
+    """--rope complex: the fused configurations rotate with f8tensor.rope's interleaved form, the
+    same fp32 rotation as the complex multiply (one rounding each)."""
+    rows = run_train(tmp_path, "--rounds", "1", "--rope", "complex",
+                     configs=("bf16", "bf16_fused", "f8tensor", "f8tensor_fused"))
+    assert [(r["config"], r["status"]) for r in rows] == [
+        ("bf16", "ok"), ("bf16_fused", "ok"), ("f8tensor", "ok"), ("f8tensor_fused", "ok")]
+    losses = {r["config"]: r["loss"] for r in rows}
+    assert losses["bf16_fused"] == pytest.approx(losses["bf16"], abs=0.02)
+    assert losses["f8tensor_fused"] == pytest.approx(losses["bf16"], abs=0.1)
 
 
 def test_train_benchmark_rope_forms_rotate_alike():

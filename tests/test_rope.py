@@ -54,13 +54,22 @@ def assert_close_to_reference(out, ref, terms):
         assert differ <= max(1, out.numel() // 1000), f"{differ} of {out.numel()} differ"
 
 
-def terms(x, cos, sin, backward=False):
-    x, cos, sin = x.double().abs(), cos.double().abs(), sin.double().abs()
-    x1, x2 = x.chunk(2, dim=-1)
-    if backward:  # dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
-        s1, s2 = sin.broadcast_to(x.shape).chunk(2, dim=-1)
-        return x * cos + torch.cat([x2 * s2, x1 * s1], dim=-1)
-    return x * cos + torch.cat([x2, x1], dim=-1) * sin
+def pairs(t, interleaved):
+    return (t[..., 0::2], t[..., 1::2]) if interleaved else t.chunk(2, dim=-1)
+
+
+def unpair(a, b, interleaved):
+    return torch.stack([a, b], dim=-1).flatten(-2) if interleaved else torch.cat([a, b], dim=-1)
+
+
+def terms(x, cos, sin, backward=False, interleaved=False):
+    """The magnitudes summed for each output: |x1 c1| + |x2 s1|, |x2 c2| + |x1 s2| (backward:
+    |g1 c1| + |g2 s2|, |g2 c2| + |g1 s1|)."""
+    (x1, x2), (c1, c2), (s1, s2) = (pairs(t.double().abs().broadcast_to(x.shape), interleaved)
+                                    for t in (x, cos, sin))
+    if backward:
+        return unpair(x1 * c1 + x2 * s2, x2 * c2 + x1 * s1, interleaved)
+    return unpair(x1 * c1 + x2 * s1, x2 * c2 + x1 * s2, interleaved)
 
 
 def test_reference_is_the_rotation_and_its_derivative():
@@ -80,19 +89,38 @@ def test_reference_is_the_rotation_and_its_derivative():
     torch.testing.assert_close(pair_norm(out), pair_norm(x32), rtol=1e-5, atol=1e-6)
 
 
-# (x's shape, how it is laid out, the tables' shape): [B, H, S, D] views of [B, S, H, D] memory
-# as Hugging Face's Llama makes them, contiguous [B, S, H, D] with [S, 1, D] tables (torchtitan's
-# layout), per-sequence tables [B, 1, S, D], 3-D and 2-D x, a head_dim that is not a power of two.
+def test_interleaved_reference_is_the_complex_multiply_and_a_permuted_rotate_half():
+    """interleaved=True is Meta's / torchtitan's x * freqs_cis on adjacent pairs as complex numbers,
+    with cos, sin = freqs_cis.real, .imag each repeated twice; and it is the rotate_half form on the
+    head dims permuted evens-then-odds."""
+    x, g = randn((2, 8, 3, 16), torch.float64), randn((2, 8, 3, 16), torch.float64, seed=1)
+    angles = torch.rand(8, 8, dtype=torch.float64, device=DEVICE) * 6
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # [S, 1, D/2], per head
+    want = torch.view_as_real(torch.view_as_complex(x.reshape(2, 8, 3, 8, 2)) * freqs_cis).flatten(3)
+    cos, sin = (t.repeat_interleave(2, dim=-1) for t in (freqs_cis.real, freqs_cis.imag))
+    torch.testing.assert_close(rope_ref(x.float(), cos.float(), sin.float(), True).double(), want,
+                               rtol=1e-6, atol=1e-6)
+    perm = torch.cat([torch.arange(0, 16, 2), torch.arange(1, 16, 2)])
+    for f in (rope_ref, rope_backward_ref):
+        torch.testing.assert_close(f(g, cos, sin, True)[..., perm], f(g[..., perm], cos[..., perm], sin[..., perm]))
+
+
+# (x's shape, how it is laid out, the tables' shape and dtype): [B, H, S, D] views of [B, S, H, D]
+# memory as Hugging Face's Llama makes them, contiguous [B, S, H, D] with [S, 1, D] tables
+# (torchtitan's layout), per-sequence tables [B, 1, S, D], 3-D and 2-D x, a head_dim that is not a
+# power of two; fp32 and bf16 tables.
 CASES = [
-    ((2, 4, 33, 16), "transposed", (33, 16)),
-    ((2, 33, 4, 16), "contiguous", (33, 1, 16)),
-    ((2, 4, 33, 16), "contiguous", (2, 1, 33, 16)),
-    ((5, 33, 96), "contiguous", (33, 96)),
-    ((33, 64), "contiguous", (33, 64)),
-    ((3, 2, 7, 6), "transposed", (7, 6)),
+    ((2, 4, 33, 16), "transposed", (33, 16), torch.bfloat16),
+    ((2, 33, 4, 16), "contiguous", (33, 1, 16), torch.float32),
+    ((2, 4, 33, 16), "contiguous", (2, 1, 33, 16), torch.bfloat16),
+    ((5, 33, 96), "contiguous", (33, 96), torch.float32),
+    ((33, 64), "contiguous", (33, 64), torch.bfloat16),
+    ((3, 2, 7, 6), "transposed", (7, 6), torch.float32),
 ]
 if ON_GPU:
-    CASES += [((2, 32, 4096, 128), "transposed", (4096, 128)), ((2, 8, 4096, 128), "transposed", (4096, 128))]
+    CASES += [((2, 32, 4096, 128), "transposed", (4096, 128), torch.bfloat16),
+              ((2, 8, 4096, 128), "transposed", (4096, 128), torch.float32),
+              ((2, 4096, 32, 128), "contiguous", (4096, 1, 128), torch.float32)]
 
 
 def make_x(shape, layout, dtype, seed=0):
@@ -103,20 +131,21 @@ def make_x(shape, layout, dtype, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{str(c[3])[6:]}")
 @pytest.mark.parametrize("dtype", HP_DTYPES)
-@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
 @pytest.mark.parametrize("blocks", [dict(block_elements=64, num_warps=1), {}], ids=["small_blocks", "default"])
-def test_kernel_matches_the_reference_in_place_and_in_layout(case, dtype, table_dtype, blocks):
-    shape, layout, table_shape = case
+def test_kernel_matches_the_reference_in_place_and_in_layout(case, dtype, interleaved, blocks):
+    shape, layout, table_shape, table_dtype = case
     x, g = make_x(shape, layout, dtype), make_x(shape, layout, dtype, seed=1)
     cos, sin = (randn(table_shape, table_dtype, seed=s) for s in (2, 3))  # any values: not only rotations
-    out = rope_triton(x, cos, sin, **blocks)
+    out = rope_triton(x, cos, sin, interleaved=interleaved, **blocks)
     assert out.stride() == x.stride()  # x's layout, read and written in place
-    assert_close_to_reference(out, rope_ref(x, cos, sin), terms(x, cos, sin))
-    grad = rope_triton(g, cos, sin, backward=True, out_strides=x.stride(), **blocks)
+    assert_close_to_reference(out, rope_ref(x, cos, sin, interleaved), terms(x, cos, sin, False, interleaved))
+    grad = rope_triton(g, cos, sin, backward=True, out_strides=x.stride(), interleaved=interleaved, **blocks)
     assert grad.stride() == x.stride()
-    assert_close_to_reference(grad, rope_backward_ref(g, cos, sin), terms(g, cos, sin, backward=True))
+    assert_close_to_reference(grad, rope_backward_ref(g, cos, sin, interleaved),
+                              terms(g, cos, sin, True, interleaved))
 
 
 @needs_triton
@@ -145,12 +174,16 @@ def test_rope_values_gradients_and_layout(dtype):
     x = make_x((2, 4, 24, 16), "transposed", dtype).requires_grad_()
     g = randn((2, 4, 24, 16), dtype, seed=1)  # contiguous: not x's layout
     cos, sin = tables(24, 16, dtype)
+    xd = x.detach()
+    for interleaved in (False, True):
+        out = rope(x, cos, sin, interleaved=interleaved)
+        (grad,) = torch.autograd.grad(out, (x,), g)
+        assert out.stride() == x.stride() and grad.stride() == x.stride()
+        assert_close_to_reference(out, rope_ref(xd, cos, sin, interleaved), terms(xd, cos, sin, False, interleaved))
+        assert_close_to_reference(grad, rope_backward_ref(g, cos, sin, interleaved),
+                                  terms(g, cos, sin, True, interleaved))
     out = rope(x, cos, sin)
     (grad,) = torch.autograd.grad(out, (x,), g)
-    xd = x.detach()
-    assert out.stride() == x.stride() and grad.stride() == x.stride()
-    assert_close_to_reference(out, rope_ref(xd, cos, sin), terms(xd, cos, sin))
-    assert_close_to_reference(grad, rope_backward_ref(g, cos, sin), terms(g, cos, sin, backward=True))
     # against eager's formula in its own dtype: eager rounds four times, we once
     (eager_grad,) = torch.autograd.grad(eager_rope(x, cos, sin), (x,), g)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
@@ -176,13 +209,14 @@ def test_last_dim_not_contiguous_is_copied_first():
     assert torch.equal(rope(x, cos, sin), rope(x.contiguous(), cos, sin))
 
 
-def test_double_backward_goes_through_plain_ops():
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+def test_double_backward_goes_through_plain_ops(interleaved):
     x = randn((2, 3, 8, 16), torch.float32).requires_grad_()
     g = randn((2, 3, 8, 16), torch.float32, seed=1).requires_grad_()
     cos, sin = tables(8, 16)
-    (grad,) = torch.autograd.grad(rope(x, cos, sin), (x,), g, create_graph=True)
+    (grad,) = torch.autograd.grad(rope(x, cos, sin, interleaved), (x,), g, create_graph=True)
     got = torch.autograd.grad((grad * grad).sum(), (g,))
-    (want_grad,) = torch.autograd.grad(eager_rope(x, cos, sin), (x,), g, create_graph=True)
+    (want_grad,) = torch.autograd.grad(rope_ref(x, cos, sin, interleaved), (x,), g, create_graph=True)
     torch.testing.assert_close(got, torch.autograd.grad((want_grad * want_grad).sum(), (g,)), rtol=1e-5, atol=1e-6)
 
 
