@@ -25,39 +25,62 @@ from .launch import launch
 
 
 @triton.jit
+def _load_pair(row_ptrs, row_ok, HALF, INTERLEAVED: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_HALF: tl.constexpr):
+    """The two elements of each pair j < HALF of each row ([BLOCK_ROWS, 1] pointers to the rows'
+    first elements), as fp32 [BLOCK_ROWS, BLOCK_HALF] each."""
+    if INTERLEAVED:  # (2j, 2j + 1): whole rows loaded contiguously, split in registers
+        full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        t = tl.load(row_ptrs + full, mask=row_ok & (full < 2 * HALF), other=0.0).to(tl.float32)
+        first, second = tl.split(tl.reshape(t, [BLOCK_ROWS, BLOCK_HALF, 2]))
+    else:  # (j, j + HALF): the two halves
+        cols = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = row_ok & (cols < HALF)
+        first = tl.load(row_ptrs + cols, mask=mask, other=0.0).to(tl.float32)
+        second = tl.load(row_ptrs + cols + HALF, mask=mask, other=0.0).to(tl.float32)
+    return first, second
+
+
+@triton.jit
+def _store_pair(row_ptrs, first, second, row_ok, HALF, INTERLEAVED: tl.constexpr,
+                BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """_load_pair's inverse: first and second (already in the output dtype) back to their places."""
+    if INTERLEAVED:
+        full = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        t = tl.reshape(tl.join(first, second), [BLOCK_ROWS, 2 * BLOCK_HALF])
+        tl.store(row_ptrs + full, t, mask=row_ok & (full < 2 * HALF))
+    else:
+        cols = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = row_ok & (cols < HALF)
+        tl.store(row_ptrs + cols, first, mask=mask)
+        tl.store(row_ptrs + cols + HALF, second, mask=mask)
+
+
+@triton.jit
 def rope_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, ROWS, N1, N2, HALF,
     x_s0, x_s1, x_s2, c_s0, c_s1, c_s2, s_s0, s_s1, s_s2, o_s0, o_s1, o_s2,
     BACKWARD: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    # A block of rows (one row: one [.., position, head] vector of D = 2 HALF elements), both halves.
+    # A block of rows; one row is one [.., position, head] vector of D = 2 HALF elements.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_HALF)
-    mask = (rows < ROWS)[:, None] & (cols < HALF)[None, :]
-    # where pair j's two elements sit: (2j, 2j + 1) interleaved, else (j, j + HALF)
-    if INTERLEAVED:
-        first, second = 2 * cols, 1
-    else:
-        first, second = cols, HALF
+    row_ok = (rows < ROWS)[:, None]
     i0, i1, i2 = rows // N2 // N1, (rows // N2) % N1, rows % N2  # the leading indices (int64)
-    x1_ptrs = x_ptr + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)[:, None] + first[None, :]
-    c1_ptrs = cos_ptr + (i0 * c_s0 + i1 * c_s1 + i2 * c_s2)[:, None] + first[None, :]
-    s1_ptrs = sin_ptr + (i0 * s_s0 + i1 * s_s1 + i2 * s_s2)[:, None] + first[None, :]
-    x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x1_ptrs + second, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(c1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c1_ptrs + second, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s1_ptrs + second, mask=mask, other=0.0).to(tl.float32)
+    x_rows = x_ptr + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)[:, None]
+    x1, x2 = _load_pair(x_rows, row_ok, HALF, INTERLEAVED, BLOCK_ROWS, BLOCK_HALF)
+    c1, c2 = _load_pair(cos_ptr + (i0 * c_s0 + i1 * c_s1 + i2 * c_s2)[:, None], row_ok, HALF,
+                        INTERLEAVED, BLOCK_ROWS, BLOCK_HALF)
+    s1, s2 = _load_pair(sin_ptr + (i0 * s_s0 + i1 * s_s1 + i2 * s_s2)[:, None], row_ok, HALF,
+                        INTERLEAVED, BLOCK_ROWS, BLOCK_HALF)
     if BACKWARD:
         out1 = x1 * c1 + x2 * s2
         out2 = x2 * c2 - x1 * s1
     else:
         out1 = x1 * c1 - x2 * s1
         out2 = x2 * c2 + x1 * s2
-    o1_ptrs = out_ptr + (i0 * o_s0 + i1 * o_s1 + i2 * o_s2)[:, None] + first[None, :]
-    tl.store(o1_ptrs, out1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(o1_ptrs + second, out2.to(out_ptr.dtype.element_ty), mask=mask)
+    dtype = out_ptr.dtype.element_ty
+    _store_pair(out_ptr + (i0 * o_s0 + i1 * o_s1 + i2 * o_s2)[:, None], out1.to(dtype), out2.to(dtype),
+                row_ok, HALF, INTERLEAVED, BLOCK_ROWS, BLOCK_HALF)
 
 
 # benchmarks/rope.py --sweep on an H200 (fffffd9): within 2 % of the best at [2, 32, 4096, 128]
