@@ -5,8 +5,8 @@
 
 (Hugging Face's Llama `apply_rotary_pos_emb`, one tensor at a time), or with interleaved=True the
 form that rotates adjacent pairs (x[2j], x[2j+1]) (Meta's Llama and torchtitan, written there as a
-complex multiply by freqs_cis: cos = freqs_cis.real and sin = freqs_cis.imag, each repeated twice
-along the last dim). Not float8 work, but in an
+complex multiply by freqs_cis: cos = freqs_cis.real.repeat_interleave(2, dim=-1), sin likewise
+from .imag; [S, 1, D] for x [B, S, H, D]). Not float8 work, but in an
 eager float8 model it is the largest elementwise cost left: five kernels each way per tensor, over
 q and k at every layer, strided where q is a transposed view, about 11 ms of a 177 ms step of the
 8-layer Llama-3-8B-shaped benchmark on an H200 (docs/benchmarks.md), which torch.compile fuses

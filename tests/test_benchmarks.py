@@ -99,6 +99,35 @@ def test_train_benchmark_rope_forms_rotate_alike():
     assert not torch.allclose(half, x)  # it does rotate
 
 
+@pytest.mark.parametrize("rope", ["rotate_half", "complex"])
+def test_fused_rope_attention_computes_what_the_model_code_computes(rope):
+    """The *_fused configurations' attention (f8tensor.rope; interleaved with --rope complex, on
+    the tables the model registers) against the model's own RoPE code: same output and gradients
+    (fp32 model: only rounding differs)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    a = SimpleNamespace(vocab=64, dim=64, layers=1, heads=4, kv_heads=2, ffn=128, seq=16, rope=rope)
+    torch.manual_seed(0)
+    model = train.Transformer(a)
+    attention = model.layers[0].attention
+    x = torch.randn(2, a.seq, a.dim)
+    results = []
+    for fused in (False, True):
+        attention.fused_rope = fused
+        xg = x.clone().requires_grad_()
+        out = attention(xg, *model.rope())
+        out.square().sum().backward()
+        results.append([out, xg.grad] + [p.grad for p in attention.parameters()])
+        attention.zero_grad()
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_power_samples_parse_and_summarize_per_span():
     """--power's arithmetic: nvidia-smi lines parsed (unfilled ones left out), and only the samples
     inside a configuration's timed spans counted."""

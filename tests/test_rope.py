@@ -29,10 +29,19 @@ def eager_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def tables(seq, dim, dtype=torch.float32, theta=10000.0):
+def complex_rope(x, cos, sin):
+    """torchtitan's apply_rotary_emb, for one tensor, given interleaved tables (freqs_cis is
+    cos[..., 0::2] + i sin[..., 0::2])."""
+    freqs_cis = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
+
+
+def tables(seq, dim, dtype=torch.float32, theta=10000.0, interleaved=False):
+    """cos, sin [seq, dim]: each frequency over both halves, or twice in a row (interleaved)."""
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     angles = torch.outer(torch.arange(seq, dtype=torch.float64), freqs)
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
     return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
 
 
@@ -95,7 +104,7 @@ def test_interleaved_reference_is_the_complex_multiply_and_a_permuted_rotate_hal
     head dims permuted evens-then-odds."""
     x, g = randn((2, 8, 3, 16), torch.float64), randn((2, 8, 3, 16), torch.float64, seed=1)
     angles = torch.rand(8, 8, dtype=torch.float64, device=DEVICE) * 6
-    freqs_cis = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # [S, 1, D/2], per head
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # [S, 1, D/2]: every head alike
     want = torch.view_as_real(torch.view_as_complex(x.reshape(2, 8, 3, 8, 2)) * freqs_cis).flatten(3)
     cos, sin = (t.repeat_interleave(2, dim=-1) for t in (freqs_cis.real, freqs_cis.imag))
     torch.testing.assert_close(rope_ref(x.float(), cos.float(), sin.float(), True).double(), want,
@@ -153,13 +162,14 @@ def test_kernel_cases_are_kept_apart():
     """On the GPU later calls of a case go through the recorded launcher (kernels/launch.py):
     alternating shapes, layouts and directions must each still get their own binary and ints."""
     cos, sin = tables(40, 16)
-    for shape, layout, backward in [((2, 4, 40, 16), "transposed", False), ((3, 40, 16), "contiguous", False),
-                                    ((2, 4, 40, 16), "transposed", True), ((2, 4, 40, 16), "transposed", False),
-                                    ((3, 40, 16), "contiguous", True)] * 2:
+    for shape, layout, backward, inter in [
+            ((2, 4, 40, 16), "transposed", False, False), ((3, 40, 16), "contiguous", False, False),
+            ((2, 4, 40, 16), "transposed", True, False), ((2, 4, 40, 16), "transposed", False, True),
+            ((3, 40, 16), "contiguous", True, False), ((2, 4, 40, 16), "transposed", False, False)] * 2:
         x = make_x(shape, layout, torch.bfloat16)
-        got = rope_triton(x, cos, sin, backward=backward)
-        want = (rope_backward_ref if backward else rope_ref)(x, cos, sin)
-        assert_close_to_reference(got, want, terms(x, cos, sin, backward))
+        got = rope_triton(x, cos, sin, backward=backward, interleaved=inter)
+        want = (rope_backward_ref if backward else rope_ref)(x, cos, sin, inter)
+        assert_close_to_reference(got, want, terms(x, cos, sin, backward, inter))
     # Same ints, different alignment (Triton specializes on a pointer's 16-byte alignment).
     buffer = randn((2 * 40 * 4 * 16 + 8,), torch.bfloat16)
     for offset in (0, 1, 8, 3, 0, 1):
@@ -213,10 +223,11 @@ def test_last_dim_not_contiguous_is_copied_first():
 def test_double_backward_goes_through_plain_ops(interleaved):
     x = randn((2, 3, 8, 16), torch.float32).requires_grad_()
     g = randn((2, 3, 8, 16), torch.float32, seed=1).requires_grad_()
-    cos, sin = tables(8, 16)
+    cos, sin = tables(8, 16, interleaved=interleaved)
     (grad,) = torch.autograd.grad(rope(x, cos, sin, interleaved), (x,), g, create_graph=True)
     got = torch.autograd.grad((grad * grad).sum(), (g,))
-    (want_grad,) = torch.autograd.grad(rope_ref(x, cos, sin, interleaved), (x,), g, create_graph=True)
+    eager = complex_rope if interleaved else eager_rope  # the model code it replaces
+    (want_grad,) = torch.autograd.grad(eager(x, cos, sin), (x,), g, create_graph=True)
     torch.testing.assert_close(got, torch.autograd.grad((want_grad * want_grad).sum(), (g,)), rtol=1e-5, atol=1e-6)
 
 
