@@ -22,7 +22,9 @@ eager training would pay in host time on every layer.
 """
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from .config import Float8Config
 from .kernels import quantize_with_amax
@@ -161,6 +163,11 @@ class _Float8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def _transformed(*tensors) -> bool:
+    """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent."""
+    return any(_is_functorch_wrapped(t) or _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 class Float8Linear(nn.Linear):
     """Drop-in nn.Linear: same parameters and state_dict, float8 GEMMs in forward and backward.
 
@@ -193,6 +200,13 @@ class Float8Linear(nn.Linear):
             )
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Float8Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+        if not torch.compiler.is_compiling() and _transformed(x, self.weight):
+            raise NotImplementedError(
+                "Float8Linear does not run under torch.func transforms (grad, vmap, jacrev, "
+                "functional_call under grad, ...) or forward-mode AD: its GEMMs run in an "
+                "autograd.Function with a backward only. Differentiate with loss.backward() or "
+                "torch.autograd.grad, or keep this layer in high precision (convert_to_float8_training's "
+                "module_filter_fn)")
         if self.config.keep_fp8_weight and type(self.weight) not in (nn.Parameter, torch.Tensor):
             raise TypeError(
                 f"Float8Config(keep_fp8_weight=True) keeps float8 copies of plain-tensor weights; this "

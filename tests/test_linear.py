@@ -140,6 +140,24 @@ def test_dtype_mismatch_and_wrong_width_raise():
         f8(torch.randn(4, 128, device=DEVICE))
 
 
+def test_torch_func_transforms_and_forward_ad_raise_naming_the_fix():
+    """Not supported (the GEMMs' Function has a backward only): an error that says so and what to
+    do, whether the input or the parameters are transformed."""
+    import torch.autograd.forward_ad as fwAD
+
+    _, f8 = pair()
+    x = torch.randn(4, 256, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="torch.func transforms .* loss.backward"):
+        torch.func.grad(lambda v: f8(v).sum())(x)
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.grad(lambda p: torch.func.functional_call(f8, p, (x,)).sum())(dict(f8.named_parameters()))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        with fwAD.dual_level():
+            f8(fwAD.make_dual(x, torch.ones_like(x)))
+    f8(x).sum().backward()  # plain autograd still works
+    assert f8.weight.grad is not None
+
+
 def test_state_dict_and_parameters_match_nn_linear():
     ref, f8 = pair()
     sd_ref, sd_f8 = ref.state_dict(), f8.state_dict()
