@@ -22,12 +22,10 @@ eager training would pay in host time on every layer.
 """
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import nn
-from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from .config import Float8Config
-from .kernels import quantize_with_amax
+from .kernels import quantize_with_amax, transformed
 from .ops import scaled_mm_data
 from .tensor_cache import produced_amax, shared_input
 from .weight_cache import fp8_weight
@@ -163,11 +161,6 @@ class _Float8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _transformed(*tensors) -> bool:
-    """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent."""
-    return any(_is_functorch_wrapped(t) or _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 class Float8Linear(nn.Linear):
     """Drop-in nn.Linear: same parameters and state_dict, float8 GEMMs in forward and backward.
 
@@ -200,7 +193,7 @@ class Float8Linear(nn.Linear):
             )
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Float8Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
-        if not torch.compiler.is_compiling() and _transformed(x, self.weight):
+        if not torch.compiler.is_compiling() and transformed(x, self.weight):
             raise NotImplementedError(
                 "Float8Linear does not run under torch.func transforms (grad, vmap, jacrev, "
                 "functional_call under grad, ...) or forward-mode AD: its GEMMs run in an "

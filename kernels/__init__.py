@@ -27,7 +27,7 @@ __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "kernels_can_run", "quantize",
     "quantize_ref",
     "quantize_triton", "quantize_with_amax", "rope", "rope_backward", "rope_backward_ref", "rope_ref",
-    "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
+    "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref", "transformed",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
 
@@ -91,10 +91,15 @@ def kernels_can_run(*tensors: torch.Tensor) -> bool:
     plain ops), not for tensor subclasses (DTensor, ...: no memory of their own for a kernel), not
     under torch.func transforms (wrapped tensors) nor for forward-mode AD (dual tensors), which
     need rules such a Function does not have. The reference serves all of these."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transformed(*tensors):
         return False
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not _is_functorch_wrapped(t)
-               and _forward_ad.unpack_dual(t).tangent is None for t in tensors)
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def transformed(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent
+    (eager only: call it outside torch.compile's tracing)."""
+    return any(_is_functorch_wrapped(t) or _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
