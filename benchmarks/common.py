@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: environment row, timing, copy bandwidth, result files."""
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -56,6 +57,22 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     ms = bench_ms(lambda: dst.copy_(src))
     del src, dst
     return 2 * nbytes / ms / 1e9
+
+
+def gpu_ms(fn) -> float:
+    """GPU time of fn in milliseconds, replayed as a CUDA graph (no host time)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100)
+
+
+def kernel_benchmark_start(name: str, ap: argparse.ArgumentParser | None = None):
+    """A kernel benchmark's command line (--out results/<name>.jsonl, --sweep, and whatever `ap`
+    already has) and header: (parsed args, environment row, this run's copy bandwidth in TB/s)."""
+    ap = ap or argparse.ArgumentParser()
+    ap.add_argument("--out", default=f"results/{name}.jsonl")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    return (args, *environment_and_copy_bandwidth())
 
 
 def environment_and_copy_bandwidth() -> tuple[dict, float]:

@@ -7,13 +7,11 @@ each requested layout written once. --sweep also times a few block configuration
 """
 
 import argparse
-import os
 import time
 
 import torch
-import triton
 
-from common import bench_ms, environment_and_copy_bandwidth, write_rows
+from common import bench_ms, gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import quantize_ref
 from f8tensor.kernels.quantize import quantize_triton
 
@@ -28,12 +26,8 @@ SWEEP = [
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="results/kernels.jsonl")
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
-    args = ap.parse_args()
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    env, copy_bw = environment_and_copy_bandwidth()
+    args, env, copy_bw = kernel_benchmark_start("kernels", ap)
     torch._dynamo.config.recompile_limit = 1000  # one compiled graph per shape and mode
     compiled = torch.compile(quantize_ref, dynamic=False)
     rows = []
@@ -45,14 +39,14 @@ def main():
             ours = bench_ms(lambda: quantize_triton(x, dt, mode))
             # GPU time alone (CUDA graph replay): the bandwidth figure. The eager time above also
             # holds the CPU's launch latency, which training hides when the CPU runs ahead.
-            gpu = triton.testing.do_bench_cudagraph(lambda: quantize_triton(x, dt, mode), rep=100)
+            gpu = gpu_ms(lambda: quantize_triton(x, dt, mode))
             row = dict(env, bench="kernels", shape=f"{M}x{N}", mode=mode, mib=x.numel() * 2 / 2**20,
                        bytes=nbytes, copy_tbps=copy_bw, ours_ms=ours, ours_gpu_ms=gpu,
                        ours_tbps=nbytes / gpu / 1e9, ours_pct_copy=100 * nbytes / gpu / 1e9 / copy_bw)
             row["eager_ms"] = bench_ms(lambda: quantize_ref(x, dt, mode))
             if not args.no_compile:
                 row["compile_ms"] = bench_ms(lambda: compiled(x, dt, mode))
-                row["compile_gpu_ms"] = triton.testing.do_bench_cudagraph(lambda: compiled(x, dt, mode), rep=100)
+                row["compile_gpu_ms"] = gpu_ms(lambda: compiled(x, dt, mode))
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(50):

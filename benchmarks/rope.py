@@ -13,21 +13,13 @@ graph replay); bytes: the read and the write of x (the tables stay in L2), as a 
 copy bandwidth measured in the same run.
 """
 
-import argparse
-import os
-
 import torch
-import triton
 
-from common import environment_and_copy_bandwidth, write_rows
+from common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels.rope import rope_triton
 
 SHAPES = [(2, 32, 4096, 128), (2, 8, 4096, 128), (4, 64, 8192, 128)]  # [B, H, S, D]
 SWEEP = [dict(block_elements=e, num_warps=w) for e in (1024, 2048, 4096, 8192) for w in (2, 4, 8)]
-
-
-def gpu_ms(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=100)
 
 
 def eager(x, cos, sin):
@@ -55,12 +47,7 @@ def cases(B, H, S, D):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="results/rope.jsonl")
-    ap.add_argument("--sweep", action="store_true")
-    args = ap.parse_args()
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    env, copy_bw = environment_and_copy_bandwidth()
+    args, env, copy_bw = kernel_benchmark_start("rope")
     rows = []
     for B, H, S, D in SHAPES:
         for form, x, g, (cos, sin), eager_fn, eager_args in cases(B, H, S, D):

@@ -10,14 +10,10 @@ kernel). GPU times (CUDA graph replay); bytes: those the fused pass must move (f
 write, backward 3 reads + 2 writes), as a fraction of the copy bandwidth measured in the same run.
 """
 
-import argparse
-import os
-
 import torch
 import torch.nn.functional as F
-import triton
 
-from common import environment_and_copy_bandwidth, write_rows
+from common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import swiglu_ref
 from f8tensor.kernels.amax import amax_partials
 from f8tensor.kernels.op import amax_of_bits
@@ -28,10 +24,6 @@ from f8tensor.kernels.swiglu import swiglu_backward_triton, swiglu_triton
 SHAPES = [(8192, 14336), (16384, 14336), (8192, 28672), (4096, 4096)]
 SWEEP = [dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=2048, num_warps=8),
          dict(block=4096, num_warps=8), dict(block=8192, num_warps=8)]
-
-
-def gpu_ms(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=100)
 
 
 def amax_pass(t):
@@ -56,12 +48,7 @@ def compiled_forward(a, b):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="results/swiglu.jsonl")
-    ap.add_argument("--sweep", action="store_true")
-    args = ap.parse_args()
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    env, copy_bw = environment_and_copy_bandwidth()
+    args, env, copy_bw = kernel_benchmark_start("swiglu")
     compiled = torch.compile(compiled_forward, dynamic=False)
     rows = []
     for M, N in SHAPES:
