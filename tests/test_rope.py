@@ -14,6 +14,8 @@ from f8utils import DEVICE, HP_DTYPES
 
 from f8tensor import rope
 from f8tensor.kernels import rope_backward_ref, rope_ref, rope_triton
+from f8tensor.kernels.naive import _pairs as pairs
+from f8tensor.kernels.naive import _unpair as unpair
 
 ON_GPU = DEVICE.type == "cuda"
 needs_triton = pytest.mark.skipif(rope_triton is None, reason="needs triton")
@@ -61,14 +63,6 @@ def assert_close_to_reference(out, ref, terms):
     if ON_GPU and out.dtype != torch.float32:
         differ = int((o != r).sum())
         assert differ <= max(1, out.numel() // 1000), f"{differ} of {out.numel()} differ"
-
-
-def pairs(t, interleaved):
-    return (t[..., 0::2], t[..., 1::2]) if interleaved else t.chunk(2, dim=-1)
-
-
-def unpair(a, b, interleaved):
-    return torch.stack([a, b], dim=-1).flatten(-2) if interleaved else torch.cat([a, b], dim=-1)
 
 
 def terms(x, cos, sin, backward=False, interleaved=False):
