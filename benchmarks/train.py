@@ -445,8 +445,10 @@ def default_configs(device):
         ao = True
     except Exception:  # noqa: BLE001  (a torchao built for another torch can fail in other ways)
         ao = False
-    # The model as written: *_swiglu and *_fused (changed model code) only when named in --configs.
-    keep = [c for c in CONFIGS if (ao or not c.startswith("torchao")) and not c.endswith(("_swiglu", "_fused"))]
+    # The model as written and the default config: *_swiglu and *_fused (changed model code) and
+    # f8tensor_keepweight (an option) only when named in --configs.
+    keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
+            and not c.endswith(("_swiglu", "_fused", "_keepweight"))]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 

@@ -128,6 +128,22 @@ def test_fused_rope_attention_computes_what_the_model_code_computes(rope):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_train_benchmark_default_configs_are_the_model_as_written():
+    """Without --configs: no changed model code (*_swiglu, *_fused) and no option (keepweight);
+    on CPU no compiled configuration either."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    on_cpu = train.default_configs(torch.device("cpu"))
+    assert {"bf16", "f8tensor"} <= set(on_cpu)
+    assert not [c for c in on_cpu if c.endswith(("_swiglu", "_fused", "_keepweight", "_compiled"))]
+    on_gpu = train.default_configs(torch.device("cuda"))
+    assert {"bf16_compiled", "f8tensor_compiled"} <= set(on_gpu)
+    assert not [c for c in on_gpu if c.endswith(("_swiglu", "_fused", "_keepweight"))]
+
+
 def test_power_samples_parse_and_summarize_per_span():
     """--power's arithmetic: nvidia-smi lines parsed (unfilled ones left out), and only the samples
     inside a configuration's timed spans counted."""
