@@ -17,7 +17,9 @@ configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu
 run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x));
 bf16_fused and f8tensor_fused (only when named) also rotate q and k with f8tensor.rope (two lines
 of model code changed in all, same math, fused; with --rope complex its interleaved form);
-f8tensor_keepweight (only when named) uses Float8Config(keep_fp8_weight=True). --grad-accum N makes
+f8tensor_keepweight and f8tensor_keepweight_compiled (only when named) use
+Float8Config(keep_fp8_weight=True) (compiled: both weight layouts cast in forward, in one pass, the
+column-major one saved for backward). --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
 GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
@@ -46,10 +48,11 @@ from f8tensor.convert import default_skip_reason
 # F.silu(w1(x)) * w3(x); a one-line change of model code, the others run the model as written.
 # *_fused: also the rotary embedding is f8tensor.rope (fused) instead of apply_rope below.
 # f8tensor_keepweight: Float8Config(keep_fp8_weight=True), the weight cast once per optimizer step
-# (pays with --grad-accum > 1 and with activation checkpointing).
+# (pays with --grad-accum > 1 and with activation checkpointing); f8tensor_keepweight_compiled: the
+# same option under compile, where it casts both layouts in forward and saves the column-major one.
 CONFIGS = ["bf16", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
            "f8tensor_fused", "f8tensor_keepweight",
-           "f8tensor_compiled", "torchao", "torchao_compiled"]
+           "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled"]
 
 
 def rope_tables(seq, head_dim, theta=500000.0):
@@ -191,7 +194,7 @@ def build(a, config, ac, device):
         block.feed_forward.fused_gate = config.endswith(("_swiglu", "_fused"))
         block.attention.fused_rope = config.endswith("_fused")
     if config.startswith("f8tensor"):
-        f8_config = Float8Config(keep_fp8_weight=config.endswith("_keepweight"))
+        f8_config = Float8Config(keep_fp8_weight="_keepweight" in config)
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
                 model, config=f8_config,
@@ -349,7 +352,7 @@ def run_mode(a, configs, ac, device, env, shape):
             row.update(status=status[config], vs_bf16=None)
         rows.append(row)
         done = f"ok: {row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
-        print(f"{ac:<7} {config:<18} {done}", flush=True)
+        print(f"{ac:<7} {config:<28} {done}", flush=True)
     if a.profile and device.type == "cuda":
         for config, run in runs.items():
             profile_step(run.step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}",
@@ -446,9 +449,9 @@ def default_configs(device):
     except Exception:  # noqa: BLE001  (a torchao built for another torch can fail in other ways)
         ao = False
     # The model as written and the default config: *_swiglu and *_fused (changed model code) and
-    # f8tensor_keepweight (an option) only when named in --configs.
+    # f8tensor_keepweight* (an option) only when named in --configs.
     keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
-            and not c.endswith(("_swiglu", "_fused", "_keepweight"))]
+            and not c.endswith(("_swiglu", "_fused")) and "_keepweight" not in c]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 
@@ -501,13 +504,13 @@ def print_table(rows):
     if any("sm_mhz_median" in r for r in rows):  # --power
         cols += [("SM MHz", "sm_mhz_median", "{:.0f}"), ("W", "power_w_mean", "{:.0f}"),
                  ("J/step", "energy_j_per_step", "{:.1f}"), ("capped", "power_capped_frac", "{:.2f}")]
-    print(f"{'ac':<7} {'config':<18}" + "".join(f"{name:>10}" for name, _, _ in cols) + "  status")
+    print(f"{'ac':<7} {'config':<28}" + "".join(f"{name:>10}" for name, _, _ in cols) + "  status")
     for r in rows:
         cells = "".join(f"{fmt.format(r[key]) if r.get(key) is not None else '-':>10}" for _, key, fmt in cols)
         status = f"ok ({r['fp8_linears']} fp8 linears)" if r["status"] == "ok" else r["status"]
         if r.get("alloc_retries"):  # the allocator freed its cache inside timed steps: slower
             status += f", {r['alloc_retries']} allocator retries while timed"
-        print(f"{r['ac']:<7} {r['config']:<18}{cells}  {status}")
+        print(f"{r['ac']:<7} {r['config']:<28}{cells}  {status}")
 
 if __name__ == "__main__":
     main()

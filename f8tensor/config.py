@@ -32,7 +32,9 @@ class Float8Config:
     # them. Dropped on in-place writes and on every torch.optim step; costs 2 bytes per parameter
     # until the next optimizer step. Plain-tensor weights only (not DTensor), not for FSDP2 (per
     # rank it would keep every unsharded weight); see weight_cache.py for the writes it cannot see
-    # (.data, collectives or custom kernels writing into a parameter).
+    # (.data, collectives or custom kernels writing into a parameter). Under torch.compile nothing
+    # is kept across calls: each forward casts both layouts in one pass and saves the column-major
+    # copy for its backward (1 byte per parameter from forward to backward).
     keep_fp8_weight: bool = False
     # Round every scale down to a power of two (exact scaling, slightly less range used).
     power_of_2_scale: bool = False

@@ -13,7 +13,9 @@ The weight is cast row-major in forward and column-major in backward, from the p
 so no float8 copy of it is held between forward and backward; backward reuses forward's amax of
 the weight (autograd guarantees the saved parameter was not modified in between), so its cast
 is one pass. With config.keep_fp8_weight both layouts are cast once, in one pass, and kept while
-the weight is unchanged (weight_cache.py): micro-batches and recomputation reuse them.
+the weight is unchanged (weight_cache.py): micro-batches and recomputation reuse them. Under
+torch.compile keep_fp8_weight casts both layouts in forward, in one pass, and saves the
+column-major copy for backward (kept for that backward only).
 
 The autograd function works on raw float8 data and scales, not on Float8Tensor wrappers: the same
 kernels and the same GEMM routine (`ops.scaled_mm_data`, which checks CUDA's rules) as the tensor
@@ -101,14 +103,25 @@ class _Float8LinearFn(torch.autograd.Function):
         # memory, re-casting costs one read of the weight. With keep_fp8_weight both layouts are
         # cast once and kept while the weight is unchanged (weight_cache.py); backward reads the
         # kept column-major copy. An fp32 weight (autocast) is cast from fp32.
-        keep_weight = config.keep_fp8_weight and not torch.compiler.is_compiling()
-        if keep_weight:
+        # Under torch.compile nothing is kept across calls (the cast is part of the graph), but
+        # keep_fp8_weight still casts both layouts here in one pass and saves the column-major
+        # copy for backward: one read of the weight per step instead of two, for one byte per
+        # parameter held from forward to backward.
+        if config.keep_fp8_weight and not torch.compiler.is_compiling():
             w_row, w_col, w_scale = fp8_weight(weight, config)
-            w_saved, w_info = (w_col, w_scale) if need_x_grad else (None, None)
+            fp8_weight_saved = True
+        elif config.keep_fp8_weight and need_x_grad:
+            w_row, w_col, w_scale, _ = quantize_with_amax(
+                weight, config.forward_dtype, "both", config.power_of_2_scale)
+            fp8_weight_saved = True
         else:
             w_row, _, w_scale, w_amax = quantize_with_amax(
                 weight, config.forward_dtype, "row", config.power_of_2_scale)
-            w_saved, w_info = (weight, w_amax) if need_x_grad else (None, None)
+            fp8_weight_saved = False
+        if not need_x_grad:
+            w_saved, w_info = None, None
+        else:
+            w_saved, w_info = (w_col, w_scale) if fp8_weight_saved else (weight, w_amax)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
                              config, None if bias is None else bias.to(x.dtype))
         # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
@@ -117,10 +130,10 @@ class _Float8LinearFn(torch.autograd.Function):
             saved_x, x_info = (x_col, x_scale) if need_w_grad else (None, None)
         else:
             saved_x, x_info = (x.reshape(-1, x.shape[-1]), x_amax) if need_w_grad else (None, None)
-        # w_info: the scale of the kept float8 weight, or the amax record of the weight itself.
+        # w_info: the scale of the saved float8 weight, or the amax record of the weight itself.
         ctx.save_for_backward(saved_x, x_info, w_saved, w_info)
         ctx.config = config
-        ctx.kept_weight = keep_weight
+        ctx.kept_weight = fp8_weight_saved
         ctx.saved_fp8 = save_fp8
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
@@ -149,7 +162,7 @@ class _Float8LinearFn(torch.autograd.Function):
                                     config.fast_accum_grad_weight, config).to(ctx.weight_dtype)
             del g_col
         if need_x:
-            if ctx.kept_weight:  # the kept column-major copy and its scale
+            if ctx.kept_weight:  # the kept (or, compiled, saved) column-major copy and its scale
                 w_col, w_scale = weight, w_info
             else:  # same values as in forward (autograd checked the version): forward's amax, one pass
                 _, w_col, w_scale, _ = quantize_with_amax(

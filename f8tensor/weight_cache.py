@@ -22,8 +22,9 @@ Memory: two bytes per parameter (both float8 layouts) from the first forward aft
 step until the next step. Under FSDP2 that is per unsharded parameter on every rank, and the
 all-gather gives the unsharded parameter new storage (a new key), so copies are seldom reused
 there: not an option for FSDP2. Eager only: under torch.compile the cast is part of the graph,
-done per call; so is it for an inference tensor (no version counter) and while a CUDA graph is
-being captured (the graph must contain the cast).
+done per call (in both layouts, one pass, the column-major copy saved for backward: linear.py);
+so is it for an inference tensor (no version counter) and while a CUDA graph is being captured
+(the graph must contain the cast).
 
 The cache is one dict for every thread (on CUDA, autograd runs backward, and checkpoint
 recomputation, in its own device thread), keyed on the parameter's id and checked by identity.

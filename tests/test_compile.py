@@ -30,6 +30,37 @@ def test_float8_linear_compiles_fullgraph_and_matches_eager(keep_weight):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
+def test_compiled_weight_casts(keep_weight, monkeypatch):
+    """Compiled, keep_fp8_weight casts the weight once per step, both layouts in one pass (the
+    column-major copy saved for backward); by default row-major in forward, column-major again in
+    backward. Counted at the cast op's runtime calls (the graph's own launches)."""
+    import f8tensor.kernels as kernels
+
+    torch._dynamo.reset()
+    lin = Float8Linear(64, 96, bias=False, device=DEVICE, dtype=torch.bfloat16,
+                       config=Float8Config(keep_fp8_weight=keep_weight))
+    x = torch.randn(32, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(lin, fullgraph=True)
+    compiled(x).sum().backward()  # compiles outside the count
+    calls = []
+    real = kernels.quantize_with_amax
+
+    def counting(t, float8_dtype, layout="row", *args, **kwargs):
+        calls.append((tuple(t.shape), layout))
+        return real(t, float8_dtype, layout, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "quantize_with_amax", counting)
+    compiled(x).sum().backward()
+    weight_casts = sorted(layout for shape, layout in calls if shape == (96, 64))
+    assert weight_casts == (["both"] if keep_weight else ["col", "row"])
+    assert len(calls) == (3 if keep_weight else 4)  # with the input's cast and grad_output's
+    with torch.no_grad():  # no backward to come: row-major only, nothing saved
+        calls.clear()
+        compiled(x)
+        assert [layout for shape, layout in calls if shape == (96, 64)] == ["row"]
+
+
 def test_compiled_block_with_converted_mlp():
     """Also guards the compiled amax (kernels/op.py): with a float amax, inductor took the max of
     GELU's fp32 values before their rounding to bf16 and this failed on the H200 (ef06171)."""
