@@ -2,9 +2,10 @@
 
     python -m f8tensor.demo                      # CPU: about a minute; GPU: a larger model
     python -m f8tensor.demo --steps 50 --plot loss.png
+    python -m f8tensor.demo --steps 2000 --data-mb 32 --eval-every 100 --out run.json --plot loss.png
 
-The data needs no download: the bytes of the Python standard library's own .py files (the last
-5% held out for a validation loss). Both runs start from the same initial weights and see the
+The data needs no download: the bytes of the Python standard library's own .py files (the first
+--data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same initial weights and see the
 same batches; the only difference is convert_to_float8_training on the second model, which puts
 every linear layer except the output head in float8. Parameters are bf16 and the optimizer is
 plain AdamW on them (no fp32 master weights), to keep the demo short; the loss is taken in fp32.
@@ -146,12 +147,13 @@ def evaluate(model, val_batches) -> float:
 
 
 def train(name, model, batches, val_batches, args, device) -> dict:
-    """Train `model` on `batches` in order; return losses, val loss, tokens/s and peak memory."""
+    """Train `model` on `batches` in order; return losses, val loss (and its curve with
+    --eval-every), tokens/s and peak memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     progress = Progress(name, args.steps)
-    losses = []
+    losses, val_curve = [], []
     warmup = min(WARMUP_STEPS, args.steps - 1)
     t_start = t_warm = time.perf_counter()
     for step, (x, y) in enumerate(batches):
@@ -171,13 +173,18 @@ def train(name, model, batches, val_batches, args, device) -> dict:
         else:
             tok_s = (step + 1 - warmup) * x.numel() / (now - t_warm)
         progress.update(step, losses[-1], tok_s)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            val_curve.append((step + 1, evaluate(model, val_batches)))
+            t_warm += time.perf_counter() - now  # evaluation is not training time
     progress.close()
+    val_loss = evaluate(model, val_batches)
     tail = max(1, args.steps // 10)
     return {
         "losses": losses,
         # The mean over the last 10% of steps: a single batch's loss is noisy.
         "train_loss": sum(losses[-tail:]) / tail,
-        "val_loss": evaluate(model, val_batches),
+        "val_loss": val_loss,
+        "val_curve": val_curve + [(args.steps, val_loss)],
         "tokens_per_s": tok_s,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
@@ -192,12 +199,29 @@ def plot(results: dict, path: str):
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ("bf16", "fp8"):
-        ax.plot(results[name]["losses"], "-" if name == "bf16" else "--",
-                label=f"{name} (val {results[name]['val_loss']:.3f})")
-    ax.set(xlabel="step", ylabel="train loss (nats/byte)", title="f8tensor demo: bf16 vs float8")
+    fig, (ax, diff) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
+    for name, color in (("bf16", "C0"), ("fp8", "C1")):
+        r = results[name]
+        ax.plot(r["losses"], "-" if name == "bf16" else "--", color=color, lw=1,
+                label=f"{name} train (last val {r['val_loss']:.3f})")
+        if len(r["val_curve"]) > 1:
+            steps, vals = zip(*r["val_curve"])
+            ax.plot(steps, vals, "o" if name == "bf16" else "x", color=color, label=f"{name} val")
+    ax.set(ylabel="loss (nats/byte)", title="f8tensor demo: bf16 vs float8")
     ax.legend()
+    # The gap, fp8 minus bf16, as a running mean over ~2% of the run (one batch's loss is noisy).
+    gap = torch.tensor(results["fp8"]["losses"]) - torch.tensor(results["bf16"]["losses"])
+    window = max(1, len(gap) // 50)
+    smooth = gap.unfold(0, window, 1).mean(1) if len(gap) >= window else gap
+    diff.plot(range(window - 1, window - 1 + len(smooth)), smooth.tolist(), color="C2", lw=1,
+              label=f"train, mean of {window} step(s)")
+    if len(results["bf16"]["val_curve"]) > 1:
+        steps = [step for step, _ in results["bf16"]["val_curve"]]
+        val_gap = [f - b for (_, f), (_, b) in zip(results["fp8"]["val_curve"], results["bf16"]["val_curve"])]
+        diff.plot(steps, val_gap, "s", color="C3", label="val")
+    diff.axhline(0, color="gray", lw=0.5)
+    diff.set(xlabel="step", ylabel="fp8 - bf16")
+    diff.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -212,6 +236,11 @@ def parse_args(argv):
         p.add_argument(f"--{flag}", type=kind,
                        help=f"default {CPU_DEFAULTS[flag]} on CPU, {GPU_DEFAULTS[flag]} on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-mb", type=float, default=DATA_BYTES / 2**20,
+                   help="MB of standard-library source to read (default 4; the library has ~30)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="validation loss every N steps as well as at the end (default: at the end)")
+    p.add_argument("--out", metavar="PATH", help="write the results (both loss curves) as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curves (needs matplotlib)")
     args = p.parse_args(argv)
     defaults = GPU_DEFAULTS if torch.device(args.device).type == "cuda" else CPU_DEFAULTS
@@ -222,6 +251,10 @@ def parse_args(argv):
         p.error(f"--dim {args.dim} must be a multiple of 16 and of --heads {args.heads}")
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.eval_every < 0:
+        p.error("--eval-every must be 0 (at the end only) or a number of steps")
+    if args.data_mb <= 0:
+        p.error("--data-mb must be positive")
     return args
 
 
@@ -233,7 +266,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
 
-    data = load_stdlib_bytes()
+    data = load_stdlib_bytes(int(args.data_mb * 2**20))
     split = int(len(data) * (1 - VAL_FRACTION))
     train_data, val_data = data[:split], data[split:]
     if len(val_data) < VAL_BATCHES * args.batch * (args.seq + 1):
@@ -284,7 +317,27 @@ def main(argv=None) -> dict:
               "slow on most CPUs; run on a GPU with float8 support for a real speed comparison)")
     if args.plot:
         plot(results, args.plot)
+    if args.out:
+        write_json(results, args.out, n_params, len(data), device)
     return results
+
+
+def write_json(results: dict, path: str, n_params: int, n_bytes: int, device: torch.device):
+    """The results with the environment (versions, device, commit from $F8TENSOR_COMMIT if set)."""
+    import importlib.metadata
+    import json
+    import platform
+
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    env = {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "params": n_params, "data_bytes": n_bytes, "commit": os.environ.get("F8TENSOR_COMMIT")}
+    with open(path, "w") as f:
+        json.dump({"environment": env, **results}, f)
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

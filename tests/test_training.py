@@ -1,6 +1,7 @@
 """Training runs: a converted MLP and a converted small transformer learn in step with bf16."""
 
 import copy
+import json
 
 import torch
 from f8utils import DEVICE
@@ -40,10 +41,16 @@ def test_two_layer_mlp_trains_like_bf16():
         assert abs(a - b) < 0.2 * a
 
 
-def test_small_transformer_trains_like_bf16():
+def test_small_transformer_trains_like_bf16(tmp_path):
+    path = tmp_path / "run.json"
     out = demo_main(["--steps", "40", "--dim", "64", "--layers", "2", "--heads", "4", "--seq", "64",
-                     "--batch", "8", "--lr", "4e-3", "--device", DEVICE.type])
+                     "--batch", "8", "--lr", "4e-3", "--device", DEVICE.type, "--eval-every", "15",
+                     "--out", str(path)])
     bf16, fp8 = out["bf16"], out["fp8"]
+    saved = json.loads(path.read_text())
+    assert saved["fp8"]["losses"] == fp8["losses"] and saved["environment"]["params"] > 0
+    assert [step for step, _ in saved["bf16"]["val_curve"]] == [15, 30, 40]
+    assert saved["fp8"]["val_curve"][-1][1] == fp8["val_loss"]
     assert fp8["losses"][-1] < 0.7 * fp8["losses"][0]
     assert abs(fp8["val_loss"] - bf16["val_loss"]) < 0.03 * bf16["val_loss"]
     for a, b in zip(bf16["losses"][::5], fp8["losses"][::5]):
