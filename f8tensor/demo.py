@@ -5,16 +5,19 @@
     python -m f8tensor.demo --steps 2000 --data-mb 32 --eval-every 100 --out run.json --plot loss.png
 
 The data needs no download: the bytes of the Python standard library's own .py files (the first
---data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same initial weights and see the
-same batches; the only difference is convert_to_float8_training on the second model, which puts
+--data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same
+initial weights and see the same batches; the only difference is convert_to_float8_training on the second model, which puts
 every linear layer except the output head in float8. Parameters are bf16 and the optimizer is
 plain AdamW on them (no fp32 master weights), to keep the demo short; the loss is taken in fp32.
 """
 
 import argparse
 import copy
+import importlib.metadata
+import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -237,7 +240,7 @@ def parse_args(argv):
                        help=f"default {CPU_DEFAULTS[flag]} on CPU, {GPU_DEFAULTS[flag]} on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-mb", type=float, default=DATA_BYTES / 2**20,
-                   help="MB of standard-library source to read (default 4; the library has ~30)")
+                   help="MB of standard-library source to read (default 4; all of it if it has less)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="validation loss every N steps as well as at the end (default: at the end)")
     p.add_argument("--out", metavar="PATH", help="write the results (both loss curves) as JSON")
@@ -267,6 +270,9 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
 
     data = load_stdlib_bytes(int(args.data_mb * 2**20))
+    if len(data) < int(args.data_mb * 2**20):
+        print(f"--data-mb {args.data_mb:g}: this Python's standard library has only "
+              f"{len(data) / 2**20:.1f} MB of .py source; using all of it")
     split = int(len(data) * (1 - VAL_FRACTION))
     train_data, val_data = data[:split], data[split:]
     if len(val_data) < VAL_BATCHES * args.batch * (args.seq + 1):
@@ -324,10 +330,6 @@ def main(argv=None) -> dict:
 
 def write_json(results: dict, path: str, n_params: int, n_bytes: int, device: torch.device):
     """The results with the environment (versions, device, commit from $F8TENSOR_COMMIT if set)."""
-    import importlib.metadata
-    import json
-    import platform
-
     try:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
