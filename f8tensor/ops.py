@@ -6,6 +6,7 @@ every device, so a layout the GPU would refuse fails the same way in CPU CI.
 """
 
 import torch
+import torch.nn.functional as F
 
 from .config import Float8Config
 from .kernels import has_float8_hardware
@@ -143,13 +144,16 @@ def _is_col_major(d: torch.Tensor) -> bool:
 
 
 def _pad_inner(a_data: torch.Tensor, b_data: torch.Tensor):
-    """Zero-pad K up to a multiple of 16: a stays row-major, b column-major."""
-    (M, K), N = a_data.shape, b_data.shape[1]
-    Kp = (K + 15) // 16 * 16
-    a_pad = a_data.new_zeros(M, Kp)
-    a_pad[:, :K] = a_data
-    b_pad = b_data.new_zeros(N, Kp)
-    b_pad[:, :K] = b_data.t()
+    """Zero-pad K up to a multiple of 16: a stays row-major, b column-major.
+
+    Padded as bytes (uint8 views; the zero byte is +0.0 in both float8 formats): inductor cannot
+    generate a masked float8 copy (it promotes the mask with float8 and fails), so a compiled
+    layer with a token count that is not a multiple of 16 would not compile otherwise.
+    """
+    K = a_data.shape[1]
+    extra = (K + 15) // 16 * 16 - K
+    a_pad = F.pad(a_data.view(torch.uint8), (0, extra)).view(a_data.dtype)
+    b_pad = F.pad(b_data.t().view(torch.uint8), (0, extra)).view(b_data.dtype)
     return a_pad, b_pad.t()
 
 

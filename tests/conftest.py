@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +10,14 @@ import torch
 # jit decorators run, i.e. before f8tensor is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Graphs compiled here call the checking torch._scaled_mm below, and inductor's on-disk cache does
+# not key on that patch: with the shared cache a later run of the same graph outside the tests
+# would call the test helper (seen: AttributeError '_cuda_rules_scaled_mm'), and a graph cached
+# outside the tests would skip the checks here. The tests compile into a cache of their own.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="f8tensor-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 _real_scaled_mm = torch._scaled_mm
 

@@ -31,6 +31,27 @@ def test_float8_linear_compiles_fullgraph_and_matches_eager(keep_weight):
 
 
 @pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
+def test_compiled_layer_over_changing_token_counts_matches_eager(keep_weight):
+    """A new token count recompiles with a dynamic dimension (torch.compile's automatic dynamic
+    shapes); counts that are not multiples of 16 pad the weight-gradient GEMM's inner dimension,
+    which did not compile while the padding was a masked float8 copy (inductor cannot generate one)."""
+    torch._dynamo.reset()
+    lin = Float8Linear(64, 96, bias=True, device=DEVICE, dtype=torch.bfloat16,
+                       config=Float8Config(keep_fp8_weight=keep_weight))
+    compiled = torch.compile(lin, fullgraph=True)
+    for tokens in (16, 13, 40, 27):
+        x = torch.randn(tokens, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        results = []
+        for mod in (compiled, lin):
+            x.grad = lin.weight.grad = lin.bias.grad = None
+            out = mod(x)
+            out.float().square().sum().backward()
+            results.append((out, x.grad, lin.weight.grad, lin.bias.grad))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), tokens
+
+
+@pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
 def test_compiled_weight_casts(keep_weight, monkeypatch):
     """Compiled, keep_fp8_weight casts the weight once per step, both layouts in one pass (the
     column-major copy saved for backward); by default row-major in forward, column-major again in
