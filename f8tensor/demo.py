@@ -178,7 +178,8 @@ def train(name, model, batches, val_batches, args, device) -> dict:
         progress.update(step, losses[-1], tok_s)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             val_curve.append((step + 1, evaluate(model, val_batches)))
-            t_warm += time.perf_counter() - now  # evaluation is not training time
+            paused = time.perf_counter() - now  # evaluation is not training time
+            t_start, t_warm = t_start + paused, t_warm + paused
     progress.close()
     val_loss = evaluate(model, val_batches)
     tail = max(1, args.steps // 10)
@@ -202,7 +203,8 @@ def plot(results: dict, path: str):
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, (ax, diff) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
+    fig, (ax, diff) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                   gridspec_kw={"height_ratios": (3, 2)})
     for name, color in (("bf16", "C0"), ("fp8", "C1")):
         r = results[name]
         ax.plot(r["losses"], "-" if name == "bf16" else "--", color=color, lw=1,
@@ -296,7 +298,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"device {device}, {n_params / 1e6:.2f}M params (dim {args.dim}, {args.layers} layers, "
           f"{args.heads} heads), seq {args.seq}, batch {args.batch}, {args.steps} steps, "
-          f"{len(train_data) / 1e6:.1f} MB of stdlib source")
+          f"{len(train_data) / 2**20:.1f} MB of stdlib source for training")
 
     results = {"args": vars(args)}
     model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import _cuda_rules_scaled_mm
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training
@@ -40,6 +41,7 @@ def train(model, micro_batches=1):
 
 
 def sharded_run(rank, world, port, keep_weight, results):
+    torch._scaled_mm = _cuda_rules_scaled_mm  # as in the pytest process (conftest)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -1,8 +1,10 @@
-"""Tensor parallelism over Float8Linear layers (ColwiseParallel, RowwiseParallel), 2 CPU ranks on gloo.
+"""Tensor parallelism over Float8Linear layers (ColwiseParallel, RowwiseParallel, a replicated
+weight with sharded tokens), 2 CPU ranks on gloo.
 
 Each rank scales its own shards (tensorwise per shard) and RowwiseParallel sums bf16 partial
 results, so the parallel layer is not bit-identical to one device's: it must be as close to the
-bf16 result as the single-device float8 layer is, and train in step with it.
+bf16 result as the single-device float8 layer is, and train in step with it. A one-rank mesh
+must be bit-identical.
 """
 
 import os
@@ -12,12 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import _cuda_rules_scaled_mm
 from f8utils import sqnr
 from torch import nn
 
 from f8tensor import Float8Linear, convert_to_float8_training
 
 STEPS = 4
+NAMES = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad b2"]
 
 
 def make_model(fp8=True):
@@ -31,19 +35,29 @@ def make_model(fp8=True):
     return model
 
 
+def make_layer(fp8=True):
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 32).bfloat16()
+    return Float8Linear.from_float(layer) if fp8 else layer
+
+
 def batch(step):
     g = torch.Generator().manual_seed(step)
     return torch.randn(4, 16, 64, generator=g).bfloat16()
 
 
-def first_step(model, device="cpu"):
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def first_step(model, x=None, device="cpu"):
     """Output and gradients (input, then every parameter) of one forward/backward."""
-    x = batch(0).to(device).requires_grad_()
+    x = (batch(0) if x is None else x).to(device).detach().requires_grad_()
     out = model(x)
     out.float().square().mean().backward()
-    grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+    grads = [full(p.grad) for p in model.parameters()]
     model.zero_grad()
-    return [out.detach(), x.grad] + grads
+    return [full(out.detach()), full(x.grad)] + grads
 
 
 def train(model):
@@ -58,34 +72,58 @@ def train(model):
     return losses
 
 
-def parallel_run(rank, world, port, results):
+def start(rank, world, port, backend="gloo"):
+    """Join the process group; GEMMs checked against CUDA's rules, as in the pytest process."""
+    torch._scaled_mm = _cuda_rules_scaled_mm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+
+
+def parallel_run(rank, world, port, results):
+    start(rank, world, port)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         mesh = init_device_mesh("cpu", (world,))
         model = make_model()
         parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        model(batch(0)).float().square().mean().backward()
+        bias_grad_placement = model[2].bias.grad.placements  # replicated, as nn.Linear's
+        model.zero_grad()
         step = first_step(model)
-        compiled = torch.compile(model)(batch(0))  # DTensor and Float8Linear trace together
+        compiled = first_step(torch.compile(model))  # DTensor and Float8Linear trace together
         losses = train(model)
-        weights = [p.full_tensor().detach() for p in model.parameters()]
+        # Local values: the ranks' replicated biases must agree (a sharded weight's full_tensor()
+        # would gather the same value on both ranks).
+        row_bias = model[2].bias.to_local().detach()
+
+        # A replicated weight with the tokens sharded: its gradient sums over the ranks.
+        layer = make_layer()
+        for name in ("weight", "bias"):
+            setattr(layer, name, nn.Parameter(distribute_tensor(getattr(layer, name).detach(), mesh, [Replicate()])))
+        replicated = first_step(layer, distribute_tensor(batch(0), mesh, [Shard(0)]))
 
         # What the layer cannot run gets an error naming the problem.
         errors = []
         lin = Float8Linear(64, 32, bias=False, dtype=torch.bfloat16)
         lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(1)]))
-        for x in (torch.randn(8, 64).bfloat16(),  # a plain input with a DTensor weight
-                  distribute_tensor(torch.randn(8, 64).bfloat16(), mesh, [Shard(0)])):
+        narrow = Float8Linear(64, 48, bias=False, dtype=torch.bfloat16)  # 24 features per rank
+        narrow.weight = nn.Parameter(distribute_tensor(narrow.weight.detach(), mesh, [Shard(0)]))
+        cases = [(lin, torch.randn(8, 64).bfloat16()),  # a plain input with a DTensor weight
+                 (lin, distribute_tensor(torch.randn(8, 64).bfloat16(), mesh, [Shard(0)])),
+                 (narrow, distribute_tensor(torch.randn(8, 64).bfloat16(), mesh, [Replicate()]))]
+        for mod, x in cases:
             try:
-                lin(x)
+                mod(x)
                 errors.append(None)
-            except (TypeError, NotImplementedError) as e:
+            except (TypeError, ValueError, NotImplementedError) as e:
                 errors.append(str(e))
-        results[rank] = (step, losses, weights, errors, compiled.equal(step[0]))
+        results[rank] = dict(step=step, compiled=compiled, losses=losses, row_bias=row_bias,
+                             weights=[full(p).detach() for p in model.parameters()],
+                             bias_grad_placement=str(bias_grad_placement),
+                             replicated=replicated, errors=errors)
     finally:
         dist.destroy_process_group()
 
@@ -93,8 +131,7 @@ def parallel_run(rank, world, port, results):
 def one_rank_run(rank, port, device, results):
     """A one-rank mesh on `device`: the shards are the whole tensors, so every result must equal
     the plain layer's bit for bit (on CUDA this runs the Triton kernels through the DTensor path)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    start(0, 1, port, "nccl" if device == "cuda" else "gloo")
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -102,8 +139,8 @@ def one_rank_run(rank, port, device, results):
         model = make_model().to(device)
         parallelize_module(model, init_device_mesh(device, (1,)),
                            {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        results["parallel"] = [t.cpu() for t in first_step(model, device)]
-        results["plain"] = [t.cpu() for t in first_step(make_model().to(device), device)]
+        results["parallel"] = [t.cpu() for t in first_step(model, device=device)]
+        results["plain"] = [t.cpu() for t in first_step(make_model().to(device), device=device)]
     finally:
         dist.destroy_process_group()
 
@@ -114,36 +151,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_as_close_to_bf16(got, fp8, bf16, names):
+    """As close to bf16 as one device's float8 layer (22-38 dB here; measured within 0.5 dB; a
+    bias added once per rank drops the output to about 3 dB, an unsummed weight gradient of a
+    replicated layer to about 4 dB)."""
+    for name, g, f, b in zip(names, got, fp8, bf16):
+        assert sqnr(b, g) > sqnr(b, f) - 1, name
+        assert sqnr(f, g) > 20, name
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_colwise_rowwise_parallel_matches_one_device():
-    results = mp.Manager().dict()
-    mp.spawn(parallel_run, args=(2, free_port(), results), nprocs=2)
+def test_tensor_parallel_matches_one_device():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(parallel_run, args=(2, free_port(), results), nprocs=2)
+        results = dict(results)
     want_bf16 = first_step(make_model(fp8=False))
     single = make_model()
     want_fp8 = first_step(single)
     want_losses = train(single)
-    names = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad b2"]
+    layer_bf16 = first_step(make_layer(fp8=False))
+    layer_fp8 = first_step(make_layer())
     for rank in (0, 1):
-        step, losses, weights, errors, compiled_equal = results[rank]
-        assert compiled_equal  # compiled over DTensors: eager's output, bit for bit
-        for name, got, fp8, bf16 in zip(names, step, want_fp8, want_bf16):
-            # As close to bf16 as one device's float8 layer (22-38 dB here; measured within 0.5 dB;
-            # a bias added once per rank drops the output to about 10 dB).
-            assert sqnr(bf16, got) > sqnr(bf16, fp8) - 1, name
-            assert sqnr(fp8, got) > 20, name
-        for got, want in zip(losses, want_losses):
+        r = results[rank]
+        assert_as_close_to_bf16(r["step"], want_fp8, want_bf16, NAMES)
+        assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16, ["output", "grad x", "grad w", "grad b"])
+        for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
+            assert torch.equal(got, want)
+        assert r["bias_grad_placement"] == "(Replicate(),)"
+        for got, want in zip(r["losses"], want_losses):
             assert abs(got - want) < 0.02 * want
-        for got, want in zip(weights, single.parameters()):
+        for got, want in zip(r["weights"], single.parameters()):
             assert sqnr(want.detach(), got) > 20
-        assert "is a Tensor" in errors[0] and "pass a DTensor" in errors[0]
-        assert "weight S(1) and input S(0)" in errors[1]
-    assert results[0][2][0].equal(results[1][2][0])  # the ranks agree on the trained weights
+        plain, placed, narrow = r["errors"]
+        assert "is a Tensor" in plain and "pass a DTensor" in plain
+        assert "weight S(1) and input S(0)" in placed
+        assert "shard is [24, 64]" in narrow and "multiples of 16" in narrow
+    assert torch.equal(results[0]["row_bias"], results[1]["row_bias"])  # the ranks agree
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_one_rank_mesh_is_bit_exact():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = mp.Manager().dict()
-    mp.spawn(one_rank_run, args=(free_port(), device, results), nprocs=1)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(one_rank_run, args=(free_port(), device, results), nprocs=1)
+        results = dict(results)
     for got, want in zip(results["parallel"], results["plain"]):
         assert torch.equal(got, want)
