@@ -1,5 +1,5 @@
-"""Tensor parallelism over Float8Linear layers (ColwiseParallel, RowwiseParallel, a replicated
-weight with sharded tokens), 2 CPU ranks on gloo.
+"""Tensor parallelism over Float8Linear layers (ColwiseParallel, RowwiseParallel, also as sequence
+parallelism, and a replicated weight with sharded tokens), 2 CPU ranks on gloo.
 
 Each rank scales its own shards (tensorwise per shard) and RowwiseParallel sums bf16 partial
 results, so the parallel layer is not bit-identical to one device's: it must be as close to the
@@ -99,6 +99,12 @@ def parallel_run(rank, world, port, results):
         # would gather the same value on both ranks).
         row_bias = model[2].bias.to_local().detach()
 
+        # Sequence parallelism: tokens sharded outside the pair (all-gather in, reduce-scatter out).
+        sp = make_model()
+        parallelize_module(sp, mesh, {"0": ColwiseParallel(input_layouts=Shard(1)),
+                                      "2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
+        sequence_parallel = first_step(sp, distribute_tensor(batch(0), mesh, [Shard(1)]))
+
         # A replicated weight with the tokens sharded: its gradient sums over the ranks.
         layer = make_layer()
         for name in ("weight", "bias"):
@@ -123,7 +129,7 @@ def parallel_run(rank, world, port, results):
         results[rank] = dict(step=step, compiled=compiled, losses=losses, row_bias=row_bias,
                              weights=[full(p).detach() for p in model.parameters()],
                              bias_grad_placement=str(bias_grad_placement),
-                             replicated=replicated, errors=errors)
+                             replicated=replicated, sequence_parallel=sequence_parallel, errors=errors)
     finally:
         dist.destroy_process_group()
 
@@ -175,6 +181,7 @@ def test_tensor_parallel_matches_one_device():
     for rank in (0, 1):
         r = results[rank]
         assert_as_close_to_bf16(r["step"], want_fp8, want_bf16, NAMES)
+        assert_as_close_to_bf16(r["sequence_parallel"], want_fp8, want_bf16, NAMES)
         assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16, ["output", "grad x", "grad w", "grad b"])
         for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
             assert torch.equal(got, want)
