@@ -40,7 +40,7 @@ def train(model, micro_batches=1):
     return losses
 
 
-def sharded_run(rank, world, port, keep_weight, results):
+def sharded_run(rank, world, port, keep_weight, compiled, results):
     torch._scaled_mm = _cuda_rules_scaled_mm  # as in the pytest process (conftest)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -54,7 +54,7 @@ def sharded_run(rank, world, port, keep_weight, results):
             if isinstance(layer, Float8Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        losses = train(model, micro_batches=2 if keep_weight else 1)
+        losses = train(torch.compile(model) if compiled else model, micro_batches=2 if keep_weight else 1)
         weights = [p.full_tensor().detach() for p in model.parameters()]
         results[rank] = (losses, weights)
     finally:
@@ -68,13 +68,17 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])
-def test_fully_shard_matches_single_process_bit_for_bit(keep_weight):
+@pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, True)],
+                         ids=["default", "keep_fp8_weight", "compiled"])
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled):
     """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
     unsharded parameter new storage at each all-gather here, so the copies are not reused: the
-    optimizer-hook safety net is tested in test_weight_cache.py.)"""
-    results = mp.Manager().dict()
-    mp.spawn(sharded_run, args=(2, free_port(), keep_weight, results), nprocs=2)
+    optimizer-hook safety net is tested in test_weight_cache.py.) Compiled over FSDP2: the same
+    bits as eager on one process."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(sharded_run, args=(2, free_port(), keep_weight, compiled, results), nprocs=2)
+        results = dict(results)
     model = make_model()  # the reference casts every time
     want_losses = train(model, micro_batches=2 if keep_weight else 1)
     for rank in (0, 1):
