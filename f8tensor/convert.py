@@ -50,7 +50,8 @@ def convert_to_float8_training(
     1024 or less (fp8 measured slower there). Layers whose dims are not multiples of 16 are always
     kept (_scaled_mm cannot run them); kept layers are logged (logger "f8tensor") and listed by
     conversion_summary.
-    Parameters are moved, not copied, so optimizers built before conversion keep working.
+    Parameters are moved, not copied, so optimizers built before conversion keep working; so are
+    the layer's forward, backward and state-dict hooks (parallelize_module's among them).
     Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear).
     """
     config = config or Float8Config()

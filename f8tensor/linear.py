@@ -176,6 +176,10 @@ class _Float8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+# nn.Module's hook registries (dicts of hooks by handle id, and their flags).
+_HOOK_ATTRIBUTES = [name for name in vars(nn.Module()) if "hook" in name]
+
+
 class Float8Linear(nn.Linear):
     """Drop-in nn.Linear: same parameters and state_dict, float8 GEMMs in forward and backward.
 
@@ -190,11 +194,15 @@ class Float8Linear(nn.Linear):
 
     @classmethod
     def from_float(cls, mod: nn.Linear, config: Float8Config | None = None) -> "Float8Linear":
-        """A Float8Linear holding mod's own Parameter objects (optimizers keep working)."""
+        """A Float8Linear holding mod's own Parameter objects (optimizers keep working) and its
+        hooks: forward, backward and state-dict hooks registered on mod (a user's, or those that
+        parallelize_module adds) run on the new layer, and their handles still remove them."""
         with torch.device("meta"):
             new = cls(mod.in_features, mod.out_features, bias=False, config=config)
         new.weight = mod.weight
         new.bias = mod.bias
+        for name in _HOOK_ATTRIBUTES:  # the same dicts, so that RemovableHandle.remove() works
+            setattr(new, name, getattr(mod, name))
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,32 @@ def test_swaps_in_place_keeping_parameters_and_optimizer():
     assert not torch.equal(before, m[0].up.weight)
 
 
+def test_hooks_registered_before_conversion_run_on_the_new_layer():
+    """Forward pre/post, full backward and state-dict hooks move with the layer (parallelize_module
+    puts its input/output conversions in such hooks); their handles still remove them."""
+    lin = nn.Linear(64, 32, device=DEVICE)
+    seen = []
+    pre = lin.register_forward_pre_hook(lambda mod, args: seen.append(("pre", type(mod).__name__)))
+    lin.register_forward_hook(lambda mod, args, out: seen.append(("post", type(mod).__name__)))
+    lin.register_forward_hook(lambda mod, args, kwargs, out: out * 2, with_kwargs=True)
+    lin.register_full_backward_hook(lambda mod, gin, gout: seen.append(("backward", type(mod).__name__)))
+    lin.register_state_dict_post_hook(lambda mod, sd, prefix, local: seen.append(("state_dict", type(mod).__name__)))
+    new = convert_to_float8_training(lin, module_filter_fn=every_layer)
+    seen.clear()
+    x = torch.randn(8, 64, device=DEVICE, requires_grad=True)
+    out = new(x)
+    out.sum().backward()
+    new.state_dict()
+    assert seen == [("pre", "Float8Linear"), ("post", "Float8Linear"), ("backward", "Float8Linear"),
+                    ("state_dict", "Float8Linear")]
+    with torch.no_grad():
+        assert torch.equal(out, 2 * new.forward(x))  # the kwargs hook's result replaced the output
+    pre.remove()
+    seen.clear()
+    new(torch.randn(8, 64, device=DEVICE))
+    assert seen == [("post", "Float8Linear")]
+
+
 def test_converting_twice_is_a_no_op():
     m = convert_to_float8_training(model(), module_filter_fn=every_layer)
     layers = [m[0].up, m[0].down, m[1]]

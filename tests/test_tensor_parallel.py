@@ -1,5 +1,6 @@
 """Tensor parallelism over Float8Linear layers (ColwiseParallel, RowwiseParallel, also as sequence
-parallelism, and a replicated weight with sharded tokens), 2 CPU ranks on gloo.
+parallelism or applied before conversion, and a replicated weight with sharded tokens), 2 CPU
+ranks on gloo.
 
 Each rank scales its own shards (tensorwise per shard) and RowwiseParallel sums bf16 partial
 results, so the parallel layer is not bit-identical to one device's: it must be as close to the
@@ -105,6 +106,12 @@ def parallel_run(rank, world, port, results):
                                       "2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
         sequence_parallel = first_step(sp, distribute_tensor(batch(0), mesh, [Shard(1)]))
 
+        # Converted after parallelizing: the styles' hooks move to the Float8Linear layers.
+        late = make_model(fp8=False)
+        parallelize_module(late, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        convert_to_float8_training(late, module_filter_fn=lambda mod, fqn: True)
+        converted_late = first_step(late)
+
         # A replicated weight with the tokens sharded: its gradient sums over the ranks.
         layer = make_layer()
         for name in ("weight", "bias"):
@@ -129,7 +136,8 @@ def parallel_run(rank, world, port, results):
         results[rank] = dict(step=step, compiled=compiled, losses=losses, row_bias=row_bias,
                              weights=[full(p).detach() for p in model.parameters()],
                              bias_grad_placement=str(bias_grad_placement),
-                             replicated=replicated, sequence_parallel=sequence_parallel, errors=errors)
+                             replicated=replicated, sequence_parallel=sequence_parallel,
+                             converted_late=converted_late, errors=errors)
     finally:
         dist.destroy_process_group()
 
@@ -182,6 +190,8 @@ def test_tensor_parallel_matches_one_device():
         r = results[rank]
         assert_as_close_to_bf16(r["step"], want_fp8, want_bf16, NAMES)
         assert_as_close_to_bf16(r["sequence_parallel"], want_fp8, want_bf16, NAMES)
+        for got, want in zip(r["converted_late"], r["step"]):  # the same layers, converted later
+            assert torch.equal(got, want)
         assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16, ["output", "grad x", "grad w", "grad b"])
         for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
             assert torch.equal(got, want)
