@@ -4,9 +4,6 @@ Both ranks feed the same batches, so FSDP2's averaged gradient equals the single
 exactly ((g + g) / 2 == g) and the sharded run must reproduce single-process training bit for bit.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -40,10 +37,10 @@ def train(model, micro_batches=1):
     return losses
 
 
-def sharded_run(rank, world, port, keep_weight, compiled, results):
+def sharded_run(rank, world, store, keep_weight, compiled, results):
     torch._scaled_mm = _cuda_rules_scaled_mm  # as in the pytest process (conftest)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP port: nothing another process could take between choosing and binding.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -61,23 +58,18 @@ def sharded_run(rank, world, port, keep_weight, compiled, results):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, True)],
                          ids=["default", "keep_fp8_weight", "compiled"])
-def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled):
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, tmp_path):
     """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
     unsharded parameter new storage at each all-gather here, so the copies are not reused: the
     optimizer-hook safety net is tested in test_weight_cache.py.) Compiled over FSDP2: the same
     bits as eager on one process."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(sharded_run, args=(2, free_port(), keep_weight, compiled, results), nprocs=2)
+        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), keep_weight, compiled, results), nprocs=2)
         results = dict(results)
     model = make_model()  # the reference casts every time
     want_losses = train(model, micro_batches=2 if keep_weight else 1)

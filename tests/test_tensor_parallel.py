@@ -8,9 +8,6 @@ bf16 result as the single-device float8 layer is, and train in step with it. A o
 must be bit-identical.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -73,15 +70,15 @@ def train(model):
     return losses
 
 
-def start(rank, world, port, backend="gloo"):
-    """Join the process group; GEMMs checked against CUDA's rules, as in the pytest process."""
+def start(rank, world, store, backend="gloo"):
+    """Join the process group (through a file store: no TCP port to race for); GEMMs checked
+    against CUDA's rules, as in the pytest process."""
     torch._scaled_mm = _cuda_rules_scaled_mm
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def parallel_run(rank, world, port, results):
-    start(rank, world, port)
+def parallel_run(rank, world, store, results):
+    start(rank, world, store)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -142,10 +139,10 @@ def parallel_run(rank, world, port, results):
         dist.destroy_process_group()
 
 
-def one_rank_run(rank, port, device, results):
+def one_rank_run(rank, store, device, results):
     """A one-rank mesh on `device`: the shards are the whole tensors, so every result must equal
     the plain layer's bit for bit (on CUDA this runs the Triton kernels through the DTensor path)."""
-    start(0, 1, port, "nccl" if device == "cuda" else "gloo")
+    start(0, 1, store, "nccl" if device == "cuda" else "gloo")
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -159,11 +156,6 @@ def one_rank_run(rank, port, device, results):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def assert_as_close_to_bf16(got, fp8, bf16, names):
     """As close to bf16 as one device's float8 layer (22-38 dB here; measured within 0.5 dB; a
@@ -175,10 +167,10 @@ def assert_as_close_to_bf16(got, fp8, bf16, names):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_tensor_parallel_matches_one_device():
+def test_tensor_parallel_matches_one_device(tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(parallel_run, args=(2, free_port(), results), nprocs=2)
+        mp.spawn(parallel_run, args=(2, str(tmp_path / "store"), results), nprocs=2)
         results = dict(results)
     want_bf16 = first_step(make_model(fp8=False))
     single = make_model()
@@ -208,11 +200,11 @@ def test_tensor_parallel_matches_one_device():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_one_rank_mesh_is_bit_exact():
+def test_one_rank_mesh_is_bit_exact(tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(one_rank_run, args=(free_port(), device, results), nprocs=1)
+        mp.spawn(one_rank_run, args=(str(tmp_path / "store"), device, results), nprocs=1)
         results = dict(results)
     for got, want in zip(results["parallel"], results["plain"]):
         assert torch.equal(got, want)
