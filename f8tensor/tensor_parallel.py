@@ -83,7 +83,7 @@ class _ZerosWithGradient(torch.autograd.Function):
         return g
 
 
-def _check_local_sizes(w_local, x, weight):
+def _check_local_sizes(w_local, weight):
     n, k = w_local.shape
     if n % 16 or k % 16:
         raise ValueError(
@@ -117,7 +117,7 @@ def forward(fn, x, weight, bias, config, grad_enabled: bool):
     out_placement, x_grad_placement, param_grad_placement = _placements(x, weight)
     x_local = x.to_local(grad_placements=[x_grad_placement])
     w_local = weight.to_local(grad_placements=[param_grad_placement])
-    _check_local_sizes(w_local, x, weight)
+    _check_local_sizes(w_local, weight)
     local_bias = None
     if bias is not None and isinstance(out_placement, Partial):
         if bias.placements[0] != Replicate():
