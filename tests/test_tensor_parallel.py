@@ -91,7 +91,7 @@ def parallel_run(rank, world, store, results):
         bias_grad_placement = model[2].bias.grad.placements  # replicated, as nn.Linear's
         model.zero_grad()
         step = first_step(model)
-        compiled = first_step(torch.compile(model))  # DTensor and Float8Linear trace together
+        compiled = first_step(torch.compile(model, fullgraph=True))  # one graph with DTensor
         losses = train(model)
         # Local values: the ranks' replicated biases must agree (a sharded weight's full_tensor()
         # would gather the same value on both ranks).
