@@ -39,13 +39,28 @@ def _quantize_input(x, config, layouts):
     """x as (row | None, col | None, scale, amax record), reusing the previous layer's quantization
     of the same x, and the amax its producer measured (f8tensor.swiglu's output)."""
     key = (config, layouts)
-    cached = shared_input.get(x, key) or shared_input.get(x, (config, ("row", "col")))
+    owner = _cache_owner(x)
+    cached = shared_input.get(owner, key) or shared_input.get(owner, (config, ("row", "col")))
     if cached is not None:
         return cached if layouts == ("row", "col") else (cached[0], None, *cached[2:])
     value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts,
                       amax=produced_amax.get(x))
-    shared_input.put(x, value, key)
+    shared_input.put(owner, value, key)
     return value
+
+
+def _cache_owner(x):
+    """The tensor that keys x's shared quantization: x's base where x views all of it with the same
+    layout and dtype (the same values), else x. Under tensor parallelism each layer gets its own
+    view of the shared input (DTensor.to_local), so keyed on x itself q/k/v would each cast it.
+    (Nothing is cached under torch.compile, which cannot trace these checks.)"""
+    if torch.compiler.is_compiling():
+        return x
+    base = x._base
+    if (base is not None and base.dtype == x.dtype and base.shape == x.shape
+            and base.stride() == x.stride() and base.storage_offset() == x.storage_offset()):
+        return base
+    return x
 
 
 _SAVED_NAMES: dict = {}  # autograd node type -> names of its saved-tensor attributes

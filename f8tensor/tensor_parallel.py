@@ -25,9 +25,9 @@ bf16's (tests/test_tensor_parallel.py).
 
 Not covered: a weight on a mesh of more than one dimension (an error; FSDP2 + TP on a 2-D mesh
 hands the layer its weight on the 1-D TP mesh: one 4-rank CPU check during review, not in the
-tests), shards whose sides are not multiples of 16 (an error), keep_fp8_weight (Float8Linear
-refuses it for DTensor weights), and the cast-once sharing of an input between layers (q/k/v,
-w1/w3): each layer reads its own local view of x and casts it again.
+tests), shards whose sides are not multiples of 16 (an error), and keep_fp8_weight (Float8Linear
+refuses it for DTensor weights). An input shared by several layers (q/k/v, w1/w3) is still cast
+once: each layer's local view of it shares one base, which keys the cast (linear._cache_owner).
 """
 
 import sys

@@ -103,6 +103,27 @@ def parallel_run(rank, world, store, results):
                                       "2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
         sequence_parallel = first_step(sp, distribute_tensor(batch(0), mesh, [Shard(1)]))
 
+        # q/k/v read one input: cast once, as on one device (each layer views it through to_local).
+        import f8tensor.linear as linear_module
+
+        qkv = convert_to_float8_training(nn.ModuleList(nn.Linear(64, 64).bfloat16() for _ in range(3)),
+                                         module_filter_fn=lambda mod, fqn: True)
+        for layer in qkv:
+            parallelize_module(layer, mesh, ColwiseParallel())
+        casts, real = [], linear_module.quantize_with_amax
+
+        def counting(t, *args, **kwargs):
+            casts.append(tuple(t.shape))
+            return real(t, *args, **kwargs)
+
+        linear_module.quantize_with_amax = counting
+        try:
+            x = batch(0).requires_grad_()
+            sum(layer(x).float().sum() for layer in qkv).backward()
+        finally:
+            linear_module.quantize_with_amax = real
+        input_casts = casts.count((64, 64))  # x as 2-D; the local weights are [32, 64]
+
         # Converted after parallelizing: the styles' hooks move to the Float8Linear layers.
         late = make_model(fp8=False)
         parallelize_module(late, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
@@ -134,7 +155,7 @@ def parallel_run(rank, world, store, results):
                              weights=[full(p).detach() for p in model.parameters()],
                              bias_grad_placement=str(bias_grad_placement),
                              replicated=replicated, sequence_parallel=sequence_parallel,
-                             converted_late=converted_late, errors=errors)
+                             converted_late=converted_late, input_casts=input_casts, errors=errors)
     finally:
         dist.destroy_process_group()
 
@@ -188,6 +209,7 @@ def test_tensor_parallel_matches_one_device(tmp_path):
         for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
             assert torch.equal(got, want)
         assert r["bias_grad_placement"] == "(Replicate(),)"
+        assert r["input_casts"] == 1
         for got, want in zip(r["losses"], want_losses):
             assert abs(got - want) < 0.02 * want
         for got, want in zip(r["weights"], single.parameters()):
