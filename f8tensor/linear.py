@@ -31,7 +31,6 @@ from .kernels import quantize_with_amax, transformed
 from .ops import scaled_mm_data
 from . import tensor_parallel
 from .tensor_cache import produced_amax, shared_input
-from .tensor_parallel import is_dtensor
 from .weight_cache import fp8_weight
 
 
@@ -244,7 +243,8 @@ class Float8Linear(nn.Linear):
                 f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
                 "use keep_fp8_weight=False for this model")
         with torch.autocast(device_type, enabled=False):
-            if type(self.weight) not in (nn.Parameter, torch.Tensor) and is_dtensor(self.weight):
+            weight_type = type(self.weight)
+            if weight_type not in (nn.Parameter, torch.Tensor) and tensor_parallel.is_dtensor(self.weight):
                 return tensor_parallel.forward(_Float8LinearFn.apply, x, self.weight, self.bias,
                                                self.config, torch.is_grad_enabled())
             return _Float8LinearFn.apply(x, self.weight, self.bias, self.config, torch.is_grad_enabled())

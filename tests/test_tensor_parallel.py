@@ -133,7 +133,8 @@ def parallel_run(rank, world, store, results):
         # A replicated weight with the tokens sharded: its gradient sums over the ranks.
         layer = make_layer()
         for name in ("weight", "bias"):
-            setattr(layer, name, nn.Parameter(distribute_tensor(getattr(layer, name).detach(), mesh, [Replicate()])))
+            value = getattr(layer, name).detach()
+            setattr(layer, name, nn.Parameter(distribute_tensor(value, mesh, [Replicate()])))
         replicated = first_step(layer, distribute_tensor(batch(0), mesh, [Shard(0)]))
 
         # What the layer cannot run gets an error naming the problem.
@@ -205,7 +206,8 @@ def test_tensor_parallel_matches_one_device(tmp_path):
         assert_as_close_to_bf16(r["sequence_parallel"], want_fp8, want_bf16, NAMES)
         for got, want in zip(r["converted_late"], r["step"]):  # the same layers, converted later
             assert torch.equal(got, want)
-        assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16, ["output", "grad x", "grad w", "grad b"])
+        assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16,
+                                ["output", "grad x", "grad w", "grad b"])
         for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
             assert torch.equal(got, want)
         assert r["bias_grad_placement"] == "(Replicate(),)"
