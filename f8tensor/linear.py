@@ -38,28 +38,13 @@ def _quantize_input(x, config, layouts):
     """x as (row | None, col | None, scale, amax record), reusing the previous layer's quantization
     of the same x, and the amax its producer measured (f8tensor.swiglu's output)."""
     key = (config, layouts)
-    owner = _cache_owner(x)
-    cached = shared_input.get(owner, key) or shared_input.get(owner, (config, ("row", "col")))
+    cached = shared_input.get(x, key) or shared_input.get(x, (config, ("row", "col")))
     if cached is not None:
         return cached if layouts == ("row", "col") else (cached[0], None, *cached[2:])
     value = _quantize(x.reshape(-1, x.shape[-1]), config.forward_dtype, config, layouts,
                       amax=produced_amax.get(x))
-    shared_input.put(owner, value, key)
+    shared_input.put(x, value, key)
     return value
-
-
-def _cache_owner(x):
-    """The tensor that keys x's shared quantization: x's base where x views all of it with the same
-    layout and dtype (the same values), else x. Under tensor parallelism each layer gets its own
-    view of the shared input (DTensor.to_local), so keyed on x itself q/k/v would each cast it.
-    (Nothing is cached under torch.compile, which cannot trace these checks.)"""
-    if torch.compiler.is_compiling():
-        return x
-    base = x._base
-    if (base is not None and base.dtype == x.dtype and base.shape == x.shape
-            and base.stride() == x.stride() and base.storage_offset() == x.storage_offset()):
-        return base
-    return x
 
 
 _SAVED_NAMES: dict = {}  # autograd node type -> names of its saved-tensor attributes
@@ -118,26 +103,23 @@ class _Float8LinearFn(torch.autograd.Function):
         # from the parameter itself: saving the fp8 copy would add a byte per parameter to peak
         # memory, re-casting costs one read of the weight. With keep_fp8_weight both layouts are
         # cast once and kept while the weight is unchanged (weight_cache.py); backward reads the
-        # kept column-major copy. An fp32 weight (autocast) is cast from fp32.
-        # Under torch.compile nothing is kept across calls (the cast is part of the graph), but
-        # keep_fp8_weight still casts both layouts here in one pass and saves the column-major
-        # copy for backward: one read of the weight per step instead of two, for one byte per
-        # parameter held from forward to backward.
+        # kept column-major copy. Under torch.compile nothing is kept across calls (the cast is
+        # part of the graph), but keep_fp8_weight still casts both layouts here in one pass and
+        # saves the column-major copy: one read of the weight per step instead of two, for one
+        # byte per parameter held from forward to backward. An fp32 weight (autocast) is cast
+        # from fp32.
         if config.keep_fp8_weight and not torch.compiler.is_compiling():
             w_row, w_col, w_scale = fp8_weight(weight, config)
-            fp8_weight_saved = True
         elif config.keep_fp8_weight and need_x_grad:
             w_row, w_col, w_scale, _ = quantize_with_amax(
                 weight, config.forward_dtype, "both", config.power_of_2_scale)
-            fp8_weight_saved = True
-        else:
-            w_row, _, w_scale, w_amax = quantize_with_amax(
+        else:  # w_col is None
+            w_row, w_col, w_scale, w_amax = quantize_with_amax(
                 weight, config.forward_dtype, "row", config.power_of_2_scale)
-            fp8_weight_saved = False
         if not need_x_grad:
             w_saved, w_info = None, None
         else:
-            w_saved, w_info = (w_col, w_scale) if fp8_weight_saved else (weight, w_amax)
+            w_saved, w_info = (w_col, w_scale) if w_col is not None else (weight, w_amax)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
                              config, None if bias is None else bias.to(x.dtype))
         # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
@@ -149,7 +131,7 @@ class _Float8LinearFn(torch.autograd.Function):
         # w_info: the scale of the saved float8 weight, or the amax record of the weight itself.
         ctx.save_for_backward(saved_x, x_info, w_saved, w_info)
         ctx.config = config
-        ctx.kept_weight = fp8_weight_saved
+        ctx.kept_weight = w_col is not None
         ctx.saved_fp8 = save_fp8
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
@@ -243,8 +225,7 @@ class Float8Linear(nn.Linear):
                 f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
                 "use keep_fp8_weight=False for this model")
         with torch.autocast(device_type, enabled=False):
-            weight_type = type(self.weight)
-            if weight_type not in (nn.Parameter, torch.Tensor) and tensor_parallel.is_dtensor(self.weight):
+            if tensor_parallel.is_dtensor(self.weight):
                 return tensor_parallel.forward(_Float8LinearFn.apply, x, self.weight, self.bias,
                                                self.config, torch.is_grad_enabled())
             return _Float8LinearFn.apply(x, self.weight, self.bias, self.config, torch.is_grad_enabled())

@@ -8,7 +8,10 @@ Two uses, both so that work on a tensor's values is not repeated:
   or as grad_output, skips its amax pass.
 
 An entry matches only the same tensor object (a weak reference: the entry goes when the tensor is
-freed) at the same version (an in-place write invalidates it), and the same extra key. Nothing is
+freed) at the same version (an in-place write invalidates it), and the same extra key. A view of
+all of a tensor (same shape, strides, offset and dtype: the same values) stands for its base:
+under tensor parallelism each layer reads the shared input through its own `DTensor.to_local()`
+view of one base, and q/k/v still cast it once. Nothing is
 remembered for inference tensors (no version counter) nor while torch.compile traces (traced
 tensors stand for every call's tensors: identity and version mean nothing there).
 """
@@ -38,6 +41,7 @@ class TensorCache(threading.local):
     def get(self, t: torch.Tensor, key: tuple = ()):
         if _untracked(t):
             return None
+        t = _owner(t)
         for slot in self.slots:
             if slot.ref is not None and slot.ref() is t and slot.key == (t._version, *key):
                 return slot.value
@@ -46,6 +50,7 @@ class TensorCache(threading.local):
     def put(self, t: torch.Tensor, value, key: tuple = ()):
         if _untracked(t):
             return
+        t = _owner(t)
         slot = self.slots[self.next]
         self.next = (self.next + 1) % len(self.slots)
 
@@ -54,6 +59,15 @@ class TensorCache(threading.local):
                 slot.ref = slot.key = slot.value = None
 
         slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, *key), value
+
+
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    """t's base where t views all of it with the same layout and dtype, else t."""
+    base = t._base
+    if (base is not None and base.dtype == t.dtype and base.shape == t.shape
+            and base.stride() == t.stride() and base.storage_offset() == t.storage_offset()):
+        return base
+    return t
 
 
 def _untracked(t: torch.Tensor) -> bool:

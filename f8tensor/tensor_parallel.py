@@ -27,7 +27,7 @@ Not covered: a weight on a mesh of more than one dimension (an error; FSDP2 + TP
 hands the layer its weight on the 1-D TP mesh: one 4-rank CPU check during review, not in the
 tests), shards whose sides are not multiples of 16 (an error), and keep_fp8_weight (Float8Linear
 refuses it for DTensor weights). An input shared by several layers (q/k/v, w1/w3) is still cast
-once: each layer's local view of it shares one base, which keys the cast (linear._cache_owner).
+once: each layer's local view of it shares one base, which keys the cast (tensor_cache.py).
 """
 
 import sys
