@@ -1,4 +1,5 @@
-"""Shared test helpers: device choice, SQNR, an independent float8 rounding oracle."""
+"""Shared test helpers: device choice, SQNR, an independent float8 rounding oracle, joining a
+process group in a spawned rank."""
 
 import torch
 
@@ -38,3 +39,13 @@ def spanning_values(shape, dtype, device=DEVICE, seed=0):
     mag = torch.exp2(torch.empty(shape).uniform_(-30, 10, generator=g))
     sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
     return (mag * sign).to(dtype).to(device)
+
+
+def join_process_group(rank: int, world: int, store: str, backend: str = "gloo") -> None:
+    """In a spawned rank: join the group through a file store (no TCP port to race for), with the
+    GEMMs checked against CUDA's rules as in the pytest process (conftest patches only that one)."""
+    import torch.distributed as dist
+    from conftest import _cuda_rules_scaled_mm
+
+    torch._scaled_mm = _cuda_rules_scaled_mm
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import _cuda_rules_scaled_mm
+from f8utils import join_process_group
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training
@@ -38,9 +38,7 @@ def train(model, micro_batches=1):
 
 
 def sharded_run(rank, world, store, keep_weight, compiled, results):
-    torch._scaled_mm = _cuda_rules_scaled_mm  # as in the pytest process (conftest)
-    # A file store, not a TCP port: nothing another process could take between choosing and binding.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    join_process_group(rank, world, store)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import _cuda_rules_scaled_mm
-from f8utils import sqnr
+from f8utils import join_process_group, sqnr
 from torch import nn
 
 from f8tensor import Float8Linear, convert_to_float8_training
@@ -70,15 +69,8 @@ def train(model):
     return losses
 
 
-def start(rank, world, store, backend="gloo"):
-    """Join the process group (through a file store: no TCP port to race for); GEMMs checked
-    against CUDA's rules, as in the pytest process."""
-    torch._scaled_mm = _cuda_rules_scaled_mm
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
-
-
 def parallel_run(rank, world, store, results):
-    start(rank, world, store)
+    join_process_group(rank, world, store)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -164,7 +156,7 @@ def parallel_run(rank, world, store, results):
 def one_rank_run(rank, store, device, results):
     """A one-rank mesh on `device`: the shards are the whole tensors, so every result must equal
     the plain layer's bit for bit (on CUDA this runs the Triton kernels through the DTensor path)."""
-    start(0, 1, store, "nccl" if device == "cuda" else "gloo")
+    join_process_group(0, 1, store, "nccl" if device == "cuda" else "gloo")
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
