@@ -1,4 +1,5 @@
-"""FSDP2 (fully_shard) over Float8Linear layers, 2 CPU ranks on gloo.
+"""FSDP2 (fully_shard) over Float8Linear layers, 2 ranks: CPU processes on gloo everywhere, and
+two GPUs on NCCL where a machine has them.
 
 Both ranks feed the same batches, so FSDP2's averaged gradient equals the single-process one
 exactly ((g + g) / 2 == g) and the sharded run must reproduce single-process training bit for bit.
@@ -16,20 +17,21 @@ from f8tensor import Float8Config, Float8Linear, convert_to_float8_training
 STEPS = 4
 
 
-def make_model(keep_weight=False):
+def make_model(keep_weight=False, device="cpu"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
-    return convert_to_float8_training(model.bfloat16(), module_filter_fn=lambda mod, fqn: True,
+    return convert_to_float8_training(model.bfloat16().to(device), module_filter_fn=lambda mod, fqn: True,
                                       config=Float8Config(keep_fp8_weight=keep_weight))
 
 
-def train(model, micro_batches=1):
+def train(model, micro_batches=1, device="cpu"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):
         for _ in range(micro_batches):
-            loss = model(torch.randn(2, 16, 64, generator=g).bfloat16()).float().square().mean()
+            x = torch.randn(2, 16, 64, generator=g).bfloat16().to(device)
+            loss = model(x).float().square().mean()
             loss.backward()
             losses.append(loss.item())
         opt.step()
@@ -37,42 +39,53 @@ def train(model, micro_batches=1):
     return losses
 
 
-def sharded_run(rank, world, store, keep_weight, compiled, results):
-    join_process_group(rank, world, store)
+def sharded_run(rank, world, store, device_type, keep_weight, compiled, results):
+    """One rank: CPU on gloo, or GPU `rank` on NCCL."""
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    join_process_group(rank, world, store, "nccl" if device_type == "cuda" else "gloo")
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        model = make_model(keep_weight)
-        mesh = init_device_mesh("cpu", (world,))
+        model = make_model(keep_weight, device)
+        mesh = init_device_mesh(device_type, (world,))
         for layer in model:
             if isinstance(layer, Float8Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        losses = train(torch.compile(model) if compiled else model, micro_batches=2 if keep_weight else 1)
-        weights = [p.full_tensor().detach() for p in model.parameters()]
+        losses = train(torch.compile(model) if compiled else model, 2 if keep_weight else 1, device)
+        weights = [p.full_tensor().detach().cpu() for p in model.parameters()]
         results[rank] = (losses, weights)
     finally:
         dist.destroy_process_group()
 
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=TWO_GPUS)],
+                         ids=["gloo-cpu", "nccl-2gpu"])
 @pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, True)],
                          ids=["default", "keep_fp8_weight", "compiled"])
-def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, tmp_path):
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, device_type, tmp_path):
     """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
     unsharded parameter new storage at each all-gather here, so the copies are not reused: the
     optimizer-hook safety net is tested in test_weight_cache.py.) Compiled over FSDP2: the same
     bits as eager on one process."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), keep_weight, compiled, results), nprocs=2)
+        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, results),
+                 nprocs=2)
         results = dict(results)
-    model = make_model()  # the reference casts every time
-    want_losses = train(model, micro_batches=2 if keep_weight else 1)
+    device = torch.device(device_type)  # the reference: one process on the CPU, or on the first GPU
+    model = make_model(device=device)  # the reference casts every time
+    want_losses = train(model, 2 if keep_weight else 1, device)
     for rank in (0, 1):
         losses, weights = results[rank]
         assert losses == want_losses
         for got, want in zip(weights, model.parameters()):
-            assert torch.equal(got, want.detach())
+            assert torch.equal(got, want.detach().cpu())

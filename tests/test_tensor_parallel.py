@@ -1,6 +1,6 @@
 """Tensor parallelism over Float8Linear layers (ColwiseParallel, RowwiseParallel, also as sequence
-parallelism or applied before conversion, and a replicated weight with sharded tokens), 2 CPU
-ranks on gloo.
+parallelism or applied before conversion, and a replicated weight with sharded tokens), 2 ranks:
+CPU processes on gloo everywhere, and two GPUs on NCCL where a machine has them.
 
 Each rank scales its own shards (tensorwise per shard) and RowwiseParallel sums bf16 partial
 results, so the parallel layer is not bit-identical to one device's: it must be as close to the
@@ -21,9 +21,9 @@ STEPS = 4
 NAMES = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad b2"]
 
 
-def make_model(fp8=True):
+def make_model(fp8=True, device="cpu"):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).bfloat16()
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).bfloat16().to(device)
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.bias.uniform_(-0.5, 0.5)  # large enough that a bias added once per rank shows
@@ -32,19 +32,20 @@ def make_model(fp8=True):
     return model
 
 
-def make_layer(fp8=True):
+def make_layer(fp8=True, device="cpu"):
     torch.manual_seed(1)
-    layer = nn.Linear(64, 32).bfloat16()
+    layer = nn.Linear(64, 32).bfloat16().to(device)
     return Float8Linear.from_float(layer) if fp8 else layer
 
 
-def batch(step):
+def batch(step, device="cpu"):
     g = torch.Generator().manual_seed(step)
-    return torch.randn(4, 16, 64, generator=g).bfloat16()
+    return torch.randn(4, 16, 64, generator=g).bfloat16().to(device)
 
 
 def full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """The whole tensor, on the CPU (results leave the spawned ranks through a Manager)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
 
 
 def first_step(model, x=None, device="cpu"):
@@ -57,11 +58,11 @@ def first_step(model, x=None, device="cpu"):
     return [full(out.detach()), full(x.grad)] + grads
 
 
-def train(model):
+def train(model, device="cpu"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(1, STEPS + 1):
-        loss = model(batch(step)).float().square().mean()
+        loss = model(batch(step, device)).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -69,36 +70,40 @@ def train(model):
     return losses
 
 
-def parallel_run(rank, world, store, results):
-    join_process_group(rank, world, store)
+def parallel_run(rank, world, store, device_type, results):
+    """One rank: CPU on gloo, or GPU `rank` on NCCL."""
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    join_process_group(rank, world, store, "nccl" if device_type == "cuda" else "gloo")
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-        mesh = init_device_mesh("cpu", (world,))
-        model = make_model()
+        mesh = init_device_mesh(device_type, (world,))
+        model = make_model(device=device)
         parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        model(batch(0)).float().square().mean().backward()
+        model(batch(0, device)).float().square().mean().backward()
         bias_grad_placement = model[2].bias.grad.placements  # replicated, as nn.Linear's
         model.zero_grad()
-        step = first_step(model)
-        compiled = first_step(torch.compile(model, fullgraph=True))  # one graph with DTensor
-        losses = train(model)
+        step = first_step(model, device=device)
+        compiled = first_step(torch.compile(model, fullgraph=True), device=device)  # one graph with DTensor
+        losses = train(model, device)
         # Local values: the ranks' replicated biases must agree (a sharded weight's full_tensor()
         # would gather the same value on both ranks).
-        row_bias = model[2].bias.to_local().detach()
+        row_bias = model[2].bias.to_local().detach().cpu()
 
         # Sequence parallelism: tokens sharded outside the pair (all-gather in, reduce-scatter out).
-        sp = make_model()
+        sp = make_model(device=device)
         parallelize_module(sp, mesh, {"0": ColwiseParallel(input_layouts=Shard(1)),
                                       "2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
-        sequence_parallel = first_step(sp, distribute_tensor(batch(0), mesh, [Shard(1)]))
+        sequence_parallel = first_step(sp, distribute_tensor(batch(0, device), mesh, [Shard(1)]), device)
 
         # q/k/v read one input: cast once, as on one device (each layer views it through to_local).
         import f8tensor.linear as linear_module
 
-        qkv = convert_to_float8_training(nn.ModuleList(nn.Linear(64, 64).bfloat16() for _ in range(3)),
+        qkv = convert_to_float8_training(nn.ModuleList(nn.Linear(64, 64).bfloat16().to(device) for _ in range(3)),
                                          module_filter_fn=lambda mod, fqn: True)
         for layer in qkv:
             parallelize_module(layer, mesh, ColwiseParallel())
@@ -110,34 +115,35 @@ def parallel_run(rank, world, store, results):
 
         linear_module.quantize_with_amax = counting
         try:
-            x = batch(0).requires_grad_()
+            x = batch(0, device).requires_grad_()
             sum(layer(x).float().sum() for layer in qkv).backward()
         finally:
             linear_module.quantize_with_amax = real
         input_casts = casts.count((64, 64))  # x as 2-D; the local weights are [32, 64]
 
         # Converted after parallelizing: the styles' hooks move to the Float8Linear layers.
-        late = make_model(fp8=False)
+        late = make_model(fp8=False, device=device)
         parallelize_module(late, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
         convert_to_float8_training(late, module_filter_fn=lambda mod, fqn: True)
-        converted_late = first_step(late)
+        converted_late = first_step(late, device=device)
 
         # A replicated weight with the tokens sharded: its gradient sums over the ranks.
-        layer = make_layer()
+        layer = make_layer(device=device)
         for name in ("weight", "bias"):
             value = getattr(layer, name).detach()
             setattr(layer, name, nn.Parameter(distribute_tensor(value, mesh, [Replicate()])))
-        replicated = first_step(layer, distribute_tensor(batch(0), mesh, [Shard(0)]))
+        replicated = first_step(layer, distribute_tensor(batch(0, device), mesh, [Shard(0)]), device)
 
         # What the layer cannot run gets an error naming the problem.
         errors = []
-        lin = Float8Linear(64, 32, bias=False, dtype=torch.bfloat16)
+        lin = Float8Linear(64, 32, bias=False, dtype=torch.bfloat16, device=device)
         lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(1)]))
-        narrow = Float8Linear(64, 48, bias=False, dtype=torch.bfloat16)  # 24 features per rank
+        narrow = Float8Linear(64, 48, bias=False, dtype=torch.bfloat16, device=device)  # 24 features per rank
         narrow.weight = nn.Parameter(distribute_tensor(narrow.weight.detach(), mesh, [Shard(0)]))
-        cases = [(lin, torch.randn(8, 64).bfloat16()),  # a plain input with a DTensor weight
-                 (lin, distribute_tensor(torch.randn(8, 64).bfloat16(), mesh, [Shard(0)])),
-                 (narrow, distribute_tensor(torch.randn(8, 64).bfloat16(), mesh, [Replicate()]))]
+        x = torch.randn(8, 64, dtype=torch.bfloat16, device=device)
+        cases = [(lin, x),  # a plain input with a DTensor weight
+                 (lin, distribute_tensor(x, mesh, [Shard(0)])),
+                 (narrow, distribute_tensor(x, mesh, [Replicate()]))]
         for mod, x in cases:
             try:
                 mod(x)
@@ -149,6 +155,33 @@ def parallel_run(rank, world, store, results):
                              bias_grad_placement=str(bias_grad_placement),
                              replicated=replicated, sequence_parallel=sequence_parallel,
                              converted_late=converted_late, input_casts=input_casts, errors=errors)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_tp_run(rank, world, store, results):
+    """One of 4 CPU ranks on a (dp 2, tp 2) mesh: FSDP2 over tensor-parallel Float8Linear layers,
+    and the same model tensor-parallel only (on this rank's tp sub-mesh), fed the same batches."""
+    join_process_group(rank, world, store)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        both = make_model()
+        parallelize_module(both, mesh["tp"], plan)
+        for layer in (both[0], both[2]):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(both, mesh=mesh["dp"])
+        tp_only = make_model()
+        parallelize_module(tp_only, mesh["tp"], plan)
+        results[rank] = dict(
+            placements=[(p.device_mesh.mesh_dim_names, str(p.placements)) for p in both.parameters()],
+            losses=(train(both), train(tp_only)),
+            weights=([full(p).detach() for p in both.parameters()],
+                     [full(p).detach() for p in tp_only.parameters()]))
     finally:
         dist.destroy_process_group()
 
@@ -180,18 +213,24 @@ def assert_as_close_to_bf16(got, fp8, bf16, names):
         assert sqnr(f, g) > 20, name
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_tensor_parallel_matches_one_device(tmp_path):
+@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=TWO_GPUS)],
+                         ids=["gloo-cpu", "nccl-2gpu"])
+def test_tensor_parallel_matches_one_device(device_type, tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(parallel_run, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        mp.spawn(parallel_run, args=(2, str(tmp_path / "store"), device_type, results), nprocs=2)
         results = dict(results)
-    want_bf16 = first_step(make_model(fp8=False))
-    single = make_model()
-    want_fp8 = first_step(single)
-    want_losses = train(single)
-    layer_bf16 = first_step(make_layer(fp8=False))
-    layer_fp8 = first_step(make_layer())
+    device = torch.device(device_type)  # the single-device references: CPU, or the first GPU
+    want_bf16 = first_step(make_model(fp8=False, device=device), device=device)
+    single = make_model(device=device)
+    want_fp8 = first_step(single, device=device)
+    want_losses = train(single, device)
+    layer_bf16 = first_step(make_layer(fp8=False, device=device), device=device)
+    layer_fp8 = first_step(make_layer(device=device), device=device)
     for rank in (0, 1):
         r = results[rank]
         assert_as_close_to_bf16(r["step"], want_fp8, want_bf16, NAMES)
@@ -207,7 +246,7 @@ def test_tensor_parallel_matches_one_device(tmp_path):
         for got, want in zip(r["losses"], want_losses):
             assert abs(got - want) < 0.02 * want
         for got, want in zip(r["weights"], single.parameters()):
-            assert sqnr(want.detach(), got) > 20
+            assert sqnr(want.detach().cpu(), got) > 20
         plain, placed, narrow = r["errors"]
         assert "is a Tensor" in plain and "pass a DTensor" in plain
         assert "weight S(1) and input S(0)" in placed
@@ -224,3 +263,22 @@ def test_one_rank_mesh_is_bit_exact(tmp_path):
         results = dict(results)
     for got, want in zip(results["parallel"], results["plain"]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_over_tensor_parallel_matches_tensor_parallel_bit_for_bit(tmp_path):
+    """FSDP2 + TP on a 2-D mesh: FSDP2 all-gathers each weight's dp shards back into the tp-sharded
+    DTensor the layer runs on, and with the same batch on both dp ranks its averaged gradient is
+    the tp-only one ((g + g) / 2 == g): training must match tensor parallelism alone bit for bit."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(fsdp_tp_run, args=(4, str(tmp_path / "store"), results), nprocs=4)
+        results = dict(results)
+    for rank in range(4):
+        (losses, tp_losses), (weights, tp_weights) = results[rank]["losses"], results[rank]["weights"]
+        assert losses == tp_losses
+        assert len(weights) == 4
+        for names, placements in results[rank]["placements"]:  # sharded on both mesh dims
+            assert names == ("dp", "tp") and "Shard(dim=0" in placements.split(", ")[0], placements
+        for got, want in zip(weights, tp_weights):
+            assert torch.equal(got, want)
