@@ -23,6 +23,14 @@ column-major one saved for backward). --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
 GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
+
+--fsdp (under torchrun, one process per GPU, NCCL) shards every block and then the whole model
+with FSDP2's fully_shard, after conversion and after compiling the blocks (torchtitan's order);
+each rank trains on its own tokens, tokens/s counts every rank's, peak memory is rank 0's, and
+rank 0 prints and writes the rows. A configuration that fails stops the run (the other ranks would
+wait in a collective):
+
+    torchrun --nproc-per-node 2 benchmarks/train.py --fsdp --configs bf16 f8tensor f8tensor_compiled
 """
 
 import argparse
@@ -50,9 +58,12 @@ from f8tensor.convert import default_skip_reason
 # f8tensor_keepweight: Float8Config(keep_fp8_weight=True), the weight cast once per optimizer step
 # (pays with --grad-accum > 1 and with activation checkpointing); f8tensor_keepweight_compiled: the
 # same option under compile, where it casts both layouts in forward and saves the column-major one.
+# torchao_fsdp8_compiled (--fsdp only): torchao as torchtitan runs it under FSDP2, float8 weight
+# all-gather (each rank casts its shard) and the scales of all weights in one all-reduce per step.
 CONFIGS = ["bf16", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
            "f8tensor_fused", "f8tensor_keepweight",
-           "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled"]
+           "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled",
+           "torchao_fsdp8_compiled"]
 
 
 def rope_tables(seq, head_dim, theta=500000.0):
@@ -202,12 +213,27 @@ def build(a, config, ac, device):
         else:  # every linear but the output, as torchao is converted here
             convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output)
     elif config.startswith("torchao"):
-        from torchao.float8 import convert_to_float8_training as ao_convert  # ImportError: reported
-        ao_convert(model, module_filter_fn=not_output)
+        from torchao.float8 import Float8LinearConfig  # ImportError: reported
+        from torchao.float8 import convert_to_float8_training as ao_convert
+
+        if "_fsdp8" in config and not a.fsdp:
+            raise ValueError(f"{config} is torchao's FSDP2 float8 all-gather: run it with --fsdp")
+        ao_config = Float8LinearConfig(enable_fsdp_float8_all_gather="_fsdp8" in config)
+        ao_convert(model, module_filter_fn=not_output, config=ao_config)
     if config.endswith("_compiled"):
         for block in model.layers:
             block.compile()  # per block, as torchtitan does: one graph reused by every layer
+    if a.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if "_fsdp8" in config:  # the next step's weight scales, from the updated shards
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        opt.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
     return model, opt
 
 
@@ -237,7 +263,7 @@ class Run:
         gc.collect()
         before = allocated(device)
         self.model, self.opt = build(a, config, ac, device)
-        g = torch.Generator(device=device).manual_seed(a.seed)
+        g = torch.Generator(device=device).manual_seed(a.seed + rank())  # each rank its own tokens
         tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device, generator=g)
         self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:]
         t0 = time.perf_counter()
@@ -298,14 +324,24 @@ class Run:
     def result(self, a):
         step_s = statistics.median(self.times)
         fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
-        return dict(tokens_per_s=a.batch * a.seq * a.grad_accum / step_s, step_ms=step_s * 1e3,
+        return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
                     loss=self.last_loss.item(), fp8_linears=fp8, alloc_retries=self.alloc_retries,
                     settle_alloc_retries=self.settle_retries,
                     **self.peaks)
 
 
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def failure(e) -> str:
+    if world() > 1:  # the other ranks would wait for this one in their next collective
+        raise e
     traceback.print_exc()  # the whole story on stderr; the table gets one line
     lines = str(e).strip().splitlines() or [""]
     return f"{type(e).__name__}: {lines[0]}"[:160]
@@ -323,7 +359,7 @@ def run_mode(a, configs, ac, device, env, shape):
             status[config] = failure(e)
         if config in status:  # outside except: the traceback no longer pins the failed model
             free(device, keep_compiled=True)
-    with PowerLog(torch.cuda.current_device()) if a.power else contextlib.nullcontext() as log:
+    with PowerLog(torch.cuda.current_device()) if a.power and rank() == 0 else contextlib.nullcontext() as log:
         for _ in range(a.rounds):
             for config, run in list(runs.items()):
                 try:
@@ -352,12 +388,14 @@ def run_mode(a, configs, ac, device, env, shape):
             row.update(status=status[config], vs_bf16=None)
         rows.append(row)
         done = f"ok: {row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
-        print(f"{ac:<7} {config:<28} {done}", flush=True)
+        if rank() == 0:
+            print(f"{ac:<7} {config:<28} {done}", flush=True)
     if a.profile and device.type == "cuda":
         for config, run in runs.items():
             profile_step(run.step, f"{os.path.splitext(a.out)[0]}_profile.txt", f"{config} ac={ac}",
                          results[config]["step_ms"], a.power)
-    write_rows(a.out, rows)
+    if rank() == 0:
+        write_rows(a.out, rows)
     runs.clear()
     free(device)
     return rows
@@ -451,7 +489,7 @@ def default_configs(device):
     # The model as written and the default config: *_swiglu and *_fused (changed model code) and
     # f8tensor_keepweight* (an option) only when named in --configs.
     keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
-            and not c.endswith(("_swiglu", "_fused")) and "_keepweight" not in c]
+            and not c.endswith(("_swiglu", "_fused")) and "_keepweight" not in c and "_fsdp8" not in c]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 
@@ -473,28 +511,45 @@ def main():
     ap.add_argument("--out", default="results/train.jsonl")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile one step per configuration (CUDA only)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="FSDP2 over every GPU of a torchrun launch (see above; NCCL)")
     ap.add_argument("--power", action="store_true",
                     help="sample SM clock and power (nvidia-smi) during the timed rounds; each row gets "
                          "the median clock, mean power, energy per step and power-capped fraction (CUDA only)")
     a = ap.parse_args()
+    if a.fsdp and a.profile:
+        ap.error("--profile profiles one process: run it without --fsdp")
     if a.power and not torch.cuda.is_available():
         ap.error("--power samples a CUDA GPU's clock and power: no CUDA device here")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 1000
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.fsdp:
+        if "LOCAL_RANK" not in os.environ:
+            ap.error("--fsdp runs under torchrun: torchrun --nproc-per-node N benchmarks/train.py --fsdp ...")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # bf16 first in each AC mode: it is the base of the vs_bf16 ratio
     configs = sorted(a.configs or default_configs(device), key=CONFIGS.index)
     env = environment()
-    print(env)
+    if rank() == 0:
+        print(env)
     shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out", "profile", "power")}
+    shape["world"] = world()
     # (f8_filter rides along in `shape`: it is part of what was measured)
     rows = []
     for ac in [a.ac] if a.ac else a.ac_modes:
         rows += run_mode(a, configs, ac, device, env, shape)
-    print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.layers} x (dim "
-          f"{a.dim}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads})  batch {a.batch} x seq {a.seq}")
-    print_table(rows)
+    if rank() == 0:
+        fsdp = f"  FSDP2 over {world()} ranks, batch per rank" if a.fsdp else ""
+        print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.layers} x (dim "
+              f"{a.dim}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads}){fsdp}  batch {a.batch} x seq {a.seq}")
+        print_table(rows)
+    if a.fsdp:
+        torch.distributed.destroy_process_group()
 
 
 def print_table(rows):
