@@ -55,7 +55,12 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, results)
             if isinstance(layer, Float8Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        losses = train(torch.compile(model) if compiled else model, 2 if keep_weight else 1, device)
+        # compiled: "static" compiles with dynamic=False, "dynamic" with torch.compile's default
+        # (automatic dynamic shapes: each layer's frame, split off by FSDP2's skipped hooks, is
+        # recompiled with symbolic sizes once a second layer shape arrives).
+        if compiled:
+            model = torch.compile(model, dynamic=False if compiled == "static" else None)
+        losses = train(model, 2 if keep_weight else 1, device)
         weights = [p.full_tensor().detach().cpu() for p in model.parameters()]
         results[rank] = (losses, weights)
     finally:
@@ -69,13 +74,24 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=TWO_GPUS)],
                          ids=["gloo-cpu", "nccl-2gpu"])
-@pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, True)],
-                         ids=["default", "keep_fp8_weight", "compiled"])
-def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, device_type, tmp_path):
+@pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, "static"),
+                                                   (False, "dynamic")],
+                         ids=["default", "keep_fp8_weight", "compiled", "compiled_dynamic"])
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, device_type, tmp_path, request):
     """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
     unsharded parameter new storage at each all-gather here, so the copies are not reused: the
     optimizer-hook safety net is tested in test_weight_cache.py.) Compiled over FSDP2: the same
-    bits as eager on one process."""
+    bits as eager on one process.
+
+    Known failure (torch 2.11, 2 H200s on NCCL, seen at 386502a): compiled with symbolic layer
+    sizes, Dynamo stops in `overwrite_tensor_vt_proxy` (AssertionError) on Float8Linear's
+    autograd function; the same model compiles with dynamic=False, on one GPU with dynamic=True,
+    and on CPU ranks either way. Blocks compiled one by one (torchtitan's way; every block has the
+    same shapes) are not affected: benchmarks/train.py --fsdp ran them."""
+    if compiled == "dynamic" and device_type == "cuda":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, raises=Exception,
+            reason="FSDP2 on CUDA + symbolic layer sizes: Dynamo AssertionError (torch 2.11)"))
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, results),
