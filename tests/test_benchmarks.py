@@ -206,16 +206,17 @@ def test_train_benchmark_under_fsdp2(tmp_path):
     """--fsdp under torchrun (2 gloo ranks): every rank's tokens count, rank 0 writes the rows, and
     float8 starts from bf16's loss; without torchrun the flag says how to launch."""
     out = tmp_path / "train.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "benchmarks", "train.py"), "--fsdp", "--layers", "2", "--dim", "64",
            "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
            "--steps", "1", "--warmup", "1", "--rounds", "1", "--configs", "bf16", "f8tensor",
            "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
-                   env={**os.environ, "TRITON_INTERPRET": "1"})
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["config"], r["status"], r["fsdp"], r["world"]) for r in rows] == [
-        ("bf16", "ok", True, 2), ("f8tensor", "ok", True, 2)]
+    assert [(r["config"], r["status"], r["fsdp"], r["world"], r["fp8_linears"]) for r in rows] == [
+        ("bf16", "ok", True, 2, 0), ("f8tensor", "ok", True, 2, 14)]
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(2 * r["batch"] * r["seq"] / (r["step_ms"] / 1e3))
     assert abs(rows[1]["loss"] - rows[0]["loss"]) < 0.1

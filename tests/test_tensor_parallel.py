@@ -278,7 +278,12 @@ def test_fsdp2_over_tensor_parallel_matches_tensor_parallel_bit_for_bit(tmp_path
         (losses, tp_losses), (weights, tp_weights) = results[rank]["losses"], results[rank]["weights"]
         assert losses == tp_losses
         assert len(weights) == 4
-        for names, placements in results[rank]["placements"]:  # sharded on both mesh dims
-            assert names == ("dp", "tp") and "Shard(dim=0" in placements.split(", ")[0], placements
+        # FSDP2 shards dim 0 over dp on top of the styles' tp placements (w1 and b1 column-wise,
+        # w2 row-wise, b2 replicated on tp)
+        assert results[rank]["placements"] == [
+            (("dp", "tp"), "(_StridedShard(dim=0, sf=2), Shard(dim=0))"),
+            (("dp", "tp"), "(_StridedShard(dim=0, sf=2), Shard(dim=0))"),
+            (("dp", "tp"), "(Shard(dim=0), Shard(dim=1))"),
+            (("dp", "tp"), "(Shard(dim=0), Replicate())")]
         for got, want in zip(weights, tp_weights):
             assert torch.equal(got, want)
