@@ -224,6 +224,11 @@ class Float8Linear(nn.Linear):
                 f"Float8Config(keep_fp8_weight=True) keeps float8 copies of plain-tensor weights; this "
                 f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
                 "use keep_fp8_weight=False for this model")
+        if torch.compiler.is_compiling() and (x.numel() == 0 or self.weight.numel() == 0):
+            # Nothing to multiply (an empty batch, e.g. an expert without tokens): the plain layer
+            # gives the same empty output and zero gradients. The autograd function's traced amax
+            # does not test for emptiness (kernels/op.py).
+            return nn.functional.linear(x, self.weight, self.bias)
         with torch.autocast(device_type, enabled=False):
             if tensor_parallel.is_dtensor(self.weight):
                 return tensor_parallel.forward(_Float8LinearFn.apply, x, self.weight, self.bias,

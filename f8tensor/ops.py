@@ -182,7 +182,11 @@ def scaled_mm_data(
     The one place GEMM rules live (Float8Tensor's mm and Float8Linear both land here). Copies an
     operand only when its layout or alignment is not what _scaled_mm takes.
     """
-    if a_data.dim() != 2 or b_data.dim() != 2 or a_data.shape[1] != b_data.shape[0]:
+    # Not while Dynamo traces (Float8Linear's autograd function): comparing symbolic sizes there
+    # puts them into its graph, which Dynamo in torch 2.11 cannot take under FSDP2; the traced
+    # _scaled_mm checks the shapes itself.
+    if not torch.compiler.is_dynamo_compiling() and (
+            a_data.dim() != 2 or b_data.dim() != 2 or a_data.shape[1] != b_data.shape[0]):
         raise ValueError(
             f"scaled_mm needs [M, K] @ [K, N], got {tuple(a_data.shape)} @ {tuple(b_data.shape)}")
     if a_data.dtype == torch.float8_e5m2 and b_data.dtype == torch.float8_e5m2:

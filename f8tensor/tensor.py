@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_map
 
 from .config import Float8Config
-from .kernels import FLOAT8_DTYPES, LAYOUTS, quantize
+from .kernels import FLOAT8_DTYPES, LAYOUTS, quantize_with_amax
 
 # Filled by ops.py: aten op -> handler(func, args, kwargs).
 OPS: dict = {}
@@ -155,7 +155,10 @@ def to_float8(
     power_of_2 = config.power_of_2_scale if config is not None else False
     shape = x.shape
     x2d = x.unsqueeze(0) if x.dim() == 1 else x.reshape(-1, shape[-1])
-    row, col, scale = quantize(x2d, float8_dtype, layout, power_of_2)
+    # Under Dynamo an empty tensor's amax is given (the traced amax does not test for emptiness).
+    empty = torch.compiler.is_dynamo_compiling() and x2d.numel() == 0
+    amax = torch.zeros((), dtype=torch.float32, device=x.device) if empty else None
+    row, col, scale, _ = quantize_with_amax(x2d, float8_dtype, layout, power_of_2, amax=amax)
 
     def wrap(data):
         return Float8Tensor(data.view(shape), scale, x.dtype, role, config)

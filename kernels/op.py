@@ -26,7 +26,11 @@ def amax_of_bits(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype not in _BITS:
         raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
-    if x.numel() == 0:
+    # While Dynamo traces, callers pass non-empty tensors (Float8Linear routes empty inputs around
+    # its autograd function, to_float8 passes an empty tensor's amax): reading numel() there would
+    # put a symbolic value into the autograd function's graph, which Dynamo in torch 2.11 cannot
+    # take under FSDP2 (tests/test_fsdp2.py, the compiled_dynamic case).
+    if not torch.compiler.is_dynamo_compiling() and x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
     int_dtype, magnitude = _BITS[x.dtype]
     return (x.view(int_dtype) & magnitude).amax().view(x.dtype).float()

@@ -34,12 +34,13 @@ def test_float8_linear_compiles_fullgraph_and_matches_eager(keep_weight):
 def test_compiled_layer_over_changing_token_counts_matches_eager(keep_weight):
     """A new token count recompiles with a dynamic dimension (torch.compile's automatic dynamic
     shapes); counts that are not multiples of 16 pad the weight-gradient GEMM's inner dimension,
-    which did not compile while the padding was a masked float8 copy (inductor cannot generate one)."""
+    which did not compile while the padding was a masked float8 copy (inductor cannot generate one).
+    No tokens at all (an expert that got none): empty output, zero gradients, as eager."""
     torch._dynamo.reset()
     lin = Float8Linear(64, 96, bias=True, device=DEVICE, dtype=torch.bfloat16,
                        config=Float8Config(keep_fp8_weight=keep_weight))
     compiled = torch.compile(lin, fullgraph=True)
-    for tokens in (16, 13, 40, 27):
+    for tokens in (16, 13, 40, 27, 0):
         x = torch.randn(tokens, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         results = []
         for mod in (compiled, lin):
@@ -98,6 +99,16 @@ def test_repr_of_a_traced_float8_tensor_does_not_read_the_scale():
     with FakeTensorMode():
         text = repr(to_float8(torch.randn(16, 16)))
     assert "scale=<traced>" in text
+
+
+def test_to_float8_of_an_empty_tensor_compiles_and_matches_eager():
+    """Under Dynamo the amax of an empty tensor is passed in (the traced amax does not test for
+    emptiness): same data and scale as eager."""
+    x = torch.zeros(0, 32, device=DEVICE, dtype=torch.bfloat16)
+    fn = torch.compile(lambda t: to_float8(t, layout="both"), fullgraph=True)
+    for got, want in zip(fn(x), to_float8(x, layout="both")):
+        assert got.shape == want.shape == (0, 32)
+        assert torch.equal(got._scale, want._scale)
 
 
 def test_amax_of_bits_equals_the_reference():
