@@ -172,6 +172,16 @@ class _Float8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
+    """The autograd function on plain tensors (a layer's, or tensor parallelism's local shards)."""
+    if torch.compiler.is_compiling() and (x.numel() == 0 or weight.numel() == 0):
+        # Nothing to multiply (an empty batch, e.g. an expert or a rank's shard without tokens):
+        # the plain layer gives the same empty output and zero gradients. The autograd function's
+        # traced amax does not test for emptiness (kernels/op.py).
+        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return _Float8LinearFn.apply(x, weight, bias, config, grad_enabled)
+
+
 # nn.Module's hook registries (dicts of hooks by handle id, and their flags).
 _HOOK_ATTRIBUTES = [name for name in vars(nn.Module()) if "hook" in name]
 
@@ -224,16 +234,11 @@ class Float8Linear(nn.Linear):
                 f"Float8Config(keep_fp8_weight=True) keeps float8 copies of plain-tensor weights; this "
                 f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
                 "use keep_fp8_weight=False for this model")
-        if torch.compiler.is_compiling() and (x.numel() == 0 or self.weight.numel() == 0):
-            # Nothing to multiply (an empty batch, e.g. an expert without tokens): the plain layer
-            # gives the same empty output and zero gradients. The autograd function's traced amax
-            # does not test for emptiness (kernels/op.py).
-            return nn.functional.linear(x, self.weight, self.bias)
         with torch.autocast(device_type, enabled=False):
             if tensor_parallel.is_dtensor(self.weight):
-                return tensor_parallel.forward(_Float8LinearFn.apply, x, self.weight, self.bias,
+                return tensor_parallel.forward(_float8_linear, x, self.weight, self.bias,
                                                self.config, torch.is_grad_enabled())
-            return _Float8LinearFn.apply(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
+            return _float8_linear(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
 
     def extra_repr(self):
         c = self.config

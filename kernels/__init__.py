@@ -45,7 +45,9 @@ def quantize_with_amax(
     """`quantize`, plus an amax record: passed back with the same tensor (same values), it skips
     the amax pass and gives the same bits. Float8Linear quantizes its weight again in backward
     this way. The record is the Triton path's int32 partials, or max(|x|) as a 0-d fp32 tensor
-    (reference path, torch.compile); either kind is accepted on every path."""
+    (reference path, torch.compile); either kind is accepted on every path. While torch.compile
+    traces, x must not be empty unless its amax is given (the traced amax has no emptiness test;
+    `to_float8` and Float8Linear handle empty tensors themselves)."""
     if torch.compiler.is_compiling():
         # amax in plain ops, for inductor to fuse into x's producer; the cast is our kernel (op.py).
         if amax is None:

@@ -133,6 +133,11 @@ def parallel_run(rank, world, store, device_type, results):
             value = getattr(layer, name).detach()
             setattr(layer, name, nn.Parameter(distribute_tensor(value, mesh, [Replicate()])))
         replicated = first_step(layer, distribute_tensor(batch(0, device), mesh, [Shard(0)]), device)
+        # One sequence over two ranks: the second rank's shard has no tokens. Compiled, that rank
+        # takes the plain path (nothing to multiply): eager's results, bit for bit.
+        one = distribute_tensor(batch(0, device)[:1], mesh, [Shard(0)])
+        empty_shard = (first_step(layer, one, device),
+                       first_step(torch.compile(layer, fullgraph=True), one, device))
 
         # What the layer cannot run gets an error naming the problem.
         errors = []
@@ -154,7 +159,8 @@ def parallel_run(rank, world, store, device_type, results):
                              weights=[full(p).detach() for p in model.parameters()],
                              bias_grad_placement=str(bias_grad_placement),
                              replicated=replicated, sequence_parallel=sequence_parallel,
-                             converted_late=converted_late, input_casts=input_casts, errors=errors)
+                             converted_late=converted_late, input_casts=input_casts, errors=errors,
+                             empty_shard=empty_shard)
     finally:
         dist.destroy_process_group()
 
@@ -240,6 +246,8 @@ def test_tensor_parallel_matches_one_device(device_type, tmp_path):
         assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16,
                                 ["output", "grad x", "grad w", "grad b"])
         for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
+            assert torch.equal(got, want)
+        for got, want in zip(*r["empty_shard"]):
             assert torch.equal(got, want)
         assert r["bias_grad_placement"] == "(Replicate(),)"
         assert r["input_casts"] == 1
