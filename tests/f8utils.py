@@ -1,6 +1,7 @@
 """Shared test helpers: device choice, SQNR, an independent float8 rounding oracle, joining a
 process group in a spawned rank."""
 
+import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,11 +42,26 @@ def spanning_values(shape, dtype, device=DEVICE, seed=0):
     return (mag * sign).to(dtype).to(device)
 
 
-def join_process_group(rank: int, world: int, store: str, backend: str = "gloo") -> None:
+# Two ranks' devices: CPU processes on gloo everywhere, two GPUs on NCCL where a machine has them.
+TWO_RANK_DEVICES = pytest.mark.parametrize(
+    "device_type",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                          reason="needs two CUDA GPUs (NCCL)"))],
+    ids=["gloo-cpu", "nccl-2gpu"])
+
+
+def join_process_group(rank: int, world: int, store: str, device_type: str = "cpu") -> torch.device:
     """In a spawned rank: join the group through a file store (no TCP port to race for), with the
-    GEMMs checked against CUDA's rules as in the pytest process (conftest patches only that one)."""
+    GEMMs checked against CUDA's rules as in the pytest process (conftest patches only that one).
+    The rank's device: the CPU on gloo, or GPU `rank` on NCCL."""
     import torch.distributed as dist
     from conftest import _cuda_rules_scaled_mm
 
     torch._scaled_mm = _cuda_rules_scaled_mm
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=rank, world_size=world)
+    return device

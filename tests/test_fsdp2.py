@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from f8utils import join_process_group
+from f8utils import TWO_RANK_DEVICES, join_process_group
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training
@@ -41,10 +41,7 @@ def train(model, micro_batches=1, device="cpu"):
 
 def sharded_run(rank, world, store, device_type, keep_weight, compiled, results):
     """One rank: CPU on gloo, or GPU `rank` on NCCL."""
-    if device_type == "cuda":
-        torch.cuda.set_device(rank)
-    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    join_process_group(rank, world, store, "nccl" if device_type == "cuda" else "gloo")
+    device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -68,12 +65,8 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, results)
 
 
 
-TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=TWO_GPUS)],
-                         ids=["gloo-cpu", "nccl-2gpu"])
+@TWO_RANK_DEVICES
 @pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, "static"),
                                                    (False, "dynamic")],
                          ids=["default", "keep_fp8_weight", "compiled", "compiled_dynamic"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from f8utils import join_process_group, sqnr
+from f8utils import TWO_RANK_DEVICES, join_process_group, sqnr
 from torch import nn
 
 from f8tensor import Float8Linear, convert_to_float8_training
@@ -72,10 +72,7 @@ def train(model, device="cpu"):
 
 def parallel_run(rank, world, store, device_type, results):
     """One rank: CPU on gloo, or GPU `rank` on NCCL."""
-    if device_type == "cuda":
-        torch.cuda.set_device(rank)
-    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    join_process_group(rank, world, store, "nccl" if device_type == "cuda" else "gloo")
+    device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -195,7 +192,7 @@ def fsdp_tp_run(rank, world, store, results):
 def one_rank_run(rank, store, device, results):
     """A one-rank mesh on `device`: the shards are the whole tensors, so every result must equal
     the plain layer's bit for bit (on CUDA this runs the Triton kernels through the DTensor path)."""
-    join_process_group(0, 1, store, "nccl" if device == "cuda" else "gloo")
+    join_process_group(0, 1, store, device)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -219,12 +216,8 @@ def assert_as_close_to_bf16(got, fp8, bf16, names):
         assert sqnr(f, g) > 20, name
 
 
-TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=TWO_GPUS)],
-                         ids=["gloo-cpu", "nccl-2gpu"])
+@TWO_RANK_DEVICES
 def test_tensor_parallel_matches_one_device(device_type, tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
