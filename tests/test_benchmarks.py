@@ -17,14 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
 
 
-def run_train(tmp_path, *flags, configs=("bf16", "f8tensor")) -> list[dict]:
-    """benchmarks/train.py on a tiny model (interpreted kernels): its rows."""
+def run_train(tmp_path, *flags, configs=("bf16", "f8tensor"), launcher=()) -> list[dict]:
+    """benchmarks/train.py on a tiny model (interpreted kernels), run by `python *launcher`: its rows."""
     out = tmp_path / "train.jsonl"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2", "--dim", "64",
-           "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
-           "--steps", "1", "--warmup", "1", "--configs", *configs, *flags, "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
-                   env={**os.environ, "TRITON_INTERPRET": "1"})
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2",
+           "--dim", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq",
+           "32", "--steps", "1", "--warmup", "1", "--configs", *configs, *flags, "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -205,16 +206,8 @@ def test_train_benchmark_grad_accum_with_kept_weights(tmp_path):
 def test_train_benchmark_under_fsdp2(tmp_path):
     """--fsdp under torchrun (2 gloo ranks): every rank's tokens count, rank 0 writes the rows, and
     float8 starts from bf16's loss; without torchrun the flag says how to launch."""
-    out = tmp_path / "train.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(ROOT, "benchmarks", "train.py"), "--fsdp", "--layers", "2", "--dim", "64",
-           "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32",
-           "--steps", "1", "--warmup", "1", "--rounds", "1", "--configs", "bf16", "f8tensor",
-           "--out", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = run_train(tmp_path, "--fsdp", "--rounds", "1",
+                     launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
     assert [(r["config"], r["status"], r["fsdp"], r["world"], r["fp8_linears"]) for r in rows] == [
         ("bf16", "ok", True, 2, 0), ("f8tensor", "ok", True, 2, 14)]
     for r in rows:
