@@ -19,7 +19,9 @@ bf16_fused and f8tensor_fused (only when named) also rotate q and k with f8tenso
 of model code changed in all, same math, fused; with --rope complex its interleaved form);
 f8tensor_keepweight and f8tensor_keepweight_compiled (only when named) use
 Float8Config(keep_fp8_weight=True) (compiled: both weight layouts cast in forward, in one pass, the
-column-major one saved for backward). --grad-accum N makes
+column-major one saved for backward). Conversion also swaps the model's nn.RMSNorm modules for
+f8tensor.RMSNorm (its default); f8tensor_torchnorm (only when named) keeps PyTorch's, and
+bf16_norm (only when named) is bf16 with only that swap. --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
 GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
@@ -52,6 +54,9 @@ from f8tensor import Float8Config, convert_to_float8_training, swiglu
 from f8tensor import rope as fused_rope
 from f8tensor.convert import default_skip_reason
 
+# f8tensor*: convert_to_float8_training's defaults, which also swap the model's nn.RMSNorm modules
+# for f8tensor.RMSNorm (fused, float8-aware; PyTorch's rms_norm under compile); f8tensor_torchnorm
+# keeps PyTorch's (fuse_rms_norm=False), bf16_norm is bf16 with only the norms swapped.
 # *_swiglu: the model's feed-forward gate is f8tensor.swiglu (fused, float8-aware) instead of
 # F.silu(w1(x)) * w3(x); a one-line change of model code, the others run the model as written.
 # *_fused: also the rotary embedding is f8tensor.rope (fused) instead of apply_rope below.
@@ -60,8 +65,8 @@ from f8tensor.convert import default_skip_reason
 # same option under compile, where it casts both layouts in forward and saves the column-major one.
 # torchao_fsdp8_compiled (--fsdp only): torchao as torchtitan runs it under FSDP2, float8 weight
 # all-gather (each rank casts its shard) and the scales of all weights in one all-reduce per step.
-CONFIGS = ["bf16", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
-           "f8tensor_fused", "f8tensor_keepweight",
+CONFIGS = ["bf16", "bf16_norm", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
+           "f8tensor_fused", "f8tensor_torchnorm", "f8tensor_keepweight",
            "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled",
            "torchao_fsdp8_compiled"]
 
@@ -206,12 +211,16 @@ def build(a, config, ac, device):
         block.attention.fused_rope = config.endswith("_fused")
     if config.startswith("f8tensor"):
         f8_config = Float8Config(keep_fp8_weight="_keepweight" in config)
+        fuse_rms_norm = not config.endswith("_torchnorm")
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
-                model, config=f8_config,
+                model, config=f8_config, fuse_rms_norm=fuse_rms_norm,
                 module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
         else:  # every linear but the output, as torchao is converted here
-            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output)
+            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output,
+                                       fuse_rms_norm=fuse_rms_norm)
+    elif config == "bf16_norm":  # no float8: only conversion's norm swap
+        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False)
     elif config.startswith("torchao"):
         from torchao.float8 import Float8LinearConfig  # ImportError: reported
         from torchao.float8 import convert_to_float8_training as ao_convert
@@ -489,7 +498,7 @@ def default_configs(device):
     # The model as written and the default config: *_swiglu and *_fused (changed model code) and
     # f8tensor_keepweight* (an option) only when named in --configs.
     keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
-            and not c.endswith(("_swiglu", "_fused")) and "_keepweight" not in c and "_fsdp8" not in c]
+            and not c.endswith(("_swiglu", "_fused", "_norm", "_torchnorm")) and "_keepweight" not in c and "_fsdp8" not in c]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 

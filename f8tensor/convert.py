@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import Float8Config
 from .linear import Float8Linear
+from .rms_norm import RMSNorm
 
 logger = logging.getLogger("f8tensor")
 
@@ -41,7 +42,7 @@ def default_skip_reason(mod: nn.Linear) -> str | None:
 
 def convert_to_float8_training(
     module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    config: Float8Config | None = None,
+    config: Float8Config | None = None, fuse_rms_norm: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear.
 
@@ -53,10 +54,16 @@ def convert_to_float8_training(
     Parameters are moved, not copied, so optimizers built before conversion keep working; so are
     the layer's forward, backward and state-dict hooks (parallelize_module's among them).
     Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear).
+    fuse_rms_norm: also swap every exact nn.RMSNorm (whatever the filter says of linears) for
+    f8tensor.RMSNorm: one pass each way, and the amax of its output handed to the float8 layers that
+    read it (same parameters, state dict and hooks; values within one unit in the last place of
+    PyTorch's kernel). False keeps them.
     """
     config = config or Float8Config()
 
     def convert(mod: nn.Module, fqn: str) -> nn.Module:
+        if fuse_rms_norm and type(mod) is nn.RMSNorm:
+            return RMSNorm.from_norm(mod)
         if type(mod) is not nn.Linear:
             if isinstance(mod, nn.Linear) and not isinstance(mod, Float8Linear):
                 setattr(mod, SKIP_REASON_ATTR, f"{type(mod).__name__}: only exact nn.Linear is converted")
@@ -82,18 +89,24 @@ def convert_to_float8_training(
 
 
 def conversion_summary(module: nn.Module) -> str:
-    """A table of every linear layer: float8 or kept, with the reason."""
+    """A table of every linear layer (float8 or kept, with the reason) and every RMSNorm (fused or not)."""
     rows = []
     for fqn, mod in module.named_modules():
         if isinstance(mod, Float8Linear):
             status = "float8"
         elif isinstance(mod, nn.Linear):
             status = "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted")
+        elif isinstance(mod, nn.RMSNorm):
+            fused = isinstance(mod, RMSNorm)
+            status = "RMSNorm fused" if fused else "RMSNorm: PyTorch's (not converted)"
+            rows.append((fqn or "<root>", "x".join(map(str, mod.normalized_shape)), status))
+            continue
         else:
             continue
         rows.append((fqn or "<root>", f"{mod.in_features}->{mod.out_features}", status))
     converted = sum(r[2] == "float8" for r in rows)
+    linears = sum(not r[2].startswith("RMSNorm") for r in rows)
     width = max([len(r[0]) for r in rows] + [5])
-    lines = [f"f8tensor: {converted} of {len(rows)} linear layers in float8"]
+    lines = [f"f8tensor: {converted} of {linears} linear layers in float8"]
     lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]
     return "\n".join(lines)

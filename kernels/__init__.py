@@ -11,22 +11,25 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref,
-                    rope_backward_ref, rope_ref, scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
+                    rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
+                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
 
 try:
     from .quantize import quantize_triton, quantize_with_amax as _quantize_with_amax_triton
+    from .rms_norm import rms_norm_backward_triton, rms_norm_triton
     from .rope import rope_triton
     from .swiglu import swiglu_backward_triton, swiglu_triton
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = _quantize_with_amax_triton = swiglu_triton = swiglu_backward_triton = None
-    rope_triton = None
+    rope_triton = rms_norm_triton = rms_norm_backward_triton = None
 
 from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "kernels_can_run", "quantize",
     "quantize_ref",
-    "quantize_triton", "quantize_with_amax", "rope", "rope_backward", "rope_backward_ref", "rope_ref",
+    "quantize_triton", "quantize_with_amax", "rms_norm_backward", "rms_norm_backward_ref",
+    "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope", "rope_backward", "rope_backward_ref", "rope_ref",
     "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref", "transformed",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
@@ -85,6 +88,26 @@ def swiglu_backward_with_amax(
         return swiglu_backward_triton(g, a, b)
     grad_a, grad_b = swiglu_backward_ref(g, a, b)
     return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
+
+
+def rms_norm_with_amax(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, rstd, amax record of y) for a contiguous x [..., D]: one pass on CUDA (Triton), the
+    reference elsewhere or without triton."""
+    if x.is_cuda and rms_norm_triton is not None:
+        return rms_norm_triton(x, weight, eps)
+    y, rstd = rms_norm_ref(x, weight, eps)
+    return y, rstd, amax_ref(y)
+
+
+def rms_norm_backward(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dweight | None) for contiguous g and x of one shape, given forward's rstd."""
+    if x.is_cuda and rms_norm_backward_triton is not None:
+        return rms_norm_backward_triton(g, x, weight, rstd)
+    return rms_norm_backward_ref(g, x, weight, rstd)
 
 
 def kernels_can_run(*tensors: torch.Tensor) -> bool:

@@ -128,3 +128,29 @@ def rope_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, int
     """d rope / dx given dout = g: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1."""
     (g1, g2), (c1, c2), (s1, s2) = (_pairs(t.float(), interleaved) for t in (g, cos, sin))
     return _unpair(g1 * c1 + g2 * s2, g2 * c2 - g1 * s1, interleaved).to(g.dtype)
+
+
+# RMSNorm over the last dim (rms_norm.py): y = x * rstd * weight with rstd = 1 / sqrt(mean(x^2) +
+# eps) per row; fp32 math, one rounding to x's dtype. The forward's record is amax_ref of y.
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): rstd fp32 of x's shape without its last dim."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+    y = xf * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype), rstd
+
+
+def rms_norm_backward_ref(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dweight | None) given dy = g: with x_hat = x * rstd and gw = g * weight,
+    dx = rstd * (gw - x_hat * mean(gw * x_hat)), dweight = sum over rows of g * x_hat."""
+    x_hat = x.float() * rstd.unsqueeze(-1)
+    gf = g.float()
+    gw = gf if weight is None else gf * weight.float()
+    dx = (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    dweight = None if weight is None else (gf * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx.to(x.dtype), dweight

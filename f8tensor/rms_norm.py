@@ -1,0 +1,81 @@
+"""RMSNorm: nn.RMSNorm with forward and backward each one pass, float8-aware.
+
+A norm in a transformer block feeds float8 layers (q/k/v after the attention norm, w1/w3 after
+the FFN norm). In eager PyTorch those layers read the norm's output once more for its amax before
+casting it; here the norm's forward measures the amax of what it writes and hands it to them
+(tensor_cache.produced_amax), so they skip that pass. The backward is one pass writing the input
+gradient and per-program partial weight gradients (PyTorch's CUDA backward is two kernels).
+Autograd saves what PyTorch's saves (x, the weight, rstd).
+
+`convert_to_float8_training` swaps exact nn.RMSNorm modules for this one (same parameters, state
+dict and hooks; `fuse_rms_norm=False` keeps them). Values: fp32 math, one rounding
+(`kernels.naive.rms_norm_ref`, the formula of PyTorch's fused CUDA kernel); on the GPU within one
+unit in the last place of the reference, as PyTorch's own kernel (they sum in different orders).
+
+PyTorch's own rms_norm runs instead under torch.compile (inductor fuses it), for tensor subclasses
+(DTensor under sequence parallelism, ...), under torch.func transforms and forward-mode AD, under
+autocast (which decides the norm's dtype), and where the fused kernel does not apply: a
+normalized_shape of more than one dim, a weight of another dtype than x, rows longer than
+`kernels.rms_norm.MAX_D` on the GPU.
+"""
+
+import torch
+from torch import nn
+
+from .kernels import INPUT_DTYPES, kernels_can_run, rms_norm_backward, rms_norm_backward_ref, rms_norm_with_amax
+from .kernels.rms_norm import MAX_D
+from .linear import _HOOK_ATTRIBUTES
+from .tensor_cache import produced_amax
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd, record = rms_norm_with_amax(x, weight, eps)
+        produced_amax.put(y, record)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradients differentiate
+            dx, dweight = rms_norm_backward_ref(g, x, weight, rstd)
+        else:
+            dx, dweight = rms_norm_backward(g.contiguous(), x, weight, rstd)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        return dx if need_x else None, dweight if need_w else None, None
+
+
+def _fused_applies(x: torch.Tensor, weight: torch.Tensor | None, normalized_shape: tuple) -> bool:
+    """Whether the fused kernels compute what F.rms_norm would (else F.rms_norm runs)."""
+    tensors = (x,) if weight is None else (x, weight)
+    if not kernels_can_run(*tensors) or torch.is_autocast_enabled(x.device.type):
+        return False
+    return (len(normalized_shape) == 1 and x.dim() >= 1 and x.shape[-1] == normalized_shape[0]
+            and x.dtype in INPUT_DTYPES and (weight is None or weight.dtype == x.dtype)
+            and (not x.is_cuda or x.shape[-1] <= MAX_D))
+
+
+class RMSNorm(nn.RMSNorm):
+    """Drop-in nn.RMSNorm (same constructor, parameters and state_dict) with fused kernels."""
+
+    @classmethod
+    def from_norm(cls, mod: nn.RMSNorm) -> "RMSNorm":
+        """An RMSNorm holding mod's own weight Parameter (optimizers keep working) and its hooks
+        (registered on mod, they run on the new module; their handles still remove them)."""
+        with torch.device("meta"):
+            new = cls(mod.normalized_shape, mod.eps, elementwise_affine=False)
+        new.elementwise_affine = mod.elementwise_affine
+        new.weight = mod.weight
+        for name in _HOOK_ATTRIBUTES:  # the same dicts, so that RemovableHandle.remove() works
+            setattr(new, name, getattr(mod, name))
+        new.train(mod.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fused_applies(x, self.weight, self.normalized_shape):
+            return super().forward(x)
+        # eps=None: the fp32 epsilon, as PyTorch's kernel (it computes in fp32 for bf16/fp16 too).
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
+        return _RMSNormFn.apply(x.contiguous(), self.weight, float(eps))

@@ -1,0 +1,148 @@
+"""RMSNorm over the last dim, forward and backward each in one pass; forward also measures the amax
+of what it writes, so the Float8Linear layers reading the norm's output (q/k/v, w1/w3) skip their
+amax pass.
+
+Reference: `naive.rms_norm_ref`, `naive.rms_norm_backward_ref` (fp32 math, one rounding to the
+output dtype). The sum of squares and the backward's row dot product are summed in another order
+than the reference's, and rsqrt is the GPU's approximate one, so outputs may differ from the
+reference by one unit in the last place; the amax record is exact for the kernel's own output: its
+partials, as `amax.amax_kernel` writes them (fp32 bits of |y|, sign cleared, one per program).
+
+Rows of a contiguous [..., D] tensor; a persistent grid of a few programs per SM, each striding over
+blocks of ROWS rows held whole in registers (D up to MAX_D). Backward writes dx and one fp32 row of
+partial weight gradients per program, which the caller sums (a few hundred rows).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .amax import cdiv, magnitude_bits
+from .launch import launch
+from .quantize import default_num_programs
+
+# Rows longer than this run PyTorch's own kernel (f8tensor/rms_norm.py): a row is held in registers.
+MAX_D = 16384
+
+
+@triton.jit
+def _rows(i, NUM_PROGRAMS, M, ROWS: tl.constexpr):
+    """Indices (int64) and mask of this program's i-th block of rows in the grid-stride loop."""
+    rows = (tl.program_id(0) + i * NUM_PROGRAMS).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    return rows, rows < M
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, amax_ptr, M, D, eps, NUM_PROGRAMS, ITERS,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.int32)
+    for i in range(ITERS):
+        rows, row_mask = _rows(i, NUM_PROGRAMS, M, ROWS)
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, 1) / D + eps)
+        y = x * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * w[None, :]
+        y = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs, y, mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        acc = tl.maximum(acc, magnitude_bits(y))  # masked lanes hold 0
+    tl.store(amax_ptr + tl.program_id(0), tl.max(tl.max(acc, 1), 0))
+
+
+@triton.jit
+def rms_norm_backward_kernel(
+    g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D, NUM_PROGRAMS, ITERS,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for i in range(ITERS):
+        rows, row_mask = _rows(i, NUM_PROGRAMS, M, ROWS)
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        gw = g * w[None, :] if HAS_WEIGHT else g
+        c = tl.sum(gw * x_hat, 1) / D
+        dx = (gw - x_hat * c[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dw += g * x_hat  # masked lanes hold 0
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + tl.program_id(0) * D + cols, tl.sum(dw, 0), mask=col_mask)
+
+
+def _blocks(D: int, rows: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_D, num_warps): about 4096 elements per block of rows, 8 warps (4 for short rows)."""
+    block_d = triton.next_power_of_2(D)
+    if rows is None:
+        rows = max(1, 4096 // block_d)
+    if num_warps is None:
+        num_warps = 4 if rows * block_d <= 1024 else 8 if rows * block_d <= 8192 else 16
+    return rows, block_d, num_warps
+
+
+def _grid(M: int, rows: int, device: torch.device, num_programs: int | None) -> tuple[int, int]:
+    """(programs, iterations per program) of the persistent grid."""
+    blocks = cdiv(M, rows)
+    programs = max(1, min(num_programs or default_num_programs(device), blocks))
+    return programs, cdiv(blocks, programs)
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, rows: int | None = None,
+    num_warps: int | None = None, num_programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, rstd fp32 [...], amax record of y) for a contiguous x [..., D] (D <= MAX_D) and a weight
+    of x's dtype [D] or None."""
+    D = x.shape[-1]
+    M = x.numel() // D if D else 0
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, rstd, torch.zeros(1, dtype=torch.int32, device=x.device)
+    rows, block_d, num_warps = _blocks(D, rows, num_warps)
+    programs, iters = _grid(M, rows, x.device, num_programs)
+    record = torch.empty(programs, dtype=torch.int32, device=x.device)
+    has_weight = weight is not None
+    args = (x, weight if has_weight else x, y, rstd, record, M, D, float(eps), programs, iters)
+    launch(rms_norm_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d, HAS_WEIGHT=has_weight)
+    return y, rstd, record
+
+
+def rms_norm_backward_triton(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+    rows: int | None = None, num_warps: int | None = None, num_programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx, dweight | None) for contiguous g, x [..., D] of one shape, forward's rstd and weight."""
+    D = x.shape[-1]
+    M = x.numel() // D if D else 0
+    dx = torch.empty_like(x)
+    if weight is None:
+        dweight = None
+    elif x.numel() == 0:
+        dweight = torch.zeros_like(weight)
+    if x.numel() == 0:
+        return dx, dweight
+    rows, block_d, num_warps = _blocks(D, rows, num_warps)
+    programs, iters = _grid(M, rows, x.device, num_programs)
+    has_weight = weight is not None
+    partials = torch.empty((programs, D) if has_weight else (1,), dtype=torch.float32, device=x.device)
+    args = (g, x, weight if has_weight else x, rstd, dx, partials, M, D, programs, iters)
+    launch(rms_norm_backward_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d,
+           HAS_WEIGHT=has_weight)
+    return dx, partials.sum(0).to(weight.dtype) if has_weight else None
