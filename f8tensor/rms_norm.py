@@ -22,7 +22,8 @@ normalized_shape of more than one dim, a weight of another dtype than x, rows lo
 import torch
 from torch import nn
 
-from .kernels import INPUT_DTYPES, kernels_can_run, rms_norm_backward, rms_norm_backward_ref, rms_norm_with_amax
+from .kernels import (INPUT_DTYPES, kernels_can_run, rms_norm_backward, rms_norm_backward_ref, rms_norm_ref,
+                      rms_norm_with_amax)
 from .kernels.rms_norm import MAX_D
 from .linear import _HOOK_ATTRIBUTES
 from .tensor_cache import produced_amax
@@ -34,13 +35,15 @@ class _RMSNormFn(torch.autograd.Function):
         y, rstd, record = rms_norm_with_amax(x, weight, eps)
         produced_amax.put(y, record)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradients differentiate
-            dx, dweight = rms_norm_backward_ref(g, x, weight, rstd)
+            # (rstd computed again from x: the saved one carries no graph)
+            dx, dweight = rms_norm_backward_ref(g, x, weight, rms_norm_ref(x, weight, ctx.eps)[1])
         else:
             dx, dweight = rms_norm_backward(g.contiguous(), x, weight, rstd)
         need_x, need_w = ctx.needs_input_grad[:2]
