@@ -33,14 +33,15 @@ def ulp(ref):
     return torch.nextafter(ref.abs(), torch.full_like(ref, float("inf"))).double() - ref.double().abs()
 
 
-def assert_close(out, ref, terms):
+def assert_close(out, ref, terms, elementwise=True):
     """|out - ref| <= one unit in the last place of ref + 2^-20 * terms; on the GPU at most 0.1 %
-    of bf16/fp16 elements differ at all."""
+    of bf16/fp16 elements differ at all where each is computed from its own row (not the weight
+    gradient: sums over every row, in another order)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     o, r = out.double(), ref.double()
     bad = ((o - r).abs() > ulp(ref) + 2**-20 * terms.double()) & ~(o.isnan() & r.isnan())
     assert not bad.any(), f"{int(bad.sum())} of {out.numel()} beyond tolerance, e.g. {o[bad][:3]} vs {r[bad][:3]}"
-    if ON_GPU and out.dtype != torch.float32:
+    if ON_GPU and out.dtype != torch.float32 and elementwise:
         differ = int((o != r).sum()) - int((o.isnan() & r.isnan()).sum())
         assert differ <= max(1, out.numel() // 1000), f"{differ} of {out.numel()} differ"
 
@@ -107,7 +108,7 @@ def test_kernels_match_the_reference_and_record_their_amax(shape, dtype, affine,
     dx_terms, dw_terms = backward_terms(g, x, w, rstd)
     assert_close(dx, dx_ref, dx_terms)
     if affine:
-        assert_close(dw, dw_ref, dw_terms)
+        assert_close(dw, dw_ref, dw_terms, elementwise=False)
     else:
         assert dw is None
 
@@ -164,7 +165,7 @@ def test_module_is_nn_rms_norm_within_rounding(dtype, eps, affine):
     assert_close(got[0], want[0], ulp(want[0]) * 2**20)
     assert_close(got[1], want[1], dx_terms + ulp(want[1]) * 2**20)
     if affine:
-        assert_close(got[2], want[2], dw_terms + ulp(want[2]) * 2**20)
+        assert_close(got[2], want[2], dw_terms + ulp(want[2]) * 2**20, elementwise=False)
 
 
 def test_from_norm_keeps_parameters_state_dict_hooks_and_mode():
