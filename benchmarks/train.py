@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import environment, write_rows
 from power import PowerLog, summarize
-from f8tensor import Float8Config, convert_to_float8_training, swiglu
+from f8tensor import Float8Config, RMSNorm, convert_to_float8_training, swiglu
 from f8tensor import rope as fused_rope
 from f8tensor.convert import default_skip_reason
 
@@ -333,9 +333,11 @@ class Run:
     def result(self, a):
         step_s = statistics.median(self.times)
         fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
+        fused_norms = sum(isinstance(m, RMSNorm) for m in self.model.modules())
         return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
-                    loss=self.last_loss.item(), fp8_linears=fp8, alloc_retries=self.alloc_retries,
+                    loss=self.last_loss.item(), fp8_linears=fp8, fused_norms=fused_norms,
+                    alloc_retries=self.alloc_retries,
                     settle_alloc_retries=self.settle_retries,
                     **self.peaks)
 

@@ -70,6 +70,20 @@ def test_train_benchmark_runs_with_the_fused_gate_and_rope(tmp_path):
 
 
 @CPU_ONLY
+def test_train_benchmark_norm_configurations(tmp_path):
+    """f8tensor (conversion's default) fuses the 5 norms, f8tensor_torchnorm keeps PyTorch's,
+    bf16_norm swaps only the norms; fused norms train like PyTorch's."""
+    configs = ("bf16", "bf16_norm", "f8tensor", "f8tensor_torchnorm")
+    rows = run_train(tmp_path, "--rounds", "1", configs=configs)
+    assert [(r["config"], r["status"], r["fp8_linears"], r["fused_norms"]) for r in rows] == [
+        ("bf16", "ok", 0, 0), ("bf16_norm", "ok", 0, 5), ("f8tensor", "ok", 14, 5),
+        ("f8tensor_torchnorm", "ok", 14, 0)]
+    losses = {r["config"]: r["loss"] for r in rows}
+    assert losses["bf16_norm"] == pytest.approx(losses["bf16"], abs=0.02)
+    assert losses["f8tensor"] == pytest.approx(losses["f8tensor_torchnorm"], abs=0.02)
+
+
+@CPU_ONLY
 def test_train_benchmark_fused_rope_in_the_complex_form(tmp_path):
     """--rope complex: the fused configurations rotate with f8tensor.rope's interleaved form, the
     same fp32 rotation as the complex multiply (one rounding each)."""
