@@ -15,8 +15,8 @@ unit in the last place of the reference, as PyTorch's own kernel (they sum in di
 PyTorch's own rms_norm runs instead under torch.compile (inductor fuses it), for tensor subclasses
 (DTensor under sequence parallelism, ...), under torch.func transforms and forward-mode AD, under
 autocast (which decides the norm's dtype), and where the fused kernel does not apply: a
-normalized_shape of more than one dim, a weight of another dtype than x, rows longer than
-`kernels.rms_norm.MAX_D` on the GPU.
+normalized_shape of more than one dim, a weight of another dtype or device than x (PyTorch's
+error then), rows longer than `kernels.rms_norm.MAX_D` on the GPU.
 """
 
 import torch
@@ -56,7 +56,8 @@ def _fused_applies(x: torch.Tensor, weight: torch.Tensor | None, normalized_shap
     if not kernels_can_run(*tensors) or torch.is_autocast_enabled(x.device.type):
         return False
     return (len(normalized_shape) == 1 and x.dim() >= 1 and x.shape[-1] == normalized_shape[0]
-            and x.dtype in INPUT_DTYPES and (weight is None or weight.dtype == x.dtype)
+            and x.dtype in INPUT_DTYPES
+            and (weight is None or (weight.dtype == x.dtype and weight.device == x.device))
             and (not x.is_cuda or x.shape[-1] <= MAX_D))
 
 

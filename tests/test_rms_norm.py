@@ -223,10 +223,26 @@ def test_rows_longer_than_the_kernel_holds_run_pytorchs_rms_norm():
     assert fell_back(y) and torch.equal(y, ref(x))
 
 
-def test_wrong_input_size_gets_pytorchs_error():
+def test_wrong_input_size_or_device_gets_pytorchs_error():
     _, fused = norms(torch.float32)
     with pytest.raises(RuntimeError, match="normalized_shape"):
         fused(torch.randn(4, 32, device=DEVICE))
+    if ON_GPU:
+        with pytest.raises(RuntimeError, match="device"):
+            fused(torch.randn(4, 64))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA's sync debug mode")
+def test_no_host_sync_in_forward_and_backward():
+    _, fused = norms(torch.bfloat16, dim=4096)
+    x = torch.randn(2048, 4096, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    fused(x).sum().backward()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused(x).backward(torch.ones(2048, 4096, device=DEVICE, dtype=torch.bfloat16))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_tensor_subclasses_and_transforms_get_pytorchs_rms_norm():
