@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import Float8Config
 from .linear import Float8Linear
+from .kernels.rms_norm import MAX_D
 from .rms_norm import RMSNorm
 
 logger = logging.getLogger("f8tensor")
@@ -44,7 +45,8 @@ def convert_to_float8_training(
     module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
     config: Float8Config | None = None, fuse_rms_norm: bool = True,
 ) -> nn.Module:
-    """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear.
+    """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear, and
+    every nn.RMSNorm (exact type) with f8tensor.RMSNorm unless fuse_rms_norm is False.
 
     Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
     returns True to convert. Without it, the default filter also keeps layers with a dimension of
@@ -53,11 +55,12 @@ def convert_to_float8_training(
     conversion_summary.
     Parameters are moved, not copied, so optimizers built before conversion keep working; so are
     the layer's forward, backward and state-dict hooks (parallelize_module's among them).
-    Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear).
-    fuse_rms_norm: also swap every exact nn.RMSNorm (whatever the filter says of linears) for
+    Converting twice is a no-op. Returns the module (a new one if `module` itself is an nn.Linear
+    or an nn.RMSNorm that is swapped).
+    fuse_rms_norm: swap every exact nn.RMSNorm (module_filter_fn decides for linears only) for
     f8tensor.RMSNorm: one pass each way, and the amax of its output handed to the float8 layers that
-    read it (same parameters, state dict and hooks; values within one unit in the last place of
-    PyTorch's kernel). False keeps them.
+    read it (same parameters, state dict and hooks; forward values within one unit in the last
+    place of PyTorch's kernel). False keeps them all.
     """
     config = config or Float8Config()
 
@@ -97,8 +100,12 @@ def conversion_summary(module: nn.Module) -> str:
         elif isinstance(mod, nn.Linear):
             status = "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted")
         elif isinstance(mod, nn.RMSNorm):
-            fused = isinstance(mod, RMSNorm)
-            status = "RMSNorm fused" if fused else "RMSNorm: PyTorch's (not converted)"
+            if not isinstance(mod, RMSNorm):
+                status = "RMSNorm: PyTorch's (not converted)"
+            elif len(mod.normalized_shape) != 1 or mod.normalized_shape[0] > MAX_D:
+                status = f"RMSNorm: PyTorch's kernel runs (fused: one dim of at most {MAX_D})"
+            else:
+                status = "RMSNorm fused"
             rows.append((fqn or "<root>", "x".join(map(str, mod.normalized_shape)), status))
             continue
         else:

@@ -10,13 +10,14 @@ Autograd saves what PyTorch's saves (x, the weight, rstd).
 `convert_to_float8_training` swaps exact nn.RMSNorm modules for this one (same parameters, state
 dict and hooks; `fuse_rms_norm=False` keeps them). Values: fp32 math, one rounding
 (`kernels.naive.rms_norm_ref`, the formula of PyTorch's fused CUDA kernel); on the GPU within one
-unit in the last place of the reference, as PyTorch's own kernel (they sum in different orders).
+unit in the last place of the reference in forward, as PyTorch's own kernel (they sum in different
+orders); the input gradient's two terms cancel in places, where fp32 rounding of the terms decides.
 
 PyTorch's own rms_norm runs instead under torch.compile (inductor fuses it), for tensor subclasses
 (DTensor under sequence parallelism, ...), under torch.func transforms and forward-mode AD, under
 autocast (which decides the norm's dtype), and where the fused kernel does not apply: a
-normalized_shape of more than one dim, a weight of another dtype or device than x (PyTorch's
-error then), rows longer than `kernels.rms_norm.MAX_D` on the GPU.
+normalized_shape of more than one dim, a weight of another dtype, device or shape than x's
+(PyTorch's error then) or not contiguous, rows longer than `kernels.rms_norm.MAX_D` on the GPU.
 """
 
 import torch
@@ -57,7 +58,8 @@ def _fused_applies(x: torch.Tensor, weight: torch.Tensor | None, normalized_shap
         return False
     return (len(normalized_shape) == 1 and x.dim() >= 1 and x.shape[-1] == normalized_shape[0]
             and x.dtype in INPUT_DTYPES
-            and (weight is None or (weight.dtype == x.dtype and weight.device == x.device))
+            and (weight is None or (weight.dtype == x.dtype and weight.device == x.device
+                                    and weight.shape == normalized_shape and weight.is_contiguous()))
             and (not x.is_cuda or x.shape[-1] <= MAX_D))
 
 

@@ -152,5 +152,5 @@ def rms_norm_backward_ref(
     gf = g.float()
     gw = gf if weight is None else gf * weight.float()
     dx = (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
-    dweight = None if weight is None else (gf * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    dweight = None if weight is None else (gf * x_hat).sum(tuple(range(x.dim() - 1))).to(weight.dtype)
     return dx.to(x.dtype), dweight

@@ -54,7 +54,8 @@ def rms_norm_kernel(
         y = y.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs, y, mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=row_mask)
-        acc = tl.maximum(acc, magnitude_bits(y))  # masked lanes hold 0
+        # Masked lanes are left out: a row past M holds x = 0, whose y is NaN when eps is 0.
+        acc = tl.maximum(acc, tl.where(mask, magnitude_bits(y), 0))
     tl.store(amax_ptr + tl.program_id(0), tl.max(tl.max(acc, 1), 0))
 
 
@@ -86,13 +87,16 @@ def rms_norm_backward_kernel(
         tl.store(dw_ptr + tl.program_id(0) * D + cols, tl.sum(dw, 0), mask=col_mask)
 
 
-def _blocks(D: int, rows: int | None, num_warps: int | None) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_D, num_warps): about 4096 elements per block of rows, 8 warps (4 for short rows)."""
+def _blocks(D: int, rows: int | None, num_warps: int | None, forward: bool) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_D, num_warps). Forward: one row per block, 4 warps up to 2048 elements, 8 up to
+    8192, 16 above; backward: rows up to about 4096 elements per block, 8 warps (16 above 8192).
+    The fastest of benchmarks/rms_norm.py --sweep on an H200 (c524f9f) at dims 2048-16384."""
     block_d = triton.next_power_of_2(D)
     if rows is None:
-        rows = max(1, 4096 // block_d)
+        rows = 1 if forward else max(1, 4096 // block_d)
     if num_warps is None:
-        num_warps = 4 if rows * block_d <= 1024 else 8 if rows * block_d <= 8192 else 16
+        elements = rows * block_d
+        num_warps = 4 if elements <= (2048 if forward else 1024) else 8 if elements <= 8192 else 16
     return rows, block_d, num_warps
 
 
@@ -115,8 +119,10 @@ def rms_norm_triton(
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return y, rstd, torch.zeros(1, dtype=torch.int32, device=x.device)
-    rows, block_d, num_warps = _blocks(D, rows, num_warps)
-    programs, iters = _grid(M, rows, num_programs or default_num_programs(x.device))
+    rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=True)
+    # Twice the amax pass's programs (eight per SM on the GPU): 12 % faster than four at 16384 x
+    # 2048, the same at larger dims (benchmarks/rms_norm.py --sweep).
+    programs, iters = _grid(M, rows, num_programs or 2 * default_num_programs(x.device))
     record = torch.empty(programs, dtype=torch.int32, device=x.device)
     has_weight = weight is not None
     args = (x, weight if has_weight else x, y, rstd, record, M, D, float(eps), programs, iters)
@@ -138,7 +144,7 @@ def rms_norm_backward_triton(
         dweight = torch.zeros_like(weight)
     if x.numel() == 0:
         return dx, dweight
-    rows, block_d, num_warps = _blocks(D, rows, num_warps)
+    rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=False)
     # Half the forward's programs (two per SM on the GPU): 8-15 % faster in backward than four per
     # SM, and half the partial weight-gradient rows to sum (benchmarks/rms_norm.py --sweep).
     programs, iters = _grid(M, rows, num_programs or max(1, default_num_programs(x.device) // 2))

@@ -92,13 +92,15 @@ def test_reference_is_rms_norm_and_its_derivative(affine):
 @pytest.mark.parametrize("dtype", HP_DTYPES)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("blocks", [dict(rows=2, num_warps=4, num_programs=3), {}], ids=["two_rows", "default"])
-def test_kernels_match_the_reference_and_record_their_amax(shape, dtype, affine, blocks):
+@pytest.mark.parametrize("eps", [EPS, 0.0])
+def test_kernels_match_the_reference_and_record_their_amax(shape, dtype, affine, blocks, eps):
+    """eps = 0 too: rows past the end (x = 0 there) must not put their 0 * inf = NaN into the record."""
     from f8tensor.kernels.rms_norm import rms_norm_backward_triton
 
     x, w, g = inputs(shape, dtype)
     w = w if affine else None
-    y, rstd, record = rms_norm_triton(x, w, EPS, **blocks)
-    y_ref, rstd_ref = rms_norm_ref(x, w, EPS)
+    y, rstd, record = rms_norm_triton(x, w, eps, **blocks)
+    y_ref, rstd_ref = rms_norm_ref(x, w, eps)
     assert rstd.shape == shape[:-1] and rstd.dtype == torch.float32
     torch.testing.assert_close(rstd, rstd_ref, rtol=2**-20, atol=0)
     assert_close(y, y_ref, y_ref.abs())  # fp32: rstd's own rounding (a few units) carries over
@@ -211,6 +213,27 @@ def test_cases_the_kernels_do_not_cover_run_pytorchs_rms_norm():
     two = nn.RMSNorm((4, 16)).to(DEVICE)  # normalized over two dims
     y = RMSNorm.from_norm(two)(x.view(4, 4, 16))
     assert fell_back(y) and torch.equal(y, two(x.view(4, 4, 16)))
+    strided = torch.randn(64, 2, device=DEVICE)[:, 0]  # a weight the kernels cannot read as [D]
+    ref.weight, fused.weight = nn.Parameter(strided.clone()), nn.Parameter(strided)
+    y = fused(x)
+    assert fell_back(y) and torch.equal(y, ref(x))
+
+
+def test_wrong_weight_shape_gets_pytorchs_error():
+    _, fused = norms(torch.float32)
+    fused.weight = nn.Parameter(torch.ones(1, device=DEVICE))
+    with pytest.raises(RuntimeError, match="same shape as normalized_shape"):
+        fused(torch.randn(4, 64, device=DEVICE))
+
+
+def test_zero_width_rows():
+    """nn.RMSNorm(0) runs; so does the fused module, forward and backward."""
+    ref, fused = norms(torch.float32, dim=0)
+    x = torch.randn(3, 0, device=DEVICE, requires_grad=True)
+    y = fused(x)
+    assert y.shape == (3, 0) and torch.equal(y, ref(x))
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and fused.weight.grad.shape == (0,)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the row-length limit is the GPU kernel's")
@@ -411,3 +434,6 @@ def test_conversion_swaps_exact_rms_norms_only_and_says_so():
     kept = convert_to_float8_training(nn.Sequential(nn.RMSNorm(64)), fuse_rms_norm=False)
     assert type(kept[0]) is nn.RMSNorm
     assert type(convert_to_float8_training(nn.RMSNorm(64))) is RMSNorm  # the root itself
+    wide = convert_to_float8_training(nn.Sequential(nn.RMSNorm(16400)))  # longer rows than the kernel holds
+    assert conversion_summary(wide).splitlines()[1].endswith(
+        "RMSNorm: PyTorch's kernel runs (fused: one dim of at most 16384)")
