@@ -120,9 +120,11 @@ def rms_norm_triton(
     if x.numel() == 0:
         return y, rstd, torch.zeros(1, dtype=torch.int32, device=x.device)
     rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=True)
-    # Twice the amax pass's programs (eight per SM on the GPU): 12 % faster than four at 16384 x
-    # 2048, the same at larger dims (benchmarks/rms_norm.py --sweep).
-    programs, iters = _grid(M, rows, num_programs or 2 * default_num_programs(x.device))
+    # Rows up to 2048 wide: twice the amax pass's programs (eight per SM on the GPU), 0.035-0.037
+    # vs 0.039-0.040 ms at 16384 x 2048; wider rows: four per SM (eight measured 6-12 % slower at
+    # 8192 and 16384 wide in one run, the same in another; benchmarks/rms_norm.py).
+    programs = default_num_programs(x.device) * (2 if block_d <= 2048 else 1)
+    programs, iters = _grid(M, rows, num_programs or programs)
     record = torch.empty(programs, dtype=torch.int32, device=x.device)
     has_weight = weight is not None
     args = (x, weight if has_weight else x, y, rstd, record, M, D, float(eps), programs, iters)
