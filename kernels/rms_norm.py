@@ -122,7 +122,7 @@ def rms_norm_triton(
     rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=True)
     # Rows up to 2048 wide: twice the amax pass's programs (eight per SM on the GPU), 0.035-0.037
     # vs 0.039-0.040 ms at 16384 x 2048; wider rows: four per SM (eight measured 6-12 % slower at
-    # 8192 and 16384 wide in one run, the same in another; benchmarks/rms_norm.py).
+    # 8192 and 16384 wide in one run, the same in the sweep; benchmarks/rms_norm.py).
     programs = default_num_programs(x.device) * (2 if block_d <= 2048 else 1)
     programs, iters = _grid(M, rows, num_programs or programs)
     record = torch.empty(programs, dtype=torch.int32, device=x.device)
@@ -147,8 +147,8 @@ def rms_norm_backward_triton(
     if x.numel() == 0:
         return dx, dweight
     rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=False)
-    # Half the forward's programs (two per SM on the GPU): 8-15 % faster in backward than four per
-    # SM, and half the partial weight-gradient rows to sum (benchmarks/rms_norm.py --sweep).
+    # Half the amax pass's programs (two per SM on the GPU): 8-15 % faster in backward than four
+    # per SM, and half the partial weight-gradient rows to sum (benchmarks/rms_norm.py --sweep).
     programs, iters = _grid(M, rows, num_programs or max(1, default_num_programs(x.device) // 2))
     has_weight = weight is not None
     partials = torch.empty((programs, D) if has_weight else (1,), dtype=torch.float32, device=x.device)
