@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from f8utils import TWO_RANK_DEVICES, join_process_group, sqnr
 from torch import nn
 
-from f8tensor import Float8Linear, convert_to_float8_training
+from f8tensor import Float8Linear, RMSNorm, convert_to_float8_training
 
 STEPS = 4
 NAMES = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad b2"]
@@ -29,6 +29,13 @@ def make_model(fp8=True, device="cpu"):
             layer.bias.uniform_(-0.5, 0.5)  # large enough that a bias added once per rank shows
     if fp8:
         convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: True)
+    return model
+
+
+def norm_model(device="cpu"):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.RMSNorm(64, eps=1e-5)).bfloat16().to(device)
+    nn.init.normal_(model[0].weight, 1.0, 0.3)
     return model
 
 
@@ -76,7 +83,8 @@ def parallel_run(rank, world, store, device_type, results):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                       parallelize_module)
 
         mesh = init_device_mesh(device_type, (world,))
         model = make_model(device=device)
@@ -96,6 +104,16 @@ def parallel_run(rank, world, store, device_type, results):
         parallelize_module(sp, mesh, {"0": ColwiseParallel(input_layouts=Shard(1)),
                                       "2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
         sequence_parallel = first_step(sp, distribute_tensor(batch(0, device), mesh, [Shard(1)]), device)
+
+        # A fused RMSNorm (as conversion swaps it in) under SequenceParallel: its input and weight
+        # are DTensors, so PyTorch's rms_norm runs, which DTensor implements.
+        norm = convert_to_float8_training(norm_model(device))[0]
+        assert type(norm) is RMSNorm
+        parallelize_module(norm, mesh, SequenceParallel())
+        x = distribute_tensor(batch(0, device), mesh, [Shard(1)]).requires_grad_()
+        out = norm(x)
+        out.float().square().mean().backward()
+        norm_sp = [full(out.detach()), full(x.grad), full(norm.weight.grad)]
 
         # q/k/v read one input: cast once, as on one device (each layer views it through to_local).
         import f8tensor.linear as linear_module
@@ -157,7 +175,7 @@ def parallel_run(rank, world, store, device_type, results):
                              bias_grad_placement=str(bias_grad_placement),
                              replicated=replicated, sequence_parallel=sequence_parallel,
                              converted_late=converted_late, input_casts=input_casts, errors=errors,
-                             empty_shard=empty_shard)
+                             empty_shard=empty_shard, norm_sp=norm_sp)
     finally:
         dist.destroy_process_group()
 
@@ -230,6 +248,11 @@ def test_tensor_parallel_matches_one_device(device_type, tmp_path):
     want_losses = train(single, device)
     layer_bf16 = first_step(make_layer(fp8=False, device=device), device=device)
     layer_fp8 = first_step(make_layer(device=device), device=device)
+    norm = norm_model(device)[0]  # PyTorch's nn.RMSNorm: what the sequence-parallel one must run
+    x = batch(0, device).requires_grad_()
+    out = norm(x)
+    out.float().square().mean().backward()
+    want_norm = [out.detach().cpu(), x.grad.cpu(), norm.weight.grad.cpu()]
     for rank in (0, 1):
         r = results[rank]
         assert_as_close_to_bf16(r["step"], want_fp8, want_bf16, NAMES)
@@ -242,6 +265,10 @@ def test_tensor_parallel_matches_one_device(device_type, tmp_path):
             assert torch.equal(got, want)
         for got, want in zip(*r["empty_shard"]):
             assert torch.equal(got, want)
+        # Rows are normalized alike on either rank: output and input gradient bit for bit; the
+        # weight gradient is summed over the ranks' tokens (another order).
+        assert torch.equal(r["norm_sp"][0], want_norm[0]) and torch.equal(r["norm_sp"][1], want_norm[1])
+        torch.testing.assert_close(r["norm_sp"][2], want_norm[2], rtol=2**-7, atol=1e-6)
         assert r["bias_grad_placement"] == "(Replicate(),)"
         assert r["input_casts"] == 1
         for got, want in zip(r["losses"], want_losses):
