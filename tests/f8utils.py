@@ -65,3 +65,24 @@ def join_process_group(rank: int, world: int, store: str, device_type: str = "cp
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store}",
                             rank=rank, world_size=world)
     return device
+
+
+def count_amax_passes(monkeypatch) -> list:
+    """Patch Float8Linear's quantization to log, per call, whether it ran its own amax pass (True)
+    or took a record (False); returns the log."""
+    import f8tensor.linear as linear_mod
+
+    passes = []
+    real = linear_mod.quantize_with_amax
+    monkeypatch.setattr(linear_mod, "quantize_with_amax", lambda t, *a, amax=None, **k: passes.append(
+        amax is None) or real(t, *a, amax=amax, **k))
+    return passes
+
+
+def ignore_records(monkeypatch):
+    """Float8Linear measures every amax itself. (Patched in linear.py's namespace: the cache is
+    per thread, and on CUDA backward runs in autograd's device thread.)"""
+    import f8tensor.linear as linear_mod
+
+    no_records = type("NoRecords", (), {"get": staticmethod(lambda t, key=(): None)})()
+    monkeypatch.setattr(linear_mod, "produced_amax", no_records)

@@ -14,10 +14,9 @@ its autograd wrapper, its record and its fallbacks.
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, HP_DTYPES, sqnr
+from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr
 from torch import nn
 
-import f8tensor.linear as linear_mod
 from f8tensor import Float8Linear, RMSNorm, conversion_summary, convert_to_float8_training
 from f8tensor.kernels import _as_amax_value, amax_ref, rms_norm_backward_ref, rms_norm_ref, rms_norm_triton
 from f8tensor.tensor_cache import produced_amax
@@ -342,21 +341,6 @@ def float8_block(fuse_rms_norm=True):
     for norm in (block.norm1, block.norm2):
         nn.init.normal_(norm.weight, 1.0, 0.3)
     return convert_to_float8_training(block, module_filter_fn=lambda mod, fqn: True, fuse_rms_norm=fuse_rms_norm)
-
-
-def count_amax_passes(monkeypatch):
-    passes = []
-    real = linear_mod.quantize_with_amax
-    monkeypatch.setattr(linear_mod, "quantize_with_amax", lambda t, *a, amax=None, **k: passes.append(
-        amax is None) or real(t, *a, amax=amax, **k))
-    return passes
-
-
-def ignore_records(monkeypatch):
-    """Float8Linear measures every amax itself (patched in linear.py's namespace: backward runs in
-    autograd's device thread on CUDA, and the cache is per thread)."""
-    no_records = type("NoRecords", (), {"get": staticmethod(lambda t, key=(): None)})()
-    monkeypatch.setattr(linear_mod, "produced_amax", no_records)
 
 
 def train_step(block, x):

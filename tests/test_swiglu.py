@@ -13,10 +13,9 @@ reference: the tests of the public function there test its autograd wrapper and 
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, HP_DTYPES, sqnr
+from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr
 from torch import nn
 
-import f8tensor.linear as linear_mod
 from f8tensor import Float8Linear, swiglu
 from f8tensor.kernels import _as_amax_value, amax_ref, swiglu_backward_ref, swiglu_ref, swiglu_triton
 from f8tensor.tensor_cache import produced_amax
@@ -216,21 +215,6 @@ def float8_ffn(fused=True, dtype=torch.bfloat16):
     for name in ("w1", "w3", "w2"):
         setattr(ffn, name, Float8Linear.from_float(getattr(ffn, name)))
     return ffn
-
-
-def ignore_records(monkeypatch):
-    """Float8Linear measures every amax itself. (Patched in linear.py's namespace: the cache is
-    per thread, and on CUDA backward runs in autograd's device thread.)"""
-    no_records = type("NoRecords", (), {"get": staticmethod(lambda t, key=(): None)})()
-    monkeypatch.setattr(linear_mod, "produced_amax", no_records)
-
-
-def count_amax_passes(monkeypatch):
-    passes = []
-    real = linear_mod.quantize_with_amax
-    monkeypatch.setattr(linear_mod, "quantize_with_amax", lambda t, *a, amax=None, **k: passes.append(
-        amax is None) or real(t, *a, amax=amax, **k))
-    return passes
 
 
 def step(ffn, x):
