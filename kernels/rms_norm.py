@@ -26,10 +26,12 @@ MAX_D = 16384
 
 
 @triton.jit
-def _rows(i, NUM_PROGRAMS, M, ROWS: tl.constexpr):
-    """Indices (int64) and mask of this program's i-th block of rows in the grid-stride loop."""
+def _tile(i, NUM_PROGRAMS, M, D, cols, col_mask, ROWS: tl.constexpr):
+    """This program's i-th block of rows in the grid-stride loop: row indices (int64) and their
+    mask, the [ROWS, BLOCK_D] mask and element offsets."""
     rows = (tl.program_id(0) + i * NUM_PROGRAMS).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    return rows, rows < M
+    row_mask = rows < M
+    return rows, row_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * D + cols[None, :]
 
 
 @triton.jit
@@ -43,9 +45,7 @@ def rms_norm_kernel(
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.int32)
     for i in range(ITERS):
-        rows, row_mask = _rows(i, NUM_PROGRAMS, M, ROWS)
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
+        rows, row_mask, mask, offs = _tile(i, NUM_PROGRAMS, M, D, cols, col_mask, ROWS)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(x * x, 1) / D + eps)
         y = x * rstd[:, None]
@@ -70,9 +70,7 @@ def rms_norm_backward_kernel(
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for i in range(ITERS):
-        rows, row_mask = _rows(i, NUM_PROGRAMS, M, ROWS)
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
+        rows, row_mask, mask, offs = _tile(i, NUM_PROGRAMS, M, D, cols, col_mask, ROWS)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
