@@ -95,22 +95,21 @@ def conversion_summary(module: nn.Module) -> str:
     """A table of every linear layer (float8 or kept, with the reason) and every RMSNorm (fused or not)."""
     rows = []
     for fqn, mod in module.named_modules():
-        if isinstance(mod, Float8Linear):
-            status = "float8"
-        elif isinstance(mod, nn.Linear):
-            status = "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted")
+        if isinstance(mod, nn.Linear):
+            dims = f"{mod.in_features}->{mod.out_features}"
+            status = ("float8" if isinstance(mod, Float8Linear)
+                      else "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted"))
         elif isinstance(mod, nn.RMSNorm):
+            dims = "x".join(map(str, mod.normalized_shape))
             if not isinstance(mod, RMSNorm):
                 status = "RMSNorm: PyTorch's (not converted)"
             elif len(mod.normalized_shape) != 1 or mod.normalized_shape[0] > MAX_D:
                 status = f"RMSNorm: PyTorch's kernel runs (fused: one dim of at most {MAX_D})"
             else:
                 status = "RMSNorm fused"
-            rows.append((fqn or "<root>", "x".join(map(str, mod.normalized_shape)), status))
-            continue
         else:
             continue
-        rows.append((fqn or "<root>", f"{mod.in_features}->{mod.out_features}", status))
+        rows.append((fqn or "<root>", dims, status))
     converted = sum(r[2] == "float8" for r in rows)
     linears = sum(not r[2].startswith("RMSNorm") for r in rows)
     width = max([len(r[0]) for r in rows] + [5])
