@@ -20,8 +20,10 @@ of model code changed in all, same math, fused; with --rope complex its interlea
 f8tensor_keepweight and f8tensor_keepweight_compiled (only when named) use
 Float8Config(keep_fp8_weight=True) (compiled: both weight layouts cast in forward, in one pass, the
 column-major one saved for backward). Conversion also swaps the model's nn.RMSNorm modules for
-f8tensor.RMSNorm (its default); f8tensor_torchnorm (only when named) keeps PyTorch's, and
-bf16_norm (only when named) is bf16 with only that swap. --grad-accum N makes
+f8tensor.RMSNorm and runs the model's SwiGLU gate as f8tensor.swiglu (its defaults; the model
+code is unchanged); f8tensor_nogate (only when named) keeps the model's gate code,
+f8tensor_torchnorm (only when named) that and PyTorch's norms, and bf16_norm (only when named) is
+bf16 with only the norm swap. --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
 GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
@@ -53,12 +55,17 @@ from power import PowerLog, summarize
 from f8tensor import Float8Config, RMSNorm, convert_to_float8_training, swiglu
 from f8tensor import rope as fused_rope
 from f8tensor.convert import default_skip_reason
+from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
 
 # f8tensor*: convert_to_float8_training's defaults, which also swap the model's nn.RMSNorm modules
-# for f8tensor.RMSNorm (fused, float8-aware; PyTorch's rms_norm under compile); f8tensor_torchnorm
-# keeps PyTorch's (fuse_rms_norm=False), bf16_norm is bf16 with only the norms swapped.
-# *_swiglu: the model's feed-forward gate is f8tensor.swiglu (fused, float8-aware) instead of
-# F.silu(w1(x)) * w3(x); a one-line change of model code, the others run the model as written.
+# for f8tensor.RMSNorm (fused, float8-aware; PyTorch's rms_norm under compile) and run the gate of
+# FeedForward below as f8tensor.swiglu (fuse_swiglu: conversion proves the forward is
+# w2(silu(w1(x)) * w3(x)) and gives the module a fused forward; model code unchanged).
+# f8tensor_nogate keeps the model's own gate code (fuse_swiglu=False, conversion from c9fdf78 to
+# the gate fusion); f8tensor_torchnorm also PyTorch's norms (conversion before c9fdf78); bf16_norm
+# is bf16 with only the norms swapped.
+# *_swiglu: the model's feed-forward gate is f8tensor.swiglu written in model code (a one-line
+# change; conversion then has nothing to fuse there), the others run the model as written.
 # *_fused: also the rotary embedding is f8tensor.rope (fused) instead of apply_rope below.
 # f8tensor_keepweight: Float8Config(keep_fp8_weight=True), the weight cast once per optimizer step
 # (pays with --grad-accum > 1 and with activation checkpointing); f8tensor_keepweight_compiled: the
@@ -66,7 +73,7 @@ from f8tensor.convert import default_skip_reason
 # torchao_fsdp8_compiled (--fsdp only): torchao as torchtitan runs it under FSDP2, float8 weight
 # all-gather (each rank casts its shard) and the scales of all weights in one all-reduce per step.
 CONFIGS = ["bf16", "bf16_norm", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
-           "f8tensor_fused", "f8tensor_torchnorm", "f8tensor_keepweight",
+           "f8tensor_fused", "f8tensor_nogate", "f8tensor_torchnorm", "f8tensor_keepweight",
            "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled",
            "torchao_fsdp8_compiled"]
 
@@ -135,12 +142,16 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, ffn, bias=False)
         self.w3 = nn.Linear(dim, ffn, bias=False)
         self.w2 = nn.Linear(ffn, dim, bias=False)
-        self.fused_gate = False  # the *_swiglu configurations
 
     def forward(self, x):
-        if self.fused_gate:
-            return self.w2(swiglu(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class FusedGateFeedForward(FeedForward):
+    """The *_swiglu and *_fused configurations: the gate written as f8tensor.swiglu in model code."""
+
+    def forward(self, x):
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):
@@ -207,20 +218,23 @@ def build(a, config, ac, device):
         torch.set_default_dtype(default_dtype)
     model.ac = ac
     for block in model.layers:
-        block.feed_forward.fused_gate = config.endswith(("_swiglu", "_fused"))
+        if config.endswith(("_swiglu", "_fused")):
+            block.feed_forward.__class__ = FusedGateFeedForward
         block.attention.fused_rope = config.endswith("_fused")
     if config.startswith("f8tensor"):
         f8_config = Float8Config(keep_fp8_weight="_keepweight" in config)
-        fuse_rms_norm = not config.endswith("_torchnorm")
+        # _torchnorm: conversion as before c9fdf78 (PyTorch's norms, the model's own gate code);
+        # _nogate: as c9fdf78..the gate fusion (fused norms, the model's own gate code)
+        fuse = dict(fuse_rms_norm=not config.endswith("_torchnorm"),
+                    fuse_swiglu=not config.endswith(("_torchnorm", "_nogate")))
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
-                model, config=f8_config, fuse_rms_norm=fuse_rms_norm,
+                model, config=f8_config, **fuse,
                 module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
         else:  # every linear but the output, as torchao is converted here
-            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output,
-                                       fuse_rms_norm=fuse_rms_norm)
+            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output, **fuse)
     elif config == "bf16_norm":  # no float8: only conversion's norm swap
-        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False)
+        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False, fuse_swiglu=False)
     elif config.startswith("torchao"):
         from torchao.float8 import Float8LinearConfig  # ImportError: reported
         from torchao.float8 import convert_to_float8_training as ao_convert
@@ -334,9 +348,10 @@ class Run:
         step_s = statistics.median(self.times)
         fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
         fused_norms = sum(isinstance(m, RMSNorm) for m in self.model.modules())
+        fused_gates = sum(isinstance(m.__dict__.get(GATE_ATTR), SwiGLUGate) for m in self.model.modules())
         return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
-                    loss=self.last_loss.item(), fp8_linears=fp8, fused_norms=fused_norms,
+                    loss=self.last_loss.item(), fp8_linears=fp8, fused_norms=fused_norms, fused_gates=fused_gates,
                     alloc_retries=self.alloc_retries,
                     settle_alloc_retries=self.settle_retries,
                     **self.peaks)
@@ -500,7 +515,7 @@ def default_configs(device):
     # The model as written and the default config: *_swiglu and *_fused (changed model code) and
     # f8tensor_keepweight* (an option) only when named in --configs.
     keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
-            and not c.endswith(("_swiglu", "_fused", "_norm", "_torchnorm")) and "_keepweight" not in c and "_fsdp8" not in c]
+            and not c.endswith(("_swiglu", "_fused", "_norm", "_torchnorm", "_nogate")) and "_keepweight" not in c and "_fsdp8" not in c]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 

@@ -6,6 +6,7 @@ from typing import Callable
 from torch import nn
 
 from .config import Float8Config
+from .fuse_gate import GATE_ATTR, fuse_gate, is_candidate
 from .linear import Float8Linear
 from .kernels.rms_norm import MAX_D
 from .rms_norm import RMSNorm
@@ -43,7 +44,7 @@ def default_skip_reason(mod: nn.Linear) -> str | None:
 
 def convert_to_float8_training(
     module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    config: Float8Config | None = None, fuse_rms_norm: bool = True,
+    config: Float8Config | None = None, fuse_rms_norm: bool = True, fuse_swiglu: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear, and
     every nn.RMSNorm (exact type) with f8tensor.RMSNorm unless fuse_rms_norm is False.
@@ -61,6 +62,11 @@ def convert_to_float8_training(
     f8tensor.RMSNorm: one pass each way, and the amax of its output handed to the float8 layers that
     read it (same parameters, state dict and hooks; forward values within one unit in the last
     place of PyTorch's kernel). False keeps them all.
+    fuse_swiglu: a module whose forward is proven to be exactly down(silu(gate(x)) * up(x)) over
+    three of its nn.Linear children (torchtitan's FeedForward, Hugging Face's LlamaMLP) computes
+    its gate with f8tensor.swiglu instead (an instance-level forward; f8tensor/fuse_gate.py says
+    what is proven). Modules that look like one but are not proven are listed by
+    conversion_summary with the reason. False leaves every forward as it is.
     """
     config = config or Float8Config()
 
@@ -88,13 +94,22 @@ def convert_to_float8_training(
             new = convert(child, f"{fqn}.{name}" if fqn else name)
             if new is not child:
                 setattr(parent, name, new)
-    return convert(module, "")
+    module = convert(module, "")
+    if fuse_swiglu:  # after the swaps: the children are the converted layers
+        for fqn, mod in module.named_modules():
+            if is_candidate(mod):
+                logger.info("f8tensor: %s: %s", fqn or "<root>", fuse_gate(mod))
+    return module
 
 
 def conversion_summary(module: nn.Module) -> str:
-    """A table of every linear layer (float8 or kept, with the reason) and every RMSNorm (fused or not)."""
+    """A table of every linear layer (float8 or kept, with the reason), every RMSNorm (fused or not)
+    and every SwiGLU feed-forward conversion examined (gate fused, or why not)."""
     rows = []
     for fqn, mod in module.named_modules():
+        if GATE_ATTR in mod.__dict__:
+            gate = mod.__dict__[GATE_ATTR]
+            rows.append((fqn or "<root>", "", f"SwiGLU gate not fused: {gate}" if isinstance(gate, str) else str(gate)))
         if isinstance(mod, nn.Linear):
             dims = f"{mod.in_features}->{mod.out_features}"
             status = ("float8" if isinstance(mod, Float8Linear)
@@ -111,7 +126,7 @@ def conversion_summary(module: nn.Module) -> str:
             continue
         rows.append((fqn or "<root>", dims, status))
     converted = sum(r[2] == "float8" for r in rows)
-    linears = sum(not r[2].startswith("RMSNorm") for r in rows)
+    linears = sum(not r[2].startswith(("RMSNorm", "SwiGLU")) for r in rows)
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"f8tensor: {converted} of {linears} linear layers in float8"]
     lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]
