@@ -3,10 +3,25 @@ process group in a spawned rank."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 HP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class SwiGLU(nn.Module):
+    """A feed-forward as torchtitan writes it: conversion fuses its gate (f8tensor/fuse_gate.py)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from f8utils import TWO_RANK_DEVICES, join_process_group, sqnr
+from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group, sqnr
 from torch import nn
 
 from f8tensor import Float8Linear, RMSNorm, convert_to_float8_training
+from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
 
 STEPS = 4
 NAMES = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad b2"]
@@ -36,6 +37,15 @@ def norm_model(device="cpu"):
     torch.manual_seed(2)
     model = nn.Sequential(nn.RMSNorm(64, eps=1e-5)).bfloat16().to(device)
     nn.init.normal_(model[0].weight, 1.0, 0.3)
+    return model
+
+
+def gated_model(device="cpu", fp8=True):
+    torch.manual_seed(3)
+    model = SwiGLU(64, 128).bfloat16().to(device)
+    if fp8:
+        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: True)
+        assert isinstance(model.__dict__[GATE_ATTR], SwiGLUGate)
     return model
 
 
@@ -115,6 +125,12 @@ def parallel_run(rank, world, store, device_type, results):
         out.float().square().mean().backward()
         norm_sp = [full(out.detach()), full(x.grad), full(norm.weight.grad)]
 
+        # A SwiGLU feed-forward whose gate conversion fused, under the Llama plan: the gate runs on
+        # the local shards of w1's and w3's outputs (ffn dim sharded), w2 reduces over the ranks.
+        ffn = gated_model(device)
+        parallelize_module(ffn, mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+        gate_tp = first_step(ffn, device=device)
+
         # q/k/v read one input: cast once, as on one device (each layer views it through to_local).
         import f8tensor.linear as linear_module
 
@@ -175,7 +191,7 @@ def parallel_run(rank, world, store, device_type, results):
                              bias_grad_placement=str(bias_grad_placement),
                              replicated=replicated, sequence_parallel=sequence_parallel,
                              converted_late=converted_late, input_casts=input_casts, errors=errors,
-                             empty_shard=empty_shard, norm_sp=norm_sp)
+                             empty_shard=empty_shard, norm_sp=norm_sp, gate_tp=gate_tp)
     finally:
         dist.destroy_process_group()
 
@@ -253,6 +269,7 @@ def test_tensor_parallel_matches_one_device(device_type, tmp_path):
     out = norm(x)
     out.float().square().mean().backward()
     want_norm = [out.detach().cpu(), x.grad.cpu(), norm.weight.grad.cpu()]
+    want_gate = [first_step(gated_model(device, fp8), device=device) for fp8 in (True, False)]
     for rank in (0, 1):
         r = results[rank]
         assert_as_close_to_bf16(r["step"], want_fp8, want_bf16, NAMES)
@@ -269,6 +286,7 @@ def test_tensor_parallel_matches_one_device(device_type, tmp_path):
         # weight gradient is summed over the ranks' tokens (another order).
         assert torch.equal(r["norm_sp"][0], want_norm[0]) and torch.equal(r["norm_sp"][1], want_norm[1])
         torch.testing.assert_close(r["norm_sp"][2], want_norm[2], rtol=2**-7, atol=1e-6)
+        assert_as_close_to_bf16(r["gate_tp"], *want_gate, ["output", "grad x", "grad w1", "grad w3", "grad w2"])
         assert r["bias_grad_placement"] == "(Replicate(),)"
         assert r["input_casts"] == 1
         for got, want in zip(r["losses"], want_losses):
