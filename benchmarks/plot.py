@@ -66,7 +66,8 @@ def plot_linear(rows, out):
 def plot_train(rows, out):
     rows = [r for r in rows if r.get("status") == "ok"]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-    labels = [f"{r['config']}  ac={r['ac']}  ({r['commit']}, {r['peak_gb']:.1f} GB)" for r in rows]
+    labels = [f"{r['config']}  ac={r['ac']}{'  rope=complex' if r.get('rope') == 'complex' else ''}"
+              f"  ({r['commit']}, {r['peak_gb']:.1f} GB)" for r in rows]
     ax.barh(range(len(rows)), [r["vs_bf16"] for r in rows])
     ax.axvline(1, color="gray", ls="--", lw=1)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)

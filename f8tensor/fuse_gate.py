@@ -28,6 +28,7 @@ silu, are examined (tracing runs the forward once with placeholder values).
 import builtins
 import dis
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +124,13 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     reason = _code_reason(type(mod).forward)
     if reason:
         return reason
+    tracer = _LeafTracer()
     try:
-        graph = _LeafTracer().trace(mod)
+        graph = tracer.trace(mod)
     except Exception as e:  # noqa: BLE001 (any failure to trace means: not provably the pattern)
         return f"forward could not be traced ({type(e).__name__}: {e})"
+    finally:  # the tracer and its graph reference each other and the module: without this the
+        tracer.__dict__.clear()  # module's memory would wait for the garbage collector
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     (out,) = [n for n in nodes if n.op == "output"]
@@ -172,11 +176,29 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     return "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)"
 
 
+class FusedForward:
+    """A fused module's instance-level forward. It holds the module weakly (a bound method would be
+    a reference cycle: the module's memory would wait for Python's garbage collector after the last
+    reference went), and pickles and deep-copies as the forward of the module's copy."""
+
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    def __call__(self, x):
+        return _fused_forward(self._module(), x)
+
+    def __reduce__(self):
+        return FusedForward, (self._module(),)
+
+    def __repr__(self):
+        return f"<fused SwiGLU forward of {type(self._module()).__name__}: {self._module().__dict__[GATE_ATTR]}>"
+
+
 def fuse_gate(mod: nn.Module) -> SwiGLUGate | str:
     """Give a candidate module the fused forward if find_gate proves the pattern; record the result
     on the module (read by conversion_summary) and return it."""
     found = find_gate(mod)
     mod.__dict__[GATE_ATTR] = found
     if isinstance(found, SwiGLUGate):
-        mod.forward = _fused_forward.__get__(mod)
+        mod.forward = FusedForward(mod)
     return found

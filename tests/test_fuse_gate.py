@@ -3,6 +3,10 @@ down(silu(gate(x)) * up(x)) and fuses, which it leaves alone and why, and that a
 computes what the same model written with f8tensor.swiglu computes, bit for bit."""
 
 import copy
+import gc
+import io
+import pickle
+import weakref
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from torch import nn
 from torch.nn.functional import silu
 
 from f8tensor import Float8Linear, conversion_summary, convert_to_float8_training, swiglu
-from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
+from f8tensor.fuse_gate import GATE_ATTR, FusedForward, SwiGLUGate
 
 D, FFN = 64, 192
 ALL = dict(module_filter_fn=lambda mod, fqn: True)  # convert these small layers too
@@ -256,18 +260,38 @@ def test_summary_converting_twice_opting_out_and_state_dict():
     assert "SwiGLU" not in conversion_summary(kept)
 
 
+def test_a_fused_module_is_freed_with_its_last_reference():
+    """No reference cycle (tracing's or the forward's): the memory goes when the model does, not
+    at Python's next garbage collection."""
+    mod = convert_to_float8_training(make(FeedForward), **ALL)
+    mod(torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16))
+    gone = weakref.ref(mod)
+    gc.disable()
+    try:
+        del mod
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_root_module_is_fused_too():
     mod = convert_to_float8_training(make(FeedForward), **ALL)
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
 
 
-def test_deepcopy_and_replaced_children_are_followed():
-    """The fused forward reads the children by name at each call: a deep copy runs its own layers,
-    and a layer replaced after conversion is the one that runs."""
+def test_copies_run_their_own_layers_and_replaced_children_are_followed():
+    """The fused forward reads the children by name at each call: a deep copy, a pickled and a
+    torch.save'd one run their own (fused) layers, and a layer replaced after conversion is the
+    one that runs."""
     mod = convert_to_float8_training(make(FeedForward), **ALL)
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    buffer = io.BytesIO()
+    torch.save(mod, buffer)
+    buffer.seek(0)
+    for twin in (pickle.loads(pickle.dumps(mod)), torch.load(buffer, weights_only=False)):
+        assert isinstance(twin.forward, FusedForward) and twin.__dict__[GATE_ATTR] == mod.__dict__[GATE_ATTR]
+        assert torch.equal(twin(x), mod(x))
     twin = copy.deepcopy(mod)
-    assert twin.forward.__self__ is twin
     assert torch.equal(twin(x), mod(x))
     with torch.no_grad():
         twin.w2.weight.zero_()
