@@ -10,30 +10,43 @@ with an nn.SiLU child, is the same) computes its gate in three eager kernels eac
 float8 layers around it then read the gate's output and gradients again for their amax. Conversion
 cannot swap that code as it swaps a module: the gate is a function call inside the user's forward.
 Here conversion proves that a module's forward computes exactly down(silu(gate(x)) * up(x)) and
-nothing else, and only then gives the module an instance-level forward that computes
-down(swiglu(gate(x), up(x))): same parameters, state dict, hooks and module calls in the same order;
-values within one unit in the last place (swiglu rounds once, eager rounds silu(a) first).
+nothing else, and only then makes the module's class a subclass of its own (same name) whose
+forward computes down(swiglu(gate(x), up(x))), as FSDP2's fully_shard does for its hooks: same
+parameters, state dict, hooks, and calls of the three linears in the same order. Values: swiglu's, one rounding where eager rounds silu(a) first (bf16/fp16
+within one unit in the last place of eager's; fp32 within fp32 arithmetic error).
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded):
-- the class's forward takes one positional argument, has no closure, no branch or loop, stores
-  nothing but local variables, and makes exactly as many calls and binary operations as the
-  traced graph has (so no call that tracing could not see, such as a print or a counter);
+- the bytecode of the class's forward, instruction by instruction: one positional argument, no
+  closure or super(), no try or with block, and nothing but loads of locals, of `self.<child
+  module>`, of torch / torch.nn / torch.nn.functional and their silu and mul, of a tensor's `.mul`,
+  of True/False/None constants, calls, `*`, stores to locals and the return (so no branch, no
+  helper method or property, no other global, no write to anything but locals; tracing then runs
+  nothing of the user's);
 - torch.fx traces it (child modules as leaves) to exactly: two of its nn.Linear children on the
-  input, silu of one of them (F.silu or an nn.SiLU child without hooks), its product with the
-  other, the third nn.Linear child on the product, returned; each intermediate used once.
-Only modules whose children are three nn.Linear and at most one nn.SiLU, and whose forward mentions
-silu, are examined (tracing runs the forward once with placeholder values).
+  input, silu of one of them (F.silu, or an nn.SiLU child without hooks; not in place), its
+  product with the other, the third nn.Linear child on the product, returned; each intermediate
+  used once.
+Only modules whose children are three nn.Linear and at most one nn.SiLU, and whose forward names
+silu or that have the nn.SiLU child, are examined; their class's own forward must be a plain
+function.
+
+At each call the fused forward runs the class's own forward instead when the fused one would not
+be the same: arguments other than the one input (by position or by its name), or an nn.SiLU child
+that is no longer a plain one (replaced, in place, or with hooks of its own or global module hooks,
+which would see its call).
 """
 
 import builtins
 import dis
+import inspect
 import operator
-import weakref
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from .kernels import INPUT_DTYPES
 from .swiglu import swiglu
@@ -41,76 +54,109 @@ from .swiglu import swiglu
 # Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str).
 GATE_ATTR = "_f8tensor_swiglu"
 
+_TORCH_OBJECTS = (torch, nn, F, F.silu, torch.mul)
 _JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
-_CALLS = {"CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW", "CALL_FUNCTION_EX", "CALL_KW"}
+_NO_VALUE = {"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"}  # push nothing of their own
 _MULS = {operator.mul, torch.mul}
 
 
 @dataclass(frozen=True)
 class SwiGLUGate:
-    """forward(x) = down(silu(gate(x)) * up(x)), child names; gate_first: gate(x) runs before up(x)."""
+    """forward(arg) = down(silu(gate(arg)) * up(arg)): child names; act: the nn.SiLU child's name, if
+    silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name."""
     gate: str
     up: str
     down: str
     gate_first: bool
+    act: str | None
+    arg: str
 
     def __str__(self):
         return f"SwiGLU gate fused: {self.down}(silu({self.gate}) * {self.up})"
 
 
-def _fused_forward(self, x):
-    pattern = self.__dict__[GATE_ATTR]
-    gate, up = getattr(self, pattern.gate), getattr(self, pattern.up)
-    if pattern.gate_first:
-        a = gate(x)
-        b = up(x)
-    else:
-        b = up(x)
-        a = gate(x)
-    if a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.dtype in INPUT_DTYPES:
-        h = swiglu(a, b)
-    else:  # what swiglu does not take (broadcasting, mixed dtypes, ...): the module's own math
-        h = F.silu(a) * b
-    return getattr(self, pattern.down)(h)
+def _class_forward(mod: nn.Module):
+    forward = inspect.getattr_static(type(mod), "forward", None)
+    return forward if isinstance(forward, types.FunctionType) else None
 
 
 def is_candidate(mod: nn.Module) -> bool:
-    """Children: three nn.Linear and at most one nn.SiLU; the forward mentions silu; not yet fused."""
-    children = list(mod.children())
+    """Children: three nn.Linear and at most one nn.SiLU; a plain-function forward that names silu
+    or the nn.SiLU child; not yet fused."""
+    children = list(mod._modules.values())
     linears = sum(isinstance(c, nn.Linear) for c in children)
     silus = sum(type(c) is nn.SiLU for c in children)
-    code = getattr(type(mod).forward, "__code__", None)
-    return (linears == 3 and silus <= 1 and linears + silus == len(children) and code is not None
-            and "forward" not in mod.__dict__ and (silus == 1 or "silu" in code.co_names))
+    if linears != 3 or silus > 1 or linears + silus != len(children) or isinstance(mod, FusedGateModule):
+        return False
+    forward = _class_forward(mod)
+    return forward is not None and (silus == 1 or "silu" in forward.__code__.co_names)
 
 
-def _code_reason(forward) -> str | None:
-    """Why the forward's bytecode is not straight-line code of one argument that reads no global
-    but torch, torch.nn, torch.nn.functional, F.silu and torch.mul (checked before tracing, which
-    runs the code)."""
-    code = forward.__code__
-    if code.co_argcount != 2 or code.co_kwonlyargcount or code.co_flags & (0x04 | 0x08):  # *args, **kw
-        return "forward does not take exactly one positional argument"
-    if code.co_freevars:
-        return "forward is a closure"
-    for ins in dis.get_instructions(code):
-        if ins.opcode in _JUMPS:
-            return "forward has a branch or a loop"
-        if ins.opname.startswith(("STORE_", "DELETE_", "IMPORT_")) and ins.opname != "STORE_FAST":
-            return f"forward has a {ins.opname} ({ins.argval})"
-        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-            value = forward.__globals__.get(ins.argval, getattr(builtins, ins.argval, None))
-            if not any(value is ok for ok in (torch, nn, F, F.silu, torch.mul)):
-                return f"forward reads the global {ins.argval!r}"
+def _plain_silu(act) -> str | None:
+    """Why an nn.SiLU child's call cannot be fused away, or None."""
+    if type(act) is not nn.SiLU:
+        return f"the activation child is a {type(act).__name__}, not an nn.SiLU"
+    if act.inplace:
+        return "the nn.SiLU child is in place (it writes into the gate's output)"
+    if act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks:
+        return "the nn.SiLU child has hooks"
     return None
 
 
-def _count(code) -> tuple[int, int]:
-    calls = binops = 0
-    for ins in dis.get_instructions(code):
-        calls += ins.opname in _CALLS
-        binops += ins.opname.startswith("BINARY_")
-    return calls, binops
+def _global_module_hooks() -> bool:
+    return bool(module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks)
+
+
+def _code_reason(mod: nn.Module, forward) -> str | None:
+    """Why the forward's bytecode is not the straight-line code described in the module docstring."""
+    code = forward.__code__
+    if code.co_argcount != 2 or code.co_kwonlyargcount or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        return "forward does not take exactly one argument"
+    if code.co_freevars or code.co_cellvars:
+        return "forward uses super() or a closure"
+    if code.co_exceptiontable:
+        return "forward has a try or with block"
+    instructions = list(dis.get_instructions(code))
+    if any(ins.opcode in _JUMPS for ins in instructions):
+        return "forward has a branch or a loop"
+    this = code.co_varnames[0]
+    top = None  # what the last instruction left on top of the stack: "self", "tensor", a torch object
+    for ins in instructions:
+        op = ins.opname
+        if op in _NO_VALUE:
+            continue
+        if op in ("LOAD_FAST", "LOAD_FAST_CHECK"):
+            top = "self" if ins.argval == this else "tensor"
+        elif op == "LOAD_GLOBAL":
+            value = forward.__globals__[ins.argval] if ins.argval in forward.__globals__ else getattr(
+                builtins, ins.argval, None)
+            if not any(value is ok for ok in _TORCH_OBJECTS):
+                return f"forward reads the global {ins.argval!r}"
+            top = value
+        elif op in ("LOAD_ATTR", "LOAD_METHOD"):
+            name = ins.argval
+            if top == "self":
+                if name not in mod._modules or hasattr(type(mod), name):
+                    return f"forward reads self.{name}, which is not a child module"
+                top = "child"
+            elif top == "tensor" and name == "mul":
+                top = "method"
+            elif any(top is ok for ok in (torch, nn, F)) and any(getattr(top, name, None) is ok for ok in _TORCH_OBJECTS):
+                top = getattr(top, name)
+            elif isinstance(top, types.ModuleType):
+                return f"forward reads {top.__name__}.{name}"
+            else:
+                return f"forward reads .{name} of a {top}"
+        elif op == "LOAD_CONST" and type(ins.argval) in (bool, type(None)):
+            top = "constant"
+        elif op in ("CALL", "CALL_KW") or op == "BINARY_OP" and ins.argrepr == "*":
+            top = "tensor"
+        elif op in ("STORE_FAST", "RETURN_VALUE"):
+            top = None
+        else:
+            return f"forward does more than call its children, silu and *: {op} {ins.argrepr}".rstrip()
+    return None
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -120,10 +166,13 @@ class _LeafTracer(torch.fx.Tracer):
 
 def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     """The SwiGLU pattern of a candidate module's forward, or why it is not one."""
-    code = type(mod).forward.__code__
-    reason = _code_reason(type(mod).forward)
+    forward = _class_forward(mod)
+    reason = _code_reason(mod, forward)
     if reason:
         return reason
+    acts = [name for name, c in mod._modules.items() if type(c) is nn.SiLU]
+    if acts and _plain_silu(mod._modules[acts[0]]):
+        return _plain_silu(mod._modules[acts[0]])
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(mod)
@@ -137,21 +186,20 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     if len(placeholders) != 1 or len(nodes) != 7:
         return f"forward is not down(silu(gate(x)) * up(x)): {len(nodes) - 2} operations"
     (x,) = placeholders
-    children = dict(mod.named_children())
+    children = mod._modules
 
     def linear_call(n, arg) -> str | None:
         ok = (n.op == "call_module" and isinstance(children.get(n.target), nn.Linear)
               and n.args == (arg,) and not n.kwargs and len(n.users) == 1)
         return n.target if ok else None
 
-    def silu_of(n):
+    def silu_of(n):  # (input node, the nn.SiLU child's name or None), or None
         if len(n.users) != 1 or len(n.args) != 1:
             return None
-        if n.op == "call_function" and n.target is F.silu and set(n.kwargs) <= {"inplace"}:
-            return n.args[0]
-        child = children.get(n.target) if n.op == "call_module" else None
-        if type(child) is nn.SiLU and not n.kwargs and not (child._forward_hooks or child._forward_pre_hooks):
-            return n.args[0]
+        if n.op == "call_function" and n.target is F.silu and n.kwargs in ({}, {"inplace": False}):
+            return n.args[0], None
+        if n.op == "call_module" and type(children.get(n.target)) is nn.SiLU and not n.kwargs:
+            return n.args[0], n.target
         return None
 
     down_node = out.args[0] if len(out.args) == 1 else None
@@ -163,42 +211,74 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
                  or product.op == "call_method" and product.target == "mul")):
         return "forward is not down(silu(gate(x)) * up(x)): no linear of a product returned"
     for act, other in (product.args, product.args[::-1]):
-        gate_node = silu_of(act) if isinstance(act, torch.fx.Node) else None
-        if gate_node is None or not isinstance(other, torch.fx.Node):
+        found = silu_of(act) if isinstance(act, torch.fx.Node) else None
+        if found is None or not isinstance(other, torch.fx.Node):
             continue
-        gate, up = linear_call(gate_node, x), linear_call(other, x)
+        gate, up = linear_call(found[0], x), linear_call(other, x)
         if gate and up and len({gate, up, down}) == 3:
-            calls, binops = _count(code)
-            graph_calls = sum(n.op.startswith("call") for n in nodes) - (product.target is operator.mul)
-            if (calls, binops) != (graph_calls, int(product.target is operator.mul)):
-                return "forward makes calls or operations that tracing does not record"
-            return SwiGLUGate(gate, up, down, gate_first=nodes.index(gate_node) < nodes.index(other))
+            return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other),
+                              act=found[1], arg=x.target)
+    if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
+        return "silu is in place (it writes into the gate's output)"
     return "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)"
 
 
-class FusedForward:
-    """A fused module's instance-level forward. It holds the module weakly (a bound method would be
-    a reference cycle: the module's memory would wait for Python's garbage collector after the last
-    reference went), and pickles and deep-copies as the forward of the module's copy."""
+def _fused_forward(mod: nn.Module, gate: SwiGLUGate, x):
+    gate_layer, up_layer = getattr(mod, gate.gate), getattr(mod, gate.up)
+    if gate.gate_first:
+        a = gate_layer(x)
+        b = up_layer(x)
+    else:
+        b = up_layer(x)
+        a = gate_layer(x)
+    if a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.dtype in INPUT_DTYPES:
+        h = swiglu(a, b)
+    else:  # what swiglu does not take (broadcasting, mixed dtypes, ...): the module's own math
+        h = F.silu(a) * b
+    return getattr(mod, gate.down)(h)
 
-    def __init__(self, module: nn.Module):
-        self._module = weakref.ref(module)
 
-    def __call__(self, x):
-        return _fused_forward(self._module(), x)
+class FusedGateModule:
+    """Mixed into a proven module's class (fused_class): a forward that runs the gate as swiglu. As a
+    class, not an instance attribute, it goes with every copy (copy, deepcopy, pickle, torch.save)
+    and makes no reference cycle; copies and pickles rebuild the fused class around the original."""
 
-    def __reduce__(self):
-        return FusedForward, (self._module(),)
+    _f8tensor_base: type  # the module's own class
 
-    def __repr__(self):
-        return f"<fused SwiGLU forward of {type(self._module()).__name__}: {self._module().__dict__[GATE_ATTR]}>"
+    def forward(self, *args, **kwargs):
+        gate = self.__dict__[GATE_ATTR]
+        if len(args) + len(kwargs) != 1 or (kwargs and gate.arg not in kwargs) or (
+                gate.act is not None and (_plain_silu(self._modules.get(gate.act)) or _global_module_hooks())):
+            return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
+        return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])
+
+    def __reduce_ex__(self, protocol):
+        return _new_fused, (self._f8tensor_base,), self.__getstate__()
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fused_class(base: type) -> type:
+    """The class of base's fused modules: same name, base's behaviour but the forward (one per base)."""
+    if base not in _FUSED_CLASSES:
+        _FUSED_CLASSES[base] = type(base.__name__, (FusedGateModule, base), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "_f8tensor_base": base})
+    return _FUSED_CLASSES[base]
+
+
+def _new_fused(base: type):
+    """An empty fused module of base's class (unpickling and copies then set its state)."""
+    obj = base.__new__(base)
+    obj.__class__ = fused_class(base)
+    return obj
 
 
 def fuse_gate(mod: nn.Module) -> SwiGLUGate | str:
-    """Give a candidate module the fused forward if find_gate proves the pattern; record the result
-    on the module (read by conversion_summary) and return it."""
+    """Make a candidate module's class the fused one if find_gate proves the pattern; record the
+    result on the module (read by conversion_summary) and return it."""
     found = find_gate(mod)
     mod.__dict__[GATE_ATTR] = found
     if isinstance(found, SwiGLUGate):
-        mod.forward = FusedForward(mod)
+        mod.__class__ = fused_class(type(mod))
     return found

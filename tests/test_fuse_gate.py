@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.functional import silu
 
 from f8tensor import Float8Linear, conversion_summary, convert_to_float8_training, swiglu
-from f8tensor.fuse_gate import GATE_ATTR, FusedForward, SwiGLUGate
+from f8tensor.fuse_gate import GATE_ATTR, FusedGateModule, SwiGLUGate
 
 D, FFN = 64, 192
 ALL = dict(module_filter_fn=lambda mod, fqn: True)  # convert these small layers too
@@ -52,9 +52,14 @@ class UpFirst(FeedForward):
 
 
 class MulMethod(FeedForward):
-    def forward(self, x):
-        h = F.silu(self.w1(x), inplace=True).mul(self.w3(x))
+    def forward(self, hidden_states):
+        h = F.silu(self.w1(hidden_states), inplace=False).mul(self.w3(hidden_states))
         return self.w2(h)
+
+
+class Chain(FeedForward):
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
 class WrittenWithSwiGLU(FeedForward):  # the same model with the fused op in its code
@@ -62,8 +67,20 @@ class WrittenWithSwiGLU(FeedForward):  # the same model with the fused op in its
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
-FUSED = {FeedForward: ("w1", "w3", "w2", True), LlamaMLP: ("gate_proj", "up_proj", "down_proj", True),
-         UpFirst: ("w1", "w3", "w2", False), MulMethod: ("w1", "w3", "w2", True)}
+FUSED = {FeedForward: ("w1", "w3", "w2", True, None, "x"),
+         LlamaMLP: ("gate_proj", "up_proj", "down_proj", True, "act_fn", "x"),
+         UpFirst: ("w1", "w3", "w2", False, None, "x"), MulMethod: ("w1", "w3", "w2", True, None, "hidden_states"),
+         Chain: ("w1", "w3", "w2", True, None, "x")}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times the fused forward ran swiglu (patched where fuse_gate calls it)."""
+    import f8tensor.fuse_gate as fuse_gate
+
+    calls = []
+    monkeypatch.setattr(fuse_gate, "swiglu", lambda a, b: calls.append(1) or swiglu(a, b))
+    return calls
 
 
 def make(cls, dtype=torch.bfloat16, seed=0):
@@ -81,20 +98,23 @@ def step(mod, x):
 
 
 @pytest.mark.parametrize("cls", list(FUSED), ids=lambda c: c.__name__)
-def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_with_swiglu(cls):
+def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_with_swiglu(cls, fused_calls):
     """Fused as written (float8 layers): output and every gradient are the bits of the same
     module written with f8tensor.swiglu; unconverted layers (fp32): close to the module's own math."""
     mod = convert_to_float8_training(make(cls), **ALL)
+    assert isinstance(mod, FusedGateModule)
     assert mod.__dict__[GATE_ATTR] == SwiGLUGate(*FUSED[cls])
     assert isinstance(getattr(mod, FUSED[cls][2]), Float8Linear)
     written = make(cls)
     written.forward = WrittenWithSwiGLU.forward.__get__(written)
     if cls is LlamaMLP:
         written.forward = lambda x: written.down_proj(swiglu(written.gate_proj(x), written.up_proj(x)))
-    written = convert_to_float8_training(written, **ALL)
+    written = convert_to_float8_training(written, **ALL, fuse_swiglu=False)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     for got, want in zip(step(mod, x), step(written, x)):
         assert torch.equal(got, want)
+    assert len(fused_calls) == 1
+    assert torch.equal(mod(**{FUSED[cls][5]: x}), mod(x)) and len(fused_calls) == 3  # by keyword too
 
     plain = make(cls, torch.float32)
     fused = convert_to_float8_training(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
@@ -118,7 +138,7 @@ def test_fused_gate_hands_its_amax_records_to_the_float8_layers(monkeypatch):
 
 
 @pytest.mark.parametrize("cls", [FeedForward, UpFirst], ids=lambda c: c.__name__)
-def test_module_calls_keep_their_order_and_hooks(cls):
+def test_module_calls_keep_their_order_and_hooks(cls, fused_calls):
     mod = make(cls)
     calls = []
     for name, child in mod.named_children():
@@ -131,7 +151,7 @@ def test_module_calls_keep_their_order_and_hooks(cls):
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
     calls.clear()
     mod(x)
-    assert calls == want
+    assert calls == want and len(fused_calls) == 1
 
 
 class Branch(FeedForward):
@@ -166,7 +186,7 @@ class SiluUsedTwice(FeedForward):
 
 class SameLinearTwice(FeedForward):
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w1(x)) + 0 * self.w3(x)
+        return self.w2(F.silu(self.w1(x)) * self.w1(x))
 
 
 class ExtraArgument(FeedForward):
@@ -178,6 +198,64 @@ class Sigmoid(FeedForward):  # silu written out: not examined
     def forward(self, x):
         a = self.w1(x)
         return self.w2(a * torch.sigmoid(a) * self.w3(x))
+
+
+class HelperMethod(FeedForward):
+    def silu(self, h):
+        self.calls = getattr(self, "calls", 0) + 1
+        return F.silu(h)
+
+    def forward(self, x):
+        return self.w2(self.silu(self.w1(x)) * self.w3(x))
+
+
+class Property(FeedForward):
+    @property
+    def gate(self):
+        return self.w1
+
+    def forward(self, x):
+        return self.w2(F.silu(self.gate(x)) * self.w3(x))
+
+
+class BufferCounter(FeedForward):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Seeds(FeedForward):
+    def forward(self, x):
+        torch.manual_seed(0)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TryExcept(FeedForward):
+    def forward(self, x):
+        try:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        except RuntimeError:
+            return x
+
+
+class InPlace(FeedForward):
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x), inplace=True) * self.w3(x))
+
+
+class InPlaceAct(LlamaMLP):
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.SiLU(inplace=True)
+
+
+class Super(LlamaMLP):
+    def forward(self, x):
+        return super().forward(x)
 
 
 class HookedAct(LlamaMLP):
@@ -194,22 +272,34 @@ class Torchvision(FeedForward):  # a global that is not torch
 NOT_FUSED = {
     Branch: "forward has a branch or a loop",
     Prints: "forward reads the global 'print'",
-    Stores: "forward has a STORE_ATTR (last_input)",
-    Scaled: "forward is not down(silu(gate(x)) * up(x)): 6 operations",
-    SiluUsedTwice: "forward is not down(silu(gate(x)) * up(x)): 7 operations",
-    SameLinearTwice: "forward is not down(silu(gate(x)) * up(x)): 8 operations",
-    ExtraArgument: "forward does not take exactly one positional argument",
-    HookedAct: "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)",
+    Stores: "forward does more than call its children, silu and *: STORE_ATTR last_input",
+    Scaled: "forward does more than call its children, silu and *: LOAD_CONST 2",
+    SiluUsedTwice: "forward reads .sum of a tensor",
+    SameLinearTwice: "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)",
+    ExtraArgument: "forward does not take exactly one argument",
+    HookedAct: "the nn.SiLU child has hooks",
     Torchvision: "forward reads the global 'copy'",
+    HelperMethod: "forward reads self.silu, which is not a child module",
+    Property: "forward reads self.gate, which is not a child module",
+    BufferCounter: "forward reads self.steps, which is not a child module",
+    Seeds: "forward reads torch.manual_seed",
+    TryExcept: "forward has a try or with block",
+    InPlace: "silu is in place (it writes into the gate's output)",
+    InPlaceAct: "the nn.SiLU child is in place (it writes into the gate's output)",
+    Super: "forward uses super() or a closure",
 }
 
 
 @pytest.mark.parametrize("cls", list(NOT_FUSED), ids=lambda c: c.__name__)
 def test_forwards_not_proven_are_left_alone_with_the_reason(cls, capsys):
     mod = make(cls)
+    state = {k: v.clone() for k, v in mod.state_dict().items()}
+    rng = torch.get_rng_state()
     convert_to_float8_training(mod, **ALL)
-    assert "forward" not in mod.__dict__ and mod.__dict__[GATE_ATTR] == NOT_FUSED[cls]
-    assert capsys.readouterr().out == ""  # nothing of the forward ran at conversion
+    assert type(mod) is cls and mod.__dict__[GATE_ATTR] == NOT_FUSED[cls]
+    # nothing of the forward ran at conversion: no output, no state or RNG change
+    assert capsys.readouterr().out == "" and not hasattr(mod, "calls") and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items() if "steps" in k)
     assert f"SwiGLU gate not fused: {NOT_FUSED[cls]}" in conversion_summary(mod)
 
 
@@ -238,7 +328,7 @@ def test_only_modules_that_look_like_a_swiglu_feed_forward_are_examined():
     model = nn.Sequential(Gelu(), NoSilu(), WithNorm(), Sigmoid(), FeedForward())
     convert_to_float8_training(model, **ALL)
     assert [GATE_ATTR in m.__dict__ for m in model] == [False, False, False, False, True]
-    assert [m for m in model.modules() if "forward" in m.__dict__] == [model[4]]
+    assert [m for m in model.modules() if isinstance(m, FusedGateModule)] == [model[4]]
 
 
 def test_summary_converting_twice_opting_out_and_state_dict():
@@ -251,12 +341,13 @@ def test_summary_converting_twice_opting_out_and_state_dict():
     assert ["1", "SwiGLU gate not fused: forward has a branch or a loop"] in lines
     assert summary.splitlines()[0] == "f8tensor: 6 of 6 linear layers in float8"
     assert list(model.state_dict()) == keys
-    forward = model[0].forward
+    fused = type(model[0])
+    assert fused.__name__ == "FeedForward" and fused.__mro__[1:3] == (FusedGateModule, FeedForward)
     convert_to_float8_training(model, **ALL)  # a no-op
-    assert model[0].forward == forward and conversion_summary(model) == summary
+    assert type(model[0]) is fused and conversion_summary(model) == summary
 
     kept = convert_to_float8_training(make(FeedForward), fuse_swiglu=False, **ALL)
-    assert "forward" not in kept.__dict__ and GATE_ATTR not in kept.__dict__
+    assert type(kept) is FeedForward and GATE_ATTR not in kept.__dict__
     assert "SwiGLU" not in conversion_summary(kept)
 
 
@@ -279,28 +370,65 @@ def test_root_module_is_fused_too():
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
 
 
-def test_copies_run_their_own_layers_and_replaced_children_are_followed():
-    """The fused forward reads the children by name at each call: a deep copy, a pickled and a
-    torch.save'd one run their own (fused) layers, and a layer replaced after conversion is the
-    one that runs."""
+def test_copies_run_their_own_layers_and_replaced_children_are_followed(fused_calls):
+    """The fused class goes with every copy: a deep copy, a pickled and a torch.save'd one run their
+    own layers, fused, and a layer replaced after conversion is the one that runs."""
     mod = convert_to_float8_training(make(FeedForward), **ALL)
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
     buffer = io.BytesIO()
     torch.save(mod, buffer)
     buffer.seek(0)
-    for twin in (pickle.loads(pickle.dumps(mod)), torch.load(buffer, weights_only=False)):
-        assert isinstance(twin.forward, FusedForward) and twin.__dict__[GATE_ATTR] == mod.__dict__[GATE_ATTR]
+    twins = [pickle.loads(pickle.dumps(mod)), torch.load(buffer, weights_only=False), copy.deepcopy(mod)]
+    for twin in twins:
+        assert type(twin) is type(mod) and twin.__dict__[GATE_ATTR] == mod.__dict__[GATE_ATTR]
         assert torch.equal(twin(x), mod(x))
-    twin = copy.deepcopy(mod)
-    assert torch.equal(twin(x), mod(x))
+    assert len(fused_calls) == 2 * len(twins)
+    twin = twins[-1]
     with torch.no_grad():
         twin.w2.weight.zero_()
     assert not twin(x).any() and mod(x).any()
+    shallow = copy.copy(mod)  # shares mod's children, as any shallow copy of a module
+    assert type(shallow) is type(mod) and torch.equal(shallow(x), mod(x))
     mod.w2 = nn.Identity()
     assert mod(x).shape == (4, FFN)
 
 
-def test_inputs_swiglu_does_not_take_run_the_modules_own_math():
+def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
+    """An nn.SiLU child replaced, given hooks, or watched by a global module hook after conversion:
+    the module's own forward runs (its values bit for bit, the hooks see the call); other
+    arguments get the module's own forward and its errors."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    mod = convert_to_float8_training(make(LlamaMLP), **ALL)
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    seen = []
+    handle = register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and "SiLU" in seen and not fused_calls
+    finally:
+        handle.remove()
+    handle = mod.act_fn.register_forward_hook(lambda m, args, out: seen.append("act_fn hook"))
+    assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and "act_fn hook" in seen and not fused_calls
+    handle.remove()
+    mod(x)
+    assert len(fused_calls) == 1  # a plain nn.SiLU again: fused
+    mod.act_fn = nn.GELU()
+    assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and len(fused_calls) == 1
+    with pytest.raises(TypeError, match="positional argument"):
+        mod(x, x)
+
+
+def test_a_torchscript_submodule_does_not_stop_conversion():
+    class Act(nn.Module):
+        def forward(self, x):
+            return F.silu(x)
+
+    model = nn.Sequential(nn.Linear(D, D), torch.jit.script(Act()), make(FeedForward, torch.float32))
+    convert_to_float8_training(model, module_filter_fn=lambda m, f: False)
+    assert isinstance(model[2], FusedGateModule)
+
+
+def test_inputs_swiglu_does_not_take_run_the_modules_own_math(fused_calls):
     """A gate of one column (eager broadcasts it): the fused forward runs silu(a) * b, the module's
     own expression, bit for bit."""
     mod = make(FeedForward, torch.float32)
@@ -308,11 +436,12 @@ def test_inputs_swiglu_does_not_take_run_the_modules_own_math():
     convert_to_float8_training(mod, module_filter_fn=lambda m, f: False)
     x = torch.randn(4, D, device=DEVICE)
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
-    assert torch.equal(mod(x), FeedForward.forward(mod, x))
+    assert torch.equal(mod(x), FeedForward.forward(mod, x)) and not fused_calls
 
 
 def test_compiles_in_one_graph():
     mod = convert_to_float8_training(make(FeedForward), **ALL)
+    assert isinstance(mod, FusedGateModule)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     compiled = torch.compile(mod, fullgraph=True)
     eager = step(mod, x)
