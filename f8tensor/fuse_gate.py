@@ -16,24 +16,31 @@ parameters, state dict, hooks, and calls of the three linears in the same order.
 within one unit in the last place of eager's; fp32 within fp32 arithmetic error).
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded):
-- the bytecode of the class's forward, instruction by instruction: one positional argument, no
-  closure or super(), no try or with block, and nothing but loads of locals, of `self.<child
-  module>`, of torch / torch.nn / torch.nn.functional and their silu and mul, of a tensor's `.mul`,
-  of True/False/None constants, calls, `*`, stores to locals and the return (so no branch, no
-  helper method or property, no other global, no write to anything but locals; tracing then runs
-  nothing of the user's);
+- the module: no instance-level forward; its class (up to nn.Module) has no metaclass and defines
+  no __init_subclass__, pickling (__reduce__, __reduce_ex__) or attribute hooks (__getattr__,
+  __getattribute__, __setattr__), so a subclass of it is made without side effects and behaves
+  as it does;
+- the bytecode of the class's forward, instruction by instruction: one argument, no closure or
+  super(), no try or with block, no branch or loop, and nothing but loads of locals, of
+  `self.<child module>` (self used for nothing else: no helper method, property, alias), of torch /
+  torch.nn / torch.nn.functional and their silu and mul, of a tensor's `.mul`, of True/False/None
+  and keyword names, calls, `*`, stores to locals and the return (so tracing runs nothing of the
+  user's and writes nothing);
 - torch.fx traces it (child modules as leaves) to exactly: two of its nn.Linear children on the
   input, silu of one of them (F.silu, or an nn.SiLU child without hooks; not in place), its
   product with the other, the third nn.Linear child on the product, returned; each intermediate
   used once.
-Only modules whose children are three nn.Linear and at most one nn.SiLU, and whose forward names
-silu or that have the nn.SiLU child, are examined; their class's own forward must be a plain
-function.
+Only modules whose children are three nn.Linear and at most one nn.SiLU (exactly that class:
+transformers 5's SiLUActivation is not one), and whose class forward is a plain function that
+names silu or that have the nn.SiLU child, are examined.
 
-At each call the fused forward runs the class's own forward instead when the fused one would not
-be the same: arguments other than the one input (by position or by its name), or an nn.SiLU child
-that is no longer a plain one (replaced, in place, or with hooks of its own or global module hooks,
-which would see its call).
+At each call the fused forward runs the class's own forward instead wherever the proof no longer
+covers the call: arguments other than the one input (by position, or by its name unless
+positional-only), the class's forward or the globals it read rebound since, an nn.SiLU child that
+is no longer a plain one (replaced, in place, its own forward, or hooks of its own), or fx
+symbolic tracing. Global module hooks do not change the path (activation checkpointing must
+recompute what it saved, with or without a mode that hooks every module), and do not see the
+nn.SiLU child's call. Copies and unpickled modules are proven again where they are made.
 """
 
 import builtins
@@ -46,7 +53,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_globals
 
 from .kernels import INPUT_DTYPES
 from .swiglu import swiglu
@@ -58,25 +64,31 @@ _TORCH_OBJECTS = (torch, nn, F, F.silu, torch.mul)
 _JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
 _NO_VALUE = {"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"}  # push nothing of their own
 _MULS = {operator.mul, torch.mul}
+_SILU_FORWARD = nn.SiLU.forward
+# Python 3.10's names for calls and `*` (3.11 on: CALL, BINARY_OP)
+_CALL_OPS = {"CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW"}
 
 
 @dataclass(frozen=True)
 class SwiGLUGate:
     """forward(arg) = down(silu(gate(arg)) * up(arg)): child names; act: the nn.SiLU child's name, if
-    silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name."""
+    silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name;
+    forward, globals: the code proven and what its global names were bound to."""
     gate: str
     up: str
     down: str
     gate_first: bool
     act: str | None
-    arg: str
+    arg: str | None  # None: positional-only
+    forward: types.FunctionType  # the class forward proven, and the globals it read
+    globals: tuple[tuple[str, object], ...]
 
     def __str__(self):
         return f"SwiGLU gate fused: {self.down}(silu({self.gate}) * {self.up})"
 
 
-def _class_forward(mod: nn.Module):
-    forward = inspect.getattr_static(type(mod), "forward", None)
+def _class_forward(cls: type):
+    forward = inspect.getattr_static(cls, "forward", None)
     return forward if isinstance(forward, types.FunctionType) else None
 
 
@@ -88,7 +100,7 @@ def is_candidate(mod: nn.Module) -> bool:
     silus = sum(type(c) is nn.SiLU for c in children)
     if linears != 3 or silus > 1 or linears + silus != len(children) or isinstance(mod, FusedGateModule):
         return False
-    forward = _class_forward(mod)
+    forward = _class_forward(type(mod))
     return forward is not None and (silus == 1 or "silu" in forward.__code__.co_names)
 
 
@@ -98,24 +110,37 @@ def _plain_silu(act) -> str | None:
         return f"the activation child is a {type(act).__name__}, not an nn.SiLU"
     if act.inplace:
         return "the nn.SiLU child is in place (it writes into the gate's output)"
+    if "forward" in act.__dict__ or nn.SiLU.forward is not _SILU_FORWARD:
+        return "the nn.SiLU child's forward is not nn.SiLU's"
     if act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks:
         return "the nn.SiLU child has hooks"
     return None
 
 
-def _global_module_hooks() -> bool:
-    return bool(module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-                or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks)
+def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
+    """Whether this call is one the proof covers: a module fused by conversion, called with its one
+    input (by position, or by name unless positional-only), whose class forward and the globals it
+    reads are those proven, with a plain nn.SiLU child if silu is one; not under fx tracing."""
+    if not isinstance(gate, SwiGLUGate) or len(args) + len(kwargs) != 1 or (kwargs and (
+            gate.arg is None or gate.arg not in kwargs)):
+        return False
+    if mod._f8tensor_base.forward is not gate.forward or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    module_globals = gate.forward.__globals__
+    if any(module_globals.get(name, getattr(builtins, name, None)) is not value for name, value in gate.globals):
+        return False
+    return gate.act is None or _plain_silu(mod._modules.get(gate.act)) is None
 
 
-def _code_reason(mod: nn.Module, forward) -> str | None:
-    """Why the forward's bytecode is not the straight-line code described in the module docstring."""
+def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str | None:
+    """Why the forward's bytecode is not the straight-line code described in the module docstring;
+    appends (name, value) of each global it reads to read_globals."""
     code = forward.__code__
     if code.co_argcount != 2 or code.co_kwonlyargcount or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return "forward does not take exactly one argument"
     if code.co_freevars or code.co_cellvars:
         return "forward uses super() or a closure"
-    if code.co_exceptiontable:
+    if getattr(code, "co_exceptiontable", b""):  # 3.11 on; 3.10's try/with blocks are jumps
         return "forward has a try or with block"
     instructions = list(dis.get_instructions(code))
     if any(ins.opcode in _JUMPS for ins in instructions):
@@ -126,6 +151,10 @@ def _code_reason(mod: nn.Module, forward) -> str | None:
         op = ins.opname
         if op in _NO_VALUE:
             continue
+        if top == "self" and op not in ("LOAD_ATTR", "LOAD_METHOD"):
+            return "forward uses self other than to read a child module"
+        if top == "keyword names" and op not in ("CALL_FUNCTION_KW", "CALL_KW"):
+            return f"forward does more than call its children, silu and *: {op} {ins.argrepr}".rstrip()
         if op in ("LOAD_FAST", "LOAD_FAST_CHECK"):
             top = "self" if ins.argval == this else "tensor"
         elif op == "LOAD_GLOBAL":
@@ -133,12 +162,13 @@ def _code_reason(mod: nn.Module, forward) -> str | None:
                 builtins, ins.argval, None)
             if not any(value is ok for ok in _TORCH_OBJECTS):
                 return f"forward reads the global {ins.argval!r}"
+            read_globals.append((ins.argval, value))
             top = value
         elif op in ("LOAD_ATTR", "LOAD_METHOD"):
             name = ins.argval
             if top == "self":
-                if name not in mod._modules or hasattr(type(mod), name):
-                    return f"forward reads self.{name}, which is not a child module"
+                if name not in mod._modules or hasattr(cls, name):
+                    return f"forward reads self.{name}, which is not (only) a child module"
                 top = "child"
             elif top == "tensor" and name == "mul":
                 top = "method"
@@ -150,12 +180,30 @@ def _code_reason(mod: nn.Module, forward) -> str | None:
                 return f"forward reads .{name} of a {top}"
         elif op == "LOAD_CONST" and type(ins.argval) in (bool, type(None)):
             top = "constant"
-        elif op in ("CALL", "CALL_KW") or op == "BINARY_OP" and ins.argrepr == "*":
+        elif op == "LOAD_CONST" and type(ins.argval) is tuple and all(type(n) is str for n in ins.argval):
+            top = "keyword names"  # 3.10 and 3.13 pass them so, to the next instruction, a call
+        elif op in _CALL_OPS or op == "BINARY_OP" and ins.argrepr == "*" or op == "BINARY_MULTIPLY":
             top = "tensor"
         elif op in ("STORE_FAST", "RETURN_VALUE"):
             top = None
         else:
             return f"forward does more than call its children, silu and *: {op} {ins.argrepr}".rstrip()
+    if top == "self":
+        return "forward uses self other than to read a child module"
+    return None
+
+
+def _class_reason(mod: nn.Module, cls: type) -> str | None:
+    """Why the module's class cannot be given a fused subclass, or the instance cannot take it."""
+    if "forward" in mod.__dict__:
+        return "the module has an instance-level forward"
+    if type(cls) is not type:
+        return f"its class has the metaclass {type(cls).__name__}"
+    for c in cls.__mro__[:cls.__mro__.index(nn.Module)]:
+        for name in ("__init_subclass__", "__reduce__", "__reduce_ex__", "__getattr__", "__getattribute__",
+                     "__setattr__"):
+            if name in vars(c):
+                return f"its class {c.__name__} defines {name}"
     return None
 
 
@@ -166,8 +214,10 @@ class _LeafTracer(torch.fx.Tracer):
 
 def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     """The SwiGLU pattern of a candidate module's forward, or why it is not one."""
-    forward = _class_forward(mod)
-    reason = _code_reason(mod, forward)
+    cls = type(mod)
+    forward = _class_forward(cls)
+    read_globals = []
+    reason = _class_reason(mod, cls) or _code_reason(mod, cls, forward, read_globals)
     if reason:
         return reason
     acts = [name for name, c in mod._modules.items() if type(c) is nn.SiLU]
@@ -216,8 +266,10 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
             continue
         gate, up = linear_call(found[0], x), linear_call(other, x)
         if gate and up and len({gate, up, down}) == 3:
+            positional_only = forward.__code__.co_posonlyargcount > 1
             return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other),
-                              act=found[1], arg=x.target)
+                              act=found[1], arg=None if positional_only else x.target, forward=forward,
+                              globals=tuple(read_globals))
     if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
         return "silu is in place (it writes into the gate's output)"
     return "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)"
@@ -246,14 +298,23 @@ class FusedGateModule:
     _f8tensor_base: type  # the module's own class
 
     def forward(self, *args, **kwargs):
-        gate = self.__dict__[GATE_ATTR]
-        if len(args) + len(kwargs) != 1 or (kwargs and gate.arg not in kwargs) or (
-                gate.act is not None and (_plain_silu(self._modules.get(gate.act)) or _global_module_hooks())):
-            return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
-        return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])
+        gate = self.__dict__.get(GATE_ATTR)
+        if _still_proven(self, gate, args, kwargs):
+            return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])
+        return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
 
     def __reduce_ex__(self, protocol):
-        return _new_fused, (self._f8tensor_base,), self.__getstate__()
+        state = dict(self.__getstate__())
+        state.pop(GATE_ATTR, None)  # holds the code proven: proven again where the copy is made
+        return _new_fused, (self._f8tensor_base,), state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as at conversion
+        found = find_gate(self)
+        if isinstance(found, SwiGLUGate):  # otherwise what was proven no longer holds here: unfused
+            self.__class__ = fused
+        self.__dict__[GATE_ATTR] = found
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -278,7 +339,10 @@ def fuse_gate(mod: nn.Module) -> SwiGLUGate | str:
     """Make a candidate module's class the fused one if find_gate proves the pattern; record the
     result on the module (read by conversion_summary) and return it."""
     found = find_gate(mod)
-    mod.__dict__[GATE_ATTR] = found
     if isinstance(found, SwiGLUGate):
-        mod.__class__ = fused_class(type(mod))
+        try:
+            mod.__class__ = fused_class(type(mod))
+        except Exception as e:  # noqa: BLE001 (a class or instance that refuses: left as it is)
+            found = f"its class cannot take a fused subclass ({type(e).__name__}: {e})"
+    mod.__dict__[GATE_ATTR] = found
     return found

@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+import sys
 import weakref
 
 import pytest
@@ -103,7 +104,8 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     module written with f8tensor.swiglu; unconverted layers (fp32): close to the module's own math."""
     mod = convert_to_float8_training(make(cls), **ALL)
     assert isinstance(mod, FusedGateModule)
-    assert mod.__dict__[GATE_ATTR] == SwiGLUGate(*FUSED[cls])
+    found = mod.__dict__[GATE_ATTR]
+    assert (found.gate, found.up, found.down, found.gate_first, found.act, found.arg) == FUSED[cls]
     assert isinstance(getattr(mod, FUSED[cls][2]), Float8Linear)
     written = make(cls)
     written.forward = WrittenWithSwiGLU.forward.__get__(written)
@@ -258,13 +260,52 @@ class Super(LlamaMLP):
         return super().forward(x)
 
 
+class AliasSelf(FeedForward):
+    def forward(self, x):
+        s = self
+        return s.w2(F.silu(s.w1(x)) * s.w3(x))
+
+
+class Varargs(FeedForward):
+    def forward(self, *xs):
+        return self.w2(F.silu(self.w1(xs[0])) * self.w3(xs[0]))
+
+
+class Meta(type):
+    pass
+
+
+class WithMeta(FeedForward, metaclass=Meta):
+    pass
+
+
+class Registers(FeedForward):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+
+
+class OwnGetattr(FeedForward):
+    def __getattr__(self, name):
+        return super().__getattr__(name)
+
+
+class ShadowedChild(FeedForward):
+    w1 = property(lambda self: self._modules["w1"])
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self._modules["w1"] = nn.Linear(D, FFN, bias=False)
+        self.w3 = nn.Linear(D, FFN, bias=False)
+        self.w2 = nn.Linear(FFN, D, bias=False)
+
+
 class HookedAct(LlamaMLP):
     def __init__(self):
         super().__init__()
         self.act_fn.register_forward_hook(lambda *args: None)
 
 
-class Torchvision(FeedForward):  # a global that is not torch
+class OtherGlobal(FeedForward):  # a global that is not torch
     def forward(self, x):
         return self.w2(copy.copy(F.silu(self.w1(x))) * self.w3(x))
 
@@ -272,21 +313,27 @@ class Torchvision(FeedForward):  # a global that is not torch
 NOT_FUSED = {
     Branch: "forward has a branch or a loop",
     Prints: "forward reads the global 'print'",
-    Stores: "forward does more than call its children, silu and *: STORE_ATTR last_input",
+    Stores: "forward uses self other than to read a child module",
     Scaled: "forward does more than call its children, silu and *: LOAD_CONST 2",
     SiluUsedTwice: "forward reads .sum of a tensor",
     SameLinearTwice: "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)",
     ExtraArgument: "forward does not take exactly one argument",
     HookedAct: "the nn.SiLU child has hooks",
-    Torchvision: "forward reads the global 'copy'",
-    HelperMethod: "forward reads self.silu, which is not a child module",
-    Property: "forward reads self.gate, which is not a child module",
-    BufferCounter: "forward reads self.steps, which is not a child module",
+    OtherGlobal: "forward reads the global 'copy'",
+    HelperMethod: "forward reads self.silu, which is not (only) a child module",
+    Property: "forward reads self.gate, which is not (only) a child module",
+    BufferCounter: "forward reads self.steps, which is not (only) a child module",
     Seeds: "forward reads torch.manual_seed",
-    TryExcept: "forward has a try or with block",
+    TryExcept: "forward has a try or with block" if sys.version_info >= (3, 11) else "forward has a branch or a loop",
     InPlace: "silu is in place (it writes into the gate's output)",
     InPlaceAct: "the nn.SiLU child is in place (it writes into the gate's output)",
     Super: "forward uses super() or a closure",
+    AliasSelf: "forward uses self other than to read a child module",
+    Varargs: "forward does not take exactly one argument",
+    WithMeta: "its class has the metaclass Meta",
+    Registers: "its class Registers defines __init_subclass__",
+    OwnGetattr: "its class OwnGetattr defines __getattr__",
+    ShadowedChild: "forward reads self.w1, which is not (only) a child module",
 }
 
 
@@ -394,9 +441,11 @@ def test_copies_run_their_own_layers_and_replaced_children_are_followed(fused_ca
 
 
 def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
-    """An nn.SiLU child replaced, given hooks, or watched by a global module hook after conversion:
-    the module's own forward runs (its values bit for bit, the hooks see the call); other
-    arguments get the module's own forward and its errors."""
+    """After conversion, an nn.SiLU child given hooks (forward or backward), replaced, or with a
+    forward of its own, a class forward or global name rebound, other arguments than the one
+    input: the module's own forward runs (its values bit for bit, its hooks, its errors). Global
+    module hooks do not change the path (so activation checkpointing recomputes what it saved,
+    with or without a hooking mode such as FlopCounterMode); they miss the fused nn.SiLU call."""
     from torch.nn.modules.module import register_module_forward_hook
 
     mod = convert_to_float8_training(make(LlamaMLP), **ALL)
@@ -404,18 +453,70 @@ def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
     seen = []
     handle = register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
     try:
-        assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and "SiLU" in seen and not fused_calls
+        mod(x)
     finally:
         handle.remove()
-    handle = mod.act_fn.register_forward_hook(lambda m, args, out: seen.append("act_fn hook"))
-    assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and "act_fn hook" in seen and not fused_calls
-    handle.remove()
+    assert len(fused_calls) == 1 and "SiLU" not in seen and "Float8Linear" in seen
+    own = lambda: LlamaMLP.forward(mod, x)  # noqa: E731
+    for register in (nn.Module.register_forward_hook, nn.Module.register_full_backward_hook):
+        handle = register(mod.act_fn, lambda *args: seen.append("act_fn hook"))
+        assert torch.equal(mod(x), own()) and len(fused_calls) == 1
+        handle.remove()
+    assert "act_fn hook" in seen
+    mod.act_fn.forward = lambda t: F.gelu(t)
+    assert torch.equal(mod(x), own()) and len(fused_calls) == 1
+    del mod.act_fn.forward
     mod(x)
-    assert len(fused_calls) == 1  # a plain nn.SiLU again: fused
+    assert len(fused_calls) == 2  # a plain nn.SiLU again: fused
     mod.act_fn = nn.GELU()
-    assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and len(fused_calls) == 1
+    assert torch.equal(mod(x), own()) and len(fused_calls) == 2
     with pytest.raises(TypeError, match="positional argument"):
         mod(x, x)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
+        mod(y=x)
+
+    mod = convert_to_float8_training(make(UpFirst), **ALL)  # reads the global name silu
+    fused_calls.clear()
+    module_globals = UpFirst.forward.__globals__
+    module_globals["silu"] = F.gelu
+    try:
+        assert torch.equal(mod(x), UpFirst.forward(mod, x)) and not fused_calls
+    finally:
+        module_globals["silu"] = F.silu
+    mod(x)
+    assert len(fused_calls) == 1
+
+
+def test_the_fused_path_does_not_depend_on_global_hooks_under_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mod = convert_to_float8_training(make(LlamaMLP), **ALL)
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    with FlopCounterMode(display=False):
+        out = checkpoint(mod, x, use_reentrant=False)
+    out.float().sum().backward()  # recomputed outside the mode: the same tensors saved
+    assert x.grad is not None
+
+
+def test_a_patched_class_forward_or_a_positional_only_input_is_respected(fused_calls):
+    class Patched(FeedForward):
+        pass
+
+    class PositionalOnly(FeedForward):
+        def forward(self, x, /):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    mod = convert_to_float8_training(make(Patched), **ALL)
+    Patched.forward = lambda self, t: self.w2(F.gelu(self.w1(t)) * self.w3(t))
+    assert torch.equal(mod(x), Patched.forward(mod, x)) and not fused_calls
+    positional = convert_to_float8_training(make(PositionalOnly), **ALL)
+    assert isinstance(positional, FusedGateModule)
+    positional(x)
+    assert len(fused_calls) == 1
+    with pytest.raises(TypeError, match="positional-only"):
+        positional(x=x)
 
 
 def test_a_torchscript_submodule_does_not_stop_conversion():
@@ -448,3 +549,42 @@ def test_compiles_in_one_graph():
     for got, want in zip(step(compiled, x), eager):  # swiglu's plain ops there: float8 roundings may differ
         assert sqnr(want, got) > 25
 
+
+
+def test_an_instance_level_forward_is_left_alone():
+    mod = make(FeedForward)
+    mod.forward = lambda x: x  # as accelerate's hooks do
+    convert_to_float8_training(mod, **ALL)
+    assert type(mod) is FeedForward and mod.__dict__[GATE_ATTR] == "the module has an instance-level forward"
+
+
+def test_mixed_dtypes_run_the_modules_own_math(fused_calls):
+    class HalfOut(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).half()
+
+    mod = make(FeedForward, torch.float32)
+    mod.w1 = HalfOut(D, FFN, device=DEVICE)
+    convert_to_float8_training(mod, module_filter_fn=lambda m, f: False)
+    x = torch.randn(4, D, device=DEVICE)
+    assert isinstance(mod, FusedGateModule)
+    assert torch.equal(mod(x), FeedForward.forward(mod, x)) and not fused_calls
+
+
+def test_a_second_conversion_keeps_an_nn_silu_module_fused(fused_calls):
+    mod = convert_to_float8_training(make(LlamaMLP), **ALL)
+    summary = conversion_summary(mod)
+    convert_to_float8_training(mod, **ALL)
+    assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate) and conversion_summary(mod) == summary
+    mod(torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16))
+    assert len(fused_calls) == 1
+
+
+def test_fx_symbolic_trace_of_a_parent_traces_the_modules_own_forward():
+    model = nn.Sequential(make(FeedForward, torch.float32))
+    convert_to_float8_training(model, module_filter_fn=lambda m, f: False)
+    assert isinstance(model[0], FusedGateModule)
+    traced = torch.fx.symbolic_trace(model)
+    assert any(n.target is F.silu for n in traced.graph.nodes)
+    x = torch.randn(4, D, device=DEVICE)
+    torch.testing.assert_close(traced(x), model(x))
