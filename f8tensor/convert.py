@@ -63,8 +63,8 @@ def convert_to_float8_training(
     read it (same parameters, state dict and hooks; forward values within one unit in the last
     place of PyTorch's kernel). False keeps them all.
     fuse_swiglu: a module whose forward is proven to be exactly down(silu(gate(x)) * up(x)) over
-    three of its nn.Linear children (torchtitan's FeedForward; Hugging Face's LlamaMLP with an
-    nn.SiLU activation, transformers 4) computes
+    three of its nn.Linear children (torchtitan's FeedForward; Hugging Face's LlamaMLP, with
+    transformers 4's nn.SiLU or 5's SiLUActivation) computes
     its gate with f8tensor.swiglu instead (its class becomes a same-named subclass with that
     forward; f8tensor/fuse_gate.py says what is proven). Modules that look like one but are not
     proven are listed by conversion_summary with the reason. False leaves every module as it is.

@@ -6,7 +6,7 @@ A feed-forward written as
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 (torchtitan's FeedForward; Hugging Face's LlamaMLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`
-with an nn.SiLU child, is the same) computes its gate in three eager kernels each way, and the
+with an nn.SiLU or SiLUActivation child, is the same) computes its gate in three eager kernels each way, and the
 float8 layers around it then read the gate's output and gradients again for their amax. Conversion
 cannot swap that code as it swaps a module: the gate is a function call inside the user's forward.
 Here conversion proves that a module's forward computes exactly down(silu(gate(x)) * up(x)) and
@@ -27,20 +27,23 @@ The proof, all of which must hold (otherwise the module is left alone, and why i
   and keyword names, calls, `*`, stores to locals and the return (so tracing runs nothing of the
   user's and writes nothing);
 - torch.fx traces it (child modules as leaves) to exactly: two of its nn.Linear children on the
-  input, silu of one of them (F.silu, or an nn.SiLU child without hooks; not in place), its
+  input, silu of one of them (F.silu not in place, or an activation child that is silu), its
   product with the other, the third nn.Linear child on the product, returned; each intermediate
   used once.
-Only modules whose children are three nn.Linear and at most one nn.SiLU (exactly that class:
-transformers 5's SiLUActivation is not one), and whose class forward is a plain function that
-names silu or that have the nn.SiLU child, are examined.
+An activation child is silu if it is an nn.SiLU (not in place) or its class is proven to compute
+exactly F.silu(input) by the same bytecode walk and trace (transformers 5's SiLUActivation), with
+no forward of its own and no hooks. Only modules whose children are three nn.Linear and at most one
+child without parameters, buffers or children, and whose class forward is a plain function that
+names silu or that have that child, are examined.
 
 At each call the fused forward runs the class's own forward instead wherever the proof no longer
 covers the call: arguments other than the one input (by position, or by its name unless
-positional-only), the class's forward or the globals it read rebound since, an nn.SiLU child that
-is no longer a plain one (replaced, in place, its own forward, or hooks of its own), or fx
+positional-only), the class's forward or the globals it read rebound since, an activation child
+that is no longer silu (replaced, in place, its own forward, its class's forward rebound, or hooks
+of its own), or fx
 symbolic tracing. Global module hooks do not change the path (activation checkpointing must
 recompute what it saved, with or without a mode that hooks every module), and do not see the
-nn.SiLU child's call. Copies and unpickled modules are proven again where they are made.
+activation child's call. Copies and unpickled modules are proven again where they are made.
 """
 
 import builtins
@@ -92,29 +95,83 @@ def _class_forward(cls: type):
     return forward if isinstance(forward, types.FunctionType) else None
 
 
+def _leaf_without_state(c: nn.Module) -> bool:
+    return not (c._modules or c._parameters or c._buffers)
+
+
 def is_candidate(mod: nn.Module) -> bool:
-    """Children: three nn.Linear and at most one nn.SiLU; a plain-function forward that names silu
-    or the nn.SiLU child; not yet fused."""
+    """Children: three nn.Linear and at most one other, without parameters, buffers or children (an
+    activation); a plain-function forward that names silu, or that activation child; not yet fused."""
     children = list(mod._modules.values())
     linears = sum(isinstance(c, nn.Linear) for c in children)
-    silus = sum(type(c) is nn.SiLU for c in children)
-    if linears != 3 or silus > 1 or linears + silus != len(children) or isinstance(mod, FusedGateModule):
+    others = [c for c in children if not isinstance(c, nn.Linear)]
+    if linears != 3 or len(others) > 1 or not all(_leaf_without_state(c) for c in others) or isinstance(
+            mod, FusedGateModule):
         return False
     forward = _class_forward(type(mod))
-    return forward is not None and (silus == 1 or "silu" in forward.__code__.co_names)
+    return forward is not None and (len(others) == 1 or "silu" in forward.__code__.co_names)
+
+
+# Activation classes proven to compute F.silu(input) (class -> (forward, globals read)), such as
+# transformers 5's SiLUActivation; checked again at each call that their forward is still that.
+_SILU_CLASSES: dict[type, tuple] = {}
+_SILU_PROOFS: dict[tuple, str | None] = {}  # (class, forward) -> why not (None: proven), tried once
+
+
+def _silu_class_reason(cls: type, act: nn.Module) -> str | None:
+    """Why an activation module's class is not proven to compute exactly F.silu(input); proven once
+    per class and forward function (a proven class is recorded in _SILU_CLASSES)."""
+    forward = _class_forward(cls)
+    if forward is None:
+        return f"the activation child {cls.__name__}'s forward is not a plain function"
+    if (cls, forward) not in _SILU_PROOFS:
+        _SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
+    return _SILU_PROOFS[cls, forward]
+
+
+def _silu_proof(cls: type, act: nn.Module, forward) -> str | None:
+    read_globals = []
+    reason = _class_reason(act, cls) or _code_reason(act, cls, forward, read_globals)
+    if reason:
+        return f"the activation child {cls.__name__}: {reason}"
+    tracer = _LeafTracer()
+    try:
+        nodes = list(tracer.trace(act).nodes)
+    except Exception as e:  # noqa: BLE001 (not provably silu)
+        return f"the activation child {cls.__name__} could not be traced ({type(e).__name__}: {e})"
+    finally:
+        tracer.__dict__.clear()
+    if not ([n.op for n in nodes] == ["placeholder", "call_function", "output"] and nodes[1].target is F.silu
+            and nodes[1].args == (nodes[0],) and nodes[1].kwargs in ({}, {"inplace": False})
+            and nodes[2].args == (nodes[1],)):
+        return f"the activation child {cls.__name__} does not compute exactly silu(input)"
+    _SILU_CLASSES[cls] = (forward, tuple(read_globals))
+    return None
 
 
 def _plain_silu(act) -> str | None:
-    """Why an nn.SiLU child's call cannot be fused away, or None."""
-    if type(act) is not nn.SiLU:
-        return f"the activation child is a {type(act).__name__}, not an nn.SiLU"
-    if act.inplace:
-        return "the nn.SiLU child is in place (it writes into the gate's output)"
-    if "forward" in act.__dict__ or nn.SiLU.forward is not _SILU_FORWARD:
-        return "the nn.SiLU child's forward is not nn.SiLU's"
+    """Why an activation child's call cannot be fused away as silu, or None: an nn.SiLU (not in
+    place, nn.SiLU's forward) or a class proven to compute F.silu(input), with no forward of its
+    own and no hooks."""
+    if not isinstance(act, nn.Module) or not _leaf_without_state(act):
+        return f"the activation child is a {type(act).__name__}, not silu"
     if act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks:
-        return "the nn.SiLU child has hooks"
-    return None
+        return f"the activation child {type(act).__name__} has hooks"
+    if "forward" in act.__dict__:
+        return f"the activation child {type(act).__name__} has a forward of its own"
+    if type(act) is nn.SiLU:
+        if act.inplace:
+            return "the nn.SiLU child is in place (it writes into the gate's output)"
+        if nn.SiLU.forward is not _SILU_FORWARD:
+            return "nn.SiLU's forward was replaced"
+        return None
+    if type(act) in _SILU_CLASSES:  # the common case at each call: proven at conversion
+        forward, read_globals = _SILU_CLASSES[type(act)]
+        if type(act).forward is forward and all(
+                forward.__globals__.get(name, getattr(builtins, name, None)) is value for name, value in read_globals):
+            return None
+        return f"the activation child {type(act).__name__}'s forward changed since it was proven"
+    return _silu_class_reason(type(act), act)
 
 
 def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
@@ -220,7 +277,7 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     reason = _class_reason(mod, cls) or _code_reason(mod, cls, forward, read_globals)
     if reason:
         return reason
-    acts = [name for name, c in mod._modules.items() if type(c) is nn.SiLU]
+    acts = [name for name, c in mod._modules.items() if not isinstance(c, nn.Linear)]
     if acts and _plain_silu(mod._modules[acts[0]]):
         return _plain_silu(mod._modules[acts[0]])
     tracer = _LeafTracer()
@@ -248,7 +305,7 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
             return None
         if n.op == "call_function" and n.target is F.silu and n.kwargs in ({}, {"inplace": False}):
             return n.args[0], None
-        if n.op == "call_module" and type(children.get(n.target)) is nn.SiLU and not n.kwargs:
+        if n.op == "call_module" and n.target in acts and not n.kwargs:
             return n.args[0], n.target
         return None
 

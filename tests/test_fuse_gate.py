@@ -47,6 +47,17 @@ class LlamaMLP(nn.Module):  # Hugging Face's
         return down_proj
 
 
+class SiLUActivation(nn.Module):  # transformers 5's activation class for "silu"
+    def forward(self, input):
+        return nn.functional.silu(input)
+
+
+class LlamaMLP5(LlamaMLP):  # Hugging Face's, with transformers 5's ACT2FN["silu"]
+    def __init__(self):
+        super().__init__()
+        self.act_fn = SiLUActivation()
+
+
 class UpFirst(FeedForward):
     def forward(self, x):
         return self.w2(torch.mul(self.w3(x), silu(self.w1(x))))
@@ -70,6 +81,7 @@ class WrittenWithSwiGLU(FeedForward):  # the same model with the fused op in its
 
 FUSED = {FeedForward: ("w1", "w3", "w2", True, None, "x"),
          LlamaMLP: ("gate_proj", "up_proj", "down_proj", True, "act_fn", "x"),
+         LlamaMLP5: ("gate_proj", "up_proj", "down_proj", True, "act_fn", "x"),
          UpFirst: ("w1", "w3", "w2", False, None, "x"), MulMethod: ("w1", "w3", "w2", True, None, "hidden_states"),
          Chain: ("w1", "w3", "w2", True, None, "x")}
 
@@ -109,7 +121,7 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     assert isinstance(getattr(mod, FUSED[cls][2]), Float8Linear)
     written = make(cls)
     written.forward = WrittenWithSwiGLU.forward.__get__(written)
-    if cls is LlamaMLP:
+    if cls in (LlamaMLP, LlamaMLP5):
         written.forward = lambda x: written.down_proj(swiglu(written.gate_proj(x), written.up_proj(x)))
     written = convert_to_float8_training(written, **ALL, fuse_swiglu=False)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
@@ -299,6 +311,17 @@ class ShadowedChild(FeedForward):
         self.w2 = nn.Linear(FFN, D, bias=False)
 
 
+class GELUActivation(nn.Module):
+    def forward(self, input):
+        return nn.functional.gelu(input)
+
+
+class GeGLU(LlamaMLP):  # three linears and an activation child that is not silu
+    def __init__(self):
+        super().__init__()
+        self.act_fn = GELUActivation()
+
+
 class HookedAct(LlamaMLP):
     def __init__(self):
         super().__init__()
@@ -318,7 +341,7 @@ NOT_FUSED = {
     SiluUsedTwice: "forward reads .sum of a tensor",
     SameLinearTwice: "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)",
     ExtraArgument: "forward does not take exactly one argument",
-    HookedAct: "the nn.SiLU child has hooks",
+    HookedAct: "the activation child SiLU has hooks",
     OtherGlobal: "forward reads the global 'copy'",
     HelperMethod: "forward reads self.silu, which is not (only) a child module",
     Property: "forward reads self.gate, which is not (only) a child module",
@@ -334,6 +357,7 @@ NOT_FUSED = {
     Registers: "its class Registers defines __init_subclass__",
     OwnGetattr: "its class OwnGetattr defines __getattr__",
     ShadowedChild: "forward reads self.w1, which is not (only) a child module",
+    GeGLU: "the activation child GELUActivation: forward reads torch.nn.functional.gelu",
 }
 
 
@@ -588,3 +612,20 @@ def test_fx_symbolic_trace_of_a_parent_traces_the_modules_own_forward():
     assert any(n.target is F.silu for n in traced.graph.nodes)
     x = torch.randn(4, D, device=DEVICE)
     torch.testing.assert_close(traced(x), model(x))
+
+
+def test_an_activation_class_proven_to_be_silu_stays_checked_at_each_call(fused_calls):
+    """transformers 5's SiLUActivation is proven from its code; a forward patched into its class
+    after conversion makes the module run its own forward."""
+    mod = convert_to_float8_training(make(LlamaMLP5), **ALL)
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    mod(x)
+    assert len(fused_calls) == 1
+    original = SiLUActivation.forward
+    SiLUActivation.forward = lambda self, t: F.gelu(t)
+    try:
+        assert torch.equal(mod(x), LlamaMLP.forward(mod, x)) and len(fused_calls) == 1
+    finally:
+        SiLUActivation.forward = original
+    mod(x)
+    assert len(fused_calls) == 2
