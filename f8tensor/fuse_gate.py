@@ -68,14 +68,14 @@ _JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
 _NO_VALUE = {"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"}  # push nothing of their own
 _MULS = {operator.mul, torch.mul}
 _SILU_FORWARD = nn.SiLU.forward
-# Python 3.10's names for calls and `*` (3.11 on: CALL, BINARY_OP)
+# calls: 3.11 on CALL (3.13 CALL_KW); 3.10 CALL_FUNCTION, CALL_METHOD, CALL_FUNCTION_KW
 _CALL_OPS = {"CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW"}
 
 
 @dataclass(frozen=True)
 class SwiGLUGate:
-    """forward(arg) = down(silu(gate(arg)) * up(arg)): child names; act: the nn.SiLU child's name, if
-    silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name;
+    """forward(arg) = down(silu(gate(arg)) * up(arg)): child names; act: the activation child's name,
+    if silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name;
     forward, globals: the code proven and what its global names were bound to."""
     gate: str
     up: str
@@ -177,7 +177,8 @@ def _plain_silu(act) -> str | None:
 def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
     """Whether this call is one the proof covers: a module fused by conversion, called with its one
     input (by position, or by name unless positional-only), whose class forward and the globals it
-    reads are those proven, with a plain nn.SiLU child if silu is one; not under fx tracing."""
+    reads are those proven, with an activation child that is still silu if silu is one; not under
+    fx symbolic tracing."""
     if not isinstance(gate, SwiGLUGate) or len(args) + len(kwargs) != 1 or (kwargs and (
             gate.arg is None or gate.arg not in kwargs)):
         return False
