@@ -24,6 +24,17 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def train_step(mod: nn.Module, x: torch.Tensor) -> list:
+    """One forward/backward of a squared-sum loss: the output, x's gradient, then every parameter's
+    gradient (cleared on the module afterwards)."""
+    x = x.detach().requires_grad_()
+    out = mod(x)
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for p in mod.parameters()]
+    mod.zero_grad(set_to_none=True)
+    return [out.detach()] + grads
+
+
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20 log10(|ref| / |ref - out|)."""
     ref, out = ref.double(), out.double()

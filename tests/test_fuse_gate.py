@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, count_amax_passes, sqnr
+from f8utils import DEVICE, SwiGLU, count_amax_passes, sqnr, train_step
 from torch import nn
 from torch.nn.functional import silu
 
@@ -23,15 +23,9 @@ D, FFN = 64, 192
 ALL = dict(module_filter_fn=lambda mod, fqn: True)  # convert these small layers too
 
 
-class FeedForward(nn.Module):  # torchtitan's
+class FeedForward(SwiGLU):  # torchtitan's, at this file's sizes
     def __init__(self):
-        super().__init__()
-        self.w1 = nn.Linear(D, FFN, bias=False)
-        self.w3 = nn.Linear(D, FFN, bias=False)
-        self.w2 = nn.Linear(FFN, D, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        super().__init__(D, FFN)
 
 
 class LlamaMLP(nn.Module):  # Hugging Face's
@@ -101,15 +95,6 @@ def make(cls, dtype=torch.bfloat16, seed=0):
     return cls().to(DEVICE, dtype)
 
 
-def step(mod, x):
-    x = x.detach().requires_grad_()
-    out = mod(x)
-    out.float().square().sum().backward()
-    grads = [x.grad] + [p.grad for p in mod.parameters()]
-    mod.zero_grad(set_to_none=True)
-    return [out.detach()] + grads
-
-
 @pytest.mark.parametrize("cls", list(FUSED), ids=lambda c: c.__name__)
 def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_with_swiglu(cls, fused_calls):
     """Fused as written (float8 layers): output and every gradient are the bits of the same
@@ -125,7 +110,7 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
         written.forward = lambda x: written.down_proj(swiglu(written.gate_proj(x), written.up_proj(x)))
     written = convert_to_float8_training(written, **ALL, fuse_swiglu=False)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
-    for got, want in zip(step(mod, x), step(written, x)):
+    for got, want in zip(train_step(mod, x), train_step(written, x)):
         assert torch.equal(got, want)
     assert len(fused_calls) == 1
     assert torch.equal(mod(**{FUSED[cls][5]: x}), mod(x)) and len(fused_calls) == 3  # by keyword too
@@ -133,7 +118,7 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     plain = make(cls, torch.float32)
     fused = convert_to_float8_training(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
     assert isinstance(fused.__dict__[GATE_ATTR], SwiGLUGate) and type(getattr(fused, FUSED[cls][2])) is nn.Linear
-    for got, want in zip(step(fused, x.float()), step(plain, x.float())):
+    for got, want in zip(train_step(fused, x.float()), train_step(plain, x.float())):
         torch.testing.assert_close(got, want)
 
 
@@ -146,7 +131,7 @@ def test_fused_gate_hands_its_amax_records_to_the_float8_layers(monkeypatch):
     for fuse in (True, False):
         mod = convert_to_float8_training(make(FeedForward), fuse_swiglu=fuse, **ALL)
         passes.clear()
-        step(mod, x)
+        train_step(mod, x)
         counts.append(sum(passes))
     assert counts[1] - counts[0] == 3
 
@@ -569,8 +554,8 @@ def test_compiles_in_one_graph():
     assert isinstance(mod, FusedGateModule)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     compiled = torch.compile(mod, fullgraph=True)
-    eager = step(mod, x)
-    for got, want in zip(step(compiled, x), eager):  # swiglu's plain ops there: float8 roundings may differ
+    eager = train_step(mod, x)
+    for got, want in zip(train_step(compiled, x), eager):  # swiglu's plain ops there: float8 roundings may differ
         assert sqnr(want, got) > 25
 
 

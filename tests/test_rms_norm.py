@@ -14,7 +14,7 @@ its autograd wrapper, its record and its fallbacks.
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr
+from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr, train_step
 from torch import nn
 
 from f8tensor import Float8Linear, RMSNorm, conversion_summary, convert_to_float8_training
@@ -341,15 +341,6 @@ def float8_block(fuse_rms_norm=True):
     for norm in (block.norm1, block.norm2):
         nn.init.normal_(norm.weight, 1.0, 0.3)
     return convert_to_float8_training(block, module_filter_fn=lambda mod, fqn: True, fuse_rms_norm=fuse_rms_norm)
-
-
-def train_step(block, x):
-    x = x.detach().requires_grad_()
-    out = block(x)
-    out.float().square().sum().backward()
-    grads = [x.grad] + [p.grad for p in block.parameters()]
-    block.zero_grad(set_to_none=True)
-    return [out.detach()] + grads
 
 
 def test_float8_layers_use_the_norms_records_same_bits_fewer_passes(monkeypatch):
