@@ -20,9 +20,10 @@ of model code changed in all, same math, fused; with --rope complex its interlea
 f8tensor_keepweight and f8tensor_keepweight_compiled (only when named) use
 Float8Config(keep_fp8_weight=True) (compiled: both weight layouts cast in forward, in one pass, the
 column-major one saved for backward). Conversion also swaps the model's nn.RMSNorm modules for
-f8tensor.RMSNorm and runs the model's SwiGLU gate as f8tensor.swiglu (its defaults; the model
-code is unchanged); f8tensor_nogate (only when named) keeps the model's gate code,
-f8tensor_torchnorm (only when named) that and PyTorch's norms, and bf16_norm (only when named) is
+f8tensor.RMSNorm, runs the model's SwiGLU gate as f8tensor.swiglu and its rotate_half RoPE
+function as f8tensor.rope (its defaults; the model code is unchanged); f8tensor_norope (only when
+named) keeps the model's RoPE code, f8tensor_nogate (only when named) that and its gate code,
+f8tensor_torchnorm (only when named) those and PyTorch's norms, and bf16_norm (only when named) is
 bf16 with only the norm swap. --grad-accum N makes
 each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
 (CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
@@ -56,13 +57,17 @@ from f8tensor import Float8Config, RMSNorm, convert_to_float8_training, swiglu
 from f8tensor import rope as fused_rope
 from f8tensor.convert import default_skip_reason
 from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
+from f8tensor.fuse_rope import ROPE_ATTR, RoPECalls
 
 # f8tensor*: convert_to_float8_training's defaults, which also swap the model's nn.RMSNorm modules
 # for f8tensor.RMSNorm (fused, float8-aware; PyTorch's rms_norm under compile) and run the gate of
 # FeedForward below as f8tensor.swiglu (fuse_swiglu: conversion proves the forward is
-# w2(silu(w1(x)) * w3(x)) and gives the module a fused forward; model code unchanged).
-# f8tensor_nogate keeps the model's own gate code (fuse_swiglu=False, conversion from c9fdf78 to
-# the gate fusion); f8tensor_torchnorm also PyTorch's norms (conversion before c9fdf78); bf16_norm
+# w2(silu(w1(x)) * w3(x)) and gives the module a fused forward; model code unchanged) and the
+# rotate_half apply_rope below, which Attention.forward calls, as f8tensor.rope (fuse_rope: conversion
+# proves apply_rope computes exactly x * cos + rotate_half(x) * sin and runs Attention's own forward
+# with that name bound to the fused rotation). f8tensor_norope keeps the model's RoPE code
+# (fuse_rope=False: conversion from the gate fusion to the RoPE fusion); f8tensor_nogate also the
+# model's own gate code (fuse_swiglu=False, conversion from c9fdf78 to the gate fusion); f8tensor_torchnorm also PyTorch's norms (conversion before c9fdf78); bf16_norm
 # is bf16 with only the norms swapped.
 # *_swiglu: the model's feed-forward gate is f8tensor.swiglu written in model code (a one-line
 # change; conversion then has nothing to fuse there), the others run the model as written.
@@ -73,7 +78,7 @@ from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
 # torchao_fsdp8_compiled (--fsdp only): torchao as torchtitan runs it under FSDP2, float8 weight
 # all-gather (each rank casts its shard) and the scales of all weights in one all-reduce per step.
 CONFIGS = ["bf16", "bf16_norm", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
-           "f8tensor_fused", "f8tensor_nogate", "f8tensor_torchnorm", "f8tensor_keepweight",
+           "f8tensor_fused", "f8tensor_norope", "f8tensor_nogate", "f8tensor_torchnorm", "f8tensor_keepweight",
            "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled",
            "torchao_fsdp8_compiled"]
 
@@ -225,8 +230,10 @@ def build(a, config, ac, device):
         f8_config = Float8Config(keep_fp8_weight="_keepweight" in config)
         # _torchnorm: conversion as before c9fdf78 (PyTorch's norms, the model's own gate code);
         # _nogate: as c9fdf78..the gate fusion (fused norms, the model's own gate code)
+        # _norope: as the gate fusion..the RoPE fusion (fused norms and gate, the model's RoPE code)
         fuse = dict(fuse_rms_norm=not config.endswith("_torchnorm"),
-                    fuse_swiglu=not config.endswith(("_torchnorm", "_nogate")))
+                    fuse_swiglu=not config.endswith(("_torchnorm", "_nogate")),
+                    fuse_rope=not config.endswith(("_torchnorm", "_nogate", "_norope")))
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
                 model, config=f8_config, **fuse,
@@ -234,7 +241,8 @@ def build(a, config, ac, device):
         else:  # every linear but the output, as torchao is converted here
             convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output, **fuse)
     elif config == "bf16_norm":  # no float8: only conversion's norm swap
-        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False, fuse_swiglu=False)
+        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False, fuse_swiglu=False,
+                                   fuse_rope=False)
     elif config.startswith("torchao"):
         from torchao.float8 import Float8LinearConfig  # ImportError: reported
         from torchao.float8 import convert_to_float8_training as ao_convert
@@ -349,9 +357,11 @@ class Run:
         fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
         fused_norms = sum(isinstance(m, RMSNorm) for m in self.model.modules())
         fused_gates = sum(isinstance(m.__dict__.get(GATE_ATTR), SwiGLUGate) for m in self.model.modules())
+        fused_ropes = sum(isinstance(m.__dict__.get(ROPE_ATTR), RoPECalls) for m in self.model.modules())
         return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
                     loss=self.last_loss.item(), fp8_linears=fp8, fused_norms=fused_norms, fused_gates=fused_gates,
+                    fused_ropes=fused_ropes,
                     alloc_retries=self.alloc_retries,
                     settle_alloc_retries=self.settle_retries,
                     **self.peaks)
@@ -515,7 +525,7 @@ def default_configs(device):
     # The model as written and the default config: *_swiglu and *_fused (changed model code) and
     # f8tensor_keepweight* (an option) only when named in --configs.
     keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
-            and not c.endswith(("_swiglu", "_fused", "_norm", "_torchnorm", "_nogate")) and "_keepweight" not in c and "_fsdp8" not in c]
+            and not c.endswith(("_swiglu", "_fused", "_norm", "_torchnorm", "_nogate", "_norope")) and "_keepweight" not in c and "_fsdp8" not in c]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 

@@ -6,6 +6,7 @@ from typing import Callable
 from torch import nn
 
 from .config import Float8Config
+from . import fuse_rope as rope_fusion
 from .fuse_gate import GATE_ATTR, fuse_gate, is_candidate
 from .linear import Float8Linear
 from .kernels.rms_norm import MAX_D
@@ -45,6 +46,7 @@ def default_skip_reason(mod: nn.Linear) -> str | None:
 def convert_to_float8_training(
     module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
     config: Float8Config | None = None, fuse_rms_norm: bool = True, fuse_swiglu: bool = True,
+    fuse_rope: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear, and
     every nn.RMSNorm (exact type) with f8tensor.RMSNorm unless fuse_rms_norm is False.
@@ -68,6 +70,11 @@ def convert_to_float8_training(
     its gate with f8tensor.swiglu instead (its class becomes a same-named subclass with that
     forward; f8tensor/fuse_gate.py says what is proven). Modules that look like one but are not
     proven are listed by conversion_summary with the reason. False leaves every module as it is.
+    fuse_rope: a module whose forward calls, by its global name, a function proven to compute nothing
+    but rotary embeddings x * cos + rotate_half(x) * sin of its arguments (Hugging Face's
+    apply_rotary_pos_emb; one tensor at a time, with chunk or slices) runs that call as
+    f8tensor.rope instead (its class becomes a same-named subclass running its own forward code with
+    that one name rebound; f8tensor/fuse_rope.py says what is proven). False leaves them as they are.
     """
     config = config or Float8Config()
 
@@ -100,17 +107,25 @@ def convert_to_float8_training(
         for fqn, mod in module.named_modules():
             if is_candidate(mod):
                 logger.info("f8tensor: %s: %s", fqn or "<root>", fuse_gate(mod))
+    if fuse_rope:
+        for fqn, mod in module.named_modules():
+            if rope_fusion.is_candidate(mod):
+                logger.info("f8tensor: %s: %s", fqn or "<root>", rope_fusion.fuse_rope(mod))
     return module
 
 
 def conversion_summary(module: nn.Module) -> str:
-    """A table of every linear layer (float8 or kept, with the reason), every RMSNorm (fused or not)
-    and every SwiGLU feed-forward conversion examined (gate fused, or why not)."""
+    """A table of every linear layer (float8 or kept, with the reason), every RMSNorm (fused or not),
+    every SwiGLU feed-forward conversion examined (gate fused, or why not) and every module calling
+    a rotary function (RoPE fused, or why not)."""
     rows = []
     for fqn, mod in module.named_modules():
         if GATE_ATTR in mod.__dict__:
             gate = mod.__dict__[GATE_ATTR]
             rows.append((fqn or "<root>", "", f"SwiGLU gate not fused: {gate}" if isinstance(gate, str) else str(gate)))
+        if rope_fusion.ROPE_ATTR in mod.__dict__:
+            calls = mod.__dict__[rope_fusion.ROPE_ATTR]
+            rows.append((fqn or "<root>", "", f"RoPE not fused: {calls}" if isinstance(calls, str) else str(calls)))
         if isinstance(mod, nn.Linear):
             dims = f"{mod.in_features}->{mod.out_features}"
             status = ("float8" if isinstance(mod, Float8Linear)
@@ -127,7 +142,7 @@ def conversion_summary(module: nn.Module) -> str:
             continue
         rows.append((fqn or "<root>", dims, status))
     converted = sum(r[2] == "float8" for r in rows)
-    linears = sum(not r[2].startswith(("RMSNorm", "SwiGLU")) for r in rows)
+    linears = sum(not r[2].startswith(("RMSNorm", "SwiGLU", "RoPE")) for r in rows)
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"f8tensor: {converted} of {linears} linear layers in float8"]
     lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]

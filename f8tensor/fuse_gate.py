@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_class import FusedModule, class_forward, class_reason, fuse
 from .kernels import INPUT_DTYPES
 from .swiglu import swiglu
 
@@ -90,11 +91,6 @@ class SwiGLUGate:
         return f"SwiGLU gate fused: {self.down}(silu({self.gate}) * {self.up})"
 
 
-def _class_forward(cls: type):
-    forward = inspect.getattr_static(cls, "forward", None)
-    return forward if isinstance(forward, types.FunctionType) else None
-
-
 def _leaf_without_state(c: nn.Module) -> bool:
     return not (c._modules or c._parameters or c._buffers)
 
@@ -108,7 +104,7 @@ def is_candidate(mod: nn.Module) -> bool:
     if linears != 3 or len(others) > 1 or not all(_leaf_without_state(c) for c in others) or isinstance(
             mod, FusedGateModule):
         return False
-    forward = _class_forward(type(mod))
+    forward = class_forward(type(mod))
     return forward is not None and (len(others) == 1 or "silu" in forward.__code__.co_names)
 
 
@@ -121,7 +117,7 @@ _SILU_PROOFS: dict[tuple, str | None] = {}  # (class, forward) -> why not (None:
 def _silu_class_reason(cls: type, act: nn.Module) -> str | None:
     """Why an activation module's class is not proven to compute exactly F.silu(input); proven once
     per class and forward function (a proven class is recorded in _SILU_CLASSES)."""
-    forward = _class_forward(cls)
+    forward = class_forward(cls)
     if forward is None:
         return f"the activation child {cls.__name__}'s forward is not a plain function"
     if (cls, forward) not in _SILU_PROOFS:
@@ -131,7 +127,7 @@ def _silu_class_reason(cls: type, act: nn.Module) -> str | None:
 
 def _silu_proof(cls: type, act: nn.Module, forward) -> str | None:
     read_globals = []
-    reason = _class_reason(act, cls) or _code_reason(act, cls, forward, read_globals)
+    reason = class_reason(act, cls) or _code_reason(act, cls, forward, read_globals)
     if reason:
         return f"the activation child {cls.__name__}: {reason}"
     tracer = _LeafTracer()
@@ -179,7 +175,7 @@ def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
     input (by position, or by name unless positional-only), whose class forward and the globals it
     reads are those proven, with an activation child that is still silu if silu is one; not under
     fx symbolic tracing."""
-    if not isinstance(gate, SwiGLUGate) or len(args) + len(kwargs) != 1 or (kwargs and (
+    if len(args) + len(kwargs) != 1 or (kwargs and (
             gate.arg is None or gate.arg not in kwargs)):
         return False
     if mod._f8tensor_base.forward is not gate.forward or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
@@ -251,20 +247,6 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
     return None
 
 
-def _class_reason(mod: nn.Module, cls: type) -> str | None:
-    """Why the module's class cannot be given a fused subclass, or the instance cannot take it."""
-    if "forward" in mod.__dict__:
-        return "the module has an instance-level forward"
-    if type(cls) is not type:
-        return f"its class has the metaclass {type(cls).__name__}"
-    for c in cls.__mro__[:cls.__mro__.index(nn.Module)]:
-        for name in ("__init_subclass__", "__reduce__", "__reduce_ex__", "__getattr__", "__getattribute__",
-                     "__setattr__"):
-            if name in vars(c):
-                return f"its class {c.__name__} defines {name}"
-    return None
-
-
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
         return True
@@ -273,9 +255,9 @@ class _LeafTracer(torch.fx.Tracer):
 def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     """The SwiGLU pattern of a candidate module's forward, or why it is not one."""
     cls = type(mod)
-    forward = _class_forward(cls)
+    forward = class_forward(cls)
     read_globals = []
-    reason = _class_reason(mod, cls) or _code_reason(mod, cls, forward, read_globals)
+    reason = class_reason(mod, cls) or _code_reason(mod, cls, forward, read_globals)
     if reason:
         return reason
     acts = [name for name, c in mod._modules.items() if not isinstance(c, nn.Linear)]
@@ -348,59 +330,23 @@ def _fused_forward(mod: nn.Module, gate: SwiGLUGate, x):
     return getattr(mod, gate.down)(h)
 
 
-class FusedGateModule:
-    """Mixed into a proven module's class (fused_class): a forward that runs the gate as swiglu. As a
-    class, not an instance attribute, it goes with every copy (copy, deepcopy, pickle, torch.save)
-    and makes no reference cycle; copies and pickles rebuild the fused class around the original."""
+class FusedGateModule(FusedModule):
+    """Mixed into a proven module's class (fused_class.fused_class): a forward that runs the gate as
+    swiglu where _still_proven says the proof covers the call."""
 
-    _f8tensor_base: type  # the module's own class
+    ATTR, PROOF = GATE_ATTR, SwiGLUGate
 
-    def forward(self, *args, **kwargs):
-        gate = self.__dict__.get(GATE_ATTR)
-        if _still_proven(self, gate, args, kwargs):
-            return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])
-        return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
+    @staticmethod
+    def prove(mod: nn.Module) -> SwiGLUGate | str:
+        return find_gate(mod)
 
-    def __reduce_ex__(self, protocol):
-        state = dict(self.__getstate__())
-        state.pop(GATE_ATTR, None)  # holds the code proven: proven again where the copy is made
-        return _new_fused, (self._f8tensor_base,), state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as at conversion
-        found = find_gate(self)
-        if isinstance(found, SwiGLUGate):  # otherwise what was proven no longer holds here: unfused
-            self.__class__ = fused
-        self.__dict__[GATE_ATTR] = found
-
-
-_FUSED_CLASSES: dict[type, type] = {}
-
-
-def fused_class(base: type) -> type:
-    """The class of base's fused modules: same name, base's behaviour but the forward (one per base)."""
-    if base not in _FUSED_CLASSES:
-        _FUSED_CLASSES[base] = type(base.__name__, (FusedGateModule, base), {
-            "__module__": base.__module__, "__qualname__": base.__qualname__, "_f8tensor_base": base})
-    return _FUSED_CLASSES[base]
-
-
-def _new_fused(base: type):
-    """An empty fused module of base's class (unpickling and copies then set its state)."""
-    obj = base.__new__(base)
-    obj.__class__ = fused_class(base)
-    return obj
+    def fused_forward(self, gate: SwiGLUGate, args, kwargs):
+        if not _still_proven(self, gate, args, kwargs):
+            return NotImplemented
+        return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])
 
 
 def fuse_gate(mod: nn.Module) -> SwiGLUGate | str:
     """Make a candidate module's class the fused one if find_gate proves the pattern; record the
     result on the module (read by conversion_summary) and return it."""
-    found = find_gate(mod)
-    if isinstance(found, SwiGLUGate):
-        try:
-            mod.__class__ = fused_class(type(mod))
-        except Exception as e:  # noqa: BLE001 (a class or instance that refuses: left as it is)
-            found = f"its class cannot take a fused subclass ({type(e).__name__}: {e})"
-    mod.__dict__[GATE_ATTR] = found
-    return found
+    return fuse(mod, FusedGateModule)

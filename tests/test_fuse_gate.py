@@ -18,6 +18,7 @@ from torch.nn.functional import silu
 
 from f8tensor import Float8Linear, conversion_summary, convert_to_float8_training, swiglu
 from f8tensor.fuse_gate import GATE_ATTR, FusedGateModule, SwiGLUGate
+from f8tensor.fused_class import FusedModule
 
 D, FFN = 64, 192
 ALL = dict(module_filter_fn=lambda mod, fqn: True)  # convert these small layers too
@@ -398,7 +399,7 @@ def test_summary_converting_twice_opting_out_and_state_dict():
     assert summary.splitlines()[0] == "f8tensor: 6 of 6 linear layers in float8"
     assert list(model.state_dict()) == keys
     fused = type(model[0])
-    assert fused.__name__ == "FeedForward" and fused.__mro__[1:3] == (FusedGateModule, FeedForward)
+    assert fused.__name__ == "FeedForward" and fused.__mro__[1:4] == (FusedGateModule, FusedModule, FeedForward)
     convert_to_float8_training(model, **ALL)  # a no-op
     assert type(model[0]) is fused and conversion_summary(model) == summary
 

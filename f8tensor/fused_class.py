@@ -1,0 +1,115 @@
+"""Give a module whose forward conversion proved a same-named subclass of its class: the machinery
+the gate fusion (fuse_gate.py) and the RoPE fusion (fuse_rope.py) share.
+
+The subclass mixes in a FusedModule, whose forward runs the fused code where the proof still covers
+the call and the class's own forward otherwise. As a class, not an instance attribute, it goes with
+every copy (copy, deepcopy, pickle, torch.save) and makes no reference cycle; copies and pickles
+rebuild the fused class around the original and prove it again (what was proven, held on the
+instance under the mixin's attribute, is not pickled).
+"""
+
+import functools
+import inspect
+import types
+
+import torch
+from torch import nn
+
+
+def class_forward(cls: type):
+    """The class's forward if it is a plain function, else None."""
+    forward = inspect.getattr_static(cls, "forward", None)
+    return forward if isinstance(forward, types.FunctionType) else None
+
+
+def class_reason(mod: nn.Module, cls: type) -> str | None:
+    """Why the module's class cannot be given a fused subclass, or the instance cannot take it: a
+    subclass must be made without side effects and behave as the class does."""
+    if "forward" in mod.__dict__:
+        return "the module has an instance-level forward"
+    if type(cls) is not type:
+        return f"its class has the metaclass {type(cls).__name__}"
+    for c in cls.__mro__[:cls.__mro__.index(nn.Module)]:
+        for name in ("__init_subclass__", "__reduce__", "__reduce_ex__", "__getattr__", "__getattribute__",
+                     "__setattr__"):
+            if name in vars(c):
+                return f"its class {c.__name__} defines {name}"
+    return None
+
+
+def tracing() -> bool:
+    """Under fx symbolic tracing or torch.compile: fused classes then run their class's forward."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+class FusedModule:
+    """Base of the mixins. A mixin sets ATTR (the instance attribute holding what was proven, or why
+    not, as a str), PROOF (the type of a proof) and prove(mod) (a proof of mod as its own class, or
+    why not), and defines fused_forward(self, proof, args, kwargs), which returns NotImplemented
+    where the proof does not cover the call."""
+
+    ATTR: str
+    PROOF: type
+    _f8tensor_base: type  # the module's own class
+
+    @staticmethod
+    def prove(mod: nn.Module):
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        proof = self.__dict__.get(self.ATTR)
+        if isinstance(proof, self.PROOF):
+            out = self.fused_forward(proof, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
+
+    def __reduce_ex__(self, protocol):
+        state = dict(self.__getstate__())
+        state.pop(self.ATTR, None)  # holds the code proven: proven again where the copy is made
+        return _new_fused, (self._f8tensor_base, self._f8tensor_mixin), state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as at conversion
+        found = fused.prove(self)
+        if isinstance(found, fused.PROOF):  # otherwise what was proven no longer holds here: unfused
+            self.__class__ = fused
+        self.__dict__[fused.ATTR] = found
+
+
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def fused_class(base: type, mixin: type) -> type:
+    """The class of base's modules fused by mixin: same name, base's behaviour but the forward, whose
+    signature (inspect.signature) is base's."""
+    if (base, mixin) not in _FUSED_CLASSES:
+        @functools.wraps(base.forward)
+        def forward(self, *args, **kwargs):
+            return mixin.forward(self, *args, **kwargs)
+
+        _FUSED_CLASSES[base, mixin] = type(base.__name__, (mixin, base), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "_f8tensor_base": base,
+            "_f8tensor_mixin": mixin, "forward": forward})
+    return _FUSED_CLASSES[base, mixin]
+
+
+def _new_fused(base: type, mixin: type):
+    """An empty fused module of base's class (unpickling and copies then set its state)."""
+    obj = base.__new__(base)
+    obj.__class__ = fused_class(base, mixin)
+    return obj
+
+
+def fuse(mod: nn.Module, mixin: type):
+    """Make the module's class the fused one if mixin.prove proves it; record the result on the module
+    (read by conversion_summary) and return it."""
+    found = mixin.prove(mod)
+    if isinstance(found, mixin.PROOF):
+        try:
+            mod.__class__ = fused_class(type(mod), mixin)
+        except Exception as e:  # noqa: BLE001 (a class or instance that refuses: left as it is)
+            found = f"its class cannot take a fused subclass ({type(e).__name__}: {e})"
+    mod.__dict__[mixin.ATTR] = found
+    return found
