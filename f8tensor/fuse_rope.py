@@ -118,11 +118,12 @@ def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | N
         return f"{fn.__name__} has a closure"
     if getattr(code, "co_exceptiontable", b""):
         return f"{fn.__name__} has a try or with block"
+    instructions = list(dis.get_instructions(code))
+    if any(ins.opcode in _JUMPS for ins in instructions):
+        return f"{fn.__name__} has a branch or a loop"
     read = []
-    for ins in dis.get_instructions(code):
+    for ins in instructions:
         op = ins.opname
-        if ins.opcode in _JUMPS:
-            return f"{fn.__name__} has a branch or a loop"
         if op == "LOAD_GLOBAL":
             name = ins.argval
             value = fn.__globals__[name] if name in fn.__globals__ else getattr(builtins, name, None)

@@ -1,0 +1,394 @@
+"""Conversion's RoPE fusion (f8tensor/fuse_rope.py): which global functions it proves to compute
+nothing but rotations x * cos + rotate_half(x) * sin of their arguments, which modules calling them
+it fuses, which it leaves alone and why, and that a fused module computes what the same module
+written with f8tensor.rope computes, bit for bit."""
+
+import copy
+import functools
+import inspect
+import pickle
+
+import pytest
+import torch
+from f8utils import DEVICE, train_step
+from torch import nn
+
+from f8tensor import conversion_summary, convert_to_float8_training, rope
+from f8tensor.fuse_rope import ROPE_ATTR, FusedRoPEModule, RoPECalls, prove_function
+
+B, H, S, HEAD = 2, 4, 16, 32
+NONE = dict(module_filter_fn=lambda mod, fqn: False)  # no float8 layers: the rotation alone
+
+
+# --- the written forms -------------------------------------------------------------------------
+
+def rotate_half(x):  # Hugging Face's, verbatim
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # Hugging Face's (transformers 5.24), verbatim
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def apply_rope(x, cos, sin):  # benchmarks/train.py's
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def reordered(x, cos, sin):  # operands swapped, torch.chunk, torch.neg, torch.mul/torch.add
+    x1, x2 = torch.chunk(x, 2, -1)
+    return torch.add(torch.mul(sin, torch.cat([torch.neg(x2), x1], -1)), cos * x)
+
+
+PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1}
+
+
+# --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
+
+def swapped_halves(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([x1, -x2], dim=-1) * sin
+
+
+def minus(x, cos, sin):
+    return x * cos - rotate_half(x) * sin
+
+
+def scaled(x, cos, sin):
+    return (x * cos + rotate_half(x) * sin) * 2
+
+
+def thirds(x, cos, sin):
+    return x * cos + torch.cat((-x[..., x.shape[-1] // 3:], x[..., : x.shape[-1] // 3]), dim=-1) * sin
+
+
+def fixed_width(x, cos, sin):
+    return x * cos + torch.cat((-x[..., 16:], x[..., :16]), dim=-1) * sin
+
+
+def branching(x, cos, sin):
+    if x.dim() == 4:
+        cos = cos[None]
+    return x * cos + rotate_half(x) * sin
+
+
+SCALE = 1.0
+
+
+def reads_a_global(x, cos, sin):
+    return x * cos * SCALE + rotate_half(x) * sin
+
+
+def in_place(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x.mul_(cos) + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def keeps_an_intermediate(x, cos, sin):
+    r = rotate_half(x)
+    return x * cos + r * sin, r
+
+
+def x_as_table(x, cos, sin):
+    return x * cos + rotate_half(x) * x
+
+
+NOT_PROVEN = {
+    swapped_halves: "returns something other than rotations", minus: "returns something other than rotations",
+    scaled: "returns something other than rotations", thirds: "returns something other than rotations",
+    fixed_width: "returns something other than rotations", branching: "has a branch",
+    reads_a_global: "reads the global 'SCALE'", in_place: "reads .mul_",
+    keeps_an_intermediate: "uses a rotation's intermediate values elsewhere",
+    x_as_table: "rotates something other than an argument by tables"}
+
+
+@pytest.mark.parametrize("fn", list(PROVEN), ids=lambda f: f.__name__)
+def test_written_forms_are_proven(fn):
+    proof = prove_function(fn)
+    assert not isinstance(proof, str), proof
+    assert proof.fn is fn and proof.rotations == PROVEN[fn]
+
+
+@pytest.mark.parametrize("fn", list(NOT_PROVEN), ids=lambda f: f.__name__)
+def test_look_alikes_are_not_proven_with_the_reason(fn):
+    proof = prove_function(fn)
+    assert isinstance(proof, str) and NOT_PROVEN[fn] in proof, proof
+
+
+# --- modules that call them ---------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Calls the rotation by its global name among other code, branches included."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk = nn.Linear(H * HEAD, H * HEAD, bias=False), nn.Linear(H * HEAD, H * HEAD, bias=False)
+
+    def forward(self, x, cos, sin, scale=1.0):
+        q = self.wq(x).view(B, S, H, HEAD).transpose(1, 2)
+        k = self.wk(x).view(B, S, H, HEAD).transpose(1, 2)
+        if cos.dim() == 3:  # Hugging Face's per-sequence tables [B, S, D]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return (q * scale) @ k.transpose(-1, -2)
+
+
+class WrittenWithRope(Attention):  # the same model with the fused op in its code
+    def forward(self, x, cos, sin, scale=1.0):
+        q = self.wq(x).view(B, S, H, HEAD).transpose(1, 2)
+        k = self.wk(x).view(B, S, H, HEAD).transpose(1, 2)
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (rope(q, cos, sin) * scale) @ rope(k, cos, sin).transpose(-1, -2)
+
+
+def tables(per_sequence=False, dtype=torch.bfloat16):
+    angles = torch.outer(torch.arange(S, dtype=torch.float32), 1.0 / 500000 ** (torch.arange(0, HEAD, 2) / HEAD))
+    angles = torch.cat([angles, angles], dim=-1).to(DEVICE)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return (cos.expand(B, S, HEAD), sin.expand(B, S, HEAD)) if per_sequence else (cos, sin)
+
+
+def make(cls=Attention, seed=0):
+    torch.manual_seed(seed)
+    return cls().to(DEVICE, torch.bfloat16)
+
+
+def inputs(seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(B, S, H * HEAD, device=DEVICE, dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def rope_calls(monkeypatch):
+    """How many times a fused rotation ran rope (patched where fuse_rope calls it)."""
+    import f8tensor.fuse_rope as fuse_rope
+
+    calls = []
+    monkeypatch.setattr(fuse_rope, "rope", lambda *args: calls.append(1) or rope(*args))
+    return calls
+
+
+def step(mod, x, cos, sin):
+    x = x.clone().requires_grad_()
+    out = mod(x, cos, sin)
+    out.float().square().sum().backward()
+    return [out, x.grad] + [p.grad for p in mod.parameters()]
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["tables", "per_sequence"])
+def test_fused_module_has_the_values_of_the_model_written_with_rope(per_sequence, rope_calls):
+    """Output and every gradient are the bits of the same module written with f8tensor.rope; close
+    to the module's own (unfused) math."""
+    mod = convert_to_float8_training(make(), **NONE)
+    assert isinstance(mod, FusedRoPEModule) and type(mod).__name__ == "Attention"
+    calls = mod.__dict__[ROPE_ATTR]
+    assert isinstance(calls, RoPECalls) and calls.names == ("apply_rope", "apply_rotary_pos_emb")
+    cos, sin = tables(per_sequence)
+    got = step(mod, inputs(), cos, sin)
+    assert len(rope_calls) == 2
+    for g, w in zip(got, step(make(WrittenWithRope), inputs(), cos, sin)):
+        assert torch.equal(g, w)
+    for g, w in zip(got, step(make(), inputs(), cos, sin)):  # eager rounds each of its five ops
+        torch.testing.assert_close(g.float(), w.float(), rtol=0.02, atol=0.02 * w.abs().max().item())
+
+
+def test_the_module_keeps_its_signature_defaults_and_keywords(rope_calls):
+    mod = convert_to_float8_training(make(), **NONE)
+    assert inspect.signature(mod.forward) == inspect.signature(make().forward)
+    cos, sin = tables()
+    x = inputs()
+    assert torch.equal(mod(x, cos=cos, sin=sin, scale=2.0), 2 * mod(x, cos, sin))
+    assert len(rope_calls) == 4
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bad'"):
+        mod(x, cos, sin, bad=1)
+
+
+def test_what_rope_would_change_runs_the_written_ops(rope_calls):
+    """Tables of another dtype (eager promotes: fp32 result), tables that require grad, tables that
+    broadcast x to a larger shape: the function's own ops, bit for bit."""
+    mod, own = convert_to_float8_training(make(), **NONE), make()
+    x = inputs()
+    cos, sin = tables(dtype=torch.float32)
+    assert mod(x, cos, sin).dtype == torch.float32 and torch.equal(mod(x, cos, sin), own(x, cos, sin))
+    cos, sin = (t.requires_grad_() for t in tables())
+    assert torch.equal(mod(x, cos, sin), own(x, cos, sin))
+    cos, sin = (t.expand(3, 1, S, HEAD) for t in tables())  # broadcasts q [B, H, S, D] to [3, ...]: B = 2 errors
+    with pytest.raises(RuntimeError):
+        own(x, cos, sin)
+    with pytest.raises(RuntimeError):
+        mod(x, cos, sin)
+    assert not rope_calls
+
+
+def test_rebinding_after_conversion_is_followed(monkeypatch, rope_calls):
+    """The module's global rebound, the function's code replaced, the class forward rebound: each
+    runs what the user's code now says."""
+    mod = convert_to_float8_training(make(), **NONE)
+    x, (cos, sin) = inputs(), tables()
+    seen, original = [], apply_rope
+    globals()["apply_rope"] = lambda t, c, s: seen.append(1) or t
+    try:
+        mod(x, cos, sin)
+    finally:
+        globals()["apply_rope"] = original
+    assert len(seen) == 2 and not rope_calls
+    mod(x, cos, sin)
+    assert len(rope_calls) == 2
+
+    rope_calls.clear()
+    code = apply_rope.__code__
+    apply_rope.__code__ = swapped_halves.__code__
+    try:
+        assert torch.equal(mod(x, cos, sin), Attention.forward(mod, x, cos, sin)) and not rope_calls
+    finally:
+        apply_rope.__code__ = code
+
+    monkeypatch.setattr(Attention, "forward", WrittenWithRope.forward)
+    assert torch.equal(mod(x, cos, sin), WrittenWithRope.forward(mod, x, cos, sin)) and not rope_calls
+
+
+class WritesGlobals(Attention):
+    def forward(self, x, cos, sin, scale=1.0):
+        global SCALE
+        SCALE = scale
+        return apply_rope(self.wq(x).view(B, S, H, HEAD), cos, sin)
+
+
+class ReadsGlobals(Attention):
+    def forward(self, x, cos, sin, scale=1.0):
+        scale = globals().get("SCALE", scale)
+        return apply_rope(self.wq(x).view(B, S, H, HEAD), cos, sin) * scale
+
+
+class Meta(type):
+    pass
+
+
+class WithMetaclass(Attention, metaclass=Meta):
+    pass
+
+
+class NoRope(Attention):
+    def forward(self, x, cos, sin, scale=1.0):
+        return rotate_half(self.wq(x))  # reads only a function that is not a rotation
+
+
+@pytest.mark.parametrize("cls,reason", [
+    (WritesGlobals, "forward writes or reads its globals as a mapping (STORE_GLOBAL SCALE)"),
+    (ReadsGlobals, "forward writes or reads its globals as a mapping (LOAD_GLOBAL globals)"),
+    (WithMetaclass, "its class has the metaclass Meta")], ids=lambda c: getattr(c, "__name__", ""))
+def test_modules_not_fused_are_left_alone_with_the_reason(cls, reason):
+    mod = convert_to_float8_training(make(cls), **NONE)
+    assert type(mod) is cls and mod.__dict__[ROPE_ATTR] == reason
+    assert f"RoPE not fused: {reason}" in conversion_summary(mod)
+
+
+def test_modules_that_call_no_rotation_are_not_examined():
+    mod = convert_to_float8_training(nn.Sequential(make(NoRope)), **NONE)
+    assert type(mod[0]) is NoRope and ROPE_ATTR not in mod[0].__dict__ and "RoPE" not in conversion_summary(mod)
+
+
+def deprecate_kwarg(fn):  # as transformers' decorators wrap forwards: functools.wraps, fn in a closure cell
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        kwargs.pop("old_name", None)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+class Decorated(Attention):
+    @deprecate_kwarg
+    def forward(self, x, cos, sin, scale=1.0):  # Attention's code, decorated
+        q = self.wq(x).view(B, S, H, HEAD).transpose(1, 2)
+        k = self.wk(x).view(B, S, H, HEAD).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return (q * scale) @ k.transpose(-1, -2)
+
+
+def test_a_decorated_forward_is_fused_through_its_wrapper(rope_calls):
+    mod = convert_to_float8_training(make(Decorated), **NONE)
+    assert isinstance(mod, FusedRoPEModule)
+    x, (cos, sin) = inputs(), tables()
+    assert torch.equal(mod(x, cos, sin, old_name=1), make(WrittenWithRope)(x, cos, sin))
+    assert len(rope_calls) == 2
+
+
+def test_copies_pickles_and_state_dict(rope_calls):
+    model = nn.Sequential(make())
+    convert_to_float8_training(model, **NONE)
+    keys = list(make().state_dict())
+    x, (cos, sin) = inputs(), tables()
+    want = model[0](x, cos, sin)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.copy(model)):
+        assert type(twin[0]) is type(model[0]) and isinstance(twin[0].__dict__[ROPE_ATTR], RoPECalls)
+        assert torch.equal(twin[0](x, cos, sin), want) and list(twin[0].state_dict()) == keys
+    assert len(rope_calls) == 2 * 4
+    summary = conversion_summary(model)
+    convert_to_float8_training(model, **NONE)  # twice: a no-op
+    assert conversion_summary(model) == summary and "0.attention" not in summary
+    assert "RoPE fused: apply_rope, apply_rotary_pos_emb run as f8tensor.rope" in summary
+
+
+def test_opting_out_leaves_every_module_alone():
+    mod = convert_to_float8_training(make(), fuse_rope=False, **NONE)
+    assert type(mod) is Attention and ROPE_ATTR not in mod.__dict__
+
+
+def test_checkpointing_fx_tracing_and_compile():
+    """Activation checkpointing recomputes the fused path (same gradients); fx symbolic tracing of
+    a parent and torch.compile see the module's own code."""
+    from torch.utils.checkpoint import checkpoint
+
+    mod = convert_to_float8_training(make(), **NONE)
+    x, (cos, sin) = inputs(), tables()
+    want = step(mod, x, cos, sin)
+    mod.zero_grad()
+    x2 = x.clone().requires_grad_()
+    out = checkpoint(mod, x2, cos, sin, use_reentrant=False)
+    out.float().square().sum().backward()
+    for g, w in zip([out, x2.grad] + [p.grad for p in mod.parameters()], want):
+        assert torch.equal(g, w)
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = mod
+
+        def forward(self, x):
+            return self.attention(x, cos, sin)
+
+    traced = torch.fx.symbolic_trace(Parent())
+    assert any(n.target is torch.cat for n in traced.graph.nodes)
+    torch.testing.assert_close(traced(x), make()(x, cos, sin))
+    compiled = torch.compile(mod)
+    torch.testing.assert_close(compiled(x, cos, sin).float(), mod(x, cos, sin).float(), rtol=0.02, atol=0.05)
+
+
+def test_float8_model_trains_with_the_fusion():
+    """With float8 layers: the fused module and the model written with rope agree bit for bit
+    through a training step."""
+    cos, sin = tables()
+
+    class WithTables(nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.attention = make(cls)
+
+        def forward(self, x):
+            return self.attention(x, cos, sin)
+
+    all_layers = dict(module_filter_fn=lambda mod, fqn: True)
+    fused = convert_to_float8_training(WithTables(Attention), **all_layers)
+    written = convert_to_float8_training(WithTables(WrittenWithRope), **all_layers)
+    x = inputs()
+    for g, w in zip(train_step(fused, x), train_step(written, x)):
+        assert torch.equal(g, w)
