@@ -71,18 +71,21 @@ def test_train_benchmark_runs_with_the_fused_gate_and_rope(tmp_path):
 
 @CPU_ONLY
 def test_train_benchmark_norm_configurations(tmp_path):
-    """f8tensor (conversion's default) fuses the 5 norms and the 2 feed-forward gates of the model
-    as written, f8tensor_nogate only the norms, f8tensor_torchnorm neither, f8tensor_swiglu (gate in
-    model code) leaves conversion no gate to fuse; bf16_norm swaps only the norms. All train alike."""
-    configs = ("bf16", "bf16_norm", "f8tensor", "f8tensor_swiglu", "f8tensor_nogate", "f8tensor_torchnorm")
+    """f8tensor (conversion's default) fuses the 5 norms, the 2 feed-forward gates and the RoPE
+    calls of the 2 attention modules of the model as written, f8tensor_norope the norms and gates,
+    f8tensor_nogate only the norms, f8tensor_torchnorm none; f8tensor_swiglu (gate in model code)
+    leaves conversion no gate to fuse; bf16_norm swaps only the norms. All train alike."""
+    configs = ("bf16", "bf16_norm", "f8tensor", "f8tensor_swiglu", "f8tensor_norope", "f8tensor_nogate",
+               "f8tensor_torchnorm")
     rows = run_train(tmp_path, "--rounds", "1", configs=configs)
-    assert [(r["config"], r["status"], r["fp8_linears"], r["fused_norms"], r["fused_gates"]) for r in rows] == [
-        ("bf16", "ok", 0, 0, 0), ("bf16_norm", "ok", 0, 5, 0), ("f8tensor", "ok", 14, 5, 2),
-        ("f8tensor_swiglu", "ok", 14, 5, 0), ("f8tensor_nogate", "ok", 14, 5, 0),
-        ("f8tensor_torchnorm", "ok", 14, 0, 0)]
+    assert [(r["config"], r["status"], r["fp8_linears"], r["fused_norms"], r["fused_gates"], r["fused_ropes"])
+            for r in rows] == [
+        ("bf16", "ok", 0, 0, 0, 0), ("bf16_norm", "ok", 0, 5, 0, 0), ("f8tensor", "ok", 14, 5, 2, 2),
+        ("f8tensor_swiglu", "ok", 14, 5, 0, 2), ("f8tensor_norope", "ok", 14, 5, 2, 0),
+        ("f8tensor_nogate", "ok", 14, 5, 0, 0), ("f8tensor_torchnorm", "ok", 14, 0, 0, 0)]
     losses = {r["config"]: r["loss"] for r in rows}
     assert losses["bf16_norm"] == pytest.approx(losses["bf16"], abs=0.02)
-    for config in ("f8tensor", "f8tensor_nogate", "f8tensor_swiglu"):
+    for config in ("f8tensor", "f8tensor_norope", "f8tensor_nogate", "f8tensor_swiglu"):
         assert losses[config] == pytest.approx(losses["f8tensor_torchnorm"], abs=0.02)
 
 

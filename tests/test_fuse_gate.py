@@ -561,6 +561,14 @@ def test_compiles_in_one_graph():
 
 
 
+def test_the_fused_forward_keeps_the_class_forwards_signature():
+    import inspect
+
+    mod = convert_to_float8_training(make(MulMethod), **ALL)
+    assert isinstance(mod, FusedGateModule)
+    assert str(inspect.signature(mod.forward)) == "(hidden_states)" and type(mod).forward.__wrapped__ is MulMethod.forward
+
+
 def test_an_instance_level_forward_is_left_alone():
     mod = make(FeedForward)
     mod.forward = lambda x: x  # as accelerate's hooks do
