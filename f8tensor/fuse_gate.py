@@ -41,7 +41,7 @@ covers the call: arguments other than the one input (by position, or by its name
 positional-only), the class's forward or the globals it read rebound since, an activation child
 that is no longer silu (replaced, in place, its own forward, its class's forward rebound, or hooks
 of its own), or fx
-symbolic tracing. Global module hooks do not change the path (activation checkpointing must
+symbolic tracing or torch.jit tracing. Global module hooks do not change the path (activation checkpointing must
 recompute what it saved, with or without a mode that hooks every module), and do not see the
 activation child's call. Copies and unpickled modules are proven again where they are made.
 """
@@ -174,11 +174,12 @@ def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
     """Whether this call is one the proof covers: a module fused by conversion, called with its one
     input (by position, or by name unless positional-only), whose class forward and the globals it
     reads are those proven, with an activation child that is still silu if silu is one; not under
-    fx symbolic tracing."""
+    fx symbolic tracing or torch.jit tracing."""
     if len(args) + len(kwargs) != 1 or (kwargs and (
             gate.arg is None or gate.arg not in kwargs)):
         return False
-    if mod._f8tensor_base.forward is not gate.forward or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+    if (mod._f8tensor_base.forward is not gate.forward or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or torch.jit.is_tracing()):
         return False
     module_globals = gate.forward.__globals__
     if any(module_globals.get(name, getattr(builtins, name, None)) is not value for name, value in gate.globals):
@@ -334,13 +335,13 @@ class FusedGateModule(FusedModule):
     """Mixed into a proven module's class (fused_class.fused_class): a forward that runs the gate as
     swiglu where _still_proven says the proof covers the call."""
 
-    ATTR, PROOF = GATE_ATTR, SwiGLUGate
+    _f8tensor_attr, _f8tensor_proof = GATE_ATTR, SwiGLUGate
 
     @staticmethod
-    def prove(mod: nn.Module) -> SwiGLUGate | str:
+    def _f8tensor_prove(mod: nn.Module) -> SwiGLUGate | str:
         return find_gate(mod)
 
-    def fused_forward(self, gate: SwiGLUGate, args, kwargs):
+    def _f8tensor_fused_forward(self, gate: SwiGLUGate, args, kwargs):
         if not _still_proven(self, gate, args, kwargs):
             return NotImplemented
         return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])

@@ -38,15 +38,22 @@ it record why):
   t * c + cat([-second_half(t), first_half(t)], dim=-1) * s of an argument t by tables c and s
   (arguments, or their unsqueezes), with the halves taken by t.chunk(2, dim=-1) or by slicing at
   t.shape[-1] // 2, each intermediate used only in its rotation, returned alone or as a tuple.
+Its arguments are plain (no *args, keyword-only or positional-only, none named self), with
+defaults that are numbers, None or strings, and survive the rewrite with their names and defaults.
 The module: its class passes fused_class.class_reason, and its forward (or, through decorators that
 name it by __wrapped__ and keep it in a closure cell, the function they wrap), with its nested code,
-neither writes nor deletes globals, nor names globals, exec or eval (it runs with a globals mapping
-of its own).
+neither writes nor deletes globals, names globals, exec or eval, nor defines a class (it runs with
+a globals mapping of its own, which class bodies and those would bypass or expose).
 
-At each call the module runs its class's own forward instead if that forward (its code, defaults)
-was rebound since, or under fx symbolic tracing or torch.compile (which fuse the written code
-themselves). The rebound name runs the module's current global instead if that is no longer the
-function proven, or the function's code or a global it read (a helper, torch) changed. Each rotation
+At each call the module runs its class's own forward instead if that forward, or a function along
+its __wrapped__ path, was rebound or given other code or defaults since, or under fx symbolic
+tracing, torch.compile (which fuse the written code themselves) or torch.jit tracing;
+torch.jit.script scripts the module as its own class. The proven name reads as the module's
+current global where that is no longer the function proven (deleted: NameError, as unfused), and
+runs the function as written where its code or defaults, or a helper's, or a global it read
+(a helper, torch) changed. Within the forward the name is a callable equivalent to the function,
+not the function object: forwards that compare it right where they read it (`is`, `==`, `in`)
+are left alone; an identity test of a copy kept elsewhere would differ. Each rotation
 runs f8tensor.rope where it gives eager's shape and dtype (plain tensors of one floating dtype for
 the tables that x's dtype does not promote, tables that broadcast to x and do not require grad)
 and the written ops otherwise. Values: rope's, fp32 math and one rounding, where eager rounds each
@@ -83,6 +90,7 @@ _ATTRIBUTES = {"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add"}
 _CONSTANTS = (int, float, bool, type(None), type(Ellipsis))
 _WRITES_GLOBALS = {"STORE_GLOBAL", "DELETE_GLOBAL"}
 _GLOBALS_BUILTINS = {"globals", "exec", "eval"}
+_COMPARES = {"IS_OP", "COMPARE_OP", "CONTAINS_OP"}
 _ADDS = {operator.add, torch.add}
 _MULS = {operator.mul, torch.mul}
 _NEGS = {operator.neg, torch.neg}
@@ -90,20 +98,20 @@ _NEGS = {operator.neg, torch.neg}
 
 @dataclass(frozen=True)
 class RotaryFunction:
-    """A proven rotary function: fn, the code proven (its own and its helpers', each with the globals it
-    read) and run, fn rewritten so that each rotation runs _rotate."""
+    """A proven rotary function: fn; codes, each function proven (fn and its helpers) with its code,
+    defaults and the globals it read; run, fn rewritten so that each rotation runs _rotate."""
     fn: types.FunctionType
-    codes: tuple[tuple[types.FunctionType, types.CodeType, tuple[tuple[str, object], ...]], ...]
+    codes: tuple[tuple[types.FunctionType, types.CodeType, tuple | None, tuple[tuple[str, object], ...]], ...]
     run: object
     rotations: int
 
 
-# (function, its code) -> RotaryFunction or why not; proven once.
+# (function, its code, its defaults) -> RotaryFunction or why not; proven once (again if a helper changed).
 _PROOFS: dict[tuple, "RotaryFunction | str"] = {}
 
 
 def _constant_ok(value) -> bool:
-    return type(value) in _CONSTANTS or type(value) is tuple and all(
+    return type(value) in _CONSTANTS or type(value) is str or type(value) is tuple and all(
         type(v) is str or type(v) in _CONSTANTS for v in value)
 
 
@@ -114,6 +122,10 @@ def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | N
     if code.co_posonlyargcount or code.co_kwonlyargcount or code.co_flags & (
             inspect.CO_VARARGS | inspect.CO_VARKEYWORDS | inspect.CO_GENERATOR | inspect.CO_COROUTINE):
         return f"{fn.__name__} does not take plain arguments only"
+    if "self" in code.co_varnames[:code.co_argcount]:  # the rewritten function's own first argument
+        return f"{fn.__name__} has an argument named self"
+    if not all(_constant_ok(d) for d in fn.__defaults__ or ()):
+        return f"{fn.__name__} has a default other than a number, None or a string"
     if code.co_freevars or code.co_cellvars or fn.__closure__:
         return f"{fn.__name__} has a closure"
     if getattr(code, "co_exceptiontable", b""):
@@ -130,7 +142,7 @@ def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | N
             if value is not torch:
                 if not isinstance(value, types.FunctionType) or depth >= 2:
                     return f"{fn.__name__} reads the global {name!r}"
-                reason = None if any(f is value for f, _, _ in codes) else _code_reason(value, codes, depth + 1)
+                reason = None if any(f is value for f, *_ in codes) else _code_reason(value, codes, depth + 1)
                 if reason:
                     return reason
             read.append((name, value))
@@ -145,8 +157,12 @@ def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | N
                 return f"{fn.__name__} computes {ins.argrepr}"
         elif op not in _PLAIN_OPS:
             return f"{fn.__name__} does more than rotate its arguments: {op} {ins.argrepr}".rstrip()
-    codes.append((fn, code, tuple(read)))
+    codes.append((fn, code, fn.__defaults__, tuple(read)))
     return None
+
+
+def _int(value, want: int) -> bool:
+    return type(value) is int and value == want  # not -1.0, True and the like, which eager treats otherwise
 
 
 def _is(n, targets, method) -> bool:
@@ -157,11 +173,11 @@ def _is(n, targets, method) -> bool:
 def _half_length(n, t) -> bool:
     """n is t.shape[-1] // 2."""
     if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is operator.floordiv
-            and n.args[1:] == (2,) and not n.kwargs):
+            and len(n.args) == 2 and _int(n.args[1], 2) and not n.kwargs):
         return False
     last = n.args[0]
     if not (isinstance(last, torch.fx.Node) and last.op == "call_function" and last.target is operator.getitem
-            and last.args[1:] == (-1,)):
+            and len(last.args) == 2 and _int(last.args[1], -1)):
         return False
     shape = last.args[0]
     return (isinstance(shape, torch.fx.Node) and shape.op == "call_function" and shape.target is builtins.getattr
@@ -174,10 +190,12 @@ def _halves(first, second):
                and len(n.args) == 2 and not n.kwargs for n in (first, second)):
         return None
     (src1, i1), (src2, i2) = first.args, second.args
-    if (src1 is src2 and (i1, i2) == (0, 1) and _is(src1, {torch.chunk}, "chunk") and src1.args
-            and (tuple(src1.args[1:]), src1.kwargs) in (((2,), {"dim": -1}), ((2, -1), {}))
+    if (src1 is src2 and _int(i1, 0) and _int(i2, 1) and _is(src1, {torch.chunk}, "chunk")
             and set(src1.users) == {first, second}):
-        return src1.args[0], "chunk", {src1}
+        rest = list(src1.args[1:]) + [src1.kwargs[k] for k in src1.kwargs if k == "dim"]
+        if len(src1.args) + len(src1.kwargs) == 3 and set(src1.kwargs) <= {"dim"} and len(rest) == 2 and _int(
+                rest[0], 2) and _int(rest[1], -1):
+            return src1.args[0], "chunk", {src1}
     if src1 is src2 and type(i1) is tuple and type(i2) is tuple and len(i1) == len(i2) == 2 and (
             i1[0] is Ellipsis and i2[0] is Ellipsis):
         s1, s2 = i1[1], i2[1]
@@ -198,8 +216,10 @@ def _rotation(add):
         if not all(_is(m, _MULS, "mul") and len(m.args) == 2 and not m.kwargs for m in (m1, m2)):
             continue
         for cat, s in (m2.args, m2.args[::-1]):
+            dim = cat.args[1:] + tuple(cat.kwargs[k] for k in cat.kwargs if k == "dim") if isinstance(
+                cat, torch.fx.Node) else ()
             if not (_is(cat, {torch.cat}, "cat") and cat.op == "call_function" and len(cat.args) >= 1
-                    and (cat.args[1:], cat.kwargs) in (((-1,), {}), ((), {"dim": -1}))):
+                    and set(cat.kwargs) <= {"dim"} and len(dim) == 1 and _int(dim[0], -1)):
                 continue
             parts = cat.args[0]
             if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and _is(parts[0], _NEGS, "neg")
@@ -226,7 +246,7 @@ def _rotate(x, cos, sin, halves: str):
     if (type(x) is torch.Tensor and type(cos) is torch.Tensor and type(sin) is torch.Tensor
             and x.dtype in INPUT_DTYPES and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
             and torch.promote_types(x.dtype, cos.dtype) == x.dtype and 2 <= x.dim() <= 4 and x.shape[-1] % 2 == 0
-            and cos.shape == sin.shape and cos.shape[-1] == x.shape[-1] and not (cos.requires_grad or sin.requires_grad)
+            and cos.shape == sin.shape and cos.dim() >= 1 and cos.shape[-1] == x.shape[-1] and not (cos.requires_grad or sin.requires_grad)
             and cos.device == x.device == sin.device and cos.dim() <= x.dim()
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
         return rope(x, cos, sin)
@@ -239,10 +259,11 @@ def _rotate(x, cos, sin, halves: str):
 
 def prove_function(fn) -> RotaryFunction | str:
     """fn's proof (cached per function and code) as a RotaryFunction, or why it is not one."""
-    key = (fn, fn.__code__)
-    if key not in _PROOFS:
-        _PROOFS[key] = _prove_function(fn)
-    return _PROOFS[key]
+    key = (fn, fn.__code__, fn.__defaults__)
+    proof = _PROOFS.get(key)
+    if proof is None or isinstance(proof, RotaryFunction) and not _still_proven(proof):
+        proof = _PROOFS[key] = _prove_function(fn)
+    return proof
 
 
 def _prove_function(fn) -> RotaryFunction | str:
@@ -281,56 +302,62 @@ def _prove_function(fn) -> RotaryFunction | str:
         add.replace_all_uses_with(fused)
     graph.eliminate_dead_code()
     run = torch.fx.GraphModule(nn.Module(), graph).forward
+    if inspect.signature(run) != inspect.signature(fn):  # fx renames arguments named like builtins
+        return f"{fn.__name__}'s arguments do not survive rewriting: {inspect.signature(fn)}"
     return RotaryFunction(fn, tuple(codes), run, len(rotations))
 
 
 def _still_proven(fn: RotaryFunction) -> bool:
-    return all(f.__code__ is code and all(
+    """fn and its helpers still have the code and defaults proven, and read the same globals."""
+    return all(f.__code__ is code and f.__defaults__ is defaults and all(
         f.__globals__.get(name, getattr(builtins, name, None)) is value for name, value in read)
-        for f, code, read in fn.codes)
-
-
-_UNBOUND = object()
+        for f, code, defaults, read in fn.codes)
 
 
 class _FusedCall:
-    """What a fused forward's global `name` is bound to: the rewritten function while the module's
-    global is still the function proven and unchanged, the module's global otherwise."""
+    """What a fused forward reads for a proven name while the module's global is the function
+    proven: the rewritten function while the function and its helpers are unchanged, the function
+    itself otherwise. (Not the function object itself: `is` comparisons with it differ.)"""
 
-    def __init__(self, module_globals: dict, name: str, fn: RotaryFunction):
-        self.module_globals, self.name, self.fn = module_globals, name, fn
+    def __init__(self, fn: RotaryFunction):
+        self.fn = fn
         self.__wrapped__ = fn.fn  # inspect.signature, __name__ and the like read through
         self.__name__, self.__qualname__, self.__doc__ = fn.fn.__name__, fn.fn.__qualname__, fn.fn.__doc__
 
     def __call__(self, *args, **kwargs):
-        current = self.module_globals.get(self.name, _UNBOUND)
-        if current is _UNBOUND:
-            raise NameError(f"name {self.name!r} is not defined")
-        if current is self.fn.fn and _still_proven(self.fn):
+        if _still_proven(self.fn):
             return self.fn.run(*args, **kwargs)
-        return current(*args, **kwargs)
+        return self.fn.fn(*args, **kwargs)
+
+
+# The module attributes a fused forward's globals hold themselves (the import system reads
+# __package__ / __spec__ / __name__ from them for relative imports, at C level).
+_MODULE_DUNDERS = ("__builtins__", "__name__", "__package__", "__spec__", "__path__", "__file__", "__loader__")
 
 
 class _Globals(dict):
-    """A fused forward's globals: its own entries (the fused names, __builtins__, __name__), and
-    every other name read from the module's globals at each access."""
+    """A fused forward's globals: the module's dunder attributes, and every other name read from
+    the module's globals at each access; a proven name, while the module's global is still the
+    function proven, reads as its _FusedCall."""
 
-    def __init__(self, module_globals: dict, own: dict):
-        super().__init__(own)
-        self.module_globals = module_globals
+    def __init__(self, module_globals: dict, fused: dict):
+        super().__init__({k: module_globals[k] for k in _MODULE_DUNDERS if k in module_globals})
+        self.module_globals, self.fused = module_globals, fused
 
     def __missing__(self, name):
-        return self.module_globals[name]
+        value = self.module_globals[name]  # KeyError: then builtins, or NameError, as for the module
+        fused = self.fused.get(name)
+        return fused if fused is not None and value is fused.fn.fn else value
 
 
 @dataclass(frozen=True)
 class RoPECalls:
-    """A module whose class forward reads proven rotary functions by these global names: forward,
-    the code proven; run, the same code run with _Globals (for decorated forwards, the decorator's
-    function rebuilt around it)."""
+    """A module whose class forward reads proven rotary functions by these global names: chain, the
+    class forward and each function along its __wrapped__ path (with its code, defaults, kwdefaults
+    and the closure cell that holds the next one), as proven; run, the same code run with _Globals
+    (for decorated forwards, the decorators' functions rebuilt around it)."""
     names: tuple[str, ...]
-    forward: types.FunctionType
-    code: types.CodeType
+    chain: tuple[tuple[types.FunctionType, types.CodeType, object, object, int | None], ...]
     run: types.FunctionType
 
     def __str__(self):
@@ -405,31 +432,49 @@ def find_rope_calls(mod: nn.Module) -> RoPECalls | str:
         return "its forward reads no rotary function proven"
     inner, path = _inner_function(forward)
     for code in _code_objects(inner.__code__):
-        for ins in dis.get_instructions(code):
+        instructions = [ins for ins in dis.get_instructions(code) if ins.opname not in ("CACHE", "EXTENDED_ARG")]
+        for i, ins in enumerate(instructions):
+            if ins.opname == "LOAD_GLOBAL" and ins.argval in proven and any(
+                    later.opname in _COMPARES for later in instructions[i + 1:i + 3]):
+                return f"forward compares {ins.argval} (it would see the fused callable, not the function)"
             if ins.opname in _WRITES_GLOBALS or ins.opname == "LOAD_GLOBAL" and ins.argval in _GLOBALS_BUILTINS:
                 return f"forward writes or reads its globals as a mapping ({ins.opname} {ins.argval})"
-    module_globals = inner.__globals__
-    own = {"__builtins__": module_globals.get("__builtins__", builtins), "__name__": module_globals.get("__name__")}
-    own.update({name: _FusedCall(module_globals, name, p) for name, p in proven.items()})
-    return RoPECalls(tuple(sorted(proven)), forward, forward.__code__,
-                     _rebuild(forward, path, _Globals(module_globals, own)))
+            if ins.opname == "LOAD_BUILD_CLASS":  # a class body reads globals at C level, past the mapping
+                return "forward defines a class"
+    chain, fn = [], forward
+    for index in path + [None]:
+        chain.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__, index))
+        fn = fn.__closure__[index].cell_contents if index is not None else None
+    fused = {name: _FusedCall(p) for name, p in proven.items()}
+    return RoPECalls(tuple(sorted(proven)), tuple(chain),
+                     _rebuild(forward, path, _Globals(inner.__globals__, fused)))
+
+
+def _chain_unchanged(forward, chain) -> bool:
+    """The class forward, and each function along its __wrapped__ path, are those proven."""
+    fn = forward
+    for proven, code, defaults, kwdefaults, index in chain:
+        if fn is not proven or fn.__code__ is not code or fn.__defaults__ is not defaults or (
+                fn.__kwdefaults__ is not kwdefaults):
+            return False
+        if index is not None:
+            cells = fn.__closure__
+            fn = cells[index].cell_contents if cells and index < len(cells) else None
+    return True
 
 
 class FusedRoPEModule(FusedModule):
     """Mixed into a proven module's class (fused_class.fused_class): the class's forward code, run with
     the rotary functions it calls fused."""
 
-    ATTR, PROOF = ROPE_ATTR, RoPECalls
+    _f8tensor_attr, _f8tensor_proof = ROPE_ATTR, RoPECalls
 
     @staticmethod
-    def prove(mod: nn.Module) -> RoPECalls | str:
+    def _f8tensor_prove(mod: nn.Module) -> RoPECalls | str:
         return find_rope_calls(mod)
 
-    def fused_forward(self, calls: RoPECalls, args, kwargs):
-        forward = self._f8tensor_base.forward
-        if (forward is not calls.forward or forward.__code__ is not calls.code
-                or forward.__defaults__ is not calls.run.__defaults__
-                or forward.__kwdefaults__ is not calls.run.__kwdefaults__ or tracing()):
+    def _f8tensor_fused_forward(self, calls: RoPECalls, args, kwargs):
+        if tracing() or not _chain_unchanged(self._f8tensor_base.forward, calls.chain):
             return NotImplemented
         return calls.run(self, *args, **kwargs)
 

@@ -38,44 +38,58 @@ def class_reason(mod: nn.Module, cls: type) -> str | None:
 
 
 def tracing() -> bool:
-    """Under fx symbolic tracing or torch.compile: fused classes then run their class's forward."""
-    return torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+    """Under fx symbolic tracing, torch.compile or torch.jit tracing: fused classes then run their
+    class's forward (compile fuses the written code itself; the others record it)."""
+    return (torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+            or torch.jit.is_tracing())
 
 
 class FusedModule:
-    """Base of the mixins. A mixin sets ATTR (the instance attribute holding what was proven, or why
-    not, as a str), PROOF (the type of a proof) and prove(mod) (a proof of mod as its own class, or
-    why not), and defines fused_forward(self, proof, args, kwargs), which returns NotImplemented
-    where the proof does not cover the call."""
+    """Base of the mixins. Its members are prefixed _f8tensor_ so as not to hide the user's. A mixin
+    sets _f8tensor_attr (the instance attribute holding what was proven, or why not, as a str),
+    _f8tensor_proof (the type of a proof) and _f8tensor_prove(mod) (a proof of mod as its own class,
+    or why not), and defines _f8tensor_fused_forward(self, proof, args, kwargs), which returns
+    NotImplemented where the proof does not cover the call."""
 
-    ATTR: str
-    PROOF: type
+    _f8tensor_attr: str
+    _f8tensor_proof: type
     _f8tensor_base: type  # the module's own class
+    _f8tensor_mixin: type
 
     @staticmethod
-    def prove(mod: nn.Module):
+    def _f8tensor_prove(mod: nn.Module):
         raise NotImplementedError
 
     def forward(self, *args, **kwargs):
-        proof = self.__dict__.get(self.ATTR)
-        if isinstance(proof, self.PROOF):
-            out = self.fused_forward(proof, args, kwargs)
+        proof = self.__dict__.get(self._f8tensor_attr)
+        if isinstance(proof, self._f8tensor_proof):
+            out = self._f8tensor_fused_forward(proof, args, kwargs)
             if out is not NotImplemented:
                 return out
         return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
 
     def __reduce_ex__(self, protocol):
         state = dict(self.__getstate__())
-        state.pop(self.ATTR, None)  # holds the code proven: proven again where the copy is made
-        return _new_fused, (self._f8tensor_base, self._f8tensor_mixin), state
+        state.pop(self._f8tensor_attr, None)  # holds the code proven: proven again where the copy is made
+        cls = type(self)  # the fused class, or a subclass made of it later (as FSDP2's): kept by copies
+        return _new_fused, (self._f8tensor_base, self._f8tensor_mixin, None if cls is _FUSED_CLASSES.get(
+            (self._f8tensor_base, self._f8tensor_mixin)) else cls), state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as at conversion
-        found = fused.prove(self)
-        if isinstance(found, fused.PROOF):  # otherwise what was proven no longer holds here: unfused
+        found = fused._f8tensor_prove(self)
+        if isinstance(found, fused._f8tensor_proof):  # otherwise what was proven no longer holds here: unfused
             self.__class__ = fused
-        self.__dict__[fused.ATTR] = found
+        self.__dict__[fused._f8tensor_attr] = found
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script scripts a shallow copy of the module as its own class (the fused forward
+        calls Triton kernels, which TorchScript cannot compile)."""
+        plain = self._f8tensor_base.__new__(self._f8tensor_base)
+        plain.__dict__.update(self.__dict__)
+        plain.__dict__.pop(self._f8tensor_attr, None)
+        return plain
 
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
@@ -95,21 +109,22 @@ def fused_class(base: type, mixin: type) -> type:
     return _FUSED_CLASSES[base, mixin]
 
 
-def _new_fused(base: type, mixin: type):
-    """An empty fused module of base's class (unpickling and copies then set its state)."""
+def _new_fused(base: type, mixin: type, cls: type | None = None):
+    """An empty fused module of base's class, or of cls (a subclass of the fused class made after
+    conversion); unpickling and copies then set its state."""
     obj = base.__new__(base)
-    obj.__class__ = fused_class(base, mixin)
+    obj.__class__ = cls or fused_class(base, mixin)
     return obj
 
 
 def fuse(mod: nn.Module, mixin: type):
-    """Make the module's class the fused one if mixin.prove proves it; record the result on the module
+    """Make the module's class the fused one if mixin proves it; record the result on the module
     (read by conversion_summary) and return it."""
-    found = mixin.prove(mod)
-    if isinstance(found, mixin.PROOF):
+    found = mixin._f8tensor_prove(mod)
+    if isinstance(found, mixin._f8tensor_proof):
         try:
             mod.__class__ = fused_class(type(mod), mixin)
         except Exception as e:  # noqa: BLE001 (a class or instance that refuses: left as it is)
             found = f"its class cannot take a fused subclass ({type(e).__name__}: {e})"
-    mod.__dict__[mixin.ATTR] = found
+    mod.__dict__[mixin._f8tensor_attr] = found
     return found

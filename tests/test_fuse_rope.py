@@ -282,7 +282,18 @@ class NoRope(Attention):
         return rotate_half(self.wq(x))  # reads only a function that is not a rotation
 
 
+class ComparesTheFunction(Attention):
+    def __init__(self):
+        super().__init__()
+        self.rotate = apply_rope
+
+    def forward(self, x, cos, sin, scale=1.0):
+        q = self.wq(x).view(B, S, H, HEAD).transpose(1, 2)
+        return apply_rope(q, cos, sin) if self.rotate is apply_rope else q
+
+
 @pytest.mark.parametrize("cls,reason", [
+    (ComparesTheFunction, "forward compares apply_rope (it would see the fused callable, not the function)"),
     (WritesGlobals, "forward writes or reads its globals as a mapping (STORE_GLOBAL SCALE)"),
     (ReadsGlobals, "forward writes or reads its globals as a mapping (LOAD_GLOBAL globals)"),
     (WithMetaclass, "its class has the metaclass Meta")], ids=lambda c: getattr(c, "__name__", ""))
@@ -392,3 +403,175 @@ def test_float8_model_trains_with_the_fusion():
     x = inputs()
     for g, w in zip(train_step(fused, x), train_step(written, x)):
         assert torch.equal(g, w)
+
+
+# --- review findings (each a way the fused module could have run other code than the written one)
+
+def rotate_half_along(x, dim=-1):
+    x1, x2 = x.chunk(2, dim=dim)
+    return torch.cat((-x2, x1), dim=dim)
+
+
+def with_helper_default(x, cos, sin):
+    return x * cos + rotate_half_along(x) * sin
+
+
+class CallsHelperDefault(nn.Module):
+    def forward(self, x, cos, sin):
+        return with_helper_default(x, cos, sin)
+
+
+class CallsPair(nn.Module):
+    def forward(self, q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_defaults_rebound_after_conversion_run_the_written_function(rope_calls):
+    """The function's or a helper's defaults changed: the function as written now runs (the
+    rewritten graph holds the defaults it was proven with)."""
+    q, k = (torch.randn(B, H, S, HEAD, device=DEVICE) for _ in range(2))
+    cos, sin = (t.expand(B, S, HEAD).float() for t in tables())
+    mod = convert_to_float8_training(CallsPair(), **NONE)
+    assert isinstance(mod, FusedRoPEModule)
+    defaults = apply_rotary_pos_emb.__defaults__
+    apply_rotary_pos_emb.__defaults__ = (2,)  # tables [B, S, 1, D]: q, k as [B, S, H, D]
+    try:
+        qs, ks = q.transpose(1, 2), k.transpose(1, 2)
+        assert all(torch.equal(g, w) for g, w in zip(mod(qs, ks, cos, sin), CallsPair.forward(mod, qs, ks, cos, sin)))
+        assert not rope_calls
+    finally:
+        apply_rotary_pos_emb.__defaults__ = defaults
+    mod(q, k, cos, sin)
+    assert len(rope_calls) == 2
+
+    rope_calls.clear()
+    helper = convert_to_float8_training(CallsHelperDefault(), **NONE)
+    assert isinstance(helper, FusedRoPEModule)
+    x, (cos, sin) = torch.randn(B, H, S, HEAD, device=DEVICE), (t.float() for t in tables())
+    helper(x, cos, sin)
+    assert len(rope_calls) == 1
+    rotate_half_along.__defaults__ = (-2,)
+    try:
+        assert torch.equal(helper(x, cos, sin), CallsHelperDefault.forward(helper, x, cos, sin)) and len(rope_calls) == 1
+        # converted again: proven again, with the new default (a rotation along dim -2 is not one)
+        assert isinstance(prove_function(with_helper_default), str)
+    finally:
+        rotate_half_along.__defaults__ = (-1,)
+
+
+def test_a_decorated_forwards_inner_function_rebound_is_followed(rope_calls):
+    mod = convert_to_float8_training(make(Decorated), **NONE)
+    x, (cos, sin) = inputs(), tables()
+    inner = Decorated.forward.__wrapped__
+    defaults = inner.__defaults__
+    inner.__defaults__ = (10.0,)
+    try:
+        assert torch.equal(mod(x, cos, sin), make(Attention)(x, cos, sin, 10.0)) and not rope_calls
+    finally:
+        inner.__defaults__ = defaults
+    code = inner.__code__
+    inner.__code__ = WrittenWithRope.forward.__code__
+    try:
+        assert torch.equal(mod(x, cos, sin), make(WrittenWithRope)(x, cos, sin)) and not rope_calls
+    finally:
+        inner.__code__ = code
+    mod(x, cos, sin)
+    assert len(rope_calls) == 2
+
+
+class CallsApplyRope(nn.Module):
+    def forward(self, x, cos, sin):
+        try:
+            fn = apply_rope
+        except NameError:
+            fn = None
+        return fn(x, cos, sin) if fn is not None else x
+
+
+def test_zero_dim_tables_and_a_deleted_global_behave_as_unfused(rope_calls):
+    mod = convert_to_float8_training(CallsApplyRope(), **NONE)
+    assert isinstance(mod, FusedRoPEModule)
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    cos, sin = torch.tensor(0.6, device=DEVICE), torch.tensor(0.8, device=DEVICE)
+    assert torch.equal(mod(x, cos, sin), CallsApplyRope.forward(mod, x, cos, sin)) and not rope_calls
+    original = globals().pop("apply_rope")
+    try:
+        assert mod(x, cos, sin) is x
+    finally:
+        globals()["apply_rope"] = original
+
+
+def rope_of_self(self, cos, sin):
+    x1, x2 = self.chunk(2, dim=-1)
+    return self * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def float_dim(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1.0)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def named_like_builtins(input, cos, sin):
+    x1, x2 = input.chunk(2, dim=-1)
+    return input * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def test_arguments_and_constants_the_rewrite_would_change_are_not_proven():
+    assert prove_function(rope_of_self) == "rope_of_self has an argument named self"
+    assert "returns something other than rotations" in prove_function(float_dim)
+    proof = prove_function(named_like_builtins)  # proven only if fx keeps the argument names
+    assert isinstance(proof, str) or inspect.signature(proof.run) == inspect.signature(named_like_builtins)
+
+
+class DefinesAClass(Attention):
+    def forward(self, x, cos, sin, scale=1.0):
+        class Config:
+            factor = SCALE
+        return apply_rope(self.wq(x).view(B, S, H, HEAD).transpose(1, 2), cos, sin) * Config.factor
+
+
+class UsesProve(Attention):  # a method named like the mixins' members before they were prefixed
+    def prove(self, t):
+        return t + 1
+
+    def forward(self, x, cos, sin, scale=1.0):
+        return self.prove(apply_rope(self.wq(x).view(B, S, H, HEAD).transpose(1, 2), cos, sin))
+
+
+def test_class_bodies_refused_and_user_members_not_hidden(rope_calls):
+    mod = convert_to_float8_training(make(DefinesAClass), **NONE)
+    assert type(mod) is DefinesAClass and mod.__dict__[ROPE_ATTR] == "forward defines a class"
+    mod = convert_to_float8_training(make(UsesProve), **NONE)
+    assert isinstance(mod, FusedRoPEModule)
+    x, (cos, sin) = inputs(), tables()
+    assert torch.equal(mod(x, cos, sin), 1 + rope(mod.wq(x).view(B, S, H, HEAD).transpose(1, 2), cos, sin))
+    assert len(rope_calls) == 1
+
+
+def test_torchscript_and_jit_trace_see_the_module_as_its_own_class():
+    mod = convert_to_float8_training(make(), **NONE)
+    x, (cos, sin) = inputs(), tables()
+    traced = torch.jit.trace(mod, (x, cos, sin))
+    assert torch.equal(traced(x, cos, sin), Attention.forward(mod, x, cos, sin))
+    scriptable = convert_to_float8_training(CallsApplyRopeOnly(), **NONE)
+    assert isinstance(scriptable, FusedRoPEModule)
+    scripted = torch.jit.script(scriptable)
+    x = x.view(B, S, H, HEAD).transpose(1, 2)
+    assert torch.equal(scripted(x, cos, sin), apply_rope(x, cos, sin))
+    assert isinstance(mod, FusedRoPEModule) and isinstance(scriptable, FusedRoPEModule)  # both unchanged
+
+
+class CallsApplyRopeOnly(nn.Module):
+    def forward(self, x, cos, sin):
+        return apply_rope(x, cos, sin)
+
+
+def test_copies_keep_a_subclass_made_after_conversion():
+    mod = convert_to_float8_training(make(), **NONE)
+
+    class Marker:
+        pass
+
+    mod.__class__ = type("FSDPAttention", (Marker, type(mod)), {})  # as fully_shard does
+    twin = copy.deepcopy(mod)
+    assert type(twin) is type(mod) and isinstance(twin.__dict__[ROPE_ATTR], RoPECalls)
