@@ -62,6 +62,7 @@ of its five ops.
 
 import builtins
 import dis
+import importlib
 import inspect
 import operator
 import types
@@ -72,7 +73,7 @@ from torch import nn
 
 from .fused_class import FusedModule, class_forward, class_reason, fuse, tracing
 from .kernels import INPUT_DTYPES
-from .rope import rope
+from .rope import rope_checked
 
 # Set on a module whose forward reads a proven rotary function (a RoPECalls) or, where it reads one
 # but cannot be fused, why not (a str).
@@ -92,6 +93,11 @@ _WRITES_GLOBALS = {"STORE_GLOBAL", "DELETE_GLOBAL"}
 _GLOBALS_BUILTINS = {"globals", "exec", "eval"}
 _COMPARES = {"IS_OP", "COMPARE_OP", "CONTAINS_OP"}
 _ADDS = {operator.add, torch.add}
+# Below this many elements of x a rotation runs the written ops: there the step is bound by host
+# time, and rope's checks and Triton launch cost more of it than eager's five kernels (on an H200,
+# x of [1, 4, 1, 64]: about 100 against 45 us per call; decoding one token is such a call). At
+# training shapes (millions of elements per q or k) the one pass saves GPU time instead.
+MIN_FUSED_NUMEL = 1 << 20
 _MULS = {operator.mul, torch.mul}
 _NEGS = {operator.neg, torch.neg}
 
@@ -242,14 +248,16 @@ def _table(n, placeholders) -> bool:
 
 def _rotate(x, cos, sin, halves: str):
     """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice"):
-    f8tensor.rope where that gives eager's shape and dtype, the written ops otherwise."""
-    if (type(x) is torch.Tensor and type(cos) is torch.Tensor and type(sin) is torch.Tensor
-            and x.dtype in INPUT_DTYPES and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
+    f8tensor.rope where that gives eager's shape, dtype and layout and x is large enough to gain,
+    the written ops otherwise."""
+    if (type(x) is torch.Tensor and x.numel() >= MIN_FUSED_NUMEL and type(cos) is torch.Tensor
+            and type(sin) is torch.Tensor and x.dtype in INPUT_DTYPES and x.stride(-1) == 1
+            and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
             and torch.promote_types(x.dtype, cos.dtype) == x.dtype and 2 <= x.dim() <= 4 and x.shape[-1] % 2 == 0
-            and cos.shape == sin.shape and cos.dim() >= 1 and cos.shape[-1] == x.shape[-1] and not (cos.requires_grad or sin.requires_grad)
-            and cos.device == x.device == sin.device and cos.dim() <= x.dim()
+            and cos.shape == sin.shape and 1 <= cos.dim() <= x.dim() and cos.shape[-1] == x.shape[-1]
+            and not (cos.requires_grad or sin.requires_grad) and cos.device == x.device == sin.device
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
-        return rope(x, cos, sin)
+        return rope_checked(x, cos, sin)
     if halves == "chunk":
         x1, x2 = x.chunk(2, dim=-1)
     else:
@@ -316,18 +324,39 @@ def _still_proven(fn: RotaryFunction) -> bool:
 
 class _FusedCall:
     """What a fused forward reads for a proven name while the module's global is the function
-    proven: the rewritten function while the function and its helpers are unchanged, the function
-    itself otherwise. (Not the function object itself: `is` comparisons with it differ.)"""
+    proven: called, the rewritten function while the function and its helpers are unchanged, the
+    function itself otherwise. It stands in for the function elsewhere too: attributes read
+    through, it binds as a method as a function does, and pickles as the function; only an
+    identity test (`is`) tells them apart."""
 
     def __init__(self, fn: RotaryFunction):
-        self.fn = fn
-        self.__wrapped__ = fn.fn  # inspect.signature, __name__ and the like read through
-        self.__name__, self.__qualname__, self.__doc__ = fn.fn.__name__, fn.fn.__qualname__, fn.fn.__doc__
+        self._f8tensor_fn = fn
+        self.__wrapped__ = fn.fn  # inspect.signature reads through
 
     def __call__(self, *args, **kwargs):
-        if _still_proven(self.fn):
-            return self.fn.run(*args, **kwargs)
-        return self.fn.fn(*args, **kwargs)
+        fn = self._f8tensor_fn
+        if _still_proven(fn):
+            return fn.run(*args, **kwargs)
+        return fn.fn(*args, **kwargs)
+
+    def __getattr__(self, name):  # __name__, __code__, __defaults__, ...: the function's
+        if name.startswith("_f8tensor_"):
+            raise AttributeError(name)
+        return getattr(self._f8tensor_fn.fn, name)
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __reduce__(self):  # as pickle stores a function: by its module and name
+        fn = self._f8tensor_fn.fn
+        return _function_by_name, (fn.__module__, fn.__qualname__)
+
+
+def _function_by_name(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # The module attributes a fused forward's globals hold themselves (the import system reads
@@ -347,7 +376,7 @@ class _Globals(dict):
     def __missing__(self, name):
         value = self.module_globals[name]  # KeyError: then builtins, or NameError, as for the module
         fused = self.fused.get(name)
-        return fused if fused is not None and value is fused.fn.fn else value
+        return fused if fused is not None and value is fused._f8tensor_fn.fn else value
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     if broadcast != x.shape:
         raise ValueError(f"rope: tables of shape {tuple(cos.shape)} do not broadcast to x {tuple(x.shape)} "
                          "(e.g. [S, D] for x [B, H, S, D], or [B, 1, S, D] for per-sequence positions)")
+    return rope_checked(x, cos, sin, interleaved)
+
+
+def rope_checked(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """rope for arguments already checked as rope checks them (conversion's RoPE fusion checks
+    more, per call, and skips rope's checks)."""
     if not kernels_can_run(x, cos, sin) or cos.requires_grad or sin.requires_grad:
         return rope_ref(x, cos, sin, interleaved)
     return _RoPEFn.apply(x if x.stride(-1) == 1 else x.contiguous(), cos, sin, bool(interleaved))

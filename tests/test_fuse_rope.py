@@ -167,13 +167,23 @@ def inputs(seed=1):
     return torch.randn(B, S, H * HEAD, device=DEVICE, dtype=torch.bfloat16)
 
 
+@pytest.fixture(autouse=True)
+def fuse_small_tensors(monkeypatch):
+    """This file's tensors are far below MIN_FUSED_NUMEL: fuse them anyway (test_small_tensors_...
+    sets its own threshold)."""
+    import f8tensor.fuse_rope as fuse_rope
+
+    monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", 0)
+
+
 @pytest.fixture
 def rope_calls(monkeypatch):
     """How many times a fused rotation ran rope (patched where fuse_rope calls it)."""
     import f8tensor.fuse_rope as fuse_rope
 
     calls = []
-    monkeypatch.setattr(fuse_rope, "rope", lambda *args: calls.append(1) or rope(*args))
+    checked = fuse_rope.rope_checked
+    monkeypatch.setattr(fuse_rope, "rope_checked", lambda *args: calls.append(1) or checked(*args))
     return calls
 
 
@@ -575,3 +585,46 @@ def test_copies_keep_a_subclass_made_after_conversion():
     mod.__class__ = type("FSDPAttention", (Marker, type(mod)), {})  # as fully_shard does
     twin = copy.deepcopy(mod)
     assert type(twin) is type(mod) and isinstance(twin.__dict__[ROPE_ATTR], RoPECalls)
+
+
+def test_small_tensors_and_other_layouts_run_the_written_ops(monkeypatch, rope_calls):
+    """Below MIN_FUSED_NUMEL elements of x (decoding: host-bound, where rope's launch costs more
+    than eager's kernels) and for an x whose last dim is strided (rope would return another
+    layout), the written ops run: eager's values and strides."""
+    import f8tensor.fuse_rope as fuse_rope
+
+    mod = convert_to_float8_training(CallsApplyRopeOnly(), **NONE)
+    cos, sin = tables()
+    x = torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", x.numel() + 1)
+    assert torch.equal(mod(x, cos, sin), apply_rope(x, cos, sin)) and not rope_calls
+    monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", x.numel())
+    mod(x, cos, sin)
+    assert len(rope_calls) == 1
+    strided = torch.randn(B, H, HEAD, S, device=DEVICE, dtype=torch.bfloat16).transpose(-1, -2)
+    got, want = mod(strided, cos, sin), apply_rope(strided, cos, sin)
+    assert torch.equal(got, want) and got.stride() == want.stride() and len(rope_calls) == 1
+    assert fuse_rope.MIN_FUSED_NUMEL == x.numel()
+    monkeypatch.undo()
+    assert fuse_rope.MIN_FUSED_NUMEL == 1 << 20  # the default (a 2 x 8 x 4096 x 128 k is 8 M elements)
+
+
+def passes_on(fn, *args):
+    assert fn.__code__.co_argcount == 3 and fn.__name__ == "apply_rope"
+    return fn(*args)
+
+
+class PassesTheFunction(nn.Module):
+    def forward(self, x, cos, sin):
+        self.kept = apply_rope  # kept on the module: pickles as the function
+        return passes_on(apply_rope, x, cos, sin)
+
+
+def test_the_name_stands_in_for_the_function_beyond_calls(rope_calls):
+    mod = convert_to_float8_training(PassesTheFunction(), **NONE)
+    assert isinstance(mod, FusedRoPEModule)
+    x, (cos, sin) = torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16), tables()
+    assert torch.equal(mod(x, cos, sin), rope(x, cos, sin)) and len(rope_calls) == 1
+    assert mod.kept is not apply_rope and mod.kept.__name__ == "apply_rope"
+    twin = pickle.loads(pickle.dumps(mod))
+    assert twin.kept is apply_rope and isinstance(twin, FusedRoPEModule)
