@@ -51,12 +51,13 @@ tracing, torch.compile (which fuse the written code themselves) or torch.jit tra
 torch.jit.script scripts the module as its own class. The proven name reads as the module's
 current global where that is no longer the function proven (deleted: NameError, as unfused), and
 runs the function as written where its code or defaults, or a helper's, or a global it read
-(a helper, torch) changed. Within the forward the name is a callable equivalent to the function,
-not the function object: forwards that compare it right where they read it (`is`, `==`, `in`)
-are left alone; an identity test of a copy kept elsewhere would differ. Each rotation
-runs f8tensor.rope where it gives eager's shape and dtype (plain tensors of one floating dtype for
-the tables that x's dtype does not promote, tables that broadcast to x and do not require grad)
-and the written ops otherwise. Values: rope's, fp32 math and one rounding, where eager rounds each
+(a helper, torch) changed. Within the forward the name reads as a stand-in for the function
+(attributes read through, binds as a method, pickles as the function), not the function object:
+forwards that compare it right where they read it (`is`, `==`, `in`) are left alone; an identity
+test of a copy kept elsewhere would differ. Each rotation runs f8tensor.rope where it gives eager's
+shape, dtype and layout (plain tensors of one floating dtype for the tables that x's dtype does not
+promote, tables that broadcast to x and do not require grad, x with a contiguous last dim) and
+where it gains (x of at least MIN_FUSED_NUMEL elements), and the written ops otherwise. Values: rope's, fp32 math and one rounding, where eager rounds each
 of its five ops.
 """
 
