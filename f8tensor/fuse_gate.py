@@ -46,7 +46,6 @@ recompute what it saved, with or without a mode that hooks every module), and do
 activation child's call. Copies and unpickled modules are proven again where they are made.
 """
 
-import builtins
 import dis
 import inspect
 import operator
@@ -57,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_class import FusedModule, class_forward, class_reason, fuse
+from .fused_class import JUMPS, FusedModule, class_forward, class_reason, fuse, global_value, globals_unchanged
 from .kernels import INPUT_DTYPES
 from .swiglu import swiglu
 
@@ -65,7 +64,6 @@ from .swiglu import swiglu
 GATE_ATTR = "_f8tensor_swiglu"
 
 _TORCH_OBJECTS = (torch, nn, F, F.silu, torch.mul)
-_JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
 _NO_VALUE = {"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"}  # push nothing of their own
 _MULS = {operator.mul, torch.mul}
 _SILU_FORWARD = nn.SiLU.forward
@@ -163,8 +161,7 @@ def _plain_silu(act) -> str | None:
         return None
     if type(act) in _SILU_CLASSES:  # the common case at each call: proven at conversion
         forward, read_globals = _SILU_CLASSES[type(act)]
-        if type(act).forward is forward and all(
-                forward.__globals__.get(name, getattr(builtins, name, None)) is value for name, value in read_globals):
+        if type(act).forward is forward and globals_unchanged(forward.__globals__, read_globals):
             return None
         return f"the activation child {type(act).__name__}'s forward changed since it was proven"
     return _silu_class_reason(type(act), act)
@@ -181,8 +178,7 @@ def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
     if (mod._f8tensor_base.forward is not gate.forward or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
             or torch.jit.is_tracing()):
         return False
-    module_globals = gate.forward.__globals__
-    if any(module_globals.get(name, getattr(builtins, name, None)) is not value for name, value in gate.globals):
+    if not globals_unchanged(gate.forward.__globals__, gate.globals):
         return False
     return gate.act is None or _plain_silu(mod._modules.get(gate.act)) is None
 
@@ -198,7 +194,7 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
     if getattr(code, "co_exceptiontable", b""):  # 3.11 on; 3.10's try/with blocks are jumps
         return "forward has a try or with block"
     instructions = list(dis.get_instructions(code))
-    if any(ins.opcode in _JUMPS for ins in instructions):
+    if any(ins.opcode in JUMPS for ins in instructions):
         return "forward has a branch or a loop"
     this = code.co_varnames[0]
     top = None  # what the last instruction left on top of the stack: "self", "tensor", a torch object
@@ -213,8 +209,7 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
         if op in ("LOAD_FAST", "LOAD_FAST_CHECK"):
             top = "self" if ins.argval == this else "tensor"
         elif op == "LOAD_GLOBAL":
-            value = forward.__globals__[ins.argval] if ins.argval in forward.__globals__ else getattr(
-                builtins, ins.argval, None)
+            value = global_value(forward.__globals__, ins.argval)
             if not any(value is ok for ok in _TORCH_OBJECTS):
                 return f"forward reads the global {ins.argval!r}"
             read_globals.append((ins.argval, value))

@@ -57,8 +57,8 @@ forwards that compare it right where they read it (`is`, `==`, `in`) are left al
 test of a copy kept elsewhere would differ. Each rotation runs f8tensor.rope where it gives eager's
 shape, dtype and layout (plain tensors of one floating dtype for the tables that x's dtype does not
 promote, tables that broadcast to x and do not require grad, x with a contiguous last dim) and
-where it gains (x of at least MIN_FUSED_NUMEL elements), and the written ops otherwise. Values: rope's, fp32 math and one rounding, where eager rounds each
-of its five ops.
+where it gains (x of at least MIN_FUSED_NUMEL elements), and the written ops otherwise. Values:
+rope's, fp32 math and one rounding, where eager rounds each of its five ops.
 """
 
 import builtins
@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fused_class import FusedModule, class_forward, class_reason, fuse, tracing
+from .fused_class import JUMPS, FusedModule, class_forward, class_reason, fuse, global_value, globals_unchanged, tracing
 from .kernels import INPUT_DTYPES
 from .rope import rope_checked
 
@@ -80,7 +80,6 @@ from .rope import rope_checked
 # but cannot be fused, why not (a str).
 ROPE_ATTR = "_f8tensor_rope"
 
-_JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
 _PLAIN_OPS = {
     "RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES", "LOAD_FAST", "LOAD_FAST_CHECK",
     "LOAD_FAST_LOAD_FAST", "STORE_FAST", "STORE_FAST_LOAD_FAST", "STORE_FAST_STORE_FAST", "RETURN_VALUE",
@@ -94,13 +93,13 @@ _WRITES_GLOBALS = {"STORE_GLOBAL", "DELETE_GLOBAL"}
 _GLOBALS_BUILTINS = {"globals", "exec", "eval"}
 _COMPARES = {"IS_OP", "COMPARE_OP", "CONTAINS_OP"}
 _ADDS = {operator.add, torch.add}
+_MULS = {operator.mul, torch.mul}
+_NEGS = {operator.neg, torch.neg}
 # Below this many elements of x a rotation runs the written ops: there the step is bound by host
 # time, and rope's checks and Triton launch cost more of it than eager's five kernels (on an H200,
 # x of [1, 4, 1, 64]: about 100 against 45 us per call; decoding one token is such a call). At
 # training shapes (millions of elements per q or k) the one pass saves GPU time instead.
 MIN_FUSED_NUMEL = 1 << 20
-_MULS = {operator.mul, torch.mul}
-_NEGS = {operator.neg, torch.neg}
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def _constant_ok(value) -> bool:
 
 def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | None:
     """Why fn's bytecode is not the straight-line code of the module docstring; appends (fn, code,
-    globals read) for fn and each helper it reads to codes."""
+    defaults, globals read) for fn and each helper it reads to codes."""
     code = fn.__code__
     if code.co_posonlyargcount or code.co_kwonlyargcount or code.co_flags & (
             inspect.CO_VARARGS | inspect.CO_VARKEYWORDS | inspect.CO_GENERATOR | inspect.CO_COROUTINE):
@@ -138,14 +137,14 @@ def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | N
     if getattr(code, "co_exceptiontable", b""):
         return f"{fn.__name__} has a try or with block"
     instructions = list(dis.get_instructions(code))
-    if any(ins.opcode in _JUMPS for ins in instructions):
+    if any(ins.opcode in JUMPS for ins in instructions):
         return f"{fn.__name__} has a branch or a loop"
     read = []
     for ins in instructions:
         op = ins.opname
         if op == "LOAD_GLOBAL":
             name = ins.argval
-            value = fn.__globals__[name] if name in fn.__globals__ else getattr(builtins, name, None)
+            value = global_value(fn.__globals__, name)
             if value is not torch:
                 if not isinstance(value, types.FunctionType) or depth >= 2:
                     return f"{fn.__name__} reads the global {name!r}"
@@ -318,9 +317,8 @@ def _prove_function(fn) -> RotaryFunction | str:
 
 def _still_proven(fn: RotaryFunction) -> bool:
     """fn and its helpers still have the code and defaults proven, and read the same globals."""
-    return all(f.__code__ is code and f.__defaults__ is defaults and all(
-        f.__globals__.get(name, getattr(builtins, name, None)) is value for name, value in read)
-        for f, code, defaults, read in fn.codes)
+    return all(f.__code__ is code and f.__defaults__ is defaults and globals_unchanged(f.__globals__, read)
+               for f, code, defaults, read in fn.codes)
 
 
 class _FusedCall:

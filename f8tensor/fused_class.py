@@ -8,12 +8,28 @@ rebuild the fused class around the original and prove it again (what was proven,
 instance under the mixin's attribute, is not pickled).
 """
 
+import builtins
+import dis
 import functools
 import inspect
 import types
 
 import torch
 from torch import nn
+
+
+# Opcodes that branch or loop: a proof's bytecode walk refuses them (tracing follows one arm).
+JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
+
+
+def global_value(fn_globals: dict, name: str):
+    """What a function with these globals reads for a global name (a builtin if the module lacks it)."""
+    return fn_globals.get(name, getattr(builtins, name, None))
+
+
+def globals_unchanged(fn_globals: dict, read) -> bool:
+    """Whether each (name, value) a proof recorded as read is still what the name reads."""
+    return all(global_value(fn_globals, name) is value for name, value in read)
 
 
 def class_forward(cls: type):
