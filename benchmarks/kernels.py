@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from common import bench_ms, gpu_ms, kernel_benchmark_start, write_rows
+from tools.common import bench_ms, gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import quantize_ref
 from f8tensor.kernels.quantize import quantize_triton
 

@@ -17,7 +17,7 @@ import statistics
 import torch
 from torch import nn
 
-from common import bench_ms, environment, write_rows
+from tools.common import bench_ms, environment, write_rows
 from f8tensor import Float8Config, Float8Linear, GemmRole, to_float8
 
 SHAPES = {  # (K, N): in_features -> out_features

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from common import bench_ms, environment
+from tools.common import bench_ms, environment
 from f8tensor import Float8Linear
 from linear import fwd_bwd, gemms_only, kernel_times
 

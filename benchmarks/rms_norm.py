@@ -14,7 +14,7 @@ checked: ours against the reference and against PyTorch's kernel, in units in th
 import torch
 import torch.nn.functional as F
 
-from common import gpu_ms, kernel_benchmark_start, write_rows
+from tools.common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import rms_norm_backward_ref, rms_norm_ref
 from f8tensor.kernels.amax import amax_partials
 from f8tensor.kernels.op import amax_of_bits

@@ -15,7 +15,7 @@ copy bandwidth measured in the same run.
 
 import torch
 
-from common import gpu_ms, kernel_benchmark_start, write_rows
+from tools.common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels.rope import rope_triton
 
 SHAPES = [(2, 32, 4096, 128), (2, 8, 4096, 128), (4, 64, 8192, 128)]  # [B, H, S, D]

@@ -13,7 +13,7 @@ write, backward 3 reads + 2 writes), as a fraction of the copy bandwidth measure
 import torch
 import torch.nn.functional as F
 
-from common import gpu_ms, kernel_benchmark_start, write_rows
+from tools.common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import swiglu_ref
 from f8tensor.kernels.amax import amax_partials
 from f8tensor.kernels.op import amax_of_bits

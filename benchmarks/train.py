@@ -1,9 +1,15 @@
 """End-to-end training throughput: a Llama-3-8B-shaped decoder in bf16 vs float8 (f8tensor, torchao),
 eager and with each block compiled, under three activation-checkpointing modes.
 
-    python benchmarks/train.py          # the issue's figures: defaults below, on one H200
-    python benchmarks/train.py --layers 8 --dim 4096 --heads 32 --kv-heads 8 --ffn 14336 \
-        --vocab 128256 --batch 2 --seq 4096 --steps 10 --warmup 3 --rounds 3 --ac-modes none
+    python benchmarks/train.py          # the headline figures: defaults below, on one H200
+    python benchmarks/train.py --ac-modes none every2 full --ablations f8tensor_unfused bf16_compiled
+
+Configurations (--configs, default: all four that can run here):
+    bf16               the model as written, bf16, eager
+    f8tensor           convert_to_float8_training + fuse_model_ops, eager: the README's quick start
+    f8tensor_compiled  the same, each block compiled (torch.compile, as torchtitan does)
+    torchao_compiled   torchao's convert_to_float8_training, each block compiled
+Ablations (--ablations NAME ..., each answers one question; see ABLATIONS below).
 
 Each configuration builds a fresh model from the same seed (bf16 parameters, AdamW, cross-entropy on
 random tokens) and runs --warmup steps (compilation included). All configurations of one AC mode
@@ -13,21 +19,10 @@ counts. Reported: tokens/s, its ratio to bf16 eager under the same AC mode, the 
 of one step (this configuration's own: the other resident models are subtracted), the last loss. The
 output projection stays bf16 in every float8 configuration. A configuration that fails (compile
 error, OOM) is reported in the status column and the run goes on. On CPU (smoke test only) compiled
-configurations run only when named in --configs. bf16_swiglu and f8tensor_swiglu (only when named)
-run the same model with its feed-forward gate written as f8tensor.swiglu(w1(x), w3(x));
-bf16_fused and f8tensor_fused (only when named) also rotate q and k with f8tensor.rope (two lines
-of model code changed in all, same math, fused; with --rope complex its interleaved form);
-f8tensor_keepweight and f8tensor_keepweight_compiled (only when named) use
-Float8Config(keep_fp8_weight=True) (compiled: both weight layouts cast in forward, in one pass, the
-column-major one saved for backward). Conversion also swaps the model's nn.RMSNorm modules for
-f8tensor.RMSNorm, runs the model's SwiGLU gate as f8tensor.swiglu and its rotate_half RoPE
-function as f8tensor.rope (its defaults; the model code is unchanged); f8tensor_norope (only when
-named) keeps the model's RoPE code, f8tensor_nogate (only when named) that and its gate code,
-f8tensor_torchnorm (only when named) those and PyTorch's norms, and bf16_norm (only when named) is
-bf16 with only the norm swap. --grad-accum N makes
-each step N micro-batches of --batch x --seq tokens (tokens/s counts all of them). --power
-(CUDA) samples the SM clock and power during the timed rounds (benchmarks/power.py): at the
-GPU's power limit the clock, and so the step time, follows the energy each configuration draws.
+configurations run only when named. --grad-accum N makes each step N micro-batches of --batch x
+--seq tokens (tokens/s counts all of them). --power (CUDA) samples the SM clock and power during
+the timed rounds (tools/power.py): at the GPU's power limit the clock, and so the step time,
+follows the energy each configuration draws.
 
 --fsdp (under torchrun, one process per GPU, NCCL) shards every block and then the whole model
 with FSDP2's fully_shard, after conversion and after compiling the blocks (torchtitan's order);
@@ -51,36 +46,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common import environment, write_rows
-from power import PowerLog, summarize
-from f8tensor import Float8Config, RMSNorm, convert_to_float8_training, swiglu
+from tools.common import environment, write_rows
+from tools.power import PowerLog, summarize
+from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, fuse_model_ops, fusion_report, swiglu
 from f8tensor import rope as fused_rope
-from f8tensor.convert import default_skip_reason
-from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
-from f8tensor.fuse_rope import ROPE_ATTR, RoPECalls
+from f8tensor.core.convert import default_skip_reason
 
-# f8tensor*: convert_to_float8_training's defaults, which also swap the model's nn.RMSNorm modules
-# for f8tensor.RMSNorm (fused, float8-aware; PyTorch's rms_norm under compile) and run the gate of
-# FeedForward below as f8tensor.swiglu (fuse_swiglu: conversion proves the forward is
-# w2(silu(w1(x)) * w3(x)) and gives the module a fused forward; model code unchanged) and the
-# rotate_half apply_rope below, which Attention.forward calls, as f8tensor.rope (fuse_rope: conversion
-# proves apply_rope computes exactly x * cos + rotate_half(x) * sin and runs Attention's own forward
-# with that name bound to the fused rotation). f8tensor_norope keeps the model's RoPE code
-# (fuse_rope=False: conversion from the gate fusion to the RoPE fusion); f8tensor_nogate also the
-# model's own gate code (fuse_swiglu=False, conversion from c9fdf78 to the gate fusion); f8tensor_torchnorm also PyTorch's norms (conversion before c9fdf78); bf16_norm
-# is bf16 with only the norms swapped.
-# *_swiglu: the model's feed-forward gate is f8tensor.swiglu written in model code (a one-line
-# change; conversion then has nothing to fuse there), the others run the model as written.
-# *_fused: also the rotary embedding is f8tensor.rope (fused) instead of apply_rope below.
-# f8tensor_keepweight: Float8Config(keep_fp8_weight=True), the weight cast once per optimizer step
-# (pays with --grad-accum > 1 and with activation checkpointing); f8tensor_keepweight_compiled: the
-# same option under compile, where it casts both layouts in forward and saves the column-major one.
-# torchao_fsdp8_compiled (--fsdp only): torchao as torchtitan runs it under FSDP2, float8 weight
-# all-gather (each rank casts its shard) and the scales of all weights in one all-reduce per step.
-CONFIGS = ["bf16", "bf16_norm", "bf16_swiglu", "bf16_fused", "bf16_compiled", "f8tensor", "f8tensor_swiglu",
-           "f8tensor_fused", "f8tensor_norope", "f8tensor_nogate", "f8tensor_torchnorm", "f8tensor_keepweight",
-           "f8tensor_compiled", "f8tensor_keepweight_compiled", "torchao", "torchao_compiled",
-           "torchao_fsdp8_compiled"]
+CONFIGS = ["bf16", "f8tensor", "f8tensor_compiled", "torchao_compiled"]
+# Each a variant of one configuration that answers one question; run only when named in --ablations.
+ABLATIONS = {
+    "bf16_compiled": "bf16 with each block compiled: is float8 faster than compiling bf16?",
+    "torchao": "torchao's float8 layers in eager mode: torchao without compile",
+    "f8tensor_unfused": "convert_to_float8_training alone (no fuse_model_ops): what the fusions give",
+    "f8tensor_no_norm_fusion": "fuse_model_ops(rms_norm=False): what the norm swap gives",
+    "f8tensor_no_gate_fusion": "fuse_model_ops(swiglu=False): what the gate fusion gives",
+    "f8tensor_no_rope_fusion": "fuse_model_ops(rope=False): what the RoPE fusion gives",
+    "f8tensor_ops_in_code": "f8tensor.swiglu and f8tensor.rope written into the model code instead of fused",
+    "bf16_ops_in_code": "bf16 with f8tensor.swiglu and f8tensor.rope in the model code: the fused ops without float8",
+    "bf16_norm_fusion": "bf16 with fuse_model_ops(swiglu=False, rope=False): the fused norms without float8",
+    "f8tensor_keep_weight": "Float8Config(keep_fp8_weight=True): weights cast once per optimizer step",
+    "f8tensor_keep_weight_compiled": "keep_fp8_weight=True with the blocks compiled",
+    "torchao_fsdp8_compiled": "torchao with float8 all-gather and precomputed scales (--fsdp only)",
+}
+ORDER = CONFIGS[:1] + list(ABLATIONS)[:1] + CONFIGS[1:] + list(ABLATIONS)[1:]  # bf16 first: the ratios' base
 
 
 def rope_tables(seq, head_dim, theta=500000.0):
@@ -119,7 +107,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
-        self.fused_rope = False  # the *_fused configurations
+        self.fused_rope = False  # the *_ops_in_code ablations
 
     def forward(self, x, *rope):
         B, S, _ = x.shape
@@ -153,7 +141,7 @@ class FeedForward(nn.Module):
 
 
 class FusedGateFeedForward(FeedForward):
-    """The *_swiglu and *_fused configurations: the gate written as f8tensor.swiglu in model code."""
+    """The *_ops_in_code ablations: the gate written as f8tensor.swiglu in model code."""
 
     def forward(self, x):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
@@ -223,26 +211,22 @@ def build(a, config, ac, device):
         torch.set_default_dtype(default_dtype)
     model.ac = ac
     for block in model.layers:
-        if config.endswith(("_swiglu", "_fused")):
+        if config.endswith("_ops_in_code"):
             block.feed_forward.__class__ = FusedGateFeedForward
-        block.attention.fused_rope = config.endswith("_fused")
+        block.attention.fused_rope = config.endswith("_ops_in_code")
     if config.startswith("f8tensor"):
-        f8_config = Float8Config(keep_fp8_weight="_keepweight" in config)
-        # _torchnorm: conversion as before c9fdf78 (PyTorch's norms, the model's own gate code);
-        # _nogate: as c9fdf78..the gate fusion (fused norms, the model's own gate code)
-        # _norope: as the gate fusion..the RoPE fusion (fused norms and gate, the model's RoPE code)
-        fuse = dict(fuse_rms_norm=not config.endswith("_torchnorm"),
-                    fuse_swiglu=not config.endswith(("_torchnorm", "_nogate")),
-                    fuse_rope=not config.endswith(("_torchnorm", "_nogate", "_norope")))
+        f8_config = Float8Config(keep_fp8_weight="_keep_weight" in config)
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
-                model, config=f8_config, **fuse,
+                model, config=f8_config,
                 module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
         else:  # every linear but the output, as torchao is converted here
-            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output, **fuse)
-    elif config == "bf16_norm":  # no float8: only conversion's norm swap
-        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False, fuse_swiglu=False,
-                                   fuse_rope=False)
+            convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output)
+        if config != "f8tensor_unfused":
+            fuse_model_ops(model, rms_norm=config != "f8tensor_no_norm_fusion",
+                           swiglu=config != "f8tensor_no_gate_fusion", rope=config != "f8tensor_no_rope_fusion")
+    elif config == "bf16_norm_fusion":
+        fuse_model_ops(model, swiglu=False, rope=False)
     elif config.startswith("torchao"):
         from torchao.float8 import Float8LinearConfig  # ImportError: reported
         from torchao.float8 import convert_to_float8_training as ao_convert
@@ -354,10 +338,9 @@ class Run:
 
     def result(self, a):
         step_s = statistics.median(self.times)
-        fp8 = sum(type(m).__name__ == "Float8Linear" for m in self.model.modules())
-        fused_norms = sum(isinstance(m, RMSNorm) for m in self.model.modules())
-        fused_gates = sum(isinstance(m.__dict__.get(GATE_ATTR), SwiGLUGate) for m in self.model.modules())
-        fused_ropes = sum(isinstance(m.__dict__.get(ROPE_ATTR), RoPECalls) for m in self.model.modules())
+        fp8 = sum(isinstance(m, Float8Linear) for m in self.model.modules())
+        report = fusion_report(self.model)
+        fused_norms, fused_gates, fused_ropes = (len(report.fused(kind)) for kind in ("rms_norm", "swiglu", "rope"))
         return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
                     loss=self.last_loss.item(), fp8_linears=fp8, fused_norms=fused_norms, fused_gates=fused_gates,
@@ -517,15 +500,13 @@ def free(device, keep_compiled=False):
 
 
 def default_configs(device):
+    """The main configurations that can run here: torchao's where it imports, compiled ones on CUDA."""
     try:
         import torchao.float8  # noqa: F401
         ao = True
     except Exception:  # noqa: BLE001  (a torchao built for another torch can fail in other ways)
         ao = False
-    # The model as written and the default config: *_swiglu and *_fused (changed model code) and
-    # f8tensor_keepweight* (an option) only when named in --configs.
-    keep = [c for c in CONFIGS if (ao or not c.startswith("torchao"))
-            and not c.endswith(("_swiglu", "_fused", "_norm", "_torchnorm", "_nogate", "_norope")) and "_keepweight" not in c and "_fsdp8" not in c]
+    keep = [c for c in CONFIGS if ao or not c.startswith("torchao")]
     return keep if device.type == "cuda" else [c for c in keep if not c.endswith("_compiled")]
 
 
@@ -536,6 +517,9 @@ def main():
                           ("rounds", 3), ("seed", 0), ("grad-accum", 1)]:
         ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all that can run here")
+    ap.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=[], metavar="NAME",
+                    help="variants that answer one question each: " + "; ".join(
+                        f"{name}: {why}" for name, why in ABLATIONS.items()))
     ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")
     ap.add_argument("--ac-modes", nargs="+", choices=["none", "every2", "full"], default=["none"])
     ap.add_argument("--f8-filter", choices=["all", "default"], default="all",
@@ -569,11 +553,12 @@ def main():
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # bf16 first in each AC mode: it is the base of the vs_bf16 ratio
-    configs = sorted(a.configs or default_configs(device), key=CONFIGS.index)
+    configs = sorted((a.configs or default_configs(device)) + a.ablations, key=ORDER.index)
     env = environment()
     if rank() == 0:
         print(env)
-    shape = {k: v for k, v in vars(a).items() if k not in ("configs", "ac", "ac_modes", "out", "profile", "power")}
+    shape = {k: v for k, v in vars(a).items()
+             if k not in ("configs", "ablations", "ac", "ac_modes", "out", "profile", "power")}
     shape["world"] = world()
     # (f8_filter rides along in `shape`: it is part of what was measured)
     rows = []

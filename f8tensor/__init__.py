@@ -1,18 +1,26 @@
-"""f8tensor: eager-mode float8 training for PyTorch with handwritten Triton kernels."""
+"""f8tensor: eager-mode float8 training for PyTorch with handwritten Triton kernels.
 
-from . import ops  # noqa: F401  (fills Float8Tensor's op table)
-from .config import Float8Config
-from .convert import conversion_summary, convert_to_float8_training
-from .linear import Float8Linear
-from .ops import scaled_mm
-from .rms_norm import RMSNorm
-from .rope import rope
-from .swiglu import swiglu
-from .tensor import Float8Tensor, GemmRole, to_float8
-from .weight_cache import forget_fp8_weights
+    convert_to_float8_training(model)   linear layers -> Float8Linear (core/)
+    fuse_model_ops(model)               the model's norms, SwiGLU gate and RoPE -> fused ops (fusion/, fused_ops/)
+"""
+
+from .core import ops  # noqa: F401  (fills Float8Tensor's op table)
+from .core.config import Float8Config
+from .core.convert import conversion_summary, convert_to_float8_training
+from .core.linear import Float8Linear
+from .core.ops import scaled_mm
+from .core.tensor import Float8Tensor, GemmRole, to_float8
+from .core.weight_cache import forget_fp8_weights
+from .fused_ops.rms_norm import RMSNorm
+from .fused_ops.rope import rope
+from .fused_ops.swiglu import swiglu
+from .fusion.fuse import FusionError, FusionReport, fuse_model_ops, fusion_report
+from .fusion.python_versions import FusionWarning
+from .state import reset_state
 
 __all__ = [
-    "Float8Config", "Float8Linear", "Float8Tensor", "GemmRole", "RMSNorm", "conversion_summary",
-    "convert_to_float8_training", "forget_fp8_weights", "rope", "scaled_mm", "swiglu", "to_float8",
+    "Float8Config", "Float8Linear", "Float8Tensor", "FusionError", "FusionReport", "FusionWarning", "GemmRole",
+    "RMSNorm", "conversion_summary", "convert_to_float8_training", "forget_fp8_weights", "fuse_model_ops",
+    "fusion_report", "reset_state", "rope", "scaled_mm", "swiglu", "to_float8",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

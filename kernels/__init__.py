@@ -1,44 +1,37 @@
-"""Quantization kernels (Triton) and their plain-PyTorch references (`naive`).
+"""Triton kernels and their plain-PyTorch references (`naive`), behind one entry point per function.
 
-Installed as `f8tensor.kernels`. `quantize` is the one entry point: Triton on CUDA, the
-reference elsewhere; both return (row_major | None, col_major | None, scale) for a 2-D input.
+Installed as `f8tensor.kernels`. `quantize_with_amax` quantizes a 2-D tensor: Triton on a CUDA
+device with float8 hardware, the reference elsewhere; both return (row_major | None, col_major |
+None, scale, amax record) with the same bits. The fused ops' entry points (`rms_norm_with_amax`,
+`swiglu_with_amax`, `rope_forward` and their backwards) choose the same way.
 """
 
 import functools
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
-from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref,
                     rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
                     scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
 
 try:
-    from .quantize import quantize_triton, quantize_with_amax as _quantize_with_amax_triton
+    from .quantize import quantize_triton, quantize_triton_with_amax
     from .rms_norm import rms_norm_backward_triton, rms_norm_triton
     from .rope import rope_triton
     from .swiglu import swiglu_backward_triton, swiglu_triton
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
-    quantize_triton = _quantize_with_amax_triton = swiglu_triton = swiglu_backward_triton = None
+    quantize_triton = quantize_triton_with_amax = swiglu_triton = swiglu_backward_triton = None
     rope_triton = rms_norm_triton = rms_norm_backward_triton = None
 
 from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
-    "EPS", "FLOAT8_DTYPES", "LAYOUTS", "fp8_max", "has_float8_hardware", "kernels_can_run", "quantize",
-    "quantize_ref",
-    "quantize_triton", "quantize_with_amax", "rms_norm_backward", "rms_norm_backward_ref",
-    "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope", "rope_backward", "rope_backward_ref", "rope_ref",
-    "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref", "transformed",
+    "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "has_float8_hardware",
+    "quantize_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
+    "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
+    "rope_backward_ref", "rope_forward", "rope_ref", "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
-
-
-def quantize(
-    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    return quantize_with_amax(x, float8_dtype, layout, power_of_2)[:3]
 
 
 def quantize_with_amax(
@@ -65,7 +58,7 @@ def quantize_with_amax(
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
         amax = None if amax is None else _as_record(amax)
-        return _quantize_with_amax_triton(x, float8_dtype, layout, power_of_2, amax=amax)
+        return quantize_triton_with_amax(x, float8_dtype, layout, power_of_2, amax=amax)
     amax = amax_ref(x) if amax is None else _as_amax_value(amax)
     return (*quantize_ref(x, float8_dtype, layout, power_of_2, amax=amax), amax)
 
@@ -110,24 +103,7 @@ def rms_norm_backward(
     return rms_norm_backward_ref(g, x, weight, rstd)
 
 
-def kernels_can_run(*tensors: torch.Tensor) -> bool:
-    """Whether a fused op's kernels, behind an autograd.Function with a backward and nothing more,
-    may stand in for its reference in plain ops: not while torch.compile traces (inductor fuses the
-    plain ops), not for tensor subclasses (DTensor, ...: no memory of their own for a kernel), not
-    under torch.func transforms (wrapped tensors) nor for forward-mode AD (dual tensors), which
-    need rules such a Function does not have. The reference serves all of these."""
-    if torch.compiler.is_compiling() or transformed(*tensors):
-        return False
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-
-
-def transformed(*tensors: torch.Tensor) -> bool:
-    """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent
-    (eager only: call it outside torch.compile's tracing)."""
-    return any(_is_functorch_wrapped(t) or _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """rope_ref(x, cos, sin, interleaved): one pass on CUDA (Triton), the reference elsewhere or
     without triton. The output has x's layout where x is dense."""
     if x.is_cuda and rope_triton is not None:
@@ -168,11 +144,12 @@ def _fp32_amax(amax: torch.Tensor) -> torch.Tensor:
     return amax.reshape(())
 
 
+# state.py lists this cache.
 @functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_devicedevice_capability(index)
 
 
 def has_float8_hardware(device: torch.device) -> bool:
     """Whether a CUDA device converts and multiplies float8 natively (compute capability >= 8.9)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+    return device_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)

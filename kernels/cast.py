@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .amax import tile_grid
-from .scale import scale_from_amax, to_float8
+from .scale import fp32_to_float8, scale_from_amax
 
 
 @triton.jit
@@ -40,12 +40,11 @@ def cast_kernel(
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask)
     y = x.to(tl.float32) * multiplier
     y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    q = to_float8(y, row_ptr.dtype.element_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    q = fp32_to_float8(y, row_ptr.dtype.element_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
     if WRITE_ROW:
         tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     if WRITE_COL:
-        # Stored as bytes: faster than storing float8 through the same addresses on most shapes
-        # in a probe run on an H200 (docs/benchmarks.md).
+        # Stored as bytes, through a uint8 view of the same buffer: the same bits as a float8 store.
         tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M,
                  q.to(tl.uint8, bitcast=True), mask=mask)
 

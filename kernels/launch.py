@@ -1,12 +1,17 @@
 """Relaunch a kernel that Triton has compiled and launched once, through its C launcher directly.
 
-Every `kernel[grid](...)` in Triton 3.6 pays, in Python, for binding and specializing each
-argument, a string cache key, device and stream lookups, launch metadata and two (empty) hook
-calls: one quantization (two launches) took 70–77 µs of host time that way on the H200 machine
-vs 23–30 µs replayed (benchmarks/launch_check.py), more than our kernels take on the GPU for
-tensors under ~100 MB. The quantization entry point (quantize.py) therefore launches each case once the
-normal way, keeps the `CompiledKernel` Triton chose (`Relaunch.capture`), and from then on makes
-only the final call Triton itself makes: the compiled module's C `launch` function.
+Every `kernel[grid](...)` in Triton pays, in Python, for binding and specializing each argument, a
+string cache key, device and stream lookups, launch metadata and two (empty) hook calls: more host
+time than our kernels take on the GPU for small tensors (docs/design.md, "Kernel launches"). The
+kernels' entry points (quantize.py and the fused ops) therefore launch each case once the normal
+way, keep the `CompiledKernel` Triton chose (`Relaunch.capture`), and from then on make only the
+final call Triton itself makes: the compiled module's C `launch` function.
+
+That call passes Triton's internals positionally (the grid, stream, function, scratch buffers,
+metadata and hooks `CudaLauncher.__call__` passes), so it is made only on the Triton versions in
+CHECKED_TRITON, whose launcher tests/test_launch.py checks bit for bit against Triton's own launch
+on the GPU. Any other Triton launches every call through Triton's own path (correct, more host
+time), with one warning.
 
 The caller owns the cache key and must make it at least as fine as Triton's specialization, or a
 relaunch would run a binary compiled for other arguments. Triton 3.6 (`native_specialize_impl`,
@@ -17,11 +22,35 @@ relaunch would run a binary compiled for other arguments. Triton 3.6 (`native_sp
 int argument by value and the alignment of the one tensor it does not allocate itself.
 """
 
+import warnings
+
 import torch
+import triton
 from triton import knobs
 from triton.knobs import HookChain
 
+from ..torch_internals import current_raw_stream, raw_stream_available
 from .scale import INTERPRETING
+
+# major.minor of the Triton releases whose C launcher the direct relaunch was checked against.
+CHECKED_TRITON = ("3.6",)
+# Whether this process warned that its Triton is not checked (state.py lists it).
+warned = [False]
+
+
+def triton_checked(version: str = triton.__version__) -> bool:
+    """Whether the direct relaunch was checked against this Triton version."""
+    return ".".join(version.split(".")[:2]) in CHECKED_TRITON
+
+
+def _warn_unchecked() -> None:
+    if not warned[0]:
+        warned[0] = True
+        warnings.warn(
+            f"f8tensor: Triton {triton.__version__} is installed; its kernel launcher was not checked "
+            f"(checked: Triton {', '.join(CHECKED_TRITON)}), so every kernel launches through Triton's own "
+            f"launch path: correct, with more host time per call. Install triton=={CHECKED_TRITON[-1]}.* "
+            "for the direct launch.", stacklevel=3)
 
 
 def _idle(hook) -> bool:
@@ -29,11 +58,20 @@ def _idle(hook) -> bool:
     return hook is None or (type(hook) is HookChain and not hook.calls)
 
 
+_TRITON_CHECKED = triton_checked()
+
+
 def relaunch_possible() -> bool:
-    """False where Triton's own launch path must run: the interpreter, or launch hooks installed
-    (a profiler or a user hook must see Triton's launch metadata)."""
+    """False where Triton's own launch path must run: the interpreter, a Triton version the direct
+    launch was not checked against (with one warning), or launch hooks installed (a profiler or a
+    user hook must see Triton's launch metadata)."""
+    if INTERPRETING or not raw_stream_available():
+        return False
+    if not _TRITON_CHECKED:
+        _warn_unchecked()
+        return False
     rt = knobs.runtime
-    return not INTERPRETING and _idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook)
+    return _idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook)
 
 
 def specialization_key() -> tuple:
@@ -73,7 +111,8 @@ class Relaunch:
                     None, None, None, *args)
 
 
-_CASES: dict = {}
+# (kernel, grid, arguments' specialization) -> Relaunch (state.py lists it).
+CASES: dict = {}
 MAX_CASES = 1024  # a case is a few hundred bytes; re-recording one costs one Triton launch path
 
 
@@ -85,7 +124,7 @@ def _arg_key(arg):
     return type(arg), arg
 
 
-def launch(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs):
+def launch_kernel(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs):
     """`kernel[grid](*args, num_warps=num_warps, **constexprs)`: the first time for each case
     through Triton, later through the recorded C launcher (a `Relaunch`). The key holds the kernel,
     grid, knobs, current device and every argument (ints by value), so it is at least as fine as
@@ -93,15 +132,15 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs):
     key = None
     if relaunch_possible():
         key = (kernel, grid, num_warps, *constexprs.items(), *specialization_key(), *map(_arg_key, args))
-        relaunch = _CASES.get(key)
+        relaunch = CASES.get(key)
         if relaunch is not None:
-            relaunch(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *args,
+            relaunch(current_raw_stream(torch.cuda.current_device()), *args,
                      *constexprs.values())
             return
     compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
     if key is not None:
         relaunch = Relaunch.capture(compiled, grid)
         if relaunch is not None:
-            if len(_CASES) >= MAX_CASES:
-                _CASES.clear()
-            _CASES[key] = relaunch
+            if len(CASES) >= MAX_CASES:
+                CASES.clear()
+            CASES[key] = relaunch

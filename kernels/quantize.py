@@ -19,12 +19,14 @@ from .cast import launch_cast
 from .launch import Relaunch, relaunch_possible, specialization_key
 from .naive import EPS, INPUT_DTYPES, LAYOUTS, quantize_ref
 from .scale import INTERPRETING
+from ..torch_internals import current_raw_stream
 
 SWAPPED = {"row": "col", "col": "row", "both": "both"}
 
 
+# state.py lists this cache.
 @functools.cache
-def _num_sms(device_index: int) -> int:
+def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -32,12 +34,12 @@ def default_num_programs(device: torch.device) -> int:
     """Programs of the amax pass: a few per SM keeps enough loads in flight to fill HBM."""
     if device.type != "cuda":
         return 3  # interpreter: small, but enough to exercise the grid-stride loop and the reduce
-    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 class _Plan:
     """A recorded case: allocate, launch amax (unless given), launch cast. Column-major inputs are
-    planned as their row-major transpose with the outputs swapped, as in `quantize_with_amax`."""
+    planned as their row-major transpose with the outputs swapped, as in `quantize_triton_with_amax`."""
 
     __slots__ = ("amax", "cast", "amax_tail", "cast_tail", "num_partials", "atomic", "shape",
                  "device", "launch_device", "float8_dtype", "write_row", "write_col", "transposed")
@@ -48,7 +50,7 @@ class _Plan:
         M, N = self.shape
         device, dtype = self.device, self.float8_dtype
         # The current device's stream, as Triton launches (the plan key holds the current device).
-        stream = torch._C._cuda_getCurrentRawStream(self.launch_device)
+        stream = current_raw_stream(self.launch_device)
         if amax is None:
             if self.atomic:
                 amax = torch.zeros(1, dtype=torch.int32, device=device)
@@ -68,8 +70,8 @@ class _Plan:
         return row, (None if col_t is None else col_t.t()), scale, amax
 
 
-_PLANS: dict = {}
-MAX_PLANS = 4096  # a plan is a few hundred bytes; re-recording one costs one Triton launch path
+PLANS: dict = {}
+MAXPLANS = 4096  # a plan is a few hundred bytes; re-recording one costs one Triton launch path
 
 
 def quantize_triton(
@@ -79,12 +81,12 @@ def quantize_triton(
 
     Any 2-D strides are read in place: a column-major input is quantized as its (row-major)
     transpose with the two outputs swapped, so neither layout costs a copy. Options (amax_mode,
-    num_programs, exact_round, block_m, block_n, num_warps) are those of `quantize_with_amax`.
+    num_programs, exact_round, block_m, block_n, num_warps) are those of `quantize_triton_with_amax`.
     """
-    return quantize_with_amax(x, float8_dtype, layout, power_of_2, **options)[:3]
+    return quantize_triton_with_amax(x, float8_dtype, layout, power_of_2, **options)[:3]
 
 
-def quantize_with_amax(
+def quantize_triton_with_amax(
     x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False, *,
     amax: torch.Tensor | None = None, amax_mode: str = "staged", num_programs: int | None = None,
     exact_round: bool = INTERPRETING, block_m: int = 64, block_n: int = 128, num_warps: int = 8,
@@ -95,13 +97,13 @@ def quantize_with_amax(
     weight quantized again in backward): the amax pass is skipped and the scale is the same bits.
     """
     if amax is not None and (amax.dtype != torch.int32 or amax.dim() != 1 or amax.device != x.device):
-        raise ValueError("amax must be the int32 record returned by quantize_with_amax for this tensor")
+        raise ValueError("amax must be the int32 record returned by quantize_triton_with_amax for this tensor")
     key = None
     if x.is_cuda:
         key = (x.dtype, x.shape, x.stride(), (x.data_ptr() & 15) == 0, x.get_device(), float8_dtype,
                layout, power_of_2, None if amax is None else amax.numel(), amax_mode, num_programs,
                exact_round, block_m, block_n, num_warps, *specialization_key())
-        plan = _PLANS.get(key)
+        plan = PLANS.get(key)
         if plan is not None and relaunch_possible():
             return plan(x, amax)
     if x.dim() != 2:
@@ -142,9 +144,9 @@ def quantize_with_amax(
             plan.launch_device = torch.cuda.current_device()  # in the key too
             plan.write_row, plan.write_col = row is not None, col is not None
             plan.transposed = transposed
-            if len(_PLANS) >= MAX_PLANS:  # e.g. a new token count every step: start over
-                _PLANS.clear()
-            _PLANS[key] = plan
+            if len(PLANS) >= MAXPLANS:  # e.g. a new token count every step: start over
+                PLANS.clear()
+            PLANS[key] = plan
     if transposed:
         return (None if col is None else col.t()), (None if row is None else row.t()), scale, amax
     return row, col, scale, amax

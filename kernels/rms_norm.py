@@ -18,11 +18,9 @@ import triton
 import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
-from .launch import launch
+from .launch import launch_kernel
+from .limits import RMS_NORM_MAX_D as MAX_D
 from .quantize import default_num_programs
-
-# Rows longer than this run PyTorch's own kernel (f8tensor/rms_norm.py): a row is held in registers.
-MAX_D = 16384
 
 
 @triton.jit
@@ -88,7 +86,7 @@ def rms_norm_backward_kernel(
 def _blocks(D: int, rows: int | None, num_warps: int | None, forward: bool) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps). Forward: one row per block, 4 warps up to 2048 elements, 8 up to
     8192, 16 above; backward: rows up to about 4096 elements per block, 8 warps (16 above 8192).
-    The fastest of benchmarks/rms_norm.py --sweep on an H200 (c524f9f) at dims 2048-16384."""
+    Chosen by benchmarks/rms_norm.py --sweep (docs/design.md, "Block sizes")."""
     block_d = triton.next_power_of_2(D)
     if rows is None:
         rows = 1 if forward else max(1, 4096 // block_d)
@@ -118,15 +116,14 @@ def rms_norm_triton(
     if x.numel() == 0:
         return y, rstd, torch.zeros(1, dtype=torch.int32, device=x.device)
     rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=True)
-    # Rows up to 2048 wide: twice the amax pass's programs (eight per SM on the GPU), 0.035-0.037
-    # vs 0.039-0.040 ms at 16384 x 2048; wider rows: four per SM (eight measured 6-12 % slower at
-    # 8192 and 16384 wide in one run, the same in the sweep; benchmarks/rms_norm.py).
+    # Rows up to 2048 wide: twice the amax pass's programs (eight per SM on the GPU); wider rows:
+    # four per SM (docs/design.md, "Block sizes").
     programs = default_num_programs(x.device) * (2 if block_d <= 2048 else 1)
     programs, iters = _grid(M, rows, num_programs or programs)
     record = torch.empty(programs, dtype=torch.int32, device=x.device)
     has_weight = weight is not None
     args = (x, weight if has_weight else x, y, rstd, record, M, D, float(eps), programs, iters)
-    launch(rms_norm_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d, HAS_WEIGHT=has_weight)
+    launch_kernel(rms_norm_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d, HAS_WEIGHT=has_weight)
     return y, rstd, record
 
 
@@ -145,12 +142,12 @@ def rms_norm_backward_triton(
     if x.numel() == 0:
         return dx, dweight
     rows, block_d, num_warps = _blocks(D, rows, num_warps, forward=False)
-    # Half the amax pass's programs (two per SM on the GPU): 8-15 % faster in backward than four
-    # per SM, and half the partial weight-gradient rows to sum (benchmarks/rms_norm.py --sweep).
+    # Half the amax pass's programs (two per SM on the GPU), which also halves the partial
+    # weight-gradient rows to sum (docs/design.md, "Block sizes").
     programs, iters = _grid(M, rows, num_programs or max(1, default_num_programs(x.device) // 2))
     has_weight = weight is not None
     partials = torch.empty((programs, D) if has_weight else (1,), dtype=torch.float32, device=x.device)
     args = (g, x, weight if has_weight else x, rstd, dx, partials, M, D, programs, iters)
-    launch(rms_norm_backward_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d,
+    launch_kernel(rms_norm_backward_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d,
            HAS_WEIGHT=has_weight)
     return dx, partials.sum(0).to(weight.dtype) if has_weight else None

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import launch_kernel
 
 
 @triton.jit
@@ -83,8 +83,7 @@ def rope_kernel(
                 row_ok, HALF, INTERLEAVED, BLOCK_ROWS, BLOCK_HALF)
 
 
-# benchmarks/rope.py --sweep on an H200 (fffffd9): within 2 % of the best at [2, 32, 4096, 128]
-# (q) and [4, 64, 8192, 128]; at [2, 8, 4096, 128] (k) 2048 elements / 2 warps is 0.9 us faster.
+# Chosen by benchmarks/rope.py --sweep (docs/design.md, "Block sizes").
 BLOCKS = dict(block_elements=4096, num_warps=4)
 
 
@@ -123,6 +122,6 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     block_rows = max(1, block_elements // (2 * block_half))
     args = (x4, cos4, sin4, out4, rows, x4.shape[1], x4.shape[2], half,
             *x4.stride()[:3], *cos4.stride()[:3], *sin4.stride()[:3], *out4.stride()[:3])
-    launch(rope_kernel, (triton.cdiv(rows, block_rows),), args, num_warps,
+    launch_kernel(rope_kernel, (triton.cdiv(rows, block_rows),), args, num_warps,
            BACKWARD=backward, INTERLEAVED=interleaved, BLOCK_ROWS=block_rows, BLOCK_HALF=block_half)
     return out

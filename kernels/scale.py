@@ -52,7 +52,7 @@ def round_to_float8_grid(y, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexp
 
 
 @triton.jit
-def to_float8(y, out_dtype: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
+def fp32_to_float8(y, out_dtype: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
               EXACT_ROUND: tl.constexpr):
     """fp32 (already clamped to the fp8 range, or NaN) -> float8, round to nearest even."""
     if EXACT_ROUND:

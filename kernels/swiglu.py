@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
-from .launch import launch
+from .launch import launch_kernel
 from .quantize import default_num_programs
 
 
@@ -64,8 +64,7 @@ def swiglu_backward_kernel(
     tl.store(amax_b_ptr + tl.program_id(0), tl.max(acc_b, 0))
 
 
-# Blocks and warps of the fastest of benchmarks/swiglu.py --sweep at 8192 x 14336 on an H200
-# (7fe4c40): forward 4096/8 warps 0.175 ms (2048/8: 0.196), backward 2048/8 0.303 ms (4096/8: 0.332).
+# Chosen by benchmarks/swiglu.py --sweep (docs/design.md, "Block sizes").
 FORWARD_BLOCKS = dict(block=4096, num_warps=8)
 BACKWARD_BLOCKS = dict(block=2048, num_warps=8)
 
@@ -78,7 +77,7 @@ def _launch(kernel, inputs, outputs, num_records, block, num_warps):
     programs = max(1, min(default_num_programs(device), cdiv(n, block)))
     records = [torch.empty(programs, dtype=torch.int32, device=device) for _ in range(num_records)]
     args = (*inputs, *outputs, *records, n, programs, cdiv(cdiv(n, block), programs))
-    launch(kernel, (programs,), args, num_warps, BLOCK=block)
+    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block)
     return records
 
 

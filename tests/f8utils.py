@@ -12,7 +12,7 @@ HP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class SwiGLU(nn.Module):
-    """A feed-forward as torchtitan writes it: conversion fuses its gate (f8tensor/fuse_gate.py)."""
+    """A feed-forward as torchtitan writes it: fuse_model_ops fuses its gate (f8tensor/fusion/gate_proof.py)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -22,6 +22,16 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def convert_and_fuse(model: nn.Module, module_filter_fn=lambda mod, fqn: True, **fusion) -> nn.Module:
+    """What the README's quick start does: convert_to_float8_training (every linear layer by default
+    here, these layers being small), then fuse_model_ops with the given switches."""
+    from f8tensor import convert_to_float8_training, fuse_model_ops
+
+    model = convert_to_float8_training(model, module_filter_fn=module_filter_fn)
+    fuse_model_ops(model, **fusion)
+    return model
 
 
 def train_step(mod: nn.Module, x: torch.Tensor) -> list:
@@ -96,7 +106,7 @@ def join_process_group(rank: int, world: int, store: str, device_type: str = "cp
 def count_amax_passes(monkeypatch) -> list:
     """Patch Float8Linear's quantization to log, per call, whether it ran its own amax pass (True)
     or took a record (False); returns the log."""
-    import f8tensor.linear as linear_mod
+    import f8tensor.core.linear as linear_mod
 
     passes = []
     real = linear_mod.quantize_with_amax
@@ -108,7 +118,7 @@ def count_amax_passes(monkeypatch) -> list:
 def ignore_records(monkeypatch):
     """Float8Linear measures every amax itself. (Patched in linear.py's namespace: the cache is
     per thread, and on CUDA backward runs in autograd's device thread.)"""
-    import f8tensor.linear as linear_mod
+    import f8tensor.core.linear as linear_mod
 
     no_records = type("NoRecords", (), {"get": staticmethod(lambda t, key=(): None)})()
     monkeypatch.setattr(linear_mod, "produced_amax", no_records)

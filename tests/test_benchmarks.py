@@ -17,12 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; the GPU runs the real benchmark")
 
 
-def run_train(tmp_path, *flags, configs=("bf16", "f8tensor"), launcher=()) -> list[dict]:
+def run_train(tmp_path, *flags, configs=("bf16", "f8tensor"), ablations=(), launcher=()) -> list[dict]:
     """benchmarks/train.py on a tiny model (interpreted kernels), run by `python *launcher`: its rows."""
     out = tmp_path / "train.jsonl"
     cmd = [sys.executable, *launcher, os.path.join(ROOT, "benchmarks", "train.py"), "--layers", "2",
            "--dim", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq",
            "32", "--steps", "1", "--warmup", "1", "--configs", *configs, *flags, "--out", str(out)]
+    if ablations:
+        cmd += ["--ablations", *ablations]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
@@ -57,36 +59,35 @@ def test_train_benchmark_runs_with_complex_rope(tmp_path):
 
 @CPU_ONLY
 def test_train_benchmark_runs_with_the_fused_gate_and_rope(tmp_path):
-    configs = ("bf16", "bf16_swiglu", "bf16_fused", "f8tensor", "f8tensor_swiglu", "f8tensor_fused")
-    rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "full", configs=configs)
+    rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "full",
+                     ablations=("bf16_ops_in_code", "f8tensor_ops_in_code"))
     assert [(r["config"], r["status"], r["fp8_linears"]) for r in rows] == [
-        ("bf16", "ok", 0), ("bf16_swiglu", "ok", 0), ("bf16_fused", "ok", 0),
-        ("f8tensor", "ok", 14), ("f8tensor_swiglu", "ok", 14), ("f8tensor_fused", "ok", 14)]
+        ("bf16", "ok", 0), ("f8tensor", "ok", 14), ("f8tensor_ops_in_code", "ok", 14), ("bf16_ops_in_code", "ok", 0)]
     losses = {r["config"]: r["loss"] for r in rows}
-    for fused in ("bf16_swiglu", "bf16_fused"):  # fewer roundings, same math
-        assert losses[fused] == pytest.approx(losses["bf16"], abs=0.02)
-    for fp8 in ("f8tensor_swiglu", "f8tensor_fused"):
-        assert losses[fp8] == pytest.approx(losses["bf16"], abs=0.1)
+    assert losses["bf16_ops_in_code"] == pytest.approx(losses["bf16"], abs=0.02)  # fewer roundings, same math
+    assert losses["f8tensor_ops_in_code"] == pytest.approx(losses["bf16"], abs=0.1)
 
 
 @CPU_ONLY
-def test_train_benchmark_norm_configurations(tmp_path):
-    """f8tensor (conversion's default) fuses the 5 norms, the 2 feed-forward gates and the RoPE
-    calls of the 2 attention modules of the model as written, f8tensor_norope the norms and gates,
-    f8tensor_nogate only the norms, f8tensor_torchnorm none; f8tensor_swiglu (gate in model code)
-    leaves conversion no gate to fuse; bf16_norm swaps only the norms. All train alike."""
-    configs = ("bf16", "bf16_norm", "f8tensor", "f8tensor_swiglu", "f8tensor_norope", "f8tensor_nogate",
-               "f8tensor_torchnorm")
-    rows = run_train(tmp_path, "--rounds", "1", configs=configs)
+def test_train_benchmark_fusion_ablations(tmp_path):
+    """f8tensor (conversion + fuse_model_ops) fuses the 5 norms, the 2 feed-forward gates and the
+    RoPE calls of the 2 attention modules of the model as written; each f8tensor_no_*_fusion
+    ablation leaves one of them out, f8tensor_unfused all; f8tensor_ops_in_code (gate in model code)
+    leaves fusion no gate to fuse; bf16_norm_fusion swaps only the norms. All train alike."""
+    ablations = ("bf16_norm_fusion", "f8tensor_ops_in_code", "f8tensor_no_norm_fusion", "f8tensor_no_gate_fusion",
+                 "f8tensor_no_rope_fusion", "f8tensor_unfused")
+    rows = run_train(tmp_path, "--rounds", "1", ablations=ablations)
     assert [(r["config"], r["status"], r["fp8_linears"], r["fused_norms"], r["fused_gates"], r["fused_ropes"])
             for r in rows] == [
-        ("bf16", "ok", 0, 0, 0, 0), ("bf16_norm", "ok", 0, 5, 0, 0), ("f8tensor", "ok", 14, 5, 2, 2),
-        ("f8tensor_swiglu", "ok", 14, 5, 0, 2), ("f8tensor_norope", "ok", 14, 5, 2, 0),
-        ("f8tensor_nogate", "ok", 14, 5, 0, 0), ("f8tensor_torchnorm", "ok", 14, 0, 0, 0)]
+        ("bf16", "ok", 0, 0, 0, 0), ("f8tensor", "ok", 14, 5, 2, 2), ("f8tensor_unfused", "ok", 14, 0, 0, 0),
+        ("f8tensor_no_norm_fusion", "ok", 14, 0, 2, 2), ("f8tensor_no_gate_fusion", "ok", 14, 5, 0, 2),
+        ("f8tensor_no_rope_fusion", "ok", 14, 5, 2, 0), ("f8tensor_ops_in_code", "ok", 14, 5, 0, 2),
+        ("bf16_norm_fusion", "ok", 0, 5, 0, 0)]
     losses = {r["config"]: r["loss"] for r in rows}
-    assert losses["bf16_norm"] == pytest.approx(losses["bf16"], abs=0.02)
-    for config in ("f8tensor", "f8tensor_norope", "f8tensor_nogate", "f8tensor_swiglu"):
-        assert losses[config] == pytest.approx(losses["f8tensor_torchnorm"], abs=0.02)
+    assert losses["bf16_norm_fusion"] == pytest.approx(losses["bf16"], abs=0.02)
+    for config in ("f8tensor", "f8tensor_no_norm_fusion", "f8tensor_no_gate_fusion", "f8tensor_no_rope_fusion",
+                   "f8tensor_ops_in_code"):
+        assert losses[config] == pytest.approx(losses["f8tensor_unfused"], abs=0.02)
 
 
 @CPU_ONLY
@@ -94,12 +95,12 @@ def test_train_benchmark_fused_rope_in_the_complex_form(tmp_path):
     """--rope complex: the fused configurations rotate with f8tensor.rope's interleaved form, the
     same fp32 rotation as the complex multiply (one rounding each)."""
     rows = run_train(tmp_path, "--rounds", "1", "--rope", "complex",
-                     configs=("bf16", "bf16_fused", "f8tensor", "f8tensor_fused"))
+                     ablations=("bf16_ops_in_code", "f8tensor_ops_in_code"))
     assert [(r["config"], r["status"]) for r in rows] == [
-        ("bf16", "ok"), ("bf16_fused", "ok"), ("f8tensor", "ok"), ("f8tensor_fused", "ok")]
+        ("bf16", "ok"), ("f8tensor", "ok"), ("f8tensor_ops_in_code", "ok"), ("bf16_ops_in_code", "ok")]
     losses = {r["config"]: r["loss"] for r in rows}
-    assert losses["bf16_fused"] == pytest.approx(losses["bf16"], abs=0.02)
-    assert losses["f8tensor_fused"] == pytest.approx(losses["bf16"], abs=0.1)
+    assert losses["bf16_ops_in_code"] == pytest.approx(losses["bf16"], abs=0.02)
+    assert losses["f8tensor_ops_in_code"] == pytest.approx(losses["bf16"], abs=0.1)
 
 
 def test_train_benchmark_rope_forms_rotate_alike():
@@ -122,7 +123,7 @@ def test_train_benchmark_rope_forms_rotate_alike():
 
 @pytest.mark.parametrize("rope", ["rotate_half", "complex"])
 def test_fused_rope_attention_computes_what_the_model_code_computes(rope):
-    """The *_fused configurations' attention (f8tensor.rope; interleaved with --rope complex, on
+    """The *_ops_in_code ablations' attention (f8tensor.rope; interleaved with --rope complex, on
     the tables the model registers) against the model's own RoPE code: same output and gradients
     (fp32 model: only rounding differs)."""
     from types import SimpleNamespace
@@ -150,26 +151,24 @@ def test_fused_rope_attention_computes_what_the_model_code_computes(rope):
 
 
 def test_train_benchmark_default_configs_are_the_model_as_written():
-    """Without --configs: no changed model code (*_swiglu, *_fused) and no option (keepweight);
-    on CPU no compiled configuration either."""
+    """Without --configs: the main configurations (the model as written, the README's calls), no
+    ablation; on CPU no compiled configuration either."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import train
     finally:
         sys.path.pop(0)
     on_cpu = train.default_configs(torch.device("cpu"))
-    assert {"bf16", "f8tensor"} <= set(on_cpu)
-    assert not [c for c in on_cpu if c.endswith(("_swiglu", "_fused", "_compiled")) or "_keepweight" in c]
+    assert {"bf16", "f8tensor"} <= set(on_cpu) <= {"bf16", "f8tensor", "torchao"}
     on_gpu = train.default_configs(torch.device("cuda"))
-    assert {"bf16_compiled", "f8tensor_compiled"} <= set(on_gpu)
-    assert not [c for c in on_gpu if c.endswith(("_swiglu", "_fused")) or "_keepweight" in c]
-    assert "f8tensor_keepweight_compiled" in train.CONFIGS  # an option: named, not by default
+    assert {"bf16", "f8tensor", "f8tensor_compiled"} <= set(on_gpu) <= set(train.CONFIGS)
+    assert not set(train.CONFIGS) & set(train.ABLATIONS) and "f8tensor_keep_weight_compiled" in train.ABLATIONS
 
 
 def test_power_samples_parse_and_summarize_per_span():
     """--power's arithmetic: nvidia-smi lines parsed (unfilled ones left out), and only the samples
     inside a configuration's timed spans counted."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tools"))
     try:
         import power
     finally:
@@ -190,9 +189,9 @@ def test_power_samples_parse_and_summarize_per_span():
 
 
 def test_profile_classes_sum_to_the_profiled_busy_time():
-    """benchmarks/profile_classes.py (the docs' per-class table) loses no kernel row: per
+    """benchmarks/tools/profile_classes.py (the docs' per-class table) loses no kernel row: per
     configuration its classes add up to the GPU busy time train.py --profile wrote."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tools"))
     try:
         import profile_classes
     finally:
@@ -210,15 +209,15 @@ def test_profile_classes_sum_to_the_profiled_busy_time():
 
 @CPU_ONLY
 def test_train_benchmark_grad_accum_with_kept_weights(tmp_path):
-    """--grad-accum and the f8tensor_keepweight configuration: kept float8 weights give the same
+    """--grad-accum and the f8tensor_keep_weight ablation: kept float8 weights give the same
     training as casting every time (same loss bits), with and without recomputation."""
     rows = run_train(tmp_path, "--rounds", "1", "--grad-accum", "2", "--ac-modes", "none", "full",
-                     configs=("bf16", "f8tensor", "f8tensor_keepweight"))
+                     ablations=("f8tensor_keep_weight",))
     assert [(r["ac"], r["config"], r["status"], r["grad_accum"]) for r in rows] == [
-        (ac, c, "ok", 2) for ac in ("none", "full") for c in ("bf16", "f8tensor", "f8tensor_keepweight")]
+        (ac, c, "ok", 2) for ac in ("none", "full") for c in ("bf16", "f8tensor", "f8tensor_keep_weight")]
     losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
     for ac in ("none", "full"):
-        assert losses[(ac, "f8tensor_keepweight")] == losses[(ac, "f8tensor")]
+        assert losses[(ac, "f8tensor_keep_weight")] == losses[(ac, "f8tensor")]
         assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
 
 

@@ -6,7 +6,7 @@ from f8utils import DEVICE
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, forget_fp8_weights, to_float8
-from f8tensor.weight_cache import kept_fp8_weights
+from f8tensor.core.weight_cache import kept_fp8_weights
 
 
 @pytest.mark.parametrize("keep_weight", [False, True], ids=["default", "keep_fp8_weight"])

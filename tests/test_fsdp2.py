@@ -12,15 +12,15 @@ import torch.multiprocessing as mp
 from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group
 from torch import nn
 
-from f8tensor import Float8Config, Float8Linear, RMSNorm, convert_to_float8_training
-from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
+from f8tensor import Float8Config, Float8Linear, RMSNorm, convert_to_float8_training, fuse_model_ops
+from f8tensor.fusion.gate_proof import GATE_ATTR, SwiGLUGate
 
 STEPS = 4
 
 
 def make_model(keep_weight=False, device="cpu", norm=True):
-    """Three float8 layers; with norm, an RMSNorm after the first (conversion swaps in the fused one,
-    whose weight the root's fully_shard shards) and a SwiGLU feed-forward at the end (conversion
+    """Three float8 layers; with norm, an RMSNorm after the first (fuse_model_ops swaps in the fused
+    one, whose weight the root's fully_shard shards) and a SwiGLU feed-forward at the end (fusion
     fuses its gate; its layers are sharded by the root's fully_shard too). Compiled cases leave both
     out: under compile they are PyTorch's ops, whose bits differ from the eager kernels', and those
     cases compare with eager."""
@@ -32,6 +32,7 @@ def make_model(keep_weight=False, device="cpu", norm=True):
         nn.init.normal_(model[1].weight, 1.0, 0.3)
     model = convert_to_float8_training(model.bfloat16().to(device), module_filter_fn=lambda mod, fqn: True,
                                        config=Float8Config(keep_fp8_weight=keep_weight))
+    fuse_model_ops(model)
     assert not norm or (type(model[1]) is RMSNorm and isinstance(model[-1].__dict__[GATE_ATTR], SwiGLUGate))
     return model
 

@@ -200,19 +200,18 @@ def test_a_given_amax_record_skips_the_amax_pass(monkeypatch, layout, transposed
     and the same bits as a full quantization (the record is what decides the scale)."""
     import importlib
 
-    # (f8tensor.kernels.quantize the attribute is the entry-point function, not this module)
     quantize_mod = importlib.import_module("f8tensor.kernels.quantize")
     x = spanning_values((300, 130) if transposed else (130, 300), torch.bfloat16)
     x = x.t() if transposed else x  # a column-major input is quantized as its transpose
-    _, _, _, record = quantize_mod.quantize_with_amax(x, torch.float8_e4m3fn, "row")
-    _, _, _, doubled = quantize_mod.quantize_with_amax(x * 2, torch.float8_e4m3fn, "row")
+    _, _, _, record = quantize_mod.quantize_triton_with_amax(x, torch.float8_e4m3fn, "row")
+    _, _, _, doubled = quantize_mod.quantize_triton_with_amax(x * 2, torch.float8_e4m3fn, "row")
 
     def no_amax_pass(*args, **kwargs):
         raise AssertionError("the amax pass ran although an amax record was given")
 
     monkeypatch.setattr(quantize_mod, "amax_partials", no_amax_pass)
     for _ in range(2 if ON_GPU else 1):  # on the GPU the second call replays the recorded plan
-        *got, _ = quantize_mod.quantize_with_amax(x, torch.float8_e4m3fn, layout, amax=record)
+        *got, _ = quantize_mod.quantize_triton_with_amax(x, torch.float8_e4m3fn, layout, amax=record)
         want = quantize_ref(x, torch.float8_e4m3fn, layout)
         assert torch.equal(got[2], want[2])
         for g, w in zip(got[:2], want[:2]):
@@ -220,7 +219,7 @@ def test_a_given_amax_record_skips_the_amax_pass(monkeypatch, layout, transposed
             if g is not None:
                 assert_same_fp8(g, w)
     # Someone else's record is used as given: x quantized on the scale of 2x.
-    *got, _ = quantize_mod.quantize_with_amax(x, torch.float8_e4m3fn, layout, amax=doubled)
+    *got, _ = quantize_mod.quantize_triton_with_amax(x, torch.float8_e4m3fn, layout, amax=doubled)
     want = quantize_ref(x, torch.float8_e4m3fn, layout, amax=amax_ref(x * 2))
     assert torch.equal(got[2], want[2])
     assert torch.equal(got[2], quantize_ref(x * 2, torch.float8_e4m3fn)[2])

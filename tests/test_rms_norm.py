@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr, train_step
 from torch import nn
 
-from f8tensor import Float8Linear, RMSNorm, conversion_summary, convert_to_float8_training
+from f8tensor import Float8Linear, RMSNorm, conversion_summary, convert_to_float8_training, fuse_model_ops
 from f8tensor.kernels import _as_amax_value, amax_ref, rms_norm_backward_ref, rms_norm_ref, rms_norm_triton
-from f8tensor.tensor_cache import produced_amax
+from f8tensor.core.tensor_cache import produced_amax
 
 ON_GPU = DEVICE.type == "cuda"
 needs_triton = pytest.mark.skipif(rms_norm_triton is None, reason="needs triton")
@@ -238,7 +238,7 @@ def test_zero_width_rows():
 
 @pytest.mark.skipif(not ON_GPU, reason="the row-length limit is the GPU kernel's")
 def test_rows_longer_than_the_kernel_holds_run_pytorchs_rms_norm():
-    from f8tensor.kernels.rms_norm import MAX_D
+    from f8tensor.kernels.limits import RMS_NORM_MAX_D as MAX_D
 
     ref, fused = norms(torch.bfloat16, dim=MAX_D + 16)
     x = torch.randn(2, MAX_D + 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -340,7 +340,9 @@ def float8_block(fuse_rms_norm=True):
     block = Block().to(DEVICE, torch.bfloat16)
     for norm in (block.norm1, block.norm2):
         nn.init.normal_(norm.weight, 1.0, 0.3)
-    return convert_to_float8_training(block, module_filter_fn=lambda mod, fqn: True, fuse_rms_norm=fuse_rms_norm)
+    convert_to_float8_training(block, module_filter_fn=lambda mod, fqn: True)
+    fuse_model_ops(block, rms_norm=fuse_rms_norm)
+    return block
 
 
 def test_float8_layers_use_the_norms_records_same_bits_fewer_passes(monkeypatch):
@@ -391,25 +393,32 @@ def test_fused_norms_train_like_pytorchs():
         assert sqnr(r, f) > sqnr(r, p) - 0.5 and sqnr(r, f) > 15
 
 
-def test_conversion_swaps_exact_rms_norms_only_and_says_so():
+def test_fusion_swaps_exact_rms_norms_only_and_says_so():
     class MyNorm(nn.RMSNorm):
         pass
 
     model = nn.Sequential(nn.RMSNorm(64), nn.Linear(64, 64), MyNorm(64))
     weight = model[0].weight
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False)
+    assert type(model[0]) is nn.RMSNorm  # conversion converts linear layers only
+    report = fuse_model_ops(model)
     assert type(model[0]) is RMSNorm and model[0].weight is weight and type(model[2]) is MyNorm
     assert type(model[1]) is nn.Linear
     assert conversion_summary(model).splitlines() == [
         "f8tensor: 0 of 1 linear layers in float8",
-        "  0      64           RMSNorm fused",
         "  1      64->64       kept: excluded by module_filter_fn",
-        "  2      64           RMSNorm: PyTorch's (not converted)",
     ]
-    assert convert_to_float8_training(model) is model and type(model[0]) is RMSNorm  # twice: no-op
-    kept = convert_to_float8_training(nn.Sequential(nn.RMSNorm(64)), fuse_rms_norm=False)
+    assert str(report).splitlines() == [
+        "f8tensor fusion: rms_norm 1 of 2",
+        "  0      rms_norm  RMSNorm fused",
+        "  2      rms_norm  RMSNorm not swapped: MyNorm: only exact nn.RMSNorm is swapped",
+    ]
+    assert str(fuse_model_ops(model)) == str(report) and type(model[0]) is RMSNorm  # twice: no-op
+    kept = nn.Sequential(nn.RMSNorm(64))
+    fuse_model_ops(kept, rms_norm=False)
     assert type(kept[0]) is nn.RMSNorm
-    assert type(convert_to_float8_training(nn.RMSNorm(64))) is RMSNorm  # the root itself
-    wide = convert_to_float8_training(nn.Sequential(nn.RMSNorm(16400)))  # longer rows than the kernel holds
-    assert conversion_summary(wide).splitlines()[1].endswith(
+    root = nn.RMSNorm(64)  # the model itself is not replaced, and the report says so
+    assert "the model itself is an nn.RMSNorm" in str(fuse_model_ops(root)) and type(root) is nn.RMSNorm
+    wide = nn.Sequential(nn.RMSNorm(16400))  # longer rows than the kernel holds
+    assert str(fuse_model_ops(wide)).splitlines()[1].endswith(
         "RMSNorm: PyTorch's kernel runs (fused: one dim of at most 16384)")

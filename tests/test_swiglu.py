@@ -18,7 +18,7 @@ from torch import nn
 
 from f8tensor import Float8Linear, swiglu
 from f8tensor.kernels import _as_amax_value, amax_ref, swiglu_backward_ref, swiglu_ref, swiglu_triton
-from f8tensor.tensor_cache import produced_amax
+from f8tensor.core.tensor_cache import produced_amax
 
 ON_GPU = DEVICE.type == "cuda"
 needs_triton = pytest.mark.skipif(swiglu_triton is None, reason="needs triton")
@@ -120,7 +120,7 @@ def test_double_backward_goes_through_plain_ops(monkeypatch):
 
     from f8tensor.kernels.swiglu import swiglu_backward_triton
 
-    swiglu_mod = sys.modules["f8tensor.swiglu"]  # the module (f8tensor.swiglu is the function)
+    swiglu_mod = sys.modules["f8tensor.fused_ops.swiglu"]
     monkeypatch.setattr(swiglu_mod, "swiglu_backward_with_amax", swiglu_backward_triton)
     a, b, g = inputs((8, 96), torch.float32)
     a.requires_grad_(), b.requires_grad_()

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group, sqnr
 from torch import nn
 
-from f8tensor import Float8Linear, RMSNorm, convert_to_float8_training
-from f8tensor.fuse_gate import GATE_ATTR, SwiGLUGate
+from f8tensor import Float8Linear, RMSNorm, convert_to_float8_training, fuse_model_ops
+from f8tensor.fusion.gate_proof import GATE_ATTR, SwiGLUGate
 
 STEPS = 4
 NAMES = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad b2"]
@@ -45,6 +45,7 @@ def gated_model(device="cpu", fp8=True):
     model = SwiGLU(64, 128).bfloat16().to(device)
     if fp8:
         convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: True)
+        fuse_model_ops(model)
         assert isinstance(model.__dict__[GATE_ATTR], SwiGLUGate)
     return model
 
@@ -115,9 +116,11 @@ def parallel_run(rank, world, store, device_type, results):
                                       "2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
         sequence_parallel = first_step(sp, distribute_tensor(batch(0, device), mesh, [Shard(1)]), device)
 
-        # A fused RMSNorm (as conversion swaps it in) under SequenceParallel: its input and weight
-        # are DTensors, so PyTorch's rms_norm runs, which DTensor implements.
-        norm = convert_to_float8_training(norm_model(device))[0]
+        # A fused RMSNorm (as fuse_model_ops swaps it in) under SequenceParallel: its input and
+        # weight are DTensors, so PyTorch's rms_norm runs, which DTensor implements.
+        norm = norm_model(device)
+        fuse_model_ops(norm)
+        norm = norm[0]
         assert type(norm) is RMSNorm
         parallelize_module(norm, mesh, SequenceParallel())
         x = distribute_tensor(batch(0, device), mesh, [Shard(1)]).requires_grad_()
@@ -125,14 +128,14 @@ def parallel_run(rank, world, store, device_type, results):
         out.float().square().mean().backward()
         norm_sp = [full(out.detach()), full(x.grad), full(norm.weight.grad)]
 
-        # A SwiGLU feed-forward whose gate conversion fused, under the Llama plan: the gate runs on
+        # A SwiGLU feed-forward whose gate fuse_model_ops fused, under the Llama plan: the gate runs on
         # the local shards of w1's and w3's outputs (ffn dim sharded), w2 reduces over the ranks.
         ffn = gated_model(device)
         parallelize_module(ffn, mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
         gate_tp = first_step(ffn, device=device)
 
         # q/k/v read one input: cast once, as on one device (each layer views it through to_local).
-        import f8tensor.linear as linear_module
+        import f8tensor.core.linear as linear_module
 
         qkv = convert_to_float8_training(nn.ModuleList(nn.Linear(64, 64).bfloat16().to(device) for _ in range(3)),
                                          module_filter_fn=lambda mod, fqn: True)

@@ -10,8 +10,8 @@ from f8utils import DEVICE
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import f8tensor.linear as linear_mod
-import f8tensor.weight_cache as weight_cache
+import f8tensor.core.linear as linear_mod
+import f8tensor.core.weight_cache as weight_cache
 from f8tensor import Float8Config, Float8Linear, forget_fp8_weights
 
 KEEP = Float8Config(keep_fp8_weight=True)
@@ -164,7 +164,7 @@ def test_inference_mode_eval_then_training():
         assert torch.equal(m(x), ref(x))
         assert torch.equal(m(x), ref(x))
     assert weight_cache.kept_fp8_weights() == 2
-    assert not any(e.row.is_inference() or e.col.is_inference() for e in weight_cache._ENTRIES.values())
+    assert not any(e.row.is_inference() or e.col.is_inference() for e in weight_cache.ENTRIES.values())
     want = accumulate(ref, [x.clone()])
     got = accumulate(m, [x.clone()])
     for a, b in zip(want[0] + want[1], got[0] + got[1], strict=True):
@@ -178,7 +178,7 @@ def test_dropped_copies_are_freed_at_once():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
 
     def row_ref(layer):
-        return weakref.ref(weight_cache._ENTRIES[id(m[layer].weight)].row)
+        return weakref.ref(weight_cache.ENTRIES[id(m[layer].weight)].row)
 
     gc.disable()
     try:

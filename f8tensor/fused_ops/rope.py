@@ -8,9 +8,8 @@ form that rotates adjacent pairs (x[2j], x[2j+1]) (Meta's Llama and torchtitan, 
 complex multiply by freqs_cis: cos = freqs_cis.real.repeat_interleave(2, dim=-1), sin likewise
 from .imag; [S, 1, D] for x [B, S, H, D]). Not float8 work, but in an
 eager float8 model it is the largest elementwise cost left: five kernels each way per tensor, over
-q and k at every layer, strided where q is a transposed view, about 11 ms of a 177 ms step of the
-8-layer Llama-3-8B-shaped benchmark on an H200 (docs/benchmarks.md), which torch.compile fuses
-away. Here forward and backward are one pass each over x, read in place in any leading layout;
+q and k at every layer, strided where q is a transposed view, which torch.compile fuses away
+(docs/benchmarks.md says what it costs). Here forward and backward are one pass each over x, read in place in any leading layout;
 the gradient comes back in x's layout. Values: fp32 math, one rounding (`kernels.naive.rope_ref`).
 
 cos and sin: the tables, last dim D (each frequency twice: repeated over both halves, or twice in
@@ -23,8 +22,8 @@ tables to fp32).
 
 import torch
 
-from .kernels import INPUT_DTYPES, kernels_can_run, rope_backward, rope_backward_ref, rope_ref
-from .kernels import rope as rope_forward
+from ..kernels import INPUT_DTYPES, rope_backward, rope_backward_ref, rope_forward, rope_ref
+from .dispatch import kernels_can_run
 
 
 class _RoPEFn(torch.autograd.Function):
@@ -72,7 +71,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 
 
 def rope_checked(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """rope for arguments already checked as rope checks them (conversion's RoPE fusion checks
+    """rope for arguments already checked as rope checks them (the RoPE fusion checks
     more, per call, and skips rope's checks)."""
     if not kernels_can_run(x, cos, sin) or cos.requires_grad or sin.requires_grad:
         return rope_ref(x, cos, sin, interleaved)

@@ -1,4 +1,5 @@
-"""Find SwiGLU feed-forward modules and run their gate as f8tensor.swiglu, without model changes.
+"""The gate fusion of fuse_model_ops (switch `swiglu`): find SwiGLU feed-forward modules and run their
+gate as f8tensor.swiglu, without model changes.
 
 A feed-forward written as
 
@@ -7,13 +8,14 @@ A feed-forward written as
 
 (torchtitan's FeedForward; Hugging Face's LlamaMLP, `down_proj(act_fn(gate_proj(x)) * up_proj(x))`
 with an nn.SiLU or SiLUActivation child, is the same) computes its gate in three eager kernels each way, and the
-float8 layers around it then read the gate's output and gradients again for their amax. Conversion
-cannot swap that code as it swaps a module: the gate is a function call inside the user's forward.
-Here conversion proves that a module's forward computes exactly down(silu(gate(x)) * up(x)) and
+float8 layers around it then read the gate's output and gradients again for their amax. That code
+cannot be swapped as a module is: the gate is a function call inside the user's forward. Here
+the fusion proves that a module's forward computes exactly down(silu(gate(x)) * up(x)) and
 nothing else, and only then makes the module's class a subclass of its own (same name) whose
 forward computes down(swiglu(gate(x), up(x))), as FSDP2's fully_shard does for its hooks: same
-parameters, state dict, hooks, and calls of the three linears in the same order. Values: swiglu's, one rounding where eager rounds silu(a) first (bf16/fp16
-within one unit in the last place of eager's; fp32 within fp32 arithmetic error).
+parameters, state dict, hooks, and calls of the three linears in the same order. Values:
+swiglu's, one rounding where eager rounds silu(a) first (bf16/fp16 within one unit in the last
+place of eager's; fp32 within fp32 arithmetic error).
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded):
 - the module: no instance-level forward; its class (up to nn.Module) has no metaclass and defines
@@ -40,15 +42,13 @@ At each call the fused forward runs the class's own forward instead wherever the
 covers the call: arguments other than the one input (by position, or by its name unless
 positional-only), the class's forward or the globals it read rebound since, an activation child
 that is no longer silu (replaced, in place, its own forward, its class's forward rebound, or hooks
-of its own), or fx
-symbolic tracing or torch.jit tracing. Global module hooks do not change the path (activation checkpointing must
-recompute what it saved, with or without a mode that hooks every module), and do not see the
-activation child's call. Copies and unpickled modules are proven again where they are made.
+of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
+path (activation checkpointing must recompute what it saved, with or without a mode that hooks
+every module), and do not see the activation child's call. Copies and unpickled modules are proven again where they are made.
 """
 
 import dis
 import inspect
-import operator
 import types
 from dataclasses import dataclass
 
@@ -56,19 +56,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_class import JUMPS, FusedModule, class_forward, class_reason, fuse, global_value, globals_unchanged
-from .kernels import INPUT_DTYPES
-from .swiglu import swiglu
+from ..fused_ops.swiglu import swiglu
+from ..kernels import INPUT_DTYPES
+from ..torch_internals import fx_tracing, has_hooks
+from .fused_class import JUMPS, MULS, FusedModule, class_forward, class_reason, global_value, globals_unchanged
 
-# Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str).
+# Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str);
+# read by record().
 GATE_ATTR = "_f8tensor_swiglu"
 
 _TORCH_OBJECTS = (torch, nn, F, F.silu, torch.mul)
-_NO_VALUE = {"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"}  # push nothing of their own
-_MULS = {operator.mul, torch.mul}
+_NO_VALUE = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"})  # push nothing of their own
 _SILU_FORWARD = nn.SiLU.forward
 # calls: 3.11 on CALL (3.13 CALL_KW); 3.10 CALL_FUNCTION, CALL_METHOD, CALL_FUNCTION_KW
-_CALL_OPS = {"CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW"}
+_CALL_OPS = frozenset({"CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW"})
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,14 @@ class SwiGLUGate:
 
 
 def _leaf_without_state(c: nn.Module) -> bool:
-    return not (c._modules or c._parameters or c._buffers)
+    return next(c.children(), None) is None and next(c.parameters(), None) is None and next(
+        c.buffers(), None) is None
 
 
-def is_candidate(mod: nn.Module) -> bool:
+def is_gate_candidate(mod: nn.Module) -> bool:
     """Children: three nn.Linear and at most one other, without parameters, buffers or children (an
     activation); a plain-function forward that names silu, or that activation child; not yet fused."""
-    children = list(mod._modules.values())
+    children = list(mod.children())
     linears = sum(isinstance(c, nn.Linear) for c in children)
     others = [c for c in children if not isinstance(c, nn.Linear)]
     if linears != 3 or len(others) > 1 or not all(_leaf_without_state(c) for c in others) or isinstance(
@@ -108,24 +110,25 @@ def is_candidate(mod: nn.Module) -> bool:
 
 # Activation classes proven to compute F.silu(input) (class -> (forward, globals read)), such as
 # transformers 5's SiLUActivation; checked again at each call that their forward is still that.
-_SILU_CLASSES: dict[type, tuple] = {}
-_SILU_PROOFS: dict[tuple, str | None] = {}  # (class, forward) -> why not (None: proven), tried once
+# state.py lists both.
+SILU_CLASSES: dict[type, tuple] = {}
+SILU_PROOFS: dict[tuple, str | None] = {}  # (class, forward) -> why not (None: proven), tried once
 
 
 def _silu_class_reason(cls: type, act: nn.Module) -> str | None:
     """Why an activation module's class is not proven to compute exactly F.silu(input); proven once
-    per class and forward function (a proven class is recorded in _SILU_CLASSES)."""
+    per class and forward function (a proven class is recorded in SILU_CLASSES)."""
     forward = class_forward(cls)
     if forward is None:
         return f"the activation child {cls.__name__}'s forward is not a plain function"
-    if (cls, forward) not in _SILU_PROOFS:
-        _SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
-    return _SILU_PROOFS[cls, forward]
+    if (cls, forward) not in SILU_PROOFS:
+        SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
+    return SILU_PROOFS[cls, forward]
 
 
 def _silu_proof(cls: type, act: nn.Module, forward) -> str | None:
     read_globals = []
-    reason = class_reason(act, cls) or _code_reason(act, cls, forward, read_globals)
+    reason = class_reason(act, cls) or _forward_code_reason(act, cls, forward, read_globals)
     if reason:
         return f"the activation child {cls.__name__}: {reason}"
     tracer = _LeafTracer()
@@ -139,7 +142,7 @@ def _silu_proof(cls: type, act: nn.Module, forward) -> str | None:
             and nodes[1].args == (nodes[0],) and nodes[1].kwargs in ({}, {"inplace": False})
             and nodes[2].args == (nodes[1],)):
         return f"the activation child {cls.__name__} does not compute exactly silu(input)"
-    _SILU_CLASSES[cls] = (forward, tuple(read_globals))
+    SILU_CLASSES[cls] = (forward, tuple(read_globals))
     return None
 
 
@@ -149,7 +152,7 @@ def _plain_silu(act) -> str | None:
     own and no hooks."""
     if not isinstance(act, nn.Module) or not _leaf_without_state(act):
         return f"the activation child is a {type(act).__name__}, not silu"
-    if act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks:
+    if has_hooks(act):
         return f"the activation child {type(act).__name__} has hooks"
     if "forward" in act.__dict__:
         return f"the activation child {type(act).__name__} has a forward of its own"
@@ -159,31 +162,30 @@ def _plain_silu(act) -> str | None:
         if nn.SiLU.forward is not _SILU_FORWARD:
             return "nn.SiLU's forward was replaced"
         return None
-    if type(act) in _SILU_CLASSES:  # the common case at each call: proven at conversion
-        forward, read_globals = _SILU_CLASSES[type(act)]
+    if type(act) in SILU_CLASSES:  # the common case at each call: proven when fused
+        forward, read_globals = SILU_CLASSES[type(act)]
         if type(act).forward is forward and globals_unchanged(forward.__globals__, read_globals):
             return None
         return f"the activation child {type(act).__name__}'s forward changed since it was proven"
     return _silu_class_reason(type(act), act)
 
 
-def _still_proven(mod: nn.Module, gate, args, kwargs) -> bool:
-    """Whether this call is one the proof covers: a module fused by conversion, called with its one
+def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
+    """Whether this call is one the proof covers: a module fused by fuse_model_ops, called with its one
     input (by position, or by name unless positional-only), whose class forward and the globals it
     reads are those proven, with an activation child that is still silu if silu is one; not under
     fx symbolic tracing or torch.jit tracing."""
     if len(args) + len(kwargs) != 1 or (kwargs and (
             gate.arg is None or gate.arg not in kwargs)):
         return False
-    if (mod._f8tensor_base.forward is not gate.forward or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-            or torch.jit.is_tracing()):
+    if mod._f8tensor_base.forward is not gate.forward or fx_tracing() or torch.jit.is_tracing():
         return False
     if not globals_unchanged(gate.forward.__globals__, gate.globals):
         return False
-    return gate.act is None or _plain_silu(mod._modules.get(gate.act)) is None
+    return gate.act is None or _plain_silu(getattr(mod, gate.act, None)) is None
 
 
-def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str | None:
+def _forward_code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str | None:
     """Why the forward's bytecode is not the straight-line code described in the module docstring;
     appends (name, value) of each global it reads to read_globals."""
     code = forward.__code__
@@ -197,6 +199,7 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
     if any(ins.opcode in JUMPS for ins in instructions):
         return "forward has a branch or a loop"
     this = code.co_varnames[0]
+    children = dict(mod.named_children())
     top = None  # what the last instruction left on top of the stack: "self", "tensor", a torch object
     for ins in instructions:
         op = ins.opname
@@ -208,6 +211,15 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
             return f"forward does more than call its children, silu and *: {op} {ins.argrepr}".rstrip()
         if op in ("LOAD_FAST", "LOAD_FAST_CHECK"):
             top = "self" if ins.argval == this else "tensor"
+        elif op in ("LOAD_FAST_LOAD_FAST", "STORE_FAST_LOAD_FAST"):  # 3.13: two locals in one instruction
+            first, second = ins.argval
+            if first == this:  # self loaded under another value, or rebound
+                return "forward uses self other than to read a child module"
+            top = "self" if second == this else "tensor"
+        elif op == "STORE_FAST_STORE_FAST":
+            if this in ins.argval:
+                return "forward rebinds self"
+            top = None
         elif op == "LOAD_GLOBAL":
             value = global_value(forward.__globals__, ins.argval)
             if not any(value is ok for ok in _TORCH_OBJECTS):
@@ -217,7 +229,7 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
         elif op in ("LOAD_ATTR", "LOAD_METHOD"):
             name = ins.argval
             if top == "self":
-                if name not in mod._modules or hasattr(cls, name):
+                if name not in children or hasattr(cls, name):
                     return f"forward reads self.{name}, which is not (only) a child module"
                 top = "child"
             elif top == "tensor" and name == "mul":
@@ -234,6 +246,8 @@ def _code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str 
             top = "keyword names"  # 3.10 and 3.13 pass them so, to the next instruction, a call
         elif op in _CALL_OPS or op == "BINARY_OP" and ins.argrepr == "*" or op == "BINARY_MULTIPLY":
             top = "tensor"
+        elif op == "STORE_FAST" and ins.argval == this:
+            return "forward rebinds self"
         elif op in ("STORE_FAST", "RETURN_VALUE"):
             top = None
         else:
@@ -253,12 +267,13 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     cls = type(mod)
     forward = class_forward(cls)
     read_globals = []
-    reason = class_reason(mod, cls) or _code_reason(mod, cls, forward, read_globals)
+    reason = class_reason(mod, cls) or _forward_code_reason(mod, cls, forward, read_globals)
     if reason:
         return reason
-    acts = [name for name, c in mod._modules.items() if not isinstance(c, nn.Linear)]
-    if acts and _plain_silu(mod._modules[acts[0]]):
-        return _plain_silu(mod._modules[acts[0]])
+    children = dict(mod.named_children())
+    acts = [name for name, c in children.items() if not isinstance(c, nn.Linear)]
+    if acts and _plain_silu(children[acts[0]]):
+        return _plain_silu(children[acts[0]])
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(mod)
@@ -272,7 +287,6 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     if len(placeholders) != 1 or len(nodes) != 7:
         return f"forward is not down(silu(gate(x)) * up(x)): {len(nodes) - 2} operations"
     (x,) = placeholders
-    children = mod._modules
 
     def linear_call(n, arg) -> str | None:
         ok = (n.op == "call_module" and isinstance(children.get(n.target), nn.Linear)
@@ -293,7 +307,7 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     product = down_node.args[0] if down and len(down_node.args) == 1 else None
     if not (isinstance(product, torch.fx.Node) and linear_call(down_node, product) and len(product.users) == 1
             and not product.kwargs and len(product.args) == 2
-            and (product.op == "call_function" and product.target in _MULS
+            and (product.op == "call_function" and product.target in MULS
                  or product.op == "call_method" and product.target == "mul")):
         return "forward is not down(silu(gate(x)) * up(x)): no linear of a product returned"
     for act, other in (product.args, product.args[::-1]):
@@ -327,7 +341,7 @@ def _fused_forward(mod: nn.Module, gate: SwiGLUGate, x):
 
 
 class FusedGateModule(FusedModule):
-    """Mixed into a proven module's class (fused_class.fused_class): a forward that runs the gate as
+    """Mixed into a proven module's class (fused_class.make_fused_class): a forward that runs the gate as
     swiglu where _still_proven says the proof covers the call."""
 
     _f8tensor_attr, _f8tensor_proof = GATE_ATTR, SwiGLUGate
@@ -337,12 +351,6 @@ class FusedGateModule(FusedModule):
         return find_gate(mod)
 
     def _f8tensor_fused_forward(self, gate: SwiGLUGate, args, kwargs):
-        if not _still_proven(self, gate, args, kwargs):
+        if not _call_covered(self, gate, args, kwargs):
             return NotImplemented
         return _fused_forward(self, gate, args[0] if args else kwargs[gate.arg])
-
-
-def fuse_gate(mod: nn.Module) -> SwiGLUGate | str:
-    """Make a candidate module's class the fused one if find_gate proves the pattern; record the
-    result on the module (read by conversion_summary) and return it."""
-    return fuse(mod, FusedGateModule)

@@ -1,9 +1,9 @@
 """Turn benchmark result rows (results/*.jsonl or docs/data/*.jsonl) into the PNGs in docs/.
 
-    python benchmarks/plot.py kernels docs/data/kernels.jsonl docs/kernels.png
-    python benchmarks/plot.py kernels-table docs/data/kernels.jsonl   # markdown table
-    python benchmarks/plot.py linear  docs/data/linear.jsonl  docs/linear.png
-    python benchmarks/plot.py train   docs/data/train.jsonl   docs/train.png
+    python benchmarks/tools/plot.py kernels docs/data/kernels.jsonl docs/kernels.png
+    python benchmarks/tools/plot.py kernels-table docs/data/kernels.jsonl   # markdown table
+    python benchmarks/tools/plot.py linear  docs/data/linear.jsonl  docs/linear.png
+    python benchmarks/tools/plot.py train   docs/data/train.jsonl   docs/train.png
 """
 
 import json
@@ -42,8 +42,14 @@ def plot_kernels(rows, out):
         "torch.compile(reference)": [pct(r, "compile_gpu_ms") for r in rows],
         "eager reference": [pct(r, "eager_ms") for r in rows],
     }, line=85)
-    ax.set_ylabel("% of copy bandwidth\n(GPU time; eager reference: call time)")
-    ax.set_title(f"bf16 → float8_e4m3fn quantization ({subtitle(rows)})", fontsize=9)
+    finish(fig, ax, out, "% of copy bandwidth\n(GPU time; eager reference: call time)",
+           f"bf16 → float8_e4m3fn quantization ({subtitle(rows)})")
+
+
+def finish(fig, ax, out, ylabel, title):
+    """Label a bar chart, add its legend and write it."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -56,11 +62,7 @@ def plot_linear(rows, out):
     fig, ax = plt.subplots(figsize=(11, 4.5))
     grouped_bars(ax, [f"M={r['M']}\n{r['K']}→{r['N']}" for r in rows],
                  {name: [r.get(f"{name}_speedup", 0) for r in rows] for name in names}, line=1)
-    ax.set_ylabel("speedup vs bf16 nn.Linear (fwd+bwd)")
-    ax.set_title(f"Linear forward+backward ({subtitle(rows)})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    finish(fig, ax, out, "speedup vs bf16 nn.Linear (fwd+bwd)", f"Linear forward+backward ({subtitle(rows)})")
 
 
 def plot_train(rows, out):

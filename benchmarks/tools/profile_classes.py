@@ -1,6 +1,6 @@
 """GPU time per step by kernel class, from the profile file `train.py --profile` writes.
 
-    python benchmarks/profile_classes.py docs/data/train_steady_profile.txt
+    python benchmarks/tools/profile_classes.py docs/data/train_steady_profile.txt
 
 Each section of the file (one configuration: two profiled steps) becomes a list of classes with
 their GPU time per step and launches per step: GEMMs (cuBLAS), attention (cuDNN SDPA), AdamW

@@ -31,18 +31,25 @@ class _Slot:
         self.ref = self.key = self.value = None
 
 
-class TensorCache(threading.local):
-    """`size` entries per thread, the oldest replaced first."""
+class TensorCache:
+    """`size` entries per thread, the oldest replaced first. `clear()` empties every thread's."""
 
     def __init__(self, size: int):
-        self.slots = [_Slot() for _ in range(size)]
-        self.next = 0
+        self.size = size
+        self.generation = 0  # shared by all threads: clear() bumps it, each thread's slots follow
+        self.local = threading.local()
+
+    def _slots(self) -> list:
+        local = self.local
+        if getattr(local, "generation", None) != self.generation:
+            local.slots, local.next, local.generation = [_Slot() for _ in range(self.size)], 0, self.generation
+        return local.slots
 
     def get(self, t: torch.Tensor, key: tuple = ()):
         if _untracked(t):
             return None
         t = _owner(t)
-        for slot in self.slots:
+        for slot in self._slots():
             if slot.ref is not None and slot.ref() is t and slot.key == (t._version, *key):
                 return slot.value
         return None
@@ -51,14 +58,23 @@ class TensorCache(threading.local):
         if _untracked(t):
             return
         t = _owner(t)
-        slot = self.slots[self.next]
-        self.next = (self.next + 1) % len(self.slots)
+        slots, local = self._slots(), self.local
+        slot = slots[local.next]
+        local.next = (local.next + 1) % len(slots)
 
         def drop(ref):
             if slot.ref is ref:
                 slot.ref = slot.key = slot.value = None
 
         slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, *key), value
+
+    def clear(self) -> None:
+        """Forget every entry, in every thread."""
+        self.generation += 1
+
+    def __len__(self) -> int:
+        """Entries held by this thread."""
+        return sum(slot.ref is not None for slot in self._slots())
 
 
 def _owner(t: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@
 
 The data needs no download: the bytes of the Python standard library's own .py files (the first
 --data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same
-initial weights and see the same batches; the only difference is convert_to_float8_training on the second model, which puts
-every linear layer except the output head in float8. Parameters are bf16 and the optimizer is
+initial weights and see the same batches; the only difference is that the second model is
+converted (convert_to_float8_training: every linear layer except the output head in float8) and
+fused (fuse_model_ops: its RMSNorms and SwiGLU gates as f8tensor's fused ops). Parameters are bf16 and the optimizer is
 plain AdamW on them (no fp32 master weights), to keep the demo short; the loss is taken in fp32.
 """
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from f8tensor import conversion_summary, convert_to_float8_training
+from f8tensor import conversion_summary, convert_to_float8_training, fuse_model_ops
 
 DATA_BYTES = 4 << 20
 VAL_FRACTION = 0.05
@@ -310,10 +311,13 @@ def main(argv=None) -> dict:
     fp8_model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
     # The output head stays in bf16, as is standard: its logits feed the loss directly.
     convert_to_float8_training(fp8_model, module_filter_fn=lambda m, fqn: fqn != "head")
+    # Its norms and SwiGLU gates as f8tensor's fused ops (the model has no RoPE).
+    fusion = fuse_model_ops(fp8_model, rope=False)
     results["fp8"] = train("fp8", fp8_model, batches, val_batches, args, device)
 
     print()
     print(conversion_summary(fp8_model))
+    print(fusion)
     print()
     print(f"{'run':<6} {'final train loss':>16} {'val loss':>10} {'tokens/s':>12} {'peak memory':>13}")
     for name in ("bf16", "fp8"):
@@ -343,6 +347,3 @@ def write_json(results: dict, path: str, n_params: int, n_bytes: int, device: to
         json.dump({"environment": env, **results}, f)
     print(f"results written to {path}")
 
-
-if __name__ == "__main__":
-    main()

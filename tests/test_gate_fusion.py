@@ -1,4 +1,4 @@
-"""Conversion's SwiGLU gate fusion (f8tensor/fuse_gate.py): which forwards it proves to be
+"""fuse_model_ops's SwiGLU gate fusion (f8tensor/fusion/gate_proof.py): which forwards it proves to be
 down(silu(gate(x)) * up(x)) and fuses, which it leaves alone and why, and that a fused module
 computes what the same model written with f8tensor.swiglu computes, bit for bit."""
 
@@ -12,16 +12,15 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, SwiGLU, count_amax_passes, sqnr, train_step
+from f8utils import DEVICE, SwiGLU, convert_and_fuse, count_amax_passes, sqnr, train_step
 from torch import nn
 from torch.nn.functional import silu
 
-from f8tensor import Float8Linear, conversion_summary, convert_to_float8_training, swiglu
-from f8tensor.fuse_gate import GATE_ATTR, FusedGateModule, SwiGLUGate
-from f8tensor.fused_class import FusedModule
+from f8tensor import Float8Linear, conversion_summary, fusion_report, swiglu
+from f8tensor.fusion.gate_proof import GATE_ATTR, FusedGateModule, SwiGLUGate
+from f8tensor.fusion.fused_class import FusedModule
 
 D, FFN = 64, 192
-ALL = dict(module_filter_fn=lambda mod, fqn: True)  # convert these small layers too
 
 
 class FeedForward(SwiGLU):  # torchtitan's, at this file's sizes
@@ -69,6 +68,18 @@ class Chain(FeedForward):
         return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
+class Locals(FeedForward):  # Python 3.13 loads g and u in one instruction (LOAD_FAST_LOAD_FAST)
+    def forward(self, x):
+        g = F.silu(self.w1(x))
+        u = self.w3(x)
+        return self.w2(g * u)
+
+
+class OneLine(FeedForward):  # Python 3.13 stores h and loads self in one instruction (STORE_FAST_LOAD_FAST)
+    def forward(self, x):
+        h = F.silu(self.w1(x)) * self.w3(x); return self.w2(h)  # noqa: E702
+
+
 class WrittenWithSwiGLU(FeedForward):  # the same model with the fused op in its code
     def forward(self, x):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
@@ -78,13 +89,14 @@ FUSED = {FeedForward: ("w1", "w3", "w2", True, None, "x"),
          LlamaMLP: ("gate_proj", "up_proj", "down_proj", True, "act_fn", "x"),
          LlamaMLP5: ("gate_proj", "up_proj", "down_proj", True, "act_fn", "x"),
          UpFirst: ("w1", "w3", "w2", False, None, "x"), MulMethod: ("w1", "w3", "w2", True, None, "hidden_states"),
-         Chain: ("w1", "w3", "w2", True, None, "x")}
+         Chain: ("w1", "w3", "w2", True, None, "x"), Locals: ("w1", "w3", "w2", True, None, "x"),
+         OneLine: ("w1", "w3", "w2", True, None, "x")}
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
     """How many times the fused forward ran swiglu (patched where fuse_gate calls it)."""
-    import f8tensor.fuse_gate as fuse_gate
+    import f8tensor.fusion.gate_proof as fuse_gate
 
     calls = []
     monkeypatch.setattr(fuse_gate, "swiglu", lambda a, b: calls.append(1) or swiglu(a, b))
@@ -100,7 +112,7 @@ def make(cls, dtype=torch.bfloat16, seed=0):
 def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_with_swiglu(cls, fused_calls):
     """Fused as written (float8 layers): output and every gradient are the bits of the same
     module written with f8tensor.swiglu; unconverted layers (fp32): close to the module's own math."""
-    mod = convert_to_float8_training(make(cls), **ALL)
+    mod = convert_and_fuse(make(cls))
     assert isinstance(mod, FusedGateModule)
     found = mod.__dict__[GATE_ATTR]
     assert (found.gate, found.up, found.down, found.gate_first, found.act, found.arg) == FUSED[cls]
@@ -109,7 +121,7 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     written.forward = WrittenWithSwiGLU.forward.__get__(written)
     if cls in (LlamaMLP, LlamaMLP5):
         written.forward = lambda x: written.down_proj(swiglu(written.gate_proj(x), written.up_proj(x)))
-    written = convert_to_float8_training(written, **ALL, fuse_swiglu=False)
+    written = convert_and_fuse(written, swiglu=False)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     for got, want in zip(train_step(mod, x), train_step(written, x)):
         assert torch.equal(got, want)
@@ -117,7 +129,7 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     assert torch.equal(mod(**{FUSED[cls][5]: x}), mod(x)) and len(fused_calls) == 3  # by keyword too
 
     plain = make(cls, torch.float32)
-    fused = convert_to_float8_training(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
+    fused = convert_and_fuse(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
     assert isinstance(fused.__dict__[GATE_ATTR], SwiGLUGate) and type(getattr(fused, FUSED[cls][2])) is nn.Linear
     for got, want in zip(train_step(fused, x.float()), train_step(plain, x.float())):
         torch.testing.assert_close(got, want)
@@ -130,7 +142,7 @@ def test_fused_gate_hands_its_amax_records_to_the_float8_layers(monkeypatch):
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     counts = []
     for fuse in (True, False):
-        mod = convert_to_float8_training(make(FeedForward), fuse_swiglu=fuse, **ALL)
+        mod = convert_and_fuse(make(FeedForward), swiglu=fuse)
         passes.clear()
         train_step(mod, x)
         counts.append(sum(passes))
@@ -147,7 +159,7 @@ def test_module_calls_keep_their_order_and_hooks(cls, fused_calls):
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
     mod(x)
     want = list(calls)
-    convert_to_float8_training(mod, **ALL)
+    convert_and_fuse(mod)
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
     calls.clear()
     mod(x)
@@ -352,12 +364,12 @@ def test_forwards_not_proven_are_left_alone_with_the_reason(cls, capsys):
     mod = make(cls)
     state = {k: v.clone() for k, v in mod.state_dict().items()}
     rng = torch.get_rng_state()
-    convert_to_float8_training(mod, **ALL)
+    convert_and_fuse(mod)
     assert type(mod) is cls and mod.__dict__[GATE_ATTR] == NOT_FUSED[cls]
     # nothing of the forward ran at conversion: no output, no state or RNG change
     assert capsys.readouterr().out == "" and not hasattr(mod, "calls") and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items() if "steps" in k)
-    assert f"SwiGLU gate not fused: {NOT_FUSED[cls]}" in conversion_summary(mod)
+    assert f"SwiGLU gate not fused: {NOT_FUSED[cls]}" in str(fusion_report(mod))
 
 
 def test_only_modules_that_look_like_a_swiglu_feed_forward_are_examined():
@@ -383,7 +395,7 @@ def test_only_modules_that_look_like_a_swiglu_feed_forward_are_examined():
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     model = nn.Sequential(Gelu(), NoSilu(), WithNorm(), Sigmoid(), FeedForward())
-    convert_to_float8_training(model, **ALL)
+    convert_and_fuse(model)
     assert [GATE_ATTR in m.__dict__ for m in model] == [False, False, False, False, True]
     assert [m for m in model.modules() if isinstance(m, FusedGateModule)] == [model[4]]
 
@@ -391,27 +403,27 @@ def test_only_modules_that_look_like_a_swiglu_feed_forward_are_examined():
 def test_summary_converting_twice_opting_out_and_state_dict():
     model = nn.Sequential(make(FeedForward), make(Branch))
     keys = list(model.state_dict())
-    convert_to_float8_training(model, **ALL)
-    summary = conversion_summary(model)
-    lines = [line.split(None, 1) for line in summary.splitlines()[1:]]
-    assert ["0", "SwiGLU gate fused: w2(silu(w1) * w3)"] in lines
-    assert ["1", "SwiGLU gate not fused: forward has a branch or a loop"] in lines
+    convert_and_fuse(model)
+    summary, report = conversion_summary(model), str(fusion_report(model))
+    lines = [line.split(None, 2) for line in report.splitlines()[1:]]
+    assert ["0", "swiglu", "SwiGLU gate fused: w2(silu(w1) * w3)"] in lines
+    assert ["1", "swiglu", "SwiGLU gate not fused: forward has a branch or a loop"] in lines
     assert summary.splitlines()[0] == "f8tensor: 6 of 6 linear layers in float8"
     assert list(model.state_dict()) == keys
     fused = type(model[0])
     assert fused.__name__ == "FeedForward" and fused.__mro__[1:4] == (FusedGateModule, FusedModule, FeedForward)
-    convert_to_float8_training(model, **ALL)  # a no-op
-    assert type(model[0]) is fused and conversion_summary(model) == summary
+    convert_and_fuse(model)  # a no-op
+    assert type(model[0]) is fused and conversion_summary(model) == summary and str(fusion_report(model)) == report
 
-    kept = convert_to_float8_training(make(FeedForward), fuse_swiglu=False, **ALL)
+    kept = convert_and_fuse(make(FeedForward), swiglu=False)
     assert type(kept) is FeedForward and GATE_ATTR not in kept.__dict__
-    assert "SwiGLU" not in conversion_summary(kept)
+    assert "SwiGLU" not in str(fusion_report(kept))
 
 
 def test_a_fused_module_is_freed_with_its_last_reference():
     """No reference cycle (tracing's or the forward's): the memory goes when the model does, not
     at Python's next garbage collection."""
-    mod = convert_to_float8_training(make(FeedForward), **ALL)
+    mod = convert_and_fuse(make(FeedForward))
     mod(torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16))
     gone = weakref.ref(mod)
     gc.disable()
@@ -423,14 +435,14 @@ def test_a_fused_module_is_freed_with_its_last_reference():
 
 
 def test_root_module_is_fused_too():
-    mod = convert_to_float8_training(make(FeedForward), **ALL)
+    mod = convert_and_fuse(make(FeedForward))
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
 
 
 def test_copies_run_their_own_layers_and_replaced_children_are_followed(fused_calls):
     """The fused class goes with every copy: a deep copy, a pickled and a torch.save'd one run their
     own layers, fused, and a layer replaced after conversion is the one that runs."""
-    mod = convert_to_float8_training(make(FeedForward), **ALL)
+    mod = convert_and_fuse(make(FeedForward))
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
     buffer = io.BytesIO()
     torch.save(mod, buffer)
@@ -458,7 +470,7 @@ def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
     with or without a hooking mode such as FlopCounterMode); they miss the fused nn.SiLU call."""
     from torch.nn.modules.module import register_module_forward_hook
 
-    mod = convert_to_float8_training(make(LlamaMLP), **ALL)
+    mod = convert_and_fuse(make(LlamaMLP))
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
     seen = []
     handle = register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
@@ -485,7 +497,7 @@ def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
     with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
         mod(y=x)
 
-    mod = convert_to_float8_training(make(UpFirst), **ALL)  # reads the global name silu
+    mod = convert_and_fuse(make(UpFirst))  # reads the global name silu
     fused_calls.clear()
     module_globals = UpFirst.forward.__globals__
     module_globals["silu"] = F.gelu
@@ -501,7 +513,7 @@ def test_the_fused_path_does_not_depend_on_global_hooks_under_checkpointing():
     from torch.utils.checkpoint import checkpoint
     from torch.utils.flop_counter import FlopCounterMode
 
-    mod = convert_to_float8_training(make(LlamaMLP), **ALL)
+    mod = convert_and_fuse(make(LlamaMLP))
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     with FlopCounterMode(display=False):
         out = checkpoint(mod, x, use_reentrant=False)
@@ -518,10 +530,10 @@ def test_a_patched_class_forward_or_a_positional_only_input_is_respected(fused_c
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
-    mod = convert_to_float8_training(make(Patched), **ALL)
+    mod = convert_and_fuse(make(Patched))
     Patched.forward = lambda self, t: self.w2(F.gelu(self.w1(t)) * self.w3(t))
     assert torch.equal(mod(x), Patched.forward(mod, x)) and not fused_calls
-    positional = convert_to_float8_training(make(PositionalOnly), **ALL)
+    positional = convert_and_fuse(make(PositionalOnly))
     assert isinstance(positional, FusedGateModule)
     positional(x)
     assert len(fused_calls) == 1
@@ -535,7 +547,7 @@ def test_a_torchscript_submodule_does_not_stop_conversion():
             return F.silu(x)
 
     model = nn.Sequential(nn.Linear(D, D), torch.jit.script(Act()), make(FeedForward, torch.float32))
-    convert_to_float8_training(model, module_filter_fn=lambda m, f: False)
+    convert_and_fuse(model, module_filter_fn=lambda m, f: False)
     assert isinstance(model[2], FusedGateModule)
 
 
@@ -544,14 +556,14 @@ def test_inputs_swiglu_does_not_take_run_the_modules_own_math(fused_calls):
     own expression, bit for bit."""
     mod = make(FeedForward, torch.float32)
     mod.w1 = nn.Linear(D, 1, device=DEVICE)
-    convert_to_float8_training(mod, module_filter_fn=lambda m, f: False)
+    convert_and_fuse(mod, module_filter_fn=lambda m, f: False)
     x = torch.randn(4, D, device=DEVICE)
     assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate)
     assert torch.equal(mod(x), FeedForward.forward(mod, x)) and not fused_calls
 
 
 def test_compiles_in_one_graph():
-    mod = convert_to_float8_training(make(FeedForward), **ALL)
+    mod = convert_and_fuse(make(FeedForward))
     assert isinstance(mod, FusedGateModule)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     compiled = torch.compile(mod, fullgraph=True)
@@ -564,7 +576,7 @@ def test_compiles_in_one_graph():
 def test_the_fused_forward_keeps_the_class_forwards_signature():
     import inspect
 
-    mod = convert_to_float8_training(make(MulMethod), **ALL)
+    mod = convert_and_fuse(make(MulMethod))
     assert isinstance(mod, FusedGateModule)
     assert str(inspect.signature(mod.forward)) == "(hidden_states)" and type(mod).forward.__wrapped__ is MulMethod.forward
 
@@ -572,7 +584,7 @@ def test_the_fused_forward_keeps_the_class_forwards_signature():
 def test_an_instance_level_forward_is_left_alone():
     mod = make(FeedForward)
     mod.forward = lambda x: x  # as accelerate's hooks do
-    convert_to_float8_training(mod, **ALL)
+    convert_and_fuse(mod)
     assert type(mod) is FeedForward and mod.__dict__[GATE_ATTR] == "the module has an instance-level forward"
 
 
@@ -583,24 +595,24 @@ def test_mixed_dtypes_run_the_modules_own_math(fused_calls):
 
     mod = make(FeedForward, torch.float32)
     mod.w1 = HalfOut(D, FFN, device=DEVICE)
-    convert_to_float8_training(mod, module_filter_fn=lambda m, f: False)
+    convert_and_fuse(mod, module_filter_fn=lambda m, f: False)
     x = torch.randn(4, D, device=DEVICE)
     assert isinstance(mod, FusedGateModule)
     assert torch.equal(mod(x), FeedForward.forward(mod, x)) and not fused_calls
 
 
 def test_a_second_conversion_keeps_an_nn_silu_module_fused(fused_calls):
-    mod = convert_to_float8_training(make(LlamaMLP), **ALL)
-    summary = conversion_summary(mod)
-    convert_to_float8_training(mod, **ALL)
-    assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate) and conversion_summary(mod) == summary
+    mod = convert_and_fuse(make(LlamaMLP))
+    summary = str(fusion_report(mod))
+    convert_and_fuse(mod)
+    assert isinstance(mod.__dict__[GATE_ATTR], SwiGLUGate) and str(fusion_report(mod)) == summary
     mod(torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16))
     assert len(fused_calls) == 1
 
 
 def test_fx_symbolic_trace_of_a_parent_traces_the_modules_own_forward():
     model = nn.Sequential(make(FeedForward, torch.float32))
-    convert_to_float8_training(model, module_filter_fn=lambda m, f: False)
+    convert_and_fuse(model, module_filter_fn=lambda m, f: False)
     assert isinstance(model[0], FusedGateModule)
     traced = torch.fx.symbolic_trace(model)
     assert any(n.target is F.silu for n in traced.graph.nodes)
@@ -611,7 +623,7 @@ def test_fx_symbolic_trace_of_a_parent_traces_the_modules_own_forward():
 def test_an_activation_class_proven_to_be_silu_stays_checked_at_each_call(fused_calls):
     """transformers 5's SiLUActivation is proven from its code; a forward patched into its class
     after conversion makes the module run its own forward."""
-    mod = convert_to_float8_training(make(LlamaMLP5), **ALL)
+    mod = convert_and_fuse(make(LlamaMLP5))
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
     mod(x)
     assert len(fused_calls) == 1

@@ -11,15 +11,15 @@ import enum
 import warnings
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_map
 
 from .config import Float8Config
-from .kernels import FLOAT8_DTYPES, LAYOUTS, quantize_with_amax
+from ..kernels import FLOAT8_DTYPES, LAYOUTS, quantize_with_amax
+from ..torch_internals import is_fake
 
 # Filled by ops.py: aten op -> handler(func, args, kwargs).
 OPS: dict = {}
-_warned_fallback: set = set()
+warned_fallback_ops: set = set()
 
 
 class GemmRole(enum.Enum):
@@ -120,8 +120,8 @@ def _fallback(func, args, kwargs):
             f"Float8Tensor does not support the mutating op {func}: it would have to requantize in "
             "place. Call .dequantize() and operate on the high-precision tensor instead."
         )
-    if func not in _warned_fallback:
-        _warned_fallback.add(func)
+    if func not in warned_fallback_ops:
+        warned_fallback_ops.add(func)
         warnings.warn(
             f"f8tensor: {func} is not in Float8Tensor's op table; it ran on the dequantized "
             "(high-precision) values and returns a plain tensor.",

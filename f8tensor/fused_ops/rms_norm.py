@@ -7,8 +7,8 @@ casting it; here the norm's forward measures the amax of what it writes and hand
 gradient and per-program partial weight gradients (PyTorch's CUDA backward is two kernels).
 Autograd saves what PyTorch's saves (x, the weight, rstd).
 
-`convert_to_float8_training` swaps exact nn.RMSNorm modules for this one (same parameters, state
-dict and hooks; `fuse_rms_norm=False` keeps them). Values: fp32 math, one rounding
+`fuse_model_ops` swaps exact nn.RMSNorm modules for this one (same parameters, state dict and
+hooks; `rms_norm=False` keeps them). Values: fp32 math, one rounding
 (`kernels.naive.rms_norm_ref`, the formula of PyTorch's fused CUDA kernel); on the GPU within one
 unit in the last place of the reference in forward, as PyTorch's own kernel (they sum in different
 orders); the input gradient's two terms cancel in places, where fp32 rounding of the terms decides.
@@ -17,17 +17,17 @@ PyTorch's own rms_norm runs instead under torch.compile (inductor fuses it), for
 (DTensor under sequence parallelism, ...), under torch.func transforms and forward-mode AD, under
 autocast (which decides the norm's dtype), and where the fused kernel does not apply: a
 normalized_shape of more than one dim, a weight of another dtype, device or shape than x's
-(PyTorch's error then) or not contiguous, rows longer than `kernels.rms_norm.MAX_D` on the GPU.
+(PyTorch's error then) or not contiguous, rows longer than `kernels.limits.RMS_NORM_MAX_D` on the GPU.
 """
 
 import torch
 from torch import nn
 
-from .kernels import (INPUT_DTYPES, kernels_can_run, rms_norm_backward, rms_norm_backward_ref, rms_norm_ref,
-                      rms_norm_with_amax)
-from .kernels.rms_norm import MAX_D
-from .linear import _HOOK_ATTRIBUTES
-from .tensor_cache import produced_amax
+from ..core.linear import share_hooks
+from ..core.tensor_cache import produced_amax
+from ..kernels import INPUT_DTYPES, rms_norm_backward, rms_norm_backward_ref, rms_norm_ref, rms_norm_with_amax
+from ..kernels.limits import RMS_NORM_MAX_D
+from .dispatch import kernels_can_run
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -60,7 +60,7 @@ def _fused_applies(x: torch.Tensor, weight: torch.Tensor | None, normalized_shap
             and x.dtype in INPUT_DTYPES
             and (weight is None or (weight.dtype == x.dtype and weight.device == x.device
                                     and weight.shape == normalized_shape and weight.is_contiguous()))
-            and (not x.is_cuda or x.shape[-1] <= MAX_D))
+            and (not x.is_cuda or x.shape[-1] <= RMS_NORM_MAX_D))
 
 
 class RMSNorm(nn.RMSNorm):
@@ -74,8 +74,7 @@ class RMSNorm(nn.RMSNorm):
             new = cls(mod.normalized_shape, mod.eps, elementwise_affine=False)
         new.elementwise_affine = mod.elementwise_affine
         new.weight = mod.weight
-        for name in _HOOK_ATTRIBUTES:  # the same dicts, so that RemovableHandle.remove() works
-            setattr(new, name, getattr(mod, name))
+        share_hooks(new, mod)
         new.train(mod.training)
         return new
 

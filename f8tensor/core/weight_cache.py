@@ -35,7 +35,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .kernels import quantize_with_amax
+from ..kernels import quantize_with_amax
 
 
 class _Entry:
@@ -44,8 +44,8 @@ class _Entry:
 
 # Plain dict operations (atomic under the GIL): no lock, which a weakref callback run by the
 # garbage collector in the middle of a locked section would deadlock on.
-_ENTRIES: dict[int, _Entry] = {}
-_HOOK = []
+ENTRIES: dict[int, _Entry] = {}
+OPTIMIZER_HOOK = []
 
 
 def _on_optimizer_step(optimizer, args, kwargs):
@@ -56,7 +56,7 @@ def forget_fp8_weights() -> None:
     """Drop every kept float8 weight (its memory is freed at once): the next forward casts again.
     Called after every torch.optim optimizer step; call it after writing weights in a way that
     does not bump their version counter (see this module's docstring)."""
-    _ENTRIES.clear()
+    ENTRIES.clear()
 
 
 def _key(w: torch.Tensor, config) -> tuple:
@@ -66,9 +66,9 @@ def _key(w: torch.Tensor, config) -> tuple:
 
 def _drop(ident: int, ref: weakref.ref) -> None:
     """The parameter was freed: drop its entry (unless a newer one took its id)."""
-    entry = _ENTRIES.get(ident)
+    entry = ENTRIES.get(ident)
     if entry is not None and entry.ref is ref:
-        _ENTRIES.pop(ident, None)
+        ENTRIES.pop(ident, None)
 
 
 def _cast(w: torch.Tensor, config):
@@ -89,7 +89,7 @@ def fp8_weight(w: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, tor
     if w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _cast(w, config)
     key, ident = _key(w, config), id(w)
-    entry = _ENTRIES.get(ident)
+    entry = ENTRIES.get(ident)
     if entry is not None and entry.ref() is w and entry.key == key:
         return entry.row, entry.col, entry.scale
     row, col, scale = _cast(w, config)
@@ -98,12 +98,12 @@ def fp8_weight(w: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, tor
     # copies are freed at once, not at the next garbage collection.
     entry.ref = weakref.ref(w, lambda ref, ident=ident: _drop(ident, ref))
     entry.key, entry.row, entry.col, entry.scale = key, row, col, scale
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
-    _ENTRIES[ident] = entry
+    if not OPTIMIZER_HOOK:
+        OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
+    ENTRIES[ident] = entry
     return row, col, scale
 
 
 def kept_fp8_weights() -> int:
     """How many weights have float8 copies kept now (for tests and memory accounting)."""
-    return len(_ENTRIES)
+    return len(ENTRIES)

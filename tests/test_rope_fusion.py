@@ -1,4 +1,4 @@
-"""Conversion's RoPE fusion (f8tensor/fuse_rope.py): which global functions it proves to compute
+"""fuse_model_ops's RoPE fusion (f8tensor/fusion/rope_proof.py): which global functions it proves to compute
 nothing but rotations x * cos + rotate_half(x) * sin of their arguments, which modules calling them
 it fuses, which it leaves alone and why, and that a fused module computes what the same module
 written with f8tensor.rope computes, bit for bit."""
@@ -10,14 +10,19 @@ import pickle
 
 import pytest
 import torch
-from f8utils import DEVICE, train_step
+from f8utils import DEVICE, convert_and_fuse, train_step
 from torch import nn
 
-from f8tensor import conversion_summary, convert_to_float8_training, rope
-from f8tensor.fuse_rope import ROPE_ATTR, FusedRoPEModule, RoPECalls, prove_function
+from f8tensor import fuse_model_ops, fusion_report, rope
+from f8tensor.fusion.rope_proof import ROPE_ATTR, FusedRoPEModule, RoPECalls, prove_function
 
 B, H, S, HEAD = 2, 4, 16, 32
-NONE = dict(module_filter_fn=lambda mod, fqn: False)  # no float8 layers: the rotation alone
+
+
+def fused(mod: nn.Module, **switches) -> nn.Module:
+    """fuse_model_ops alone (no float8 layers: the rotation alone); the module."""
+    fuse_model_ops(mod, **switches)
+    return mod
 
 
 # --- the written forms -------------------------------------------------------------------------
@@ -171,7 +176,7 @@ def inputs(seed=1):
 def fuse_small_tensors(monkeypatch):
     """This file's tensors are far below MIN_FUSED_NUMEL: fuse them anyway (test_small_tensors_...
     sets its own threshold)."""
-    import f8tensor.fuse_rope as fuse_rope
+    import f8tensor.fusion.rope_proof as fuse_rope
 
     monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", 0)
 
@@ -179,7 +184,7 @@ def fuse_small_tensors(monkeypatch):
 @pytest.fixture
 def rope_calls(monkeypatch):
     """How many times a fused rotation ran rope (patched where fuse_rope calls it)."""
-    import f8tensor.fuse_rope as fuse_rope
+    import f8tensor.fusion.rope_proof as fuse_rope
 
     calls = []
     checked = fuse_rope.rope_checked
@@ -198,7 +203,7 @@ def step(mod, x, cos, sin):
 def test_fused_module_has_the_values_of_the_model_written_with_rope(per_sequence, rope_calls):
     """Output and every gradient are the bits of the same module written with f8tensor.rope; close
     to the module's own (unfused) math."""
-    mod = convert_to_float8_training(make(), **NONE)
+    mod = fused(make())
     assert isinstance(mod, FusedRoPEModule) and type(mod).__name__ == "Attention"
     calls = mod.__dict__[ROPE_ATTR]
     assert isinstance(calls, RoPECalls) and calls.names == ("apply_rope", "apply_rotary_pos_emb")
@@ -212,7 +217,7 @@ def test_fused_module_has_the_values_of_the_model_written_with_rope(per_sequence
 
 
 def test_the_module_keeps_its_signature_defaults_and_keywords(rope_calls):
-    mod = convert_to_float8_training(make(), **NONE)
+    mod = fused(make())
     assert inspect.signature(mod.forward) == inspect.signature(make().forward)
     cos, sin = tables()
     x = inputs()
@@ -225,7 +230,7 @@ def test_the_module_keeps_its_signature_defaults_and_keywords(rope_calls):
 def test_what_rope_would_change_runs_the_written_ops(rope_calls):
     """Tables of another dtype (eager promotes: fp32 result), tables that require grad, tables that
     broadcast x to a larger shape: the function's own ops, bit for bit."""
-    mod, own = convert_to_float8_training(make(), **NONE), make()
+    mod, own = fused(make()), make()
     x = inputs()
     cos, sin = tables(dtype=torch.float32)
     assert mod(x, cos, sin).dtype == torch.float32 and torch.equal(mod(x, cos, sin), own(x, cos, sin))
@@ -242,7 +247,7 @@ def test_what_rope_would_change_runs_the_written_ops(rope_calls):
 def test_rebinding_after_conversion_is_followed(monkeypatch, rope_calls):
     """The module's global rebound, the function's code replaced, the class forward rebound: each
     runs what the user's code now says."""
-    mod = convert_to_float8_training(make(), **NONE)
+    mod = fused(make())
     x, (cos, sin) = inputs(), tables()
     seen, original = [], apply_rope
     globals()["apply_rope"] = lambda t, c, s: seen.append(1) or t
@@ -308,14 +313,14 @@ class ComparesTheFunction(Attention):
     (ReadsGlobals, "forward writes or reads its globals as a mapping (LOAD_GLOBAL globals)"),
     (WithMetaclass, "its class has the metaclass Meta")], ids=lambda c: getattr(c, "__name__", ""))
 def test_modules_not_fused_are_left_alone_with_the_reason(cls, reason):
-    mod = convert_to_float8_training(make(cls), **NONE)
+    mod = fused(make(cls))
     assert type(mod) is cls and mod.__dict__[ROPE_ATTR] == reason
-    assert f"RoPE not fused: {reason}" in conversion_summary(mod)
+    assert f"RoPE not fused: {reason}" in str(fusion_report(mod))
 
 
 def test_modules_that_call_no_rotation_are_not_examined():
-    mod = convert_to_float8_training(nn.Sequential(make(NoRope)), **NONE)
-    assert type(mod[0]) is NoRope and ROPE_ATTR not in mod[0].__dict__ and "RoPE" not in conversion_summary(mod)
+    mod = fused(nn.Sequential(make(NoRope)))
+    assert type(mod[0]) is NoRope and ROPE_ATTR not in mod[0].__dict__ and "RoPE" not in str(fusion_report(mod))
 
 
 def deprecate_kwarg(fn):  # as transformers' decorators wrap forwards: functools.wraps, fn in a closure cell
@@ -336,7 +341,7 @@ class Decorated(Attention):
 
 
 def test_a_decorated_forward_is_fused_through_its_wrapper(rope_calls):
-    mod = convert_to_float8_training(make(Decorated), **NONE)
+    mod = fused(make(Decorated))
     assert isinstance(mod, FusedRoPEModule)
     x, (cos, sin) = inputs(), tables()
     assert torch.equal(mod(x, cos, sin, old_name=1), make(WrittenWithRope)(x, cos, sin))
@@ -345,7 +350,7 @@ def test_a_decorated_forward_is_fused_through_its_wrapper(rope_calls):
 
 def test_copies_pickles_and_state_dict(rope_calls):
     model = nn.Sequential(make())
-    convert_to_float8_training(model, **NONE)
+    fused(model)
     keys = list(make().state_dict())
     x, (cos, sin) = inputs(), tables()
     want = model[0](x, cos, sin)
@@ -353,14 +358,14 @@ def test_copies_pickles_and_state_dict(rope_calls):
         assert type(twin[0]) is type(model[0]) and isinstance(twin[0].__dict__[ROPE_ATTR], RoPECalls)
         assert torch.equal(twin[0](x, cos, sin), want) and list(twin[0].state_dict()) == keys
     assert len(rope_calls) == 2 * 4
-    summary = conversion_summary(model)
-    convert_to_float8_training(model, **NONE)  # twice: a no-op
-    assert conversion_summary(model) == summary and "0.attention" not in summary
+    summary = str(fusion_report(model))
+    fused(model)  # twice: a no-op
+    assert str(fusion_report(model)) == summary and "0.attention" not in summary
     assert "RoPE fused: apply_rope, apply_rotary_pos_emb run as f8tensor.rope" in summary
 
 
 def test_opting_out_leaves_every_module_alone():
-    mod = convert_to_float8_training(make(), fuse_rope=False, **NONE)
+    mod = fused(make(), rope=False)
     assert type(mod) is Attention and ROPE_ATTR not in mod.__dict__
 
 
@@ -369,7 +374,7 @@ def test_checkpointing_fx_tracing_and_compile():
     a parent and torch.compile see the module's own code."""
     from torch.utils.checkpoint import checkpoint
 
-    mod = convert_to_float8_training(make(), **NONE)
+    mod = fused(make())
     x, (cos, sin) = inputs(), tables()
     want = step(mod, x, cos, sin)
     mod.zero_grad()
@@ -407,11 +412,10 @@ def test_float8_model_trains_with_the_fusion():
         def forward(self, x):
             return self.attention(x, cos, sin)
 
-    all_layers = dict(module_filter_fn=lambda mod, fqn: True)
-    fused = convert_to_float8_training(WithTables(Attention), **all_layers)
-    written = convert_to_float8_training(WithTables(WrittenWithRope), **all_layers)
+    rotated = convert_and_fuse(WithTables(Attention))
+    written = convert_and_fuse(WithTables(WrittenWithRope))
     x = inputs()
-    for g, w in zip(train_step(fused, x), train_step(written, x)):
+    for g, w in zip(train_step(rotated, x), train_step(written, x)):
         assert torch.equal(g, w)
 
 
@@ -441,7 +445,7 @@ def test_defaults_rebound_after_conversion_run_the_written_function(rope_calls):
     rewritten graph holds the defaults it was proven with)."""
     q, k = (torch.randn(B, H, S, HEAD, device=DEVICE) for _ in range(2))
     cos, sin = (t.expand(B, S, HEAD).float() for t in tables())
-    mod = convert_to_float8_training(CallsPair(), **NONE)
+    mod = fused(CallsPair())
     assert isinstance(mod, FusedRoPEModule)
     defaults = apply_rotary_pos_emb.__defaults__
     apply_rotary_pos_emb.__defaults__ = (2,)  # tables [B, S, 1, D]: q, k as [B, S, H, D]
@@ -455,7 +459,7 @@ def test_defaults_rebound_after_conversion_run_the_written_function(rope_calls):
     assert len(rope_calls) == 2
 
     rope_calls.clear()
-    helper = convert_to_float8_training(CallsHelperDefault(), **NONE)
+    helper = fused(CallsHelperDefault())
     assert isinstance(helper, FusedRoPEModule)
     x, (cos, sin) = torch.randn(B, H, S, HEAD, device=DEVICE), (t.float() for t in tables())
     helper(x, cos, sin)
@@ -470,7 +474,7 @@ def test_defaults_rebound_after_conversion_run_the_written_function(rope_calls):
 
 
 def test_a_decorated_forwards_inner_function_rebound_is_followed(rope_calls):
-    mod = convert_to_float8_training(make(Decorated), **NONE)
+    mod = fused(make(Decorated))
     x, (cos, sin) = inputs(), tables()
     inner = Decorated.forward.__wrapped__
     defaults = inner.__defaults__
@@ -499,7 +503,7 @@ class CallsApplyRope(nn.Module):
 
 
 def test_zero_dim_tables_and_a_deleted_global_behave_as_unfused(rope_calls):
-    mod = convert_to_float8_training(CallsApplyRope(), **NONE)
+    mod = fused(CallsApplyRope())
     assert isinstance(mod, FusedRoPEModule)
     x = torch.randn(2, 3, 8, device=DEVICE)
     cos, sin = torch.tensor(0.6, device=DEVICE), torch.tensor(0.8, device=DEVICE)
@@ -549,9 +553,9 @@ class UsesProve(Attention):  # a method named like the mixins' members before th
 
 
 def test_class_bodies_refused_and_user_members_not_hidden(rope_calls):
-    mod = convert_to_float8_training(make(DefinesAClass), **NONE)
+    mod = fused(make(DefinesAClass))
     assert type(mod) is DefinesAClass and mod.__dict__[ROPE_ATTR] == "forward defines a class"
-    mod = convert_to_float8_training(make(UsesProve), **NONE)
+    mod = fused(make(UsesProve))
     assert isinstance(mod, FusedRoPEModule)
     x, (cos, sin) = inputs(), tables()
     assert torch.equal(mod(x, cos, sin), 1 + rope(mod.wq(x).view(B, S, H, HEAD).transpose(1, 2), cos, sin))
@@ -559,11 +563,11 @@ def test_class_bodies_refused_and_user_members_not_hidden(rope_calls):
 
 
 def test_torchscript_and_jit_trace_see_the_module_as_its_own_class():
-    mod = convert_to_float8_training(make(), **NONE)
+    mod = fused(make())
     x, (cos, sin) = inputs(), tables()
     traced = torch.jit.trace(mod, (x, cos, sin))
     assert torch.equal(traced(x, cos, sin), Attention.forward(mod, x, cos, sin))
-    scriptable = convert_to_float8_training(CallsApplyRopeOnly(), **NONE)
+    scriptable = fused(CallsApplyRopeOnly())
     assert isinstance(scriptable, FusedRoPEModule)
     scripted = torch.jit.script(scriptable)
     x = x.view(B, S, H, HEAD).transpose(1, 2)
@@ -577,7 +581,7 @@ class CallsApplyRopeOnly(nn.Module):
 
 
 def test_copies_keep_a_subclass_made_after_conversion():
-    mod = convert_to_float8_training(make(), **NONE)
+    mod = fused(make())
 
     class Marker:
         pass
@@ -591,9 +595,9 @@ def test_small_tensors_and_other_layouts_run_the_written_ops(monkeypatch, rope_c
     """Below MIN_FUSED_NUMEL elements of x (decoding: host-bound, where rope's launch costs more
     than eager's kernels) and for an x whose last dim is strided (rope would return another
     layout), the written ops run: eager's values and strides."""
-    import f8tensor.fuse_rope as fuse_rope
+    import f8tensor.fusion.rope_proof as fuse_rope
 
-    mod = convert_to_float8_training(CallsApplyRopeOnly(), **NONE)
+    mod = fused(CallsApplyRopeOnly())
     cos, sin = tables()
     x = torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16)
     monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", x.numel() + 1)
@@ -621,7 +625,7 @@ class PassesTheFunction(nn.Module):
 
 
 def test_the_name_stands_in_for_the_function_beyond_calls(rope_calls):
-    mod = convert_to_float8_training(PassesTheFunction(), **NONE)
+    mod = fused(PassesTheFunction())
     assert isinstance(mod, FusedRoPEModule)
     x, (cos, sin) = torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16), tables()
     assert torch.equal(mod(x, cos, sin), rope(x, cos, sin)) and len(rope_calls) == 1

@@ -26,10 +26,11 @@ eager training would pay in host time on every layer.
 import torch
 from torch import nn
 
+from ..distributed import tensor_parallel
+from ..kernels import quantize_with_amax
+from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
 from .config import Float8Config
-from .kernels import quantize_with_amax, transformed
 from .ops import scaled_mm_data
-from . import tensor_parallel
 from .tensor_cache import produced_amax, shared_input
 from .weight_cache import fp8_weight
 
@@ -45,35 +46,6 @@ def _quantize_input(x, config, layouts):
                       amax=produced_amax.get(x))
     shared_input.put(x, value, key)
     return value
-
-
-_SAVED_NAMES: dict = {}  # autograd node type -> names of its saved-tensor attributes
-_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
-def _kept_by_producer(x) -> bool:
-    """Whether autograd already keeps x's storage for backward (e.g. x is a view of SDPA's output,
-    which SDPA saves): then saving x itself costs no memory, and a float8 copy would add some."""
-    # Under saved-tensor hooks (activation checkpointing, offloading) what is kept is the hooks'
-    # business, and forward and recomputation must decide alike: save as configured.
-    if _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None:
-        return False
-    base = x._base if x._base is not None else x
-    node = base.grad_fn
-    if node is None:
-        return False
-    names = _SAVED_NAMES.get(type(node))
-    if names is None:
-        names = _SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
-    storage = x.untyped_storage().data_ptr()
-    for name in names:
-        try:
-            value = getattr(node, name)
-        except RuntimeError:  # freed, or packed by a saved-tensor hook (checkpointing): unknown
-            return False
-        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
-            return True
-    return False
 
 
 _LAYOUT = {("row", "col"): "both", ("row",): "row", ("col",): "col"}
@@ -96,7 +68,7 @@ class _Float8LinearFn(torch.autograd.Function):
         # Save float8 for backward unless configured otherwise, or unless x's storage is kept for
         # backward anyway (attention output feeding wo): there the float8 copy would add memory.
         save_fp8 = config.save_fp8_for_backward and not (
-            need_w_grad and not torch.compiler.is_compiling() and _kept_by_producer(x))
+            need_w_grad and not torch.compiler.is_compiling() and saved_by_producer(x))
         x_row, x_col, x_scale, x_amax = _quantize_input(
             x, config, ("row", "col") if need_w_grad and save_fp8 else ("row",))
         # By default the weight is quantized row-major here and column-major again in backward
@@ -183,7 +155,14 @@ def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
 
 
 # nn.Module's hook registries (dicts of hooks by handle id, and their flags).
-_HOOK_ATTRIBUTES = [name for name in vars(nn.Module()) if "hook" in name]
+_HOOK_ATTRIBUTES = module_hook_attributes()
+
+
+def share_hooks(new: nn.Module, mod: nn.Module) -> None:
+    """Give `new` the hook dictionaries of `mod` (the same dicts, so RemovableHandle.remove() still
+    works): hooks registered on mod run on new."""
+    for name in _HOOK_ATTRIBUTES:
+        setattr(new, name, getattr(mod, name))
 
 
 class Float8Linear(nn.Linear):
@@ -207,8 +186,7 @@ class Float8Linear(nn.Linear):
             new = cls(mod.in_features, mod.out_features, bias=False, config=config)
         new.weight = mod.weight
         new.bias = mod.bias
-        for name in _HOOK_ATTRIBUTES:  # the same dicts, so that RemovableHandle.remove() works
-            setattr(new, name, getattr(mod, name))
+        share_hooks(new, mod)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,8 +214,8 @@ class Float8Linear(nn.Linear):
                 "use keep_fp8_weight=False for this model")
         with torch.autocast(device_type, enabled=False):
             if tensor_parallel.is_dtensor(self.weight):
-                return tensor_parallel.forward(_float8_linear, x, self.weight, self.bias,
-                                               self.config, torch.is_grad_enabled())
+                return tensor_parallel.dtensor_linear(_float8_linear, x, self.weight, self.bias,
+                                                      self.config, torch.is_grad_enabled())
             return _float8_linear(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
 
     def extra_repr(self):

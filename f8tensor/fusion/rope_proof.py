@@ -1,5 +1,5 @@
-"""Find the rotary-embedding functions a module's forward calls and run them as f8tensor.rope,
-without model changes.
+"""The RoPE fusion of fuse_model_ops (switch `rope`): find the rotary-embedding functions a module's
+forward calls and run them as f8tensor.rope, without model changes.
 
 Hugging Face's Llama family rotates q and k with module-level functions that its attention forward
 calls by their global names:
@@ -18,7 +18,7 @@ calls by their global names:
 
 (one tensor at a time, with x.chunk(2, dim=-1) for the halves, is the same). In eager mode that is
 five strided kernels each way per tensor, the largest elementwise cost torch.compile removes from
-such a model and eager float8 keeps (docs/benchmarks.md). Conversion proves that such a global
+such a model and eager float8 keeps (docs/benchmarks.md). The fusion proves that such a global
 function computes nothing but rotations x * cos + rotate_half(x) * sin of its arguments and returns
 them, and then gives each module whose class forward reads the function by its global name a
 same-named subclass (fused_class.py) whose forward is the class's own code, run with a globals
@@ -43,7 +43,9 @@ defaults that are numbers, None or strings, and survive the rewrite with their n
 The module: its class passes fused_class.class_reason, and its forward (or, through decorators that
 name it by __wrapped__ and keep it in a closure cell, the function they wrap), with its nested code,
 neither writes nor deletes globals, names globals, exec or eval, nor defines a class (it runs with
-a globals mapping of its own, which class bodies and those would bypass or expose).
+a globals mapping of its own, which class bodies and those would bypass or expose). Modules whose
+forward reads no proven function but one named like a rotary embedding (rotary, rope) are examined
+too, so that the report says why they are not fused (Meta's complex form, say).
 
 At each call the module runs its class's own forward instead if that forward, or a function along
 its __wrapped__ path, was rebound or given other code or defaults since, or under fx symbolic
@@ -72,29 +74,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fused_class import JUMPS, FusedModule, class_forward, class_reason, fuse, global_value, globals_unchanged, tracing
-from .kernels import INPUT_DTYPES
-from .rope import rope_checked
+from ..fused_ops.rope import rope_checked
+from ..kernels import INPUT_DTYPES
+from .fused_class import (JUMPS, MULS, FusedModule, class_forward, class_reason, global_value, globals_unchanged,
+                          tracing)
 
 # Set on a module whose forward reads a proven rotary function (a RoPECalls) or, where it reads one
 # but cannot be fused, why not (a str).
 ROPE_ATTR = "_f8tensor_rope"
 
-_PLAIN_OPS = {
+_PLAIN_OPS = frozenset({
     "RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES", "LOAD_FAST", "LOAD_FAST_CHECK",
     "LOAD_FAST_LOAD_FAST", "STORE_FAST", "STORE_FAST_LOAD_FAST", "STORE_FAST_STORE_FAST", "RETURN_VALUE",
     "BINARY_SUBSCR", "BINARY_SLICE", "BUILD_SLICE", "BUILD_TUPLE", "BUILD_LIST", "UNARY_NEGATIVE",
     "UNPACK_SEQUENCE", "CALL", "CALL_KW", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD", "BINARY_ADD",
-    "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_FLOOR_DIVIDE"}
-_BINARY_OPS = {"+", "-", "*", "//"}
-_ATTRIBUTES = {"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add"}
+    "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_FLOOR_DIVIDE"})
+_BINARY_OPS = frozenset({"+", "-", "*", "//"})
+_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add"})
 _CONSTANTS = (int, float, bool, type(None), type(Ellipsis))
-_WRITES_GLOBALS = {"STORE_GLOBAL", "DELETE_GLOBAL"}
-_GLOBALS_BUILTINS = {"globals", "exec", "eval"}
-_COMPARES = {"IS_OP", "COMPARE_OP", "CONTAINS_OP"}
-_ADDS = {operator.add, torch.add}
-_MULS = {operator.mul, torch.mul}
-_NEGS = {operator.neg, torch.neg}
+_WRITES_GLOBALS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
+_GLOBALS_BUILTINS = frozenset({"globals", "exec", "eval"})
+_COMPARES = frozenset({"IS_OP", "COMPARE_OP", "CONTAINS_OP"})
+_ADDS = frozenset({operator.add, torch.add})
+_NEGS = frozenset({operator.neg, torch.neg})
 # Below this many elements of x a rotation runs the written ops: there (decoding one token, say)
 # the step is bound by host time, where rope's Triton launch gains nothing over eager's five
 # kernels. At training shapes (millions of elements per q or k) the one pass saves GPU time. The
@@ -113,7 +115,8 @@ class RotaryFunction:
 
 
 # (function, its code, its defaults) -> RotaryFunction or why not; proven once (again if a helper changed).
-_PROOFS: dict[tuple, "RotaryFunction | str"] = {}
+# state.py lists it.
+PROOFS: dict[tuple, "RotaryFunction | str"] = {}
 
 
 def _constant_ok(value) -> bool:
@@ -121,7 +124,7 @@ def _constant_ok(value) -> bool:
         type(v) is str or type(v) in _CONSTANTS for v in value)
 
 
-def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | None:
+def _function_code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | None:
     """Why fn's bytecode is not the straight-line code of the module docstring; appends (fn, code,
     defaults, globals read) for fn and each helper it reads to codes."""
     code = fn.__code__
@@ -148,7 +151,7 @@ def _code_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str | N
             if value is not torch:
                 if not isinstance(value, types.FunctionType) or depth >= 2:
                     return f"{fn.__name__} reads the global {name!r}"
-                reason = None if any(f is value for f, *_ in codes) else _code_reason(value, codes, depth + 1)
+                reason = None if any(f is value for f, *_ in codes) else _function_code_reason(value, codes, depth + 1)
                 if reason:
                     return reason
             read.append((name, value))
@@ -219,7 +222,7 @@ def _rotation(add):
     if not (_is(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs):
         return None
     for m1, m2 in (add.args, add.args[::-1]):
-        if not all(_is(m, _MULS, "mul") and len(m.args) == 2 and not m.kwargs for m in (m1, m2)):
+        if not all(_is(m, MULS, "mul") and len(m.args) == 2 and not m.kwargs for m in (m1, m2)):
             continue
         for cat, s in (m2.args, m2.args[::-1]):
             dim = cat.args[1:] + tuple(cat.kwargs[k] for k in cat.kwargs if k == "dim") if isinstance(
@@ -268,15 +271,15 @@ def _rotate(x, cos, sin, halves: str):
 def prove_function(fn) -> RotaryFunction | str:
     """fn's proof (cached per function and code) as a RotaryFunction, or why it is not one."""
     key = (fn, fn.__code__, fn.__defaults__)
-    proof = _PROOFS.get(key)
-    if proof is None or isinstance(proof, RotaryFunction) and not _still_proven(proof):
-        proof = _PROOFS[key] = _prove_function(fn)
+    proof = PROOFS.get(key)
+    if proof is None or isinstance(proof, RotaryFunction) and not _function_unchanged(proof):
+        proof = PROOFS[key] = _prove_function(fn)
     return proof
 
 
 def _prove_function(fn) -> RotaryFunction | str:
     codes = []
-    reason = _code_reason(fn, codes)
+    reason = _function_code_reason(fn, codes)
     if reason:
         return reason
     tracer = torch.fx.Tracer()
@@ -315,7 +318,7 @@ def _prove_function(fn) -> RotaryFunction | str:
     return RotaryFunction(fn, tuple(codes), run, len(rotations))
 
 
-def _still_proven(fn: RotaryFunction) -> bool:
+def _function_unchanged(fn: RotaryFunction) -> bool:
     """fn and its helpers still have the code and defaults proven, and read the same globals."""
     return all(f.__code__ is code and f.__defaults__ is defaults and globals_unchanged(f.__globals__, read)
                for f, code, defaults, read in fn.codes)
@@ -334,7 +337,7 @@ class _FusedCall:
 
     def __call__(self, *args, **kwargs):
         fn = self._f8tensor_fn
-        if _still_proven(fn):
+        if _function_unchanged(fn):
             return fn.run(*args, **kwargs)
         return fn.fn(*args, **kwargs)
 
@@ -441,11 +444,17 @@ def rotary_names(mod: nn.Module) -> dict:
             and module_globals[name].__code__ is not inner.__code__}
 
 
-def is_candidate(mod: nn.Module) -> bool:
-    """A module, not already fused, whose class forward reads a global function proven rotary."""
+def named_like_rotary(name: str) -> bool:
+    """Whether a global function's name says it applies a rotary embedding (rotary, rope)."""
+    return "rotary" in name.lower() or "rope" in name.lower()
+
+
+def is_rope_candidate(mod: nn.Module) -> bool:
+    """A module, not already fused, whose class forward reads a global function proven rotary, or
+    named like one (then examined to record why it is not fused)."""
     if isinstance(mod, FusedModule):
         return False
-    return any(isinstance(p, RotaryFunction) for p in rotary_names(mod).values())
+    return any(isinstance(p, RotaryFunction) or named_like_rotary(name) for name, p in rotary_names(mod).items())
 
 
 def find_rope_calls(mod: nn.Module) -> RoPECalls | str:
@@ -455,9 +464,11 @@ def find_rope_calls(mod: nn.Module) -> RoPECalls | str:
     if reason:
         return reason
     forward = class_forward(cls)
-    proven = {name: p for name, p in rotary_names(mod).items() if isinstance(p, RotaryFunction)}
+    names = rotary_names(mod)
+    proven = {name: p for name, p in names.items() if isinstance(p, RotaryFunction)}
     if not proven:
-        return "its forward reads no rotary function proven"
+        reasons = "; ".join(f"{name}: {p}" for name, p in names.items() if named_like_rotary(name))
+        return f"its forward reads no rotary function proven ({reasons or 'none named like one'})"
     inner, path = _inner_function(forward)
     for code in _code_objects(inner.__code__):
         instructions = [ins for ins in dis.get_instructions(code) if ins.opname not in ("CACHE", "EXTENDED_ARG")]
@@ -492,7 +503,7 @@ def _chain_unchanged(forward, chain) -> bool:
 
 
 class FusedRoPEModule(FusedModule):
-    """Mixed into a proven module's class (fused_class.fused_class): the class's forward code, run with
+    """Mixed into a proven module's class (fused_class.make_fused_class): the class's forward code, run with
     the rotary functions it calls fused."""
 
     _f8tensor_attr, _f8tensor_proof = ROPE_ATTR, RoPECalls
@@ -505,9 +516,3 @@ class FusedRoPEModule(FusedModule):
         if tracing() or not _chain_unchanged(self._f8tensor_base.forward, calls.chain):
             return NotImplemented
         return calls.run(self, *args, **kwargs)
-
-
-def fuse_rope(mod: nn.Module) -> RoPECalls | str:
-    """Make a candidate module's class the fused one if find_rope_calls proves it; record the result
-    on the module (read by conversion_summary) and return it."""
-    return fuse(mod, FusedRoPEModule)

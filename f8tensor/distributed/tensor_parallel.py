@@ -93,7 +93,7 @@ def _check_local_sizes(w_local, weight):
             f"features into multiples of 16, or keep this layer in high precision")
 
 
-def forward(fn, x, weight, bias, config, grad_enabled: bool):
+def dtensor_linear(fn, x, weight, bias, config, grad_enabled: bool):
     """fn (Float8Linear's autograd function) on the local shards; the output as a DTensor."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 

@@ -1,5 +1,5 @@
-"""Give a module whose forward conversion proved a same-named subclass of its class: the machinery
-the gate fusion (fuse_gate.py) and the RoPE fusion (fuse_rope.py) share.
+"""Give a module whose forward a fusion proved a same-named subclass of its class: the machinery
+the gate fusion (gate_proof.py) and the RoPE fusion (rope_proof.py) share.
 
 The subclass mixes in a FusedModule, whose forward runs the fused code where the proof still covers
 the call and the class's own forward otherwise. As a class, not an instance attribute, it goes with
@@ -12,14 +12,22 @@ import builtins
 import dis
 import functools
 import inspect
+import operator
 import types
 
 import torch
 from torch import nn
 
+from ..torch_internals import fx_tracing
+
+# The record of a module that the user's module_filter_fn left alone.
+EXCLUDED = "excluded by module_filter_fn"
+
+# What multiplies two tensors, in a traced graph.
+MULS = frozenset({operator.mul, torch.mul})
 
 # Opcodes that branch or loop: a proof's bytecode walk refuses them (tracing follows one arm).
-JUMPS = set(dis.hasjrel) | set(dis.hasjabs) | set(getattr(dis, "hasjump", ()))
+JUMPS = frozenset(dis.hasjrel) | frozenset(dis.hasjabs) | frozenset(getattr(dis, "hasjump", ()))
 
 
 def global_value(fn_globals: dict, name: str):
@@ -56,7 +64,7 @@ def class_reason(mod: nn.Module, cls: type) -> str | None:
 def tracing() -> bool:
     """Under fx symbolic tracing, torch.compile or torch.jit tracing: fused classes then run their
     class's forward (compile fuses the written code itself; the others record it)."""
-    return (torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+    return (fx_tracing() or torch.compiler.is_compiling()
             or torch.jit.is_tracing())
 
 
@@ -88,12 +96,12 @@ class FusedModule:
         state = dict(self.__getstate__())
         state.pop(self._f8tensor_attr, None)  # holds the code proven: proven again where the copy is made
         cls = type(self)  # the fused class, or a subclass made of it later (as FSDP2's): kept by copies
-        return _new_fused, (self._f8tensor_base, self._f8tensor_mixin, None if cls is _FUSED_CLASSES.get(
-            (self._f8tensor_base, self._f8tensor_mixin)) else cls), state
+        made_here = "_f8tensor_mixin" in vars(cls)  # made by fused_class: rebuilt where the copy is made
+        return _new_fused, (self._f8tensor_base, self._f8tensor_mixin, None if made_here else cls), state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as at conversion
+        fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as when fused
         found = fused._f8tensor_prove(self)
         if isinstance(found, fused._f8tensor_proof):  # otherwise what was proven no longer holds here: unfused
             self.__class__ = fused
@@ -108,38 +116,60 @@ class FusedModule:
         return plain
 
 
-_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+# (class, mixin) -> fused class, so that every fused module of a class shares one (state.py lists it).
+FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def fused_class(base: type, mixin: type) -> type:
+def make_fused_class(base: type, mixin: type) -> type:
     """The class of base's modules fused by mixin: same name, base's behaviour but the forward, whose
     signature (inspect.signature) is base's."""
-    if (base, mixin) not in _FUSED_CLASSES:
+    if (base, mixin) not in FUSED_CLASSES:
         @functools.wraps(base.forward)
         def forward(self, *args, **kwargs):
             return mixin.forward(self, *args, **kwargs)
 
-        _FUSED_CLASSES[base, mixin] = type(base.__name__, (mixin, base), {
+        FUSED_CLASSES[base, mixin] = type(base.__name__, (mixin, base), {
             "__module__": base.__module__, "__qualname__": base.__qualname__, "_f8tensor_base": base,
             "_f8tensor_mixin": mixin, "forward": forward})
-    return _FUSED_CLASSES[base, mixin]
+    return FUSED_CLASSES[base, mixin]
 
 
 def _new_fused(base: type, mixin: type, cls: type | None = None):
     """An empty fused module of base's class, or of cls (a subclass of the fused class made after
-    conversion); unpickling and copies then set its state."""
+    fusion); unpickling and copies then set its state."""
     obj = base.__new__(base)
-    obj.__class__ = cls or fused_class(base, mixin)
+    obj.__class__ = cls or make_fused_class(base, mixin)
     return obj
 
 
-def fuse(mod: nn.Module, mixin: type):
+def fuse_candidates(model: nn.Module, accept, is_candidate, mixin: type) -> None:
+    """fuse_module every module of the model that is_candidate(module) picks and accept(module, fqn)
+    accepts; record the others it picks as excluded."""
+    for fqn, mod in model.named_modules():
+        if is_candidate(mod):
+            if accept(mod, fqn):
+                fuse_module(mod, mixin)
+            else:
+                mod.__dict__[mixin._f8tensor_attr] = EXCLUDED
+
+
+def fusion_record(mod: nn.Module, mixin: type, label: str) -> tuple[bool, str, bool] | None:
+    """(fused, what or why not, excluded by the filter) for a module mixin's fusion examined, else None."""
+    found = mod.__dict__.get(mixin._f8tensor_attr)
+    if found is None:
+        return None
+    if isinstance(found, mixin._f8tensor_proof):
+        return True, str(found), False
+    return False, f"{label} not fused: {found}", found == EXCLUDED
+
+
+def fuse_module(mod: nn.Module, mixin: type):
     """Make the module's class the fused one if mixin proves it; record the result on the module
-    (read by conversion_summary) and return it."""
+    (read by fusion_report) and return it."""
     found = mixin._f8tensor_prove(mod)
     if isinstance(found, mixin._f8tensor_proof):
         try:
-            mod.__class__ = fused_class(type(mod), mixin)
+            mod.__class__ = make_fused_class(type(mod), mixin)
         except Exception as e:  # noqa: BLE001 (a class or instance that refuses: left as it is)
             found = f"its class cannot take a fused subclass ({type(e).__name__}: {e})"
     mod.__dict__[mixin._f8tensor_attr] = found

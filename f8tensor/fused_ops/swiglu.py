@@ -18,9 +18,9 @@ on tensor subclasses (DTensor, ...), under torch.func transforms and forward-mod
 
 import torch
 
-from .kernels import (INPUT_DTYPES, kernels_can_run, swiglu_backward_ref, swiglu_backward_with_amax,
-                      swiglu_ref, swiglu_with_amax)
-from .tensor_cache import produced_amax
+from ..core.tensor_cache import produced_amax
+from ..kernels import INPUT_DTYPES, swiglu_backward_ref, swiglu_backward_with_amax, swiglu_ref, swiglu_with_amax
+from .dispatch import kernels_can_run
 
 
 class _SwiGLUFn(torch.autograd.Function):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Float8Config
-from .kernels import has_float8_hardware
+from ..kernels import has_float8_hardware
 from .tensor import OPS, Float8Tensor, GemmRole, to_float8
 
 aten = torch.ops.aten

@@ -4,7 +4,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .kernels import FLOAT8_DTYPES
+from ..kernels import FLOAT8_DTYPES
 
 
 @dataclass(frozen=True)

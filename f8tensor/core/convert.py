@@ -1,0 +1,106 @@
+"""convert_to_float8_training: swap nn.Linear for Float8Linear in place, and say what was done."""
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from .config import Float8Config
+from .linear import Float8Linear
+
+logger = logging.getLogger("f8tensor")
+
+# Set on an nn.Linear that conversion left alone, read by conversion_summary.
+SKIP_REASON_ATTR = "_f8tensor_skip_reason"
+
+# Layers with a dimension this small or smaller stay in high precision under the default filter:
+# fp8 measured slower there (docs/benchmarks.md, "Linear layers").
+MIN_DEFAULT_DIM = 1024
+
+# Keywords of convert_to_float8_training before 0.2.0, now switches of fuse_model_ops.
+_MOVED_KEYWORDS = {"fuse_rms_norm": "rms_norm", "fuse_swiglu": "swiglu", "fuse_rope": "rope"}
+
+
+def required_skip_reason(mod: nn.Linear) -> str | None:
+    """Why a layer cannot run in float8 at all, or None."""
+    if mod.in_features % 16 or mod.out_features % 16:
+        return (f"in_features={mod.in_features}, out_features={mod.out_features}: "
+                "_scaled_mm needs both divisible by 16")
+    return None
+
+
+def default_skip_reason(mod: nn.Linear) -> str | None:
+    """Why the default filter keeps a layer in high precision, or None to convert it."""
+    reason = required_skip_reason(mod)
+    if reason is None and min(mod.in_features, mod.out_features) <= MIN_DEFAULT_DIM:
+        reason = (f"{mod.in_features}->{mod.out_features}: a dimension <= {MIN_DEFAULT_DIM}, "
+                  "where fp8 measured slower than bf16")
+    return reason
+
+
+def convert_to_float8_training(
+    module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    config: Float8Config | None = None, **removed,
+) -> nn.Module:
+    """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear; nothing
+    else in the model changes (f8tensor.fuse_model_ops is the separate call that fuses norms, the
+    SwiGLU gate and RoPE).
+
+    Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
+    returns True to convert. Without it, the default filter also keeps layers with a dimension of
+    1024 or less (MIN_DEFAULT_DIM). Layers whose dims are not multiples of 16 are always kept
+    (_scaled_mm cannot run them); kept layers are logged (logger "f8tensor") and listed by
+    conversion_summary. Parameters are moved, not copied, so optimizers built before conversion
+    keep working; so are the layer's forward, backward and state-dict hooks (parallelize_module's
+    among them). Converting twice is a no-op. Returns the module (a new one if `module` itself is
+    an nn.Linear).
+    """
+    if removed:
+        moved = [name for name in removed if name in _MOVED_KEYWORDS]
+        if moved:
+            calls = ", ".join(f"{_MOVED_KEYWORDS[name]}={removed[name]!r}" for name in moved)
+            raise TypeError(
+                f"convert_to_float8_training() no longer takes {', '.join(moved)}: since f8tensor 0.2.0 it "
+                f"converts linear layers only; call f8tensor.fuse_model_ops(model, {calls}) for the "
+                "norm, gate and RoPE fusions")
+        raise TypeError(f"convert_to_float8_training() got an unexpected keyword argument {next(iter(removed))!r}")
+    config = config or Float8Config()
+
+    def convert(mod: nn.Module, fqn: str) -> nn.Module:
+        if type(mod) is not nn.Linear:
+            if isinstance(mod, nn.Linear) and not isinstance(mod, Float8Linear):
+                setattr(mod, SKIP_REASON_ATTR, f"{type(mod).__name__}: only exact nn.Linear is converted")
+            return mod
+        if module_filter_fn is None:
+            reason = default_skip_reason(mod)
+        else:  # the divisibility rule is a requirement of _scaled_mm, so it holds under any filter
+            reason = required_skip_reason(mod)
+            if reason is None and not module_filter_fn(mod, fqn):
+                reason = "excluded by module_filter_fn"
+        if reason is not None:
+            setattr(mod, SKIP_REASON_ATTR, reason)
+            logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)
+            return mod
+        return Float8Linear.from_float(mod, config)
+
+    for fqn, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            new = convert(child, f"{fqn}.{name}" if fqn else name)
+            if new is not child:
+                setattr(parent, name, new)
+    return convert(module, "")
+
+
+def conversion_summary(module: nn.Module) -> str:
+    """A table of every linear layer: float8, or kept in high precision with the reason."""
+    rows = []
+    for fqn, mod in module.named_modules():
+        if isinstance(mod, nn.Linear):
+            status = ("float8" if isinstance(mod, Float8Linear)
+                      else "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted"))
+            rows.append((fqn or "<root>", f"{mod.in_features}->{mod.out_features}", status))
+    converted = sum(r[2] == "float8" for r in rows)
+    width = max([len(r[0]) for r in rows] + [5])
+    lines = [f"f8tensor: {converted} of {len(rows)} linear layers in float8"]
+    lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Every cache and registry f8tensor keeps between calls, and `reset_state()`, which clears them.
+
+| store | where | holds | reset_state |
+|---|---|---|---|
+| op table | core/tensor.OPS | aten op -> handler, filled once at import by core/ops.py | kept (static) |
+| fallback warnings | core/tensor.warned_fallback_ops | ops outside the table already warned about | cleared |
+| shared input | core/tensor_cache.shared_input | the last layer input's float8 copies, per thread | cleared |
+| produced amax | core/tensor_cache.produced_amax | amax records the fused ops measured, per thread | cleared |
+| kept weights | core/weight_cache.ENTRIES | float8 copies of weights (keep_fp8_weight) | cleared |
+| optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
+| saved-tensor names | torch_internals.SAVED_NAMES | autograd node type -> its _saved_* attribute names | cleared |
+| fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
+| silu proofs | fusion/gate_proof.SILU_CLASSES, SILU_PROOFS | activation classes proven (or not) to be silu | cleared |
+| rotary proofs | fusion/rope_proof.PROOFS | functions proven (or not) to be rotate_half RoPE | cleared |
+| Python warning | fusion/python_versions.warned | whether the unsupported-Python warning was given | cleared |
+| launch plans | kernels/quantize.PLANS | recorded quantization launches | cleared |
+| relaunch cases | kernels/launch.CASES | recorded launches of the fused ops' kernels | cleared |
+| Triton warning | kernels/launch.warned | whether the unchecked-Triton warning was given | cleared |
+| device capability | kernels.device_capability | per-device functools cache | cleared |
+| SM counts | kernels/quantize.num_sms | per-device functools cache | cleared |
+
+Clearing costs only time: the next call proves, records or casts again. A fused module keeps its
+class and proof (clearing does not unfuse a model), and the kept weights are dropped as
+`forget_fp8_weights()` drops them.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import kernels, torch_internals
+from .core import tensor, tensor_cache, weight_cache
+from .fusion import fused_class, gate_proof, python_versions, rope_proof
+
+try:
+    from .kernels import launch, quantize
+except ImportError:  # no triton: no Triton launches to remember
+    launch = quantize = None
+
+
+@dataclass(frozen=True)
+class Store:
+    """One cache or registry: its name, the objects that hold it, and how to clear it (None: static)."""
+    name: str
+    objects: tuple
+    clear: Callable[[], None] | None
+
+
+def _clear_flag(flag: list) -> Callable[[], None]:
+    def clear():
+        flag[0] = False
+    return clear
+
+
+STORES = (
+    Store("op table", (tensor.OPS,), None),
+    Store("fallback warnings", (tensor.warned_fallback_ops,), tensor.warned_fallback_ops.clear),
+    Store("shared input", (tensor_cache.shared_input,), tensor_cache.shared_input.clear),
+    Store("produced amax", (tensor_cache.produced_amax,), tensor_cache.produced_amax.clear),
+    Store("kept weights", (weight_cache.ENTRIES,), weight_cache.forget_fp8_weights),
+    Store("optimizer hook", (weight_cache.OPTIMIZER_HOOK,), None),
+    Store("saved-tensor names", (torch_internals.SAVED_NAMES,), torch_internals.SAVED_NAMES.clear),
+    Store("fused classes", (fused_class.FUSED_CLASSES,), fused_class.FUSED_CLASSES.clear),
+    Store("silu proofs", (gate_proof.SILU_CLASSES, gate_proof.SILU_PROOFS),
+          lambda: (gate_proof.SILU_CLASSES.clear(), gate_proof.SILU_PROOFS.clear())),
+    Store("rotary proofs", (rope_proof.PROOFS,), rope_proof.PROOFS.clear),
+    Store("Python warning", (python_versions.warned,), _clear_flag(python_versions.warned)),
+    Store("device capability", (kernels.device_capability,), kernels.device_capability.cache_clear),
+)
+if launch is not None:
+    STORES += (
+        Store("launch plans", (quantize.PLANS,), quantize.PLANS.clear),
+        Store("relaunch cases", (launch.CASES,), launch.CASES.clear),
+        Store("Triton warning", (launch.warned,), _clear_flag(launch.warned)),
+        Store("SM counts", (quantize.num_sms,), quantize.num_sms.cache_clear),
+    )
+
+
+def reset_state() -> None:
+    """Clear every cache and registry that is not static (the table above); the next calls fill
+    them again. For tests, and for a process that wants f8tensor as if freshly imported."""
+    for store in STORES:
+        if store.clear is not None:
+            store.clear()

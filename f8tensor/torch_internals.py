@@ -1,0 +1,119 @@
+"""Every private PyTorch interface f8tensor reads, in one place, each guarded.
+
+A private interface can change in any PyTorch release. Each one here is used because it buys
+something measured or required (docs/design.md, "Private PyTorch state"), reads as a plain function
+to the rest of the package, and has a test in tests/test_torch_internals.py that fails when the
+installed PyTorch no longer provides it, so an upgrade cannot switch a gain off without a sign.
+
+Read through functions below:
+- `torch._C._autograd._top_saved_tensors_default_hooks` and an autograd node's `_saved_*`
+  attributes: whether autograd already keeps a tensor's storage for backward
+  (`saved_by_producer`; Float8Linear then saves that input instead of a float8 copy of it);
+- `torch._C._functorch.is_functorch_wrapped_tensor` (`is_functorch_wrapped`);
+- `torch.fx._symbolic_trace.is_fx_symbolic_tracing` (`fx_tracing`);
+- `torch._subclasses.fake_tensor.is_fake` (`is_fake`);
+- `torch._C._cuda_getCurrentRawStream` (`current_raw_stream`: the stream handle Triton's own
+  launcher passes, for the kernels' direct relaunch);
+- the hook dictionaries of nn.Module (`module_hook_attributes`, `has_hooks`).
+
+Used where they are, as PyTorch's own subclass and module code uses them: `Tensor._version` (the
+version counter in-place writes bump), `Tensor._base` (a view's base),
+`Tensor._make_wrapper_subclass`, `torch._C._disabled_torch_function_impl` and
+`torch.utils._pytree.tree_map` (the wrapper-subclass recipe, core/tensor.py).
+"""
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+from torch import nn
+
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+try:
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
+except ImportError:  # pragma: no cover (every supported torch has it; the test says so)
+    _is_functorch_wrapped = None
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover
+    _is_fake = None
+_is_fx_tracing = getattr(getattr(torch.fx, "_symbolic_trace", None), "is_fx_symbolic_tracing", None)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
+
+# Autograd node type -> the names of its saved-tensor attributes (state.py lists it).
+SAVED_NAMES: dict = {}
+
+
+def saved_tensors_hooks_active() -> bool | None:
+    """Whether saved-tensor hooks (activation checkpointing, offloading) are active; None where
+    this torch cannot tell."""
+    if _top_saved_tensors_hooks is None:
+        return None
+    return _top_saved_tensors_hooks(False) is not None
+
+
+def saved_by_producer(x: torch.Tensor) -> bool:
+    """Whether the autograd node that produced x (or x's base) saved a tensor sharing x's storage:
+    autograd keeps that storage for backward anyway. False where it cannot tell (no such hooks
+    interface, saved-tensor hooks active, a freed or packed saved tensor)."""
+    if saved_tensors_hooks_active() is not False:
+        return False
+    base = x._base if x._base is not None else x
+    node = base.grad_fn
+    if node is None:
+        return False
+    names = SAVED_NAMES.get(type(node))
+    if names is None:
+        names = SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
+    storage = x.untyped_storage().data_ptr()
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # freed, or packed by a saved-tensor hook: unknown
+            return False
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
+            return True
+    return False
+
+
+def is_functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether t is wrapped by a torch.func transform (grad, vmap, ...)."""
+    if _is_functorch_wrapped is None:
+        raise RuntimeError("this torch has no torch._C._functorch.is_functorch_wrapped_tensor; "
+                           "f8tensor supports torch >= 2.11")
+    return _is_functorch_wrapped(t)
+
+
+def transformed(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent
+    (eager only: call it outside torch.compile's tracing)."""
+    return any(is_functorch_wrapped(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def fx_tracing() -> bool:
+    """Whether torch.fx symbolic tracing is running."""
+    return _is_fx_tracing is not None and _is_fx_tracing()
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """Whether t is a fake tensor (torch.compile traces with them; they hold no values)."""
+    return _is_fake is not None and _is_fake(t)
+
+
+def raw_stream_available() -> bool:
+    """Whether this torch gives the raw stream handle (a CUDA build does)."""
+    return _raw_stream is not None
+
+
+def current_raw_stream(device_index: int) -> int:
+    """The current CUDA stream's handle on a device, as Triton's launcher passes it."""
+    return _raw_stream(device_index)
+
+
+def module_hook_attributes() -> list[str]:
+    """The names of nn.Module's hook dictionaries (and their flags) on an instance."""
+    return [name for name in vars(nn.Module()) if "hook" in name]
+
+
+def has_hooks(mod: nn.Module) -> bool:
+    """Whether forward or backward hooks are registered on this module itself (global hooks aside)."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+                or mod._backward_pre_hooks)

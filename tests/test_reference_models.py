@@ -1,0 +1,130 @@
+"""The model code people train, fused by fuse_model_ops in strict mode: Hugging Face's Llama and Qwen2
+(transformers), torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
+transformers or torchtitan that stops one of these fusions fails here instead of training slower.
+
+The proofs are pure Python, so these run on CPU (CI installs the pinned transformers and torchtitan
+of the `test` extra); the GPU machine runs the fused kernels in the other fusion tests. Where a
+library's form is not fused today (Hugging Face's LlamaRMSNorm, torchtitan's complex RoPE), strict
+mode must say so: those asserts change when the fusions do."""
+
+import os
+import sys
+
+import pytest
+import torch
+from f8utils import DEVICE, convert_and_fuse
+from torch import nn
+
+from f8tensor import FusionError, convert_to_float8_training, fuse_model_ops, fusion_report
+from f8tensor.fusion import gate_proof, rope_proof
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_ONLY = pytest.mark.skipif(DEVICE.type == "cuda", reason="pure-Python proofs: CPU CI runs them with the "
+                                                             "pinned transformers and torchtitan")
+pytestmark = CPU_ONLY
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Calls of the fused gate and of the fused rotation (small tensors included)."""
+    calls = {"swiglu": 0, "rope": 0}
+    swiglu, rope = gate_proof.swiglu, rope_proof.rope_checked
+
+    def counted_swiglu(*args):
+        calls["swiglu"] += 1
+        return swiglu(*args)
+
+    def counted_rope(*args):
+        calls["rope"] += 1
+        return rope(*args)
+
+    monkeypatch.setattr(gate_proof, "swiglu", counted_swiglu)
+    monkeypatch.setattr(rope_proof, "rope_checked", counted_rope)
+    monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", 0)
+    return calls
+
+
+def sqnr(ref, x) -> float:
+    return (20 * torch.log10(ref.float().norm() / (ref.float() - x.float()).norm())).item()
+
+
+def fqns(report, kind):
+    return sorted(r.fqn for r in report.fused(kind))
+
+
+def hugging_face(name):
+    import transformers
+
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
+    config = config_cls(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return model_cls(config).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_hugging_face_mlp_and_attention_are_fused(name, fused_calls):
+    model = hugging_face(name)
+    tokens = torch.randint(0, 256, (2, 32))
+    want = model(tokens).logits
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
+    with pytest.raises(FusionError, match="rms_norm: the model has no nn.RMSNorm"):  # LlamaRMSNorm: issue 23
+        fuse_model_ops(model, swiglu=False, rope=False, strict=True)
+    report = fuse_model_ops(model, rms_norm=False, strict=True)
+    assert fqns(report, "swiglu") == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert fqns(report, "rope") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert str(report.fused("rope")[0].detail) == "RoPE fused: apply_rotary_pos_emb run as f8tensor.rope"
+    got = model(tokens).logits
+    assert fused_calls == {"swiglu": 2, "rope": 4}  # q and k of each layer
+    assert sqnr(want, got) > 15  # float8 layers: as close as conversion alone
+    got.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def torchtitan_llama():
+    from torchtitan.models.llama3.model.args import TransformerModelArgs
+    from torchtitan.models.llama3.model.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
+                                             multiple_of=16, max_seq_len=32))
+    model.init_weights()
+    for p in model.parameters():  # parameters only: freqs_cis stays complex
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def test_torchtitan_feed_forward_and_norms_are_fused(fused_calls):
+    model = torchtitan_llama()
+    tokens = torch.randint(0, 256, (2, 32))
+    want = model(tokens)
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn != "output")
+    with pytest.raises(FusionError, match=r"RoPE not fused: .*apply_rotary_emb reads .view_as_complex"):
+        fuse_model_ops(model, strict=True)  # the complex form: issue 23
+    report = fuse_model_ops(model, rope=False, strict=True)
+    assert fqns(report, "swiglu") == ["layers.0.feed_forward", "layers.1.feed_forward"]
+    assert len(report.fused("rms_norm")) == 5  # attention_norm, ffn_norm per layer, and the final norm
+    got = model(tokens)
+    assert fused_calls["swiglu"] == 2 and sqnr(want, got) > 15
+
+
+def test_our_benchmark_and_demo_models_are_fused(fused_calls):
+    from types import SimpleNamespace
+
+    from f8tensor.demo.run import Transformer as DemoTransformer
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    a = SimpleNamespace(vocab=256, dim=64, layers=2, heads=4, kv_heads=2, ffn=128, seq=32, rope="rotate_half")
+    bench = train.Transformer(a).to(torch.bfloat16)
+    report = fuse_model_ops(bench, strict=True)
+    assert [len(report.fused(k)) for k in ("rms_norm", "swiglu", "rope")] == [5, 2, 2]
+    bench(torch.randint(0, 256, (2, 32)))
+    assert fused_calls == {"swiglu": 2, "rope": 4}
+    demo = convert_and_fuse(DemoTransformer(dim=64, layers=2, heads=4, seq=32), rope=False, strict=True)
+    assert [len(fusion_report(demo).fused(k)) for k in ("rms_norm", "swiglu")] == [5, 2]
+    assert isinstance(demo, nn.Module)

@@ -1,0 +1,126 @@
+"""State in one place (f8tensor/state.py): reset_state clears every cache it lists, and no module
+of the package keeps state that the list misses."""
+
+import copy
+import importlib
+import pickle
+import pkgutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from f8utils import DEVICE, SwiGLU, convert_and_fuse, train_step
+from torch import nn
+
+import f8tensor
+from f8tensor import Float8Config, Float8Linear, reset_state, to_float8
+from f8tensor.state import STORES
+
+
+def _size(obj) -> int:
+    if hasattr(obj, "cache_info"):  # a functools cache
+        return obj.cache_info().currsize
+    if isinstance(obj, list) and obj and isinstance(obj[0], bool):  # a once-flag
+        return int(obj[0])
+    return len(obj)
+
+
+def rope_rotation(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Rotated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cos", torch.randn(16, 64))
+        self.register_buffer("sin", torch.randn(16, 64))
+
+    def forward(self, x):
+        return rope_rotation(x, self.cos, self.sin)
+
+
+class SiLUActivation(nn.Module):  # as transformers 5 writes it
+    def forward(self, input):
+        return F.silu(input)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
+        self.act_fn = SiLUActivation()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _workload():
+    """What a training run does on this device: conversion and fusion (norm, gates, RoPE), a step
+    with kept weights, a quantization, a fallback op, a copy of a fused model."""
+    model = nn.Sequential(nn.RMSNorm(64), SwiGLU(64, 128), MLP(), Rotated()).to(DEVICE, torch.bfloat16)
+    convert_and_fuse(model)
+    train_step(model, torch.randn(2, 16, 64, device=DEVICE, dtype=torch.bfloat16))
+    layer = Float8Linear(64, 64, bias=False, device=DEVICE, dtype=torch.bfloat16, config=Float8Config(keep_fp8_weight=True))
+    layer(torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16)).sum().backward()
+    with pytest.warns(UserWarning, match="not in Float8Tensor's op table"):
+        to_float8(torch.randn(16, 32, device=DEVICE)).cumsum(0)
+    pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    return model, layer
+
+
+def test_reset_state_clears_every_store_it_lists():
+    from f8tensor.core.tensor_cache import produced_amax, shared_input
+
+    model, layer = _workload()
+    held = torch.randn(4, 4)  # entries live while their tensor does
+    shared_input.put(held, "value")
+    produced_amax.put(held, "record")
+    filled = {s.name for s in STORES if s.clear is not None and any(_size(o) for o in s.objects)}
+    assert {"fallback warnings", "shared input", "produced amax", "kept weights", "saved-tensor names", "fused classes",
+            "silu proofs", "rotary proofs"} <= filled
+    reset_state()
+    for store in STORES:
+        if store.clear is not None:
+            assert not any(_size(o) for o in store.objects), store.name
+    assert len(f8tensor.core.tensor.OPS) > 20  # the op table is static: kept
+    assert shared_input.get(held) is None and produced_amax.get(held) is None
+
+
+def _modules():
+    import f8tensor.kernels
+
+    for package in (f8tensor, f8tensor.kernels):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not info.name.startswith("f8tensor.demo"):
+                yield importlib.import_module(info.name)
+
+
+def _containers():
+    """Every module-level dict, set, list or functools cache of the package, once: {where: object}."""
+    found, seen = {}, set()
+    for module in _modules():
+        for name, value in vars(module).items():
+            if name == "__all__" or id(value) in seen:
+                continue
+            if isinstance(value, (dict, set, list)) or hasattr(value, "cache_info"):
+                seen.add(id(value))
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def _snapshot(containers: dict, listed: set) -> dict:
+    return {where: value.cache_info().currsize if hasattr(value, "cache_info") else repr(value)
+            for where, value in containers.items() if id(value) not in listed}
+
+
+def test_no_module_keeps_state_the_list_misses():
+    """Whatever a workload changes at module level must be a listed store: a cache added without
+    being listed fails here."""
+    listed = {id(o) for s in STORES for o in s.objects}
+    before = _snapshot(_containers(), listed)
+    _workload()
+    after = _snapshot(_containers(), listed)
+    changed = sorted(where for where in before if after.get(where) != before[where])
+    assert not changed, f"module-level state not listed in f8tensor/state.py: {changed}"
+    assert len(before) > 10  # the scan sees the package's constants

@@ -1,0 +1,71 @@
+"""Each private PyTorch interface f8tensor reads (f8tensor/torch_internals.py) exists in the installed
+torch and answers as f8tensor relies on: a PyTorch upgrade that removes or changes one fails here,
+instead of switching a gain off without a sign."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from f8utils import DEVICE
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from f8tensor import torch_internals as ti
+
+
+def test_saved_tensor_hooks_are_seen():
+    assert ti.saved_tensors_hooks_active() is False
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert ti.saved_tensors_hooks_active() is True
+
+
+def test_a_view_of_sdpas_saved_output_is_known_to_be_kept():
+    """The attention output feeding wo: SDPA saves it, so Float8Linear saves it rather than a float8 copy."""
+    q, k, v = (torch.randn(2, 4, 16, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    wo_input = o.transpose(1, 2).reshape(2, 16, 32)
+    h = (q * 2).sum(1)  # a product autograd saves nothing of
+    assert ti.saved_by_producer(wo_input) or ti.saved_by_producer(o)
+    assert not ti.saved_by_producer(h)
+    assert ti.SAVED_NAMES  # node types were inspected
+
+
+def test_under_checkpointing_nothing_is_assumed_kept():
+    q, k, v = (torch.randn(2, 4, 16, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    seen = []
+
+    def attend(q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v)
+        seen.append(ti.saved_by_producer(o))
+        return o
+
+    checkpoint(attend, q, k, v, use_reentrant=False).sum().backward()
+    assert seen and not any(seen)
+
+
+def test_functorch_fx_fake_and_hooks():
+    x = torch.randn(3)
+    assert not ti.is_functorch_wrapped(x) and not ti.transformed(x)
+    torch.func.grad(lambda t: (seen.append(ti.transformed(t)) or t).sum())(x) if (seen := []) is not None else None
+    assert seen == [True]
+    assert not ti.fx_tracing()
+    traced = []
+    torch.fx.symbolic_trace(type("M", (nn.Module,), {"forward": lambda self, t: traced.append(ti.fx_tracing()) or t})())
+    assert traced == [True]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert ti.is_fake(torch.empty(2))
+    assert not ti.is_fake(x)
+    lin = nn.Linear(2, 2)
+    assert not ti.has_hooks(lin)
+    lin.register_forward_pre_hook(lambda *a: None)
+    assert ti.has_hooks(lin)
+    assert {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks"} <= set(ti.module_hook_attributes())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA build's stream handle")
+def test_current_raw_stream_on_cuda():
+    assert ti.raw_stream_available()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        assert ti.current_raw_stream(torch.cuda.current_device()) == s.cuda_stream
