@@ -147,7 +147,7 @@ def _fp32_amax(amax: torch.Tensor) -> torch.Tensor:
 # state.py lists this cache.
 @functools.cache
 def device_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_devicedevice_capability(index)
+    return torch.cuda.get_device_capability(index)
 
 
 def has_float8_hardware(device: torch.device) -> bool:

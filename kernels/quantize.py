@@ -71,7 +71,7 @@ class _Plan:
 
 
 PLANS: dict = {}
-MAXPLANS = 4096  # a plan is a few hundred bytes; re-recording one costs one Triton launch path
+MAX_PLANS = 4096  # a plan is a few hundred bytes; re-recording one costs one Triton launch path
 
 
 def quantize_triton(
@@ -144,7 +144,7 @@ def quantize_triton_with_amax(
             plan.launch_device = torch.cuda.current_device()  # in the key too
             plan.write_row, plan.write_col = row is not None, col is not None
             plan.transposed = transposed
-            if len(PLANS) >= MAXPLANS:  # e.g. a new token count every step: start over
+            if len(PLANS) >= MAX_PLANS:  # e.g. a new token count every step: start over
                 PLANS.clear()
             PLANS[key] = plan
     if transposed:
