@@ -109,3 +109,23 @@ f8tensor: 2 of 4 linear layers in float8
   k      4096->1024   kept: 4096->1024: a dimension <= 1024, where fp8 measured slower than bf16
   w1     4096->14336  float8
   tiny   64->64       kept: 64->64: a dimension <= 1024, where fp8 measured slower than bf16""")
+
+
+def test_runs_without_triton():
+    """Where triton is not installed (macOS, say) f8tensor imports and runs the PyTorch references."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, f8tensor\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.RMSNorm(64))\n"
+            "f8tensor.convert_to_float8_training(m, module_filter_fn=lambda *a: True)\n"
+            "report = f8tensor.fuse_model_ops(m)\n"
+            "m(torch.randn(4, 64)).sum().backward()\n"
+            "f8tensor.reset_state()\n"
+            "print(type(m[0]).__name__, len(report.fused()))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["Float8Linear", "1"]
