@@ -19,7 +19,9 @@ Read through functions below:
 Used where they are, as PyTorch's own subclass and module code uses them: `Tensor._version` (the
 version counter in-place writes bump), `Tensor._base` (a view's base),
 `Tensor._make_wrapper_subclass`, `torch._C._disabled_torch_function_impl` and
-`torch.utils._pytree.tree_map` (the wrapper-subclass recipe, core/tensor.py).
+`torch.utils._pytree.tree_map` (the wrapper-subclass recipe, core/tensor.py); and the ops
+`torch._scaled_mm` (the float8 GEMM, core/ops.py) and `aten._unsafe_view` (an output that is not a
+view, as matmul's, core/linear.py), which the tests call on every device.
 """
 
 import torch

@@ -179,6 +179,22 @@ def test_an_unchecked_python_warns_once_reports_and_fails_strict(monkeypatch):
     assert not fusion_report(m).not_fused()
 
 
+def test_a_fused_model_loaded_on_an_unchecked_python_says_so(monkeypatch):
+    import pickle
+
+    m = model()
+    fuse_model_ops(m)
+    data = pickle.dumps(m)
+    monkeypatch.setattr(python_versions, "warned", [False])
+    monkeypatch.setattr(python_versions, "CHECKED_VERSIONS", ((3, 99),))
+    with pytest.warns(FusionWarning, match="SwiGLU-gate and RoPE fusion are off"):
+        loaded = pickle.loads(data)
+    assert type(loaded[0].feed_forward) is SwiGLU and not isinstance(loaded[0].attention, FusedRoPEModule)
+    rows = {(r.fqn, r.kind): r.detail for r in fusion_report(loaded).not_fused()}
+    assert rows[("0.feed_forward", "swiglu")].startswith("SwiGLU gate not fused: not attempted: the gate and RoPE")
+    assert ("1.attention", "rope") in rows
+
+
 def test_before_or_after_conversion_alike():
     x, cos, sin = torch.randn(2, 8, 64), torch.randn(8, 64), torch.randn(8, 64)
     outs = []

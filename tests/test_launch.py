@@ -154,3 +154,45 @@ def test_the_key_holds_the_current_device(replays):
         for shape in [(17, 48), (128, 256)]:
             x = (torch.randn(shape, device="cuda:1") * 3).bfloat16()
             _check(replays, x)
+
+
+@GPU
+def test_fused_op_relaunches_give_triton_launch_bits(monkeypatch):
+    """The fused ops' kernels go through launch_kernel: relaunched from its recorded cases, they give
+    the bits of Triton's own launch (odd sizes, both RoPE forms, backward with its output strides)."""
+    from f8tensor.kernels import launch
+    from f8tensor.kernels.rms_norm import rms_norm_backward_triton, rms_norm_triton
+    from f8tensor.kernels.rope import rope_triton
+    from f8tensor.kernels.swiglu import swiglu_backward_triton, swiglu_triton
+
+    relaunches = []
+    call = launch.Relaunch.__call__
+    monkeypatch.setattr(launch.Relaunch, "__call__", lambda self, *a: relaunches.append(1) or call(self, *a))
+    possible = launch.relaunch_possible
+    bf16 = torch.bfloat16
+    a, b, g = _rnd((333, 4097), bf16), _rnd((333, 4097), bf16), _rnd((333, 4097), bf16)
+    x, w = _rnd((3, 111, 2048), bf16), _rnd(2048, bf16, 1.0)
+    rstd = rms_norm_triton(x, w, 1e-5)[1]
+    q = _rnd((2, 64, 8, 128), bf16).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
+    cos, sin = _rnd((64, 128), torch.float32, 1.0), _rnd((64, 128), torch.float32, 1.0)
+    cases = {
+        "swiglu": lambda: swiglu_triton(a, b),
+        "swiglu backward": lambda: swiglu_backward_triton(g, a, b),
+        "rms_norm": lambda: rms_norm_triton(x, w, 1e-5),
+        "rms_norm backward": lambda: rms_norm_backward_triton(x, x, w, rstd),
+        "rope": lambda: rope_triton(q, cos, sin),
+        "rope interleaved backward": lambda: rope_triton(q, cos, sin, backward=True, interleaved=True,
+                                                         out_strides=q.stride()),
+    }
+    for name, fn in cases.items():
+        monkeypatch.setattr(launch, "relaunch_possible", lambda: False)
+        ref = fn()
+        monkeypatch.setattr(launch, "relaunch_possible", possible)
+        first = fn()
+        n = len(relaunches)
+        second = fn()
+        torch.cuda.synchronize()
+        as_tuple = (lambda out: out if isinstance(out, tuple) else (out,))
+        assert _same(*[tuple(_bits(t) for t in as_tuple(out)) for out in (ref, first)]), name
+        assert _same(*[tuple(_bits(t) for t in as_tuple(out)) for out in (ref, second)]), name
+        assert len(relaunches) > n, f"{name}: the second call did not relaunch"

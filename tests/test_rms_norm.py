@@ -421,4 +421,7 @@ def test_fusion_swaps_exact_rms_norms_only_and_says_so():
     assert "the model itself is an nn.RMSNorm" in str(fuse_model_ops(root)) and type(root) is nn.RMSNorm
     wide = nn.Sequential(nn.RMSNorm(16400))  # longer rows than the kernel holds
     assert str(fuse_model_ops(wide)).splitlines()[1].endswith(
-        "RMSNorm: PyTorch's kernel runs (fused: one dim of at most 16384)")
+        "RMSNorm: PyTorch's kernel runs on CUDA (the fused one takes rows of at most 16384)")
+    two_dims = nn.Sequential(nn.RMSNorm((4, 16)))
+    assert str(fuse_model_ops(two_dims)).splitlines()[1].endswith(
+        "RMSNorm: PyTorch's kernel runs (the fused one normalizes one dim)")

@@ -4,8 +4,8 @@ Two uses, both so that work on a tensor's values is not repeated:
 - `shared_input`: the last quantized layer input (q/k/v, and w1/w3, read the same tensor and
   quantize it once);
 - `produced_amax`: amax records that the kernel producing a tensor measured while writing it
-  (`f8tensor.swiglu`'s output and its gradients): the Float8Linear reading that tensor, as input
-  or as grad_output, skips its amax pass.
+  (`f8tensor.RMSNorm`'s output; `f8tensor.swiglu`'s output and its gradients): the Float8Linear
+  reading that tensor, as input or as grad_output, skips its amax pass.
 
 An entry matches only the same tensor object (a weak reference: the entry goes when the tensor is
 freed) at the same version (an in-place write invalidates it), and the same extra key. A view of
@@ -92,5 +92,6 @@ def _untracked(t: torch.Tensor) -> bool:
 
 # One entry: its float8 copies are freed as soon as the next input replaces them.
 shared_input = TensorCache(1)
-# A few: swiglu's output in forward, its two gradients in backward (records are a few hundred bytes).
+# A few: a norm's or swiglu's output in forward, swiglu's two gradients in backward (records are a
+# few hundred bytes).
 produced_amax = TensorCache(4)

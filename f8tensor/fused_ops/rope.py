@@ -6,11 +6,12 @@
 (Hugging Face's Llama `apply_rotary_pos_emb`, one tensor at a time), or with interleaved=True the
 form that rotates adjacent pairs (x[2j], x[2j+1]) (Meta's Llama and torchtitan, written there as a
 complex multiply by freqs_cis: cos = freqs_cis.real.repeat_interleave(2, dim=-1), sin likewise
-from .imag; [S, 1, D] for x [B, S, H, D]). Not float8 work, but in an
-eager float8 model it is the largest elementwise cost left: five kernels each way per tensor, over
-q and k at every layer, strided where q is a transposed view, which torch.compile fuses away
-(docs/benchmarks.md says what it costs). Here forward and backward are one pass each over x, read in place in any leading layout;
-the gradient comes back in x's layout. Values: fp32 math, one rounding (`kernels.naive.rope_ref`).
+from .imag; [S, 1, D] for x [B, S, H, D]). Not float8 work, but in an eager float8 model it is
+the largest elementwise cost left: five kernels each way per tensor, over q and k at every layer,
+strided where q is a transposed view, which torch.compile fuses away (docs/benchmarks.md says what
+it costs). Here forward and backward are one pass each over x, read in place in any leading
+layout; the gradient comes back in x's layout. Values: fp32 math, one rounding
+(`kernels.naive.rope_ref`).
 
 cos and sin: the tables, last dim D (each frequency twice: repeated over both halves, or twice in
 a row for the interleaved form), broadcastable to x: [S, D] for x [..., S, D], [B, 1, S, D] per-sequence

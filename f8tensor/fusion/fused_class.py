@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..torch_internals import fx_tracing
+from . import python_versions
 
 # The record of a module that the user's module_filter_fn left alone.
 EXCLUDED = "excluded by module_filter_fn"
@@ -102,7 +103,12 @@ class FusedModule:
     def __setstate__(self, state):
         super().__setstate__(state)
         fused, self.__class__ = type(self), self._f8tensor_base  # proven as its own class, as when fused
-        found = fused._f8tensor_prove(self)
+        reason = python_versions.unsupported_reason()
+        if reason is not None:  # a model fused on a checked Python, loaded on another one
+            python_versions.warn_once(reason)
+            found = f"not attempted: {reason}"
+        else:
+            found = fused._f8tensor_prove(self)
         if isinstance(found, fused._f8tensor_proof):  # otherwise what was proven no longer holds here: unfused
             self.__class__ = fused
         self.__dict__[fused._f8tensor_attr] = found

@@ -32,9 +32,12 @@ def swap_norms(model: nn.Module, accept) -> None:
 def record(mod: nn.Module) -> tuple[bool, str, bool] | None:
     """(fused, what or why not, excluded by the filter) for a norm the swap examined, else None."""
     if isinstance(mod, RMSNorm):
-        if len(mod.normalized_shape) == 1 and mod.normalized_shape[0] <= RMS_NORM_MAX_D:
-            return True, "RMSNorm fused", False
-        return False, f"RMSNorm: PyTorch's kernel runs (fused: one dim of at most {RMS_NORM_MAX_D})", False
+        if len(mod.normalized_shape) != 1:
+            return False, "RMSNorm: PyTorch's kernel runs (the fused one normalizes one dim)", False
+        if mod.normalized_shape[0] > RMS_NORM_MAX_D:
+            return False, ("RMSNorm: PyTorch's kernel runs on CUDA (the fused one takes rows of at most "
+                           f"{RMS_NORM_MAX_D})"), False
+        return True, "RMSNorm fused", False
     reason = mod.__dict__.get(NORM_ATTR)
     if reason is None:
         return None
