@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import models
 from tools.common import environment, write_rows
 from tools.power import PowerLog, summarize
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, fuse_model_ops, fusion_report, swiglu
@@ -196,7 +197,8 @@ class Transformer(nn.Module):
 
 
 def not_output(mod, fqn):
-    return "output" not in fqn
+    """Every layer but the output projection (ours and torchtitan's "output", Hugging Face's "lm_head")."""
+    return fqn.rsplit(".", 1)[-1] not in ("output", "lm_head")
 
 
 def build(a, config, ac, device):
@@ -204,16 +206,25 @@ def build(a, config, ac, device):
     torch.manual_seed(a.seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build bf16 directly: no fp32 copy of 8B-scale weights
+    if a.model != "ours":  # built in fp32 where the library needs it (torchtitan's tables), then cast
+        torch.set_default_dtype(default_dtype)
     try:
         with torch.device(device):
-            model = Transformer(a)
+            if a.model == "ours":
+                model = Transformer(a)
+                blocks = model.layers
+            else:
+                model, blocks = models.build(a.model, a)
     finally:
         torch.set_default_dtype(default_dtype)
-    model.ac = ac
-    for block in model.layers:
-        if config.endswith("_ops_in_code"):
-            block.feed_forward.__class__ = FusedGateFeedForward
-        block.attention.fused_rope = config.endswith("_ops_in_code")
+    if a.model == "ours":
+        model.ac = ac
+        for block in model.layers:
+            if config.endswith("_ops_in_code"):
+                block.feed_forward.__class__ = FusedGateFeedForward
+            block.attention.fused_rope = config.endswith("_ops_in_code")
+    elif config.endswith("_ops_in_code"):
+        raise ValueError(f"{config} changes our model's code: run it with --model ours")
     if config.startswith("f8tensor"):
         f8_config = Float8Config(keep_fp8_weight="_keep_weight" in config)
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
@@ -236,12 +247,14 @@ def build(a, config, ac, device):
         ao_config = Float8LinearConfig(enable_fsdp_float8_all_gather="_fsdp8" in config)
         ao_convert(model, module_filter_fn=not_output, config=ao_config)
     if config.endswith("_compiled"):
-        for block in model.layers:
+        for block in blocks.children():
             block.compile()  # per block, as torchtitan does: one graph reused by every layer
+    if a.model != "ours":  # ours checkpoints in its own forward (Transformer.ac)
+        models.checkpoint_blocks(blocks, ac)
     if a.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        for block in blocks.children():
             fully_shard(block)
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -291,7 +304,9 @@ class Run:
         self.peaks = self.measure_peaks() if device.type == "cuda" else {}
 
     def loss(self):
-        return F.cross_entropy(self.model(self.inputs).flatten(0, 1).float(), self.labels.flatten())
+        logits = self.model(self.inputs)
+        logits = getattr(logits, "logits", logits)  # Hugging Face's models return an output object
+        return F.cross_entropy(logits.flatten(0, 1).float(), self.labels.flatten())
 
     def step(self, after_first_loss=None):
         """One optimizer step over --grad-accum micro-batches (the same tokens each: throughput
@@ -525,6 +540,9 @@ def main():
     ap.add_argument("--f8-filter", choices=["all", "default"], default="all",
                     help="f8tensor configs: convert every linear but the output (all, as torchao here) "
                          "or only those f8tensor's default filter converts (default)")
+    ap.add_argument("--model", choices=models.MODELS, default="ours",
+                    help="ours (below), torchtitan's Llama 3, or Hugging Face's Llama or Qwen2 (benchmarks/models.py), "
+                         "all at the shape arguments' sizes")
     ap.add_argument("--rope", choices=["rotate_half", "complex"], default="rotate_half",
                     help="rotary embedding code: rotate_half on the transposed heads (Hugging Face's "
                          "Llama; the issue's reference model) or Meta's Llama 3 / torchtitan complex form")
@@ -539,6 +557,8 @@ def main():
     a = ap.parse_args()
     if a.fsdp and a.profile:
         ap.error("--profile profiles one process: run it without --fsdp")
+    if a.model != "ours" and a.rope != "rotate_half":
+        ap.error("--rope chooses the RoPE code of our model; the other models run their own")
     if a.power and not torch.cuda.is_available():
         ap.error("--power samples a CUDA GPU's clock and power: no CUDA device here")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -566,7 +586,7 @@ def main():
         rows += run_mode(a, configs, ac, device, env, shape)
     if rank() == 0:
         fsdp = f"  FSDP2 over {world()} ranks, batch per rank" if a.fsdp else ""
-        print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.layers} x (dim "
+        print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.model}: {a.layers} x (dim "
               f"{a.dim}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads}){fsdp}  batch {a.batch} x seq {a.seq}")
         print_table(rows)
     if a.fsdp:

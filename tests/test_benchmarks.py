@@ -235,3 +235,22 @@ def test_train_benchmark_under_fsdp2(tmp_path):
     alone = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--fsdp"],
                            capture_output=True, text=True, timeout=300)
     assert alone.returncode != 0 and "runs under torchrun" in alone.stderr
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("model, fused", [("hf_llama", (0, 2, 2)), ("hf_qwen2", (0, 2, 2)), ("torchtitan", (5, 2, 0))])
+def test_train_benchmark_runs_model_code_written_elsewhere(tmp_path, model, fused):
+    """--model: Hugging Face's Llama and Qwen2 and torchtitan's Llama 3, converted (every linear but
+    the output projection) and fused as far as fuse_model_ops proves their code (Hugging Face's
+    LlamaRMSNorm is not an nn.RMSNorm; torchtitan's RoPE is the complex form), checkpointed every
+    2nd block; float8 starts from bf16's loss."""
+    rows = run_train(tmp_path, "--model", model, "--rounds", "1", "--ac-modes", "none", "every2")
+    assert [(r["ac"], r["config"], r["status"], r["model"]) for r in rows] == [
+        (ac, c, "ok", model) for ac in ("none", "every2") for c in ("bf16", "f8tensor")]
+    for r in rows:
+        if r["config"] == "f8tensor":
+            assert (r["fp8_linears"], (r["fused_norms"], r["fused_gates"], r["fused_ropes"])) == (14, fused)
+    losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
+    for ac in ("none", "every2"):
+        assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
+    assert losses[("every2", "bf16")] == pytest.approx(losses[("none", "bf16")])  # recomputation: same math
