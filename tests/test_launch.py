@@ -49,8 +49,11 @@ def replays(monkeypatch):
     return Q, fast, count
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
 def _bits(t):
-    return None if t is None else t.view(torch.uint8 if t.element_size() == 1 else torch.int32).clone()
+    return None if t is None else t.view(_SAME_SIZE_INT[t.element_size()]).clone()
 
 
 def _same(a, b) -> bool:
