@@ -3,7 +3,9 @@
     python benchmarks/host_overhead.py [--profile]
 
 Eager training is fast only if the CPU issues kernels faster than the GPU runs them; on small
-layers the host time is the bound. Shapes are tiny so that the GPU never holds the CPU back.
+layers the host time is the bound. Shapes are tiny so that the GPU never holds the CPU back. The
+quantizations are timed twice: replaying their recorded plans (kernels/launch.py), and through
+Triton's own launch path.
 """
 
 import argparse
@@ -13,6 +15,7 @@ import time
 
 import torch
 
+import f8tensor.kernels.quantize as quantize_module
 from f8tensor import Float8Linear, to_float8
 from f8tensor.kernels.quantize import quantize_triton
 
@@ -44,7 +47,16 @@ def main():
         "nn.Linear fwd+bwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
     }
     for name, fn in cases.items():
-        print(f"{name:<28} {host_us(fn):8.1f} us per call")
+        print(f"{name:<40} {host_us(fn):8.1f} us per call")
+    # The same quantizations through Triton's own launch path: what the recorded plans spare.
+    direct = quantize_module.relaunch_possible
+    quantize_module.relaunch_possible = lambda: False
+    try:
+        for layout in ("row", "both"):
+            fn = lambda: quantize_triton(x, torch.float8_e4m3fn, layout)  # noqa: E731
+            print(f"{'quantize_triton ' + layout + ', Triton launch path':<40} {host_us(fn):8.1f} us per call")
+    finally:
+        quantize_module.relaunch_possible = direct
     if args.profile:
         fn = cases["Float8Linear fwd+bwd"]
         with cProfile.Profile() as prof:

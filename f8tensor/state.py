@@ -10,11 +10,11 @@
 | optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
 | saved-tensor names | torch_internals.SAVED_NAMES | autograd node type -> its _saved_* attribute names | cleared |
 | fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
-| silu proofs | fusion/gate_proof.SILU_CLASSES, SILU_PROOFS | activation classes proven (or not) to be silu | cleared |
+| silu proofs | fusion/gate_proof.SILU_PROOFS | activation classes proven (or not) to be silu | cleared (fused modules keep theirs) |
 | rotary proofs | fusion/rope_proof.PROOFS | functions proven (or not) to be rotate_half RoPE | cleared |
 | Python warning | fusion/python_versions.warned | whether the unsupported-Python warning was given | cleared |
 | launch plans | kernels/quantize.PLANS | recorded quantization launches | cleared |
-| relaunch cases | kernels/launch.CASES | recorded launches of the fused ops' kernels | cleared |
+| relaunch cases | kernels/launch.RELAUNCHES | recorded launches of the fused ops' kernels | cleared |
 | Triton warning | kernels/launch.warned | whether the unchecked-Triton warning was given | cleared |
 | device capability | kernels.device_capability | per-device functools cache | cleared |
 | SM counts | kernels/quantize.num_sms | per-device functools cache | cleared |
@@ -60,8 +60,7 @@ STORES = (
     Store("optimizer hook", (weight_cache.OPTIMIZER_HOOK,), None),
     Store("saved-tensor names", (torch_internals.SAVED_NAMES,), torch_internals.SAVED_NAMES.clear),
     Store("fused classes", (fused_class.FUSED_CLASSES,), fused_class.FUSED_CLASSES.clear),
-    Store("silu proofs", (gate_proof.SILU_CLASSES, gate_proof.SILU_PROOFS),
-          lambda: (gate_proof.SILU_CLASSES.clear(), gate_proof.SILU_PROOFS.clear())),
+    Store("silu proofs", (gate_proof.SILU_PROOFS,), gate_proof.SILU_PROOFS.clear),
     Store("rotary proofs", (rope_proof.PROOFS,), rope_proof.PROOFS.clear),
     Store("Python warning", (python_versions.warned,), _clear_flag(python_versions.warned)),
     Store("device capability", (kernels.device_capability,), kernels.device_capability.cache_clear),
@@ -69,7 +68,7 @@ STORES = (
 if launch is not None:
     STORES += (
         Store("launch plans", (quantize.PLANS,), quantize.PLANS.clear),
-        Store("relaunch cases", (launch.CASES,), launch.CASES.clear),
+        Store("relaunch cases", (launch.RELAUNCHES,), launch.RELAUNCHES.clear),
         Store("Triton warning", (launch.warned,), _clear_flag(launch.warned)),
         Store("SM counts", (quantize.num_sms,), quantize.num_sms.cache_clear),
     )

@@ -14,7 +14,8 @@ Read through functions below:
 - `torch._subclasses.fake_tensor.is_fake` (`is_fake`);
 - `torch._C._cuda_getCurrentRawStream` (`current_raw_stream`: the stream handle Triton's own
   launcher passes, for the kernels' direct relaunch);
-- the hook dictionaries of nn.Module (`module_hook_attributes`, `has_hooks`).
+- the hook dictionaries of nn.Module (`module_hook_attributes`, `has_hooks`);
+- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place).
 
 Used where they are, as PyTorch's own subclass and module code uses them: `Tensor._version` (the
 version counter in-place writes bump), `Tensor._base` (a view's base),
@@ -108,6 +109,11 @@ def raw_stream_available() -> bool:
 def current_raw_stream(device_index: int) -> int:
     """The current CUDA stream's handle on a device, as Triton's launcher passes it."""
     return _raw_stream(device_index)
+
+
+def is_mutating(func) -> bool:
+    """Whether an aten op writes into one of its arguments (its schema says so)."""
+    return func._schema.is_mutable
 
 
 def module_hook_attributes() -> list[str]:

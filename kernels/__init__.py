@@ -38,7 +38,8 @@ def quantize_with_amax(
     x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False,
     amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """`quantize`, plus an amax record: passed back with the same tensor (same values), it skips
+    """(row-major | None, column-major | None, scale, amax record) of a 2-D x in layout "row", "col"
+    or "both". The amax record, passed back with the same tensor (same values), skips
     the amax pass and gives the same bits. Float8Linear quantizes its weight again in backward
     this way. The record is the Triton path's int32 partials, or max(|x|) as a 0-d fp32 tensor
     (reference path, torch.compile); either kind is accepted on every path. While torch.compile

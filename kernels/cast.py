@@ -44,7 +44,8 @@ def cast_kernel(
     if WRITE_ROW:
         tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     if WRITE_COL:
-        # Stored as bytes, through a uint8 view of the same buffer: the same bits as a float8 store.
+        # Stored as bytes, through a uint8 view of the same buffer: the same bits as a float8 store, and
+        # faster in a probe (docs/design.md, "Block sizes").
         tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M,
                  q.to(tl.uint8, bitcast=True), mask=mask)
 

@@ -112,8 +112,8 @@ class Relaunch:
 
 
 # (kernel, grid, arguments' specialization) -> Relaunch (state.py lists it).
-CASES: dict = {}
-MAX_CASES = 1024  # a case is a few hundred bytes; re-recording one costs one Triton launch path
+RELAUNCHES: dict = {}
+MAX_RELAUNCHES = 1024  # a case is a few hundred bytes; re-recording one costs one Triton launch path
 
 
 def _arg_key(arg):
@@ -132,7 +132,7 @@ def launch_kernel(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs
     key = None
     if relaunch_possible():
         key = (kernel, grid, num_warps, *constexprs.items(), *specialization_key(), *map(_arg_key, args))
-        relaunch = CASES.get(key)
+        relaunch = RELAUNCHES.get(key)
         if relaunch is not None:
             relaunch(current_raw_stream(torch.cuda.current_device()), *args,
                      *constexprs.values())
@@ -141,6 +141,6 @@ def launch_kernel(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs
     if key is not None:
         relaunch = Relaunch.capture(compiled, grid)
         if relaunch is not None:
-            if len(CASES) >= MAX_CASES:
-                CASES.clear()
-            CASES[key] = relaunch
+            if len(RELAUNCHES) >= MAX_RELAUNCHES:
+                RELAUNCHES.clear()
+            RELAUNCHES[key] = relaunch

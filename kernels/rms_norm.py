@@ -9,7 +9,7 @@ reference by one unit in the last place; the amax record is exact for the kernel
 partials, as `amax.amax_kernel` writes them (fp32 bits of |y|, sign cleared, one per program).
 
 Rows of a contiguous [..., D] tensor; a persistent grid of a few programs per SM, each striding over
-blocks of ROWS rows held whole in registers (D up to MAX_D). Backward writes dx and one fp32 row of
+blocks of ROWS rows held whole in registers (D up to limits.RMS_NORM_MAX_D). Backward writes dx and one fp32 row of
 partial weight gradients per program, which the caller sums (a few hundred rows).
 """
 
@@ -19,7 +19,6 @@ import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
 from .launch import launch_kernel
-from .limits import RMS_NORM_MAX_D as MAX_D
 from .quantize import default_num_programs
 
 
@@ -107,7 +106,7 @@ def rms_norm_triton(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, rows: int | None = None,
     num_warps: int | None = None, num_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, rstd fp32 [...], amax record of y) for a contiguous x [..., D] (D <= MAX_D) and a weight
+    """(y, rstd fp32 [...], amax record of y) for a contiguous x [..., D] (D <= limits.RMS_NORM_MAX_D) and a weight
     of x's dtype [D] or None."""
     D = x.shape[-1]
     M = x.numel() // D if D else 0

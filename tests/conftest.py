@@ -46,3 +46,12 @@ def cuda_rules_for_scaled_mm(monkeypatch):
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Every test starts from f8tensor's state as imported (f8tensor/state.py): no warning already
+    given, nothing cached by an earlier test."""
+    import f8tensor
+
+    f8tensor.reset_state()

@@ -118,6 +118,9 @@ def test_module_filter_fn_reaches_every_fusion():
     assert not isinstance(m[1].attention, FusedRoPEModule)
     fuse_model_ops(m)  # later, without the filter: the rest is fused
     assert not fusion_report(m).not_fused()
+    with pytest.raises(FusionError, match="swiglu: module_filter_fn excluded every module this switch examined"):
+        fuse_model_ops(model(), rms_norm=False, rope=False, strict=True,
+                       module_filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))  # a filter for linears
 
 
 def test_switches_leave_their_fusion_alone():
@@ -156,11 +159,7 @@ def test_strict_raises_when_a_switch_finds_nothing_and_names_the_form_it_saw():
 
 
 def test_an_unchecked_python_warns_once_reports_and_fails_strict(monkeypatch):
-    monkeypatch.setattr(python_versions, "warned", [False])
     monkeypatch.setattr(python_versions, "CHECKED_VERSIONS", ((3, 99),))
-    import f8tensor.fusion.fuse as fuse
-
-    monkeypatch.setattr(fuse, "warn_once", python_versions.warn_once)  # the patched flag
     m = model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,7 +168,7 @@ def test_an_unchecked_python_warns_once_reports_and_fails_strict(monkeypatch):
     ours = [w for w in caught if issubclass(w.category, FusionWarning)]
     assert len(ours) == 1 and "SwiGLU-gate and RoPE fusion are off" in str(ours[0].message)
     assert len(report.fused("rms_norm")) == 4  # the norm swap reads no bytecode
-    assert [(r.fqn, r.kind) for r in report.not_fused()] == [("<model>", "swiglu"), ("<model>", "rope")]
+    assert [(r.fqn, r.kind) for r in report.not_fused()] == [("<root>", "swiglu"), ("<root>", "rope")]
     assert "checked on Python 3.99" in report.not_fused()[0].detail
     with pytest.raises(FusionError, match="not attempted"):
         fuse_model_ops(model(), strict=True)
@@ -185,7 +184,6 @@ def test_a_fused_model_loaded_on_an_unchecked_python_says_so(monkeypatch):
     m = model()
     fuse_model_ops(m)
     data = pickle.dumps(m)
-    monkeypatch.setattr(python_versions, "warned", [False])
     monkeypatch.setattr(python_versions, "CHECKED_VERSIONS", ((3, 99),))
     with pytest.warns(FusionWarning, match="SwiGLU-gate and RoPE fusion are off"):
         loaded = pickle.loads(data)

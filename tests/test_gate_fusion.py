@@ -95,11 +95,11 @@ FUSED = {FeedForward: ("w1", "w3", "w2", True, None, "x"),
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """How many times the fused forward ran swiglu (patched where fuse_gate calls it)."""
-    import f8tensor.fusion.gate_proof as fuse_gate
+    """How many times the fused forward ran swiglu (patched where gate_proof calls it)."""
+    import f8tensor.fusion.gate_proof as gate_proof
 
     calls = []
-    monkeypatch.setattr(fuse_gate, "swiglu", lambda a, b: calls.append(1) or swiglu(a, b))
+    monkeypatch.setattr(gate_proof, "swiglu", lambda a, b: calls.append(1) or swiglu(a, b))
     return calls
 
 
@@ -635,3 +635,17 @@ def test_an_activation_class_proven_to_be_silu_stays_checked_at_each_call(fused_
         SiLUActivation.forward = original
     mod(x)
     assert len(fused_calls) == 2
+
+
+def test_a_fused_module_keeps_its_activation_proof_across_reset_state(fused_calls):
+    """The proof of an activation class travels with the fused module: after reset_state it is not
+    proven again at call time (which torch.compile could not trace), and the module stays fused."""
+    from f8tensor import reset_state
+
+    mod = convert_and_fuse(make(LlamaMLP5))
+    reset_state()
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, backend="eager", fullgraph=True)(x)  # the first call after the reset
+    fused_calls.clear()
+    assert sqnr(mod(x), compiled) > 25 and len(fused_calls) == 1

@@ -20,7 +20,6 @@ def test_only_checked_triton_versions_take_the_direct_launch(monkeypatch):
     monkeypatch.setattr(launch, "INTERPRETING", False)
     monkeypatch.setattr(launch, "raw_stream_available", lambda: True)
     monkeypatch.setattr(launch, "_TRITON_CHECKED", False)
-    monkeypatch.setattr(launch, "warned", [False])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not launch.relaunch_possible() and not launch.relaunch_possible()

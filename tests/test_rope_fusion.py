@@ -176,19 +176,19 @@ def inputs(seed=1):
 def fuse_small_tensors(monkeypatch):
     """This file's tensors are far below MIN_FUSED_NUMEL: fuse them anyway (test_small_tensors_...
     sets its own threshold)."""
-    import f8tensor.fusion.rope_proof as fuse_rope
+    import f8tensor.fusion.rope_proof as rope_proof
 
-    monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", 0)
+    monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", 0)
 
 
 @pytest.fixture
 def rope_calls(monkeypatch):
-    """How many times a fused rotation ran rope (patched where fuse_rope calls it)."""
-    import f8tensor.fusion.rope_proof as fuse_rope
+    """How many times a fused rotation ran rope (patched where rope_proof calls it)."""
+    import f8tensor.fusion.rope_proof as rope_proof
 
     calls = []
-    checked = fuse_rope.rope_checked
-    monkeypatch.setattr(fuse_rope, "rope_checked", lambda *args: calls.append(1) or checked(*args))
+    checked = rope_proof.rope_checked
+    monkeypatch.setattr(rope_proof, "rope_checked", lambda *args: calls.append(1) or checked(*args))
     return calls
 
 
@@ -595,22 +595,22 @@ def test_small_tensors_and_other_layouts_run_the_written_ops(monkeypatch, rope_c
     """Below MIN_FUSED_NUMEL elements of x (decoding: host-bound, where rope's launch costs more
     than eager's kernels) and for an x whose last dim is strided (rope would return another
     layout), the written ops run: eager's values and strides."""
-    import f8tensor.fusion.rope_proof as fuse_rope
+    import f8tensor.fusion.rope_proof as rope_proof
 
     mod = fused(CallsApplyRopeOnly())
     cos, sin = tables()
     x = torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16)
-    monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", x.numel() + 1)
+    monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", x.numel() + 1)
     assert torch.equal(mod(x, cos, sin), apply_rope(x, cos, sin)) and not rope_calls
-    monkeypatch.setattr(fuse_rope, "MIN_FUSED_NUMEL", x.numel())
+    monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", x.numel())
     mod(x, cos, sin)
     assert len(rope_calls) == 1
     strided = torch.randn(B, H, HEAD, S, device=DEVICE, dtype=torch.bfloat16).transpose(-1, -2)
     got, want = mod(strided, cos, sin), apply_rope(strided, cos, sin)
     assert torch.equal(got, want) and got.stride() == want.stride() and len(rope_calls) == 1
-    assert fuse_rope.MIN_FUSED_NUMEL == x.numel()
+    assert rope_proof.MIN_FUSED_NUMEL == x.numel()
     monkeypatch.undo()
-    assert fuse_rope.MIN_FUSED_NUMEL == 1 << 20  # the default (a 2 x 8 x 4096 x 128 k is 8 M elements)
+    assert rope_proof.MIN_FUSED_NUMEL == 1 << 20  # the default (a 2 x 8 x 4096 x 128 k is 8 M elements)
 
 
 def passes_on(fn, *args):

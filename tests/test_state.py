@@ -124,3 +124,33 @@ def test_no_module_keeps_state_the_list_misses():
     changed = sorted(where for where in before if after.get(where) != before[where])
     assert not changed, f"module-level state not listed in f8tensor/state.py: {changed}"
     assert len(before) > 10  # the scan sees the package's constants
+
+
+def test_reset_frees_what_the_tensor_caches_hold_in_every_thread():
+    """The float8 copies a cache holds go at reset, not at the next garbage collection, also those
+    another thread (autograd's device thread, say) put there."""
+    import gc
+    import threading
+    import weakref
+
+    from f8tensor.core.tensor_cache import produced_amax, shared_input
+
+    keys, values = [], []
+
+    def put(cache):
+        key, value = torch.randn(4), torch.randn(4)
+        keys.append(key)
+        values.append(weakref.ref(value))
+        cache.put(key, value)
+
+    put(shared_input)
+    worker = threading.Thread(target=put, args=(produced_amax,))
+    worker.start()
+    worker.join()
+    assert all(v() is not None for v in values)
+    gc.disable()
+    try:
+        reset_state()
+        assert all(v() is None for v in values)
+    finally:
+        gc.enable()

@@ -1,7 +1,7 @@
 """GPU clock and power while a benchmark runs: nvidia-smi samples, summarized per set of time spans.
 
-An H200 trains at its 700 W power limit, where the SM clock, and so every kernel's speed, follows
-the power the work draws (docs/benchmarks.md). Two configurations whose kernels take the same
+A GPU that trains at its power limit sets its SM clock, and so every kernel's speed, by the power
+the work draws (docs/benchmarks.md measures it on the H200). Two configurations whose kernels take the same
 time at a fixed clock can then differ in step time. `PowerLog` samples the SM clock, the power
 and the clock-event reasons in the background (`nvidia-smi --loop-ms`); `summarize` reduces the
 samples inside given wall-clock spans (the timed rounds of one configuration) to the median SM

@@ -23,10 +23,11 @@ subclass, without a wrapper construction and a __torch_dispatch__ round trip per
 eager training would pay in host time on every layer.
 """
 
+import sys
+
 import torch
 from torch import nn
 
-from ..distributed import tensor_parallel
 from ..kernels import quantize_with_amax
 from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
 from .config import Float8Config
@@ -154,6 +155,12 @@ def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
     return _Float8LinearFn.apply(x, weight, bias, config, grad_enabled)
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Without importing DTensor (an import of its own): a DTensor exists only once its module was imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 # nn.Module's hook registries (dicts of hooks by handle id, and their flags).
 _HOOK_ATTRIBUTES = module_hook_attributes()
 
@@ -213,9 +220,10 @@ class Float8Linear(nn.Linear):
                 f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
                 "use keep_fp8_weight=False for this model")
         with torch.autocast(device_type, enabled=False):
-            if tensor_parallel.is_dtensor(self.weight):
-                return tensor_parallel.dtensor_linear(_float8_linear, x, self.weight, self.bias,
-                                                      self.config, torch.is_grad_enabled())
+            if is_dtensor(self.weight):
+                from ..distributed.tensor_parallel import dtensor_linear
+
+                return dtensor_linear(_float8_linear, x, self.weight, self.bias, self.config, torch.is_grad_enabled())
             return _float8_linear(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
 
     def extra_repr(self):

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_map
 
 from .config import Float8Config
 from ..kernels import FLOAT8_DTYPES, LAYOUTS, quantize_with_amax
-from ..torch_internals import is_fake
+from ..torch_internals import is_fake, is_mutating
 
 # Filled by ops.py: aten op -> handler(func, args, kwargs).
 OPS: dict = {}
@@ -115,7 +115,7 @@ def _fallback(func, args, kwargs):
     A mutating op would have to write high-precision results back into float8 storage, which is
     a requantization the caller did not ask for, so it raises instead.
     """
-    if func._schema.is_mutable:
+    if is_mutating(func):
         raise NotImplementedError(
             f"Float8Tensor does not support the mutating op {func}: it would have to requantize in "
             "place. Call .dequantize() and operate on the high-precision tensor instead."

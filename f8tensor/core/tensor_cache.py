@@ -36,14 +36,17 @@ class TensorCache:
 
     def __init__(self, size: int):
         self.size = size
-        self.generation = 0  # shared by all threads: clear() bumps it, each thread's slots follow
         self.local = threading.local()
+        self.every_slot = []  # every thread's slots, for clear() (list.append is atomic under the GIL)
 
     def _slots(self) -> list:
         local = self.local
-        if getattr(local, "generation", None) != self.generation:
-            local.slots, local.next, local.generation = [_Slot() for _ in range(self.size)], 0, self.generation
-        return local.slots
+        slots = getattr(local, "slots", None)
+        if slots is None:
+            slots = local.slots = [_Slot() for _ in range(self.size)]
+            local.next = 0
+            self.every_slot.extend(slots)
+        return slots
 
     def get(self, t: torch.Tensor, key: tuple = ()):
         if _untracked(t):
@@ -69,8 +72,9 @@ class TensorCache:
         slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, *key), value
 
     def clear(self) -> None:
-        """Forget every entry, in every thread."""
-        self.generation += 1
+        """Forget every entry, in every thread: the values are freed at once (no reference is left)."""
+        for slot in list(self.every_slot):
+            slot.ref = slot.key = slot.value = None
 
     def __len__(self) -> int:
         """Entries held by this thread."""

@@ -24,21 +24,12 @@ whole tensor would be; results differ from one device's by float8 rounding, and 
 bf16's (tests/test_tensor_parallel.py).
 
 Not covered: a weight on a mesh of more than one dimension (an error; FSDP2 + TP on a 2-D mesh
-hands the layer its weight on the 1-D TP mesh: one 4-rank CPU check during review, not in the
-tests), shards whose sides are not multiples of 16 (an error), and keep_fp8_weight (Float8Linear
+hands the layer its weight on the 1-D TP mesh: tests/test_tensor_parallel.py), shards whose sides are not multiples of 16 (an error), and keep_fp8_weight (Float8Linear
 refuses it for DTensor weights). An input shared by several layers (q/k/v, w1/w3) is still cast
 once: each layer's local view of it shares one base, which keys the cast (tensor_cache.py).
 """
 
-import sys
-
 import torch
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    """Without importing DTensor (0.9 s): a DTensor exists only once its module was imported."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def _last_dim_shard(p, ndim: int) -> bool:
@@ -97,12 +88,12 @@ def dtensor_linear(fn, x, weight, bias, config, grad_enabled: bool):
     """fn (Float8Linear's autograd function) on the local shards; the output as a DTensor."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-    if not is_dtensor(x):
+    if not isinstance(x, DTensor):
         raise TypeError(
             f"Float8Linear: the weight is a DTensor (tensor parallelism) but the input is a "
             f"{type(x).__name__}; pass a DTensor on the weight's mesh (parallelize_module's "
             f"ColwiseParallel / RowwiseParallel styles convert the input for you)")
-    if bias is not None and not is_dtensor(bias):
+    if bias is not None and not isinstance(bias, DTensor):
         raise TypeError(
             f"Float8Linear: the weight is a DTensor but the bias is a {type(bias).__name__}; "
             f"distribute both (parallelize_module's styles do)")

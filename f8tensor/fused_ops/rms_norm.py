@@ -27,7 +27,7 @@ from ..core.linear import share_hooks
 from ..core.tensor_cache import produced_amax
 from ..kernels import INPUT_DTYPES, rms_norm_backward, rms_norm_backward_ref, rms_norm_ref, rms_norm_with_amax
 from ..kernels.limits import RMS_NORM_MAX_D
-from .dispatch import kernels_can_run
+from .kernel_path import kernels_can_run
 
 
 class _RMSNormFn(torch.autograd.Function):

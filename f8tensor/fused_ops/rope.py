@@ -24,7 +24,7 @@ tables to fp32).
 import torch
 
 from ..kernels import INPUT_DTYPES, rope_backward, rope_backward_ref, rope_forward, rope_ref
-from .dispatch import kernels_can_run
+from .kernel_path import kernels_can_run
 
 
 class _RoPEFn(torch.autograd.Function):

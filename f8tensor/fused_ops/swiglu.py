@@ -20,7 +20,7 @@ import torch
 
 from ..core.tensor_cache import produced_amax
 from ..kernels import INPUT_DTYPES, swiglu_backward_ref, swiglu_backward_with_amax, swiglu_ref, swiglu_with_amax
-from .dispatch import kernels_can_run
+from .kernel_path import kernels_can_run
 
 
 class _SwiGLUFn(torch.autograd.Function):

@@ -21,7 +21,7 @@ from typing import Callable
 from torch import nn
 
 from . import norm_swap
-from .fused_class import fuse_candidates, fusion_record
+from .fused_class import fuse_candidates, report_row
 from .gate_proof import FusedGateModule, is_gate_candidate
 from .python_versions import unsupported_reason, warn_once
 from .rope_proof import FusedRoPEModule, is_rope_candidate
@@ -79,27 +79,27 @@ def fusion_report(model: nn.Module) -> FusionReport:
     rows = []
     for fqn, mod in model.named_modules():
         fqn = fqn or "<root>"
-        for kind, (fused, detail, excluded) in _records(mod):
+        for kind, (fused, detail, excluded) in _rows(mod):
             rows.append(FusionRow(fqn, kind, fused, detail, excluded))
-    rows += [FusionRow("<model>", kind, False, detail) for kind, detail in _model_records(model)]
+    rows += [FusionRow("<root>", kind, False, detail) for kind, detail in _unavailable(model)]
     return FusionReport(tuple(rows))
 
 
-def _records(mod: nn.Module):
-    norm = norm_swap.record(mod)
+def _rows(mod: nn.Module):
+    norm = norm_swap.report_row(mod)
     if norm is not None:
         yield "rms_norm", norm
     for kind, (_, mixin, label) in _PROOFS.items():
-        record = fusion_record(mod, mixin, label)
-        if record is not None:
-            yield kind, record
+        row = report_row(mod, mixin, label)
+        if row is not None:
+            yield kind, row
 
 
 # Set on the model when a fusion could not be attempted at all: {kind: reason}.
 _MODEL_ATTR = "_f8tensor_fusion_unavailable"
 
 
-def _model_records(model: nn.Module):
+def _unavailable(model: nn.Module):
     return model.__dict__.get(_MODEL_ATTR, {}).items()
 
 
@@ -118,8 +118,8 @@ def fuse_model_ops(
     function. A switch set to False leaves that fusion alone everywhere. The model itself is
     never replaced (an nn.RMSNorm passed as the model is reported, not swapped).
     strict: raise FusionError, after fusing what it could, if a module a switch examined was not
-    fused for any reason other than module_filter_fn, or a switch that is on found nothing to
-    examine: for model code that must run fused (a benchmark, a production run), so that a new
+    fused for any reason other than module_filter_fn, or a switch that is on fused nothing (found
+    nothing to examine, or the filter excluded all it found): for model code that must run fused (a benchmark, a production run), so that a new
     version of the model's library or of Python that stops fusion fails instead of running slower.
     """
     accept = module_filter_fn or (lambda mod, fqn: True)
@@ -149,8 +149,11 @@ def fuse_model_ops(
 
 def _raise_unless_complete(report: FusionReport, kinds: list[str]) -> None:
     problems = [f"{r.fqn} ({r.kind}): {r.detail}" for r in report.not_fused() if r.kind in kinds and not r.excluded]
-    problems += [f"{kind}: {_NOTHING_FOUND[kind]}" for kind in kinds
-                 if not any(r.kind == kind for r in report.rows)]
+    for kind in kinds:
+        if not any(r.kind == kind for r in report.rows):
+            problems.append(f"{kind}: {_NOTHING_FOUND[kind]}")
+        elif not report.fused(kind) and all(r.excluded for r in report.rows if r.kind == kind):
+            problems.append(f"{kind}: module_filter_fn excluded every module this switch examined")
     if problems:
         raise FusionError(
             "fuse_model_ops(strict=True): expected fusions did not happen:\n  " + "\n  ".join(problems)

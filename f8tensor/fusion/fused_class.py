@@ -159,7 +159,7 @@ def fuse_candidates(model: nn.Module, accept, is_candidate, mixin: type) -> None
                 mod.__dict__[mixin._f8tensor_attr] = EXCLUDED
 
 
-def fusion_record(mod: nn.Module, mixin: type, label: str) -> tuple[bool, str, bool] | None:
+def report_row(mod: nn.Module, mixin: type, label: str) -> tuple[bool, str, bool] | None:
     """(fused, what or why not, excluded by the filter) for a module mixin's fusion examined, else None."""
     found = mod.__dict__.get(mixin._f8tensor_attr)
     if found is None:

@@ -62,7 +62,7 @@ from ..torch_internals import fx_tracing, has_hooks
 from .fused_class import JUMPS, MULS, FusedModule, class_forward, class_reason, global_value, globals_unchanged
 
 # Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str);
-# read by record().
+# fusion_report reads it.
 GATE_ATTR = "_f8tensor_swiglu"
 
 _TORCH_OBJECTS = (torch, nn, F, F.silu, torch.mul)
@@ -76,7 +76,9 @@ _CALL_OPS = frozenset({"CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_
 class SwiGLUGate:
     """forward(arg) = down(silu(gate(arg)) * up(arg)): child names; act: the activation child's name,
     if silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name;
-    forward, globals: the code proven and what its global names were bound to."""
+    forward, globals: the code proven and what its global names were bound to; act_proof: for an
+    activation child of a class proven to be silu (not nn.SiLU), (class, its forward, the globals
+    that forward read)."""
     gate: str
     up: str
     down: str
@@ -85,6 +87,7 @@ class SwiGLUGate:
     arg: str | None  # None: positional-only
     forward: types.FunctionType  # the class forward proven, and the globals it read
     globals: tuple[tuple[str, object], ...]
+    act_proof: tuple | None = None
 
     def __str__(self):
         return f"SwiGLU gate fused: {self.down}(silu({self.gate}) * {self.up})"
@@ -108,25 +111,13 @@ def is_gate_candidate(mod: nn.Module) -> bool:
     return forward is not None and (len(others) == 1 or "silu" in forward.__code__.co_names)
 
 
-# Activation classes proven to compute F.silu(input) (class -> (forward, globals read)), such as
-# transformers 5's SiLUActivation; checked again at each call that their forward is still that.
-# state.py lists both.
-SILU_CLASSES: dict[type, tuple] = {}
-SILU_PROOFS: dict[tuple, str | None] = {}  # (class, forward) -> why not (None: proven), tried once
+# (activation class, its forward) -> (class, forward, globals read) where proven to compute exactly
+# F.silu(input), such as transformers 5's SiLUActivation, else why not; proven once, when a module
+# is fused (state.py lists it; a fused module holds its own proof).
+SILU_PROOFS: dict[tuple, tuple | str] = {}
 
 
-def _silu_class_reason(cls: type, act: nn.Module) -> str | None:
-    """Why an activation module's class is not proven to compute exactly F.silu(input); proven once
-    per class and forward function (a proven class is recorded in SILU_CLASSES)."""
-    forward = class_forward(cls)
-    if forward is None:
-        return f"the activation child {cls.__name__}'s forward is not a plain function"
-    if (cls, forward) not in SILU_PROOFS:
-        SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
-    return SILU_PROOFS[cls, forward]
-
-
-def _silu_proof(cls: type, act: nn.Module, forward) -> str | None:
+def _silu_proof(cls: type, act: nn.Module, forward) -> tuple | str:
     read_globals = []
     reason = class_reason(act, cls) or _forward_code_reason(act, cls, forward, read_globals)
     if reason:
@@ -142,32 +133,54 @@ def _silu_proof(cls: type, act: nn.Module, forward) -> str | None:
             and nodes[1].args == (nodes[0],) and nodes[1].kwargs in ({}, {"inplace": False})
             and nodes[2].args == (nodes[1],)):
         return f"the activation child {cls.__name__} does not compute exactly silu(input)"
-    SILU_CLASSES[cls] = (forward, tuple(read_globals))
-    return None
+    return cls, forward, tuple(read_globals)
 
 
-def _plain_silu(act) -> str | None:
-    """Why an activation child's call cannot be fused away as silu, or None: an nn.SiLU (not in
-    place, nn.SiLU's forward) or a class proven to compute F.silu(input), with no forward of its
-    own and no hooks."""
+def _instance_reason(act) -> str | None:
+    """Why an activation child's call cannot be left out whatever its class: not a stateless leaf
+    module, hooks or a forward of its own."""
     if not isinstance(act, nn.Module) or not _leaf_without_state(act):
         return f"the activation child is a {type(act).__name__}, not silu"
     if has_hooks(act):
         return f"the activation child {type(act).__name__} has hooks"
     if "forward" in act.__dict__:
         return f"the activation child {type(act).__name__} has a forward of its own"
+    return None
+
+
+def _nn_silu_reason(act: nn.SiLU) -> str | None:
+    if act.inplace:
+        return "the nn.SiLU child is in place (it writes into the gate's output)"
+    if nn.SiLU.forward is not _SILU_FORWARD:
+        return "nn.SiLU's forward was replaced"
+    return None
+
+
+def _silu_reason(act) -> tuple[str | None, tuple | None]:
+    """(why an activation child cannot be fused away as silu, or None; the proof of its class when
+    that is not nn.SiLU): an nn.SiLU not in place, or a class proven to compute F.silu(input)."""
+    reason = _instance_reason(act)
+    if reason or type(act) is nn.SiLU:
+        return reason or _nn_silu_reason(act), None
+    cls, forward = type(act), class_forward(type(act))
+    if forward is None:
+        return f"the activation child {cls.__name__}'s forward is not a plain function", None
+    if (cls, forward) not in SILU_PROOFS:
+        SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
+    found = SILU_PROOFS[cls, forward]
+    return (found, None) if isinstance(found, str) else (None, found)
+
+
+def _still_silu(act, proof: tuple | None) -> bool:
+    """At each call, without proving anything: the activation child is still what was proven."""
+    if _instance_reason(act) is not None:
+        return False
     if type(act) is nn.SiLU:
-        if act.inplace:
-            return "the nn.SiLU child is in place (it writes into the gate's output)"
-        if nn.SiLU.forward is not _SILU_FORWARD:
-            return "nn.SiLU's forward was replaced"
-        return None
-    if type(act) in SILU_CLASSES:  # the common case at each call: proven when fused
-        forward, read_globals = SILU_CLASSES[type(act)]
-        if type(act).forward is forward and globals_unchanged(forward.__globals__, read_globals):
-            return None
-        return f"the activation child {type(act).__name__}'s forward changed since it was proven"
-    return _silu_class_reason(type(act), act)
+        return _nn_silu_reason(act) is None
+    if proof is None:
+        return False
+    cls, forward, read_globals = proof
+    return type(act) is cls and cls.forward is forward and globals_unchanged(forward.__globals__, read_globals)
 
 
 def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
@@ -182,7 +195,7 @@ def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
         return False
     if not globals_unchanged(gate.forward.__globals__, gate.globals):
         return False
-    return gate.act is None or _plain_silu(getattr(mod, gate.act, None)) is None
+    return gate.act is None or _still_silu(getattr(mod, gate.act, None), gate.act_proof)
 
 
 def _forward_code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str | None:
@@ -272,8 +285,11 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
         return reason
     children = dict(mod.named_children())
     acts = [name for name, c in children.items() if not isinstance(c, nn.Linear)]
-    if acts and _plain_silu(children[acts[0]]):
-        return _plain_silu(children[acts[0]])
+    act_proof = None
+    if acts:
+        reason, act_proof = _silu_reason(children[acts[0]])
+        if reason:
+            return reason
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(mod)
@@ -319,7 +335,7 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
             positional_only = forward.__code__.co_posonlyargcount > 1
             return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other),
                               act=found[1], arg=None if positional_only else x.target, forward=forward,
-                              globals=tuple(read_globals))
+                              globals=tuple(read_globals), act_proof=act_proof if found[1] else None)
     if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
         return "silu is in place (it writes into the gate's output)"
     return "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)"
@@ -342,7 +358,7 @@ def _fused_forward(mod: nn.Module, gate: SwiGLUGate, x):
 
 class FusedGateModule(FusedModule):
     """Mixed into a proven module's class (fused_class.make_fused_class): a forward that runs the gate as
-    swiglu where _still_proven says the proof covers the call."""
+    swiglu where _call_covered says the proof covers the call."""
 
     _f8tensor_attr, _f8tensor_proof = GATE_ATTR, SwiGLUGate
 

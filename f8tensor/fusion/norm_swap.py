@@ -8,7 +8,7 @@ from ..fused_ops.rms_norm import RMSNorm
 from ..kernels.limits import RMS_NORM_MAX_D
 from .fused_class import EXCLUDED
 
-# Set on an nn.RMSNorm that the swap left alone: why (read by fusion_report).
+# Set on an nn.RMSNorm that the swap left alone: why (fusion_report reads it).
 NORM_ATTR = "_f8tensor_rms_norm"
 _ROOT = "the model itself is an nn.RMSNorm: fuse_model_ops swaps submodules (wrap it in a container)"
 
@@ -29,7 +29,7 @@ def swap_norms(model: nn.Module, accept) -> None:
         model.__dict__[NORM_ATTR] = _ROOT
 
 
-def record(mod: nn.Module) -> tuple[bool, str, bool] | None:
+def report_row(mod: nn.Module) -> tuple[bool, str, bool] | None:
     """(fused, what or why not, excluded by the filter) for a norm the swap examined, else None."""
     if isinstance(mod, RMSNorm):
         if len(mod.normalized_shape) != 1:
