@@ -85,23 +85,24 @@ def swiglu_backward_with_amax(
 
 
 def rms_norm_with_amax(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, cast_before_weight: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, rstd, amax record of y) for a contiguous x [..., D]: one pass on CUDA (Triton), the
     reference elsewhere or without triton."""
     if x.is_cuda and rms_norm_triton is not None:
-        return rms_norm_triton(x, weight, eps)
-    y, rstd = rms_norm_ref(x, weight, eps)
+        return rms_norm_triton(x, weight, eps, cast_before_weight)
+    y, rstd = rms_norm_ref(x, weight, eps, cast_before_weight)
     return y, rstd, amax_ref(y)
 
 
 def rms_norm_backward(
-    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+    cast_before_weight: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dweight | None) for contiguous g and x of one shape, given forward's rstd."""
     if x.is_cuda and rms_norm_backward_triton is not None:
-        return rms_norm_backward_triton(g, x, weight, rstd)
-    return rms_norm_backward_ref(g, x, weight, rstd)
+        return rms_norm_backward_triton(g, x, weight, rstd, cast_before_weight)
+    return rms_norm_backward_ref(g, x, weight, rstd, cast_before_weight)
 
 
 def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

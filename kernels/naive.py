@@ -131,26 +131,40 @@ def rope_backward_ref(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, int
 
 
 # RMSNorm over the last dim (rms_norm.py): y = x * rstd * weight with rstd = 1 / sqrt(mean(x^2) +
-# eps) per row; fp32 math, one rounding to x's dtype. The forward's record is amax_ref of y.
+# eps) per row; fp32 math, one rounding to x's dtype (nn.RMSNorm's form). With cast_before_weight,
+# Hugging Face's form: x * rstd rounded to x's dtype first, then times the weight and rounded again.
+# The forward's record is amax_ref of y.
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                 cast_before_weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd): rstd fp32 of x's shape without its last dim."""
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(-1) + eps)
     y = xf * rstd.unsqueeze(-1)
+    if cast_before_weight:
+        y = y.to(x.dtype).float()
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype), rstd
 
 
 def rms_norm_backward_ref(
-    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+    cast_before_weight: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dweight | None) given dy = g: with x_hat = x * rstd and gw = g * weight,
-    dx = rstd * (gw - x_hat * mean(gw * x_hat)), dweight = sum over rows of g * x_hat."""
+    dx = rstd * (gw - x_hat * mean(gw * x_hat)), dweight = sum over rows of g * x_hat. With
+    cast_before_weight, as autograd differentiates Hugging Face's form: gw and each product g *
+    x_hat rounded to x's dtype, x_hat rounded to it in the weight's gradient."""
     x_hat = x.float() * rstd.unsqueeze(-1)
     gf = g.float()
     gw = gf if weight is None else gf * weight.float()
+    if cast_before_weight:
+        gw = gw.to(x.dtype).float()
     dx = (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
-    dweight = None if weight is None else (gf * x_hat).sum(tuple(range(x.dim() - 1))).to(weight.dtype)
-    return dx.to(x.dtype), dweight
+    if weight is None:
+        return dx.to(x.dtype), None
+    products = gf * (x_hat.to(x.dtype).float() if cast_before_weight else x_hat)
+    if cast_before_weight:
+        products = products.to(x.dtype).float()
+    return dx.to(x.dtype), products.sum(tuple(range(x.dim() - 1))).to(weight.dtype)

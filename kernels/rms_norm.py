@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
 from .launch import launch_kernel
+from .scale import INTERPRETING, round_to
 from .quantize import default_num_programs
 
 
@@ -34,7 +35,8 @@ def _tile(i, NUM_PROGRAMS, M, D, cols, col_mask, ROWS: tl.constexpr):
 @triton.jit
 def rms_norm_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr, amax_ptr, M, D, eps, NUM_PROGRAMS, ITERS,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+    EXACT_ROUND: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -46,6 +48,8 @@ def rms_norm_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(x * x, 1) / D + eps)
         y = x * rstd[:, None]
+        if CAST_BEFORE_WEIGHT:  # Hugging Face's form: rounded to x's dtype before the weight
+            y = round_to(y, y_ptr.dtype.element_ty, EXACT_ROUND)
         if HAS_WEIGHT:
             y = y * w[None, :]
         y = y.to(y_ptr.dtype.element_ty)
@@ -59,7 +63,8 @@ def rms_norm_kernel(
 @triton.jit
 def rms_norm_backward_kernel(
     g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D, NUM_PROGRAMS, ITERS,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+    EXACT_ROUND: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -73,11 +78,17 @@ def rms_norm_backward_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         x_hat = x * rstd[:, None]
         gw = g * w[None, :] if HAS_WEIGHT else g
+        if CAST_BEFORE_WEIGHT:  # as autograd differentiates Hugging Face's form (naive.py)
+            gw = round_to(gw, dx_ptr.dtype.element_ty, EXACT_ROUND)
         c = tl.sum(gw * x_hat, 1) / D
         dx = (gw - x_hat * c[:, None]) * rstd[:, None]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
-            dw += g * x_hat  # masked lanes hold 0
+            if CAST_BEFORE_WEIGHT:
+                rounded = round_to(x_hat, dx_ptr.dtype.element_ty, EXACT_ROUND)
+                dw += round_to(g * rounded, dx_ptr.dtype.element_ty, EXACT_ROUND)
+            else:
+                dw += g * x_hat  # masked lanes hold 0
     if HAS_WEIGHT:
         tl.store(dw_ptr + tl.program_id(0) * D + cols, tl.sum(dw, 0), mask=col_mask)
 
@@ -103,8 +114,8 @@ def _grid(M: int, rows: int, num_programs: int) -> tuple[int, int]:
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, rows: int | None = None,
-    num_warps: int | None = None, num_programs: int | None = None,
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, cast_before_weight: bool = False,
+    rows: int | None = None, num_warps: int | None = None, num_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, rstd fp32 [...], amax record of y) for a contiguous x [..., D] (D <= limits.RMS_NORM_MAX_D) and a weight
     of x's dtype [D] or None."""
@@ -122,13 +133,15 @@ def rms_norm_triton(
     record = torch.empty(programs, dtype=torch.int32, device=x.device)
     has_weight = weight is not None
     args = (x, weight if has_weight else x, y, rstd, record, M, D, float(eps), programs, iters)
-    launch_kernel(rms_norm_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d, HAS_WEIGHT=has_weight)
+    launch_kernel(rms_norm_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d, HAS_WEIGHT=has_weight,
+                  CAST_BEFORE_WEIGHT=cast_before_weight, EXACT_ROUND=INTERPRETING)
     return y, rstd, record
 
 
 def rms_norm_backward_triton(
     g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-    rows: int | None = None, num_warps: int | None = None, num_programs: int | None = None,
+    cast_before_weight: bool = False, rows: int | None = None, num_warps: int | None = None,
+    num_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dweight | None) for contiguous g, x [..., D] of one shape, forward's rstd and weight."""
     D = x.shape[-1]
@@ -148,5 +161,5 @@ def rms_norm_backward_triton(
     partials = torch.empty((programs, D) if has_weight else (1,), dtype=torch.float32, device=x.device)
     args = (g, x, weight if has_weight else x, rstd, dx, partials, M, D, programs, iters)
     launch_kernel(rms_norm_backward_kernel, (programs,), args, num_warps, ROWS=rows, BLOCK_D=block_d,
-           HAS_WEIGHT=has_weight)
+                  HAS_WEIGHT=has_weight, CAST_BEFORE_WEIGHT=cast_before_weight, EXACT_ROUND=INTERPRETING)
     return dx, partials.sum(0).to(weight.dtype) if has_weight else None

@@ -52,6 +52,22 @@ def round_to_float8_grid(y, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexp
 
 
 @triton.jit
+def round_to(y, dtype: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """fp32 y rounded to the nearest value of dtype (bfloat16, float16 or float32), ties to even, as
+    fp32: y.to(dtype).to(float32). EXACT_ROUND does it in integer arithmetic (round_to_float8_grid
+    with dtype's bits), for the CPU interpreter, whose casts to bfloat16 mis-round; float16 beyond
+    its range becomes inf, as the cast makes it."""
+    if dtype == tl.float32:
+        return y
+    if EXACT_ROUND:
+        if dtype == tl.bfloat16:
+            return round_to_float8_grid(y, 7, -126)
+        r = round_to_float8_grid(y, 10, -14)
+        return tl.where(tl.abs(r) > 65504.0, y * float("inf"), r)
+    return y.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def fp32_to_float8(y, out_dtype: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
               EXACT_ROUND: tl.constexpr):
     """fp32 (already clamped to the fp8 range, or NaN) -> float8, round to nearest even."""

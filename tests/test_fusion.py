@@ -148,7 +148,7 @@ def test_strict_raises_for_what_it_could_not_fuse():
 
 def test_strict_raises_when_a_switch_finds_nothing_and_names_the_form_it_saw():
     no_norms = nn.Sequential(SwiGLU(64, 128))
-    with pytest.raises(FusionError, match=r"rms_norm: the model has no nn.RMSNorm"):
+    with pytest.raises(FusionError, match=r"rms_norm: the model has no nn.RMSNorm and no norm module"):
         fuse_model_ops(no_norms, rope=False, strict=True)
     fuse_model_ops(no_norms, rms_norm=False, rope=False, strict=True)  # what was asked for was fused
 
@@ -166,7 +166,8 @@ def test_an_unchecked_python_warns_once_reports_and_fails_strict(monkeypatch):
         report = fuse_model_ops(m)
         fuse_model_ops(model())
     ours = [w for w in caught if issubclass(w.category, FusionWarning)]
-    assert len(ours) == 1 and "SwiGLU-gate and RoPE fusion are off" in str(ours[0].message)
+    assert len(ours) == 1 and "the fusions by proof (SwiGLU gate, RoPE, norms other than nn.RMSNorm) are off" in str(
+        ours[0].message)
     assert len(report.fused("rms_norm")) == 4  # the norm swap reads no bytecode
     assert [(r.fqn, r.kind) for r in report.not_fused()] == [("<root>", "swiglu"), ("<root>", "rope")]
     assert "checked on Python 3.99" in report.not_fused()[0].detail
@@ -185,11 +186,11 @@ def test_a_fused_model_loaded_on_an_unchecked_python_says_so(monkeypatch):
     fuse_model_ops(m)
     data = pickle.dumps(m)
     monkeypatch.setattr(python_versions, "CHECKED_VERSIONS", ((3, 99),))
-    with pytest.warns(FusionWarning, match="SwiGLU-gate and RoPE fusion are off"):
+    with pytest.warns(FusionWarning, match="the fusions by proof"):
         loaded = pickle.loads(data)
     assert type(loaded[0].feed_forward) is SwiGLU and not isinstance(loaded[0].attention, FusedRoPEModule)
     rows = {(r.fqn, r.kind): r.detail for r in fusion_report(loaded).not_fused()}
-    assert rows[("0.feed_forward", "swiglu")].startswith("SwiGLU gate not fused: not attempted: the gate and RoPE")
+    assert rows[("0.feed_forward", "swiglu")].startswith("SwiGLU gate not fused: not attempted: the gate, RoPE and norm proofs")
     assert ("1.attention", "rope") in rows
 
 

@@ -4,8 +4,8 @@ transformers or torchtitan that stops one of these fusions fails here instead of
 
 The proofs are pure Python, so these run on CPU (CI installs the pinned transformers and torchtitan
 of the `test` extra); the GPU machine runs the fused kernels in the other fusion tests. Where a
-library's form is not fused today (Hugging Face's LlamaRMSNorm, torchtitan's complex RoPE), strict
-mode must say so: those asserts change when the fusions do."""
+library's form is not fused today (torchtitan's complex RoPE), strict mode must say so: that assert
+changes when the fusion does."""
 
 import os
 import sys
@@ -69,9 +69,10 @@ def test_hugging_face_mlp_and_attention_are_fused(name, fused_calls):
     tokens = torch.randint(0, 256, (2, 32))
     want = model(tokens).logits
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
-    with pytest.raises(FusionError, match="rms_norm: the model has no nn.RMSNorm"):  # LlamaRMSNorm: issue 23
-        fuse_model_ops(model, swiglu=False, rope=False, strict=True)
-    report = fuse_model_ops(model, rms_norm=False, strict=True)
+    report = fuse_model_ops(model, strict=True)
+    assert fqns(report, "rms_norm") == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                                        "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+                                        "model.norm"]
     assert fqns(report, "swiglu") == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert fqns(report, "rope") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert str(report.fused("rope")[0].detail) == "RoPE fused: apply_rotary_pos_emb run as f8tensor.rope"

@@ -115,6 +115,46 @@ def test_kernels_match_the_reference_and_record_their_amax(shape, dtype, affine,
 
 
 @needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+def test_kernels_in_hugging_faces_form_match_the_reference(shape, dtype):
+    """cast_before_weight: x * rstd rounded to x's dtype, then times the weight and rounded again.
+    Where the kernel's rstd moves the normalized value across a rounding boundary, the output moves
+    by the weight times one unit in the last place of that value, beyond one of its own."""
+    from f8tensor.kernels.rms_norm import rms_norm_backward_triton
+
+    x, w, g = inputs(shape, dtype)
+    y, rstd, record = rms_norm_triton(x, w, EPS, cast_before_weight=True)
+    y_ref, rstd_ref = rms_norm_ref(x, w, EPS, cast_before_weight=True)
+    normalized = (x.float() * rstd_ref.unsqueeze(-1)).to(dtype)
+    assert_close(y, y_ref, y_ref.abs() + 2**20 * (w.double().abs() * ulp(normalized)))
+    assert_record_is_amax_of(record, y)
+    dx, dw = rms_norm_backward_triton(g, x, w, rstd, cast_before_weight=True)
+    dx_ref, dw_ref = rms_norm_backward_ref(g, x, w, rstd, cast_before_weight=True)
+    dx_terms, dw_terms = backward_terms(g, x, w, rstd)
+    gw_ulp = ulp((g.float() * w.float()).to(dtype)).double()  # gw rounded to x's dtype
+    assert_close(dx, dx_ref, dx_terms + 2**20 * rstd.double().unsqueeze(-1) * gw_ulp)
+    products = (g.double() * normalized.double()).abs().reshape(-1, shape[-1])
+    assert_close(dw, dw_ref, dw_terms + 2**20 * ulp(products.to(dtype)).sum(0), elementwise=False)
+
+
+def test_reference_in_hugging_faces_form_is_its_llama_norm_and_derivative():
+    """rms_norm_ref and rms_norm_backward_ref with cast_before_weight are, bit for bit, what
+    Hugging Face's LlamaRMSNorm code computes in eager PyTorch and what autograd gives for it (CPU)."""
+    x, w, g = (t.cpu() for t in inputs((6, 5, 48), torch.bfloat16))
+    x.requires_grad_(), w.requires_grad_()
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    y = w * h.to(x.dtype)
+    want_dx, want_dw = torch.autograd.grad(y, (x, w), g)
+    got, rstd = rms_norm_ref(x.detach(), w.detach(), EPS, cast_before_weight=True)
+    assert torch.equal(got, y.detach())
+    dx, dw = rms_norm_backward_ref(g, x.detach(), w.detach(), rstd, cast_before_weight=True)
+    torch.testing.assert_close(dx, want_dx, rtol=2**-7, atol=0)  # dx: autograd's reductions in another order
+    torch.testing.assert_close(dw, want_dw, rtol=2**-7, atol=0)
+
+
+@needs_triton
 def test_kernels_propagate_nan_and_inf_into_the_record():
     """A NaN in a row makes that row NaN; an inf makes rstd 0 and its own place NaN (inf * 0), as
     in PyTorch. The record says so: the float8 layer reading y gets a NaN scale, as its own amax

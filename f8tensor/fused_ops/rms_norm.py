@@ -8,7 +8,9 @@ gradient and per-program partial weight gradients (PyTorch's CUDA backward is tw
 Autograd saves what PyTorch's saves (x, the weight, rstd).
 
 `fuse_model_ops` swaps exact nn.RMSNorm modules for this one (same parameters, state dict and
-hooks; `rms_norm=False` keeps them). Values: fp32 math, one rounding
+hooks; `rms_norm=False` keeps them), and runs norms of Hugging Face's form through
+`fused_rms_norm(..., cast_before_weight=True)` (fusion/norm_proof.py): the normalized values rounded
+to x's dtype before the weight, as that code writes it. Values otherwise: fp32 math, one rounding
 (`kernels.naive.rms_norm_ref`, the formula of PyTorch's fused CUDA kernel); on the GPU within one
 unit in the last place of the reference in forward, as PyTorch's own kernel (they sum in different
 orders); the input gradient's two terms cancel in places, where fp32 rounding of the terms decides.
@@ -32,11 +34,11 @@ from .kernel_path import kernels_can_run
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd, record = rms_norm_with_amax(x, weight, eps)
+    def forward(ctx, x, weight, eps, cast_before_weight):
+        y, rstd, record = rms_norm_with_amax(x, weight, eps, cast_before_weight)
         produced_amax.put(y, record)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.eps = eps
+        ctx.eps, ctx.cast_before_weight = eps, cast_before_weight
         return y
 
     @staticmethod
@@ -44,23 +46,35 @@ class _RMSNormFn(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradients differentiate
             # (rstd computed again from x: the saved one carries no graph)
-            dx, dweight = rms_norm_backward_ref(g, x, weight, rms_norm_ref(x, weight, ctx.eps)[1])
+            rstd = rms_norm_ref(x, weight, ctx.eps)[1]
+            dx, dweight = rms_norm_backward_ref(g, x, weight, rstd, ctx.cast_before_weight)
         else:
-            dx, dweight = rms_norm_backward(g.contiguous(), x, weight, rstd)
+            dx, dweight = rms_norm_backward(g.contiguous(), x, weight, rstd, ctx.cast_before_weight)
         need_x, need_w = ctx.needs_input_grad[:2]
-        return dx if need_x else None, dweight if need_w else None, None
+        return dx if need_x else None, dweight if need_w else None, None, None
 
 
-def _fused_applies(x: torch.Tensor, weight: torch.Tensor | None, normalized_shape: tuple) -> bool:
-    """Whether the fused kernels compute what F.rms_norm would (else F.rms_norm runs)."""
+def fused_rms_norm_applies(x: torch.Tensor, weight: torch.Tensor | None, normalized_shape: tuple | None = None) -> bool:
+    """Whether the fused kernels normalize x over its last dim (normalized_shape, if given, must be
+    that one dim) with this weight as the written ops would: plain tensors of one floating dtype
+    and device, a contiguous weight of that dim, no autocast (which decides the dtypes), not while
+    torch.compile traces, rows no longer than the kernel takes on CUDA."""
     tensors = (x,) if weight is None else (x, weight)
-    if not kernels_can_run(*tensors) or torch.is_autocast_enabled(x.device.type):
+    if not kernels_can_run(*tensors) or torch.is_autocast_enabled(x.device.type) or x.dim() < 1:
         return False
-    return (len(normalized_shape) == 1 and x.dim() >= 1 and x.shape[-1] == normalized_shape[0]
-            and x.dtype in INPUT_DTYPES
+    shape = (x.shape[-1],)
+    return ((normalized_shape is None or tuple(normalized_shape) == shape) and x.dtype in INPUT_DTYPES
             and (weight is None or (weight.dtype == x.dtype and weight.device == x.device
-                                    and weight.shape == normalized_shape and weight.is_contiguous()))
+                                    and tuple(weight.shape) == shape and weight.is_contiguous()))
             and (not x.is_cuda or x.shape[-1] <= RMS_NORM_MAX_D))
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                   cast_before_weight: bool = False) -> torch.Tensor:
+    """x normalized over its last dim, times weight: fp32 math and one rounding (nn.RMSNorm's
+    form), or with cast_before_weight rounded to x's dtype before the weight and again after it
+    (Hugging Face's form). For inputs fused_rms_norm_applies accepts."""
+    return _RMSNormFn.apply(x.contiguous(), weight, float(eps), bool(cast_before_weight))
 
 
 class RMSNorm(nn.RMSNorm):
@@ -79,8 +93,8 @@ class RMSNorm(nn.RMSNorm):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fused_applies(x, self.weight, self.normalized_shape):
+        if not fused_rms_norm_applies(x, self.weight, self.normalized_shape):
             return super().forward(x)
         # eps=None: the fp32 epsilon, as PyTorch's kernel (it computes in fp32 for bf16/fp16 too).
         eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-        return _RMSNormFn.apply(x.contiguous(), self.weight, float(eps))
+        return fused_rms_norm(x, self.weight, eps)

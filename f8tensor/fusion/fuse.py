@@ -3,7 +3,9 @@
 `convert_to_float8_training` converts linear layers and nothing else. This is the separate,
 explicit call that changes the rest of a model, one switch per fusion:
 
-    rms_norm  every nn.RMSNorm (exact type) becomes f8tensor.RMSNorm        (norm_swap.py)
+    rms_norm  every nn.RMSNorm (exact type) becomes f8tensor.RMSNorm        (norm_swap.py), and a
+              norm module proven to compute Hugging Face's Llama-family RMSNorm runs it fused in
+              that form                                                      (norm_proof.py)
     swiglu    a module whose forward is proven to compute down(silu(gate(x)) * up(x)) over
               three linear children runs its gate as f8tensor.swiglu         (gate_proof.py)
     rope      a module whose forward calls, by its global name, a function proven to compute
@@ -23,6 +25,7 @@ from torch import nn
 from . import norm_swap
 from .fused_class import fuse_candidates, report_row
 from .gate_proof import FusedGateModule, is_gate_candidate
+from .norm_proof import NORM_ATTR, FusedNormModule, is_norm_candidate
 from .python_versions import unsupported_reason, warn_once
 from .rope_proof import FusedRoPEModule, is_rope_candidate
 
@@ -30,11 +33,12 @@ logger = logging.getLogger("f8tensor")
 
 KINDS = ("rms_norm", "swiglu", "rope")
 # The fusions by proof: kind -> (which modules they examine, the mixin of the fused class, the report's label).
-_PROOFS = {"swiglu": (is_gate_candidate, FusedGateModule, "SwiGLU gate"),
+_PROOFS = {"rms_norm": (is_norm_candidate, FusedNormModule, "RMSNorm"),
+           "swiglu": (is_gate_candidate, FusedGateModule, "SwiGLU gate"),
            "rope": (is_rope_candidate, FusedRoPEModule, "RoPE")}
 # What strict mode tells a user whose model has nothing a switch could fuse.
 _NOTHING_FOUND = {
-    "rms_norm": "the model has no nn.RMSNorm (only modules of exactly that type are swapped)",
+    "rms_norm": "the model has no nn.RMSNorm and no norm module with one weight and a forward naming rsqrt",
     "swiglu": "no module has three linear children and a forward naming silu or an activation child",
     "rope": "no module's forward calls a global function that is, or is named like, a rotary embedding",
 }
@@ -119,24 +123,30 @@ def fuse_model_ops(
     never replaced (an nn.RMSNorm passed as the model is reported, not swapped).
     strict: raise FusionError, after fusing what it could, if a module a switch examined was not
     fused for any reason other than module_filter_fn, or a switch that is on fused nothing (found
-    nothing to examine, or the filter excluded all it found): for model code that must run fused (a benchmark, a production run), so that a new
-    version of the model's library or of Python that stops fusion fails instead of running slower.
+    nothing to examine, or the filter excluded all it found): for model code that must run fused
+    (a benchmark, a production run), so that a new version of the model's library or of Python
+    that stops fusion fails instead of running slower.
     """
     accept = module_filter_fn or (lambda mod, fqn: True)
     unavailable = model.__dict__.setdefault(_MODEL_ATTR, {})
     if rms_norm:
         norm_swap.swap_norms(model, accept)
     reason = unsupported_reason()
-    for kind, on in (("swiglu", swiglu), ("rope", rope)):
+    for kind, on in zip(KINDS, (rms_norm, swiglu, rope)):
         if not on:
             continue
-        if reason is not None:
+        is_candidate, mixin, _ = _PROOFS[kind]
+        if reason is None:
+            unavailable.pop(kind, None)
+            fuse_candidates(model, accept, is_candidate, mixin)
+        elif kind == "rms_norm":  # its candidates are found without reading bytecode: each says so
+            for mod in model.modules():
+                if is_candidate(mod):
+                    warn_once(reason)
+                    mod.__dict__[NORM_ATTR] = f"not attempted: {reason}"
+        else:
             warn_once(reason)
             unavailable[kind] = f"not attempted: {reason}"
-            continue
-        unavailable.pop(kind, None)
-        is_candidate, mixin, _ = _PROOFS[kind]
-        fuse_candidates(model, accept, is_candidate, mixin)
     if not unavailable:
         del model.__dict__[_MODEL_ATTR]
     report = fusion_report(model)

@@ -44,11 +44,10 @@ positional-only), the class's forward or the globals it read rebound since, an a
 that is no longer silu (replaced, in place, its own forward, its class's forward rebound, or hooks
 of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
 path (activation checkpointing must recompute what it saved, with or without a mode that hooks
-every module), and do not see the activation child's call. Copies and unpickled modules are proven again where they are made.
+every module), and do not see the activation child's call. Copies and unpickled modules are proven
+again where they are made.
 """
 
-import dis
-import inspect
 import types
 from dataclasses import dataclass
 
@@ -59,17 +58,24 @@ from torch import nn
 from ..fused_ops.swiglu import swiglu
 from ..kernels import INPUT_DTYPES
 from ..torch_internals import fx_tracing, has_hooks
-from .fused_class import JUMPS, MULS, FusedModule, class_forward, class_reason, global_value, globals_unchanged
+from .forward_walk import Grammar, code_reason
+from .fused_class import MULS, FusedModule, class_forward, class_reason, globals_unchanged
 
 # Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str);
 # fusion_report reads it.
 GATE_ATTR = "_f8tensor_swiglu"
 
-_TORCH_OBJECTS = (torch, nn, F, F.silu, torch.mul)
-_NO_VALUE = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES"})  # push nothing of their own
 _SILU_FORWARD = nn.SiLU.forward
-# calls: 3.11 on CALL (3.13 CALL_KW); 3.10 CALL_FUNCTION, CALL_METHOD, CALL_FUNCTION_KW
-_CALL_OPS = frozenset({"CALL", "CALL_KW", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW"})
+
+
+def _child_module(mod: nn.Module, cls: type, name: str) -> bool:
+    return name in dict(mod.named_children()) and not hasattr(cls, name)
+
+
+# What a gate's forward (and an activation's) may read and compute: its children, silu and *.
+GRAMMAR = Grammar(does="call its children, silu and *", self_reads="a child module", self_attribute=_child_module,
+                  torch_objects=(torch, nn, F, F.silu, torch.mul), tensor_attributes=frozenset({"mul"}),
+                  constants=(bool, type(None)), binary_ops=frozenset({"*"}))
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ SILU_PROOFS: dict[tuple, tuple | str] = {}
 
 def _silu_proof(cls: type, act: nn.Module, forward) -> tuple | str:
     read_globals = []
-    reason = class_reason(act, cls) or _forward_code_reason(act, cls, forward, read_globals)
+    reason = class_reason(act, cls) or code_reason(act, cls, forward, GRAMMAR, read_globals)
     if reason:
         return f"the activation child {cls.__name__}: {reason}"
     tracer = _LeafTracer()
@@ -198,78 +204,6 @@ def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
     return gate.act is None or _still_silu(getattr(mod, gate.act, None), gate.act_proof)
 
 
-def _forward_code_reason(mod: nn.Module, cls: type, forward, read_globals: list) -> str | None:
-    """Why the forward's bytecode is not the straight-line code described in the module docstring;
-    appends (name, value) of each global it reads to read_globals."""
-    code = forward.__code__
-    if code.co_argcount != 2 or code.co_kwonlyargcount or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
-        return "forward does not take exactly one argument"
-    if code.co_freevars or code.co_cellvars:
-        return "forward uses super() or a closure"
-    if getattr(code, "co_exceptiontable", b""):  # 3.11 on; 3.10's try/with blocks are jumps
-        return "forward has a try or with block"
-    instructions = list(dis.get_instructions(code))
-    if any(ins.opcode in JUMPS for ins in instructions):
-        return "forward has a branch or a loop"
-    this = code.co_varnames[0]
-    children = dict(mod.named_children())
-    top = None  # what the last instruction left on top of the stack: "self", "tensor", a torch object
-    for ins in instructions:
-        op = ins.opname
-        if op in _NO_VALUE:
-            continue
-        if top == "self" and op not in ("LOAD_ATTR", "LOAD_METHOD"):
-            return "forward uses self other than to read a child module"
-        if top == "keyword names" and op not in ("CALL_FUNCTION_KW", "CALL_KW"):
-            return f"forward does more than call its children, silu and *: {op} {ins.argrepr}".rstrip()
-        if op in ("LOAD_FAST", "LOAD_FAST_CHECK"):
-            top = "self" if ins.argval == this else "tensor"
-        elif op in ("LOAD_FAST_LOAD_FAST", "STORE_FAST_LOAD_FAST"):  # 3.13: two locals in one instruction
-            first, second = ins.argval
-            if first == this:  # self loaded under another value, or rebound
-                return "forward uses self other than to read a child module"
-            top = "self" if second == this else "tensor"
-        elif op == "STORE_FAST_STORE_FAST":
-            if this in ins.argval:
-                return "forward rebinds self"
-            top = None
-        elif op == "LOAD_GLOBAL":
-            value = global_value(forward.__globals__, ins.argval)
-            if not any(value is ok for ok in _TORCH_OBJECTS):
-                return f"forward reads the global {ins.argval!r}"
-            read_globals.append((ins.argval, value))
-            top = value
-        elif op in ("LOAD_ATTR", "LOAD_METHOD"):
-            name = ins.argval
-            if top == "self":
-                if name not in children or hasattr(cls, name):
-                    return f"forward reads self.{name}, which is not (only) a child module"
-                top = "child"
-            elif top == "tensor" and name == "mul":
-                top = "method"
-            elif any(top is ok for ok in (torch, nn, F)) and any(getattr(top, name, None) is ok for ok in _TORCH_OBJECTS):
-                top = getattr(top, name)
-            elif isinstance(top, types.ModuleType):
-                return f"forward reads {top.__name__}.{name}"
-            else:
-                return f"forward reads .{name} of a {top}"
-        elif op == "LOAD_CONST" and type(ins.argval) in (bool, type(None)):
-            top = "constant"
-        elif op == "LOAD_CONST" and type(ins.argval) is tuple and all(type(n) is str for n in ins.argval):
-            top = "keyword names"  # 3.10 and 3.13 pass them so, to the next instruction, a call
-        elif op in _CALL_OPS or op == "BINARY_OP" and ins.argrepr == "*" or op == "BINARY_MULTIPLY":
-            top = "tensor"
-        elif op == "STORE_FAST" and ins.argval == this:
-            return "forward rebinds self"
-        elif op in ("STORE_FAST", "RETURN_VALUE"):
-            top = None
-        else:
-            return f"forward does more than call its children, silu and *: {op} {ins.argrepr}".rstrip()
-    if top == "self":
-        return "forward uses self other than to read a child module"
-    return None
-
-
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
         return True
@@ -280,7 +214,7 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     cls = type(mod)
     forward = class_forward(cls)
     read_globals = []
-    reason = class_reason(mod, cls) or _forward_code_reason(mod, cls, forward, read_globals)
+    reason = class_reason(mod, cls) or code_reason(mod, cls, forward, GRAMMAR, read_globals)
     if reason:
         return reason
     children = dict(mod.named_children())

@@ -1,12 +1,12 @@
-"""The Python versions whose bytecode the gate and RoPE proofs were written and tested for.
+"""The Python versions whose bytecode the proofs (gate, RoPE, norm) were written and tested for.
 
-The proofs (gate_proof.py, rope_proof.py) accept a forward instruction by instruction against
+The proofs (gate_proof.py, rope_proof.py, norm_proof.py) accept code instruction by instruction against
 lists of opcodes. Each Python release renames, splits or adds opcodes (3.11 CALL, 3.12
 LOAD_FAST_CHECK, 3.13 LOAD_FAST_LOAD_FAST and CALL_KW, 3.14 LOAD_FAST_BORROW and LOAD_SMALL_INT),
 so a version the lists were not written for would reject every forward and fusion would quietly
 do nothing. On such a version the proofs are not attempted: `fuse_model_ops` warns once
-(FusionWarning), reports every gate and RoPE candidate as not fused with the reason, and raises in
-strict mode. The norm swap does not read bytecode and runs on every version.
+(FusionWarning), reports every gate, RoPE and norm candidate as not fused with the reason, and
+raises in strict mode. The swap of nn.RMSNorm modules reads no bytecode and runs on every version.
 """
 
 import sys
@@ -30,16 +30,16 @@ def unsupported_reason(version: tuple = None) -> str | None:
     if (major, minor) in CHECKED_VERSIONS:
         return None
     checked = ", ".join(f"{a}.{b}" for a, b in CHECKED_VERSIONS)
-    return (f"the gate and RoPE proofs read Python bytecode and were checked on Python {checked}; "
+    return (f"the gate, RoPE and norm proofs read Python bytecode and were checked on Python {checked}; "
             f"this is Python {major}.{minor}, whose opcodes they were not written for")
 
 
 def warn_once(reason: str) -> None:
-    """Warn, once per process, that the gate and RoPE fusions do not run on this Python."""
+    """Warn, once per process, that the fusions by proof do not run on this Python."""
     if warned[0]:
         return
     warned[0] = True
-    warnings.warn(f"f8tensor.fuse_model_ops: SwiGLU-gate and RoPE fusion are off: {reason}. The model "
-                  "runs as written (correct, slower in eager mode); use a checked Python version "
-                  "for the fused speed, or write f8tensor.swiglu / f8tensor.rope into the model "
-                  "code.", FusionWarning, stacklevel=3)
+    warnings.warn(f"f8tensor.fuse_model_ops: the fusions by proof (SwiGLU gate, RoPE, norms other than "
+                  f"nn.RMSNorm) are off: {reason}. The model runs as written (correct, slower in eager "
+                  "mode); use a checked Python version for the fused speed, or write f8tensor.swiglu / "
+                  "f8tensor.rope into the model code.", FusionWarning, stacklevel=3)

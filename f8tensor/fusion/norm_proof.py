@@ -1,0 +1,199 @@
+"""The RMSNorm fusion by proof (switch `rms_norm` of fuse_model_ops): a norm module of the model's own
+class, written as Hugging Face writes its Llama family's (LlamaRMSNorm, Qwen2RMSNorm, Mistral's, ...):
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+runs as f8tensor's fused RMSNorm in the same form (fused_ops/rms_norm.py, cast_before_weight):
+the normalized values rounded to the input's dtype, then multiplied by the weight and rounded
+again, as the written code does; one pass each way, the amax of what it writes handed to the
+float8 layers that read it. Values: rstd in fp32 as written, summed in another order, so the
+normalized values may differ by one unit in the last place where they sit at a rounding boundary.
+
+The proof, all of which must hold (otherwise the module is left alone, and why is recorded): the
+module has no children, no buffers and one parameter, of one dim; its class passes
+fused_class.class_reason; the bytecode of its class forward passes the shared walk
+(forward_walk.py) with GRAMMAR below (self read for its parameter and one float attribute, torch's
+float32 and rsqrt, a tensor's dtype, to, float, pow and mean, numbers, + and *); torch.fx traces it
+to exactly the eleven nodes above (the float32 cast by .to(torch.float32) or .float(), either order
+of each product and of the sum), the float attribute being the epsilon added.
+
+At each call the fused forward runs the class's own forward instead where the proof does not
+cover the call: other arguments than the one input, the class forward or the globals it read
+rebound since, tracing (fx, jit, torch.compile, which fuses the written code itself), and inputs
+the fused kernels do not compute exactly as written (a weight of another dtype than x, which the
+written code promotes; autocast; tensor subclasses; rows longer than the kernel takes on CUDA).
+"""
+
+import operator
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..fused_ops.rms_norm import fused_rms_norm, fused_rms_norm_applies
+from .forward_walk import Grammar, code_reason
+from .fused_class import FusedModule, class_forward, class_reason, globals_unchanged, tracing
+
+# Set on a module whose norm was fused (an RMSNormProof) or, for a candidate, why it was not (a str);
+# fusion_report reads it.
+NORM_ATTR = "_f8tensor_norm_proof"
+
+
+def _own_state(mod: nn.Module, cls: type, name: str) -> bool:
+    """self.<name> is the module's parameter or a float attribute of its own (the epsilon)."""
+    if hasattr(cls, name):
+        return False
+    if name in dict(mod.named_parameters(recurse=False)):
+        return True
+    return type(mod.__dict__.get(name)) is float
+
+
+GRAMMAR = Grammar(does="normalize with its weight", self_reads="its weight and epsilon", self_attribute=_own_state,
+                  torch_objects=(torch, torch.float32, torch.rsqrt),
+                  tensor_attributes=frozenset({"dtype", "to", "float", "pow", "mean"}),
+                  constants=(bool, int, float, type(None)), binary_ops=frozenset({"*", "+"}))
+
+
+@dataclass(frozen=True)
+class RMSNormProof:
+    """forward(x) = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): weight, eps:
+    the names of the parameter and of the float attribute; forward, globals: the code proven and
+    what its global names were bound to; arg: the forward's parameter name (None: positional-only)."""
+    weight: str
+    eps: str
+    arg: str | None
+    forward: types.FunctionType
+    globals: tuple[tuple[str, object], ...]
+
+    def __str__(self):
+        return f"RMSNorm fused: {self.weight} * normalized(x, eps={self.eps}).to(x.dtype)"
+
+
+def is_norm_candidate(mod: nn.Module) -> bool:
+    """No children or buffers, one parameter of one dim, a plain-function class forward that names
+    rsqrt; not an nn.RMSNorm (the norm swap's), not yet fused."""
+    if isinstance(mod, (nn.RMSNorm, FusedNormModule)) or next(mod.children(), None) is not None:
+        return False
+    params = list(mod.parameters(recurse=False))
+    if len(params) != 1 or params[0].dim() != 1 or next(mod.buffers(recurse=False), None) is not None:
+        return False
+    forward = class_forward(type(mod))
+    return forward is not None and "rsqrt" in forward.__code__.co_names
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return True
+
+
+def _is_call(n, op: str, target, nargs: int) -> bool:
+    return (isinstance(n, torch.fx.Node) and n.op == op and n.target == target and len(n.args) == nargs)
+
+
+def _product(n, a_test, b_test):
+    """(a, b) if n is a * b or b * a with a_test(a) and b_test(b), else None."""
+    if not (_is_call(n, "call_function", operator.mul, 2) and not n.kwargs):
+        return None
+    for a, b in (n.args, n.args[::-1]):
+        if a_test(a) and b_test(b):
+            return a, b
+    return None
+
+
+def find_norm(mod: nn.Module) -> RMSNormProof | str:
+    """The proof of a candidate norm module, or why it is not one."""
+    cls = type(mod)
+    forward = class_forward(cls)
+    read_globals, self_reads = [], []
+    reason = class_reason(mod, cls) or code_reason(mod, cls, forward, GRAMMAR, read_globals, self_reads)
+    if reason:
+        return reason
+    params = dict(mod.named_parameters(recurse=False))
+    weights = sorted({n for n in self_reads if n in params})
+    epsilons = sorted({n for n in self_reads if n not in params})
+    if len(weights) != 1 or len(epsilons) != 1:
+        return "forward does not read one weight and one epsilon off self"
+    tracer = _LeafTracer()
+    try:
+        graph = tracer.trace(mod)
+    except Exception as e:  # noqa: BLE001 (any failure to trace means: not provably the pattern)
+        return f"forward could not be traced ({type(e).__name__}: {e})"
+    finally:
+        tracer.__dict__.clear()
+    nodes = list(graph.nodes)
+    (out,) = [n for n in nodes if n.op == "output"]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    not_it = "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)"
+    if len(placeholders) != 1 or len(nodes) != 12 or len(out.args) != 1:
+        return not_it
+    (x,) = placeholders
+    eps = mod.__dict__[epsilons[0]]
+
+    def to_fp32(n):
+        return isinstance(n, torch.fx.Node) and not n.kwargs and (
+            _is_call(n, "call_method", "to", 2) and n.args == (x, torch.float32)
+            or _is_call(n, "call_method", "float", 1) and n.args == (x,))
+
+    def weight(n):
+        return isinstance(n, torch.fx.Node) and n.op == "get_attr" and n.target == weights[0]
+
+    def back_to_x_dtype(n):  # h.to(x.dtype): (h,)
+        return (_is_call(n, "call_method", "to", 2) and not n.kwargs and _is_call(
+            n.args[1], "call_function", getattr, 2) and n.args[1].args == (x, "dtype"))
+
+    found = _product(out.args[0], weight, back_to_x_dtype)
+    normalized = found and found[1].args[0]
+    found = found and _product(normalized, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
+    if not found:
+        return not_it
+    h, rsqrt = found
+    total = rsqrt.args[0]
+    summed = _is_call(total, "call_function", operator.add, 2) and not total.kwargs and (
+        total.args[1] == eps and isinstance(total.args[0], torch.fx.Node) or total.args[0] == eps)
+    variance = summed and (total.args[0] if isinstance(total.args[0], torch.fx.Node) else total.args[1])
+    mean = variance and _is_call(variance, "call_method", "mean", 2) and (
+        variance.args[1] == -1 and type(variance.args[1]) is int and variance.kwargs == {"keepdim": True})
+    square = mean and variance.args[0]
+    if not (mean and _is_call(square, "call_method", "pow", 2) and square.args == (h, 2) and type(square.args[1]) is int
+            and not square.kwargs and type(eps) is float):
+        return f"{not_it} (the epsilon {epsilons[0]} = {eps!r})" if summed else not_it
+    if any(len(n.users) != (2 if n is h or n is x else 1) for n in nodes if n.op != "output"):
+        return "forward uses an intermediate value more than once"
+    positional_only = forward.__code__.co_posonlyargcount > 1
+    return RMSNormProof(weights[0], epsilons[0], None if positional_only else x.target, forward,
+                        tuple(read_globals))
+
+
+def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
+    """The input if the proof covers this call and the kernels compute it as written, else None."""
+    if len(args) + len(kwargs) != 1 or (kwargs and (proof.arg is None or proof.arg not in kwargs)):
+        return None
+    if mod._f8tensor_base.forward is not proof.forward or tracing():
+        return None
+    if not globals_unchanged(proof.forward.__globals__, proof.globals):
+        return None
+    x = args[0] if args else kwargs[proof.arg]
+    return x if fused_rms_norm_applies(x, getattr(mod, proof.weight)) else None
+
+
+class FusedNormModule(FusedModule):
+    """Mixed into a proven norm's class (fused_class.make_fused_class): a forward that runs the fused
+    norm in the written form where _call_covered says the proof covers the call."""
+
+    _f8tensor_attr, _f8tensor_proof = NORM_ATTR, RMSNormProof
+
+    @staticmethod
+    def _f8tensor_prove(mod: nn.Module) -> RMSNormProof | str:
+        return find_norm(mod)
+
+    def _f8tensor_fused_forward(self, proof: RMSNormProof, args, kwargs):
+        x = _call_covered(self, proof, args, kwargs)
+        if x is None:
+            return NotImplemented
+        return fused_rms_norm(x, getattr(self, proof.weight), float(getattr(self, proof.eps)), cast_before_weight=True)

@@ -1,0 +1,206 @@
+"""fuse_model_ops's RMSNorm fusion by proof (f8tensor/fusion/norm_proof.py): which norm modules it
+proves to compute Hugging Face's Llama-family RMSNorm and fuses, which it leaves alone and why, and
+that a fused norm computes what the written one computes (its form: rounded to x's dtype before the
+weight), hands its amax to the float8 layers and falls back to the written code where it must."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from f8utils import DEVICE, count_amax_passes, ignore_records, sqnr
+from torch import nn
+
+from f8tensor import Float8Linear, FusionError, fuse_model_ops, fusion_report
+from f8tensor.fusion.norm_proof import NORM_ATTR, FusedNormModule, RMSNormProof
+
+D = 64
+
+
+class LlamaRMSNorm(nn.Module):  # Hugging Face's, verbatim (transformers 5)
+    def __init__(self, hidden_size, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class Reordered(LlamaRMSNorm):  # the same arithmetic, .float() and every product and sum turned round
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = torch.rsqrt(self.variance_epsilon + h.pow(2).mean(-1, keepdim=True)) * h
+        return h.to(dtype) * self.weight
+
+
+class GemmaForm(LlamaRMSNorm):  # (1 + weight): another formula
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (1 + self.weight) * h.to(dtype)
+
+
+class CastAfterWeight(LlamaRMSNorm):  # nn.RMSNorm's rounding: one, after the weight
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(dtype)
+
+
+class FirstDim(LlamaRMSNorm):
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class Branch(LlamaRMSNorm):
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        if h.dim() > 1:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class ReadsAGlobal(LlamaRMSNorm):
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPSILON)
+        return self.weight * h.to(dtype)
+
+
+EPSILON = 1e-6
+FUSED = [LlamaRMSNorm, Reordered]
+NOT_FUSED = {
+    GemmaForm: "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)",
+    CastAfterWeight: "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)",
+    FirstDim: "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) "
+              "(the epsilon variance_epsilon = 1e-06)",
+    Branch: "forward has a branch or a loop",
+    ReadsAGlobal: "forward reads the global 'EPSILON'",
+}
+
+
+def make(cls=LlamaRMSNorm, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    mod = cls(D).to(DEVICE, dtype)
+    nn.init.normal_(mod.weight, 1.0, 0.3)
+    return mod
+
+
+def fused(mod, **switches):
+    fuse_model_ops(mod, swiglu=False, rope=False, **switches)
+    return mod
+
+
+def grads(mod, x, g):
+    x = x.detach().requires_grad_()
+    y = mod(x)
+    return [y, *torch.autograd.grad(y, (x, mod.weight), g)]
+
+
+@pytest.mark.parametrize("cls", FUSED, ids=lambda c: c.__name__)
+def test_written_forms_are_fused_with_the_written_values(cls):
+    """Forward, and the input's and weight's gradients: the written code's (on CPU the reference path
+    runs, the same arithmetic bit for bit; the kernels match it in tests/test_rms_norm.py)."""
+    mod, written = fused(make(cls)), make(cls)
+    assert isinstance(mod, FusedNormModule) and isinstance(mod.__dict__[NORM_ATTR], RMSNormProof)
+    assert str(fusion_report(mod)).splitlines()[1].endswith(
+        "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)")
+    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16) * 3
+    g = torch.randn_like(x)
+    for got, want in zip(grads(mod, x, g), grads(written, x, g)):
+        if DEVICE.type == "cpu":
+            assert torch.equal(got, want)
+        else:  # rstd summed in another order: a value at a rounding boundary may move by one unit
+            assert sqnr(want, got) > 40
+
+
+@pytest.mark.parametrize("cls", list(NOT_FUSED), ids=lambda c: c.__name__)
+def test_look_alikes_are_left_alone_with_the_reason(cls):
+    mod = fused(nn.Sequential(make(cls)))
+    assert type(mod[0]) is cls and mod[0].__dict__[NORM_ATTR] == NOT_FUSED[cls]
+    assert f"RMSNorm not fused: {NOT_FUSED[cls]}" in str(fusion_report(mod))
+    with pytest.raises(FusionError, match="RMSNorm not fused"):
+        fuse_model_ops(nn.Sequential(make(cls)), swiglu=False, rope=False, strict=True)
+
+
+def test_only_modules_that_look_like_a_norm_are_examined():
+    class TwoWeights(LlamaRMSNorm):
+        def __init__(self, d):
+            super().__init__(d)
+            self.bias = nn.Parameter(torch.zeros(d))
+
+    model = nn.Sequential(nn.Linear(D, D), TwoWeights(D), nn.LayerNorm(D))
+    assert not fusion_report(fused(model)).rows
+
+
+def test_the_fused_norm_hands_its_amax_to_the_float8_layers(monkeypatch):
+    """q/k/v-like layers after a fused norm skip their amax pass, and give the same bits."""
+    passes = count_amax_passes(monkeypatch)
+    model = nn.Sequential(make(), Float8Linear(D, D, bias=False, device=DEVICE, dtype=torch.bfloat16))
+    fused(model)
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(x)
+    assert passes == [False, True]  # the input's amax from the norm's record; the weight's own pass
+    ignore_records(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+
+
+def test_the_written_code_runs_where_the_fused_kernels_would_differ():
+    """A weight of another dtype (the written code promotes: fp32 out), keywords by another name,
+    extra arguments, autocast, fx tracing: the class's own forward, with its own results."""
+    mod = fused(make())
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    mod.weight.data = mod.weight.data.float()
+    assert mod(x).dtype == torch.float32 and torch.equal(mod(x), LlamaRMSNorm.forward(mod, x))
+    mod.weight.data = mod.weight.data.bfloat16()
+    assert torch.equal(mod(hidden_states=x), mod(x))
+    with pytest.raises(TypeError):
+        mod(x, x)  # as the written forward raises
+    traced = torch.fx.symbolic_trace(nn.Sequential(mod))
+    assert any(n.target is torch.rsqrt for n in traced.graph.nodes)
+
+
+def test_copies_pickles_state_dict_and_a_second_call():
+    mod = fused(nn.Sequential(make()))
+    keys = list(mod.state_dict())
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    want = mod(x)
+    for twin in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
+        assert type(twin[0]) is type(mod[0]) and isinstance(twin[0].__dict__[NORM_ATTR], RMSNormProof)
+        assert torch.equal(twin(x), want) and list(twin.state_dict()) == keys
+    report = str(fusion_report(mod))
+    fused(mod)  # a no-op
+    assert str(fusion_report(mod)) == report
+
+
+def test_the_epsilon_is_read_at_each_call():
+    mod, written = fused(make()), make()
+    mod.variance_epsilon = written.variance_epsilon = 0.5
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16) * 1e-2
+    assert sqnr(written(x), mod(x)) > 40
+
+
+def test_on_an_unchecked_python_each_candidate_says_it_was_not_attempted(monkeypatch):
+    from f8tensor import FusionWarning
+    from f8tensor.fusion import python_versions
+
+    monkeypatch.setattr(python_versions, "CHECKED_VERSIONS", ((3, 99),))
+    with pytest.warns(FusionWarning, match="the fusions by proof"):
+        mod = fused(nn.Sequential(make(), nn.RMSNorm(D)))
+    assert type(mod[0]) is LlamaRMSNorm and mod[0].__dict__[NORM_ATTR].startswith("not attempted: the gate, RoPE and norm proofs")
+    assert type(mod[1]).__name__ == "RMSNorm" and mod[1].__module__ == "f8tensor.fused_ops.rms_norm"  # swapped
