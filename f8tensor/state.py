@@ -10,6 +10,7 @@
 | optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
 | saved-tensor names | torch_internals.SAVED_NAMES | autograd node type -> its _saved_* attribute names | cleared |
 | fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
+| swapped classes | core/class_swap.SWAPPED_CLASSES | (f8tensor's layer, class) -> the converted subclass | cleared (converted modules keep theirs) |
 | silu proofs | fusion/gate_proof.SILU_PROOFS | activation classes proven (or not) to be silu | cleared (fused modules keep theirs) |
 | rotary proofs | fusion/rope_proof.PROOFS | functions proven (or not) to be rotate_half RoPE | cleared |
 | Python warning | fusion/python_versions.warned | whether the unsupported-Python warning was given | cleared |
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import kernels, torch_internals
-from .core import tensor, tensor_cache, weight_cache
+from .core import class_swap, tensor, tensor_cache, weight_cache
 from .fusion import fused_class, gate_proof, python_versions, rope_proof
 
 try:
@@ -60,6 +61,7 @@ STORES = (
     Store("optimizer hook", (weight_cache.OPTIMIZER_HOOK,), None),
     Store("saved-tensor names", (torch_internals.SAVED_NAMES,), torch_internals.SAVED_NAMES.clear),
     Store("fused classes", (fused_class.FUSED_CLASSES,), fused_class.FUSED_CLASSES.clear),
+    Store("swapped classes", (class_swap.SWAPPED_CLASSES,), class_swap.SWAPPED_CLASSES.clear),
     Store("silu proofs", (gate_proof.SILU_PROOFS,), gate_proof.SILU_PROOFS.clear),
     Store("rotary proofs", (rope_proof.PROOFS,), rope_proof.PROOFS.clear),
     Store("Python warning", (python_versions.warned,), _clear_flag(python_versions.warned)),

@@ -33,7 +33,7 @@ f8tensor: 3 of 5 linear layers in float8
   0.up             64->256      float8
   0.down           256->64      float8
   0.odd            64->10       kept: in_features=64, out_features=10: _scaled_mm needs both divisible by 16
-  0.attn.out_proj  64->64       kept: NonDynamicallyQuantizableLinear: only exact nn.Linear is converted
+  0.attn.out_proj  64->64       kept: NonDynamicallyQuantizableLinear: nn.MultiheadAttention reads its weight itself, its forward never runs
   1                64->64       float8""")
 
     def test_filter_fn_and_its_reason(self):
@@ -129,3 +129,55 @@ def test_runs_without_triton():
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["Float8Linear", "1"]
+
+
+class Configurable:  # torchtitan 0.3's: a base after nn.Module in the MRO, with an __init_subclass__
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+
+
+class TitanModule(nn.Module, Configurable):  # torchtitan 0.3's protocols.module.Module
+    def init_weights(self, std=0.02):
+        for p in self.parameters(recurse=False):
+            nn.init.normal_(p, std=std)
+
+
+class TitanLinear(nn.Linear, TitanModule):  # torchtitan 0.3's models.common.linear.Linear
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+        self.tag = "wq"
+
+
+class ScaledBiasRowwiseLinear(nn.Linear):  # overrides forward: kept
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_subclasses_that_keep_nn_linears_forward_convert_in_place():
+    """torchtitan 0.3 builds its models from nn.Linear subclasses: they take Float8Linear's forward
+    in place (same object, parameters, attributes and methods), the bits of a Float8Linear; one that
+    overrides forward is kept, with the reason."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    m = nn.Sequential(TitanLinear(64, 64), ScaledBiasRowwiseLinear(64, 64)).to(DEVICE, torch.bfloat16)
+    titan, weight, keys = m[0], m[0].weight, list(m.state_dict())
+    assert convert_to_float8_training(m, module_filter_fn=every_layer) is m
+    assert m[0] is titan and m[0].weight is weight and isinstance(titan, Float8Linear) and isinstance(titan, TitanLinear)
+    assert type(titan).__name__ == "TitanLinear" and titan.tag == "wq" and list(m.state_dict()) == keys
+    titan.init_weights(std=0.5)  # its own methods still work
+    assert type(m[1]) is ScaledBiasRowwiseLinear
+    assert conversion_summary(m).splitlines()[1:] == [
+        "  0      64->64       float8",
+        "  1      64->64       kept: ScaledBiasRowwiseLinear: overrides forward (ScaledBiasRowwiseLinear.forward), "
+        "which f8tensor's layer would replace"]
+    plain = Float8Linear.from_float(nn.Linear(64, 64, bias=False).to(DEVICE, torch.bfloat16),
+                                    Float8Config())
+    plain.weight = titan.weight
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(titan(x), plain(x))
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert isinstance(twin[0], Float8Linear) and isinstance(twin[0], TitanLinear) and twin[0].tag == "wq"
+        assert torch.equal(twin[0](x), titan(x))
+    assert convert_to_float8_training(m, module_filter_fn=every_layer) is m and m[0] is titan  # twice: no-op

@@ -433,25 +433,36 @@ def test_fused_norms_train_like_pytorchs():
         assert sqnr(r, f) > sqnr(r, p) - 0.5 and sqnr(r, f) > 15
 
 
-def test_fusion_swaps_exact_rms_norms_only_and_says_so():
+def test_fusion_swaps_rms_norms_and_says_so():
+    """An nn.RMSNorm becomes f8tensor.RMSNorm; a subclass that keeps nn.RMSNorm's forward takes
+    RMSNorm's in place (the same object, its own methods kept); one that overrides it is kept."""
     class MyNorm(nn.RMSNorm):
-        pass
+        def scale(self):
+            return self.weight.mean()
 
-    model = nn.Sequential(nn.RMSNorm(64), nn.Linear(64, 64), MyNorm(64))
-    weight = model[0].weight
+    class OwnForward(nn.RMSNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.RMSNorm(64), nn.Linear(64, 64), MyNorm(64), OwnForward(64))
+    weight, mine = model[0].weight, model[2]
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: False)
     assert type(model[0]) is nn.RMSNorm  # conversion converts linear layers only
     report = fuse_model_ops(model)
-    assert type(model[0]) is RMSNorm and model[0].weight is weight and type(model[2]) is MyNorm
+    assert type(model[0]) is RMSNorm and model[0].weight is weight and type(model[3]) is OwnForward
+    assert model[2] is mine and isinstance(mine, RMSNorm) and isinstance(mine, MyNorm)
+    assert type(mine).__name__ == "MyNorm" and torch.equal(mine.scale(), mine.weight.mean())
     assert type(model[1]) is nn.Linear
     assert conversion_summary(model).splitlines() == [
         "f8tensor: 0 of 1 linear layers in float8",
         "  1      64->64       kept: excluded by module_filter_fn",
     ]
     assert str(report).splitlines() == [
-        "f8tensor fusion: rms_norm 1 of 2",
+        "f8tensor fusion: rms_norm 2 of 3",
         "  0      rms_norm  RMSNorm fused",
-        "  2      rms_norm  RMSNorm not swapped: MyNorm: only exact nn.RMSNorm is swapped",
+        "  2      rms_norm  RMSNorm fused",
+        "  3      rms_norm  RMSNorm not swapped: OwnForward: overrides forward (OwnForward.forward), which "
+        "f8tensor's layer would replace",
     ]
     assert str(fuse_model_ops(model)) == str(report) and type(model[0]) is RMSNorm  # twice: no-op
     kept = nn.Sequential(nn.RMSNorm(64))

@@ -5,6 +5,9 @@ from typing import Callable
 
 from torch import nn
 
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .class_swap import swap_class, swap_reason
 from .config import Float8Config
 from .linear import Float8Linear
 
@@ -19,6 +22,13 @@ MIN_DEFAULT_DIM = 1024
 
 # Keywords of convert_to_float8_training before 0.2.0, now switches of fuse_model_ops.
 _MOVED_KEYWORDS = {"fuse_rms_norm": "rms_norm", "fuse_swiglu": "swiglu", "fuse_rope": "rope"}
+
+
+def subclass_reason(mod: nn.Linear) -> str | None:
+    """Why a subclass of nn.Linear cannot run Float8Linear's forward, or None (core/class_swap.py)."""
+    if isinstance(mod, NonDynamicallyQuantizableLinear):
+        return (f"{type(mod).__name__}: nn.MultiheadAttention reads its weight itself, its forward never runs")
+    return swap_reason(mod, nn.Linear)
 
 
 def required_skip_reason(mod: nn.Linear) -> str | None:
@@ -42,9 +52,11 @@ def convert_to_float8_training(
     module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
     config: Float8Config | None = None, **removed,
 ) -> nn.Module:
-    """Replace every nn.Linear (exact type, not subclasses) in `module` with a Float8Linear; nothing
-    else in the model changes (f8tensor.fuse_model_ops is the separate call that fuses norms, the
-    SwiGLU gate and RoPE).
+    """Replace every nn.Linear in `module` with a Float8Linear; nothing else in the model changes
+    (f8tensor.fuse_model_ops is the separate call that fuses norms, the SwiGLU gate and RoPE). A
+    subclass of nn.Linear that keeps nn.Linear's forward (torchtitan 0.3's Linear) becomes, in
+    place, a same-named subclass of Float8Linear and of its own class, keeping its methods and
+    attributes; one that overrides forward is kept, with the reason (core/class_swap.py).
 
     Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
     returns True to convert. Without it, the default filter also keeps layers with a dimension of
@@ -67,13 +79,12 @@ def convert_to_float8_training(
     config = config or Float8Config()
 
     def convert(mod: nn.Module, fqn: str) -> nn.Module:
-        if type(mod) is not nn.Linear:
-            if isinstance(mod, nn.Linear) and not isinstance(mod, Float8Linear):
-                setattr(mod, SKIP_REASON_ATTR, f"{type(mod).__name__}: only exact nn.Linear is converted")
+        if not isinstance(mod, nn.Linear) or isinstance(mod, Float8Linear):
             return mod
-        if module_filter_fn is None:
+        reason = None if type(mod) is nn.Linear else subclass_reason(mod)
+        if reason is None and module_filter_fn is None:
             reason = default_skip_reason(mod)
-        else:  # the divisibility rule is a requirement of _scaled_mm, so it holds under any filter
+        elif reason is None:  # the divisibility rule is a requirement of _scaled_mm, so it holds under any filter
             reason = required_skip_reason(mod)
             if reason is None and not module_filter_fn(mod, fqn):
                 reason = "excluded by module_filter_fn"
@@ -81,7 +92,11 @@ def convert_to_float8_training(
             setattr(mod, SKIP_REASON_ATTR, reason)
             logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)
             return mod
-        return Float8Linear.from_float(mod, config)
+        if type(mod) is nn.Linear:
+            return Float8Linear.from_float(mod, config)
+        swap_class(mod, Float8Linear)  # a subclass keeps its object, methods and attributes
+        mod.config = config
+        return mod
 
     for fqn, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):

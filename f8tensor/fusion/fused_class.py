@@ -47,21 +47,6 @@ def class_forward(cls: type):
     return forward if isinstance(forward, types.FunctionType) else None
 
 
-def class_reason(mod: nn.Module, cls: type) -> str | None:
-    """Why the module's class cannot be given a fused subclass, or the instance cannot take it: a
-    subclass must be made without side effects and behave as the class does."""
-    if "forward" in mod.__dict__:
-        return "the module has an instance-level forward"
-    if type(cls) is not type:
-        return f"its class has the metaclass {type(cls).__name__}"
-    for c in cls.__mro__[:cls.__mro__.index(nn.Module)]:
-        for name in ("__init_subclass__", "__reduce__", "__reduce_ex__", "__getattr__", "__getattribute__",
-                     "__setattr__"):
-            if name in vars(c):
-                return f"its class {c.__name__} defines {name}"
-    return None
-
-
 def tracing() -> bool:
     """Under fx symbolic tracing, torch.compile or torch.jit tracing: fused classes then run their
     class's forward (compile fuses the written code itself; the others record it)."""

@@ -58,8 +58,9 @@ from torch import nn
 from ..fused_ops.swiglu import swiglu
 from ..kernels import INPUT_DTYPES
 from ..torch_internals import fx_tracing, has_hooks
+from ..core.class_swap import class_reason
 from .forward_walk import Grammar, code_reason
-from .fused_class import MULS, FusedModule, class_forward, class_reason, globals_unchanged
+from .fused_class import MULS, FusedModule, class_forward, globals_unchanged
 
 # Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str);
 # fusion_report reads it.

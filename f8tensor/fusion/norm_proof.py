@@ -16,7 +16,7 @@ normalized values may differ by one unit in the last place where they sit at a r
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded): the
 module has no children, no buffers and one parameter, of one dim; its class passes
-fused_class.class_reason; the bytecode of its class forward passes the shared walk
+core/class_swap.class_reason; the bytecode of its class forward passes the shared walk
 (forward_walk.py) with GRAMMAR below (self read for its parameter and one float attribute, torch's
 float32 and rsqrt, a tensor's dtype, to, float, pow and mean, numbers, + and *); torch.fx traces it
 to exactly the eleven nodes above (the float32 cast by .to(torch.float32) or .float(), either order
@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from ..fused_ops.rms_norm import fused_rms_norm, fused_rms_norm_applies
+from ..core.class_swap import class_reason
 from .forward_walk import Grammar, code_reason
-from .fused_class import FusedModule, class_forward, class_reason, globals_unchanged, tracing
+from .fused_class import FusedModule, class_forward, globals_unchanged, tracing
 
 # Set on a module whose norm was fused (an RMSNormProof) or, for a candidate, why it was not (a str);
 # fusion_report reads it.

@@ -1,9 +1,11 @@
-"""The norm swap: every nn.RMSNorm (exact type) becomes f8tensor.RMSNorm, which holds the same
-weight Parameter and hooks (fused_ops/rms_norm.py). It reads no bytecode: a module of that type
-computes F.rms_norm by PyTorch's own contract."""
+"""The norm swap: every nn.RMSNorm becomes f8tensor.RMSNorm, which holds the same weight Parameter
+and hooks (fused_ops/rms_norm.py); a subclass that keeps nn.RMSNorm's forward (torchtitan 0.3's)
+takes f8tensor.RMSNorm's forward in place, keeping its own methods (core/class_swap.py). It reads
+no bytecode: such a module computes F.rms_norm by PyTorch's own contract."""
 
 from torch import nn
 
+from ..core.class_swap import swap_class, swap_reason
 from ..fused_ops.rms_norm import RMSNorm
 from ..kernels.limits import RMS_NORM_MAX_D
 from .fused_class import EXCLUDED
@@ -14,8 +16,8 @@ _ROOT = "the model itself is an nn.RMSNorm: fuse_model_ops swaps submodules (wra
 
 
 def swap_norms(model: nn.Module, accept) -> None:
-    """Swap every nn.RMSNorm below the model that accept(module, fqn) accepts; record why not for the
-    others and for subclasses of nn.RMSNorm (their forward may differ)."""
+    """Swap every nn.RMSNorm below the model that accept(module, fqn) accepts, and every subclass of
+    it that keeps its forward; record why not for the others."""
     for fqn, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.RMSNorm:
@@ -24,7 +26,13 @@ def swap_norms(model: nn.Module, accept) -> None:
                 else:
                     child.__dict__[NORM_ATTR] = EXCLUDED
             elif isinstance(child, nn.RMSNorm) and not isinstance(child, RMSNorm):
-                child.__dict__[NORM_ATTR] = f"{type(child).__name__}: only exact nn.RMSNorm is swapped"
+                # a subclass: in place, a same-named subclass of RMSNorm and of its own class, if it
+                # keeps nn.RMSNorm's forward (core/class_swap.py)
+                reason = swap_reason(child, nn.RMSNorm)
+                if reason is None and accept(child, f"{fqn}.{name}" if fqn else name):
+                    swap_class(child, RMSNorm)
+                else:
+                    child.__dict__[NORM_ATTR] = reason or EXCLUDED
     if type(model) is nn.RMSNorm:
         model.__dict__[NORM_ATTR] = _ROOT
 

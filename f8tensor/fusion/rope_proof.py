@@ -40,7 +40,7 @@ it record why):
   t.shape[-1] // 2, each intermediate used only in its rotation, returned alone or as a tuple.
 Its arguments are plain (no *args, keyword-only or positional-only, none named self), with
 defaults that are numbers, None or strings, and survive the rewrite with their names and defaults.
-The module: its class passes fused_class.class_reason, and its forward (or, through decorators that
+The module: its class passes core/class_swap.class_reason, and its forward (or, through decorators that
 name it by __wrapped__ and keep it in a closure cell, the function they wrap), with its nested code,
 neither writes nor deletes globals, names globals, exec or eval, nor defines a class (it runs with
 a globals mapping of its own, which class bodies and those would bypass or expose). Modules whose
@@ -76,7 +76,8 @@ from torch import nn
 
 from ..fused_ops.rope import rope_checked
 from ..kernels import INPUT_DTYPES
-from .fused_class import (JUMPS, MULS, FusedModule, class_forward, class_reason, global_value, globals_unchanged,
+from ..core.class_swap import class_reason
+from .fused_class import (JUMPS, MULS, FusedModule, class_forward, global_value, globals_unchanged,
                           tracing)
 
 # Set on a module whose forward reads a proven rotary function (a RoPECalls) or, where it reads one
