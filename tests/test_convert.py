@@ -181,3 +181,43 @@ def test_subclasses_that_keep_nn_linears_forward_convert_in_place():
         assert isinstance(twin[0], Float8Linear) and isinstance(twin[0], TitanLinear) and twin[0].tag == "wq"
         assert torch.equal(twin[0](x), titan(x))
     assert convert_to_float8_training(m, module_filter_fn=every_layer) is m and m[0] is titan  # twice: no-op
+
+
+def test_subclasses_the_swap_would_change_are_kept_with_the_reason():
+    """An attribute of its own named as Float8Linear's (config), a lazy module (it turns into
+    nn.Linear at its first call): kept, with the reason, the module untouched."""
+    class CfgLinear(nn.Linear):
+        def __init__(self, i, o):
+            super().__init__(i, o)
+            self.config = {"name": "wq"}
+
+    m = nn.Sequential(CfgLinear(64, 64), nn.LazyLinear(64))
+    convert_to_float8_training(m, module_filter_fn=every_layer)
+    assert type(m[0]) is CfgLinear and m[0].config == {"name": "wq"} and type(m[1]) is nn.LazyLinear
+    assert conversion_summary(m).splitlines()[1:] == [
+        "  0      64->64       kept: CfgLinear: its own config would be replaced by Float8Linear's",
+        "  1      0->64        kept: LazyLinear: a lazy module (it becomes Linear at its first call): convert after that"]
+
+
+def test_the_swap_runs_no_subclass_hook_and_copies_keep_later_subclasses():
+    """Making the converted class calls no __init_subclass__ of the user's (a registry keeps its
+    class); a class made of the converted one later (as FSDP2 makes one) survives a deepcopy."""
+    import copy
+
+    registry = {}
+
+    class Registered:
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            registry[cls.__name__] = cls
+
+    class MyLinear(nn.Linear, TitanModule, Registered):  # the hook comes after nn.Module in the MRO
+        pass
+
+    m = MyLinear(64, 64)
+    assert registry == {"MyLinear": MyLinear}
+    convert_to_float8_training(nn.Sequential(m), module_filter_fn=every_layer)
+    assert isinstance(m, Float8Linear) and registry == {"MyLinear": MyLinear}
+    m.__class__ = type("Wrapped", (type(m),), {})  # as fully_shard makes a class of the module's own
+    twin = copy.deepcopy(m)
+    assert type(twin) is type(m) and isinstance(twin, MyLinear)

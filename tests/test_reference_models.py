@@ -16,7 +16,7 @@ from f8utils import DEVICE, convert_and_fuse
 from torch import nn
 
 from f8tensor import FusionError, convert_to_float8_training, fuse_model_ops, fusion_report
-from f8tensor.fusion import gate_proof, rope_proof
+from f8tensor.fusion import gate_proof, norm_proof, rope_proof
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ONLY = pytest.mark.skipif(DEVICE.type == "cuda", reason="pure-Python proofs: CPU CI runs them with the "
@@ -26,9 +26,10 @@ pytestmark = CPU_ONLY
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Calls of the fused gate and of the fused rotation (small tensors included)."""
-    calls = {"swiglu": 0, "rope": 0}
-    swiglu, rope = gate_proof.swiglu, rope_proof.rope_checked
+    """Calls of the fused gate, of the fused rotation (small tensors included) and of the fused norm
+    in Hugging Face's form."""
+    calls = {"swiglu": 0, "rope": 0, "rms_norm": 0}
+    swiglu, rope, norm = gate_proof.swiglu, rope_proof.rope_checked, norm_proof.fused_rms_norm
 
     def counted_swiglu(*args):
         calls["swiglu"] += 1
@@ -38,6 +39,11 @@ def fused_calls(monkeypatch):
         calls["rope"] += 1
         return rope(*args)
 
+    def counted_norm(*args, **kwargs):
+        calls["rms_norm"] += 1
+        return norm(*args, **kwargs)
+
+    monkeypatch.setattr(norm_proof, "fused_rms_norm", counted_norm)
     monkeypatch.setattr(gate_proof, "swiglu", counted_swiglu)
     monkeypatch.setattr(rope_proof, "rope_checked", counted_rope)
     monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", 0)
@@ -77,7 +83,7 @@ def test_hugging_face_mlp_and_attention_are_fused(name, fused_calls):
     assert fqns(report, "rope") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert str(report.fused("rope")[0].detail) == "RoPE fused: apply_rotary_pos_emb run as f8tensor.rope"
     got = model(tokens).logits
-    assert fused_calls == {"swiglu": 2, "rope": 4}  # q and k of each layer
+    assert fused_calls == {"swiglu": 2, "rope": 4, "rms_norm": 5}  # q and k of each layer; 2 norms a layer and the last
     assert sqnr(want, got) > 15  # float8 layers: as close as conversion alone
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -125,7 +131,7 @@ def test_our_benchmark_and_demo_models_are_fused(fused_calls):
     report = fuse_model_ops(bench, strict=True)
     assert [len(report.fused(k)) for k in ("rms_norm", "swiglu", "rope")] == [5, 2, 2]
     bench(torch.randint(0, 256, (2, 32)))
-    assert fused_calls == {"swiglu": 2, "rope": 4}
+    assert fused_calls == {"swiglu": 2, "rope": 4, "rms_norm": 0}  # its nn.RMSNorms are swapped
     demo = convert_and_fuse(DemoTransformer(dim=64, layers=2, heads=4, seq=32), rope=False, strict=True)
     assert [len(fusion_report(demo).fused(k)) for k in ("rms_norm", "swiglu")] == [5, 2]
     assert isinstance(demo, nn.Module)

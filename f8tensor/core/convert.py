@@ -28,7 +28,7 @@ def subclass_reason(mod: nn.Linear) -> str | None:
     """Why a subclass of nn.Linear cannot run Float8Linear's forward, or None (core/class_swap.py)."""
     if isinstance(mod, NonDynamicallyQuantizableLinear):
         return (f"{type(mod).__name__}: nn.MultiheadAttention reads its weight itself, its forward never runs")
-    return swap_reason(mod, nn.Linear)
+    return swap_reason(mod, nn.Linear, Float8Linear, attributes=("config",))
 
 
 def required_skip_reason(mod: nn.Linear) -> str | None:

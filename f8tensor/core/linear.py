@@ -30,6 +30,7 @@ from torch import nn
 
 from ..kernels import quantize_with_amax
 from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
+from .class_swap import QuietSubclasses
 from .config import Float8Config
 from .ops import scaled_mm_data
 from .tensor_cache import produced_amax, shared_input
@@ -172,7 +173,7 @@ def share_hooks(new: nn.Module, mod: nn.Module) -> None:
         setattr(new, name, getattr(mod, name))
 
 
-class Float8Linear(nn.Linear):
+class Float8Linear(QuietSubclasses, nn.Linear):
     """Drop-in nn.Linear: same parameters and state_dict, float8 GEMMs in forward and backward.
 
     Inputs may be N-D ([..., in_features]); under autocast the input is cast to the autocast dtype

@@ -25,6 +25,7 @@ normalized_shape of more than one dim, a weight of another dtype, device or shap
 import torch
 from torch import nn
 
+from ..core.class_swap import QuietSubclasses
 from ..core.linear import share_hooks
 from ..core.tensor_cache import produced_amax
 from ..kernels import INPUT_DTYPES, rms_norm_backward, rms_norm_backward_ref, rms_norm_ref, rms_norm_with_amax
@@ -77,7 +78,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     return _RMSNormFn.apply(x.contiguous(), weight, float(eps), bool(cast_before_weight))
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(QuietSubclasses, nn.RMSNorm):
     """Drop-in nn.RMSNorm (same constructor, parameters and state_dict) with fused kernels."""
 
     @classmethod

@@ -1,5 +1,5 @@
 """Give a module whose forward a fusion proved a same-named subclass of its class: the machinery
-the gate fusion (gate_proof.py) and the RoPE fusion (rope_proof.py) share.
+the fusions by proof (gate_proof.py, rope_proof.py, norm_proof.py) share.
 
 The subclass mixes in a FusedModule, whose forward runs the fused code where the proof still covers
 the call and the class's own forward otherwise. As a class, not an instance attribute, it goes with
@@ -18,6 +18,7 @@ import types
 import torch
 from torch import nn
 
+from ..core.class_swap import QuietSubclasses
 from ..torch_internals import fx_tracing
 from . import python_versions
 
@@ -54,7 +55,7 @@ def tracing() -> bool:
             or torch.jit.is_tracing())
 
 
-class FusedModule:
+class FusedModule(QuietSubclasses):
     """Base of the mixins. Its members are prefixed _f8tensor_ so as not to hide the user's. A mixin
     sets _f8tensor_attr (the instance attribute holding what was proven, or why not, as a str),
     _f8tensor_proof (the type of a proof) and _f8tensor_prove(mod) (a proof of mod as its own class,
@@ -121,7 +122,7 @@ def make_fused_class(base: type, mixin: type) -> type:
 
         FUSED_CLASSES[base, mixin] = type(base.__name__, (mixin, base), {
             "__module__": base.__module__, "__qualname__": base.__qualname__, "_f8tensor_base": base,
-            "_f8tensor_mixin": mixin, "forward": forward})
+            "_f8tensor_mixin": mixin, "forward": forward}, _f8tensor_quiet=True)
     return FUSED_CLASSES[base, mixin]
 
 

@@ -107,6 +107,60 @@ def _product(n, a_test, b_test):
     return None
 
 
+_SENTINELS = (0.0625, 0.1875)  # exact binary fractions, not epsilons a model holds
+_NOT_IT = "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)"
+
+
+def _pattern(mod: nn.Module, weight_name: str, eps: float):
+    """The input placeholder if torch.fx traces mod to exactly the eleven operations with eps added,
+    else why not."""
+    tracer = _LeafTracer()
+    try:
+        graph = tracer.trace(mod)
+    except Exception as e:  # noqa: BLE001 (any failure to trace means: not provably the pattern)
+        return f"forward could not be traced ({type(e).__name__}: {e})"
+    finally:
+        tracer.__dict__.clear()
+    nodes = list(graph.nodes)
+    (out,) = [n for n in nodes if n.op == "output"]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1 or len(nodes) != 12 or len(out.args) != 1:
+        return _NOT_IT
+    (x,) = placeholders
+
+    def to_fp32(n):
+        return isinstance(n, torch.fx.Node) and not n.kwargs and (
+            _is_call(n, "call_method", "to", 2) and n.args == (x, torch.float32)
+            or _is_call(n, "call_method", "float", 1) and n.args == (x,))
+
+    def weight(n):
+        return isinstance(n, torch.fx.Node) and n.op == "get_attr" and n.target == weight_name
+
+    def back_to_x_dtype(n):  # h.to(x.dtype): (h,)
+        return (_is_call(n, "call_method", "to", 2) and not n.kwargs and _is_call(
+            n.args[1], "call_function", getattr, 2) and n.args[1].args == (x, "dtype"))
+
+    found = _product(out.args[0], weight, back_to_x_dtype)
+    normalized = found and found[1].args[0]
+    found = found and _product(normalized, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
+    if not found:
+        return _NOT_IT
+    h, rsqrt = found
+    total = rsqrt.args[0]
+    summed = _is_call(total, "call_function", operator.add, 2) and not total.kwargs and (
+        total.args[1] == eps and isinstance(total.args[0], torch.fx.Node) or total.args[0] == eps)
+    variance = summed and (total.args[0] if isinstance(total.args[0], torch.fx.Node) else total.args[1])
+    mean = variance and _is_call(variance, "call_method", "mean", 2) and (
+        variance.args[1] == -1 and type(variance.args[1]) is int and variance.kwargs == {"keepdim": True})
+    square = mean and variance.args[0]
+    if not (mean and _is_call(square, "call_method", "pow", 2) and square.args == (h, 2)
+            and type(square.args[1]) is int and not square.kwargs):
+        return _NOT_IT
+    if any(len(n.users) != (2 if n is h or n is x else 1) for n in nodes if n.op != "output"):
+        return "forward uses an intermediate value more than once"
+    return x
+
+
 def find_norm(mod: nn.Module) -> RMSNormProof | str:
     """The proof of a candidate norm module, or why it is not one."""
     cls = type(mod)
@@ -120,52 +174,20 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
     epsilons = sorted({n for n in self_reads if n not in params})
     if len(weights) != 1 or len(epsilons) != 1:
         return "forward does not read one weight and one epsilon off self"
-    tracer = _LeafTracer()
+    if type(mod.__dict__[epsilons[0]]) is not float:
+        return f"the epsilon {epsilons[0]} is not a float"
+    # Traced with two values of the epsilon attribute that it holds for no model: the constant
+    # added must follow them, so it is the attribute, read at each call, not a literal of the same value.
+    original = mod.__dict__[epsilons[0]]
     try:
-        graph = tracer.trace(mod)
-    except Exception as e:  # noqa: BLE001 (any failure to trace means: not provably the pattern)
-        return f"forward could not be traced ({type(e).__name__}: {e})"
+        for sentinel in _SENTINELS:
+            mod.__dict__[epsilons[0]] = sentinel
+            found = _pattern(mod, weights[0], sentinel)
+            if isinstance(found, str):
+                return f"{found} (the epsilon {epsilons[0]} = {original!r})" if found == _NOT_IT else found
     finally:
-        tracer.__dict__.clear()
-    nodes = list(graph.nodes)
-    (out,) = [n for n in nodes if n.op == "output"]
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    not_it = "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)"
-    if len(placeholders) != 1 or len(nodes) != 12 or len(out.args) != 1:
-        return not_it
-    (x,) = placeholders
-    eps = mod.__dict__[epsilons[0]]
-
-    def to_fp32(n):
-        return isinstance(n, torch.fx.Node) and not n.kwargs and (
-            _is_call(n, "call_method", "to", 2) and n.args == (x, torch.float32)
-            or _is_call(n, "call_method", "float", 1) and n.args == (x,))
-
-    def weight(n):
-        return isinstance(n, torch.fx.Node) and n.op == "get_attr" and n.target == weights[0]
-
-    def back_to_x_dtype(n):  # h.to(x.dtype): (h,)
-        return (_is_call(n, "call_method", "to", 2) and not n.kwargs and _is_call(
-            n.args[1], "call_function", getattr, 2) and n.args[1].args == (x, "dtype"))
-
-    found = _product(out.args[0], weight, back_to_x_dtype)
-    normalized = found and found[1].args[0]
-    found = found and _product(normalized, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
-    if not found:
-        return not_it
-    h, rsqrt = found
-    total = rsqrt.args[0]
-    summed = _is_call(total, "call_function", operator.add, 2) and not total.kwargs and (
-        total.args[1] == eps and isinstance(total.args[0], torch.fx.Node) or total.args[0] == eps)
-    variance = summed and (total.args[0] if isinstance(total.args[0], torch.fx.Node) else total.args[1])
-    mean = variance and _is_call(variance, "call_method", "mean", 2) and (
-        variance.args[1] == -1 and type(variance.args[1]) is int and variance.kwargs == {"keepdim": True})
-    square = mean and variance.args[0]
-    if not (mean and _is_call(square, "call_method", "pow", 2) and square.args == (h, 2) and type(square.args[1]) is int
-            and not square.kwargs and type(eps) is float):
-        return f"{not_it} (the epsilon {epsilons[0]} = {eps!r})" if summed else not_it
-    if any(len(n.users) != (2 if n is h or n is x else 1) for n in nodes if n.op != "output"):
-        return "forward uses an intermediate value more than once"
+        mod.__dict__[epsilons[0]] = original
+    x = found
     positional_only = forward.__code__.co_posonlyargcount > 1
     return RMSNormProof(weights[0], epsilons[0], None if positional_only else x.target, forward,
                         tuple(read_globals))

@@ -28,12 +28,12 @@ def swap_norms(model: nn.Module, accept) -> None:
             elif isinstance(child, nn.RMSNorm) and not isinstance(child, RMSNorm):
                 # a subclass: in place, a same-named subclass of RMSNorm and of its own class, if it
                 # keeps nn.RMSNorm's forward (core/class_swap.py)
-                reason = swap_reason(child, nn.RMSNorm)
+                reason = swap_reason(child, nn.RMSNorm, RMSNorm)
                 if reason is None and accept(child, f"{fqn}.{name}" if fqn else name):
                     swap_class(child, RMSNorm)
                 else:
                     child.__dict__[NORM_ATTR] = reason or EXCLUDED
-    if type(model) is nn.RMSNorm:
+    if isinstance(model, nn.RMSNorm) and not isinstance(model, RMSNorm):
         model.__dict__[NORM_ATTR] = _ROOT
 
 
