@@ -75,7 +75,8 @@ class Branch(LlamaRMSNorm):
 
 class IgnoresItsEpsilon(LlamaRMSNorm):  # reads the attribute, adds a literal of its value
     def forward(self, x):
-        dtype, eps = x.dtype, self.variance_epsilon
+        dtype = x.dtype
+        eps = self.variance_epsilon  # noqa: F841
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.weight * h.to(dtype)
