@@ -23,9 +23,9 @@ from typing import Callable
 from torch import nn
 
 from . import norm_swap
-from .fused_class import EXCLUDED, fuse_candidates, report_row
+from .fused_class import fuse_candidates, report_row
 from .gate_proof import FusedGateModule, is_gate_candidate
-from .norm_proof import NORM_ATTR, FusedNormModule, is_norm_candidate
+from .norm_proof import FusedNormModule, is_norm_candidate
 from .python_versions import unsupported_reason, warn_once
 from .rope_proof import FusedRoPEModule, is_rope_candidate
 
@@ -140,12 +140,8 @@ def fuse_model_ops(
             unavailable.pop(kind, None)
             fuse_candidates(model, accept, is_candidate, mixin)
         elif kind == "rms_norm":  # its candidates are found without reading bytecode: each says so
-            for fqn, mod in model.named_modules():
-                if is_candidate(mod) and accept(mod, fqn):
-                    warn_once(reason)
-                    mod.__dict__[NORM_ATTR] = f"not attempted: {reason}"
-                elif is_candidate(mod):
-                    mod.__dict__[NORM_ATTR] = EXCLUDED
+            if fuse_candidates(model, accept, is_candidate, mixin, not_attempted=f"not attempted: {reason}"):
+                warn_once(reason)
         else:
             warn_once(reason)
             unavailable[kind] = f"not attempted: {reason}"

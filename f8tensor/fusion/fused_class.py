@@ -134,15 +134,22 @@ def _new_fused(base: type, mixin: type, cls: type | None = None):
     return obj
 
 
-def fuse_candidates(model: nn.Module, accept, is_candidate, mixin: type) -> None:
+def fuse_candidates(model: nn.Module, accept, is_candidate, mixin: type, not_attempted: str | None = None) -> int:
     """fuse_module every module of the model that is_candidate(module) picks and accept(module, fqn)
-    accepts; record the others it picks as excluded."""
+    accepts (or, given not_attempted, record that reason on it instead); record the others it picks
+    as excluded. Returns how many it accepted."""
+    accepted = 0
     for fqn, mod in model.named_modules():
         if is_candidate(mod):
             if accept(mod, fqn):
-                fuse_module(mod, mixin)
+                accepted += 1
+                if not_attempted is None:
+                    fuse_module(mod, mixin)
+                else:
+                    mod.__dict__[mixin._f8tensor_attr] = not_attempted
             else:
                 mod.__dict__[mixin._f8tensor_attr] = EXCLUDED
+    return accepted
 
 
 def report_row(mod: nn.Module, mixin: type, label: str) -> tuple[bool, str, bool] | None:
