@@ -1,14 +1,17 @@
-"""The benchmark's models written by others, at the shapes of train.py's arguments, random weights:
-torchtitan's Llama 3 (its PyPI wheel's model code) and Hugging Face's LlamaForCausalLM and
-Qwen2ForCausalLM (transformers). Each builder returns the model, built in bf16 on the current
-device, and its list of blocks, which train.py compiles, checkpoints and shards one by one.
+"""The benchmark's other models, at the shapes of train.py's arguments, random weights: torchtitan's
+Llama 3 (its PyPI wheel's model code), Hugging Face's LlamaForCausalLM and Qwen2ForCausalLM
+(transformers), and a model written here in another style than train.py's (`handwritten`: Meta's
+Llama 3 style, the complex RoPE and the SwiGLU inline in the block's forward). Each builder returns
+the model, built in bf16 on the current device, and its list of blocks, which train.py compiles,
+checkpoints and shards one by one.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MODELS = ("ours", "torchtitan", "hf_llama", "hf_qwen2")
+MODELS = ("ours", "torchtitan", "hf_llama", "hf_qwen2", "handwritten")
 
 
 def build(name: str, a) -> tuple[nn.Module, nn.ModuleList]:
@@ -18,6 +21,12 @@ def build(name: str, a) -> tuple[nn.Module, nn.ModuleList]:
         return _torchtitan(a)
     if name in ("hf_llama", "hf_qwen2"):
         return _hugging_face(name, a)
+    if name == "handwritten":
+        torch.manual_seed(a.seed)
+        model = HandWritten(a)
+        for p in model.parameters():  # the parameters only: the frequencies stay complex64
+            p.data = p.data.to(torch.bfloat16)
+        return model, model.blocks
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
@@ -54,6 +63,84 @@ def _torchtitan(a):
     if ffn != a.ffn:
         raise ValueError(f"torchtitan sized the FFN {ffn}, not --ffn {a.ffn}")
     return model, model.layers
+
+
+# --- handwritten: another style of the same model than train.py's ----------------------------------
+
+def frequencies(seq: int, head_dim: int, theta: float = 500000.0) -> torch.Tensor:
+    """e^(i * position * theta^(-2j / head_dim)), complex64 [seq, head_dim / 2]."""
+    inv = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(seq, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _as_broadcast(freqs: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    seq, pairs = xc.shape[1], xc.shape[-1]
+    assert freqs.dim() == 2 and freqs.shape[0] >= seq and freqs.shape[1] == pairs, (freqs.shape, xc.shape)
+    return freqs[:seq].view([seq if d == 1 else pairs if d == xc.dim() - 1 else 1 for d in range(xc.dim())])
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor):
+    """Rotate adjacent pairs of q and k [B, S, heads, head_dim] as complex numbers, in fp32."""
+    qc = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+    kc = torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2))
+    f = _as_broadcast(freqs, qc)
+    return torch.view_as_real(qc * f).flatten(3).type_as(q), torch.view_as_real(kc * f).flatten(3).type_as(k)
+
+
+class HandAttention(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = a.heads, a.kv_heads, a.dim // a.heads
+        self.q = nn.Linear(a.dim, a.heads * self.hd, bias=False)
+        self.k = nn.Linear(a.dim, a.kv_heads * self.hd, bias=False)
+        self.v = nn.Linear(a.dim, a.kv_heads * self.hd, bias=False)
+        self.o = nn.Linear(a.heads * self.hd, a.dim, bias=False)
+
+    def forward(self, x, freqs):
+        bsz, seq, _ = x.shape
+        q, k = rotary(self.q(x).view(bsz, seq, self.n_heads, self.hd),
+                      self.k(x).view(bsz, seq, self.n_kv, self.hd), freqs)
+        v = self.v(x).view(bsz, seq, self.n_kv, self.hd)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class HandBlock(nn.Module):
+    """Attention and a SwiGLU feed-forward whose gate is written in the block's own forward."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(a.dim, eps=1e-5), nn.RMSNorm(a.dim, eps=1e-5)
+        self.attn = HandAttention(a)
+        self.w1 = nn.Linear(a.dim, a.ffn, bias=False)
+        self.w2 = nn.Linear(a.ffn, a.dim, bias=False)
+        self.w3 = nn.Linear(a.dim, a.ffn, bias=False)
+
+    def forward(self, x, freqs):
+        x = x + self.attn(self.attn_norm(x), freqs)
+        h = self.mlp_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class HandWritten(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.embed = nn.Embedding(a.vocab, a.dim)
+        self.blocks = nn.ModuleList(HandBlock(a) for _ in range(a.layers))
+        self.norm = nn.RMSNorm(a.dim, eps=1e-5)
+        self.output = nn.Linear(a.dim, a.vocab, bias=False)
+        self.register_buffer("freqs", frequencies(a.seq, a.dim // a.heads), persistent=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h, self.freqs)
+        return self.output(self.norm(h))
 
 
 class Checkpointed(nn.Module):

@@ -238,11 +238,11 @@ def test_train_benchmark_under_fsdp2(tmp_path):
 
 
 @CPU_ONLY
-@pytest.mark.parametrize("model, fused", [("hf_llama", (5, 2, 2)), ("hf_qwen2", (5, 2, 2)), ("torchtitan", (5, 2, 0))])
+@pytest.mark.parametrize("model, fused", [("hf_llama", (5, 2, 2)), ("hf_qwen2", (5, 2, 2)), ("torchtitan", (5, 2, 2))])
 def test_train_benchmark_runs_model_code_written_elsewhere(tmp_path, model, fused):
     """--model: Hugging Face's Llama and Qwen2 and torchtitan's Llama 3, converted (every linear but
     the output projection) and fused as far as fuse_model_ops proves their code (torchtitan's RoPE
-    is the complex form, not fused), checkpointed every
+    in the complex form), checkpointed every
     2nd block; float8 starts from bf16's loss."""
     rows = run_train(tmp_path, "--model", model, "--rounds", "1", "--ac-modes", "none", "every2")
     assert [(r["ac"], r["config"], r["status"], r["model"]) for r in rows] == [

@@ -28,10 +28,14 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-def apply_rotary_emb_complex(x, freqs_cis):
-    """Meta's form: not a rotate_half rotation, so not proven (named like one: reported)."""
+ROPE_SCALE = 1.0
+
+
+def apply_rotary_emb_scaled(x, freqs_cis):
+    """Meta's complex form times a module-level number: a global that is not a function, so not
+    proven in either form (named like a rotary embedding: reported)."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
+    return (torch.view_as_real(xc * freqs_cis).flatten(-2) * ROPE_SCALE).type_as(x)
 
 
 class Attention(nn.Module):
@@ -46,7 +50,7 @@ class Attention(nn.Module):
 
 class ComplexAttention(Attention):
     def forward(self, x, freqs_cis):
-        return apply_rotary_emb_complex(self.wq(x), freqs_cis)
+        return apply_rotary_emb_scaled(self.wq(x), freqs_cis)
 
 
 class Block(nn.Module):
@@ -154,7 +158,8 @@ def test_strict_raises_when_a_switch_finds_nothing_and_names_the_form_it_saw():
 
     complex_rope = nn.Sequential(ComplexAttention())
     with pytest.raises(FusionError, match=r"0 \(rope\): RoPE not fused: its forward reads no rotary function "
-                                          r"proven \(apply_rotary_emb_complex: "):
+                                          r"proven \(apply_rotary_emb_scaled: .*in the complex form, "
+                                          r"apply_rotary_emb_scaled reads the global 'ROPE_SCALE'"):
         fuse_model_ops(complex_rope, rms_norm=False, swiglu=False, strict=True)
 
 

@@ -4,7 +4,7 @@ transformers or torchtitan that stops one of these fusions fails here instead of
 
 The proofs are pure Python, so these run on CPU (CI installs the pinned transformers and torchtitan
 of the `test` extra); the GPU machine runs the fused kernels in the other fusion tests. Where a
-library's form is not fused today (torchtitan's complex RoPE), strict mode must say so: that assert
+library's form is not fused, strict mode must say so: that assert
 changes when the fusion does."""
 
 import os
@@ -35,9 +35,9 @@ def fused_calls(monkeypatch):
         calls["swiglu"] += 1
         return swiglu(*args)
 
-    def counted_rope(*args):
+    def counted_rope(*args, **kwargs):
         calls["rope"] += 1
-        return rope(*args)
+        return rope(*args, **kwargs)
 
     def counted_norm(*args, **kwargs):
         calls["rms_norm"] += 1
@@ -102,18 +102,17 @@ def torchtitan_llama():
     return model
 
 
-def test_torchtitan_feed_forward_and_norms_are_fused(fused_calls):
+def test_torchtitan_feed_forward_norms_and_complex_rope_are_fused(fused_calls):
     model = torchtitan_llama()
     tokens = torch.randint(0, 256, (2, 32))
     want = model(tokens)
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn != "output")
-    with pytest.raises(FusionError, match=r"RoPE not fused: .*apply_rotary_emb reads .view_as_complex"):
-        fuse_model_ops(model, strict=True)  # the complex form: issue 23
-    report = fuse_model_ops(model, rope=False, strict=True)
+    report = fuse_model_ops(model, strict=True)
     assert fqns(report, "swiglu") == ["layers.0.feed_forward", "layers.1.feed_forward"]
+    assert fqns(report, "rope") == ["layers.0.attention", "layers.1.attention"]  # the complex form
     assert len(report.fused("rms_norm")) == 5  # attention_norm, ffn_norm per layer, and the final norm
     got = model(tokens)
-    assert fused_calls["swiglu"] == 2 and sqnr(want, got) > 15
+    assert fused_calls["swiglu"] == 2 and fused_calls["rope"] == 4 and sqnr(want, got) > 15
 
 
 def test_our_benchmark_and_demo_models_are_fused(fused_calls):

@@ -77,6 +77,7 @@ from torch import nn
 from ..fused_ops.rope import rope_checked
 from ..kernels import INPUT_DTYPES
 from ..core.class_swap import class_reason
+from . import rope_complex
 from .fused_class import (JUMPS, MULS, FusedModule, class_forward, global_value, globals_unchanged,
                           tracing)
 
@@ -112,7 +113,7 @@ class RotaryFunction:
     fn: types.FunctionType
     codes: tuple[tuple[types.FunctionType, types.CodeType, tuple | None, tuple[tuple[str, object], ...]], ...]
     run: object
-    rotations: int
+    rotations: int  # 0 for the complex form, whose rotations are proven per call signature
 
 
 # (function, its code, its defaults) -> RotaryFunction or why not; proven once (again if a helper changed).
@@ -282,7 +283,7 @@ def _prove_function(fn) -> RotaryFunction | str:
     codes = []
     reason = _function_code_reason(fn, codes)
     if reason:
-        return reason
+        return _prove_complex(fn, reason)
     tracer = torch.fx.Tracer()
     try:
         graph = tracer.trace(fn)
@@ -317,6 +318,23 @@ def _prove_function(fn) -> RotaryFunction | str:
     if inspect.signature(run) != inspect.signature(fn):  # fx renames arguments named like builtins
         return f"{fn.__name__}'s arguments do not survive rewriting: {inspect.signature(fn)}"
     return RotaryFunction(fn, tuple(codes), run, len(rotations))
+
+
+def _reads_view_as_complex(code: types.CodeType) -> bool:
+    return any(ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval == "view_as_complex"
+               for c in _code_objects(code) for ins in dis.get_instructions(c))
+
+
+def _prove_complex(fn, reason: str) -> RotaryFunction | str:
+    """fn proven in the complex form (rope_complex.py), if it or a function it reads calls view_as_complex;
+    else reason, why it is not the rotate_half form."""
+    codes = []
+    complex_reason = rope_complex.function_reason(fn, codes)
+    if not any(_reads_view_as_complex(code) for _, code, _, _ in codes) and not _reads_view_as_complex(fn.__code__):
+        return reason
+    if complex_reason:
+        return f"{reason}; in the complex form, {complex_reason}"
+    return RotaryFunction(fn, tuple(codes), rope_complex.ComplexRun(fn), 0)
 
 
 def _function_unchanged(fn: RotaryFunction) -> bool:
