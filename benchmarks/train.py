@@ -353,7 +353,9 @@ class Run:
 
     def result(self, a):
         step_s = statistics.median(self.times)
-        fp8 = sum(isinstance(m, Float8Linear) for m in self.model.modules())
+        # float8 layers of either library (torchao's Float8Linear is another class of the same name)
+        fp8 = sum(isinstance(m, nn.Linear) and type(m).__name__ == "Float8Linear" or isinstance(m, Float8Linear)
+                  for m in self.model.modules())
         report = fusion_report(self.model)
         fused_norms, fused_gates, fused_ropes = (len(report.fused(kind)) for kind in ("rms_norm", "swiglu", "rope"))
         return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,

@@ -12,7 +12,8 @@
 | fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
 | swapped classes | core/class_swap.SWAPPED_CLASSES | (f8tensor's layer, class) -> the converted subclass | cleared (converted modules keep theirs) |
 | silu proofs | fusion/gate_proof.SILU_PROOFS | activation classes proven (or not) to be silu | cleared (fused modules keep theirs) |
-| rotary proofs | fusion/rope_proof.PROOFS | functions proven (or not) to be rotate_half RoPE | cleared |
+| rotary proofs | fusion/rope_proof.PROOFS | functions proven (or not) to be RoPE; a complex-form proof holds its per-signature plans | cleared |
+| complex RoPE warnings | fusion/rope_complex.warned | (function, reason) pairs already warned about | cleared |
 | Python warning | fusion/python_versions.warned | whether the unsupported-Python warning was given | cleared |
 | launch plans | kernels/quantize.PLANS | recorded quantization launches | cleared |
 | relaunch cases | kernels/launch.RELAUNCHES | recorded launches of the fused ops' kernels | cleared |
@@ -30,7 +31,7 @@ from typing import Callable
 
 from . import kernels, torch_internals
 from .core import class_swap, tensor, tensor_cache, weight_cache
-from .fusion import fused_class, gate_proof, python_versions, rope_proof
+from .fusion import fused_class, gate_proof, python_versions, rope_complex, rope_proof
 
 try:
     from .kernels import launch, quantize
@@ -64,6 +65,7 @@ STORES = (
     Store("swapped classes", (class_swap.SWAPPED_CLASSES,), class_swap.SWAPPED_CLASSES.clear),
     Store("silu proofs", (gate_proof.SILU_PROOFS,), gate_proof.SILU_PROOFS.clear),
     Store("rotary proofs", (rope_proof.PROOFS,), rope_proof.PROOFS.clear),
+    Store("complex RoPE warnings", (rope_complex.warned,), rope_complex.warned.clear),
     Store("Python warning", (python_versions.warned,), _clear_flag(python_versions.warned)),
     Store("device capability", (kernels.device_capability,), kernels.device_capability.cache_clear),
 )

@@ -45,7 +45,9 @@ name it by __wrapped__ and keep it in a closure cell, the function they wrap), w
 neither writes nor deletes globals, names globals, exec or eval, nor defines a class (it runs with
 a globals mapping of its own, which class bodies and those would bypass or expose). Modules whose
 forward reads no proven function but one named like a rotary embedding (rotary, rope) are examined
-too, so that the report says why they are not fused (Meta's complex form, say).
+too, so that the report says why they are not fused. A function that fails this proof and reads
+view_as_complex (itself or in a helper) is examined in the complex form instead (rope_complex.py:
+Meta's and torchtitan's apply_rotary_emb), proven per call signature.
 
 At each call the module runs its class's own forward instead if that forward, or a function along
 its __wrapped__ path, was rebound or given other code or defaults since, or under fx symbolic
