@@ -35,7 +35,9 @@ written. A signature whose trace is not of that form runs the function as writte
 FusionWarning per function and reason. Values: rope's, fp32 math of the same products and sums
 (x1 c - x2 s, x2 c + x1 s) and one rounding to x's dtype, as the written code computes them; a
 complex multiply may contract a product and a sum into one fused multiply-add where rope does not,
-or the reverse, so results agree within one unit in the last place of x's dtype, not bit for bit.
+or the reverse, so results agree within one unit in the last place of x's dtype plus fp32 rounding
+at the magnitude of the pair (visible only for fp32 x, where the two products nearly cancel), not
+bit for bit.
 """
 
 import builtins
