@@ -36,6 +36,11 @@ class Float8Config:
     # is kept across calls: each forward casts both layouts in one pass and saves the column-major
     # copy for its backward (1 byte per parameter from forward to backward).
     keep_fp8_weight: bool = False
+    # FSDP2 all-gathers each Float8Linear weight in float8 (half the bytes), every rank casting its
+    # shard with the weight's global scale first (distributed/fsdp_float8.py): conversion makes the
+    # weights Float8AllGatherWeight parameters (new Parameter objects: build the optimizer after
+    # conversion). Off by default until measured faster on GPUs; not with keep_fp8_weight.
+    fsdp_float8_all_gather: bool = False
     # Round every scale down to a power of two (exact scaling, slightly less range used).
     power_of_2_scale: bool = False
     # Run the GEMMs in high precision on dequantized operands, for devices without fp8 GEMMs.
@@ -48,6 +53,10 @@ class Float8Config:
                     f"Float8Config.{name} must be torch.float8_e4m3fn or torch.float8_e5m2, "
                     f"got {getattr(self, name)}"
                 )
+        if self.fsdp_float8_all_gather and self.keep_fp8_weight:
+            raise ValueError(
+                "Float8Config: fsdp_float8_all_gather and keep_fp8_weight exclude each other: the weight "
+                "FSDP2 gathers is already float8 (cast once per all-gather); set keep_fp8_weight=False")
         if self.forward_dtype == torch.float8_e5m2 and self.backward_dtype == torch.float8_e5m2:
             raise ValueError(
                 "forward_dtype and backward_dtype are both float8_e5m2: the backward GEMMs would "

@@ -64,7 +64,9 @@ def convert_to_float8_training(
     (_scaled_mm cannot run them); kept layers are logged (logger "f8tensor") and listed by
     conversion_summary. Parameters are moved, not copied, so optimizers built before conversion
     keep working; so are the layer's forward, backward and state-dict hooks (parallelize_module's
-    among them). Converting twice is a no-op. Returns the module (a new one if `module` itself is
+    among them); with Float8Config(fsdp_float8_all_gather=True) the weights become new
+    Float8AllGatherWeight parameters instead (distributed/fsdp_float8.py). Converting twice is a
+    no-op. Returns the module (a new one if `module` itself is
     an nn.Linear).
     """
     if removed:
@@ -93,10 +95,16 @@ def convert_to_float8_training(
             logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)
             return mod
         if type(mod) is nn.Linear:
-            return Float8Linear.from_float(mod, config)
-        swap_class(mod, Float8Linear)  # a subclass keeps its object, methods and attributes
-        mod.config = config
-        return mod
+            new = Float8Linear.from_float(mod, config)
+        else:
+            swap_class(mod, Float8Linear)  # a subclass keeps its object, methods and attributes
+            mod.config = config
+            new = mod
+        if config.fsdp_float8_all_gather:
+            from ..distributed.fsdp_float8 import wrap_weight
+
+            wrap_weight(new, config)
+        return new
 
     for fqn, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):

@@ -28,11 +28,13 @@ import sys
 import torch
 from torch import nn
 
+from ..distributed.fsdp_float8 import Float8AllGatherWeight
 from ..kernels import quantize_with_amax
 from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
 from .class_swap import QuietSubclasses
 from .config import Float8Config
 from .ops import scaled_mm_data
+from .tensor import Float8Tensor
 from .tensor_cache import produced_amax, shared_input
 from .weight_cache import fp8_weight
 
@@ -82,7 +84,12 @@ class _Float8LinearFn(torch.autograd.Function):
         # saves the column-major copy: one read of the weight per step instead of two, for one
         # byte per parameter held from forward to backward. An fp32 weight (autocast) is cast
         # from fp32.
-        if config.keep_fp8_weight and not torch.compiler.is_compiling():
+        gathered = isinstance(weight, Float8Tensor)  # FSDP2's float8 all-gather (distributed/fsdp_float8.py)
+        if isinstance(weight, Float8AllGatherWeight):  # the same, outside FSDP2: its high-precision values
+            weight = weight._tensor
+        if gathered:  # row-major float8 [out, in] and its scale: backward reads it transposed
+            w_row, w_col, w_scale, w_amax = weight._data, None, weight._scale, None
+        elif config.keep_fp8_weight and not torch.compiler.is_compiling():
             w_row, w_col, w_scale = fp8_weight(weight, config)
         elif config.keep_fp8_weight and need_x_grad:
             w_row, w_col, w_scale, _ = quantize_with_amax(
@@ -92,6 +99,8 @@ class _Float8LinearFn(torch.autograd.Function):
                 weight, config.forward_dtype, "row", config.power_of_2_scale)
         if not need_x_grad:
             w_saved, w_info = None, None
+        elif gathered:
+            w_saved, w_info = w_row, w_scale
         else:
             w_saved, w_info = (w_col, w_scale) if w_col is not None else (weight, w_amax)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
@@ -106,6 +115,7 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.save_for_backward(saved_x, x_info, w_saved, w_info)
         ctx.config = config
         ctx.kept_weight = w_col is not None
+        ctx.gathered_weight = gathered
         ctx.saved_fp8 = save_fp8
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
@@ -136,6 +146,8 @@ class _Float8LinearFn(torch.autograd.Function):
         if need_x:
             if ctx.kept_weight:  # the kept (or, compiled, saved) column-major copy and its scale
                 w_col, w_scale = weight, w_info
+            elif ctx.gathered_weight:  # the gathered float8 weight, copied column-major: no cast
+                w_col, w_scale = weight.t().contiguous().t(), w_info
             else:  # same values as in forward (autograd checked the version): forward's amax, one pass
                 _, w_col, w_scale, _ = quantize_with_amax(
                     weight, config.forward_dtype, "col", config.power_of_2_scale, amax=w_info)

@@ -1,0 +1,172 @@
+"""FSDP2's float8 all-gather (Float8Config(fsdp_float8_all_gather=True), f8tensor/distributed/
+fsdp_float8.py), 2 ranks: CPU processes on gloo everywhere, two GPUs on NCCL where a machine has them.
+
+Each rank casts its weight shard with the weight's global scale, so the gathered float8 weight has
+the bits one process would cast: with the same batches on both ranks, sharded training with the
+float8 all-gather must reproduce single-process float8 training bit for bit, with or without
+precomputed scales, resharding after forward or not. (Float8 dims are multiples of 16, so two
+ranks always split dim 0 evenly: the padding of uneven shards is not exercised here.)"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group
+from torch import nn
+
+from f8tensor import Float8Config, Float8Linear, Float8Tensor, convert_to_float8_training, fuse_model_ops
+from f8tensor import precompute_float8_scales
+from f8tensor.distributed.fsdp_float8 import Float8AllGatherWeight
+
+STEPS = 3
+
+
+def make_model(all_gather: bool, device="cpu"):
+    """Six float8 layers (three, and a SwiGLU feed-forward's three), an RMSNorm, fused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.RMSNorm(128), nn.GELU(), nn.Linear(128, 48), nn.GELU(),
+                          nn.Linear(48, 32), SwiGLU(32, 64))
+    model = convert_to_float8_training(model.bfloat16().to(device), module_filter_fn=lambda mod, fqn: True,
+                                       config=Float8Config(fsdp_float8_all_gather=all_gather))
+    fuse_model_ops(model)
+    return model
+
+
+def train(model, device, precompute=False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(STEPS):
+        x = torch.randn(2, 16, 64, generator=g).bfloat16().to(device)
+        loss = model(x).float().square().mean()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+        if precompute:
+            assert precompute_float8_scales(model) == 6
+    return losses
+
+
+def sharded_run(rank, world, store, device_type, precompute, reshard, results):
+    device = join_process_group(rank, world, store, device_type)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = make_model(True, device)
+        mesh = init_device_mesh(device_type, (world,))
+        gathered = []
+        for layer in model.modules():
+            if isinstance(layer, Float8Linear):
+                fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+                layer.register_forward_pre_hook(lambda mod, args: gathered.append(type(mod.weight)))
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        local = model[0].weight.to_local()
+        assert isinstance(local, Float8AllGatherWeight) and local.shape == (64, 64)  # 128 rows / 2 ranks
+        losses = train(model, device, precompute)
+        state = model.state_dict()
+        assert type(state["0.weight"].to_local()) is torch.Tensor  # checkpoints hold plain bf16 shards
+        model.load_state_dict(state)
+        weights = [p.full_tensor().detach().cpu() for p in model.parameters()]
+        weights = [w._tensor if isinstance(w, Float8AllGatherWeight) else w for w in weights]
+        results[rank] = (losses, weights, set(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@TWO_RANK_DEVICES
+@pytest.mark.parametrize("precompute, reshard", [(False, True), (True, True), (True, False)],
+                         ids=["amax_per_gather", "precomputed", "precomputed_no_reshard"])
+def test_float8_all_gather_matches_single_process_bit_for_bit(precompute, reshard, device_type, tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, precompute, reshard, results), nprocs=2)
+        results = dict(results)
+    device = torch.device(device_type)
+    model = make_model(False, device)  # one process, the switch off: each forward casts the weight
+    want_losses = train(model, device)
+    for rank in (0, 1):
+        losses, weights, gathered = results[rank]
+        assert gathered == {Float8Tensor}  # every layer's forward read a float8 weight
+        assert losses == want_losses
+        for got, want in zip(weights, model.parameters()):
+            assert torch.equal(got, want.detach().cpu())
+
+
+def test_outside_fsdp2_the_weight_is_its_high_precision_values():
+    """One process with the switch on trains as with it off (the subclass unwraps in every op), and
+    the optimizer's step keeps the subclass; a precomputed amax is dropped when the weight is written."""
+    on, off = make_model(True), make_model(False)
+    assert isinstance(on[0].weight, Float8AllGatherWeight) and type(off[0].weight) is nn.Parameter
+    assert train(on, "cpu") == train(off, "cpu")
+    for a, b in zip(on.parameters(), off.parameters()):
+        assert torch.equal(a._tensor if isinstance(a, Float8AllGatherWeight) else a, b)
+    assert isinstance(on[0].weight, Float8AllGatherWeight)
+    state = on.state_dict()
+    assert type(state["0.weight"]) is torch.Tensor and torch.equal(state["0.weight"], off.state_dict()["0.weight"])
+    on.load_state_dict(off.state_dict())
+    assert isinstance(on[0].weight, Float8AllGatherWeight)
+    assert precompute_float8_scales(on) == 6
+    assert on[0].weight._precomputed is not None
+    with torch.no_grad():
+        on[0].weight.mul_(2)
+    assert on[0].weight._precomputed is None
+
+
+def test_keep_fp8_weight_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="fsdp_float8_all_gather and keep_fp8_weight exclude each other"):
+        Float8Config(fsdp_float8_all_gather=True, keep_fp8_weight=True)
+
+
+def gathered_bytes_run(rank, world, store, device_type, all_gather, results):
+    """Bytes FSDP2's all-gathers write in one forward (the collective's output, all ranks' shards)."""
+    device = join_process_group(rank, world, store, device_type)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = make_model(all_gather, device)
+        mesh = init_device_mesh(device_type, (world,))
+        for layer in model.modules():
+            if isinstance(layer, Float8Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # FSDP2's collective: all_gather_into_tensor (torch 2.11), all_gather_single (2.13)
+        moved, names = [], [n for n in ("all_gather_into_tensor", "all_gather_single") if hasattr(dist, n)]
+        real = {name: getattr(dist, name) for name in names}
+
+        def counted(name):
+            def call(output, input, *args, **kwargs):
+                moved.append(output.numel() * output.element_size())
+                return real[name](output, input, *args, **kwargs)
+            return call
+
+        for name in names:
+            setattr(dist, name, counted(name))
+        try:
+            model(torch.randn(2, 16, 64).bfloat16().to(device))
+        finally:
+            for name in names:
+                setattr(dist, name, real[name])
+        assert moved, "no all-gather was counted"
+        results[rank] = sum(moved)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@TWO_RANK_DEVICES
+def test_float8_all_gather_moves_one_byte_per_weight_element(device_type, tmp_path):
+    """The same forward gathers one byte less per float8 layer weight element than bf16 gathering
+    (biases, the norm's weight stay bf16)."""
+    moved = {}
+    for all_gather in (False, True):
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(gathered_bytes_run, args=(2, str(tmp_path / f"store{all_gather}"), device_type, all_gather,
+                                               results), nprocs=2)
+            moved[all_gather] = dict(results)[0]
+    weights = sum(m.weight.numel() for m in make_model(False).modules() if isinstance(m, Float8Linear))
+    assert moved[False] - moved[True] == weights
