@@ -21,18 +21,21 @@ from f8tensor.distributed.fsdp_float8 import Float8AllGatherWeight
 STEPS = 3
 
 
-def make_model(all_gather: bool, device="cpu"):
-    """Six float8 layers (three, and a SwiGLU feed-forward's three), an RMSNorm, fused."""
+def make_model(all_gather: bool, device="cpu", fused=True):
+    """Six float8 layers (three, and a SwiGLU feed-forward's three), an RMSNorm, fused. Without
+    fused (compiled cases), three float8 layers and no norm or gate: under compile those are
+    PyTorch's ops, whose bits differ from the eager kernels' the reference runs."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.RMSNorm(128), nn.GELU(), nn.Linear(128, 48), nn.GELU(),
-                          nn.Linear(48, 32), SwiGLU(32, 64))
+    layers = [nn.Linear(64, 128)] + ([nn.RMSNorm(128)] if fused else [])
+    layers += [nn.GELU(), nn.Linear(128, 48), nn.GELU(), nn.Linear(48, 32)] + ([SwiGLU(32, 64)] if fused else [])
+    model = nn.Sequential(*layers)
     model = convert_to_float8_training(model.bfloat16().to(device), module_filter_fn=lambda mod, fqn: True,
                                        config=Float8Config(fsdp_float8_all_gather=all_gather))
     fuse_model_ops(model)
     return model
 
 
-def train(model, device, precompute=False):
+def train(model, device, precompute=False, layers=6):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -44,17 +47,18 @@ def train(model, device, precompute=False):
         opt.step()
         opt.zero_grad()
         if precompute:
-            assert precompute_float8_scales(model) == 6
+            assert precompute_float8_scales(model) == layers
     return losses
 
 
-def sharded_run(rank, world, store, device_type, precompute, reshard, results):
+def sharded_run(rank, world, store, device_type, precompute, reshard, compiled, ac, results):
     device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        from torch.utils.checkpoint import checkpoint
 
-        model = make_model(True, device)
+        model = make_model(True, device, fused=not compiled)
         mesh = init_device_mesh(device_type, (world,))
         gathered = []
         for layer in model.modules():
@@ -64,7 +68,11 @@ def sharded_run(rank, world, store, device_type, precompute, reshard, results):
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         local = model[0].weight.to_local()
         assert isinstance(local, Float8AllGatherWeight) and local.shape == (64, 64)  # 128 rows / 2 ranks
-        losses = train(model, device, precompute)
+        if ac:  # the whole model recomputed in backward: the weights gathered again
+            forward = model.forward
+            model.forward = lambda x: checkpoint(forward, x, use_reentrant=False)
+        run = torch.compile(model, dynamic=False) if compiled else model
+        losses = train(run, device, precompute, layers=3 if compiled else 6)
         state = model.state_dict()
         assert type(state["0.weight"].to_local()) is torch.Tensor  # checkpoints hold plain bf16 shards
         model.load_state_dict(state)
@@ -77,15 +85,21 @@ def sharded_run(rank, world, store, device_type, precompute, reshard, results):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @TWO_RANK_DEVICES
-@pytest.mark.parametrize("precompute, reshard", [(False, True), (True, True), (True, False)],
-                         ids=["amax_per_gather", "precomputed", "precomputed_no_reshard"])
-def test_float8_all_gather_matches_single_process_bit_for_bit(precompute, reshard, device_type, tmp_path):
+@pytest.mark.parametrize("precompute, reshard, compiled, ac", [
+    (False, True, False, False), (True, True, False, False), (True, False, False, False), (True, True, False, True),
+    (True, True, True, False)], ids=["amax_per_gather", "precomputed", "precomputed_no_reshard", "checkpointed",
+                                     "compiled"])
+def test_float8_all_gather_matches_single_process_bit_for_bit(precompute, reshard, compiled, ac, device_type,
+                                                              tmp_path):
+    """Also with the model checkpointed (recomputation gathers the weights again) and compiled
+    (torch.compile over the sharded model, FSDP2's hooks outside the graphs, the same bits as eager)."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, precompute, reshard, results), nprocs=2)
+        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, precompute, reshard, compiled, ac,
+                                    results), nprocs=2)
         results = dict(results)
     device = torch.device(device_type)
-    model = make_model(False, device)  # one process, the switch off: each forward casts the weight
+    model = make_model(False, device, fused=not compiled)  # one process, the switch off: each forward casts
     want_losses = train(model, device)
     for rank in (0, 1):
         losses, weights, gathered = results[rank]

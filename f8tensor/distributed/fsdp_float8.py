@@ -31,9 +31,10 @@ single-process float8 training bit for bit (tests/test_fsdp_float8.py, gloo CPU 
 
 Not supported (clear errors): keep_fp8_weight together with the switch (the gathered weight is
 already float8), and FSDP2's resharding to a smaller mesh after forward (`reshard_after_forward`
-as an int: FSDP2 has no all-gather extension there). Not yet run: torch.compile of blocks with the
-switch on, tensor parallelism under it (2-D meshes), and any GPU measurement: the switch is off by
-default until measured faster.
+as an int: FSDP2 has no all-gather extension there). Tested on gloo CPU ranks: eager, with and
+without resharding after forward, with activation checkpointing, and under torch.compile of the
+sharded model. Not yet run: tensor parallelism under it (2-D meshes), NCCL, any GPU measurement:
+the switch is off by default until measured faster.
 """
 
 import math
