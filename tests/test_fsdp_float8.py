@@ -184,3 +184,58 @@ def test_float8_all_gather_moves_one_byte_per_weight_element(device_type, tmp_pa
             moved[all_gather] = dict(results)[0]
     weights = sum(m.weight.numel() for m in make_model(False).modules() if isinstance(m, Float8Linear))
     assert moved[False] - moved[True] == weights
+
+
+def fsdp_tp_run(rank, world, store, results):
+    """One of 4 CPU ranks on a (dp 2, tp 2) mesh: FSDP2 with the float8 all-gather over tensor-parallel
+    float8 layers, and the same model tensor-parallel only, fed the same batches."""
+    join_process_group(rank, world, store)
+    try:
+        from test_tensor_parallel import full
+        from test_tensor_parallel import train as tp_train
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        def model(all_gather):
+            torch.manual_seed(0)
+            m = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).bfloat16()
+            return convert_to_float8_training(m, module_filter_fn=lambda mod, fqn: True,
+                                              config=Float8Config(fsdp_float8_all_gather=all_gather))
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        both = model(True)
+        parallelize_module(both, mesh["tp"], plan)
+        for layer in (both[0], both[2]):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(both, mesh=mesh["dp"])
+        assert isinstance(both[0].weight.to_local(), Float8AllGatherWeight)
+        tp_only = model(False)
+        parallelize_module(tp_only, mesh["tp"], plan)
+        losses = tp_train(both)
+        assert precompute_float8_scales(both) == 2  # then one more step with the precomputed amaxes
+        losses += tp_train(both)[:1]
+        want = tp_train(tp_only)
+        want += tp_train(tp_only)[:1]
+        weights = [full(p).detach() for p in both.parameters()]
+        weights = [w._tensor if isinstance(w, Float8AllGatherWeight) else w for w in weights]
+        results[rank] = (losses, want, weights, [full(p).detach() for p in tp_only.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_over_tensor_parallel_with_float8_all_gather_matches_tensor_parallel(tmp_path):
+    """On a (dp, tp) mesh FSDP2 gathers each tp shard in float8 with the scale of that shard, the
+    scale tensor parallelism alone gives it: training matches tensor parallelism bit for bit, also
+    with precomputed scales (all-reduced over dp only)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(fsdp_tp_run, args=(4, str(tmp_path / "store"), results), nprocs=4)
+        results = dict(results)
+    for rank in range(4):
+        losses, want, weights, want_weights = results[rank]
+        assert losses == want
+        for got, w in zip(weights, want_weights):
+            assert torch.equal(got, w)

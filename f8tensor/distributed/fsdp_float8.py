@@ -33,8 +33,9 @@ Not supported (clear errors): keep_fp8_weight together with the switch (the gath
 already float8), and FSDP2's resharding to a smaller mesh after forward (`reshard_after_forward`
 as an int: FSDP2 has no all-gather extension there). Tested on gloo CPU ranks: eager, with and
 without resharding after forward, with activation checkpointing, and under torch.compile of the
-sharded model. Not yet run: tensor parallelism under it (2-D meshes), NCCL, any GPU measurement:
-the switch is off by default until measured faster.
+sharded model, and FSDP2 over tensor parallelism on a (dp, tp) mesh (each tp shard gathered with
+its own scale over dp, as tensor parallelism alone scales it). Not yet run: NCCL, any GPU
+measurement: the switch is off by default until measured faster.
 """
 
 import math
@@ -124,8 +125,8 @@ class Float8AllGatherWeight(torch.Tensor):
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         (data,), (scale, float8_dtype) = all_gather_outputs, metadata
         data = data.view(float8_dtype)
-        if out is not None:  # the same storage, gathered again: only the scale is new
-            out._scale = scale
+        if out is not None:  # the same storage, gathered again: only the scale is new (the
+            _local(out)._scale = scale  # Float8Tensor itself, or a DTensor's under tensor parallelism)
             return
         return Float8Tensor(data, scale, param_dtype, GemmRole.WEIGHT, self._config), (data,)
 
@@ -167,7 +168,7 @@ def _local(weight):
 @torch.no_grad()
 def precompute_float8_scales(model: nn.Module) -> int:
     """Every float8 all-gather weight's global amax in one all-reduce for the whole model (one
-    stacked amax per process group), used by the all-gathers until an in-place op writes the weight
+    stacked amax per process group: FSDP2's, the first dim of a (dp, tp) mesh), used by the all-gathers until an in-place op writes the weight
     (the next optimizer step; a weight written since all-reduces its own amax again): call it after
     each optimizer.step(). Returns how many weights it computed. Without it each all-gather
     all-reduces its own weight's amax."""
@@ -178,7 +179,10 @@ def precompute_float8_scales(model: nn.Module) -> int:
     groups: dict = {}
     for w in weights:
         mesh = getattr(w, "device_mesh", None)
-        groups.setdefault(None if mesh is None else mesh.get_group(), []).append(w)
+        # FSDP2's shard dim: the mesh's only dim, or its first (dp) on a (dp, tp) mesh of FSDP2 over
+        # tensor parallelism, where each tp shard keeps a scale of its own as tensor parallelism does
+        group = None if mesh is None else mesh.get_group(0) if mesh.ndim > 1 else mesh.get_group()
+        groups.setdefault(group, []).append(w)
     for group, members in groups.items():
         amaxes = torch.stack([amax_ref(_local(w)._tensor).to(torch.float32) for w in members])
         if group is not None and dist.get_world_size(group) > 1:
