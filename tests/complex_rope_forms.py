@@ -78,3 +78,9 @@ def one_tensor_class(fn):
     return type("OneAttention", (PairAttention,), {"forward": namespace["forward"]})
 
 
+
+
+def rotate_to_list(q, k, freqs):  # returns a list
+    qc = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+    kc = torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2))
+    return [torch.view_as_real(qc * freqs).flatten(3).type_as(q), torch.view_as_real(kc * freqs).flatten(3).type_as(k)]

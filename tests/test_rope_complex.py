@@ -169,3 +169,29 @@ def test_rebinding_the_helper_after_fusion_runs_the_written_code(monkeypatch, ro
         assert torch.equal(g, w)
     assert str(mod.__dict__[ROPE_ATTR]) == "RoPE fused: rotate_pairs run as f8tensor.rope"
     assert [r.fqn for r in fusion_report(mod).fused("rope")] == ["<root>"]
+
+
+def test_signature_cases_a_trace_would_get_wrong(rope_calls):
+    """The same tensor passed twice (make_fx traces it as one input) is a signature of its own;
+    lazily conjugated tables run as written; a table that would broadcast over the pairs runs as
+    written; a list comes back as a list."""
+    from complex_rope_forms import rotate_to_list
+
+    run = prove_function(rotate_pairs).run
+    torch.manual_seed(3)
+    q = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    freqs = freqs_cis()
+    run(q, q, freqs)  # first: one tensor twice
+    for got, want in zip(run(q, k, freqs), rotate_pairs(q, k, freqs)):
+        assert within_one_ulp(got, want)
+    calls = len(rope_calls)
+    for got, want in zip(run(q, k, freqs.conj()), rotate_pairs(q, k, freqs.conj())):
+        assert torch.equal(got, want)  # as written
+    assert len(rope_calls) == calls
+    one = prove_function(rotate_one).run
+    x = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    narrow = freqs_cis()[:, :1, None].expand(S, 1, 1).contiguous()  # [S, 1, 1]: broadcasts over the pairs
+    assert torch.equal(one(x, narrow), rotate_one(x, narrow)) and len(rope_calls) == calls
+    listed = prove_function(rotate_to_list).run(q, k, freqs_cis()[:, None])
+    assert type(listed) is list and len(listed) == 2

@@ -16,9 +16,10 @@ proof has two parts, both of which must hold:
   SAFE_BUILTINS and the attributes of ATTRIBUTES (shape queries, views, casts, the complex views),
   and stores nothing but locals and those cells: no global, attribute or item writes, no try or with
   block, no imports, no closure over outer scopes. Running it on fake tensors therefore runs nothing
-  of the user's and changes nothing.
-- once per call signature (each argument a plain tensor: shape, strides, dtype, device,
-  requires_grad): torch.fx's make_fx traces it on fake tensors of that signature (its branches and
+  of the user's and changes nothing outside its own tensors (an in-place operator such as `+=`
+  passes the walk; the trace then shows it, and such a function is not fused).
+- once per call signature (each argument a plain tensor, not a lazily conjugated or negated view:
+  shape, strides, dtype, device, requires_grad, and which arguments are the same tensor): torch.fx's make_fx traces it on fake tensors of that signature (its branches and
   loops run on those shapes) to ATen ops, which must be exactly, for each value returned, an
   argument x rotated by a table t:
       x, cast to fp32 unless it is fp32, viewed as x.shape[:-1] + [D / 2, 2], view_as_complex,
@@ -29,8 +30,8 @@ proof has two parts, both of which must hold:
 
 A proven signature runs each rotation as f8tensor.rope(x, cos, sin, interleaved=True), cos and sin the
 real and imaginary parts of t (the chain of views replayed on the argument), each repeated twice
-along the last dim, where x is contiguous with at least MIN_FUSED_NUMEL elements and t does not
-require grad; otherwise, and for every call that is not all plain tensors, the function runs as
+along the last dim, where x is contiguous with at least MIN_FUSED_NUMEL elements and t has D / 2
+entries in its last dim (no broadcasting over the pairs) and does not require grad; otherwise, and for every call that is not all plain tensors, the function runs as
 written. A signature whose trace is not of that form runs the function as written, with one
 FusionWarning per function and reason. Values: rope's, fp32 math of the same products and sums
 (x1 c - x2 s, x2 c + x1 s) and one rounding to x's dtype, as the written code computes them; a
@@ -147,8 +148,8 @@ class Plan:
     """A proven signature: for each returned value, (argument index of x, argument index of t,
     the chain of views from that argument to t as (op, constant arguments) pairs)."""
 
-    def __init__(self, rotations, single: bool):
-        self.rotations, self.single = rotations, single
+    def __init__(self, rotations, single: bool, container: type = tuple):
+        self.rotations, self.single, self.container = rotations, single, container
 
 
 def _one_user(node) -> bool:
@@ -260,7 +261,7 @@ def trace_plan(fn, args) -> Plan | str:
     if set(nodes) - covered - table_nodes:
         extra = sorted(str(n.target) for n in set(nodes) - covered - table_nodes)
         return f"{fn.__name__} computes more than its rotations ({', '.join(extra)})"
-    return Plan(tuple(rotations), single)
+    return Plan(tuple(rotations), single, list if isinstance(out.args[0], list) else tuple)  # fx: immutable_list
 
 
 def _tables(t: torch.Tensor):
@@ -277,12 +278,15 @@ def _replay(t: torch.Tensor, views) -> torch.Tensor:
 
 
 def _signature(args) -> tuple:
-    return tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args)
+    """What a trace specialises on: each argument's shape, strides, dtype, device and requires_grad,
+    and which arguments are the same tensor (make_fx traces one tensor passed twice as one input)."""
+    return tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad,
+                  next(j for j, b in enumerate(args) if b is a)) for a in args)
 
 
 def _fusable(x: torch.Tensor, t: torch.Tensor) -> bool:
     return (x.dtype in INPUT_DTYPES and x.is_contiguous() and x.numel() >= rope_proof.MIN_FUSED_NUMEL and 2 <= x.dim() <= 4
-            and not t.requires_grad and t.device == x.device
+            and not t.requires_grad and t.device == x.device and t.dim() >= 1 and t.shape[-1] == x.shape[-1] // 2
             and torch.broadcast_shapes(t.shape, (*x.shape[:-1], x.shape[-1] // 2)) == (*x.shape[:-1], x.shape[-1] // 2))
 
 
@@ -302,8 +306,8 @@ class ComplexRun:
             return fn(*args, **kwargs)  # raises as written
         bound.apply_defaults()
         values = tuple(bound.arguments.values())
-        if not all(type(v) is torch.Tensor for v in values):
-            return fn(*args, **kwargs)
+        if not all(type(v) is torch.Tensor and not (v.is_conj() or v.is_neg()) for v in values):
+            return fn(*args, **kwargs)  # (lazily conjugated or negated views: the written code resolves them)
         key = _signature(values)
         plan = self.plans.get(key)
         if plan is None:
@@ -324,4 +328,4 @@ class ComplexRun:
         cos_sin = {key: _tables(t) for key, t in tables.items()}
         outs = tuple(rope_proof.rope_checked(values[x_index], *cos_sin[(t_index, tuple(views))], interleaved=True)
                      for x_index, t_index, views in plan.rotations)
-        return outs[0] if plan.single else outs
+        return outs[0] if plan.single else plan.container(outs)
