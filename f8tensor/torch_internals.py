@@ -15,7 +15,11 @@ Read through functions below:
 - `torch._C._cuda_getCurrentRawStream` (`current_raw_stream`: the stream handle Triton's own
   launcher passes, for the kernels' direct relaunch);
 - the hook dictionaries of nn.Module (`module_hook_attributes`, `has_hooks`);
-- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place).
+- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place; `written_arguments`);
+- `torch.distributed.tensor.placement_types._StridedShard` (`shard_placements`: FSDP2's placement
+  over tensor parallelism, which distributed/fsdp_float8.py finds to know which group it gathers over);
+- `torch.fx.experimental.proxy_tensor.make_fx` (public in name, documented as a prototype: the
+  complex RoPE fusion traces with it, fusion/rope_complex.py).
 
 Used where they are, as PyTorch's own subclass and module code uses them: `Tensor._version` (the
 version counter in-place writes bump), `Tensor._base` (a view's base),
@@ -114,6 +118,28 @@ def current_raw_stream(device_index: int) -> int:
 def is_mutating(func) -> bool:
     """Whether an aten op writes into one of its arguments (its schema says so)."""
     return func._schema.is_mutable
+
+
+def written_arguments(func, args, kwargs) -> list:
+    """The arguments an aten op writes into (its schema's Tensor(a!) arguments), lists flattened."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            written += value if isinstance(value, (list, tuple)) else [value]
+    return written
+
+
+def shard_placements() -> tuple:
+    """The DTensor placement types that shard a dim: Shard, and FSDP2's _StridedShard over tensor
+    parallelism (private; not a subclass of Shard)."""
+    from torch.distributed.tensor import Shard
+
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover (every supported torch has it; the test says so)
+        return (Shard,)
+    return (Shard, _StridedShard)
 
 
 def module_hook_attributes() -> list[str]:

@@ -35,11 +35,11 @@ def make_model(all_gather: bool, device="cpu", fused=True):
     return model
 
 
-def train(model, device, precompute=False, layers=6):
+def train(model, device, precompute=False, layers=6, steps=STEPS):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         x = torch.randn(2, 16, 64, generator=g).bfloat16().to(device)
         loss = model(x).float().square().mean()
         loss.backward()
@@ -122,11 +122,61 @@ def test_outside_fsdp2_the_weight_is_its_high_precision_values():
     assert type(state["0.weight"]) is torch.Tensor and torch.equal(state["0.weight"], off.state_dict()["0.weight"])
     on.load_state_dict(off.state_dict())
     assert isinstance(on[0].weight, Float8AllGatherWeight)
-    assert precompute_float8_scales(on) == 6
-    assert on[0].weight._precomputed is not None
-    with torch.no_grad():
-        on[0].weight.mul_(2)
-    assert on[0].weight._precomputed is None
+
+
+def test_a_precomputed_amax_is_dropped_where_the_weight_may_change_and_kept_on_reads():
+    """Dropped by a write through the weight or a view of it (.data, .detach()), by an optimizer
+    step and by load_state_dict; kept when the weight is only read (also by an in-place op writing
+    elsewhere), so that every rank, doing the same, takes the same path at the next all-gather."""
+    model = make_model(True)
+    record = model[0].weight._precomputed
+
+    def precomputed():
+        assert precompute_float8_scales(model) == 6
+        assert record.amax is not None
+
+    for write in (lambda w: w.mul_(1), lambda w: w.data.mul_(1), lambda w: w.detach().add_(0),
+                  lambda w: w.view(-1)[:1].zero_()):
+        precomputed()
+        with torch.no_grad():
+            write(model[0].weight)
+        assert record.amax is None
+    precomputed()
+    snapshot = torch.empty_like(model[0].weight._tensor)
+    snapshot.copy_(model[0].weight)  # a read
+    torch.mul(model[0].weight, 2)
+    assert record.amax is not None
+    model.load_state_dict(model.state_dict())
+    assert record.amax is None
+    precomputed()
+    train(model, "cpu", steps=1)
+    assert record.amax is None  # the optimizer step
+
+
+def test_a_weight_sharded_along_another_dim_is_refused(tmp_path):
+    """shard_placement_fn other than FSDP2's default dim 0: refused with the reason at the first gather."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(dim1_run, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        assert all("shards along dim 0" in r for r in dict(results).values())
+
+
+def dim1_run(rank, world, store, results):
+    join_process_group(rank, world, store, "cpu")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        model = make_model(True, fused=False)
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+        try:
+            model(torch.randn(2, 16, 64).bfloat16())
+            results[rank] = "no error"
+        except ValueError as e:
+            results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_keep_fp8_weight_is_refused_with_the_reason():
@@ -239,3 +289,45 @@ def test_fsdp2_over_tensor_parallel_with_float8_all_gather_matches_tensor_parall
         assert losses == want
         for got, w in zip(weights, want_weights):
             assert torch.equal(got, w)
+
+
+def hsdp_run(rank, world, store, results):
+    """One of 4 CPU ranks, HSDP on a (replicate 2, shard 2) mesh with the float8 all-gather and
+    precomputed scales."""
+    join_process_group(rank, world, store, "cpu")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = make_model(True)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for layer in model.modules():
+            if isinstance(layer, Float8Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with torch.no_grad():  # rows of very different size on the two shard ranks: one global amax needed
+            model[0].weight.to_local()[:].mul_(4 if mesh.get_local_rank("shard") == 0 else 1)
+        losses = train(model, "cpu", precompute=True)
+        weights = [p.full_tensor().detach() for p in model.parameters()]
+        results[rank] = (losses, [w._tensor if isinstance(w, Float8AllGatherWeight) else w for w in weights])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_hsdp_precomputed_scales_reduce_over_the_shard_group(tmp_path):
+    """Under HSDP the precomputed amax is all-reduced over the shard dim (the mesh's second), not the
+    replicate dim: training matches one process bit for bit (the same batch on all 4 ranks)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(hsdp_run, args=(4, str(tmp_path / "store"), results), nprocs=4)
+        results = dict(results)
+    model = make_model(False)
+    with torch.no_grad():
+        model[0].weight[:64].mul_(4)  # the shard rank 0's rows, as above
+    want = train(model, "cpu")
+    for rank in range(4):
+        losses, weights = results[rank]
+        assert losses == want
+        for got, w in zip(weights, model.parameters()):
+            assert torch.equal(got, w.detach())

@@ -15,40 +15,49 @@ as fully_shard's sharding does, keep the subclass), and that implements FSDP2's 
 extension (`fsdp_pre_all_gather`, `fsdp_post_all_gather`):
 
 - before the all-gather, each rank quantizes its shard with the scale of the whole weight: the
-  global amax is the precomputed one (`precompute_float8_scales`, valid until the weight changes)
-  or, otherwise, max(|shard|) all-reduced (MAX) over the shard's process group, one small
-  all-reduce per weight and all-gather. The float8 data is all-gathered as bytes (uint8, which
-  every backend moves), padded to FSDP2's padded shard size where the weight does not divide evenly;
+  global amax is the precomputed one (`precompute_float8_scales`: kept until the next optimizer
+  step, load_state_dict or write through the weight or one of its views) or, otherwise,
+  max(|shard|) all-reduced (MAX) over the shard's process group, one small all-reduce per weight
+  and all-gather. The float8 data is all-gathered as bytes (uint8, which every backend moves),
+  padded to FSDP2's padded shard size where the weight does not divide evenly;
+- after the all-gather, the gathered bytes are the float8 weight [out, in], row-major, with that
+  scale: a Float8Tensor, which Float8Linear's forward GEMM reads as is and its backward GEMM reads
+  transposed (a float8 copy into column-major, no cast);
 - state dicts (and so checkpoints, torch.distributed.checkpoint) hold the plain high-precision
-  weight, as without the switch; loading one writes into the subclass's values;
-- after the all-gather, the gathered bytes are the float8 weight [out, in], row-major, with that scale: a
-  Float8Tensor, which Float8Linear's forward GEMM reads as is and its backward GEMM reads
-  transposed (a float8 copy into column-major, no cast).
+  weight, as without the switch; loading one writes into the subclass's values.
 
 Quantizing a shard with the global amax gives exactly the bits quantizing the whole weight gives
-(the cast is elementwise with one multiplier), so training with the float8 all-gather reproduces
-single-process float8 training bit for bit (tests/test_fsdp_float8.py, gloo CPU ranks).
+(the cast is elementwise with one multiplier). So where FSDP2's averaged gradient is the
+single-process one (the same batch on every rank, a world size whose average is exact), training
+with the float8 all-gather reproduces single-process float8 training bit for bit
+(tests/test_fsdp_float8.py, gloo CPU ranks). Under a mixed-precision policy (fp32 parameters,
+param_dtype bf16) the shard is cast to float8 from fp32, where gathering in bf16 casts the
+bf16-rounded weight: the two differ by that rounding.
 
-Not supported (clear errors): keep_fp8_weight together with the switch (the gathered weight is
-already float8), and FSDP2's resharding to a smaller mesh after forward (`reshard_after_forward`
-as an int: FSDP2 has no all-gather extension there). Tested on gloo CPU ranks: eager, with and
-without resharding after forward, with activation checkpointing, and under torch.compile of the
-sharded model, and FSDP2 over tensor parallelism on a (dp, tp) mesh (each tp shard gathered with
-its own scale over dp, as tensor parallelism alone scales it). Not yet run: NCCL, any GPU
+Refused with the reason: keep_fp8_weight together with the switch (the gathered weight is already
+float8), and a shard_placement_fn other than dim 0. FSDP2 has no all-gather extension for
+resharding to a smaller mesh after forward (`reshard_after_forward` as an int) and fails there with
+its own error. Tested on gloo CPU ranks: eager, with and without resharding after forward, with
+activation checkpointing, under torch.compile of the sharded model, and FSDP2 over tensor
+parallelism on a (dp, tp) mesh (each tp shard gathered with its own scale over dp, as tensor
+parallelism alone scales it). Not yet run: NCCL, any GPU measurement: the switch is off by default
+until measured faster.
 measurement: the switch is off by default until measured faster.
 """
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._pytree import tree_map
 
 from ..core.config import Float8Config
 from ..core.tensor import Float8Tensor, GemmRole
 from ..kernels import amax_ref, quantize_with_amax
-from ..torch_internals import is_mutating
+from ..torch_internals import is_mutating, shard_placements, written_arguments
 
 _aten = torch.ops.aten
 # Ops whose result is the weight itself or a view / copy of it (fully_shard's sharding, padding,
@@ -60,21 +69,49 @@ _PRESERVE = frozenset({
     _aten.detach.default, _aten.alias.default, _aten.narrow.default})
 
 
+# Ops that make a view of the weight: the result shares its precomputed amax (the same values).
+_VIEWS = frozenset({_aten.slice.Tensor, _aten.view.default, _aten.as_strided.default, _aten.split.Tensor,
+                    _aten.chunk.default, _aten.detach.default, _aten.alias.default, _aten.narrow.default})
+
+
+class Precomputed:
+    """The global amax precompute_float8_scales found for one weight, shared by the weight's views
+    (FSDP2's padded shard and the local tensor it swaps in, `.data`, `.detach()`): None once a write
+    through any of them, an optimizer step or a load_state_dict may have changed the values."""
+
+    __slots__ = ("amax", "__weakref__")
+
+    def __init__(self):
+        self.amax = None
+
+
+# Precomputed records holding an amax, which every torch.optim step clears (state.py lists it).
+HOLDING: "weakref.WeakSet[Precomputed]" = weakref.WeakSet()
+OPTIMIZER_HOOK: list = []  # the hook that clears them, registered once (state.py lists it)
+
+
+def _on_optimizer_step(optimizer, args, kwargs) -> None:
+    for record in list(HOLDING):
+        record.amax = None
+    HOLDING.clear()
+
+
 class Float8AllGatherWeight(torch.Tensor):
     """A high-precision weight (`_tensor`) that FSDP2 all-gathers as float8 (module docstring)."""
 
     _tensor: torch.Tensor
     _config: Float8Config
-    _precomputed: torch.Tensor | None  # the global amax, until an in-place op writes the weight
+    _precomputed: Precomputed
 
     @staticmethod
-    def __new__(cls, tensor: torch.Tensor, config: Float8Config):
+    def __new__(cls, tensor: torch.Tensor, config: Float8Config, precomputed: Precomputed | None = None):
         if isinstance(tensor, Float8AllGatherWeight):
             raise TypeError("the tensor is already a Float8AllGatherWeight")
         self = torch.Tensor._make_wrapper_subclass(
             cls, tensor.shape, strides=tensor.stride(), storage_offset=tensor.storage_offset(),
             dtype=tensor.dtype, layout=tensor.layout, device=tensor.device, requires_grad=tensor.requires_grad)
-        self._tensor, self._config, self._precomputed = tensor, config, None
+        self._tensor, self._config = tensor, config
+        self._precomputed = Precomputed() if precomputed is None else precomputed
         return self
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -84,22 +121,28 @@ class Float8AllGatherWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        config = None
-        mutating = is_mutating(func)
+        kwargs = kwargs or {}
+        if is_mutating(func):  # a write into the weight: the precomputed amax no longer holds
+            for t in written_arguments(func, args, kwargs):
+                if isinstance(t, Float8AllGatherWeight):
+                    t._precomputed.amax = None
+        source = None
 
         def unwrap(t):
-            nonlocal config
+            nonlocal source
             if isinstance(t, Float8AllGatherWeight):
-                config = t._config
-                if mutating:  # an optimizer step, a load: the precomputed amax no longer holds
-                    t._precomputed = None
+                if source is None:
+                    source = t
                 return t._tensor
             return t
 
-        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         if func not in _PRESERVE:
             return out
-        return tree_map(lambda t: Float8AllGatherWeight(t, config) if type(t) is torch.Tensor else t, out)
+        # views share the weight's precomputed amax; copies (new storage) start without one
+        shared = source._precomputed if func in _VIEWS else None
+        return tree_map(lambda t: Float8AllGatherWeight(t, source._config, shared) if type(t) is torch.Tensor
+                        else t, out)
 
     def __tensor_flatten__(self):
         return ["_tensor"], self._config
@@ -110,7 +153,12 @@ class Float8AllGatherWeight(torch.Tensor):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         config, shard = self._config, self._tensor
-        amax = self._precomputed
+        if tuple(shard.shape[1:]) != tuple(outer_size[1:]):
+            raise ValueError(
+                f"fsdp_float8_all_gather gathers weights FSDP2 shards along dim 0 (its default placement); this "
+                f"one is sharded otherwise ({tuple(shard.shape)} of {tuple(outer_size)}): leave shard_placement_fn "
+                "at its default or turn the switch off")
+        amax = self._precomputed.amax
         if amax is None:  # none, or the weight was written since (a step without precompute_float8_scales)
             amax = amax_ref(shard).to(torch.float32)
             if mesh.size() > 1:
@@ -142,6 +190,14 @@ def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
                         "(convert before fully_shard and before tensor parallelism)")
     linear.weight = nn.Parameter(Float8AllGatherWeight(weight.data, config), requires_grad=weight.requires_grad)
     linear._register_state_dict_hook(_plain_weight)
+    linear._register_load_state_dict_pre_hook(_forget_precomputed, with_module=True)
+
+
+def _forget_precomputed(module, *args):
+    """Loading writes the weight: its precomputed amax no longer holds (on every rank alike)."""
+    local = _local(module.weight)
+    if isinstance(local, Float8AllGatherWeight):
+        local._precomputed.amax = None
 
 
 def _plain_weight(module, state_dict, prefix, local_metadata):
@@ -168,25 +224,41 @@ def _local(weight):
 @torch.no_grad()
 def precompute_float8_scales(model: nn.Module) -> int:
     """Every float8 all-gather weight's global amax in one all-reduce for the whole model (one
-    stacked amax per process group: FSDP2's, the first dim of a (dp, tp) mesh), used by the all-gathers until an in-place op writes the weight
-    (the next optimizer step; a weight written since all-reduces its own amax again): call it after
-    each optimizer.step(). Returns how many weights it computed. Without it each all-gather
-    all-reduces its own weight's amax."""
+    stacked amax per process group FSDP2 gathers over), used by the all-gathers until the weight may
+    have changed: the next torch.optim step, load_state_dict, or an in-place write through the weight
+    or a view of it (`.data`, `.detach()`); a weight changed since all-reduces its own amax again. Call
+    it after each optimizer.step(), on every rank (it all-reduces). Writes the weight cannot see
+    (through another tensor sharing its storage, a collective or custom kernel writing into it) need
+    a call of it afterwards, or the next gather casts with the old amax. Returns how many weights it
+    computed. Without it each all-gather all-reduces its own weight's amax."""
     weights = [m.weight for m in model.modules() if isinstance(_local(getattr(m, "weight", None)),
                                                                  Float8AllGatherWeight)]
     if not weights:
         return 0
+    if not OPTIMIZER_HOOK:
+        OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
     groups: dict = {}
     for w in weights:
-        mesh = getattr(w, "device_mesh", None)
-        # FSDP2's shard dim: the mesh's only dim, or its first (dp) on a (dp, tp) mesh of FSDP2 over
-        # tensor parallelism, where each tp shard keeps a scale of its own as tensor parallelism does
-        group = None if mesh is None else mesh.get_group(0) if mesh.ndim > 1 else mesh.get_group()
-        groups.setdefault(group, []).append(w)
+        groups.setdefault(_shard_group(w), []).append(w)
     for group, members in groups.items():
         amaxes = torch.stack([amax_ref(_local(w)._tensor).to(torch.float32) for w in members])
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
         for w, amax in zip(members, amaxes):
-            _local(w)._precomputed = amax
+            record = _local(w)._precomputed
+            record.amax = amax
+            HOLDING.add(record)
     return len(weights)
+
+
+def _shard_group(weight):
+    """The process group FSDP2 gathers this weight over: the mesh dim of its first Shard placement
+    (FSDP2's; under HSDP the first dim replicates, under FSDP2 over tensor parallelism the tp shard
+    comes after), or None for a weight that is not a DTensor."""
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return None
+    dims = [i for i, p in enumerate(weight.placements) if isinstance(p, shard_placements())]
+    if not dims:
+        return None
+    return mesh.get_group(dims[0]) if mesh.ndim > 1 else mesh.get_group()
