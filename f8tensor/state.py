@@ -8,7 +8,7 @@
 | produced amax | core/tensor_cache.produced_amax | amax records the fused ops measured, per thread | cleared |
 | kept weights | core/weight_cache.ENTRIES | float8 copies of weights (keep_fp8_weight) | cleared |
 | optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
-| precomputed amaxes | distributed/fsdp_float8.HOLDING | the float8 all-gather weights' precomputed amaxes | dropped |
+| precomputed-amax generation | distributed/fsdp_float8.GENERATION | a counter that optimizer steps and loads move on: precomputed amaxes of older generations are not used | kept (the amaxes still valid stay valid) |
 | all-gather optimizer hook | distributed/fsdp_float8.OPTIMIZER_HOOK | the hook that drops them at each step | kept (registered once) |
 | saved-tensor names | torch_internals.SAVED_NAMES | autograd node type -> its _saved_* attribute names | cleared |
 | fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
@@ -63,7 +63,7 @@ STORES = (
     Store("produced amax", (tensor_cache.produced_amax,), tensor_cache.produced_amax.clear),
     Store("kept weights", (weight_cache.ENTRIES,), weight_cache.forget_fp8_weights),
     Store("optimizer hook", (weight_cache.OPTIMIZER_HOOK,), None),
-    Store("precomputed amaxes", (fsdp_float8.HOLDING,), lambda: fsdp_float8._on_optimizer_step(None, (), {})),
+    Store("precomputed-amax generation", (fsdp_float8.GENERATION,), None),
     Store("all-gather optimizer hook", (fsdp_float8.OPTIMIZER_HOOK,), None),
     Store("saved-tensor names", (torch_internals.SAVED_NAMES,), torch_internals.SAVED_NAMES.clear),
     Store("fused classes", (fused_class.FUSED_CLASSES,), fused_class.FUSED_CLASSES.clear),

@@ -15,8 +15,8 @@ as fully_shard's sharding does, keep the subclass), and that implements FSDP2's 
 extension (`fsdp_pre_all_gather`, `fsdp_post_all_gather`):
 
 - before the all-gather, each rank quantizes its shard with the scale of the whole weight: the
-  global amax is the precomputed one (`precompute_float8_scales`: kept until the next optimizer
-  step, load_state_dict or write through the weight or one of its views) or, otherwise,
+  global amax is the precomputed one (`precompute_float8_scales`: valid until the next optimizer
+  step or load_state_dict, events every rank sees alike) or, otherwise,
   max(|shard|) all-reduced (MAX) over the shard's process group, one small all-reduce per weight
   and all-gather. The float8 data is all-gathered as bytes (uint8, which every backend moves),
   padded to FSDP2's padded shard size where the weight does not divide evenly;
@@ -46,7 +46,6 @@ measurement: the switch is off by default until measured faster.
 """
 
 import math
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -57,7 +56,7 @@ from torch.utils._pytree import tree_map
 from ..core.config import Float8Config
 from ..core.tensor import Float8Tensor, GemmRole
 from ..kernels import amax_ref, quantize_with_amax
-from ..torch_internals import is_mutating, shard_placements, written_arguments
+from ..torch_internals import shard_placements
 
 _aten = torch.ops.aten
 # Ops whose result is the weight itself or a view / copy of it (fully_shard's sharding, padding,
@@ -69,31 +68,26 @@ _PRESERVE = frozenset({
     _aten.detach.default, _aten.alias.default, _aten.narrow.default})
 
 
-# Ops that make a view of the weight: the result shares its precomputed amax (the same values).
-_VIEWS = frozenset({_aten.slice.Tensor, _aten.view.default, _aten.as_strided.default, _aten.split.Tensor,
-                    _aten.chunk.default, _aten.detach.default, _aten.alias.default, _aten.narrow.default})
-
-
 class Precomputed:
-    """The global amax precompute_float8_scales found for one weight, shared by the weight's views
-    (FSDP2's padded shard and the local tensor it swaps in, `.data`, `.detach()`): None once a write
-    through any of them, an optimizer step or a load_state_dict may have changed the values."""
+    """The global amax precompute_float8_scales found for one weight, and the generation it was
+    found in. Shared by every tensor made from the weight (views, and the copies FSDP2 pads its
+    shards with), so all of them read it; valid while GENERATION has not moved on."""
 
-    __slots__ = ("amax", "__weakref__")
+    __slots__ = ("amax", "generation")
 
     def __init__(self):
-        self.amax = None
+        self.amax, self.generation = None, -1
 
 
-# Precomputed records holding an amax, which every torch.optim step clears (state.py lists it).
-HOLDING: "weakref.WeakSet[Precomputed]" = weakref.WeakSet()
-OPTIMIZER_HOOK: list = []  # the hook that clears them, registered once (state.py lists it)
+# Moves on at every torch.optim step and load_state_dict of a layer with the switch: events every
+# rank sees alike, so the ranks agree whether a precomputed amax is still valid, and so whether an
+# all-gather all-reduces first (state.py lists it and the hook).
+GENERATION = [0]
+OPTIMIZER_HOOK: list = []
 
 
-def _on_optimizer_step(optimizer, args, kwargs) -> None:
-    for record in list(HOLDING):
-        record.amax = None
-    HOLDING.clear()
+def _next_generation(*args, **kwargs) -> None:
+    GENERATION[0] += 1
 
 
 class Float8AllGatherWeight(torch.Tensor):
@@ -121,11 +115,6 @@ class Float8AllGatherWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if is_mutating(func):  # a write into the weight: the precomputed amax no longer holds
-            for t in written_arguments(func, args, kwargs):
-                if isinstance(t, Float8AllGatherWeight):
-                    t._precomputed.amax = None
         source = None
 
         def unwrap(t):
@@ -136,13 +125,11 @@ class Float8AllGatherWeight(torch.Tensor):
                 return t._tensor
             return t
 
-        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
         if func not in _PRESERVE:
             return out
-        # views share the weight's precomputed amax; copies (new storage) start without one
-        shared = source._precomputed if func in _VIEWS else None
-        return tree_map(lambda t: Float8AllGatherWeight(t, source._config, shared) if type(t) is torch.Tensor
-                        else t, out)
+        return tree_map(lambda t: Float8AllGatherWeight(t, source._config, source._precomputed)
+                        if type(t) is torch.Tensor else t, out)
 
     def __tensor_flatten__(self):
         return ["_tensor"], self._config
@@ -158,8 +145,9 @@ class Float8AllGatherWeight(torch.Tensor):
                 f"fsdp_float8_all_gather gathers weights FSDP2 shards along dim 0 (its default placement); this "
                 f"one is sharded otherwise ({tuple(shard.shape)} of {tuple(outer_size)}): leave shard_placement_fn "
                 "at its default or turn the switch off")
-        amax = self._precomputed.amax
-        if amax is None:  # none, or the weight was written since (a step without precompute_float8_scales)
+        record = self._precomputed
+        amax = record.amax if record.generation == GENERATION[0] else None
+        if amax is None:  # none, or a step or load since (without precompute_float8_scales after it)
             amax = amax_ref(shard).to(torch.float32)
             if mesh.size() > 1:
                 dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
@@ -194,10 +182,8 @@ def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
 
 
 def _forget_precomputed(module, *args):
-    """Loading writes the weight: its precomputed amax no longer holds (on every rank alike)."""
-    local = _local(module.weight)
-    if isinstance(local, Float8AllGatherWeight):
-        local._precomputed.amax = None
+    """Loading writes the weight: precomputed amaxes no longer hold (on every rank alike)."""
+    _next_generation()
 
 
 def _plain_weight(module, state_dict, prefix, local_metadata):
@@ -224,19 +210,18 @@ def _local(weight):
 @torch.no_grad()
 def precompute_float8_scales(model: nn.Module) -> int:
     """Every float8 all-gather weight's global amax in one all-reduce for the whole model (one
-    stacked amax per process group FSDP2 gathers over), used by the all-gathers until the weight may
-    have changed: the next torch.optim step, load_state_dict, or an in-place write through the weight
-    or a view of it (`.data`, `.detach()`); a weight changed since all-reduces its own amax again. Call
-    it after each optimizer.step(), on every rank (it all-reduces). Writes the weight cannot see
-    (through another tensor sharing its storage, a collective or custom kernel writing into it) need
-    a call of it afterwards, or the next gather casts with the old amax. Returns how many weights it
-    computed. Without it each all-gather all-reduces its own weight's amax."""
+    stacked amax per process group FSDP2 gathers over), used by the all-gathers until the next
+    torch.optim step or load_state_dict; after those each all-gather all-reduces its own weight's
+    amax again. Call it after each optimizer.step(), on every rank (it all-reduces). Writes into a
+    weight outside an optimizer step or load_state_dict (`.data`, init, a custom kernel) are not
+    seen: call it again after them, or the next gather casts with the old amax. Returns how many
+    weights it computed. Without it each all-gather all-reduces its own weight's amax."""
     weights = [m.weight for m in model.modules() if isinstance(_local(getattr(m, "weight", None)),
                                                                  Float8AllGatherWeight)]
     if not weights:
         return 0
     if not OPTIMIZER_HOOK:
-        OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
+        OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_next_generation))
     groups: dict = {}
     for w in weights:
         groups.setdefault(_shard_group(w), []).append(w)
@@ -246,8 +231,7 @@ def precompute_float8_scales(model: nn.Module) -> int:
             dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
         for w, amax in zip(members, amaxes):
             record = _local(w)._precomputed
-            record.amax = amax
-            HOLDING.add(record)
+            record.amax, record.generation = amax, GENERATION[0]
     return len(weights)
 
 
