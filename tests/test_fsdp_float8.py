@@ -142,6 +142,8 @@ def test_a_precomputed_amax_holds_until_an_optimizer_step_or_a_load():
     snapshot.copy_(model[0].weight)  # reads, and a write through a copy, leave it valid
     torch.empty_like(model[0].weight).copy_(model[0].weight)
     assert valid()
+    with torch.no_grad():
+        assert model[0].weight.mul_(1) is model[0].weight  # in-place ops return their argument, as for tensors
     model.load_state_dict(model.state_dict())
     assert not valid()
     precompute_float8_scales(model)

@@ -115,21 +115,29 @@ class Float8AllGatherWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        source = None
+        source, wrappers = None, {}
 
         def unwrap(t):
             nonlocal source
             if isinstance(t, Float8AllGatherWeight):
                 if source is None:
                     source = t
+                wrappers[id(t._tensor)] = t
                 return t._tensor
             return t
 
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
-        if func not in _PRESERVE:
-            return out
-        return tree_map(lambda t: Float8AllGatherWeight(t, source._config, source._precomputed)
-                        if type(t) is torch.Tensor else t, out)
+
+        def rewrap(t):
+            if type(t) is not torch.Tensor:
+                return t
+            if id(t) in wrappers and wrappers[id(t)]._tensor is t:  # an in-place op returns its argument
+                return wrappers[id(t)]
+            if func in _PRESERVE:  # a view or copy of the weight: the weight's subclass and record
+                return Float8AllGatherWeight(t, source._config, source._precomputed)
+            return t
+
+        return tree_map(rewrap, out)
 
     def __tensor_flatten__(self):
         return ["_tensor"], self._config
