@@ -31,6 +31,7 @@ rank 0 prints and writes the rows. A configuration that fails stops the run (the
 wait in a collective):
 
     torchrun --nproc-per-node 2 benchmarks/train.py --fsdp --configs bf16 f8tensor f8tensor_compiled
+    torchrun --nproc-per-node 2 benchmarks/train.py --fsdp --configs bf16 f8tensor --ablations f8tensor_fsdp8
 """
 
 import argparse
@@ -49,7 +50,8 @@ from torch.utils.checkpoint import checkpoint
 import models
 from tools.common import environment, write_rows
 from tools.power import PowerLog, summarize
-from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, fuse_model_ops, fusion_report, swiglu
+from f8tensor import (Float8Config, Float8Linear, convert_to_float8_training, fuse_model_ops, fusion_report,
+                      precompute_float8_scales, swiglu)
 from f8tensor import rope as fused_rope
 from f8tensor.core.convert import default_skip_reason
 
@@ -68,6 +70,8 @@ ABLATIONS = {
     "f8tensor_keep_weight": "Float8Config(keep_fp8_weight=True): weights cast once per optimizer step",
     "f8tensor_keep_weight_compiled": "keep_fp8_weight=True with the blocks compiled",
     "torchao_fsdp8_compiled": "torchao with float8 all-gather and precomputed scales (--fsdp only)",
+    "f8tensor_fsdp8": "Float8Config(fsdp_float8_all_gather=True) with precomputed scales (--fsdp only)",
+    "f8tensor_fsdp8_compiled": "the same with the blocks compiled (--fsdp only)",
 }
 ORDER = CONFIGS[:1] + list(ABLATIONS)[:1] + CONFIGS[1:] + list(ABLATIONS)[1:]  # bf16 first: the ratios' base
 
@@ -226,7 +230,9 @@ def build(a, config, ac, device):
     elif config.endswith("_ops_in_code"):
         raise ValueError(f"{config} changes our model's code: run it with --model ours")
     if config.startswith("f8tensor"):
-        f8_config = Float8Config(keep_fp8_weight="_keep_weight" in config)
+        if "_fsdp8" in config and not a.fsdp:
+            raise ValueError(f"{config} is FSDP2's float8 all-gather: run it with --fsdp")
+        f8_config = Float8Config(keep_fp8_weight="_keep_weight" in config, fsdp_float8_all_gather="_fsdp8" in config)
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
                 model, config=f8_config,
@@ -258,10 +264,12 @@ def build(a, config, ac, device):
             fully_shard(block)
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    if "_fsdp8" in config:  # the next step's weight scales, from the updated shards
+    if "_fsdp8" in config and config.startswith("torchao"):  # the next step's weight scales
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
         opt.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
+    elif "_fsdp8" in config:  # f8tensor: the next step's weight scales, one all-reduce for the model
+        opt.register_step_post_hook(lambda *_: precompute_float8_scales(model))
     return model, opt
 
 

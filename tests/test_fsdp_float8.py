@@ -149,6 +149,10 @@ def test_a_precomputed_amax_holds_until_an_optimizer_step_or_a_load():
     precompute_float8_scales(model)
     train(model, "cpu", steps=1)
     assert not valid()  # the optimizer step
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.register_step_post_hook(lambda *_: precompute_float8_scales(model))  # as torchtitan hooks torchao's
+    opt.step()
+    assert valid()
 
 
 def test_a_weight_sharded_along_another_dim_is_refused(tmp_path):

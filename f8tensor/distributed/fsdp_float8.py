@@ -50,7 +50,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_map
 
 from ..core.config import Float8Config
@@ -229,7 +229,9 @@ def precompute_float8_scales(model: nn.Module) -> int:
     if not weights:
         return 0
     if not OPTIMIZER_HOOK:
-        OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_next_generation))
+        # before each step (its weights change): a precompute in the step's post-hooks, as torchtitan
+        # registers torchao's, is then of the new generation
+        OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_next_generation))
     groups: dict = {}
     for w in weights:
         groups.setdefault(_shard_group(w), []).append(w)
