@@ -236,7 +236,13 @@ def precompute_float8_scales(model: nn.Module) -> int:
     for w in weights:
         groups.setdefault(_shard_group(w), []).append(w)
     for group, members in groups.items():
-        amaxes = torch.stack([amax_ref(_local(w)._tensor).to(torch.float32) for w in members])
+        # max |w| of every weight in one multi-tensor kernel (exact: a max; an empty shard's is 0,
+        # which the infinity norm has no identity for), then one all-reduce
+        locals_ = [_local(w)._tensor for w in members]
+        full = [t for t in locals_ if t.numel()]
+        norms = iter(torch._foreach_norm(full, float("inf")) if full else ())
+        amaxes = torch.stack([next(norms).float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                              for t in locals_])
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
         for w, amax in zip(members, amaxes):
