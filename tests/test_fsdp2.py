@@ -37,11 +37,12 @@ def make_model(keep_weight=False, device="cpu", norm=True):
     return model
 
 
-def train(model, micro_batches=1, device="cpu"):
+def train(model, micro_batches=1, device="cpu", steps=STEPS, after_step=None):
+    """AdamW steps on fixed batches [2, 16, 64]; the losses. after_step(): called after each step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         for _ in range(micro_batches):
             x = torch.randn(2, 16, 64, generator=g).bfloat16().to(device)
             loss = model(x).float().square().mean()
@@ -49,6 +50,8 @@ def train(model, micro_batches=1, device="cpu"):
             losses.append(loss.item())
         opt.step()
         opt.zero_grad()
+        if after_step is not None:
+            after_step()
     return losses
 
 
