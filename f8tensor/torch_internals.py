@@ -15,7 +15,7 @@ Read through functions below:
 - `torch._C._cuda_getCurrentRawStream` (`current_raw_stream`: the stream handle Triton's own
   launcher passes, for the kernels' direct relaunch);
 - the hook dictionaries of nn.Module (`module_hook_attributes`, `has_hooks`);
-- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place; `written_arguments`);
+- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place);
 - `torch.distributed.tensor.placement_types._StridedShard` (`shard_placements`: FSDP2's placement
   over tensor parallelism, which distributed/fsdp_float8.py finds to know which group it gathers over);
 - `torch.fx.experimental.proxy_tensor.make_fx` (public in name, documented as a prototype: the
@@ -118,16 +118,6 @@ def current_raw_stream(device_index: int) -> int:
 def is_mutating(func) -> bool:
     """Whether an aten op writes into one of its arguments (its schema says so)."""
     return func._schema.is_mutable
-
-
-def written_arguments(func, args, kwargs) -> list:
-    """The arguments an aten op writes into (its schema's Tensor(a!) arguments), lists flattened."""
-    written = []
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = args[i] if i < len(args) else kwargs.get(arg.name)
-            written += value if isinstance(value, (list, tuple)) else [value]
-    return written
 
 
 def shard_placements() -> tuple:
