@@ -60,7 +60,7 @@ def sharded_run(rank, world, store, device_type, precompute, reshard, compiled, 
                 layer.register_forward_pre_hook(lambda mod, args: gathered.append(type(mod.weight)))
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         local = model[0].weight.to_local()
-        assert isinstance(local, Float8AllGatherWeight) and local.shape == (64, 64)  # 128 rows / 2 ranks
+        assert isinstance(local, Float8AllGatherWeight) and local.shape == (128 // world, 64)
         if ac:  # the whole model recomputed in backward: the weights gathered again
             forward = model.forward
             model.forward = lambda x: checkpoint(forward, x, use_reentrant=False)
@@ -100,6 +100,69 @@ def test_float8_all_gather_matches_single_process_bit_for_bit(precompute, reshar
         assert losses == want_losses
         for got, want in zip(weights, model.parameters()):
             assert torch.equal(got, want.detach().cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+@pytest.mark.parametrize("precompute", [False, True], ids=["amax_per_gather", "precomputed"])
+def test_one_gpu_nccl_float8_all_gather_matches_one_process_bit_for_bit(precompute, tmp_path):
+    """World size 1 on NCCL (what a one-GPU machine can run): FSDP2's hooks, the all-reduce of the
+    amax and the all-gather of float8 bytes go through NCCL and the Triton kernels; the results must
+    be the plain model's, bit for bit."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(sharded_run, args=(1, str(tmp_path / "store"), "cuda", precompute, True, False, False, results),
+                 nprocs=1)
+        losses, weights, gathered = dict(results)[0]
+    model = make_model(False, torch.device("cuda"))
+    assert gathered == {Float8Tensor}
+    assert losses == train(model, "cuda")
+    for got, want in zip(weights, model.parameters()):
+        assert torch.equal(got, want.detach().cpu())
+
+
+def all_reduce_count_run(rank, world, store, results):
+    join_process_group(rank, world, store, "cpu")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = make_model(True)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.modules():
+            if isinstance(layer, Float8Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        calls, real = [], dist.all_reduce
+
+        def counted(*args, **kwargs):
+            calls.append(args[0].numel())
+            return real(*args, **kwargs)
+
+        dist.all_reduce = counted
+        try:
+            per_step = []
+            train(model, "cpu", precompute=True, steps=1)  # the first step gathers before any precompute
+            for _ in range(2):
+                calls.clear()
+                train(model, "cpu", precompute=True, steps=1)  # forward, backward, AdamW step, precompute
+                per_step.append(list(calls))
+        finally:
+            dist.all_reduce = real
+        results[rank] = per_step
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_precomputed_scales_take_one_all_reduce_per_step(tmp_path):
+    """With precompute_float8_scales after each step, a whole training step all-reduces once: the six
+    weights' amaxes together (FSDP2 reduce-scatters the gradients; no gather all-reduces its own)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(all_reduce_count_run, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        assert results[rank] == [[6], [6]]
 
 
 def test_outside_fsdp2_the_weight_is_its_high_precision_values():

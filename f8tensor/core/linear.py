@@ -42,6 +42,8 @@ from .weight_cache import fp8_weight
 def _quantize_input(x, config, layouts):
     """x as (row | None, col | None, scale, amax record), reusing the previous layer's quantization
     of the same x, and the amax its producer measured (f8tensor.swiglu's output)."""
+    if isinstance(x, Float8Tensor):  # gathered in float8 (distributed/sequence_parallel.py)
+        return _float8_input(x, config, layouts)
     key = (config, layouts)
     cached = shared_input.get(x, key) or shared_input.get(x, (config, ("row", "col")))
     if cached is not None:
@@ -50,6 +52,28 @@ def _quantize_input(x, config, layouts):
                       amax=produced_amax.get(x))
     shared_input.put(x, value, key)
     return value
+
+
+def _float8_input(x: Float8Tensor, config, layouts):
+    """An input already in float8 (row-major, tensorwise): its data as the row-major operand, and
+    for backward a column-major float8 copy (a transpose, no cast), made once for the layers that
+    read the same input."""
+    if x.float8_dtype != config.forward_dtype:
+        raise TypeError(
+            f"Float8Linear: the input is a Float8Tensor in {x.float8_dtype}, the layer's config casts inputs to "
+            f"{config.forward_dtype}; give the float8 gather (Float8PrepareModuleInput) the layers' config")
+    data = x._data.reshape(-1, x.shape[-1])
+    if not data.is_contiguous():
+        raise ValueError("Float8Linear: a float8 input must be row-major (as float8_all_gather makes it); got "
+                         f"strides {tuple(x._data.stride())}")
+    if "col" not in layouts:
+        return data, None, x._scale, None
+    key = (config, "float8 input col")
+    col = shared_input.get(x, key)
+    if col is None:
+        col = data.t().contiguous().t()
+        shared_input.put(x, col, key)
+    return data, col, x._scale, None
 
 
 _LAYOUT = {("row", "col"): "both", ("row",): "row", ("col",): "col"}
@@ -71,7 +95,8 @@ class _Float8LinearFn(torch.autograd.Function):
         need_x_grad = grad_enabled and x.requires_grad
         # Save float8 for backward unless configured otherwise, or unless x's storage is kept for
         # backward anyway (attention output feeding wo): there the float8 copy would add memory.
-        save_fp8 = config.save_fp8_for_backward and not (
+        # An input gathered in float8 has no high-precision values to save: its float8 copy is saved.
+        save_fp8 = isinstance(x, Float8Tensor) or config.save_fp8_for_backward and not (
             need_w_grad and not torch.compiler.is_compiling() and saved_by_producer(x))
         x_row, x_col, x_scale, x_amax = _quantize_input(
             x, config, ("row", "col") if need_w_grad and save_fp8 else ("row",))
