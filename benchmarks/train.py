@@ -22,7 +22,9 @@ error, OOM) is reported in the status column and the run goes on. On CPU (smoke 
 configurations run only when named. --grad-accum N makes each step N micro-batches of --batch x
 --seq tokens (tokens/s counts all of them). --power (CUDA) samples the SM clock and power during
 the timed rounds (tools/power.py): at the GPU's power limit the clock, and so the step time,
-follows the energy each configuration draws.
+follows the energy each configuration draws. --cuda-graph captures each configuration's whole
+training step as a CUDA graph after 3 eager steps (f8tensor.cuda_graph.CapturedStep, capturable
+AdamW) and replays it: no Python per layer, so small models measure the GPU, not the host.
 
 --fsdp (under torchrun, one process per GPU, NCCL) shards every block and then the whole model
 with FSDP2's fully_shard, after conversion and after compiling the blocks (torchtitan's order);
@@ -54,6 +56,7 @@ from f8tensor import (Float8Config, Float8Linear, convert_to_float8_training, fu
                       precompute_float8_scales, swiglu)
 from f8tensor import rope as fused_rope
 from f8tensor.core.convert import default_skip_reason
+from f8tensor.cuda_graph import CapturedStep
 
 CONFIGS = ["bf16", "f8tensor", "f8tensor_compiled", "torchao_compiled"]
 # Each a variant of one configuration that answers one question; run only when named in --ablations.
@@ -263,7 +266,7 @@ def build(a, config, ac, device):
         for block in blocks.children():
             fully_shard(block)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=a.cuda_graph)
     if "_fsdp8" in config and config.startswith("torchao"):  # the next step's weight scales
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
@@ -302,6 +305,7 @@ class Run:
         g = torch.Generator(device=device).manual_seed(a.seed + rank())  # each rank its own tokens
         tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device, generator=g)
         self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:]
+        self.graphed = CapturedStep(self.eager_step) if a.cuda_graph else None
         t0 = time.perf_counter()
         for _ in range(a.warmup):
             self.step()
@@ -317,6 +321,13 @@ class Run:
         return F.cross_entropy(logits.flatten(0, 1).float(), self.labels.flatten())
 
     def step(self, after_first_loss=None):
+        """One optimizer step; with --cuda-graph a replay of the captured step (after_first_loss is
+        then not called: a graph has no Python in it)."""
+        if self.graphed is not None:
+            return self.graphed()
+        return self.eager_step(after_first_loss)
+
+    def eager_step(self, after_first_loss=None):
         """One optimizer step over --grad-accum micro-batches (the same tokens each: throughput
         only). after_first_loss: called between the first micro-batch's loss and its backward."""
         for i in range(self.grad_accum):
@@ -339,7 +350,8 @@ class Run:
         self.step(after_first_loss=lambda: fwd.append(torch.cuda.max_memory_allocated()))
         torch.cuda.synchronize()
         step = torch.cuda.max_memory_allocated()
-        return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": (fwd[0] - others) / 1e9}
+        fwd = (fwd[0] - others) / 1e9 if fwd else None  # not with --cuda-graph
+        return {"peak_gb": (step - others) / 1e9, "peak_fwd_gb": fwd}
 
     def time_steps(self, steps):
         # One untimed step first: after the other resident models' steps, the allocator's pool
@@ -561,6 +573,8 @@ def main():
                     help="after timing, profile one step per configuration (CUDA only)")
     ap.add_argument("--fsdp", action="store_true",
                     help="FSDP2 over every GPU of a torchrun launch (see above; NCCL)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="capture each configuration's training step as a CUDA graph and replay it (CUDA only)")
     ap.add_argument("--power", action="store_true",
                     help="sample SM clock and power (nvidia-smi) during the timed rounds; each row gets "
                          "the median clock, mean power, energy per step and power-capped fraction (CUDA only)")
@@ -569,6 +583,8 @@ def main():
         ap.error("--profile profiles one process: run it without --fsdp")
     if a.model != "ours" and a.rope != "rotate_half":
         ap.error("--rope chooses the RoPE code of our model; the other models run their own")
+    if a.cuda_graph and (a.fsdp or a.profile or not torch.cuda.is_available()):
+        ap.error("--cuda-graph captures one process's step on a CUDA GPU: not with --fsdp or --profile, nor on CPU")
     if a.power and not torch.cuda.is_available():
         ap.error("--power samples a CUDA GPU's clock and power: no CUDA device here")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

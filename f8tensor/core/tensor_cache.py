@@ -13,7 +13,10 @@ all of a tensor (same shape, strides, offset and dtype: the same values) stands 
 under tensor parallelism each layer reads the shared input through its own `DTensor.to_local()`
 view of one base, and q/k/v still cast it once. Nothing is
 remembered for inference tensors (no version counter) nor while torch.compile traces (traced
-tensors stand for every call's tensors: identity and version mean nothing there).
+tensors stand for every call's tensors: identity and version mean nothing there). Entries made
+while a CUDA graph is being captured and entries made outside capture never match each other:
+a value cast before capture is not in the graph, and would not be updated by its replays; a value
+the graph made is only valid while the graph runs.
 """
 
 import threading
@@ -53,7 +56,7 @@ class TensorCache:
             return None
         t = _owner(t)
         for slot in self._slots():
-            if slot.ref is not None and slot.ref() is t and slot.key == (t._version, *key):
+            if slot.ref is not None and slot.ref() is t and slot.key == (t._version, _capturing(t), *key):
                 return slot.value
         return None
 
@@ -69,7 +72,7 @@ class TensorCache:
             if slot.ref is ref:
                 slot.ref = slot.key = slot.value = None
 
-        slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, *key), value
+        slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, _capturing(t), *key), value
 
     def clear(self) -> None:
         """Forget every entry, in every thread: the values are freed at once (no reference is left)."""
@@ -88,6 +91,10 @@ def _owner(t: torch.Tensor) -> torch.Tensor:
             and base.stride() == t.stride() and base.storage_offset() == t.storage_offset()):
         return base
     return t
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _untracked(t: torch.Tensor) -> bool:

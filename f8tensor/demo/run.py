@@ -3,6 +3,7 @@
     python -m f8tensor.demo                      # CPU: about a minute; GPU: a larger model
     python -m f8tensor.demo --steps 50 --plot loss.png
     python -m f8tensor.demo --steps 2000 --data-mb 32 --eval-every 100 --out run.json --plot loss.png
+    python -m f8tensor.demo --cuda-graph         # GPU: each training step replayed as one CUDA graph
 
 The data needs no download: the bytes of the Python standard library's own .py files (the first
 --data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from f8tensor import conversion_summary, convert_to_float8_training, fuse_model_ops
+from f8tensor.cuda_graph import CapturedStep
 
 DATA_BYTES = 4 << 20
 VAL_FRACTION = 0.05
@@ -155,20 +157,32 @@ def train(name, model, batches, val_batches, args, device) -> dict:
     --eval-every), tokens/s and peak memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if args.cuda_graph:  # the learning rate a tensor the schedule writes in place: the graph reads it
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(args.lr, device=device), betas=(0.9, 0.95),
+                                weight_decay=0.1, capturable=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step_fn(x, y):
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.detach()
+
+    run_step = CapturedStep(step_fn) if args.cuda_graph else step_fn
     progress = Progress(name, args.steps)
     losses, val_curve = [], []
     warmup = min(WARMUP_STEPS, args.steps - 1)
     t_start = t_warm = time.perf_counter()
     for step, (x, y) in enumerate(batches):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+            if args.cuda_graph:
+                group["lr"].fill_(lr_at(step, args.steps, args.lr))
+            else:
+                group["lr"] = lr_at(step, args.steps, args.lr)
+        losses.append(run_step(x, y).item())
         sync(device)  # the timer must read finished work, not queued kernels
         now = time.perf_counter()
         if step < warmup:
@@ -248,6 +262,9 @@ def parse_args(argv):
                    help="validation loss every N steps as well as at the end (default: at the end)")
     p.add_argument("--out", metavar="PATH", help="write the results (both loss curves) as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curves (needs matplotlib)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each run's training step as a CUDA graph after 3 eager steps and replay it "
+                        "(f8tensor.cuda_graph.CapturedStep; CUDA only): no Python per layer")
     args = p.parse_args(argv)
     defaults = GPU_DEFAULTS if torch.device(args.device).type == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -261,6 +278,8 @@ def parse_args(argv):
         p.error("--eval-every must be 0 (at the end only) or a number of steps")
     if args.data_mb <= 0:
         p.error("--data-mb must be positive")
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        p.error(f"--cuda-graph captures CUDA graphs: it needs --device cuda (got {args.device})")
     return args
 
 
