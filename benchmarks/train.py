@@ -34,10 +34,22 @@ wait in a collective):
 
     torchrun --nproc-per-node 2 benchmarks/train.py --fsdp --configs bf16 f8tensor f8tensor_compiled
     torchrun --nproc-per-node 2 benchmarks/train.py --fsdp --configs bf16 f8tensor --ablations f8tensor_fsdp8
+
+--tp N (under torchrun; our model only) makes every block tensor-parallel over N ranks as torchtitan
+lays out its Llama: sequence-parallel norms, column-parallel q/k/v and w1/w3, row-parallel wo and
+w2, the embedding's output and the output layer's input sharded by sequence. The attention's and the
+feed-forward's inputs are gathered with PyTorch's PrepareModuleInput (bf16) in every configuration
+but f8tensor_sp8* (f8tensor's Float8PrepareModuleInput: float8) and torchao's (torchao's float8
+styles, as torchtitan's float8 tensor parallelism uses them). The ranks of one tp group train on the
+same tokens; with --fsdp the mesh is (dp = ranks / N, tp = N) and FSDP2 shards over dp. tokens/s
+counts each tp group's tokens once:
+
+    torchrun --nproc-per-node 2 benchmarks/train.py --tp 2 --configs bf16 f8tensor torchao_compiled --ablations f8tensor_sp8
 """
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -75,6 +87,8 @@ ABLATIONS = {
     "torchao_fsdp8_compiled": "torchao with float8 all-gather and precomputed scales (--fsdp only)",
     "f8tensor_fsdp8": "Float8Config(fsdp_float8_all_gather=True) with precomputed scales (--fsdp only)",
     "f8tensor_fsdp8_compiled": "the same with the blocks compiled (--fsdp only)",
+    "f8tensor_sp8": "the sequence-parallel all-gathers in float8 (Float8PrepareModuleInput; --tp only)",
+    "f8tensor_sp8_compiled": "the same with the blocks compiled (--tp only)",
 }
 ORDER = CONFIGS[:1] + list(ABLATIONS)[:1] + CONFIGS[1:] + list(ABLATIONS)[1:]  # bf16 first: the ratios' base
 
@@ -255,6 +269,11 @@ def build(a, config, ac, device):
             raise ValueError(f"{config} is torchao's FSDP2 float8 all-gather: run it with --fsdp")
         ao_config = Float8LinearConfig(enable_fsdp_float8_all_gather="_fsdp8" in config)
         ao_convert(model, module_filter_fn=not_output, config=ao_config)
+    if "_sp8" in config and a.tp == 1:
+        raise ValueError(f"{config} is the float8 sequence-parallel all-gather: run it with --tp N")
+    mesh = device_mesh(device.type, a.tp)  # None without --tp
+    if mesh is not None:  # before compiling, as torchtitan orders them: the styles' hooks are compiled too
+        tensor_parallel(model, mesh["tp"], config)
     if config.endswith("_compiled"):
         for block in blocks.children():
             block.compile()  # per block, as torchtitan does: one graph reused by every layer
@@ -263,9 +282,10 @@ def build(a, config, ac, device):
     if a.fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        dp = {} if mesh is None else dict(mesh=mesh["dp"])
         for block in blocks.children():
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **dp)
+        fully_shard(model, **dp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=a.cuda_graph)
     if "_fsdp8" in config and config.startswith("torchao"):  # the next step's weight scales
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
@@ -274,6 +294,54 @@ def build(a, config, ac, device):
     elif "_fsdp8" in config:  # f8tensor: the next step's weight scales, one all-reduce for the model
         opt.register_step_post_hook(lambda *_: precompute_float8_scales(model))
     return model, opt
+
+
+@functools.cache
+def device_mesh(device_type: str, tp: int):
+    """The (dp, tp) mesh of --tp (dp: the ranks / tp), or None without it."""
+    if tp == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world() // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def tensor_parallel(model, mesh, config):
+    """Our model tensor-parallel over `mesh` as torchtitan's Llama plan lays it out (see --tp above)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    colwise, rowwise, prepare = ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    if config.startswith("torchao"):  # torchao's float8 styles (float8 all-gather of the inputs)
+        from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel, Float8RowwiseParallel,
+                                                           PrepareFloat8ModuleInput)
+
+        colwise, rowwise, prepare = Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
+    elif "_sp8" in config:
+        from f8tensor.distributed.sequence_parallel import Float8PrepareModuleInput as prepare
+    tp = mesh.size()
+    parallelize_module(model, mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),  # bf16: PyTorch's style
+    })
+    rope = (None,) * len(model.rope())  # the RoPE tables: replicated, passed as they are
+    for block in model.layers:
+        attention = block.attention
+        if attention.heads % tp or attention.kv_heads % tp:
+            raise ValueError(f"--tp {tp}: heads {attention.heads} and kv heads {attention.kv_heads} must divide by it")
+        attention.heads, attention.kv_heads = attention.heads // tp, attention.kv_heads // tp  # each rank's
+        parallelize_module(block, mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": prepare(input_layouts=(Shard(1), *rope), desired_input_layouts=(Replicate(), *rope)),
+            "attention.wq": colwise(), "attention.wk": colwise(), "attention.wv": colwise(),
+            "attention.wo": rowwise(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": colwise(), "feed_forward.w3": colwise(),
+            "feed_forward.w2": rowwise(output_layouts=Shard(1)),
+        })
 
 
 def sync(device):
@@ -302,7 +370,8 @@ class Run:
         gc.collect()
         before = allocated(device)
         self.model, self.opt = build(a, config, ac, device)
-        g = torch.Generator(device=device).manual_seed(a.seed + rank())  # each rank its own tokens
+        # each rank its own tokens; under --tp, each tp group (its ranks must see the same)
+        g = torch.Generator(device=device).manual_seed(a.seed + rank() // a.tp)
         tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device, generator=g)
         self.inputs, self.labels = tokens[:, :-1], tokens[:, 1:]
         self.graphed = CapturedStep(self.eager_step) if a.cuda_graph else None
@@ -378,7 +447,7 @@ class Run:
                   for m in self.model.modules())
         report = fusion_report(self.model)
         fused_norms, fused_gates, fused_ropes = (len(report.fused(kind)) for kind in ("rms_norm", "swiglu", "rope"))
-        return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() / step_s, step_ms=step_s * 1e3,
+        return dict(tokens_per_s=a.batch * a.seq * a.grad_accum * world() // a.tp / step_s, step_ms=step_s * 1e3,
                     round_step_ms=[t * 1e3 for t in self.times], warmup_s=self.warmup_s,
                     loss=self.last_loss.item(), fp8_linears=fp8, fused_norms=fused_norms, fused_gates=fused_gates,
                     fused_ropes=fused_ropes,
@@ -573,6 +642,8 @@ def main():
                     help="after timing, profile one step per configuration (CUDA only)")
     ap.add_argument("--fsdp", action="store_true",
                     help="FSDP2 over every GPU of a torchrun launch (see above; NCCL)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor parallelism over N ranks of a torchrun launch (see above; our model only)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="capture each configuration's training step as a CUDA graph and replay it (CUDA only)")
     ap.add_argument("--power", action="store_true",
@@ -591,13 +662,21 @@ def main():
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 1000
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if a.fsdp:
+    if a.tp < 1:
+        ap.error("--tp must be at least 1")
+    if a.tp > 1 and a.model != "ours":
+        ap.error("--tp lays out our model (--model ours); the other models are not tensor-parallel here")
+    if a.tp > 1 and (a.profile or a.cuda_graph):
+        ap.error("--tp runs several processes: not with --profile or --cuda-graph")
+    if a.fsdp or a.tp > 1:
         if "LOCAL_RANK" not in os.environ:
-            ap.error("--fsdp runs under torchrun: torchrun --nproc-per-node N benchmarks/train.py --fsdp ...")
+            ap.error("--fsdp and --tp run under torchrun: torchrun --nproc-per-node N benchmarks/train.py --fsdp ...")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if world() % a.tp or (world() != a.tp and not a.fsdp):
+            ap.error(f"--tp {a.tp} over {world()} ranks: the ranks must be --tp's (or, with --fsdp, a multiple of it)")
     # bf16 first in each AC mode: it is the base of the vs_bf16 ratio
     configs = sorted((a.configs or default_configs(device)) + a.ablations, key=ORDER.index)
     env = environment()
@@ -611,11 +690,12 @@ def main():
     for ac in [a.ac] if a.ac else a.ac_modes:
         rows += run_mode(a, configs, ac, device, env, shape)
     if rank() == 0:
-        fsdp = f"  FSDP2 over {world()} ranks, batch per rank" if a.fsdp else ""
+        fsdp = f"  FSDP2 over {world() // a.tp} ranks, batch per rank" if a.fsdp else ""
+        fsdp += f"  tensor parallel over {a.tp} ranks" if a.tp > 1 else ""
         print(f"\n{env['gpu'] or device.type}  torch {env['torch']}  commit {env['commit']}  {a.model}: {a.layers} x (dim "
               f"{a.dim}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads}){fsdp}  batch {a.batch} x seq {a.seq}")
         print_table(rows)
-    if a.fsdp:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

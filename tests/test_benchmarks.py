@@ -238,6 +238,21 @@ def test_train_benchmark_under_fsdp2(tmp_path):
 
 
 @CPU_ONLY
+def test_train_benchmark_under_tensor_parallelism(tmp_path):
+    """--tp 2 under torchrun (2 gloo ranks): the ranks of the tp group train on the same tokens (counted
+    once), and gathering the sequence-parallel inputs in float8 (f8tensor_sp8) gives the loss of
+    gathering them in bf16 (f8tensor) exactly: the cast of the gathered input is the same."""
+    rows = run_train(tmp_path, "--tp", "2", "--rounds", "1", ablations=("f8tensor_sp8",),
+                     launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
+    assert [(r["config"], r["status"], r["tp"], r["world"], r["fp8_linears"]) for r in rows] == [
+        ("bf16", "ok", 2, 2, 0), ("f8tensor", "ok", 2, 2, 14), ("f8tensor_sp8", "ok", 2, 2, 14)]
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / (r["step_ms"] / 1e3))
+    assert rows[2]["loss"] == rows[1]["loss"]
+    assert abs(rows[1]["loss"] - rows[0]["loss"]) < 0.1
+
+
+@CPU_ONLY
 @pytest.mark.parametrize("model, fused", [("hf_llama", (5, 2, 2)), ("hf_qwen2", (5, 2, 2)), ("torchtitan", (5, 2, 2))])
 def test_train_benchmark_runs_model_code_written_elsewhere(tmp_path, model, fused):
     """--model: Hugging Face's Llama and Qwen2 and torchtitan's Llama 3, converted (every linear but
