@@ -40,9 +40,8 @@ resharding to a smaller mesh after forward (`reshard_after_forward` as an int) a
 its own error. Tested on gloo CPU ranks: eager, with and without resharding after forward, with
 activation checkpointing, under torch.compile of the sharded model, a torch.distributed.checkpoint
 save and load, and FSDP2 over tensor parallelism on a (dp, tp) mesh (each tp shard gathered with its own scale over dp, as tensor
-parallelism alone scales it). Not yet run: NCCL, any GPU measurement: the switch is off by default
-until measured faster.
-measurement: the switch is off by default until measured faster.
+parallelism alone scales it); with NCCL at world size 1 on one GPU. Not yet run: several GPUs, any
+speed measurement: the switch is off by default until measured faster.
 """
 
 import math
