@@ -44,7 +44,7 @@ from torch.distributed.tensor.parallel import PrepareModuleInput
 
 from ..core.config import Float8Config
 from ..core.tensor import Float8Tensor, GemmRole
-from ..kernels import amax_ref, quantize_with_amax
+from ..kernels import amax_of_bits, quantize_with_amax
 
 
 class _Float8Gather(torch.autograd.Function):
@@ -55,7 +55,9 @@ class _Float8Gather(torch.autograd.Function):
     def forward(ctx, x: DTensor, config: Float8Config):
         mesh, placement = x.device_mesh, x.placements[0]
         local = x.to_local()
-        amax = amax_ref(local)
+        # max |x| from the bits, as Float8Linear's compiled cast takes it: a float max, fused by
+        # inductor into the kernel producing x, would be taken before x's rounding to bf16
+        amax = amax_of_bits(local)
         if mesh.size() > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
         data, _, scale, _ = quantize_with_amax(local.reshape(-1, local.shape[-1]), config.forward_dtype, "row",
