@@ -38,6 +38,8 @@ def main():
     x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
     xg = x.clone().requires_grad_()
+    a8, b8 = x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
     cases = {
         "quantize_triton row": lambda: quantize_triton(x, torch.float8_e4m3fn, "row"),
         "quantize_triton both": lambda: quantize_triton(x, torch.float8_e4m3fn, "both"),
@@ -45,6 +47,10 @@ def main():
         "torch.empty x3": lambda: [torch.empty(256, 256, device="cuda") for _ in range(3)],
         "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
         "nn.Linear fwd+bwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
+        # the floor under the layer's three GEMMs: PyTorch's own per-call cost of each kind of GEMM
+        "torch._scaled_mm x3": lambda: [torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16)
+                                        for _ in range(3)],
+        "torch.mm x3 (bf16)": lambda: [torch.mm(x, x) for _ in range(3)],
     }
     for name, fn in cases.items():
         print(f"{name:<40} {host_us(fn):8.1f} us per call")
