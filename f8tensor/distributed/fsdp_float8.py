@@ -38,7 +38,8 @@ Refused with the reason: keep_fp8_weight together with the switch (the gathered 
 float8), and a shard_placement_fn other than dim 0. FSDP2 has no all-gather extension for
 resharding to a smaller mesh after forward (`reshard_after_forward` as an int) and fails there with
 its own error. Tested on gloo CPU ranks: eager, with and without resharding after forward, with
-activation checkpointing, under torch.compile of the sharded model, a torch.distributed.checkpoint
+activation checkpointing, under torch.compile of the sharded model and of each layer (fullgraph,
+before sharding), a torch.distributed.checkpoint
 save and load, and FSDP2 over tensor parallelism on a (dp, tp) mesh (each tp shard gathered with its own scale over dp, as tensor
 parallelism alone scales it); with NCCL at world size 1 on one GPU. Not yet run: several GPUs, any
 speed measurement: the switch is off by default until measured faster.
