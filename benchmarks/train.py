@@ -670,7 +670,8 @@ def main():
         ap.error("--tp runs several processes: not with --profile or --cuda-graph")
     if a.fsdp or a.tp > 1:
         if "LOCAL_RANK" not in os.environ:
-            ap.error("--fsdp and --tp run under torchrun: torchrun --nproc-per-node N benchmarks/train.py --fsdp ...")
+            flag = "--fsdp" if a.fsdp else f"--tp {a.tp}"
+            ap.error(f"{flag} runs under torchrun: torchrun --nproc-per-node N benchmarks/train.py {flag} ...")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)

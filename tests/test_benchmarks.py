@@ -250,6 +250,9 @@ def test_train_benchmark_under_tensor_parallelism(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / (r["step_ms"] / 1e3))
     assert rows[2]["loss"] == rows[1]["loss"]
     assert abs(rows[1]["loss"] - rows[0]["loss"]) < 0.1
+    alone = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--tp", "2"],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode != 0 and "--tp 2 runs under torchrun" in alone.stderr
 
 
 @CPU_ONLY
