@@ -188,3 +188,57 @@ def test_float8_sequence_parallel_gather_trains_as_the_bf16_gather_with_half_the
         # those of the bf16 gather, the gradients reduce-scattered alike.
         assert float8["ops"].count("allreduce_.default") == 2 and "allreduce_.default" not in bf16["ops"]
         assert [op for op in float8["ops"] if op != "allreduce_.default"] == bf16["ops"]
+
+
+def test_a_float8_input_gives_the_layers_own_cast_bit_for_bit():
+    """Float8Linear reading an input already cast (as the gather hands it over) gives what it gives
+    when it casts the input itself: output and gradients, bit for bit."""
+    from f8tensor import Float8Linear, to_float8
+
+    torch.manual_seed(0)
+    layer = Float8Linear(DIM, 32, dtype=torch.bfloat16)
+    x = torch.randn(2, TOKENS, DIM, dtype=torch.bfloat16)
+    results = []
+    for pre_cast in (False, True):
+        xi = x.clone().requires_grad_()
+        inp = to_float8(xi.detach()).requires_grad_() if pre_cast else xi
+        out = layer(inp)
+        out.float().square().sum().backward()
+        results.append([out.detach(), inp.grad, layer.weight.grad.clone(), layer.bias.grad.clone()])
+        layer.zero_grad()
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+
+
+def errors_run(rank, world, store, results):
+    join_process_group(rank, world, store)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from f8tensor.distributed.sequence_parallel import float8_all_gather
+
+        mesh = init_device_mesh("cpu", (world,))
+        x = torch.randn(2, TOKENS, DIM, dtype=torch.bfloat16)
+        cases = [x, distribute_tensor(x, mesh, [Shard(2)]), distribute_tensor(x.long(), mesh, [Shard(1)])]
+        errors = []
+        for case in cases:
+            try:
+                float8_all_gather(case)
+                errors.append(None)
+            except (TypeError, ValueError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+        results[rank] = errors
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_float8_all_gather_names_what_it_cannot_gather(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(errors_run, args=(1, str(tmp_path / "store"), results), nprocs=1)
+        plain, features, integers = dict(results)[0]
+    assert plain.startswith("TypeError") and "gathers a DTensor" in plain
+    assert features.startswith("ValueError") and "sharded along its features" in features
+    assert integers.startswith("TypeError") and "high-precision floating-point" in integers
