@@ -55,19 +55,28 @@ def train(model, micro_batches=1, device="cpu", steps=STEPS, after_step=None):
     return losses
 
 
+def shard_layers(model, mesh, before=None, **options):
+    """fully_shard over every Float8Linear (after before(layer), if given), then over the model,
+    as torchtitan shards blocks; returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.modules():
+        if isinstance(layer, Float8Linear):
+            if before is not None:
+                before(layer)
+            fully_shard(layer, mesh=mesh, **options)
+    return fully_shard(model, mesh=mesh, **options)
+
+
 def sharded_run(rank, world, store, device_type, keep_weight, compiled, results):
     """One rank: CPU on gloo, or GPU `rank` on NCCL."""
     device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         model = make_model(keep_weight, device, norm=not compiled)
         mesh = init_device_mesh(device_type, (world,))
-        for layer in model:
-            if isinstance(layer, Float8Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_layers(model, mesh)
         # compiled: "static" compiles with dynamic=False, "dynamic" with torch.compile's default
         # (automatic dynamic shapes: each layer's frame, split off by FSDP2's skipped hooks, is
         # recompiled with symbolic sizes once a second layer shape arrives).

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group
+from test_fsdp2 import shard_layers
 from test_fsdp2 import train as fsdp2_train
 from torch import nn
 
@@ -48,22 +49,20 @@ def sharded_run(rank, world, store, device_type, precompute, reshard, compiled, 
     device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
         from torch.utils.checkpoint import checkpoint
 
         model = make_model(True, device, fused=not compiled)
         mesh = init_device_mesh(device_type, (world,))
+        if compiled == "blocks":  # torchtitan's order: each block compiled (fullgraph), then sharded
+            # (three layer shapes, each with and without an input needing grad: one code object)
+            torch._dynamo.config.recompile_limit = 16
+        compile_first = (lambda layer: layer.compile(fullgraph=True, dynamic=False)) if compiled == "blocks" else None
+        shard_layers(model, mesh, compile_first, reshard_after_forward=reshard)
         gathered = []
-        for layer in model.modules():
-            if isinstance(layer, Float8Linear):
-                if compiled == "blocks":  # torchtitan's order: each block compiled (fullgraph), then sharded
-                    # (three layer shapes, each with and without an input needing grad: one code object)
-                    torch._dynamo.config.recompile_limit = 16
-                    layer.compile(fullgraph=True, dynamic=False)
-                fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-                if compiled != "blocks":  # (a hook appending to a list would recompile a compiled layer)
+        if compiled != "blocks":  # (a hook appending to a list would recompile a compiled layer)
+            for layer in model.modules():
+                if isinstance(layer, Float8Linear):
                     layer.register_forward_pre_hook(lambda mod, args: gathered.append(type(mod.weight)))
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         local = model[0].weight.to_local()
         assert isinstance(local, Float8AllGatherWeight) and local.shape == (128 // world, 64)
         if ac:  # the whole model recomputed in backward: the weights gathered again
@@ -130,14 +129,10 @@ def all_reduce_count_run(rank, world, store, results):
     join_process_group(rank, world, store, "cpu")
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         model = make_model(True)
         mesh = init_device_mesh("cpu", (world,))
-        for layer in model.modules():
-            if isinstance(layer, Float8Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_layers(model, mesh)
         calls, real = [], dist.all_reduce
 
         def counted(*args, **kwargs):
@@ -253,14 +248,10 @@ def gathered_bytes_run(rank, world, store, device_type, all_gather, results):
     device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         model = make_model(all_gather, device)
         mesh = init_device_mesh(device_type, (world,))
-        for layer in model.modules():
-            if isinstance(layer, Float8Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_layers(model, mesh)
         # FSDP2's collective: all_gather_into_tensor (torch 2.11), all_gather_single (2.13)
         moved, names = [], [n for n in ("all_gather_into_tensor", "all_gather_single") if hasattr(dist, n)]
         real = {name: getattr(dist, name) for name in names}
@@ -361,14 +352,10 @@ def hsdp_run(rank, world, store, results):
     join_process_group(rank, world, store, "cpu")
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         model = make_model(True)
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        for layer in model.modules():
-            if isinstance(layer, Float8Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_layers(model, mesh)
         with torch.no_grad():  # rows of very different size on the two shard ranks: one global amax needed
             model[0].weight.to_local()[:].mul_(4 if mesh.get_local_rank("shard") == 0 else 1)
         losses = train(model, "cpu", precompute=True)
@@ -403,16 +390,12 @@ def three_rank_run(rank, world, store, results):
     join_process_group(rank, world, store, "cpu")
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         runs = []
         for all_gather in (True, False):
             model = make_model(all_gather)
             mesh = init_device_mesh("cpu", (world,))
-            for layer in model.modules():
-                if isinstance(layer, Float8Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            shard_layers(model, mesh)
             if all_gather:
                 assert precompute_float8_scales(model) == 6
             runs.append((train(model, "cpu", precompute=all_gather),
@@ -443,7 +426,6 @@ def checkpoint_run(rank, world, store, path, results):
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         def sharded(seed_offset):
             model = make_model(True)
@@ -451,10 +433,7 @@ def checkpoint_run(rank, world, store, path, results):
                 for p in model.parameters():
                     p.add_(seed_offset)
             mesh = init_device_mesh("cpu", (world,))
-            for layer in model.modules():
-                if isinstance(layer, Float8Linear):
-                    fully_shard(layer, mesh=mesh)
-            return fully_shard(model, mesh=mesh)
+            return shard_layers(model, mesh)
 
         saved = sharded(0.0)
         train(saved, "cpu", precompute=True, steps=1)
