@@ -55,8 +55,9 @@ from torch.utils._pytree import tree_map
 
 from ..core.config import Float8Config
 from ..core.tensor import Float8Tensor, GemmRole
-from ..kernels import amax_ref, quantize_with_amax
+from ..kernels import quantize_with_amax
 from ..torch_internals import shard_placements
+from .global_amax import global_amax
 
 _aten = torch.ops.aten
 # Ops whose result is the weight itself or a view / copy of it (fully_shard's sharding, padding,
@@ -156,9 +157,7 @@ class Float8AllGatherWeight(torch.Tensor):
         record = self._precomputed
         amax = record.amax if record.generation == GENERATION[0] else None
         if amax is None:  # none, or a step or load since (without precompute_float8_scales after it)
-            amax = amax_ref(shard).to(torch.float32)
-            if mesh.size() > 1:
-                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+            amax = global_amax(shard, mesh)
         data, _, scale, _ = quantize_with_amax(shard, config.forward_dtype, "row", config.power_of_2_scale, amax=amax)
         data = data.view(torch.uint8)
         rows = math.ceil(outer_size[0] / mesh.size())  # FSDP2's padded shard: dim 0 split in equal chunks

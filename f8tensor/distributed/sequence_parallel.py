@@ -38,13 +38,13 @@ torchtitan's and Hugging Face's attention and feed-forward modules do.
 """
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import PrepareModuleInput
 
 from ..core.config import Float8Config
 from ..core.tensor import Float8Tensor, GemmRole
-from ..kernels import amax_of_bits, quantize_with_amax
+from ..kernels import quantize_with_amax
+from .global_amax import global_amax
 
 
 class _Float8Gather(torch.autograd.Function):
@@ -55,11 +55,7 @@ class _Float8Gather(torch.autograd.Function):
     def forward(ctx, x: DTensor, config: Float8Config):
         mesh, placement = x.device_mesh, x.placements[0]
         local = x.to_local()
-        # max |x| from the bits, as Float8Linear's compiled cast takes it: a float max, fused by
-        # inductor into the kernel producing x, would be taken before x's rounding to bf16
-        amax = amax_of_bits(local)
-        if mesh.size() > 1:
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        amax = global_amax(local, mesh)
         data, _, scale, _ = quantize_with_amax(local.reshape(-1, local.shape[-1]), config.forward_dtype, "row",
                                                config.power_of_2_scale, amax=amax)
         shards = DTensor.from_local(data.view(torch.uint8).view(local.shape), mesh, [placement], run_check=False,
