@@ -2,6 +2,10 @@
 (vs torchao float8 eager and compiled, when torchao is importable).
 
     python benchmarks/linear.py [--out results/linear.jsonl] [--m 1024 4096 16384] [--profile]
+                                [--recipe tensorwise | rowwise | rowwise_with_gw_hp]
+
+--recipe picks both libraries' recipe of that name (f8tensor's and torchao's
+Float8Config / Float8LinearConfig.from_recipe_name); gemms_only is timed for tensorwise only.
 
 Times are medians of CUDA-event-timed calls (triton.testing.do_bench), taken in --rounds interleaved
 rounds (bf16, f8tensor, ... then again), the median round per implementation counting; each call
@@ -60,13 +64,15 @@ def peak_mib(step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def torchao_modules(lin):
+def torchao_modules(lin, recipe="tensorwise"):
     try:
+        from torchao.float8 import Float8LinearConfig
         from torchao.float8 import convert_to_float8_training as ao_convert
     except ImportError:
         return {}
-    eager = ao_convert(nn.Sequential(copy.deepcopy(lin)))
-    compiled = torch.compile(ao_convert(nn.Sequential(copy.deepcopy(lin))))
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    eager = ao_convert(nn.Sequential(copy.deepcopy(lin)), config=config)
+    compiled = torch.compile(ao_convert(nn.Sequential(copy.deepcopy(lin)), config=config))
     return {"torchao_eager": eager, "torchao_compile": compiled}
 
 
@@ -90,6 +96,7 @@ def main():
     ap.add_argument("--torchao-compile-m", type=int, default=16384,
                     help="compile torchao only at this M (each shape recompiles)")
     ap.add_argument("--profile", action="store_true", help="list the kernels of one fwd+bwd")
+    ap.add_argument("--recipe", default="tensorwise", help="both libraries' recipe of this name")
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     torch._dynamo.config.recompile_limit = 1000
@@ -99,18 +106,19 @@ def main():
     for model in args.models:
         for K, N in SHAPES[model]:
             lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-            ours = Float8Linear.from_float(copy.deepcopy(lin))
-            others = torchao_modules(lin)
+            ours = Float8Linear.from_float(copy.deepcopy(lin), Float8Config.from_recipe_name(args.recipe))
+            others = torchao_modules(lin, args.recipe)
             for M in args.m:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-                steps = {"bf16": fwd_bwd(lin, x, g), "f8tensor": fwd_bwd(ours, x, g),
-                         "gemms_only": gemms_only(x.detach(), lin.weight.detach(), g)}
+                steps = {"bf16": fwd_bwd(lin, x, g), "f8tensor": fwd_bwd(ours, x, g)}
+                if args.recipe == "tensorwise":
+                    steps["gemms_only"] = gemms_only(x.detach(), lin.weight.detach(), g)
                 for name, mod in others.items():
                     if name == "torchao_compile" and M != args.torchao_compile_m:
                         continue
                     steps[name] = fwd_bwd(mod, x, g)
-                row = dict(env, bench="linear", model=model, M=M, K=K, N=N)
+                row = dict(env, bench="linear", recipe=args.recipe, model=model, M=M, K=K, N=N)
                 # Interleaved rounds, median per implementation: the fp8 GEMMs' time drifts by up
                 # to +-10 % over seconds (power), and every implementation samples the same drift.
                 times = {name: [] for name in steps}
@@ -132,7 +140,8 @@ def main():
             lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
             x = torch.randn(16384, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             g = torch.randn(16384, N, device="cuda", dtype=torch.bfloat16)
-            mods = {"f8tensor": Float8Linear.from_float(copy.deepcopy(lin)), **torchao_modules(lin)}
+            mods = {"f8tensor": Float8Linear.from_float(copy.deepcopy(lin), Float8Config.from_recipe_name(args.recipe)),
+                    **torchao_modules(lin, args.recipe)}
             for name, mod in mods.items():
                 kernels = kernel_times(fwd_bwd(mod, x, g))
                 total = sum(us for _, us in kernels)
@@ -140,7 +149,7 @@ def main():
                       f"{total:.0f} us GPU time")
                 for kname, us in kernels:
                     print(f"    {us:8.1f} us  {kname[:110]}")
-                rows.append(dict(env, bench="launches", impl=name, M=16384, K=K, N=N, count=len(kernels),
+                rows.append(dict(env, bench="launches", recipe=args.recipe, impl=name, M=16384, K=K, N=N, count=len(kernels),
                                  kernels=[k for k, _ in kernels], kernel_us=[us for _, us in kernels]))
     write_rows(args.out, rows)
 

@@ -3,31 +3,35 @@
 Installed as `f8tensor.kernels`. `quantize_with_amax` quantizes a 2-D tensor: Triton on a CUDA
 device with float8 hardware, the reference elsewhere; both return (row_major | None, col_major |
 None, scale, amax record) with the same bits. The fused ops' entry points (`rms_norm_with_amax`,
-`swiglu_with_amax`, `rope_forward` and their backwards) choose the same way.
+`swiglu_with_amax`, `rope_forward` and their backwards) choose the same way, as do `quantize_rows` / `quantize_cols`
+(one scale per row / per column: the rowwise recipes).
 """
 
 import functools
 
 import torch
 
-from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, fp8_max, quantize_ref,
-                    rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
+from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, cast_ref, fp8_max,
+                    quantize_ref, quantize_rowwise_ref, rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
                     scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
 
 try:
     from .quantize import quantize_triton, quantize_triton_with_amax
     from .rms_norm import rms_norm_backward_triton, rms_norm_triton
     from .rope import rope_triton
+    from .rowwise import col_cast_triton, row_cast_triton
     from .swiglu import swiglu_backward_triton, swiglu_triton
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = quantize_triton_with_amax = swiglu_triton = swiglu_backward_triton = None
     rope_triton = rms_norm_triton = rms_norm_backward_triton = None
+    row_cast_triton = col_cast_triton = None
 
-from .op import amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
+from .naive import to_col_major  # noqa: E402
+from .op import amax_of_bits, axis_amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "has_float8_hardware",
-    "quantize_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
+    "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
     "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
     "rope_backward_ref", "rope_forward", "rope_ref", "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
@@ -62,6 +66,39 @@ def quantize_with_amax(
         return quantize_triton_with_amax(x, float8_dtype, layout, power_of_2, amax=amax)
     amax = amax_ref(x) if amax is None else _as_amax_value(amax)
     return (*quantize_ref(x, float8_dtype, layout, power_of_2, amax=amax), amax)
+
+
+def quantize_rows(
+    x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, write_row: bool = True,
+    col_amax: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(row-major data | None, row scales [M, 1] | None, column amaxes [N] fp32 | None) of a 2-D x:
+    each row cast with its own scale; with col_amax, also the record `quantize_cols` takes, from
+    the same read of x. Triton on a CUDA device with float8 hardware, plain PyTorch elsewhere and
+    while torch.compile traces (inductor fuses it); the same bits either way."""
+    if not (x.is_cuda and has_float8_hardware(x.device)) or torch.compiler.is_compiling():
+        amax = axis_amax_of_bits if torch.compiler.is_compiling() else axis_amax_ref
+        row = row_scale = None
+        if write_row:
+            multiplier, row_scale = scale_from_amax_ref(amax(x, 1), float8_dtype, power_of_2)
+            row = cast_ref(x, multiplier, float8_dtype)
+        return row, row_scale, amax(x, 0).reshape(-1) if col_amax else None
+    if row_cast_triton is None:
+        raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
+    return row_cast_triton(x, float8_dtype, power_of_2, write_row=write_row, col_amax=col_amax)
+
+
+def quantize_cols(
+    x: torch.Tensor, float8_dtype: torch.dtype, col_amax: torch.Tensor, power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column-major data [M, N] with strides (1, M), column scales [1, N]) of a 2-D x given its
+    column amaxes (the record `quantize_rows(..., col_amax=True)` returned for x's very values)."""
+    if not (x.is_cuda and has_float8_hardware(x.device)) or torch.compiler.is_compiling():
+        multiplier, col_scale = scale_from_amax_ref(col_amax.reshape(1, -1), float8_dtype, power_of_2)
+        return to_col_major(cast_ref(x, multiplier, float8_dtype)), col_scale
+    if col_cast_triton is None:
+        raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
+    return col_cast_triton(x, float8_dtype, col_amax, power_of_2)
 
 
 def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

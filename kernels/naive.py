@@ -41,7 +41,8 @@ def amax_ref(x: torch.Tensor) -> torch.Tensor:
 def scale_from_amax_ref(
     amax: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one place scale edge cases are decided. Returns (multiplier, scale), both fp32 0-d."""
+    """The one place scale edge cases are decided. Returns (multiplier, scale), fp32 of amax's
+    shape (0-d for a tensor's amax; elementwise for rows' or columns' amaxes)."""
     amax = amax.float()
     # tensor / tensor: `float / tensor` would be reciprocal-then-multiply, two roundings.
     multiplier = amax.new_full((), fp8_max(float8_dtype)) / amax.clamp(min=EPS)
@@ -83,6 +84,47 @@ def quantize_ref(
     row = data if layout in ("row", "both") else None
     col = to_col_major(data) if layout in ("col", "both") else None
     return row, col, scale
+
+
+
+# Rowwise scaling (rowwise.py): one scale per row of a row-major operand, one per column of a
+# column-major one, each from that row's / column's own max(|x|) by the same policy as above
+# (scale_from_amax_ref works elementwise). A non-finite value poisons only its own row / column.
+# Scales are shaped to broadcast against x: [M, 1] per row, [1, N] per column, what
+# torch._scaled_mm takes for rowwise scaling (scale_a [M, 1], scale_b [1, N]).
+
+def axis_amax_ref(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max(|x|) along dim as fp32 with dim kept (size 1); 0 where the reduced axis is empty."""
+    if x.shape[dim] == 0:
+        shape = list(x.shape)
+        shape[dim] = 1
+        return torch.zeros(shape, dtype=torch.float32, device=x.device)
+    return x.abs().amax(dim, keepdim=True).float()
+
+
+def quantize_rowwise_ref(
+    x: torch.Tensor, float8_dtype: torch.dtype, layout: str = "row", power_of_2: bool = False,
+    col_amax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Quantize a 2-D x [M, N] with per-row / per-column scales. Returns (row | None, row_scale
+    [M, 1] | None, col | None, col_scale [1, N] | None): "row" is row-major data scaled per row,
+    "col" column-major data (strides (1, M)) scaled per column, "both" the two.
+
+    col_amax: the column amaxes [N] (fp32) if already known (x quantized before with the same values).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rowwise_ref takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    row = row_scale = col = col_scale = None
+    if layout in ("row", "both"):
+        multiplier, row_scale = scale_from_amax_ref(axis_amax_ref(x, 1), float8_dtype, power_of_2)
+        row = cast_ref(x, multiplier, float8_dtype)
+    if layout in ("col", "both"):
+        amax = axis_amax_ref(x, 0) if col_amax is None else col_amax.reshape(1, -1)
+        multiplier, col_scale = scale_from_amax_ref(amax, float8_dtype, power_of_2)
+        col = to_col_major(cast_ref(x, multiplier, float8_dtype))
+    return row, row_scale, col, col_scale
 
 
 # SwiGLU, fused with the amax of what it writes (swiglu.py). The math in fp32, one rounding to the

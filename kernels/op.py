@@ -36,6 +36,19 @@ def amax_of_bits(x: torch.Tensor) -> torch.Tensor:
     return (x.view(int_dtype) & magnitude).amax().view(x.dtype).float()
 
 
+
+def axis_amax_of_bits(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max(|x|) along dim, kept as a size-1 dim, fp32: `naive.axis_amax_ref(x, dim)` on x's bit
+    patterns, for the same reason as `amax_of_bits` (rowwise scaling under torch.compile)."""
+    if x.dtype not in _BITS:
+        raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
+    if not torch.compiler.is_dynamo_compiling() and x.shape[dim] == 0:
+        shape = list(x.shape)
+        shape[dim] = 1
+        return torch.zeros(shape, dtype=torch.float32, device=x.device)
+    int_dtype, magnitude = _BITS[x.dtype]
+    return (x.view(int_dtype) & magnitude).amax(dim, keepdim=True).view(x.dtype).float()
+
 @torch.library.custom_op("f8tensor::cast", mutates_args=())
 def cast_op(
     x: torch.Tensor, amax: torch.Tensor, float8_dtype: torch.dtype, layout: str, power_of_2: bool

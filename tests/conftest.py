@@ -31,8 +31,13 @@ def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, 
     assert a.storage_offset() % 16 == 0 and b.storage_offset() % 16 == 0, "operand not 16-byte aligned"
     assert not (a.dtype == b.dtype == torch.float8_e5m2), "e5m2 x e5m2"
     assert b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, f"K, N not multiples of 16: {b.shape}"
-    for s in (scale_a, scale_b):
-        assert s.dtype == torch.float32 and s.numel() == 1, "tensorwise scale must be fp32, numel 1"
+    assert scale_a.dtype == scale_b.dtype == torch.float32, "scales must be fp32"
+    if scale_a.numel() != 1 or scale_b.numel() != 1:  # rowwise: the only other scaling f8tensor routes
+        M, N = a.shape[0], b.shape[1]
+        assert scale_a.shape == (M, 1) and scale_b.shape == (1, N), f"rowwise scales {scale_a.shape} {scale_b.shape}"
+        assert scale_a.is_contiguous() and scale_b.is_contiguous(), "rowwise scales must be contiguous"
+        assert a.dtype == b.dtype == torch.float8_e4m3fn, "rowwise takes e4m3 x e4m3"
+        assert out_dtype == torch.bfloat16, "rowwise writes bf16 only"
     return _real_scaled_mm(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result,
                            out_dtype=out_dtype, use_fast_accum=use_fast_accum, **out)
 

@@ -6,13 +6,24 @@ import torch
 
 from ..kernels import FLOAT8_DTYPES
 
+GRANULARITIES = ("tensorwise", "rowwise")
+
 
 @dataclass(frozen=True)
 class Float8Config:
     """How Float8Linear quantizes and multiplies. Frozen: it rides on Float8Tensor as metadata.
 
-    Tensorwise dynamic scaling everywhere: each cast computes max(|x|) of the tensor it casts.
+    Dynamic scaling: each cast computes the max(|x|) its scales come from. Tensorwise (the
+    default): one scale per tensor. Rowwise: one scale per row of each GEMM operand along K
+    (per token, per output channel, per input channel), torch._scaled_mm's rowwise GEMMs.
     """
+
+    # "tensorwise" or "rowwise" (linear_rowwise.py: e4m3 operands and a bf16 output, as CUDA's
+    # rowwise GEMMs take; not with keep_fp8_weight nor the FSDP2 float8 all-gather yet).
+    scaling_granularity: str = "tensorwise"
+    # Rowwise only: the weight-gradient GEMM in the input's dtype on unquantized operands (torchao's
+    # "rowwise_with_gw_hp": that GEMM's operands are scaled along the token axis, where outliers sit).
+    grad_weight_high_precision: bool = False
 
     # input and weight (forward GEMM operands)
     forward_dtype: torch.dtype = torch.float8_e4m3fn
@@ -53,6 +64,14 @@ class Float8Config:
                     f"Float8Config.{name} must be torch.float8_e4m3fn or torch.float8_e5m2, "
                     f"got {getattr(self, name)}"
                 )
+        if self.scaling_granularity not in GRANULARITIES:
+            raise ValueError(f"Float8Config.scaling_granularity must be one of {GRANULARITIES}, got "
+                             f"{self.scaling_granularity!r}")
+        if self.scaling_granularity == "rowwise":
+            self._check_rowwise()
+        elif self.grad_weight_high_precision:
+            raise ValueError("Float8Config.grad_weight_high_precision is a rowwise option; use "
+                             "Float8Config.from_recipe_name('rowwise_with_gw_hp')")
         if self.fsdp_float8_all_gather and self.keep_fp8_weight:
             raise ValueError(
                 "Float8Config: fsdp_float8_all_gather and keep_fp8_weight exclude each other: the weight "
@@ -63,14 +82,33 @@ class Float8Config:
                 "multiply e5m2 by e5m2, which CUDA's _scaled_mm rejects; use e4m3fn for one of them"
             )
 
+    def _check_rowwise(self):
+        if self.forward_dtype != torch.float8_e4m3fn or self.backward_dtype != torch.float8_e4m3fn:
+            raise ValueError(
+                "rowwise scaling multiplies float8_e4m3fn operands only (CUDA's rowwise _scaled_mm); set "
+                "forward_dtype and backward_dtype to torch.float8_e4m3fn, or use "
+                "Float8Config.from_recipe_name('rowwise')")
+        for name in ("keep_fp8_weight", "fsdp_float8_all_gather"):
+            if getattr(self, name):
+                raise ValueError(f"Float8Config: {name} is built for tensorwise scaling only; with "
+                                 f"scaling_granularity='rowwise' set {name}=False")
+
     @classmethod
     def from_recipe_name(cls, name: str) -> "Float8Config":
         """'tensorwise' (default), 'tensorwise_pow2' (power-of-two scales), 'tensorwise_e4m3'
-        (e4m3 gradients too)."""
+        (e4m3 gradients too), 'rowwise' (one scale per row of every GEMM operand along K, e4m3
+        everywhere), 'rowwise_with_gw_hp' (rowwise, the weight-gradient GEMM in high precision).
+        torchao's recipes of those names also round scales to powers of two; these do not, as
+        power-of-two scales leave rowwise a little below tensorwise on gaussian data (docs/design.md,
+        "Rowwise scaling"); Float8Config.replace(power_of_2_scale=True) turns them on."""
+        e4m3 = torch.float8_e4m3fn
+        rowwise = dict(scaling_granularity="rowwise", backward_dtype=e4m3)
         recipes = {
             "tensorwise": cls(),
             "tensorwise_pow2": cls(power_of_2_scale=True),
-            "tensorwise_e4m3": cls(backward_dtype=torch.float8_e4m3fn),
+            "tensorwise_e4m3": cls(backward_dtype=e4m3),
+            "rowwise": cls(**rowwise),
+            "rowwise_with_gw_hp": cls(**rowwise, grad_weight_high_precision=True),
         }
         if name not in recipes:
             raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(recipes)}")

@@ -33,6 +33,7 @@ from ..kernels import quantize_with_amax
 from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
 from .class_swap import QuietSubclasses
 from .config import Float8Config
+from .linear_rowwise import _RowwiseLinearFn
 from .ops import scaled_mm_data
 from .tensor import Float8Tensor
 from .tensor_cache import produced_amax, shared_input
@@ -190,6 +191,13 @@ def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
         # the plain layer gives the same empty output and zero gradients. The autograd function's
         # traced amax does not test for emptiness (kernels/op.py).
         return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if config.scaling_granularity == "rowwise":
+        if isinstance(x, Float8Tensor) or isinstance(weight, (Float8Tensor, Float8AllGatherWeight)):
+            raise TypeError(
+                "Float8Linear with rowwise scaling takes high-precision inputs and weights; a float8 "
+                "all-gather (Float8PrepareModuleInput, fsdp_float8_all_gather) hands it tensorwise float8 "
+                "data: use those with tensorwise recipes only")
+        return _RowwiseLinearFn.apply(x, weight, bias, config, grad_enabled)
     return _Float8LinearFn.apply(x, weight, bias, config, grad_enabled)
 
 
@@ -268,5 +276,8 @@ class Float8Linear(QuietSubclasses, nn.Linear):
         c = self.config
         fwd = str(c.forward_dtype).removeprefix("torch.")
         bwd = str(c.backward_dtype).removeprefix("torch.")
-        return (f"{super().extra_repr()}, float8: fwd={fwd}, bwd={bwd}" + (", emulate" if c.emulate else "")
+        return (f"{super().extra_repr()}, float8: fwd={fwd}, bwd={bwd}"
+                + (f", {c.scaling_granularity}" if c.scaling_granularity != "tensorwise" else "")
+                + (", grad_weight high precision" if c.grad_weight_high_precision else "")
+                + (", emulate" if c.emulate else "")
                 + (", keep_fp8_weight" if c.keep_fp8_weight else ""))

@@ -1,8 +1,9 @@
 """The __torch_dispatch__ op table of Float8Tensor: one small handler per group of aten ops.
 
 Every matrix product lands in `scaled_mm`, which enforces CUDA's `_scaled_mm` rules (first operand
-row-major, second column-major, 16-byte aligned, K and N multiples of 16, never e5m2 x e5m2) on
-every device, so a layout the GPU would refuse fails the same way in CPU CI.
+row-major, second column-major, 16-byte aligned, K and N multiples of 16, never e5m2 x e5m2; with
+rowwise scales: scale_a [M, 1] and scale_b [1, N] fp32, e4m3 x e4m3, a bf16 output) on every device,
+so a layout or scaling the GPU would refuse fails the same way in CPU CI.
 """
 
 import torch
@@ -204,6 +205,8 @@ def scaled_mm_data(
             "compute capability 8.9 or newer); use Float8Config(emulate=True) to run the GEMMs in "
             "high precision"
         )
+    if a_scale.dim() == 2 or b_scale.dim() == 2:
+        a_scale, b_scale = _rowwise_scales(a_data, a_scale, b_data, b_scale, out_dtype)
     if not _is_row_major(a_data):
         a_data = a_data.contiguous()
     if not _is_col_major(b_data):
@@ -224,6 +227,32 @@ def scaled_mm_data(
     if bias is not None and not fused_bias:
         out = out + bias
     return out
+
+
+def _rowwise_scales(a_data, a_scale, b_data, b_scale, out_dtype):
+    """CUDA's rules for rowwise scaling; a tensorwise scale beside a rowwise one is broadcast to
+    its row or column (the same values)."""
+    M, N = a_data.shape[0], b_data.shape[1]
+    if a_scale.dim() == 0:
+        a_scale = a_scale.reshape(1, 1).expand(M, 1)
+    if b_scale.dim() == 0:
+        b_scale = b_scale.reshape(1, 1).expand(1, N)
+    if a_scale.shape != (M, 1) or b_scale.shape != (1, N):
+        raise ValueError(
+            f"rowwise _scaled_mm of [{M}, K] @ [K, {N}] needs scale_a [{M}, 1] (one per row of a) and scale_b "
+            f"[1, {N}] (one per column of b), got {tuple(a_scale.shape)} and {tuple(b_scale.shape)}")
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise TypeError(f"rowwise _scaled_mm takes fp32 scales, got {a_scale.dtype} and {b_scale.dtype}")
+    if a_data.dtype != torch.float8_e4m3fn or b_data.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"rowwise _scaled_mm multiplies float8_e4m3fn operands only, got {a_data.dtype} x "
+                        f"{b_data.dtype}; quantize both to e4m3fn (Float8Config.from_recipe_name('rowwise'))")
+    if out_dtype != torch.bfloat16:
+        raise TypeError(f"rowwise _scaled_mm writes bfloat16 only, asked for {out_dtype}; run the layer in "
+                        "bfloat16 (or under torch.autocast(dtype=torch.bfloat16)), or use tensorwise scaling")
+    # As vectors laid out densely ([M, 1] with strides (1, 1), [1, N] with (N, 1)): a transposed
+    # column scale ([N, 1] with strides (1, N)) counts as contiguous, yet _scaled_mm on CPU
+    # refuses its stride.
+    return a_scale.reshape(M).contiguous().unsqueeze(1), b_scale.reshape(N).contiguous().unsqueeze(0)
 
 
 def _as_float8(t, other: Float8Tensor, layout: str) -> Float8Tensor:

@@ -1,0 +1,179 @@
+"""Saturating cast to float8 with one dynamic scale per row (row-major output) or per column
+(column-major output).
+
+Reference: `naive.quantize_rowwise_ref` (same results bit for bit on the GPU).
+
+Two kernels, each one read of x:
+- `row_kernel`: one program per block of BLOCK_M rows. A row's reduction runs along the program's
+  own loop, so it reads its rows once for their amaxes and once more (from L2, just read) to cast
+  them row-major with their scales. With COL_AMAX it also folds each column's max(|x|) over its
+  rows into `col_amax` (fp32 bits in int32, zeroed by the caller, atomic max): the column scales
+  then cost no pass of their own. With WRITE_ROW off it is the column amax pass alone.
+- `col_kernel`: casts x column-major (stored as the transpose's row-major bytes, [N, M]) with the
+  scales of `col_amax`; one program per BLOCK_N columns and a slice of the rows.
+
+A column-major operand scaled per column (the weight-gradient GEMM's operands, the weight in the
+input-gradient GEMM) needs every row's contribution to a column's amax before the first element
+can be cast, so it cannot share the row pass's single read; its amaxes can, and are the amax record
+the caller keeps (Float8Linear casts its weight column-major in backward from forward's record).
+
+Atomic max on non-negative int32 bit patterns is order independent: the results are deterministic.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .amax import cdiv, magnitude_bits
+from .cast import FORMAT_BITS, FP8_MAX
+from .launch import launch_kernel
+from .naive import EPS, INPUT_DTYPES
+from .scale import INTERPRETING, fp32_to_float8, scale_from_amax
+
+
+@triton.jit
+def _cast_tile(x, multiplier, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
+               MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    y = tl.clamp(x.to(tl.float32) * multiplier, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return fp32_to_float8(y, out_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+
+
+@triton.jit
+def row_kernel(
+    x_ptr, row_ptr, row_scale_ptr, col_amax_ptr, M, N, stride_m, stride_n,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+    MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, WRITE_ROW: tl.constexpr,
+    COL_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_m
+    acc = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols[None, :] < N)
+        bits = magnitude_bits(tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0))
+        acc = tl.maximum(acc, tl.max(bits, 1))
+        if COL_AMAX:
+            tl.atomic_max(col_amax_ptr + cols, tl.max(bits, 0), mask=cols < N)
+    if WRITE_ROW:
+        multiplier, scale = scale_from_amax(acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+        tl.store(row_scale_ptr + rows, scale, mask=row_ok)
+        out_rows = row_ptr + rows[:, None].to(tl.int64) * N
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols[None, :] < N)
+            x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask)
+            q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
+                           MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(out_rows + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def col_kernel(
+    x_ptr, col_amax_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, ROWS_PER_PROGRAM,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+    MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    amax = tl.load(col_amax_ptr + cols, mask=col_ok, other=0).to(tl.float32, bitcast=True)
+    multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+    first = tl.program_id(1) * ROWS_PER_PROGRAM
+    if first == 0:
+        tl.store(col_scale_ptr + cols, scale, mask=col_ok)
+    for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rows = first + start + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask)
+        q = _cast_tile(x, multiplier[None, :], col_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
+                       MIN_NORMAL_EXP, EXACT_ROUND)
+        tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # interpreter: enough to exercise the row split
+    from .quantize import num_sms
+
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _format(float8_dtype: torch.dtype, power_of_2: bool, exact_round: bool, x: torch.Tensor):
+    mant_bits, min_normal_exp = FORMAT_BITS[float8_dtype]
+    # Triton 3.6 on sm90 misconverts fp32 inputs in some small layouts (cast.py): round first.
+    exact_round = exact_round or x.dtype == torch.float32
+    return dict(FP8_MAX=FP8_MAX[float8_dtype], EPS=EPS, POWER_OF_2=power_of_2, MANT_BITS=mant_bits,
+                MIN_NORMAL_EXP=min_normal_exp, EXACT_ROUND=exact_round)
+
+
+def _check(x: torch.Tensor, float8_dtype: torch.dtype):
+    if x.dim() != 2:
+        raise ValueError(f"rowwise quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
+    if float8_dtype not in FORMAT_BITS:
+        raise ValueError(f"float8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {float8_dtype}")
+
+
+def row_cast_triton(
+    x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, write_row: bool = True,
+    col_amax: bool = False, exact_round: bool = INTERPRETING, block_m: int = 16, block_n: int = 256,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(row [M, N] row-major | None, row_scale [M, 1] | None, col_amax [N] fp32 | None) of a 2-D
+    x, from one read of x (its second look at each row is an L2 hit)."""
+    _check(x, float8_dtype)
+    if not (write_row or col_amax):
+        raise ValueError("row_cast_triton: nothing to do (write_row and col_amax both off)")
+    M, N = x.shape
+    device = x.device
+    row = torch.empty((M, N), dtype=float8_dtype, device=device) if write_row else None
+    row_scale = torch.empty((M, 1), dtype=torch.float32, device=device) if write_row else None
+    amax = torch.zeros(N, dtype=torch.int32, device=device) if col_amax else None
+    if M and N:
+        any_out = row if row is not None else amax
+        launch_kernel(row_kernel, (cdiv(M, block_m),),
+                      (x, any_out, any_out if row_scale is None else row_scale, any_out if amax is None else amax,
+                       M, N, x.stride(0), x.stride(1)), num_warps,
+                      **_format(float8_dtype, power_of_2, exact_round, x), WRITE_ROW=write_row,
+                      COL_AMAX=col_amax, BLOCK_M=block_m, BLOCK_N=block_n)
+    elif write_row:
+        row_scale.copy_(_empty_scale(float8_dtype, power_of_2, device))
+    return row, row_scale, None if amax is None else amax.view(torch.float32)
+
+
+def col_cast_triton(
+    x: torch.Tensor, float8_dtype: torch.dtype, col_amax: torch.Tensor, power_of_2: bool = False, *,
+    exact_round: bool = INTERPRETING, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(col [M, N] column-major, col_scale [1, N]) of a 2-D x given its column amaxes (the record
+    `row_cast_triton(..., col_amax=True)` returned for x's very values)."""
+    _check(x, float8_dtype)
+    M, N = x.shape
+    if col_amax.dtype != torch.float32 or col_amax.shape != (N,) or col_amax.device != x.device:
+        raise ValueError(f"col_amax must be the fp32 [{N}] record of this tensor's column amaxes, got "
+                         f"{col_amax.dtype} {tuple(col_amax.shape)} on {col_amax.device}")
+    device = x.device
+    col_t = torch.empty((N, M), dtype=float8_dtype, device=device)
+    col_scale = torch.empty((1, N), dtype=torch.float32, device=device)
+    if M and N:
+        col_programs = cdiv(N, block_n)
+        # Enough programs to keep every SM's loads in flight: split the rows when columns are few.
+        split = max(1, min(cdiv(M, block_m), cdiv(4 * _num_sms(device), col_programs)))
+        rows_per_program = cdiv(cdiv(M, split), block_m) * block_m
+        split = cdiv(M, rows_per_program)
+        launch_kernel(col_kernel, (col_programs, split),
+                      (x, col_amax.view(torch.int32), col_t, col_scale, M, N, x.stride(0),
+                       x.stride(1), rows_per_program), num_warps,
+                      **_format(float8_dtype, power_of_2, exact_round, x), BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        col_scale.copy_(_empty_scale(float8_dtype, power_of_2, device))
+    return col_t.t(), col_scale
+
+
+def _empty_scale(float8_dtype, power_of_2, device) -> torch.Tensor:
+    """The scale of an empty row or column (amax 0): the policy's, from the reference."""
+    from .naive import scale_from_amax_ref
+
+    return scale_from_amax_ref(torch.zeros((), device=device), float8_dtype, power_of_2)[1]
