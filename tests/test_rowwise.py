@@ -307,3 +307,51 @@ def test_float8_gathered_input_is_refused():
     f8 = Float8Linear(64, 32, bias=False, device=DEVICE, dtype=torch.bfloat16, config=config)
     with pytest.raises(TypeError, match="tensorwise recipes only"):
         f8(to_float8(torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16)))
+
+
+# Float8Tensor with rowwise scales.
+
+def test_float8_tensor_carries_rowwise_scales_through_views():
+    from f8tensor import to_float8
+
+    x = torch.randn(2, 4, 32, device=DEVICE, dtype=torch.bfloat16)
+    row, col = to_float8(x, layout="both", granularity="rowwise")
+    assert row.granularity == "per row" and row._scale.shape == (2, 4, 1)
+    assert col.granularity == "per column" and col._scale.shape == (1, 1, 32)
+    assert "scale=per row [2, 4, 1]" in repr(row)
+    ref_row, ref_row_scale, ref_col, ref_col_scale = quantize_rowwise_ref(x.reshape(8, 32), E4M3, "both")
+    same_fp8(row._data.reshape(8, 32), ref_row)
+    assert torch.equal(row._scale.reshape(8, 1), ref_row_scale) and torch.equal(col._scale.reshape(1, 32), ref_col_scale)
+    # views keep one scale per row / column and dequantize to the same values
+    for view in (lambda t: t.reshape(8, 32), lambda t: t.reshape(8, 32).t(), lambda t: t[1], lambda t: t[:, 1:3],
+                 lambda t: t.unsqueeze(0), lambda t: t.detach()):
+        for t in (row, col):
+            assert torch.equal(view(t).dequantize(), view(t.dequantize()))
+    with pytest.raises(NotImplementedError, match="no single scale per row or per column"):
+        row.reshape(2, 128)
+    with pytest.raises(NotImplementedError, match="rowwise scales"):
+        torch.cat([row, row])
+
+
+def test_float8_tensor_mm_with_rowwise_scales_is_a_rowwise_gemm():
+    from f8tensor import to_float8
+
+    x = torch.randn(32, 64, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(48, 64, device=DEVICE, dtype=torch.bfloat16)
+    a, b = to_float8(x, granularity="rowwise"), to_float8(w, granularity="rowwise")
+    xr, xs, _, _ = quantize_rowwise_ref(x, E4M3, "row")
+    wr, ws, _, _ = quantize_rowwise_ref(w, E4M3, "row")
+    want = torch._scaled_mm(xr, wr.t(), xs, ws.reshape(1, 48).contiguous(), out_dtype=torch.bfloat16)
+    assert torch.equal(torch.mm(a, b.t()), want)
+    # a plain operand is quantized with the other's kind of scale: rowwise here
+    assert torch.equal(torch.mm(x, b.t()), want)
+    with pytest.raises(ValueError, match=r"needs scale_a \[32, 1\]"):  # per-column scales on the first operand
+        torch.mm(to_float8(x, layout="col", granularity="rowwise").contiguous(), b.t())
+
+
+def test_tensorwise_layer_refuses_a_rowwise_float8_input():
+    from f8tensor import to_float8
+
+    f8 = Float8Linear(64, 32, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="scaled tensorwise"):
+        f8(to_float8(torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16), granularity="rowwise"))

@@ -28,10 +28,14 @@ def test_construction_validates_fields():
     data = torch.zeros(4, 16, dtype=torch.float8_e4m3fn)
     with pytest.raises(TypeError, match="float8_e4m3fn or float8_e5m2"):
         Float8Tensor(torch.zeros(4, 16), torch.tensor(1.0), torch.bfloat16)
-    with pytest.raises(ValueError, match="one-element float32"):
+    with pytest.raises(ValueError, match="one element .tensorwise., one per row"):
         Float8Tensor(data, torch.tensor([1.0, 2.0]), torch.bfloat16)
-    with pytest.raises(ValueError, match="one-element float32"):
+    with pytest.raises(ValueError, match="must be float32"):
         Float8Tensor(data, torch.tensor(1.0, dtype=torch.float64), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"got torch.float32 of shape \(4, 16\)"):  # one scale per element
+        Float8Tensor(data, torch.ones(4, 16), torch.bfloat16)
+    assert Float8Tensor(data, torch.ones(4, 1), torch.bfloat16).granularity == "per row"
+    assert Float8Tensor(data, torch.ones(1, 16), torch.bfloat16).granularity == "per column"
     with pytest.raises(TypeError, match="high-precision"):
         Float8Tensor(data, torch.tensor(1.0), torch.int32)
     t = Float8Tensor(data, torch.tensor([0.5]), torch.bfloat16)

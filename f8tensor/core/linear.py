@@ -59,6 +59,9 @@ def _float8_input(x: Float8Tensor, config, layouts):
     """An input already in float8 (row-major, tensorwise): its data as the row-major operand, and
     for backward a column-major float8 copy (a transpose, no cast), made once for the layers that
     read the same input."""
+    if x._scale.dim():
+        raise TypeError(f"Float8Linear: a float8 input must be scaled tensorwise (as float8_all_gather makes "
+                        f"it); this one has {x.granularity} scales")
     if x.float8_dtype != config.forward_dtype:
         raise TypeError(
             f"Float8Linear: the input is a Float8Tensor in {x.float8_dtype}, the layer's config casts inputs to "

@@ -6,12 +6,14 @@ rowwise scales: scale_a [M, 1] and scale_b [1, N] fp32, e4m3 x e4m3, a bf16 outp
 so a layout or scaling the GPU would refuse fails the same way in CPU CI.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .config import Float8Config
 from ..kernels import has_float8_hardware
-from .tensor import OPS, Float8Tensor, GemmRole, to_float8
+from .tensor import OPS, Float8Tensor, GemmRole, _axiswise, to_float8
 
 aten = torch.ops.aten
 DEFAULT_CONFIG = Float8Config()
@@ -31,6 +33,7 @@ def _rewrap(t: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = No
 
 
 # Shape and view ops: the same op on the data, the scale shared (views share it as they share data).
+# Rowwise scales follow the data: see _scale_of_view.
 @implements([
     aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
     aten.reshape.default, aten.t.default, aten.transpose.int, aten.permute.default,
@@ -38,12 +41,48 @@ def _rewrap(t: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = No
     aten.squeeze.dim, aten.squeeze.default, aten.expand.default,
 ])
 def _view_op(func, args, kwargs):
-    return _rewrap(args[0], func(args[0]._data, *args[1:], **kwargs))
+    t = args[0]
+    data = func(t._data, *args[1:], **kwargs)
+    return _rewrap(t, data, _scale_of_view(func, t, data, args, kwargs))
+
+
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.squeeze.default}
+_REORDERS = {aten.t.default, aten.transpose.int, aten.permute.default}
+
+
+def _scale_of_view(func, t, data, args, kwargs):
+    """The scale of a view of t: t's own when tensorwise; rowwise scales reshaped, transposed or
+    sliced with the data, where the result still has one scale per row or per column."""
+    scale = t._scale
+    if scale.dim() == 0 or func in (aten.detach.default, aten.alias.default):
+        return scale
+    new = None
+    if func in _RESHAPES and data.dim() and data.shape[-1] == t.shape[-1]:
+        per_row = scale.shape[-1] == 1
+        target = (*data.shape[:-1], 1) if per_row else (*[1] * (data.dim() - 1), data.shape[-1])
+        new = scale.reshape(target) if math.prod(target) == scale.numel() else None
+    elif func in _REORDERS:
+        new = func(scale, *args[1:], **kwargs)
+    elif func in (aten.slice.Tensor, aten.select.int):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if scale.shape[dim] != 1:
+            new = func(scale, *args[1:], **kwargs)
+        else:
+            new = scale if func is aten.slice.Tensor else scale.select(dim, 0)
+    if new is None or not (new.numel() == 1 or _axiswise(new.shape, data.shape)):
+        raise NotImplementedError(
+            f"Float8Tensor with rowwise scales ({t.granularity}, {list(scale.shape)}): {func} on shape "
+            f"{tuple(t.shape)} would leave no single scale per row or per column; dequantize() first")
+    return new
 
 
 @implements([aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int])
 def _split_op(func, args, kwargs):
     t = args[0]
+    if t._scale.dim():
+        raise NotImplementedError(f"Float8Tensor with rowwise scales: {func} is not supported; dequantize() "
+                                  "first, or slice the tensor")
     return [_rewrap(t, d) for d in func(t._data, *args[1:], **kwargs)]
 
 
@@ -88,6 +127,9 @@ def _cat(func, args, kwargs):
     first = tensors[0]
     if not all(isinstance(t, Float8Tensor) for t in tensors):
         raise TypeError("torch.cat mixes Float8Tensor and plain tensors; quantize or dequantize all first")
+    if any(t._scale.dim() for t in tensors):
+        raise NotImplementedError("torch.cat of Float8Tensors with rowwise scales is not supported; "
+                                  "dequantize them, concatenate, and quantize the result")
     for t in tensors[1:]:
         if t.float8_dtype != first.float8_dtype or t._orig_dtype != first._orig_dtype:
             raise TypeError("torch.cat of Float8Tensors needs one float8 dtype and one orig_dtype")
@@ -260,7 +302,9 @@ def _as_float8(t, other: Float8Tensor, layout: str) -> Float8Tensor:
     if isinstance(t, Float8Tensor):
         return t
     config = other._config or DEFAULT_CONFIG
-    return to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config)
+    granularity = "rowwise" if other._scale.dim() else "tensorwise"  # the other operand's kind
+    return to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config,
+                     granularity=granularity)
 
 
 def _operands(func, a, b):

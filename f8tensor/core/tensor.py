@@ -2,9 +2,10 @@
 
     hp ≈ data.float() * scale          (scale is what torch._scaled_mm takes as scale_a / scale_b)
 
-`scale` is an fp32 0-d tensor on the data's device. The wrapper's shape and strides are the data's,
-so layout (row- or column-major) is read off the tensor itself. Operations go through the op
-table in ops.py; see `__torch_dispatch__` for what happens to ops outside it.
+`scale` is fp32 on the data's device: 0-d (tensorwise), or one scale per row ([..., M, 1]) or per
+column ([1, ..., K]) (rowwise scaling), so that the formula above broadcasts. The wrapper's shape and strides are the data's, so layout (row- or
+column-major) is read off the tensor itself. Operations go through the op table in ops.py; see
+`__torch_dispatch__` for what happens to ops outside it.
 """
 
 import enum
@@ -14,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import Float8Config
-from ..kernels import FLOAT8_DTYPES, LAYOUTS, quantize_with_amax
+from ..kernels import FLOAT8_DTYPES, LAYOUTS, quantize_cols, quantize_rows, quantize_with_amax
 from ..torch_internals import is_fake, is_mutating
 
 # Filled by ops.py: aten op -> handler(func, args, kwargs).
@@ -41,10 +42,13 @@ class Float8Tensor(torch.Tensor):
     def __new__(cls, data, scale, orig_dtype, role=None, config=None):
         if data.dtype not in FLOAT8_DTYPES:
             raise TypeError(f"Float8Tensor data must be float8_e4m3fn or float8_e5m2, got {data.dtype}")
-        if scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != data.device:
+        if scale.dtype != torch.float32 or scale.device != data.device or not (
+                scale.numel() == 1 or _axiswise(scale.shape, data.shape)):
             raise ValueError(
-                "Float8Tensor scale must be a one-element float32 tensor on the data's device, got "
-                f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device} (data on {data.device})"
+                "Float8Tensor scale must be float32 on the data's device, with one element (tensorwise), "
+                "one per row ([..., M, 1]) or one per column ([1, ..., K]); got "
+                f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device} for data of shape "
+                f"{tuple(data.shape)} on {data.device}"
             )
         if not orig_dtype.is_floating_point or orig_dtype in FLOAT8_DTYPES:
             raise TypeError(f"orig_dtype must be a high-precision float dtype, got {orig_dtype}")
@@ -53,7 +57,7 @@ class Float8Tensor(torch.Tensor):
             dtype=orig_dtype, device=data.device, requires_grad=False,
         )
         self._data = data
-        self._scale = scale if scale.dim() == 0 else scale.reshape(())
+        self._scale = scale if scale.numel() != 1 or scale.dim() == 0 else scale.reshape(())
         self._orig_dtype = orig_dtype
         self._role = role
         self._config = config
@@ -77,6 +81,14 @@ class Float8Tensor(torch.Tensor):
         return self._data.dtype
 
     @property
+    def granularity(self) -> str:
+        """"tensorwise", "per row" (a scale per index of every axis but the last: [..., 1]) or "per
+        column" (a scale per index of the last axis: [1, ..., K]); the latter two are rowwise scaling."""
+        if self._scale.dim() == 0:
+            return "tensorwise"
+        return "per row" if self._scale.shape[-1] == 1 else "per column"
+
+    @property
     def layout_name(self) -> str:
         if self._data.dim() == 2 and self._data.t().is_contiguous() and not self._data.is_contiguous():
             return "col"
@@ -85,7 +97,10 @@ class Float8Tensor(torch.Tensor):
     def __repr__(self):
         role = self._role.value if self._role else None
         # Reading the scale's value is impossible while torch.compile traces with fake tensors.
-        scale = "<traced>" if is_fake(self._scale) else f"{self._scale.item():.6g}"
+        if self._scale.dim():
+            scale = f"{self.granularity} {list(self._scale.shape)}"
+        else:
+            scale = "<traced>" if is_fake(self._scale) else f"{self._scale.item():.6g}"
         return (
             f"Float8Tensor(shape={tuple(self.shape)}, {str(self.float8_dtype).removeprefix('torch.')}, "
             f"layout={self.layout_name}, scale={scale}, "
@@ -107,6 +122,13 @@ class Float8Tensor(torch.Tensor):
         if handler is not None:
             return handler(func, args, kwargs)
         return _fallback(func, args, kwargs)
+
+
+def _axiswise(scale_shape, data_shape) -> bool:
+    """One scale per row ([..., M, 1]: every index but the last) or per column ([1, ..., 1, K])."""
+    scale_shape, data_shape = tuple(scale_shape), tuple(data_shape)
+    return len(data_shape) > 0 and scale_shape in (
+        (*data_shape[:-1], 1), (*[1] * (len(data_shape) - 1), data_shape[-1]))
 
 
 def _fallback(func, args, kwargs):
@@ -136,9 +158,14 @@ def _fallback(func, args, kwargs):
 
 def to_float8(
     x: torch.Tensor, float8_dtype: torch.dtype = torch.float8_e4m3fn, *, layout: str = "row",
-    role: GemmRole | None = None, config: Float8Config | None = None,
+    role: GemmRole | None = None, config: Float8Config | None = None, granularity: str | None = None,
 ):
-    """Quantize x with a dynamic tensorwise scale (amax -> scale -> saturating cast).
+    """Quantize x with a dynamic scale (amax -> scale -> saturating cast).
+
+    granularity: "tensorwise" (one scale), or "rowwise": the row-major data gets one scale per
+    row ([..., 1]), the column-major data one per column ([1, ..., K]), each along the axis a GEMM
+    reduces when the tensor is its first (row-major) or second (column-major) operand. Default:
+    config's scaling_granularity, else tensorwise.
 
     layout: "row" (row-major data), "col" (column-major: the matrix [M, K] stored as its transpose,
     strides (1, M), what _scaled_mm wants for its second operand), or "both", which returns the
@@ -153,8 +180,13 @@ def to_float8(
     if x.dim() == 0:
         raise ValueError("cannot quantize a 0-d tensor: float8 data needs at least one dimension")
     power_of_2 = config.power_of_2_scale if config is not None else False
+    granularity = granularity or (config.scaling_granularity if config is not None else "tensorwise")
     shape = x.shape
     x2d = x.unsqueeze(0) if x.dim() == 1 else x.reshape(-1, shape[-1])
+    if granularity == "rowwise":
+        return _to_float8_rowwise(x, x2d, float8_dtype, layout, role, config, power_of_2)
+    if granularity != "tensorwise":
+        raise ValueError(f"granularity must be 'tensorwise' or 'rowwise', got {granularity!r}")
     # Under Dynamo an empty tensor's amax is given (the traced amax does not test for emptiness).
     empty = torch.compiler.is_dynamo_compiling() and x2d.numel() == 0
     amax = torch.zeros((), dtype=torch.float32, device=x.device) if empty else None
@@ -166,3 +198,18 @@ def to_float8(
     if layout == "both":
         return wrap(row), wrap(col)
     return wrap(row if layout == "row" else col)
+
+
+def _to_float8_rowwise(x, x2d, float8_dtype, layout, role, config, power_of_2):
+    shape = x.shape
+    want_col = layout in ("col", "both")
+    row, row_scale, col_amax = quantize_rows(x2d, float8_dtype, power_of_2, write_row=layout != "col",
+                                             col_amax=want_col)
+    out = []
+    if row is not None:
+        out.append(Float8Tensor(row.view(shape), row_scale.view(*shape[:-1], 1), x.dtype, role, config))
+    if want_col:
+        col, col_scale = quantize_cols(x2d, float8_dtype, col_amax, power_of_2)
+        out.append(Float8Tensor(col.view(shape), col_scale.view(*[1] * (len(shape) - 1), shape[-1]), x.dtype,
+                                role, config))
+    return tuple(out) if layout == "both" else out[0]
