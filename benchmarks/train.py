@@ -45,10 +45,17 @@ same tokens; with --fsdp the mesh is (dp = ranks / N, tp = N) and FSDP2 shards o
 counts each tp group's tokens once:
 
     torchrun --nproc-per-node 2 benchmarks/train.py --tp 2 --configs bf16 f8tensor torchao_compiled --ablations f8tensor_sp8
+
+--recipe NAME (default tensorwise) gives every float8 configuration that library's recipe of that
+name: f8tensor's Float8Config.from_recipe_name(NAME) (its other options, keep_fp8_weight and the
+float8 all-gather, applied on top) and torchao's Float8LinearConfig.from_recipe_name(NAME):
+
+    python benchmarks/train.py --recipe rowwise --configs bf16 f8tensor f8tensor_compiled torchao_compiled
 """
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -249,7 +256,8 @@ def build(a, config, ac, device):
     if config.startswith("f8tensor"):
         if "_fsdp8" in config and not a.fsdp:
             raise ValueError(f"{config} is FSDP2's float8 all-gather: run it with --fsdp")
-        f8_config = Float8Config(keep_fp8_weight="_keep_weight" in config, fsdp_float8_all_gather="_fsdp8" in config)
+        f8_config = Float8Config.from_recipe_name(a.recipe).replace(
+            keep_fp8_weight="_keep_weight" in config, fsdp_float8_all_gather="_fsdp8" in config)
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
                 model, config=f8_config,
@@ -267,7 +275,9 @@ def build(a, config, ac, device):
 
         if "_fsdp8" in config and not a.fsdp:
             raise ValueError(f"{config} is torchao's FSDP2 float8 all-gather: run it with --fsdp")
-        ao_config = Float8LinearConfig(enable_fsdp_float8_all_gather="_fsdp8" in config)
+        ao_config = Float8LinearConfig.from_recipe_name(a.recipe)
+        if "_fsdp8" in config:
+            ao_config = dataclasses.replace(ao_config, enable_fsdp_float8_all_gather=True)
         ao_convert(model, module_filter_fn=not_output, config=ao_config)
     if "_sp8" in config and a.tp == 1:
         raise ValueError(f"{config} is the float8 sequence-parallel all-gather: run it with --tp N")
@@ -644,6 +654,8 @@ def main():
                     help="FSDP2 over every GPU of a torchrun launch (see above; NCCL)")
     ap.add_argument("--tp", type=int, default=1,
                     help="tensor parallelism over N ranks of a torchrun launch (see above; our model only)")
+    ap.add_argument("--recipe", default="tensorwise",
+                    help="the float8 recipe of both libraries (Float8Config / Float8LinearConfig.from_recipe_name)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="capture each configuration's training step as a CUDA graph and replay it (CUDA only)")
     ap.add_argument("--power", action="store_true",

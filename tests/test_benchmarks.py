@@ -48,6 +48,17 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
 
 
 @CPU_ONLY
+def test_train_benchmark_rowwise_recipe(tmp_path):
+    """--recipe rowwise: every float8 layer rowwise, the loss within fp8 noise of bf16's."""
+    rows = run_train(tmp_path, "--recipe", "rowwise", "--ac-modes", "none", "full")
+    for r in rows:
+        assert r["status"] == "ok" and r["recipe"] == "rowwise", r["status"]
+    losses = {(r["ac"], r["config"]): r["loss"] for r in rows}
+    for ac in ("none", "full"):
+        assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
+
+
+@CPU_ONLY
 def test_train_benchmark_runs_with_complex_rope(tmp_path):
     rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "none", "full", "--rope", "complex")
     assert [(r["ac"], r["config"], r["rope"], r["status"]) for r in rows] == [
