@@ -3,6 +3,7 @@
 import copy
 import json
 
+import pytest
 import torch
 from f8utils import DEVICE
 from torch import nn
@@ -51,6 +52,17 @@ def test_small_transformer_trains_like_bf16(tmp_path):
     assert saved["fp8"]["losses"] == fp8["losses"] and saved["environment"]["params"] > 0
     assert [step for step, _ in saved["bf16"]["val_curve"]] == [15, 30, 40]
     assert saved["fp8"]["val_curve"][-1][1] == fp8["val_loss"]
+    assert fp8["losses"][-1] < 0.7 * fp8["losses"][0]
+    assert abs(fp8["val_loss"] - bf16["val_loss"]) < 0.03 * bf16["val_loss"]
+    for a, b in zip(bf16["losses"][::5], fp8["losses"][::5]):
+        assert abs(a - b) < 0.05 * a
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_small_transformer_trains_like_bf16_under_rowwise_recipes(recipe):
+    out = demo_main(["--steps", "40", "--dim", "64", "--layers", "2", "--heads", "4", "--seq", "64",
+                     "--batch", "8", "--lr", "4e-3", "--device", DEVICE.type, "--recipe", recipe])
+    bf16, fp8 = out["bf16"], out["fp8"]
     assert fp8["losses"][-1] < 0.7 * fp8["losses"][0]
     assert abs(fp8["val_loss"] - bf16["val_loss"]) < 0.03 * bf16["val_loss"]
     for a, b in zip(bf16["losses"][::5], fp8["losses"][::5]):

@@ -4,6 +4,7 @@
     python -m f8tensor.demo --steps 50 --plot loss.png
     python -m f8tensor.demo --steps 2000 --data-mb 32 --eval-every 100 --out run.json --plot loss.png
     python -m f8tensor.demo --cuda-graph         # GPU: each training step replayed as one CUDA graph
+    python -m f8tensor.demo --recipe rowwise     # a scaling recipe other than tensorwise
 
 The data needs no download: the bytes of the Python standard library's own .py files (the first
 --data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from f8tensor import conversion_summary, convert_to_float8_training, fuse_model_ops
+from f8tensor import Float8Config, conversion_summary, convert_to_float8_training, fuse_model_ops
 from f8tensor.cuda_graph import CapturedStep
 
 DATA_BYTES = 4 << 20
@@ -265,6 +266,8 @@ def parse_args(argv):
                    help="validation loss every N steps as well as at the end (default: at the end)")
     p.add_argument("--out", metavar="PATH", help="write the results (both loss curves) as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curves (needs matplotlib)")
+    p.add_argument("--recipe", default="tensorwise",
+                   help="the float8 run's recipe (Float8Config.from_recipe_name): tensorwise, rowwise, ...")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each run's training step as a CUDA graph after 3 eager steps and replay it "
                         "(f8tensor.cuda_graph.CapturedStep; CUDA only): no Python per layer")
@@ -281,6 +284,10 @@ def parse_args(argv):
         p.error("--eval-every must be 0 (at the end only) or a number of steps")
     if args.data_mb <= 0:
         p.error("--data-mb must be positive")
+    try:
+        Float8Config.from_recipe_name(args.recipe)
+    except ValueError as e:
+        p.error(str(e))
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         p.error(f"--cuda-graph captures CUDA graphs: it needs --device cuda (got {args.device})")
     return args
@@ -332,7 +339,8 @@ def main(argv=None) -> dict:
 
     fp8_model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
     # The output head stays in bf16, as is standard: its logits feed the loss directly.
-    convert_to_float8_training(fp8_model, module_filter_fn=lambda m, fqn: fqn != "head")
+    convert_to_float8_training(fp8_model, config=Float8Config.from_recipe_name(args.recipe),
+                               module_filter_fn=lambda m, fqn: fqn != "head")
     # Its norms and SwiGLU gates as f8tensor's fused ops (the model has no RoPE).
     fusion = fuse_model_ops(fp8_model, rope=False)
     results["fp8"] = train("fp8", fp8_model, batches, val_batches, args, device)
