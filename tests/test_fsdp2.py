@@ -18,7 +18,7 @@ from f8tensor.fusion.gate_proof import GATE_ATTR, SwiGLUGate
 STEPS = 4
 
 
-def make_model(keep_weight=False, device="cpu", norm=True):
+def make_model(keep_weight=False, device="cpu", norm=True, recipe="tensorwise"):
     """Three float8 layers; with norm, an RMSNorm after the first (fuse_model_ops swaps in the fused
     one, whose weight the root's fully_shard shards) and a SwiGLU feed-forward at the end (fusion
     fuses its gate; its layers are sharded by the root's fully_shard too). Compiled cases leave both
@@ -31,7 +31,7 @@ def make_model(keep_weight=False, device="cpu", norm=True):
     if norm:
         nn.init.normal_(model[1].weight, 1.0, 0.3)
     model = convert_to_float8_training(model.bfloat16().to(device), module_filter_fn=lambda mod, fqn: True,
-                                       config=Float8Config(keep_fp8_weight=keep_weight))
+                                       config=Float8Config.from_recipe_name(recipe).replace(keep_fp8_weight=keep_weight))
     fuse_model_ops(model)
     assert not norm or (type(model[1]) is RMSNorm and isinstance(model[-1].__dict__[GATE_ATTR], SwiGLUGate))
     return model
@@ -68,13 +68,13 @@ def shard_layers(model, mesh, before=None, **options):
     return fully_shard(model, mesh=mesh, **options)
 
 
-def sharded_run(rank, world, store, device_type, keep_weight, compiled, results):
+def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, results):
     """One rank: CPU on gloo, or GPU `rank` on NCCL."""
     device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        model = make_model(keep_weight, device, norm=not compiled)
+        model = make_model(keep_weight, device, norm=not compiled, recipe=recipe)
         mesh = init_device_mesh(device_type, (world,))
         shard_layers(model, mesh)
         # compiled: "static" compiles with dynamic=False, "dynamic" with torch.compile's default
@@ -92,10 +92,11 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, results)
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @TWO_RANK_DEVICES
-@pytest.mark.parametrize("keep_weight, compiled", [(False, False), (True, False), (False, "static"),
-                                                   (False, "dynamic")],
-                         ids=["default", "keep_fp8_weight", "compiled", "compiled_dynamic"])
-def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, device_type, tmp_path):
+@pytest.mark.parametrize("keep_weight, compiled, recipe", [
+    (False, False, "tensorwise"), (True, False, "tensorwise"), (False, "static", "tensorwise"),
+    (False, "dynamic", "tensorwise"), (False, False, "rowwise"), (False, "static", "rowwise")],
+    ids=["default", "keep_fp8_weight", "compiled", "compiled_dynamic", "rowwise", "rowwise_compiled"])
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, recipe, device_type, tmp_path):
     """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
     unsharded parameter new storage at each all-gather here, so the copies are not reused: the
     optimizer-hook safety net is tested in test_weight_cache.py.) Compiled over FSDP2: the same
@@ -106,11 +107,11 @@ def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, d
     autograd function read sizes of its intermediates (an emptiness test, a shape check)."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, results),
+        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, recipe, results),
                  nprocs=2)
         results = dict(results)
     device = torch.device(device_type)  # the reference: one process on the CPU, or on the first GPU
-    model = make_model(device=device, norm=not compiled)  # the reference casts every time
+    model = make_model(device=device, norm=not compiled, recipe=recipe)  # the reference casts every time
     want_losses = train(model, 2 if keep_weight else 1, device)
     for rank in (0, 1):
         losses, weights = results[rank]
