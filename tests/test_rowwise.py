@@ -355,3 +355,56 @@ def test_tensorwise_layer_refuses_a_rowwise_float8_input():
     f8 = Float8Linear(64, 32, bias=False, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="scaled tensorwise"):
         f8(to_float8(torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16), granularity="rowwise"))
+
+
+def _tp_rank(rank, world, store, results):
+    """One of 2 CPU ranks: a column-parallel then row-parallel pair of rowwise Float8Linear layers."""
+    import torch.distributed as dist
+    from f8utils import join_process_group
+
+    join_process_group(rank, world, store)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        model = _tp_model("rowwise")
+        parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        results[rank] = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in _tp_step(model)]
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_model(recipe):
+    from f8tensor import convert_to_float8_training
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).bfloat16()
+    if recipe is None:
+        return model
+    return convert_to_float8_training(model, config=Float8Config.from_recipe_name(recipe),
+                                      module_filter_fn=lambda mod, fqn: True)
+
+
+def _tp_step(model):
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
+    out = model(x)
+    out.float().square().mean().backward()
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_tensor_parallel_rowwise_is_as_close_to_bf16_as_one_device(tmp_path):
+    """Each rank scales its own shards' rows (a row-parallel layer's rows span its K shard only:
+    never coarser than one device's); results as close to bf16 as one device's rowwise layer."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_tp_rank, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        results = dict(results)
+    bf16 = _tp_step(_tp_model(None))
+    one = _tp_step(_tp_model("rowwise"))
+    for rank in (0, 1):
+        for got, want, ref in zip(results[rank], one, bf16):
+            assert sqnr(ref, got) > sqnr(ref, want) - 1
+            assert sqnr(want, got) > 20
