@@ -6,9 +6,11 @@ Modes, with the bytes each must move (what the bandwidth figure counts):
     row    row-major data with per-row scales (one read of x, one write of float8 data)
     col    column-major data with per-column scales, the column amaxes given (as Float8Linear's
            backward casts its weight): one read, one write
-    both   both layouts and both kinds of scales (the row pass's read also gives the column
-           amaxes; the column-major cast reads x again): two reads, two writes
-Scales (4 bytes per row or column) are left out of the count.
+    both   both layouts and both kinds of scales: two reads, two writes counted (the column amaxes
+           take a read of their own, which the count leaves out)
+    both_fused  the same with the column amaxes folded into the row pass (no read of their own)
+Scales (4 bytes per row or column) are left out of the count. Scales are not rounded to powers
+of two (the recipes' default).
 """
 
 import argparse
@@ -20,10 +22,13 @@ from f8tensor.kernels import quantize_rowwise_ref
 from f8tensor.kernels.naive import axis_amax_ref
 from f8tensor.kernels.rowwise import col_cast_triton, row_cast_triton
 
-SHAPES = [(16384, 4096), (16384, 14336), (14336, 4096), (4096, 14336), (8192, 8192), (4096, 4096)]
-MODES = ["row", "col", "both"]
-ROW_SWEEP = [dict(block_m=m, block_n=n, num_warps=w) for m, n, w in
-             [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (16, 128, 4), (32, 512, 8)]]
+SHAPES = [(16384, 4096), (16384, 14336), (14336, 4096), (4096, 14336), (16384, 1024), (1024, 4096),
+          (8192, 8192), (4096, 4096)]
+MODES = ["row", "col", "both", "both_fused"]
+# row pass: rows per program (one-pass tiles of whole rows), warps; and the two-pass fallback
+ROW_SWEEP = [dict(block_m=1, num_warps=4), dict(block_m=2, num_warps=8), dict(block_m=4, num_warps=8),
+             dict(block_m=8, num_warps=8), dict(block_m=16, block_n=256, num_warps=4),
+             dict(block_m=2, num_warps=16)]
 COL_SWEEP = [dict(block_m=m, block_n=n, num_warps=w) for m, n, w in
              [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 128, 8), (64, 32, 4)]]
 
@@ -31,13 +36,13 @@ COL_SWEEP = [dict(block_m=m, block_n=n, num_warps=w) for m, n, w in
 def ours(x, dt, mode, col_amax, row_opts=None, col_opts=None):
     row_opts, col_opts = row_opts or {}, col_opts or {}
     if mode == "row":
-        return lambda: row_cast_triton(x, dt, True, **row_opts)
+        return lambda: row_cast_triton(x, dt, **row_opts)
     if mode == "col":
-        return lambda: col_cast_triton(x, dt, col_amax, True, **col_opts)
+        return lambda: col_cast_triton(x, dt, col_amax, **col_opts)
 
     def both():
-        _, _, amax = row_cast_triton(x, dt, True, col_amax=True, **row_opts)
-        return col_cast_triton(x, dt, amax, True, **col_opts)
+        _, _, amax = row_cast_triton(x, dt, col_amax=True, fuse_col_amax=mode == "both_fused", **row_opts)
+        return col_cast_triton(x, dt, amax, **col_opts)
     return both
 
 
@@ -45,8 +50,8 @@ def reference(x, dt, mode, col_amax):
     """The same work in plain PyTorch: what torch.compile makes of it."""
     def run(x, col_amax):
         if mode == "col":
-            return quantize_rowwise_ref(x, dt, "col", True, col_amax=col_amax)
-        return quantize_rowwise_ref(x, dt, mode, True)
+            return quantize_rowwise_ref(x, dt, "col", col_amax=col_amax)
+        return quantize_rowwise_ref(x, dt, mode.removesuffix("_fused"))
     compiled = torch.compile(run, dynamic=False)
     return lambda: compiled(x, col_amax)
 
@@ -54,27 +59,31 @@ def reference(x, dt, mode, col_amax):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--shapes", nargs="+", help="MxN shapes to run (default: all of SHAPES)")
     args, env, copy_bw = kernel_benchmark_start("kernels_rowwise", ap)
     torch._dynamo.config.recompile_limit = 1000
     rows = []
     dt = torch.float8_e4m3fn
-    for M, N in SHAPES:
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    for M, N in shapes:
         x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         col_amax = axis_amax_ref(x, 0).reshape(-1)
         for mode in MODES:
-            passes = 2 if mode == "both" else 1
+            passes = 2 if mode.startswith("both") else 1
             nbytes = passes * (x.numel() * x.element_size() + x.numel())
             fn = ours(x, dt, mode, col_amax)
             gpu = gpu_ms(fn)
             row = dict(env, bench="kernels_rowwise", shape=f"{M}x{N}", mode=mode, bytes=nbytes,
                        copy_tbps=copy_bw, ours_ms=bench_ms(fn), ours_gpu_ms=gpu,
                        ours_pct_copy=100 * nbytes / gpu / 1e9 / copy_bw)
-            if not args.no_compile:
+            if not args.no_compile and mode != "both_fused":
                 ref = reference(x, dt, mode, col_amax)
                 row["compile_gpu_ms"] = gpu_ms(ref)
                 row["ours_vs_compile"] = row["compile_gpu_ms"] / gpu
             if args.sweep:
                 for i, cfg in enumerate(ROW_SWEEP if mode != "col" else []):
+                    if cfg.get("block_n") is None and x.shape[1] > 16384:
+                        continue
                     row[f"row_sweep{i}_gpu_ms"] = gpu_ms(ours(x, dt, mode, col_amax, row_opts=cfg))
                 for i, cfg in enumerate(COL_SWEEP if mode != "row" else []):
                     row[f"col_sweep{i}_gpu_ms"] = gpu_ms(ours(x, dt, mode, col_amax, col_opts=cfg))

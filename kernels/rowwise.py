@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
-from .cast import FORMAT_BITS, FP8_MAX
+from .cast import FORMAT_BITS, FP8_MAX, next_power_of_2
 from .launch import launch_kernel
 from .naive import EPS, INPUT_DTYPES
 from .scale import INTERPRETING, fp32_to_float8, scale_from_amax
@@ -43,30 +43,62 @@ def row_kernel(
     x_ptr, row_ptr, row_scale_ptr, col_amax_ptr, M, N, stride_m, stride_n,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, WRITE_ROW: tl.constexpr,
-    COL_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COL_AMAX: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_m
-    acc = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    out_rows = row_ptr + rows[:, None].to(tl.int64) * N
+    if ONE_PASS:  # the whole row block fits one tile: one load serves the amax and the cast
+        cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols[None, :] < N)
-        bits = magnitude_bits(tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0))
-        acc = tl.maximum(acc, tl.max(bits, 1))
+        x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0)
+        bits = magnitude_bits(x)
         if COL_AMAX:
-            tl.atomic_max(col_amax_ptr + cols, tl.max(bits, 0), mask=cols < N)
-    if WRITE_ROW:
-        multiplier, scale = scale_from_amax(acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-        tl.store(row_scale_ptr + rows, scale, mask=row_ok)
-        out_rows = row_ptr + rows[:, None].to(tl.int64) * N
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_ok[:, None] & (cols[None, :] < N)
-            x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask)
+            tl.atomic_max(col_amax_ptr + cols, tl.max(bits, 0), mask=cols < N, sem="relaxed")
+        if WRITE_ROW:
+            amax = tl.max(bits, 1).to(tl.float32, bitcast=True)
+            multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+            tl.store(row_scale_ptr + rows, scale, mask=row_ok)
             q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
                            MIN_NORMAL_EXP, EXACT_ROUND)
             tl.store(out_rows + cols[None, :], q, mask=mask)
+    else:  # rows read twice: for the amax, then (L2 hits) to cast
+        acc = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols[None, :] < N)
+            bits = magnitude_bits(tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0))
+            acc = tl.maximum(acc, tl.max(bits, 1))
+            if COL_AMAX:
+                tl.atomic_max(col_amax_ptr + cols, tl.max(bits, 0), mask=cols < N, sem="relaxed")
+        if WRITE_ROW:
+            multiplier, scale = scale_from_amax(acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+            tl.store(row_scale_ptr + rows, scale, mask=row_ok)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = row_ok[:, None] & (cols[None, :] < N)
+                x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask)
+                q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
+                               MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(out_rows + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def col_amax_kernel(
+    x_ptr, col_amax_ptr, M, N, stride_m, stride_n, ROWS_PER_PROGRAM,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """max(|x|) of BLOCK_N columns over a slice of the rows, folded into col_amax (atomic max)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(1) * ROWS_PER_PROGRAM
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rows = first + start + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0)
+        acc = tl.maximum(acc, magnitude_bits(x))
+    tl.atomic_max(col_amax_ptr + cols, tl.max(acc, 0), mask=cols < N, sem="relaxed")
 
 
 @triton.jit
@@ -116,13 +148,29 @@ def _check(x: torch.Tensor, float8_dtype: torch.dtype):
         raise ValueError(f"float8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {float8_dtype}")
 
 
+ONE_PASS_TILE = 8192  # elements of a one-pass row tile (rows x the row's width, padded to a power of 2)
+MAX_ONE_PASS_WIDTH = 16384
+
+
+def _split_rows(M: int, col_programs: int, block_m: int, device) -> tuple[int, int]:
+    """(row slices, rows per slice): enough programs to keep every SM's loads in flight when the
+    columns alone give too few."""
+    split = max(1, min(cdiv(M, block_m), cdiv(4 * _num_sms(device), col_programs)))
+    rows_per_program = cdiv(cdiv(M, split), block_m) * block_m
+    return cdiv(M, rows_per_program), rows_per_program
+
+
 def row_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, write_row: bool = True,
-    col_amax: bool = False, exact_round: bool = INTERPRETING, block_m: int = 16, block_n: int = 256,
-    num_warps: int = 4,
+    col_amax: bool = False, fuse_col_amax: bool = False, exact_round: bool = INTERPRETING,
+    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(row [M, N] row-major | None, row_scale [M, 1] | None, col_amax [N] fp32 | None) of a 2-D
-    x, from one read of x (its second look at each row is an L2 hit)."""
+    """(row [M, N] row-major | None, row_scale [M, 1] | None, col_amax [N] fp32 | None) of a 2-D x.
+
+    Rows up to MAX_ONE_PASS_WIDTH wide are read once (a tile holds whole rows); wider ones, or
+    block_n < N, twice (the second read from L2). col_amax: the column amaxes, by a pass of their
+    own (`col_amax_kernel`: one more read of x, few atomics), or with fuse_col_amax inside the row
+    pass (no extra read; one atomic per column per row block)."""
     _check(x, float8_dtype)
     if not (write_row or col_amax):
         raise ValueError("row_cast_triton: nothing to do (write_row and col_amax both off)")
@@ -131,15 +179,31 @@ def row_cast_triton(
     row = torch.empty((M, N), dtype=float8_dtype, device=device) if write_row else None
     row_scale = torch.empty((M, 1), dtype=torch.float32, device=device) if write_row else None
     amax = torch.zeros(N, dtype=torch.int32, device=device) if col_amax else None
-    if M and N:
+    if not (M and N):
+        if write_row:
+            row_scale.copy_(_empty_scale(float8_dtype, power_of_2, device))
+        return row, row_scale, None if amax is None else amax.view(torch.float32)
+    in_row = fuse_col_amax and col_amax
+    if write_row or in_row:
+        if block_n is None:
+            width = next_power_of_2(N)
+            if width <= MAX_ONE_PASS_WIDTH:
+                block_n, block_m = width, block_m or max(1, min(16, ONE_PASS_TILE // width))
+            else:
+                block_n, block_m = 256, block_m or 16
+        block_m = block_m or 16
+        warps = num_warps or (8 if block_m * block_n >= 4096 else 4)
         any_out = row if row is not None else amax
         launch_kernel(row_kernel, (cdiv(M, block_m),),
                       (x, any_out, any_out if row_scale is None else row_scale, any_out if amax is None else amax,
-                       M, N, x.stride(0), x.stride(1)), num_warps,
+                       M, N, x.stride(0), x.stride(1)), warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), WRITE_ROW=write_row,
-                      COL_AMAX=col_amax, BLOCK_M=block_m, BLOCK_N=block_n)
-    elif write_row:
-        row_scale.copy_(_empty_scale(float8_dtype, power_of_2, device))
+                      COL_AMAX=in_row, ONE_PASS=block_n >= N, BLOCK_M=block_m, BLOCK_N=block_n)
+    if col_amax and not in_row:
+        bm, bn = 64, 64
+        split, rows_per_program = _split_rows(M, cdiv(N, bn), bm, device)
+        launch_kernel(col_amax_kernel, (cdiv(N, bn), split),
+                      (x, amax, M, N, x.stride(0), x.stride(1), rows_per_program), 4, BLOCK_M=bm, BLOCK_N=bn)
     return row, row_scale, None if amax is None else amax.view(torch.float32)
 
 
@@ -159,10 +223,7 @@ def col_cast_triton(
     col_scale = torch.empty((1, N), dtype=torch.float32, device=device)
     if M and N:
         col_programs = cdiv(N, block_n)
-        # Enough programs to keep every SM's loads in flight: split the rows when columns are few.
-        split = max(1, min(cdiv(M, block_m), cdiv(4 * _num_sms(device), col_programs)))
-        rows_per_program = cdiv(cdiv(M, split), block_m) * block_m
-        split = cdiv(M, rows_per_program)
+        split, rows_per_program = _split_rows(M, col_programs, block_m, device)
         launch_kernel(col_kernel, (col_programs, split),
                       (x, col_amax.view(torch.int32), col_t, col_scale, M, N, x.stride(0),
                        x.stride(1), rows_per_program), num_warps,

@@ -41,10 +41,17 @@ def same_values(a, b):
     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
-def triton_rowwise(x, f8, layout, power_of_2, **options):
+# The row pass's ways: rows in one tile (default for rows up to 16384 wide), or read twice in
+# 32-wide chunks; the column amaxes in a pass of their own (default) or folded into the row pass.
+PATHS = {"one_pass": {}, "two_pass": dict(block_m=4, block_n=32), "fused_col_amax": dict(fuse_col_amax=True),
+         "two_pass_fused": dict(block_m=4, block_n=32, fuse_col_amax=True)}
+
+
+def triton_rowwise(x, f8, layout, power_of_2, path="one_pass", **options):
     write_row = layout in ("row", "both")
     want_col = layout in ("col", "both")
-    row, row_scale, col_amax = row_cast_triton(x, f8, power_of_2, write_row=write_row, col_amax=want_col, **options)
+    row, row_scale, col_amax = row_cast_triton(x, f8, power_of_2, write_row=write_row, col_amax=want_col,
+                                               **PATHS[path], **options)
     col = col_scale = None
     if want_col:
         col, col_scale = col_cast_triton(x, f8, col_amax, power_of_2, **options)
@@ -55,13 +62,24 @@ def triton_rowwise(x, f8, layout, power_of_2, **options):
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 @pytest.mark.parametrize("layout", ["row", "col", "both"])
-@pytest.mark.parametrize("power_of_2", [False, True])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("exact_round", EXACT_ROUND)
-def test_kernels_match_reference(shape, hp_dtype, float8_dtype, layout, power_of_2, exact_round):
+def test_kernels_match_reference(shape, hp_dtype, float8_dtype, layout, path, exact_round):
+    check_kernels(shape, hp_dtype, float8_dtype, layout, False, path, exact_round)
+
+
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+@pytest.mark.parametrize("path", ["one_pass", "two_pass"])
+def test_kernels_match_reference_with_power_of_2_scales(float8_dtype, path):
+    for shape in SHAPES:
+        check_kernels(shape, torch.bfloat16, float8_dtype, "both", True, path, INTERPRETING)
+
+
+def check_kernels(shape, hp_dtype, float8_dtype, layout, power_of_2, path, exact_round):
     x = spanning_values(shape, hp_dtype)
     if min(shape) > 8:  # a non-finite value poisons its own row and column only
         x[1, 2], x[3, 5] = float("nan"), float("inf")
-    got = triton_rowwise(x, float8_dtype, layout, power_of_2, exact_round=exact_round)
+    got = triton_rowwise(x, float8_dtype, layout, power_of_2, path, exact_round=exact_round)
     want = quantize_rowwise_ref(x, float8_dtype, layout, power_of_2)
     for g, w in zip(got[:4], want):
         assert (g is None) == (w is None)
@@ -83,11 +101,13 @@ def test_strided_inputs(make):
 
 
 def test_block_sizes_and_row_split_give_the_same_bits():
-    """The column cast splits rows among programs; other block sizes change nothing."""
+    """The column passes split rows among programs; other block sizes change nothing."""
     x = spanning_values((300, 200), torch.bfloat16)
     want = quantize_rowwise_ref(x, E4M3, "both")
     for block_m, block_n in [(16, 32), (32, 64), (64, 128)]:
-        got = triton_rowwise(x, E4M3, "both", False, block_m=block_m, block_n=block_n)
+        row, row_scale, col_amax = row_cast_triton(x, E4M3, write_row=True, col_amax=True, block_m=block_m,
+                                                   block_n=block_n)
+        got = (row, row_scale, *col_cast_triton(x, E4M3, col_amax, block_m=block_m, block_n=block_n))
         for g, w in zip(got[:4], want):
             same_fp8(g, w) if g.dtype == E4M3 else same_values(g, w)
 
@@ -112,8 +132,14 @@ def test_dispatch_matches_reference():
 @gpu_only
 def test_llama_sized_tensor_bit_exact():
     x = torch.randn(16384, 14336, dtype=torch.bfloat16, device=DEVICE) * 3
-    got = triton_rowwise(x, E4M3, "both", True)
-    for g, w in zip(got[:4], quantize_rowwise_ref(x, E4M3, "both", True)):
+    want = quantize_rowwise_ref(x, E4M3, "both", True)
+    for path in PATHS:
+        got = triton_rowwise(x, E4M3, "both", True, path)
+        for g, w in zip(got[:4], want):
+            same_fp8(g, w) if g.dtype == E4M3 else same_values(g, w)
+    wide = torch.randn(64, 20000, dtype=torch.bfloat16, device=DEVICE)  # wider than one tile: two passes
+    got = triton_rowwise(wide, E4M3, "both", False)
+    for g, w in zip(got[:4], quantize_rowwise_ref(wide, E4M3, "both")):
         same_fp8(g, w) if g.dtype == E4M3 else same_values(g, w)
 
 
@@ -126,12 +152,15 @@ def layers(recipe, K=64, N=48, bias=False):
 
 
 def fp8_layer(lin, recipe):
+    """A float8 copy of lin under a recipe name, or "rowwise_e5m2" (rowwise, e5m2 gradients)."""
     import copy
 
-    return Float8Linear.from_float(copy.deepcopy(lin), Float8Config.from_recipe_name(recipe))
+    config = (Float8Config(scaling_granularity="rowwise") if recipe == "rowwise_e5m2"
+              else Float8Config.from_recipe_name(recipe))
+    return Float8Linear.from_float(copy.deepcopy(lin), config)
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "rowwise_e5m2"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_gemms_are_scaled_mm_on_reference_quantized_operands(recipe, bias):
     """Each of the three results is torch._scaled_mm of the reference's quantization, bit for bit:
@@ -145,7 +174,7 @@ def test_linear_gemms_are_scaled_mm_on_reference_quantized_operands(recipe, bias
     x2, g2, w = x.detach().reshape(32, 64), g.reshape(32, 48), lin.weight.detach()
     xr, xs, xc, xcs = quantize_rowwise_ref(x2, E4M3, "both")
     wr, ws, wc, wcs = quantize_rowwise_ref(w, E4M3, "both")
-    gr, gs, gc, gcs = quantize_rowwise_ref(g2, E4M3, "both")
+    gr, gs, gc, gcs = quantize_rowwise_ref(g2, f8.config.backward_dtype, "both")
     def as_row(s):  # [1, n] with strides (n, 1), as CPU's _scaled_mm insists
         return s.reshape(-1).contiguous().unsqueeze(0)
 
@@ -157,7 +186,7 @@ def test_linear_gemms_are_scaled_mm_on_reference_quantized_operands(recipe, bias
     assert torch.equal(out.reshape(32, 48), want_out)
     want_gx = torch._scaled_mm(gr, wc, gs, wcs, out_dtype=torch.bfloat16)
     assert torch.equal(x.grad.reshape(32, 64), want_gx)
-    if recipe == "rowwise":
+    if recipe != "rowwise_with_gw_hp":
         want_gw = torch._scaled_mm(gc.t(), xc, as_col(gcs), xcs, out_dtype=torch.bfloat16)
     else:
         want_gw = g2.t() @ x2
@@ -260,8 +289,6 @@ def test_compiled_rowwise_layer_equals_eager():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="e4m3fn operands only"):
-        Float8Config(scaling_granularity="rowwise")  # backward_dtype e5m2 by default
     e4m3 = dict(scaling_granularity="rowwise", backward_dtype=E4M3)
     with pytest.raises(ValueError, match="keep_fp8_weight is built for tensorwise"):
         Float8Config(**e4m3, keep_fp8_weight=True)
@@ -281,10 +308,13 @@ def test_gemm_rules():
     a = torch.randn(32, 64, device=DEVICE).to(E4M3)
     b = torch.randn(48, 64, device=DEVICE).to(E4M3).t()
     sa, sb = torch.ones(32, 1, device=DEVICE), torch.ones(1, 48, device=DEVICE)
-    with pytest.raises(TypeError, match="writes bfloat16 only"):
+    with pytest.raises(TypeError, match="writes torch.bfloat16 or torch.float32"):
         scaled_mm_data(a, sa, b, sb, torch.float16, False, config)
-    with pytest.raises(TypeError, match="e4m3fn operands only"):
-        scaled_mm_data(a, sa, b.to(torch.float8_e5m2), sb, torch.bfloat16, False, config)
+    with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):
+        scaled_mm_data(a.to(torch.float8_e5m2), sa, b.to(torch.float8_e5m2), sb, torch.bfloat16, False, config)
+    # e4m3 x e5m2 and an fp32 output: as CUDA's rowwise GEMM takes them
+    e5m2_b = b.float().to(torch.float8_e5m2)
+    assert scaled_mm_data(a, sa, e5m2_b, sb, torch.float32, False, config).dtype == torch.float32
     with pytest.raises(ValueError, match=r"needs scale_a \[32, 1\]"):
         scaled_mm_data(a, sa.t(), b, sb, torch.bfloat16, False, config)
     # a tensorwise scale beside a rowwise one is broadcast (the same values)
@@ -296,7 +326,7 @@ def test_gemm_rules():
 def test_fp16_layer_is_refused_with_the_fix():
     config = Float8Config.from_recipe_name("rowwise")
     f8 = Float8Linear(64, 32, bias=False, device=DEVICE, dtype=torch.float16, config=config)
-    with pytest.raises(TypeError, match="writes bfloat16 only"):
+    with pytest.raises(TypeError, match="writes torch.bfloat16 or torch.float32"):
         f8(torch.randn(16, 64, device=DEVICE, dtype=torch.float16))
 
 

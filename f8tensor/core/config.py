@@ -18,8 +18,8 @@ class Float8Config:
     (per token, per output channel, per input channel), torch._scaled_mm's rowwise GEMMs.
     """
 
-    # "tensorwise" or "rowwise" (linear_rowwise.py: e4m3 operands and a bf16 output, as CUDA's
-    # rowwise GEMMs take; not with keep_fp8_weight nor the FSDP2 float8 all-gather yet).
+    # "tensorwise" or "rowwise" (linear_rowwise.py: a bf16 or fp32 layer, as CUDA's rowwise GEMMs
+    # write; not with keep_fp8_weight nor the FSDP2 float8 all-gather yet).
     scaling_granularity: str = "tensorwise"
     # Rowwise only: the weight-gradient GEMM in the input's dtype on unquantized operands (torchao's
     # "rowwise_with_gw_hp": that GEMM's operands are scaled along the token axis, where outliers sit).
@@ -83,11 +83,6 @@ class Float8Config:
             )
 
     def _check_rowwise(self):
-        if self.forward_dtype != torch.float8_e4m3fn or self.backward_dtype != torch.float8_e4m3fn:
-            raise ValueError(
-                "rowwise scaling multiplies float8_e4m3fn operands only (CUDA's rowwise _scaled_mm); set "
-                "forward_dtype and backward_dtype to torch.float8_e4m3fn, or use "
-                "Float8Config.from_recipe_name('rowwise')")
         for name in ("keep_fp8_weight", "fsdp_float8_all_gather"):
             if getattr(self, name):
                 raise ValueError(f"Float8Config: {name} is built for tensorwise scaling only; with "
