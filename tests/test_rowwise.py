@@ -211,18 +211,27 @@ def test_saving_high_precision_input_gives_the_same_bits(save_fp8):
 
 
 def test_shared_input_is_quantized_once(monkeypatch):
-    """q, k and v read one x: its rows are cast once."""
+    """q, k and v read one x: its rows are cast once, its column-major copy made once."""
     import f8tensor.core.linear_rowwise as lr
 
-    calls = []
-    real = lr.quantize_rows
+    calls, saved_x_cols = [], []
+    real, real_cols = lr.quantize_rows, lr.quantize_cols
     monkeypatch.setattr(lr, "quantize_rows", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k))
+
+    def cols(t, *a, **k):
+        out = real_cols(t, *a, **k)
+        if t.shape == (16, 64):
+            saved_x_cols.append(out[0])
+        return out
+    monkeypatch.setattr(lr, "quantize_cols", cols)
     config = Float8Config.from_recipe_name("rowwise")
     qkv = [Float8Linear(64, 32, bias=False, device=DEVICE, dtype=torch.bfloat16, config=config) for _ in range(3)]
     x = torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     sum(m(x).float().sum() for m in qkv).backward()
     forward_x_casts = [s for s in calls if s == (16, 64)]
     assert len(forward_x_casts) == 1  # the three weights are [32, 64]; g is [16, 32]
+    # and one column-major copy of x, saved by all three
+    assert len(saved_x_cols) == 1
 
 
 def outlier_case(outliers: bool, seed=0):

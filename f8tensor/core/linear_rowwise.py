@@ -29,16 +29,32 @@ from .ops import scaled_mm_data
 from .tensor_cache import shared_input
 
 
-def _rows_of_input(x2d, x, config, col_amax: bool):
-    """(row, row_scale, col_amax | None) of the layer input, reusing another layer's quantization
-    of the same x (q/k/v, w1/w3)."""
-    key = (config, "rowwise rows")
-    cached = shared_input.get(x, (*key, True)) or (None if col_amax else shared_input.get(x, (*key, False)))
-    if cached is not None:
-        return cached
-    value = quantize_rows(x2d, config.forward_dtype, config.power_of_2_scale, col_amax=col_amax)
-    shared_input.put(x, value, (*key, col_amax))
-    return value
+def _input_casts(x, config) -> dict:
+    """The casts of layer input x made so far ("rows", "cols"), shared by the layers that read the
+    same x (q/k/v, w1/w3): each cast once, and one float8 column-major copy saved for all their
+    backwards. One entry of tensor_cache.shared_input (a new dict where x is not tracked)."""
+    key = (config, "rowwise")
+    entry = shared_input.get(x, key)
+    if entry is None:
+        entry = {}
+        shared_input.put(x, entry, key)
+    return entry
+
+
+def _rows_of_input(x2d, casts, config, col_amax: bool):
+    """(row, row_scale, col_amax | None) of the layer input; the column amaxes too if asked."""
+    rows = casts.get("rows")
+    if rows is None or (col_amax and rows[2] is None):
+        rows = casts["rows"] = quantize_rows(x2d, config.forward_dtype, config.power_of_2_scale, col_amax=col_amax)
+    return rows
+
+
+def _cols_of_input(x2d, casts, config, col_amax):
+    """(col, col_scale) of the layer input."""
+    cols = casts.get("cols")
+    if cols is None:
+        cols = casts["cols"] = quantize_cols(x2d, config.forward_dtype, col_amax, config.power_of_2_scale)
+    return cols
 
 
 class _RowwiseLinearFn(torch.autograd.Function):
@@ -49,7 +65,8 @@ class _RowwiseLinearFn(torch.autograd.Function):
         f8, pow2 = config.forward_dtype, config.power_of_2_scale
         fp8_grad_w = need_w_grad and not config.grad_weight_high_precision
         x2d = x.reshape(-1, x.shape[-1])
-        x_row, x_scale, x_col_amax = _rows_of_input(x2d, x, config, col_amax=fp8_grad_w)
+        casts = _input_casts(x, config)
+        x_row, x_scale, x_col_amax = _rows_of_input(x2d, casts, config, col_amax=fp8_grad_w)
         w_row, w_scale, w_col_amax = quantize_rows(weight, f8, pow2, col_amax=need_x_grad)
         out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output,
                              config, None if bias is None else bias.to(x.dtype))
@@ -59,7 +76,7 @@ class _RowwiseLinearFn(torch.autograd.Function):
         saved_fp8 = fp8_grad_w and config.save_fp8_for_backward and (
             torch.compiler.is_compiling() or not saved_by_producer(x))
         if saved_fp8:
-            x_saved, x_info = quantize_cols(x2d, f8, x_col_amax, pow2)
+            x_saved, x_info = _cols_of_input(x2d, casts, config, x_col_amax)
         elif need_w_grad:
             x_saved, x_info = x2d, x_col_amax
         else:
