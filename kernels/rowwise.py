@@ -3,19 +3,21 @@
 
 Reference: `naive.quantize_rowwise_ref` (same results bit for bit on the GPU).
 
-Two kernels, each one read of x:
-- `row_kernel`: one program per block of BLOCK_M rows. A row's reduction runs along the program's
-  own loop, so it reads its rows once for their amaxes and once more (from L2, just read) to cast
-  them row-major with their scales. With COL_AMAX it also folds each column's max(|x|) over its
-  rows into `col_amax` (fp32 bits in int32, zeroed by the caller, atomic max): the column scales
-  then cost no pass of their own. With WRITE_ROW off it is the column amax pass alone.
+Three kernels, each one read of x:
+- `row_kernel`: one program per block of BLOCK_M rows. A row's scale needs that row only: rows up
+  to 16384 wide fit one tile, loaded once for the amaxes and the cast; wider rows are read twice
+  (the second time from L2, just read).
+- `col_amax_kernel`: each column's max(|x|), per slice of the rows, folded into `col_amax` (fp32
+  bits in int32, zeroed by the caller) by one atomic max per column and slice.
 - `col_kernel`: casts x column-major (stored as the transpose's row-major bytes, [N, M]) with the
   scales of `col_amax`; one program per BLOCK_N columns and a slice of the rows.
 
 A column-major operand scaled per column (the weight-gradient GEMM's operands, the weight in the
 input-gradient GEMM) needs every row's contribution to a column's amax before the first element
-can be cast, so it cannot share the row pass's single read; its amaxes can, and are the amax record
-the caller keeps (Float8Linear casts its weight column-major in backward from forward's record).
+can be cast, so its cast cannot share the amax pass's read. The column amaxes are the record the
+caller keeps: Float8Linear takes the weight's in forward and casts the weight column-major in
+backward from it. Folding the column amaxes into the row pass instead (an atomic per column and
+row block) measured 3x slower than a pass of their own on the H200 (docs/benchmarks.md).
 
 Atomic max on non-negative int32 bit patterns is order independent: the results are deterministic.
 """
@@ -40,10 +42,10 @@ def _cast_tile(x, multiplier, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, MANT_
 
 @triton.jit
 def row_kernel(
-    x_ptr, row_ptr, row_scale_ptr, col_amax_ptr, M, N, stride_m, stride_n,
+    x_ptr, row_ptr, row_scale_ptr, M, N, stride_m, stride_n,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
-    MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, WRITE_ROW: tl.constexpr,
-    COL_AMAX: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, ONE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -53,16 +55,12 @@ def row_kernel(
         cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols[None, :] < N)
         x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0)
-        bits = magnitude_bits(x)
-        if COL_AMAX:
-            tl.atomic_max(col_amax_ptr + cols, tl.max(bits, 0), mask=cols < N, sem="relaxed")
-        if WRITE_ROW:
-            amax = tl.max(bits, 1).to(tl.float32, bitcast=True)
-            multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
-            tl.store(row_scale_ptr + rows, scale, mask=row_ok)
-            q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
-                           MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(out_rows + cols[None, :], q, mask=mask)
+        amax = tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True)
+        multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+        tl.store(row_scale_ptr + rows, scale, mask=row_ok)
+        q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
+                       MIN_NORMAL_EXP, EXACT_ROUND)
+        tl.store(out_rows + cols[None, :], q, mask=mask)
     else:  # rows read twice: for the amax, then (L2 hits) to cast
         acc = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start in range(0, N, BLOCK_N):
@@ -70,18 +68,15 @@ def row_kernel(
             mask = row_ok[:, None] & (cols[None, :] < N)
             bits = magnitude_bits(tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0))
             acc = tl.maximum(acc, tl.max(bits, 1))
-            if COL_AMAX:
-                tl.atomic_max(col_amax_ptr + cols, tl.max(bits, 0), mask=cols < N, sem="relaxed")
-        if WRITE_ROW:
-            multiplier, scale = scale_from_amax(acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-            tl.store(row_scale_ptr + rows, scale, mask=row_ok)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                mask = row_ok[:, None] & (cols[None, :] < N)
-                x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask)
-                q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
-                               MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(out_rows + cols[None, :], q, mask=mask)
+        multiplier, scale = scale_from_amax(acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+        tl.store(row_scale_ptr + rows, scale, mask=row_ok)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols[None, :] < N)
+            x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask)
+            q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
+                           MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(out_rows + cols[None, :], q, mask=mask)
 
 
 @triton.jit
@@ -162,15 +157,14 @@ def _split_rows(M: int, col_programs: int, block_m: int, device) -> tuple[int, i
 
 def row_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, write_row: bool = True,
-    col_amax: bool = False, fuse_col_amax: bool = False, exact_round: bool = INTERPRETING,
-    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    col_amax: bool = False, exact_round: bool = INTERPRETING, block_m: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, amax_blocks: tuple[int, int, int] = (128, 64, 8),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row [M, N] row-major | None, row_scale [M, 1] | None, col_amax [N] fp32 | None) of a 2-D x.
 
     Rows up to MAX_ONE_PASS_WIDTH wide are read once (a tile holds whole rows); wider ones, or
-    block_n < N, twice (the second read from L2). col_amax: the column amaxes, by a pass of their
-    own (`col_amax_kernel`: one more read of x, few atomics), or with fuse_col_amax inside the row
-    pass (no extra read; one atomic per column per row block)."""
+    block_n < N, twice (the second read from L2). col_amax: the column amaxes too, by a pass of
+    their own (`col_amax_kernel`, blocks amax_blocks = (rows, columns, warps))."""
     _check(x, float8_dtype)
     if not (write_row or col_amax):
         raise ValueError("row_cast_triton: nothing to do (write_row and col_amax both off)")
@@ -183,8 +177,7 @@ def row_cast_triton(
         if write_row:
             row_scale.copy_(_empty_scale(float8_dtype, power_of_2, device))
         return row, row_scale, None if amax is None else amax.view(torch.float32)
-    in_row = fuse_col_amax and col_amax
-    if write_row or in_row:
+    if write_row:
         if block_n is None:
             width = next_power_of_2(N)
             if width <= MAX_ONE_PASS_WIDTH:
@@ -193,17 +186,14 @@ def row_cast_triton(
                 block_n, block_m = 256, block_m or 16
         block_m = block_m or 16
         warps = num_warps or (8 if block_m * block_n >= 4096 else 4)
-        any_out = row if row is not None else amax
-        launch_kernel(row_kernel, (cdiv(M, block_m),),
-                      (x, any_out, any_out if row_scale is None else row_scale, any_out if amax is None else amax,
-                       M, N, x.stride(0), x.stride(1)), warps,
-                      **_format(float8_dtype, power_of_2, exact_round, x), WRITE_ROW=write_row,
-                      COL_AMAX=in_row, ONE_PASS=block_n >= N, BLOCK_M=block_m, BLOCK_N=block_n)
-    if col_amax and not in_row:
-        bm, bn = 64, 64
+        launch_kernel(row_kernel, (cdiv(M, block_m),), (x, row, row_scale, M, N, x.stride(0), x.stride(1)), warps,
+                      **_format(float8_dtype, power_of_2, exact_round, x), ONE_PASS=block_n >= N,
+                      BLOCK_M=block_m, BLOCK_N=block_n)
+    if col_amax:
+        bm, bn, warps = amax_blocks
         split, rows_per_program = _split_rows(M, cdiv(N, bn), bm, device)
         launch_kernel(col_amax_kernel, (cdiv(N, bn), split),
-                      (x, amax, M, N, x.stride(0), x.stride(1), rows_per_program), 4, BLOCK_M=bm, BLOCK_N=bn)
+                      (x, amax, M, N, x.stride(0), x.stride(1), rows_per_program), warps, BLOCK_M=bm, BLOCK_N=bn)
     return row, row_scale, None if amax is None else amax.view(torch.float32)
 
 

@@ -36,7 +36,7 @@ def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, 
         M, N = a.shape[0], b.shape[1]
         assert scale_a.shape == (M, 1) and scale_b.shape == (1, N), f"rowwise scales {scale_a.shape} {scale_b.shape}"
         assert scale_a.is_contiguous() and scale_b.is_contiguous(), "rowwise scales must be contiguous"
-        assert out_dtype in (torch.bfloat16, torch.float32), "rowwise writes bf16 or fp32 (fp16 unverified)"
+        assert out_dtype in (torch.bfloat16, torch.float16, torch.float32), "rowwise writes bf16, fp16 or fp32"
     return _real_scaled_mm(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result,
                            out_dtype=out_dtype, use_fast_accum=use_fast_accum, **out)
 

@@ -7,7 +7,7 @@ explains; on the GPU with the hardware cast too).
 
 import pytest
 import torch
-from f8utils import DEVICE, FLOAT8_DTYPES, HP_DTYPES, spanning_values, sqnr
+from f8utils import DEVICE, FLOAT8_DTYPES, HP_DTYPES, spanning_values, sqnr, train_step
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear
@@ -42,9 +42,8 @@ def same_values(a, b):
 
 
 # The row pass's ways: rows in one tile (default for rows up to 16384 wide), or read twice in
-# 32-wide chunks; the column amaxes in a pass of their own (default) or folded into the row pass.
-PATHS = {"one_pass": {}, "two_pass": dict(block_m=4, block_n=32), "fused_col_amax": dict(fuse_col_amax=True),
-         "two_pass_fused": dict(block_m=4, block_n=32, fuse_col_amax=True)}
+# 32-wide chunks; the column amax pass with small blocks (several row slices per column block).
+PATHS = {"one_pass": {}, "two_pass": dict(block_m=4, block_n=32), "small_amax_blocks": dict(amax_blocks=(16, 32, 4))}
 
 
 def triton_rowwise(x, f8, layout, power_of_2, path="one_pass", **options):
@@ -317,8 +316,6 @@ def test_gemm_rules():
     a = torch.randn(32, 64, device=DEVICE).to(E4M3)
     b = torch.randn(48, 64, device=DEVICE).to(E4M3).t()
     sa, sb = torch.ones(32, 1, device=DEVICE), torch.ones(1, 48, device=DEVICE)
-    with pytest.raises(TypeError, match="writes torch.bfloat16 or torch.float32"):
-        scaled_mm_data(a, sa, b, sb, torch.float16, False, config)
     with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):
         scaled_mm_data(a.to(torch.float8_e5m2), sa, b.to(torch.float8_e5m2), sb, torch.bfloat16, False, config)
     # e4m3 x e5m2 and an fp32 output: as CUDA's rowwise GEMM takes them
@@ -332,11 +329,16 @@ def test_gemm_rules():
                        scaled_mm_data(a, sa, b, sb, torch.bfloat16, False, config))
 
 
-def test_fp16_layer_is_refused_with_the_fix():
-    config = Float8Config.from_recipe_name("rowwise")
-    f8 = Float8Linear(64, 32, bias=False, device=DEVICE, dtype=torch.float16, config=config)
-    with pytest.raises(TypeError, match="writes torch.bfloat16 or torch.float32"):
-        f8(torch.randn(16, 64, device=DEVICE, dtype=torch.float16))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_and_fp32_layers(dtype):
+    """CUDA's rowwise GEMM writes fp16 and fp32 too (checked on the H200): such layers train, their
+    results as close to their own dtype's layer as a bf16 one's."""
+    lin = nn.Linear(64, 32, bias=True, device=DEVICE, dtype=dtype)
+    f8 = fp8_layer(lin, "rowwise")
+    x = torch.randn(16, 64, device=DEVICE, dtype=dtype)
+    want, got = train_step(lin, x), train_step(f8, x)
+    for w, g in zip(want, got):
+        assert g.dtype == w.dtype and sqnr(w, g) > 20
 
 
 def test_float8_gathered_input_is_refused():

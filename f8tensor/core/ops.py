@@ -2,7 +2,7 @@
 
 Every matrix product lands in `scaled_mm`, which enforces CUDA's `_scaled_mm` rules (first operand
 row-major, second column-major, 16-byte aligned, K and N multiples of 16, never e5m2 x e5m2; with
-rowwise scales: scale_a [M, 1] and scale_b [1, N] fp32, a bf16 or fp32 output) on every device,
+rowwise scales: scale_a [M, 1] and scale_b [1, N] fp32) on every device,
 so a layout or scaling the GPU would refuse fails the same way in CPU CI.
 """
 
@@ -272,8 +272,8 @@ def scaled_mm_data(
 
 
 # Output dtypes of rowwise _scaled_mm checked against an exact reference on the H200
-# (benchmarks/tools/scaled_mm_support.py); float16 is not among them yet.
-ROWWISE_OUT_DTYPES = (torch.bfloat16, torch.float32)
+# (benchmarks/tools/scaled_mm_support.py, docs/data/scaled_mm_support_h200.txt).
+ROWWISE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _rowwise_scales(a_data, a_scale, b_data, b_scale, out_dtype):
