@@ -27,7 +27,7 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
     row_cast_triton = col_cast_triton = None
 
 from .naive import to_col_major  # noqa: E402
-from .op import amax_of_bits, axis_amax_of_bits, cast_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
+from .op import amax_of_bits, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
     "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "has_float8_hardware",
@@ -74,15 +74,18 @@ def quantize_rows(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row-major data | None, row scales [M, 1] | None, column amaxes [N] fp32 | None) of a 2-D x:
     each row cast with its own scale; with col_amax, also the record `quantize_cols` takes, from
-    the same read of x. Triton on a CUDA device with float8 hardware, plain PyTorch elsewhere and
-    while torch.compile traces (inductor fuses it); the same bits either way."""
-    if not (x.is_cuda and has_float8_hardware(x.device)) or torch.compiler.is_compiling():
-        amax = axis_amax_of_bits if torch.compiler.is_compiling() else axis_amax_ref
+    the same read of x. Triton on a CUDA device with float8 hardware, plain PyTorch elsewhere; the
+    same bits either way. While torch.compile traces, the op `f8tensor::rowwise_rows` (op.py), which
+    runs this function."""
+    if torch.compiler.is_compiling():
+        row, row_scale, amax = rowwise_rows_op(x, float8_dtype, power_of_2, write_row, col_amax)
+        return (row if write_row else None, row_scale if write_row else None, amax if col_amax else None)
+    if not (x.is_cuda and has_float8_hardware(x.device)):
         row = row_scale = None
         if write_row:
-            multiplier, row_scale = scale_from_amax_ref(amax(x, 1), float8_dtype, power_of_2)
+            multiplier, row_scale = scale_from_amax_ref(axis_amax_ref(x, 1), float8_dtype, power_of_2)
             row = cast_ref(x, multiplier, float8_dtype)
-        return row, row_scale, amax(x, 0).reshape(-1) if col_amax else None
+        return row, row_scale, axis_amax_ref(x, 0).reshape(-1) if col_amax else None
     if row_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
     return row_cast_triton(x, float8_dtype, power_of_2, write_row=write_row, col_amax=col_amax)
@@ -92,8 +95,11 @@ def quantize_cols(
     x: torch.Tensor, float8_dtype: torch.dtype, col_amax: torch.Tensor, power_of_2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(column-major data [M, N] with strides (1, M), column scales [1, N]) of a 2-D x given its
-    column amaxes (the record `quantize_rows(..., col_amax=True)` returned for x's very values)."""
-    if not (x.is_cuda and has_float8_hardware(x.device)) or torch.compiler.is_compiling():
+    column amaxes (the record `quantize_rows(..., col_amax=True)` returned for x's very values).
+    While torch.compile traces, the op `f8tensor::rowwise_cols` (op.py)."""
+    if torch.compiler.is_compiling():
+        return rowwise_cols_op(x, col_amax, float8_dtype, power_of_2)
+    if not (x.is_cuda and has_float8_hardware(x.device)):
         multiplier, col_scale = scale_from_amax_ref(col_amax.reshape(1, -1), float8_dtype, power_of_2)
         return to_col_major(cast_ref(x, multiplier, float8_dtype)), col_scale
     if col_cast_triton is None:

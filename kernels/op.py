@@ -37,18 +37,6 @@ def amax_of_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def axis_amax_of_bits(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """max(|x|) along dim, kept as a size-1 dim, fp32: `naive.axis_amax_ref(x, dim)` on x's bit
-    patterns, for the same reason as `amax_of_bits` (rowwise scaling under torch.compile)."""
-    if x.dtype not in _BITS:
-        raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
-    if not torch.compiler.is_dynamo_compiling() and x.shape[dim] == 0:
-        shape = list(x.shape)
-        shape[dim] = 1
-        return torch.zeros(shape, dtype=torch.float32, device=x.device)
-    int_dtype, magnitude = _BITS[x.dtype]
-    return (x.view(int_dtype) & magnitude).amax(dim, keepdim=True).view(x.dtype).float()
-
 @torch.library.custom_op("f8tensor::cast", mutates_args=())
 def cast_op(
     x: torch.Tensor, amax: torch.Tensor, float8_dtype: torch.dtype, layout: str, power_of_2: bool
@@ -73,3 +61,44 @@ def _(x, amax, float8_dtype, layout, power_of_2):
     else:
         col = x.new_empty(0, dtype=float8_dtype)
     return row, col, x.new_empty((), dtype=torch.float32)
+
+
+# Rowwise scaling under torch.compile: the same kernels as eager (kernels/rowwise.py) behind two ops,
+# so that a compiled layer gives eager's bits (inductor's own code for the reference divides with
+# Triton's approximate fp32 division, and its scales differed from eager's in the last bit).
+
+@torch.library.custom_op("f8tensor::rowwise_rows", mutates_args=())
+def rowwise_rows_op(
+    x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool, write_row: bool, col_amax: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_rows`' (row, row_scale, col_amax); what was not asked for is an empty tensor."""
+    from . import quantize_rows
+
+    row, scale, amax = quantize_rows(x, float8_dtype, power_of_2, write_row=write_row, col_amax=col_amax)
+    return (row if row is not None else x.new_empty(0, dtype=float8_dtype),
+            scale if scale is not None else x.new_empty(0, dtype=torch.float32),
+            amax if amax is not None else x.new_empty(0, dtype=torch.float32))
+
+
+@rowwise_rows_op.register_fake
+def _(x, float8_dtype, power_of_2, write_row, col_amax):
+    M, N = x.shape
+    return (x.new_empty((M, N) if write_row else (0,), dtype=float8_dtype),
+            x.new_empty((M, 1) if write_row else (0,), dtype=torch.float32),
+            x.new_empty((N,) if col_amax else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("f8tensor::rowwise_cols", mutates_args=())
+def rowwise_cols_op(
+    x: torch.Tensor, col_amax: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_cols`' (col, col_scale)."""
+    from . import quantize_cols
+
+    return quantize_cols(x, float8_dtype, col_amax, power_of_2)
+
+
+@rowwise_cols_op.register_fake
+def _(x, col_amax, float8_dtype, power_of_2):
+    M, N = x.shape
+    return x.new_empty_strided((M, N), (1, M), dtype=float8_dtype), x.new_empty((1, N), dtype=torch.float32)

@@ -433,12 +433,34 @@ def _tp_step(model):
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
+def cpu_rowwise_gemm() -> bool:
+    """Whether this torch's CPU _scaled_mm takes rowwise scales (2.13 does, 2.11 does not)."""
+    a = torch.zeros(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_cpu_gemm_without_rowwise_names_the_way_out():
+    if cpu_rowwise_gemm():
+        pytest.skip("this torch's CPU _scaled_mm takes rowwise scales")
+    f8 = Float8Linear(64, 32, bias=False, dtype=torch.bfloat16, config=Float8Config.from_recipe_name("rowwise"))
+    with pytest.raises(NotImplementedError, match=r"emulate=True"):
+        f8(torch.randn(16, 64, dtype=torch.bfloat16))
+    f8.config = f8.config.replace(emulate=True)
+    assert f8(torch.randn(16, 64, dtype=torch.bfloat16)).shape == (16, 32)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_tensor_parallel_rowwise_is_as_close_to_bf16_as_one_device(tmp_path):
     """Each rank scales its own shards' rows (a row-parallel layer's rows span its K shard only:
     never coarser than one device's); results as close to bf16 as one device's rowwise layer."""
     import torch.multiprocessing as mp
 
+    if not cpu_rowwise_gemm():  # the ranks are CPU processes (gloo)
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only")
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_tp_rank, args=(2, str(tmp_path / "store"), results), nprocs=2)

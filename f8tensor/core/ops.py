@@ -262,10 +262,18 @@ def scaled_mm_data(
         return (out if bias is None else out + bias).to(out_dtype)
     # cuBLAS adds a bias of the output dtype in its epilogue for bf16/fp16 outputs only.
     fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
-    out = torch._scaled_mm(
-        a_data, b_data, scale_a=a_scale, scale_b=b_scale,
-        bias=bias if fused_bias else None, out_dtype=out_dtype, use_fast_accum=use_fast_accum,
-    )
+    try:
+        out = torch._scaled_mm(
+            a_data, b_data, scale_a=a_scale, scale_b=b_scale,
+            bias=bias if fused_bias else None, out_dtype=out_dtype, use_fast_accum=use_fast_accum,
+        )
+    except RuntimeError as e:
+        if a_data.device.type == "cpu" and a_scale.dim() == 2:  # torch 2.11's CPU kernel: tensorwise only
+            raise NotImplementedError(
+                f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only; run rowwise layers "
+                "on CPU with Float8Config(emulate=True), or with a torch whose CPU _scaled_mm takes rowwise "
+                "scales (2.13 does)") from e
+        raise
     if bias is not None and not fused_bias:
         out = out + bias
     return out
