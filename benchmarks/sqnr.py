@@ -12,6 +12,8 @@ accumulation), the SQNR 20 log10(|ref| / |ref - fp8|) over the whole tensor. Inp
   outliers_1eN     0.4 % of x's rows (tokens) and 0.8 % of the weight's output channels scaled by
                    10^N (N = 3, 4, 5); "ordinary" SQNR: the output's other rows and columns only
 --recipes: Float8Config.from_recipe_name of each (default tensorwise), each against the same bf16 layer.
+--emulate: the float8 GEMMs in fp32 on the dequantized operands (Float8Config(emulate=True): the same
+quantization; fp32 accumulation in another order), for a CPU run at Llama shapes.
 With tensorwise scaling one amax sets the scale of the whole tensor, so an outlier channel moves
 every other value down the float8 grid; the forward uses e4m3 (3 mantissa bits, ~30 dB at best for
 gaussian data), the gradients e5m2 (2 mantissa bits, ~25 dB). Runs anywhere: without a GPU the
@@ -58,14 +60,15 @@ def make_weight(kind: str, n: int, k: int, g: torch.Generator, device) -> tuple[
     return w.to(device, torch.bfloat16), chans.to(device)
 
 
-def measure(k: int, n: int, kind: str, tokens: int, device, recipes) -> list[dict]:
+def measure(k: int, n: int, kind: str, tokens: int, device, recipes, emulate=False) -> list[dict]:
     g = torch.Generator().manual_seed(k * 7 + n)
     x, rows = make_input(kind, tokens, k, g, device)
     w, chans = make_weight(kind, n, k, g, device)
     dy = torch.randn(tokens, n, generator=g).to(device, torch.bfloat16)
     makes = {"bf16": lambda: nn.Linear(k, n, bias=False)}
     for recipe in recipes:
-        makes[recipe] = lambda r=recipe: Float8Linear(k, n, bias=False, config=Float8Config.from_recipe_name(r))
+        makes[recipe] = lambda r=recipe: Float8Linear(
+            k, n, bias=False, config=Float8Config.from_recipe_name(r).replace(emulate=emulate))
     results = {}
     for name, make in makes.items():
         with torch.device(device):
@@ -89,6 +92,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", default="results/sqnr.jsonl")
     ap.add_argument("--recipes", nargs="+", default=["tensorwise"])
+    ap.add_argument("--emulate", action="store_true", help="fp32 GEMMs on the dequantized operands")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
@@ -98,8 +102,8 @@ def main():
           f"{'grad_weight dB':>15}")
     for k, n in SHAPES:
         for kind in KINDS:
-            for r in measure(k, n, kind, a.tokens, device, a.recipes):
-                r.update(env, bench="sqnr")
+            for r in measure(k, n, kind, a.tokens, device, a.recipes, a.emulate):
+                r.update(env, bench="sqnr", emulate=a.emulate)
                 rows.append(r)
                 print(f"{f'{k} -> {n}':>14} {kind:>17} {r['recipe']:>19} {r['sqnr_output_db']:10.1f} "
                       f"{r['sqnr_output_ordinary_db']:9.1f} {r['sqnr_grad_input_db']:14.1f} {r['sqnr_grad_weight_db']:15.1f}")
