@@ -14,12 +14,17 @@ import triton
 
 def environment() -> dict:
     """GPU, versions and commit, written beside every result row."""
-    # A copy of the tree without .git (the GPU machine's) gets the commit from the environment.
+    # A copy of the tree without .git gets the commit from the environment. A copy with a .git
+    # older than its files (seen on the GPU machine) is marked "-dirty", as is any uncommitted change.
     commit = os.environ.get("F8TENSOR_COMMIT", "")
     if not commit:
+        here = os.path.dirname(__file__)
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+                                    text=True, cwd=here).stdout.strip()
+            changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, cwd=here)
+            if commit and changed.returncode != 0:
+                commit += "-dirty"
         except OSError:
             pass
     return {
