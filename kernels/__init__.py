@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, cast_ref, fp8_max,
+from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
                     quantize_ref, quantize_rowwise_ref, rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
                     scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
 
@@ -26,7 +26,6 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
     rope_triton = rms_norm_triton = rms_norm_backward_triton = None
     row_cast_triton = col_cast_triton = None
 
-from .naive import to_col_major  # noqa: E402
 from .op import amax_of_bits, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
@@ -81,10 +80,7 @@ def quantize_rows(
         row, row_scale, amax = rowwise_rows_op(x, float8_dtype, power_of_2, write_row, col_amax)
         return (row if write_row else None, row_scale if write_row else None, amax if col_amax else None)
     if not (x.is_cuda and has_float8_hardware(x.device)):
-        row = row_scale = None
-        if write_row:
-            multiplier, row_scale = scale_from_amax_ref(axis_amax_ref(x, 1), float8_dtype, power_of_2)
-            row = cast_ref(x, multiplier, float8_dtype)
+        row, row_scale, _, _ = quantize_rowwise_ref(x, float8_dtype, "row", power_of_2) if write_row else (None,) * 4
         return row, row_scale, axis_amax_ref(x, 0).reshape(-1) if col_amax else None
     if row_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
@@ -100,8 +96,7 @@ def quantize_cols(
     if torch.compiler.is_compiling():
         return rowwise_cols_op(x, col_amax, float8_dtype, power_of_2)
     if not (x.is_cuda and has_float8_hardware(x.device)):
-        multiplier, col_scale = scale_from_amax_ref(col_amax.reshape(1, -1), float8_dtype, power_of_2)
-        return to_col_major(cast_ref(x, multiplier, float8_dtype)), col_scale
+        return quantize_rowwise_ref(x, float8_dtype, "col", power_of_2, col_amax=col_amax)[2:]
     if col_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
     return col_cast_triton(x, float8_dtype, col_amax, power_of_2)

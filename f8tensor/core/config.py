@@ -18,8 +18,8 @@ class Float8Config:
     (per token, per output channel, per input channel), torch._scaled_mm's rowwise GEMMs.
     """
 
-    # "tensorwise" or "rowwise" (linear_rowwise.py: a bf16 or fp32 layer, as CUDA's rowwise GEMMs
-    # write; not with keep_fp8_weight nor the FSDP2 float8 all-gather yet).
+    # "tensorwise" or "rowwise" (linear_rowwise.py; not with keep_fp8_weight nor the FSDP2 float8
+    # all-gather yet).
     scaling_granularity: str = "tensorwise"
     # Rowwise only: the weight-gradient GEMM in the input's dtype on unquantized operands (torchao's
     # "rowwise_with_gw_hp": that GEMM's operands are scaled along the token axis, where outliers sit).

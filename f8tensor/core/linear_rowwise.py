@@ -1,6 +1,6 @@
 """Float8Linear's three GEMMs under rowwise scaling (config.scaling_granularity == "rowwise"):
 each GEMM operand has one scale per row along K, what torch._scaled_mm's rowwise path takes
-(scale_a [M, 1], scale_b [1, N], e4m3 operands, bf16 output).
+(scale_a [M, 1], scale_b [1, N]; ops.scaled_mm_data checks its rules).
 
     forward      out    = x_row     @ w_row.t()    x scaled per token [M, 1], w per output channel -> [1, N]
     backward     grad_x = g_row     @ w_col        g per token [M, 1], w column-major per input channel [1, K]
