@@ -4,18 +4,20 @@ Installed as `f8tensor.kernels`. `quantize_with_amax` quantizes a 2-D tensor: Tr
 device with float8 hardware, the reference elsewhere; both return (row_major | None, col_major |
 None, scale, amax record) with the same bits. The fused ops' entry points (`rms_norm_with_amax`,
 `swiglu_with_amax`, `rope_forward` and their backwards) choose the same way, as do `quantize_rows` / `quantize_cols`
-(one scale per row / per column: the rowwise recipes).
+(one scale per row / per column: the rowwise recipes) and `quantize_blocks` (one scale per 1 x 128
+strip or 128 x 128 tile: the blockwise recipe).
 """
 
 import functools
 
 import torch
 
-from .naive import (EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
-                    quantize_ref, quantize_rowwise_ref, rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
-                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref)
+from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
+                    quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref, rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
+                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref, to_col_major)
 
 try:
+    from .blockwise import block_cast_triton
     from .quantize import quantize_triton, quantize_triton_with_amax
     from .rms_norm import rms_norm_backward_triton, rms_norm_triton
     from .rope import rope_triton
@@ -24,13 +26,13 @@ try:
 except ImportError:  # triton is not installed (e.g. macOS): the reference path still works
     quantize_triton = quantize_triton_with_amax = swiglu_triton = swiglu_backward_triton = None
     rope_triton = rms_norm_triton = rms_norm_backward_triton = None
-    row_cast_triton = col_cast_triton = None
+    row_cast_triton = col_cast_triton = block_cast_triton = None
 
-from .op import amax_of_bits, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
+from .op import amax_of_bits, blockwise_op, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
-    "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "has_float8_hardware",
-    "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
+    "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "has_float8_hardware",
+    "quantize_blocks", "quantize_blockwise_ref", "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
     "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
     "rope_backward_ref", "rope_forward", "rope_ref", "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
     "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
@@ -100,6 +102,44 @@ def quantize_cols(
     if col_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
     return col_cast_triton(x, float8_dtype, col_amax, power_of_2)
+
+
+def quantize_blocks(
+    x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
+    write_row: bool = True, write_col: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N] with one
+    scale per tile, from one read of x; Mb = ceil(M / 128), Nb = ceil(N / 128).
+
+    row: [M, N] row-major; col: [M, N] column-major (strides (1, M)). Scales, fp32, in the layouts
+    torch._scaled_mm takes:
+    - square off (activations, gradients): row_scale [M, Nb] with strides (1, M), one per 1 x 128
+      strip of a row; col_scale [Mb, N] row-major, one per 128 x 1 strip of a column;
+    - square on (weights): one per 128 x 128 tile; row_scale [Mb, Nb] row-major, col_scale the
+      same values with strides (1, Mb).
+    Triton on a CUDA device with float8 hardware, `naive.quantize_blockwise_ref` elsewhere; the same
+    bits either way. While torch.compile traces, the op `f8tensor::blockwise` (op.py)."""
+    if torch.compiler.is_compiling():
+        row, row_scale, col, col_scale = blockwise_op(x, float8_dtype, power_of_2, square, write_row, write_col)
+        return (row if write_row else None, row_scale if write_row else None,
+                col if write_col else None, col_scale if write_col else None)
+    if not (x.is_cuda and has_float8_hardware(x.device)):
+        return _quantize_blocks_ref(x, float8_dtype, power_of_2, square, write_row, write_col)
+    if block_cast_triton is None:
+        raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
+    return block_cast_triton(x, float8_dtype, power_of_2, square=square, write_row=write_row, write_col=write_col)
+
+
+def _quantize_blocks_ref(x, float8_dtype, power_of_2, square, write_row, write_col):
+    """`quantize_blocks` from the reference, in the same layouts."""
+    row = row_scale = col = col_scale = None
+    if write_row:
+        row, row_scale = quantize_blockwise_ref(x, float8_dtype, (BLOCK, BLOCK) if square else (1, BLOCK), power_of_2)
+        row_scale = row_scale if square else to_col_major(row_scale)
+    if write_col:
+        col, col_scale = quantize_blockwise_ref(x, float8_dtype, (BLOCK, BLOCK) if square else (BLOCK, 1), power_of_2)
+        col, col_scale = to_col_major(col), to_col_major(col_scale) if square else col_scale
+    return row, row_scale, col, col_scale
 
 
 def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

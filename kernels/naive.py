@@ -127,6 +127,44 @@ def quantize_rowwise_ref(
     return row, row_scale, col, col_scale
 
 
+# Blockwise scaling (blockwise.py; DeepSeek-V3's recipe): one scale per tile of a 2-D x [M, N],
+# from that tile's own max(|x|) by the same policy as above. Tiles are BLOCKS: (1, 128) along a
+# row, (128, 1) along a column, (128, 128) square; edge tiles hold what is left. Scales come as
+# [ceil(M / bm), ceil(N / bn)] in row-major order; _scaled_mm's layouts are the caller's concern.
+
+BLOCK = 128
+BLOCKS = ((1, BLOCK), (BLOCK, 1), (BLOCK, BLOCK))
+
+
+def block_amax_ref(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """max(|x|) of each (bm, bn) tile of a 2-D x, fp32 [ceil(M / bm), ceil(N / bn)]; NaN where a
+    tile holds a NaN."""
+    bm, bn = block
+    M, N = x.shape
+    mb, nb = -(-M // bm), -(-N // bn)
+    if x.numel() == 0:
+        return torch.zeros((mb, nb), dtype=torch.float32, device=x.device)
+    # Zero padding adds nothing to a max of magnitudes.
+    padded = torch.nn.functional.pad(x.abs().float(), (0, nb * bn - N, 0, mb * bm - M))
+    return padded.reshape(mb, bm, nb, bn).amax((1, 3))
+
+
+def quantize_blockwise_ref(
+    x: torch.Tensor, float8_dtype: torch.dtype, block: tuple[int, int], power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data [M, N] row-major, scale [ceil(M / bm), ceil(N / bn)] row-major fp32) of a 2-D x
+    quantized with one scale per (bm, bn) tile, block one of BLOCKS."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_blockwise_ref takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if tuple(block) not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    bm, bn = block
+    M, N = x.shape
+    multiplier, scale = scale_from_amax_ref(block_amax_ref(x, block), float8_dtype, power_of_2)
+    per_element = multiplier.repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
+    return cast_ref(x, per_element, float8_dtype), scale
+
+
 # SwiGLU, fused with the amax of what it writes (swiglu.py). The math in fp32, one rounding to the
 # output dtype; the record each kernel returns is amax_ref of its output.
 

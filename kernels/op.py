@@ -102,3 +102,35 @@ def rowwise_cols_op(
 def _(x, col_amax, float8_dtype, power_of_2):
     M, N = x.shape
     return x.new_empty_strided((M, N), (1, M), dtype=float8_dtype), x.new_empty((1, N), dtype=torch.float32)
+
+
+# Blockwise scaling under torch.compile: the eager kernel (kernels/blockwise.py) behind one op, for
+# the same reason as the rowwise ops above.
+
+@torch.library.custom_op("f8tensor::blockwise", mutates_args=())
+def blockwise_op(
+    x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool, square: bool, write_row: bool, write_col: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_blocks`' (row, row_scale, col, col_scale); what was not asked for is an empty tensor."""
+    from . import quantize_blocks
+
+    out = quantize_blocks(x, float8_dtype, power_of_2, square=square, write_row=write_row, write_col=write_col)
+    empty = (x.new_empty(0, dtype=float8_dtype), x.new_empty(0, dtype=torch.float32))
+    return tuple(t if t is not None else empty[i % 2] for i, t in enumerate(out))
+
+
+@blockwise_op.register_fake
+def _(x, float8_dtype, power_of_2, square, write_row, write_col):
+    M, N = x.shape
+    mb, nb = -(-M // 128), -(-N // 128)
+    f8, f32 = dict(dtype=float8_dtype), dict(dtype=torch.float32)
+    row = x.new_empty((M, N), **f8) if write_row else x.new_empty(0, **f8)
+    col = x.new_empty_strided((M, N), (1, M), **f8) if write_col else x.new_empty(0, **f8)
+    if square:
+        row_scale = x.new_empty((mb, nb), **f32)
+        col_scale = x.new_empty_strided((mb, nb), (1, mb), **f32)
+    else:
+        row_scale = x.new_empty_strided((M, nb), (1, M), **f32)
+        col_scale = x.new_empty((mb, N), **f32)
+    return (row, row_scale if write_row else x.new_empty(0, **f32),
+            col, col_scale if write_col else x.new_empty(0, **f32))

@@ -302,10 +302,10 @@ def test_config_errors():
         Float8Config(**e4m3, keep_fp8_weight=True)
     with pytest.raises(ValueError, match="fsdp_float8_all_gather is built for tensorwise"):
         Float8Config(**e4m3, fsdp_float8_all_gather=True)
-    with pytest.raises(ValueError, match="grad_weight_high_precision is a rowwise option"):
+    with pytest.raises(ValueError, match="grad_weight_high_precision is a rowwise and blockwise option"):
         Float8Config(grad_weight_high_precision=True)
     with pytest.raises(ValueError, match="scaling_granularity must be one of"):
-        Float8Config(scaling_granularity="blockwise")
+        Float8Config(scaling_granularity="columnwise")
 
 
 def test_gemm_rules():

@@ -6,7 +6,7 @@ import torch
 
 from ..kernels import FLOAT8_DTYPES
 
-GRANULARITIES = ("tensorwise", "rowwise")
+GRANULARITIES = ("tensorwise", "rowwise", "blockwise")
 
 
 @dataclass(frozen=True)
@@ -16,13 +16,16 @@ class Float8Config:
     Dynamic scaling: each cast computes the max(|x|) its scales come from. Tensorwise (the
     default): one scale per tensor. Rowwise: one scale per row of each GEMM operand along K
     (per token, per output channel, per input channel), torch._scaled_mm's rowwise GEMMs.
+    Blockwise: one scale per 1 x 128 strip of activations and gradients along K, one per
+    128 x 128 tile of weights (DeepSeek-V3's recipe), torch._scaled_mm's blockwise GEMMs.
     """
 
-    # "tensorwise" or "rowwise" (linear_rowwise.py; not with keep_fp8_weight nor the FSDP2 float8
-    # all-gather yet).
+    # "tensorwise", "rowwise" (linear_rowwise.py) or "blockwise" (linear_blockwise.py); the latter
+    # two not with keep_fp8_weight nor the FSDP2 float8 all-gather yet.
     scaling_granularity: str = "tensorwise"
-    # Rowwise only: the weight-gradient GEMM in the input's dtype on unquantized operands (torchao's
-    # "rowwise_with_gw_hp": that GEMM's operands are scaled along the token axis, where outliers sit).
+    # Rowwise and blockwise: the weight-gradient GEMM in the input's dtype on unquantized operands
+    # (torchao's "rowwise_with_gw_hp": that GEMM's operands are scaled along the token axis, where
+    # outliers sit).
     grad_weight_high_precision: bool = False
 
     # input and weight (forward GEMM operands)
@@ -67,10 +70,10 @@ class Float8Config:
         if self.scaling_granularity not in GRANULARITIES:
             raise ValueError(f"Float8Config.scaling_granularity must be one of {GRANULARITIES}, got "
                              f"{self.scaling_granularity!r}")
-        if self.scaling_granularity == "rowwise":
-            self._check_rowwise()
+        if self.scaling_granularity != "tensorwise":
+            self._check_axiswise()
         elif self.grad_weight_high_precision:
-            raise ValueError("Float8Config.grad_weight_high_precision is a rowwise option; use "
+            raise ValueError("Float8Config.grad_weight_high_precision is a rowwise and blockwise option; use "
                              "Float8Config.from_recipe_name('rowwise_with_gw_hp')")
         if self.fsdp_float8_all_gather and self.keep_fp8_weight:
             raise ValueError(
@@ -82,17 +85,26 @@ class Float8Config:
                 "multiply e5m2 by e5m2, which CUDA's _scaled_mm rejects; use e4m3fn for one of them"
             )
 
-    def _check_rowwise(self):
+    def _check_axiswise(self):
+        granularity = self.scaling_granularity
         for name in ("keep_fp8_weight", "fsdp_float8_all_gather"):
             if getattr(self, name):
                 raise ValueError(f"Float8Config: {name} is built for tensorwise scaling only; with "
-                                 f"scaling_granularity='rowwise' set {name}=False")
+                                 f"scaling_granularity={granularity!r} set {name}=False")
+        if granularity == "blockwise":
+            for name in ("fast_accum_output", "fast_accum_grad_input", "fast_accum_grad_weight"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"Float8Config: blockwise GEMMs have no fast accumulation (cuBLAS refuses it on Hopper); "
+                        f"set {name}=False, or use Float8Config.from_recipe_name('blockwise')")
 
     @classmethod
     def from_recipe_name(cls, name: str) -> "Float8Config":
         """'tensorwise' (default), 'tensorwise_pow2' (power-of-two scales), 'tensorwise_e4m3'
         (e4m3 gradients too), 'rowwise' (one scale per row of every GEMM operand along K, e4m3
-        everywhere), 'rowwise_with_gw_hp' (rowwise, the weight-gradient GEMM in high precision).
+        everywhere), 'rowwise_with_gw_hp' (rowwise, the weight-gradient GEMM in high precision),
+        'blockwise' (1 x 128 strips for activations and gradients, 128 x 128 tiles for weights, e4m3
+        everywhere, no fast accumulation: DeepSeek-V3's recipe).
         torchao's recipes of those names also round scales to powers of two; these do not, as
         power-of-two scales leave rowwise a little below tensorwise on gaussian data (docs/design.md,
         "Rowwise scaling"); Float8Config.replace(power_of_2_scale=True) turns them on."""
@@ -104,6 +116,7 @@ class Float8Config:
             "tensorwise_e4m3": cls(backward_dtype=e4m3),
             "rowwise": cls(**rowwise),
             "rowwise_with_gw_hp": cls(**rowwise, grad_weight_high_precision=True),
+            "blockwise": cls(scaling_granularity="blockwise", backward_dtype=e4m3, fast_accum_output=False),
         }
         if name not in recipes:
             raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(recipes)}")

@@ -33,7 +33,8 @@ from ..kernels import quantize_with_amax
 from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
 from .class_swap import QuietSubclasses
 from .config import Float8Config
-from .linear_rowwise import _RowwiseLinearFn
+from .linear_blockwise import _BlockwiseLinearFn
+from .linear_rowwise import _RowwiseLinearFn, remember_shapes
 from .ops import scaled_mm_data
 from .tensor import Float8Tensor
 from .tensor_cache import produced_amax, shared_input
@@ -142,13 +143,10 @@ class _Float8LinearFn(torch.autograd.Function):
             saved_x, x_info = (x.reshape(-1, x.shape[-1]), x_amax) if need_w_grad else (None, None)
         # w_info: the scale of the saved float8 weight, or the amax record of the weight itself.
         ctx.save_for_backward(saved_x, x_info, w_saved, w_info)
-        ctx.config = config
         ctx.kept_weight = w_col is not None
         ctx.gathered_weight = gathered
         ctx.saved_fp8 = save_fp8
-        ctx.x_shape = x.shape
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        remember_shapes(ctx, config, x, weight, bias)
         # _unsafe_view, as matmul does: a view output would trip FSDP2's in-place safety warning.
         return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
@@ -194,13 +192,15 @@ def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
         # the plain layer gives the same empty output and zero gradients. The autograd function's
         # traced amax does not test for emptiness (kernels/op.py).
         return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    if config.scaling_granularity == "rowwise":
+    granularity = config.scaling_granularity
+    if granularity != "tensorwise":
         if isinstance(x, Float8Tensor) or isinstance(weight, (Float8Tensor, Float8AllGatherWeight)):
             raise TypeError(
-                "Float8Linear with rowwise scaling takes high-precision inputs and weights; a float8 "
+                f"Float8Linear with {granularity} scaling takes high-precision inputs and weights; a float8 "
                 "all-gather (Float8PrepareModuleInput, fsdp_float8_all_gather) hands it tensorwise float8 "
                 "data: use those with tensorwise recipes only")
-        return _RowwiseLinearFn.apply(x, weight, bias, config, grad_enabled)
+        fn = _RowwiseLinearFn if granularity == "rowwise" else _BlockwiseLinearFn
+        return fn.apply(x, weight, bias, config, grad_enabled)
     return _Float8LinearFn.apply(x, weight, bias, config, grad_enabled)
 
 

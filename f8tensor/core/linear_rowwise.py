@@ -57,6 +57,14 @@ def _cols_of_input(x2d, casts, config, col_amax):
     return cols
 
 
+def remember_shapes(ctx, config, x, weight, bias) -> None:
+    """What every Float8Linear autograd function's backward reads besides its saved tensors."""
+    ctx.config = config
+    ctx.x_shape = x.shape
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
 class _RowwiseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, config, grad_enabled: bool):
@@ -82,11 +90,8 @@ class _RowwiseLinearFn(torch.autograd.Function):
         else:
             x_saved = x_info = None
         ctx.save_for_backward(x_saved, x_info, weight if need_x_grad else None, w_col_amax)
-        ctx.config = config
         ctx.saved_fp8 = saved_fp8
-        ctx.x_shape = x.shape
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        remember_shapes(ctx, config, x, weight, bias)
         return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 Every matrix product lands in `scaled_mm`, which enforces CUDA's `_scaled_mm` rules (first operand
 row-major, second column-major, 16-byte aligned, K and N multiples of 16, never e5m2 x e5m2; with
-rowwise scales: scale_a [M, 1] and scale_b [1, N] fp32) on every device,
+rowwise scales: scale_a [M, 1] and scale_b [1, N] fp32; blockwise: `_blockwise_scales`) on every device,
 so a layout or scaling the GPU would refuse fails the same way in CPU CI.
 """
 
@@ -28,8 +28,9 @@ def implements(ops):
     return register
 
 
-def _rewrap(t: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = None) -> Float8Tensor:
-    return Float8Tensor(data, t._scale if scale is None else scale, t._orig_dtype, t._role, t._config)
+def _rewrap(t: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = None, block=None) -> Float8Tensor:
+    return Float8Tensor(data, t._scale if scale is None else scale, t._orig_dtype, t._role, t._config,
+                        t._block if block is None else block)
 
 
 # Shape and view ops: the same op on the data, the scale shared (views share it as they share data).
@@ -43,7 +44,21 @@ def _rewrap(t: Float8Tensor, data: torch.Tensor, scale: torch.Tensor | None = No
 def _view_op(func, args, kwargs):
     t = args[0]
     data = func(t._data, *args[1:], **kwargs)
+    if t._block is not None:
+        return _blockwise_view(func, t, data)
     return _rewrap(t, data, _scale_of_view(func, t, data, args, kwargs))
+
+
+def _blockwise_view(func, t, data):
+    """Views of a blockwise Float8Tensor that keep whole tiles: itself, and its transpose (the
+    tiles and their scales transposed)."""
+    if func in (aten.detach.default, aten.alias.default) or data.shape == t.shape and data.stride() == t.stride():
+        return _rewrap(t, data)
+    if data.dim() == 2 and data.shape == t.shape[::-1] and data.stride() == t.stride()[::-1]:
+        return _rewrap(t, data, t._scale.t(), t._block[::-1])
+    raise NotImplementedError(
+        f"Float8Tensor with {t.granularity} scales: {func} on shape {tuple(t.shape)} would cut or regroup its "
+        "tiles; only the transpose is supported: dequantize() first")
 
 
 _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
@@ -81,8 +96,8 @@ def _scale_of_view(func, t, data, args, kwargs):
 def _split_op(func, args, kwargs):
     t = args[0]
     if t._scale.dim():
-        raise NotImplementedError(f"Float8Tensor with rowwise scales: {func} is not supported; dequantize() "
-                                  "first, or slice the tensor")
+        raise NotImplementedError(f"Float8Tensor with {t.granularity} scales: {func} is not supported; "
+                                  "dequantize() first" + ("" if t._block else ", or slice the tensor"))
     return [_rewrap(t, d) for d in func(t._data, *args[1:], **kwargs)]
 
 
@@ -117,7 +132,7 @@ def _to_copy(func, args, kwargs):
         raise TypeError("Float8Tensor.to(float8 dtype) is ambiguous; use ._data for the raw float8 data")
     device = kwargs.pop("device", None)
     return Float8Tensor(
-        t._data.to(device=device), t._scale.to(device=device), dtype, t._role, t._config
+        t._data.to(device=device), t._scale.to(device=device), dtype, t._role, t._config, t._block
     )
 
 
@@ -128,7 +143,7 @@ def _cat(func, args, kwargs):
     if not all(isinstance(t, Float8Tensor) for t in tensors):
         raise TypeError("torch.cat mixes Float8Tensor and plain tensors; quantize or dequantize all first")
     if any(t._scale.dim() for t in tensors):
-        raise NotImplementedError("torch.cat of Float8Tensors with rowwise scales is not supported; "
+        raise NotImplementedError("torch.cat of Float8Tensors with rowwise scales (or blockwise ones) is not supported; "
                                   "dequantize them, concatenate, and quantize the result")
     for t in tensors[1:]:
         if t.float8_dtype != first.float8_dtype or t._orig_dtype != first._orig_dtype:
@@ -153,12 +168,15 @@ def _copy_(func, args, kwargs):
             )
         if src.float8_dtype != dst.float8_dtype:
             raise TypeError(f"copy_ from {src.float8_dtype} into {dst.float8_dtype} data; requantize instead")
+        if src._block != dst._block or src._scale.shape != dst._scale.shape:
+            raise TypeError(f"copy_ from a Float8Tensor scaled {src.granularity} into one scaled {dst.granularity}; "
+                            "requantize instead")
         dst._data.copy_(src._data)
         dst._scale.copy_(src._scale)
     elif isinstance(dst, Float8Tensor):
         # High-precision values into float8 storage: quantize onto dst's existing scale.
         fp8_max = torch.finfo(dst.float8_dtype).max
-        y = src.to(device=dst.device, dtype=torch.float32) / dst._scale
+        y = src.to(device=dst.device, dtype=torch.float32) / dst.scale_per_element()
         dst._data.copy_(y.clamp(-fp8_max, fp8_max))
     else:
         dst.copy_(src.dequantize())
@@ -212,8 +230,10 @@ def _gemm_fast_accum(a: Float8Tensor, b: Float8Tensor, config: Float8Config) -> 
 def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b (+ bias) through torch._scaled_mm, in a's original dtype."""
     config = a._config or b._config or DEFAULT_CONFIG
-    return scaled_mm_data(a._data, a._scale, b._data, b._scale, a._orig_dtype,
-                          _gemm_fast_accum(a, b, config), config, bias)
+    # Blockwise GEMMs have no fast accumulation; a blockwise config already turns it off, and the
+    # default config's setting is no request of the caller's.
+    fast_accum = _gemm_fast_accum(a, b, config) and a._block is None and b._block is None
+    return scaled_mm_data(a._data, a._scale, b._data, b._scale, a._orig_dtype, fast_accum, config, bias)
 
 
 def scaled_mm_data(
@@ -247,8 +267,9 @@ def scaled_mm_data(
             "compute capability 8.9 or newer); use Float8Config(emulate=True) to run the GEMMs in "
             "high precision"
         )
+    kind = "tensorwise"
     if a_scale.dim() == 2 or b_scale.dim() == 2:
-        a_scale, b_scale = _rowwise_scales(a_data, a_scale, b_data, b_scale, out_dtype)
+        kind, a_scale, b_scale = _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum)
     if not _is_row_major(a_data):
         a_data = a_data.contiguous()
     if not _is_col_major(b_data):
@@ -258,6 +279,8 @@ def scaled_mm_data(
         # weight-gradient GEMM (K = tokens) when the token count is not a multiple of 16.
         a_data, b_data = _pad_inner(a_data, b_data)
     if config.emulate:
+        if kind == "blockwise":
+            a_scale, b_scale = _per_element(a_scale, *a_data.shape), _per_element(b_scale, *b_data.shape)
         out = (a_data.float() * a_scale) @ (b_data.float() * b_scale)
         return (out if bias is None else out + bias).to(out_dtype)
     # cuBLAS adds a bias of the output dtype in its epilogue for bf16/fp16 outputs only.
@@ -267,12 +290,13 @@ def scaled_mm_data(
             a_data, b_data, scale_a=a_scale, scale_b=b_scale,
             bias=bias if fused_bias else None, out_dtype=out_dtype, use_fast_accum=use_fast_accum,
         )
-    except RuntimeError as e:
-        if a_data.device.type == "cpu" and a_scale.dim() == 2:  # torch 2.11's CPU kernel: tensorwise only
+    except (RuntimeError, ValueError) as e:  # torch 2.13 raises ValueError for scalings it lacks
+        if a_data.device.type == "cpu" and kind != "tensorwise":  # torch 2.11: tensorwise only; 2.13: no blocks
             raise NotImplementedError(
-                f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only; run rowwise layers "
-                "on CPU with Float8Config(emulate=True), or with a torch whose CPU _scaled_mm takes rowwise "
-                "scales (2.13 does)") from e
+                f"torch {torch.__version__}'s CPU _scaled_mm does not take {kind} scales; run such layers on "
+                "CPU with Float8Config(emulate=True)" + (
+                    ", or with a torch whose CPU _scaled_mm takes rowwise scales (2.13 does)"
+                    if kind == "rowwise" else "")) from e
         raise
     if bias is not None and not fused_bias:
         out = out + bias
@@ -284,18 +308,31 @@ def scaled_mm_data(
 ROWWISE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _rowwise_scales(a_data, a_scale, b_data, b_scale, out_dtype):
-    """CUDA's rules for rowwise scaling; a tensorwise scale beside a rowwise one is broadcast to
-    its row or column (the same values)."""
+def _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum):
+    """("rowwise" | "blockwise", scale_a, scale_b) under CUDA's rules for scales that are not both
+    tensorwise; a tensorwise scale beside a rowwise one is broadcast to its row or column (the
+    same values)."""
     M, N = a_data.shape[0], b_data.shape[1]
+    if a_scale.dim() == 2 and b_scale.dim() == 2 and _blockwise_kinds(a_data, a_scale, b_data, b_scale) \
+            and (a_scale.shape != (M, 1) or b_scale.shape != (1, N)):
+        return ("blockwise", *_blockwise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum))
     if a_scale.dim() == 0:
         a_scale = a_scale.reshape(1, 1).expand(M, 1)
     if b_scale.dim() == 0:
         b_scale = b_scale.reshape(1, 1).expand(1, N)
     if a_scale.shape != (M, 1) or b_scale.shape != (1, N):
+        K = a_data.shape[1]
+        kb = -(-K // BLOCK)
         raise ValueError(
-            f"rowwise _scaled_mm of [{M}, K] @ [K, {N}] needs scale_a [{M}, 1] (one per row of a) and scale_b "
-            f"[1, {N}] (one per column of b), got {tuple(a_scale.shape)} and {tuple(b_scale.shape)}")
+            f"rowwise _scaled_mm of [{M}, {K}] @ [{K}, {N}] needs scale_a [{M}, 1] (one per row of a) and scale_b "
+            f"[1, {N}] (one per column of b), got {tuple(a_scale.shape)} and {tuple(b_scale.shape)}; blockwise "
+            f"takes scale_a [{M}, {kb}] (1x128) or [{-(-M // BLOCK)}, {kb}] (128x128) and scale_b [{kb}, {N}] "
+            f"(1x128) or [{kb}, {-(-N // BLOCK)}] (128x128), in the pairs {BLOCKWISE_PAIRS} (a, b)")
+    return ("rowwise", *_rowwise_scales(a_scale, b_scale, out_dtype, M, N))
+
+
+def _rowwise_scales(a_scale, b_scale, out_dtype, M, N):
+    """CUDA's rules for rowwise scaling, on scales of the right shapes."""
     if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
         raise TypeError(f"rowwise _scaled_mm takes fp32 scales, got {a_scale.dtype} and {b_scale.dtype}")
     if out_dtype not in ROWWISE_OUT_DTYPES:
@@ -308,12 +345,68 @@ def _rowwise_scales(a_data, a_scale, b_data, b_scale, out_dtype):
     return a_scale.reshape(M).contiguous().unsqueeze(1), b_scale.reshape(N).contiguous().unsqueeze(0)
 
 
+# What blockwise _scaled_mm took on the H200 with torch 2.11 (benchmarks/tools/scaled_mm_support.py,
+# docs/design.md "Blockwise scaling"): the scale layouts per operand and their pairs, the output dtypes.
+BLOCK = 128
+BLOCKWISE_PAIRS = (("1x128", "128x128"), ("1x128", "1x128"), ("128x128", "1x128"))
+BLOCKWISE_OUT_DTYPES = (torch.bfloat16,)
+
+
+def _blockwise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum):
+    """CUDA's rules for blockwise scaling of a [M, K] @ b [K, N]; Mb, Kb, Nb = ceil(size / 128):
+    - a: "1x128" scale [M, Kb] (strides (1, M)), or "128x128" [Mb, Kb] (row-major);
+    - b: "1x128" (128 x 1 strips of b's columns) scale [Kb, N] (row-major), or "128x128" [Kb, Nb]
+      (strides (1, Kb));
+    in the pairs BLOCKWISE_PAIRS. Scales in other strides are copied into these."""
+    M, N = a_data.shape[0], b_data.shape[1]
+    a_kind, b_kind = _blockwise_kinds(a_data, a_scale, b_data, b_scale)
+    kb = -(-a_data.shape[1] // BLOCK)
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise TypeError(f"blockwise _scaled_mm takes fp32 scales, got {a_scale.dtype} and {b_scale.dtype}")
+    if use_fast_accum:
+        raise ValueError("blockwise _scaled_mm has no fast accumulation (cuBLAS refuses it on Hopper); set "
+                         "Float8Config's fast_accum_* fields to False, as the 'blockwise' recipe does")
+    if out_dtype not in BLOCKWISE_OUT_DTYPES:
+        raise TypeError(f"blockwise _scaled_mm writes {' or '.join(map(str, BLOCKWISE_OUT_DTYPES))} (checked on an "
+                        f"H200 with torch 2.11), asked for {out_dtype}; run the layer in bfloat16 (or under "
+                        "torch.autocast(dtype=torch.bfloat16))")
+    a_scale = _strided(a_scale, (1, M) if a_kind == "1x128" else (kb, 1))
+    b_scale = _strided(b_scale, (N, 1) if b_kind == "1x128" else (1, kb))
+    return a_scale, b_scale
+
+
+def _blockwise_kinds(a_data, a_scale, b_data, b_scale) -> tuple[str, str] | None:
+    """The (a, b) pair of BLOCKWISE_PAIRS these scale shapes are, or None."""
+    (M, K), N = a_data.shape, b_data.shape[1]
+    mb, kb, nb = -(-M // BLOCK), -(-K // BLOCK), -(-N // BLOCK)
+    a_kind = {(M, kb): "1x128", (mb, kb): "128x128"}.get(tuple(a_scale.shape))  # M == 1: the same math
+    b_kind = {(kb, N): "1x128", (kb, nb): "128x128"}.get(tuple(b_scale.shape))
+    return (a_kind, b_kind) if (a_kind, b_kind) in BLOCKWISE_PAIRS else None
+
+
+def _strided(scale: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """scale with exactly these strides (a copy only where they differ)."""
+    if scale.stride() == strides:
+        return scale
+    return torch.empty_strided(scale.shape, strides, dtype=scale.dtype, device=scale.device).copy_(scale)
+
+
+def _per_element(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A blockwise GEMM scale expanded to its operand's [rows, cols] (emulation); a scale axis of
+    the operand's own size is per index, a shorter one per 128."""
+    for dim, size in ((0, rows), (1, cols)):
+        if scale.shape[dim] != size:
+            scale = scale.repeat_interleave(BLOCK, dim).narrow(dim, 0, size)
+    return scale
+
+
 def _as_float8(t, other: Float8Tensor, layout: str) -> Float8Tensor:
     """A plain operand multiplied with a Float8Tensor is quantized on the fly (forward dtype)."""
     if isinstance(t, Float8Tensor):
         return t
     config = other._config or DEFAULT_CONFIG
-    granularity = "rowwise" if other._scale.dim() else "tensorwise"  # the other operand's kind
+    # the other operand's kind
+    granularity = "blockwise" if other._block is not None else "rowwise" if other._scale.dim() else "tensorwise"
     return to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config,
                      granularity=granularity)
 

@@ -3,8 +3,10 @@
     hp ≈ data.float() * scale          (scale is what torch._scaled_mm takes as scale_a / scale_b)
 
 `scale` is fp32 on the data's device: 0-d (tensorwise), or one scale per row ([..., M, 1]) or per
-column ([1, ..., K]) (rowwise scaling), so that the formula above broadcasts. The wrapper's shape and strides are the data's, so layout (row- or
-column-major) is read off the tensor itself. Operations go through the op table in ops.py; see
+column ([1, ..., K]) (rowwise scaling), so that the formula above broadcasts; or, for 2-D data
+with a `block` (bm, bn) (blockwise scaling), one per tile: [ceil(M / bm), ceil(N / bn)], each
+scale standing for its tile's elements. The wrapper's shape and strides are the data's, so layout
+(row- or column-major) is read off the tensor itself. Operations go through the op table in ops.py; see
 `__torch_dispatch__` for what happens to ops outside it.
 """
 
@@ -15,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import Float8Config
-from ..kernels import FLOAT8_DTYPES, LAYOUTS, quantize_cols, quantize_rows, quantize_with_amax
+from ..kernels import BLOCK, FLOAT8_DTYPES, LAYOUTS, quantize_blocks, quantize_cols, quantize_rows, quantize_with_amax
 from ..torch_internals import is_fake, is_mutating
 
 # Filled by ops.py: aten op -> handler(func, args, kwargs).
@@ -37,12 +39,15 @@ class Float8Tensor(torch.Tensor):
     _orig_dtype: torch.dtype
     _role: GemmRole | None
     _config: Float8Config | None
+    _block: tuple[int, int] | None
 
     @staticmethod
-    def __new__(cls, data, scale, orig_dtype, role=None, config=None):
+    def __new__(cls, data, scale, orig_dtype, role=None, config=None, block=None):
         if data.dtype not in FLOAT8_DTYPES:
             raise TypeError(f"Float8Tensor data must be float8_e4m3fn or float8_e5m2, got {data.dtype}")
-        if scale.dtype != torch.float32 or scale.device != data.device or not (
+        if block is not None:
+            _check_block(data, scale, block)
+        elif scale.dtype != torch.float32 or scale.device != data.device or not (
                 scale.numel() == 1 or _axiswise(scale.shape, data.shape)):
             raise ValueError(
                 "Float8Tensor scale must be float32 on the data's device, with one element (tensorwise), "
@@ -57,10 +62,11 @@ class Float8Tensor(torch.Tensor):
             dtype=orig_dtype, device=data.device, requires_grad=False,
         )
         self._data = data
-        self._scale = scale if scale.numel() != 1 or scale.dim() == 0 else scale.reshape(())
+        self._scale = scale if block is not None or scale.numel() != 1 or scale.dim() == 0 else scale.reshape(())
         self._orig_dtype = orig_dtype
         self._role = role
         self._config = config
+        self._block = None if block is None else tuple(block)
         return self
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -72,7 +78,17 @@ class Float8Tensor(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The high-precision tensor this stands for, in its original dtype and layout."""
-        return (self._data.float() * self._scale).to(self._orig_dtype)
+        return (self._data.float() * self.scale_per_element()).to(self._orig_dtype)
+
+    def scale_per_element(self) -> torch.Tensor:
+        """The scale broadcastable against the data: `_scale` itself, or a blockwise scale expanded
+        to every element."""
+        if self._block is None:
+            return self._scale
+        scale = self._scale
+        for dim, (size, step) in enumerate(zip(self._data.shape, self._block)):
+            scale = scale.repeat_interleave(step, dim).narrow(dim, 0, size)
+        return scale
 
     to_original_precision = dequantize
 
@@ -82,8 +98,11 @@ class Float8Tensor(torch.Tensor):
 
     @property
     def granularity(self) -> str:
-        """"tensorwise", "per row" (a scale per index of every axis but the last: [..., 1]) or "per
-        column" (a scale per index of the last axis: [1, ..., K]); the latter two are rowwise scaling."""
+        """"tensorwise", "per row" (a scale per index of every axis but the last: [..., 1]), "per
+        column" (a scale per index of the last axis: [1, ..., K]) (those two are rowwise scaling), or
+        "blockwise BMxBN" (one scale per tile)."""
+        if self._block is not None:
+            return f"blockwise {self._block[0]}x{self._block[1]}"
         if self._scale.dim() == 0:
             return "tensorwise"
         return "per row" if self._scale.shape[-1] == 1 else "per column"
@@ -108,12 +127,12 @@ class Float8Tensor(torch.Tensor):
         )
 
     def __tensor_flatten__(self):
-        return ["_data", "_scale"], (self._orig_dtype, self._role, self._config)
+        return ["_data", "_scale"], (self._orig_dtype, self._role, self._config, self._block)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        orig_dtype, role, config = meta
-        return Float8Tensor(inner["_data"], inner["_scale"], orig_dtype, role, config)
+        orig_dtype, role, config, block = meta
+        return Float8Tensor(inner["_data"], inner["_scale"], orig_dtype, role, config, block)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -129,6 +148,18 @@ def _axiswise(scale_shape, data_shape) -> bool:
     scale_shape, data_shape = tuple(scale_shape), tuple(data_shape)
     return len(data_shape) > 0 and scale_shape in (
         (*data_shape[:-1], 1), (*[1] * (len(data_shape) - 1), data_shape[-1]))
+
+
+def _check_block(data, scale, block) -> None:
+    """A blockwise scale: fp32 on the data's device, one per (bm, bn) tile of 2-D data."""
+    if data.dim() != 2 or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"Float8Tensor with blockwise scales takes 2-D data and a block (bm, bn) of positive ints; "
+                         f"got data of shape {tuple(data.shape)} and block {block!r}")
+    tiles = tuple(-(-size // b) for size, b in zip(data.shape, block))
+    if scale.dtype != torch.float32 or scale.device != data.device or tuple(scale.shape) != tiles:
+        raise ValueError(f"Float8Tensor blockwise {block[0]}x{block[1]} scale must be float32 on the data's device, "
+                         f"one per tile: {list(tiles)} for data of shape {tuple(data.shape)}; got {scale.dtype} of "
+                         f"shape {tuple(scale.shape)} on {scale.device}")
 
 
 def _fallback(func, args, kwargs):
@@ -164,8 +195,11 @@ def to_float8(
 
     granularity: "tensorwise" (one scale), or "rowwise": the row-major data gets one scale per
     row ([..., 1]), the column-major data one per column ([1, ..., K]), each along the axis a GEMM
-    reduces when the tensor is its first (row-major) or second (column-major) operand. Default:
-    config's scaling_granularity, else tensorwise.
+    reduces when the tensor is its first (row-major) or second (column-major) operand; or
+    "blockwise": for role WEIGHT one scale per 128 x 128 tile in either layout, otherwise the
+    row-major data one per 1 x 128 strip of a row and the column-major data one per 128 x 1 strip
+    of a column (again along the axis a GEMM reduces); N-D x is taken as [prod(leading), K] and
+    the result is 2-D. Default: config's scaling_granularity, else tensorwise.
 
     layout: "row" (row-major data), "col" (column-major: the matrix [M, K] stored as its transpose,
     strides (1, M), what _scaled_mm wants for its second operand), or "both", which returns the
@@ -185,8 +219,10 @@ def to_float8(
     x2d = x.unsqueeze(0) if x.dim() == 1 else x.reshape(-1, shape[-1])
     if granularity == "rowwise":
         return _to_float8_rowwise(x, x2d, float8_dtype, layout, role, config, power_of_2)
+    if granularity == "blockwise":
+        return _to_float8_blockwise(x, x2d, float8_dtype, layout, role, config, power_of_2)
     if granularity != "tensorwise":
-        raise ValueError(f"granularity must be 'tensorwise' or 'rowwise', got {granularity!r}")
+        raise ValueError(f"granularity must be 'tensorwise', 'rowwise' or 'blockwise', got {granularity!r}")
     # Under Dynamo an empty tensor's amax is given (the traced amax does not test for emptiness).
     empty = torch.compiler.is_dynamo_compiling() and x2d.numel() == 0
     amax = torch.zeros((), dtype=torch.float32, device=x.device) if empty else None
@@ -212,4 +248,16 @@ def _to_float8_rowwise(x, x2d, float8_dtype, layout, role, config, power_of_2):
         col, col_scale = quantize_cols(x2d, float8_dtype, col_amax, power_of_2)
         out.append(Float8Tensor(col.view(shape), col_scale.view(*[1] * (len(shape) - 1), shape[-1]), x.dtype,
                                 role, config))
+    return tuple(out) if layout == "both" else out[0]
+
+
+def _to_float8_blockwise(x, x2d, float8_dtype, layout, role, config, power_of_2):
+    square = role is GemmRole.WEIGHT
+    row, row_scale, col, col_scale = quantize_blocks(
+        x2d, float8_dtype, power_of_2, square=square, write_row=layout != "col", write_col=layout != "row")
+    out = []
+    if row is not None:
+        out.append(Float8Tensor(row, row_scale, x.dtype, role, config, (BLOCK, BLOCK) if square else (1, BLOCK)))
+    if col is not None:
+        out.append(Float8Tensor(col, col_scale, x.dtype, role, config, (BLOCK, BLOCK) if square else (BLOCK, 1)))
     return tuple(out) if layout == "both" else out[0]

@@ -1,0 +1,101 @@
+"""Saturating cast to float8 with one dynamic scale per tile (blockwise scaling, DeepSeek-V3's recipe).
+
+Reference: `naive.quantize_blockwise_ref` (same results bit for bit on the GPU).
+
+One kernel, `block_kernel`, one read of x. Each program loads one BLOCK_M x 128 tile and writes
+what the caller asked for from it:
+- activations and gradients (SQUARE off): the row-major data with one scale per 1 x 128 strip
+  of a row, and the column-major data with one scale per 128 x 1 strip of a column. A tile of
+  128 rows holds whole strips of both kinds, so both layouts, with their scales along different
+  axes, come from the same read (the rowwise recipe needs a second read for that);
+- weights (SQUARE on): one scale per 128 x 128 tile, the data row-major and/or column-major.
+
+Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
+"Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .amax import cdiv, magnitude_bits
+from .naive import BLOCK
+from .rowwise import _cast_tile, _check, _empty_scale, _format
+from .launch import launch_kernel
+from .scale import INTERPRETING, scale_from_amax
+
+
+@triton.jit
+def block_kernel(
+    x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+    MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
+    WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0)
+    bits = magnitude_bits(x)
+    out_ty = row_ptr.dtype.element_ty if WRITE_ROW else col_ptr.dtype.element_ty
+    if SQUARE:  # one scale per tile; row scales [Mb, Nb] row-major, column scales its transpose's memory
+        amax = tl.max(tl.max(bits, 1), 0).to(tl.float32, bitcast=True)
+        multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+        q = _cast_tile(x, multiplier, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+        if WRITE_ROW:
+            tl.store(row_scale_ptr + pid_m * tl.num_programs(1) + pid_n, scale)
+            tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        if WRITE_COL:
+            tl.store(col_scale_ptr + pid_n * tl.num_programs(0) + pid_m, scale)
+            tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
+    else:
+        if WRITE_ROW:  # one scale per row of the tile: [M, Nb] stored as its transpose [Nb, M]
+            amax = tl.max(bits, 1).to(tl.float32, bitcast=True)
+            multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+            tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=row_ok)
+            q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        if WRITE_COL:  # one scale per column of the tile: [Mb, N] row-major
+            amax = tl.max(bits, 0).to(tl.float32, bitcast=True)
+            multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=col_ok)
+            q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
+
+
+def block_cast_triton(
+    x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
+    write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
+    block_m: int | None = None, num_warps: int = 8,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
+    `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
+    row strips are written (any power of two; 128 otherwise, where tiles are scale blocks)."""
+    _check(x, float8_dtype)
+    if not (write_row or write_col):
+        raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
+    M, N = x.shape
+    mb, nb = cdiv(M, BLOCK), cdiv(N, BLOCK)
+    device = x.device
+    f32 = dict(dtype=torch.float32, device=device)
+    row = torch.empty((M, N), dtype=float8_dtype, device=device) if write_row else None
+    col_t = torch.empty((N, M), dtype=float8_dtype, device=device) if write_col else None
+    if square:
+        row_scale = torch.empty((mb, nb), **f32) if write_row else None
+        col_scale = torch.empty((nb, mb), **f32).t() if write_col else None
+    else:
+        row_scale = torch.empty((nb, M), **f32).t() if write_row else None
+        col_scale = torch.empty((mb, N), **f32) if write_col else None
+    if M and N:
+        bm = BLOCK if square or write_col else (block_m or BLOCK)
+        launch_kernel(block_kernel, (cdiv(M, bm), nb),
+                      (x, row, row_scale, col_t, col_scale, M, N, x.stride(0), x.stride(1)), num_warps,
+                      **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
+                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK)
+    else:  # no elements: scales of empty tiles, where there are tiles
+        for s in (row_scale, col_scale):
+            if s is not None and s.numel():
+                s.copy_(_empty_scale(float8_dtype, power_of_2, device))
+    return row, row_scale, None if col_t is None else col_t.t(), col_scale

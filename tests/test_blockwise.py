@@ -1,0 +1,360 @@
+"""Blockwise scaling (DeepSeek-V3's recipe): the kernel against its reference, Float8Linear's GEMMs
+against torch._scaled_mm on reference-quantized operands, accuracy with outliers, compile, the
+errors, and Float8Tensor with tile scales.
+
+Kernels: bit for bit (on CPU in the interpreter with exact rounding, as tests/test_kernels.py
+explains; on the GPU with the hardware cast too). GEMMs: on the GPU torch._scaled_mm itself; on
+CPU, whose _scaled_mm has no blockwise scaling, conftest's stand-in, which checks CUDA's scale
+layouts and computes the same product in fp32.
+"""
+
+import copy
+
+import pytest
+import torch
+from f8utils import DEVICE, FLOAT8_DTYPES, HP_DTYPES, spanning_values, sqnr
+from test_rowwise import outlier_case, same_fp8
+from torch import nn
+
+from f8tensor import Float8Config, Float8Linear, to_float8
+from f8tensor.core.tensor import GemmRole
+from f8tensor.kernels import quantize_blocks, quantize_blockwise_ref
+from f8tensor.kernels.naive import block_amax_ref, to_col_major
+
+triton = pytest.importorskip("triton")
+from f8tensor.kernels.blockwise import block_cast_triton  # noqa: E402
+from f8tensor.kernels.scale import INTERPRETING  # noqa: E402
+
+ON_GPU = DEVICE.type == "cuda"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+SHAPES = [(1, 16), (17, 48), (130, 300), (256, 256), (64, 1), (0, 16), (16, 0)] + (
+    [(4095, 4097), (16384, 4096)] if ON_GPU else [])
+EXACT_ROUND = [True] if INTERPRETING else [False, True]
+E4M3 = torch.float8_e4m3fn
+WRITES = {"row": (True, False), "col": (False, True), "both": (True, True)}
+
+
+def reference(x, f8, power_of_2, square, write_row, write_col):
+    """quantize_blocks' four results from quantize_blockwise_ref, laid out by hand."""
+    row = row_scale = col = col_scale = None
+    if write_row:
+        row, s = quantize_blockwise_ref(x, f8, (128, 128) if square else (1, 128), power_of_2)
+        row_scale = s if square else to_col_major(s)
+    if write_col:
+        c, s = quantize_blockwise_ref(x, f8, (128, 128) if square else (128, 1), power_of_2)
+        col, col_scale = to_col_major(c), to_col_major(s) if square else s
+    return row, row_scale, col, col_scale
+
+
+def same(got, want):
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        elif w.dtype == torch.float32:
+            assert g.shape == w.shape and (w.numel() == 0 or g.stride() == w.stride()), (g.stride(), w.stride())
+            assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num())
+        else:
+            same_fp8(g, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("hp_dtype", HP_DTYPES)
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+@pytest.mark.parametrize("square", [False, True], ids=["strips", "tiles"])
+@pytest.mark.parametrize("writes", list(WRITES))
+@pytest.mark.parametrize("exact_round", EXACT_ROUND)
+def test_kernel_matches_reference(shape, hp_dtype, float8_dtype, square, writes, exact_round):
+    x = spanning_values(shape, hp_dtype)
+    if x.numel() > 3:  # one tile poisoned by a NaN, one by an inf: only their own scales
+        x.view(-1)[1] = float("nan")
+        x.view(-1)[-2] = float("inf")
+    row, col = WRITES[writes]
+    got = block_cast_triton(x, float8_dtype, square=square, write_row=row, write_col=col, exact_round=exact_round)
+    same(got, reference(x, float8_dtype, False, square, row, col))
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_kernel_matches_reference_with_power_of_2_scales(square):
+    x = spanning_values((130, 300), torch.bfloat16)
+    got = block_cast_triton(x, E4M3, True, square=square, write_row=True, write_col=True)
+    same(got, reference(x, E4M3, True, square, True, True))
+
+
+@pytest.mark.parametrize("make", ["col_major", "row_slice"])
+def test_strided_inputs(make):
+    base = spanning_values((300, 260), torch.bfloat16)
+    x = base.t().contiguous().t() if make == "col_major" else base[:, 3:259]
+    same(block_cast_triton(x, E4M3, write_row=True, write_col=True), reference(x, E4M3, False, False, True, True))
+
+
+def test_row_only_programs_of_fewer_rows_give_the_same_bits():
+    x = spanning_values((200, 300), torch.bfloat16)
+    want = block_cast_triton(x, E4M3)
+    for block_m in (1, 16, 64):
+        same(block_cast_triton(x, E4M3, block_m=block_m), want)
+
+
+def test_reference_scales_each_tile_by_its_own_amax():
+    """The reference, checked from first principles: an outlier changes only its own tile's scale."""
+    x = torch.randn(256, 384)
+    x[5, 200] = 1e4
+    amax = block_amax_ref(x, (1, 128))
+    assert amax.shape == (256, 3) and amax[5, 1] == 1e4
+    assert (amax[torch.arange(256) != 5] < 10).all() and (amax[5, [0, 2]] < 10).all()
+    tiles = block_amax_ref(x, (128, 128))
+    assert tiles.shape == (2, 3) and tiles[0, 1] == 1e4 and (tiles.flatten()[[0, 2, 3, 4, 5]] < 10).all()
+    data, scale = quantize_blockwise_ref(x, E4M3, (128, 128))
+    assert torch.equal(scale, 1 / (448 / tiles))
+    assert torch.equal(data.float(), (x * (448 / tiles).repeat_interleave(128, 0).repeat_interleave(128, 1)
+                                      ).clamp(-448, 448).to(E4M3).float())
+
+
+def test_dispatch_matches_reference():
+    x = spanning_values((130, 300), torch.bfloat16).to(DEVICE)
+    for square in (False, True):
+        same(quantize_blocks(x, E4M3, square=square, write_col=True), reference(x, E4M3, False, square, True, True))
+
+
+@gpu_only
+def test_llama_sized_tensor_bit_exact():
+    x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    for square in (False, True):
+        same(block_cast_triton(x, E4M3, square=square, write_col=True), reference(x, E4M3, False, square, True, True))
+
+
+# Float8Linear under the blockwise recipe.
+
+def fp8_layer(lin, recipe="blockwise", **changes):
+    return Float8Linear.from_float(copy.deepcopy(lin), Float8Config.from_recipe_name(recipe).replace(**changes))
+
+
+def scaled_mm(a, sa, b, sb, bias=None):
+    """torch._scaled_mm (conftest's stand-in on CPU), with the scales in CUDA's blockwise layouts."""
+    def strided(s, strides):
+        return torch.empty_strided(s.shape, strides, dtype=s.dtype, device=s.device).copy_(s)
+    M, K = a.shape
+    if K % 16:  # _scaled_mm needs K % 16 == 0: zero padding adds nothing
+        pad = 16 - K % 16
+        a = torch.nn.functional.pad(a.view(torch.uint8), (0, pad)).view(a.dtype)
+        b = torch.nn.functional.pad(b.t().view(torch.uint8), (0, pad)).view(b.dtype).t()
+    sa = strided(sa, (1, M)) if sa.shape[0] == M else strided(sa, (sa.shape[1], 1))
+    sb = strided(sb, (sb.shape[1], 1)) if sb.shape[1] == b.shape[1] else strided(sb, (1, sb.shape[0]))
+    return torch._scaled_mm(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens", [200, 134], ids=["tokens_200", "tokens_134"])
+@pytest.mark.parametrize("recipe", ["blockwise", "blockwise_gw_hp"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_gemms_are_scaled_mm_on_reference_quantized_operands(tokens, recipe, bias):
+    """Each of the three results is torch._scaled_mm of the reference's quantization, bit for bit.
+    134 tokens: not a multiple of 4, 16 or 128 (partial strips, a padded weight-gradient GEMM)."""
+    K, N = 256, 384
+    lin = nn.Linear(K, N, bias=bias, device=DEVICE, dtype=torch.bfloat16)
+    gw_hp = recipe == "blockwise_gw_hp"
+    f8 = fp8_layer(lin, grad_weight_high_precision=gw_hp)
+    x = torch.randn(2, tokens // 2, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, tokens // 2, N, device=DEVICE, dtype=torch.bfloat16)
+    out = f8(x)
+    out.backward(g)
+    x2, g2, w = x.detach().reshape(tokens, K), g.reshape(tokens, N), lin.weight.detach()
+    xr, xs = quantize_blockwise_ref(x2, E4M3, (1, 128))
+    xc, xcs = quantize_blockwise_ref(x2, E4M3, (128, 1))
+    wq, ws = quantize_blockwise_ref(w, E4M3, (128, 128))
+    gr, gs = quantize_blockwise_ref(g2, E4M3, (1, 128))
+    gc, gcs = quantize_blockwise_ref(g2, E4M3, (128, 1))
+    assert torch.equal(out.reshape(tokens, N), scaled_mm(xr, xs, wq.t(), ws.t(), lin.bias))
+    assert torch.equal(x.grad.reshape(tokens, K), scaled_mm(gr, gs, to_col_major(wq), ws))
+    want_gw = g2.t() @ x2 if gw_hp else scaled_mm(to_col_major(gc).t().contiguous(), gcs.t(), to_col_major(xc), xcs)
+    assert torch.equal(f8.weight.grad, want_gw)
+    if bias:
+        assert torch.equal(f8.bias.grad, g2.sum(0))
+
+
+def test_emulate_gives_the_product_of_the_same_operands():
+    lin = nn.Linear(256, 128, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    real, emulated = fp8_layer(lin), fp8_layer(lin, emulate=True)
+    with torch.no_grad():
+        a, b = real(x).float(), emulated(x).float()
+    assert sqnr(a, b) > 40  # the same quantized operands: only accumulation order and rounding differ
+
+
+@pytest.mark.parametrize("save_fp8", [True, False])
+def test_saving_high_precision_input_gives_the_same_bits(save_fp8):
+    lin = nn.Linear(256, 128, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    ref, f8 = fp8_layer(lin), fp8_layer(lin, save_fp8_for_backward=save_fp8)
+    x = torch.randn(160, 256, device=DEVICE, dtype=torch.bfloat16)
+    results = []
+    for mod in (ref, f8):
+        xi = x.clone().requires_grad_()
+        mod(xi).float().square().sum().backward()
+        results.append((xi.grad, mod.weight.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_shared_input_is_cast_once(monkeypatch):
+    """q, k and v read one x: it is cast once, both layouts from one read, one float8 copy saved."""
+    import f8tensor.core.linear_blockwise as lb
+
+    calls = []
+    real = lb.quantize_blocks
+    monkeypatch.setattr(lb, "quantize_blocks", lambda t, *a, **k: calls.append((tuple(t.shape), k)) or real(t, *a, **k))
+    config = Float8Config.from_recipe_name("blockwise")
+    qkv = [Float8Linear(256, 128, bias=False, device=DEVICE, dtype=torch.bfloat16, config=config) for _ in range(3)]
+    x = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    sum(m(x).float().sum() for m in qkv).backward()
+    x_casts = [k for shape, k in calls if shape == (64, 256)]
+    assert x_casts == [{"write_col": True}]  # the weights are [128, 256], g is [64, 128]
+
+
+def output_sqnr(recipe, x, w, keep_m, keep_n):
+    lin = nn.Linear(x.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16, device=DEVICE)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    # CPU: the same quantized operands multiplied in fp32 (seconds less than the stand-in)
+    f8 = fp8_layer(lin, recipe, emulate=not ON_GPU)
+    with torch.no_grad():
+        xd = x.to(DEVICE)
+        ref = xd.double() @ w.to(DEVICE).double().t()
+        out = f8(xd)
+    sel = (keep_m.to(DEVICE)[:, None] & keep_n.to(DEVICE)[None, :])
+    return sqnr(ref[sel], out.double()[sel])
+
+
+def test_blockwise_keeps_ordinary_rows_accurate_beside_outliers():
+    """Issue 20's acceptance: with outlier rows and channels, the output's ordinary rows and
+    channels are >= 3 dB better under blockwise than under tensorwise (ideal: +4.2 dB; the
+    outlier channels share 128 x 128 weight tiles with ordinary ones); on gaussian data blockwise
+    is not below tensorwise."""
+    case = outlier_case(True)
+    assert output_sqnr("blockwise", *case) >= output_sqnr("tensorwise", *case) + 3
+    plain = outlier_case(False)
+    assert output_sqnr("blockwise", *plain) >= output_sqnr("tensorwise", *plain)
+
+
+def test_compiled_blockwise_layer_equals_eager():
+    lin = nn.Linear(256, 128, bias=True, device=DEVICE, dtype=torch.bfloat16)
+    eager, compiled = fp8_layer(lin), torch.compile(fp8_layer(lin), fullgraph=True)
+    x = torch.randn(96, 256, device=DEVICE, dtype=torch.bfloat16)
+    results = []
+    for mod in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        out = mod(xi)
+        out.float().square().sum().backward()
+        results.append([out, xi.grad] + [p.grad for p in mod.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_config_errors():
+    blockwise = dict(scaling_granularity="blockwise", backward_dtype=E4M3)
+    with pytest.raises(ValueError, match="blockwise GEMMs have no fast accumulation.*fast_accum_output=False"):
+        Float8Config(**blockwise)
+    with pytest.raises(ValueError, match="fast_accum_grad_input=False"):
+        Float8Config(**blockwise, fast_accum_output=False, fast_accum_grad_input=True)
+    recipe = Float8Config.from_recipe_name("blockwise")
+    assert recipe.scaling_granularity == "blockwise" and not recipe.fast_accum_output
+    for name in ("keep_fp8_weight", "fsdp_float8_all_gather"):
+        with pytest.raises(ValueError, match=f"{name} is built for tensorwise.*'blockwise'"):
+            recipe.replace(**{name: True})
+
+
+def test_gemm_rules():
+    """CUDA's blockwise rules, checked on every device."""
+    from f8tensor.core.ops import scaled_mm_data
+
+    config = Float8Config.from_recipe_name("blockwise")
+    a = torch.randn(64, 256, device=DEVICE).to(E4M3)
+    b = torch.randn(384, 256, device=DEVICE).to(E4M3).t()
+    sa, sb = torch.ones(64, 2, device=DEVICE), torch.ones(2, 3, device=DEVICE)  # 1x128, 128x128
+    assert scaled_mm_data(a, sa, b, sb, torch.bfloat16, False, config).shape == (64, 384)
+    with pytest.raises(ValueError, match="no fast accumulation"):
+        scaled_mm_data(a, sa, b, sb, torch.bfloat16, True, config)
+    with pytest.raises(TypeError, match="blockwise _scaled_mm writes torch.bfloat16"):
+        scaled_mm_data(a, sa, b, sb, torch.float32, False, config)
+    with pytest.raises(TypeError, match="fp32 scales"):
+        scaled_mm_data(a, sa.double(), b, sb, torch.bfloat16, False, config)
+    # 128x128 x 128x128 was not among the pairs PyTorch ran; a wrong shape names the accepted ones
+    with pytest.raises(ValueError, match=r"blockwise takes scale_a \[64, 2\] \(1x128\)"):
+        scaled_mm_data(a, torch.ones(1, 2, device=DEVICE), b, sb, torch.bfloat16, False, config)
+    with pytest.raises(ValueError, match=r"scale_b \[2, 384\] \(1x128\) or \[2, 3\]"):
+        scaled_mm_data(a, sa, b, torch.ones(2, 5, device=DEVICE), torch.bfloat16, False, config)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU kernel's limits")
+def test_cpu_gemm_names_emulate(monkeypatch):
+    import conftest
+
+    monkeypatch.setattr(torch, "_scaled_mm", conftest._real_scaled_mm)
+    lin = nn.Linear(256, 128, bias=False, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"does not take blockwise scales.*emulate=True"):
+        fp8_layer(lin)(torch.randn(16, 256, dtype=torch.bfloat16))
+
+
+def test_float8_input_is_refused():
+    f8 = fp8_layer(nn.Linear(256, 128, bias=False, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="with blockwise scaling takes high-precision inputs"):
+        f8(to_float8(torch.randn(16, 256, device=DEVICE, dtype=torch.bfloat16)))
+
+
+def test_tensor_parallel_and_fsdp2_weights_run_on_their_local_tensors():
+    """The layer reads plain tensors; a DTensor weight goes through tensor_parallel's wrapper as
+    under the other recipes (tests/test_tensor_parallel.py), checked here for the recipe's path
+    only: forward and backward of a layer whose weight is a non-leaf view (FSDP2's unsharded
+    parameter is one)."""
+    lin = nn.Linear(256, 256, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    f8 = fp8_layer(lin)
+    x = torch.randn(32, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    f8(x).sum().backward()
+    assert x.grad.shape == x.shape and f8.weight.grad.shape == f8.weight.shape
+
+
+# Float8Tensor with tile scales.
+
+def test_float8_tensor_carries_blockwise_scales():
+    x = torch.randn(200, 256, device=DEVICE, dtype=torch.bfloat16)
+    row, col = to_float8(x, layout="both", granularity="blockwise")
+    assert row.granularity == "blockwise 1x128" and row._scale.shape == (200, 2)
+    assert col.granularity == "blockwise 128x1" and col._scale.shape == (2, 256)
+    assert "scale=blockwise 1x128 [200, 2]" in repr(row) and col.layout_name == "col"
+    want_row, want_scale = quantize_blockwise_ref(x, E4M3, (1, 128))
+    same_fp8(row._data, want_row)
+    assert torch.equal(row._scale, want_scale)
+    for t, block in ((row, (1, 128)), (col, (128, 1))):
+        data, scale = quantize_blockwise_ref(x, E4M3, block)
+        expanded = scale.repeat_interleave(block[0], 0)[:200].repeat_interleave(block[1], 1)
+        assert torch.equal(t.dequantize(), (data.float() * expanded).to(torch.bfloat16))
+        # the transpose keeps whole tiles; detach keeps everything
+        assert t.t().granularity == f"blockwise {block[1]}x{block[0]}"
+        assert torch.equal(t.t().dequantize(), t.dequantize().t())
+        assert torch.equal(t.detach().dequantize(), t.dequantize())
+    w = to_float8(x, role=GemmRole.WEIGHT, granularity="blockwise")
+    assert w.granularity == "blockwise 128x128" and w._scale.shape == (2, 2)
+    with pytest.raises(NotImplementedError, match="would cut or regroup its tiles"):
+        row[1:]
+    with pytest.raises(NotImplementedError, match="blockwise"):
+        torch.cat([row, row])
+    with pytest.raises(NotImplementedError, match="blockwise 1x128 scales"):
+        row.split(100)
+    with pytest.raises(TypeError, match="scaled blockwise 128x1 into one scaled blockwise 1x128"):
+        row.clone().copy_(col.contiguous())
+    with pytest.raises(ValueError, match=r"one per tile: \[2, 2\]"):
+        type(row)(row._data, row._scale, torch.bfloat16, block=(128, 128))
+    # flatten / unflatten (torch.compile's view of the subclass) keeps the block
+    names, meta = row.__tensor_flatten__()
+    again = type(row).__tensor_unflatten__({n: getattr(row, n) for n in names}, meta, row.shape, row.stride())
+    assert again._block == (1, 128)
+
+
+def test_float8_tensor_mm_with_blockwise_scales_is_a_blockwise_gemm():
+    x = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(384, 256, device=DEVICE, dtype=torch.bfloat16)
+    a = to_float8(x, granularity="blockwise")
+    b = to_float8(w, role=GemmRole.WEIGHT, granularity="blockwise")
+    xr, xs = quantize_blockwise_ref(x, E4M3, (1, 128))
+    wq, ws = quantize_blockwise_ref(w, E4M3, (128, 128))
+    want = scaled_mm(xr, xs, wq.t(), ws.t())
+    assert torch.equal(torch.mm(a, b.t()), want)
+    # a plain operand is quantized with the other's kind of scale (1 x 128 strips here)
+    assert torch.equal(torch.mm(x, b.t()), want)
