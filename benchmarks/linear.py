@@ -2,10 +2,11 @@
 (vs torchao float8 eager and compiled, when torchao is importable).
 
     python benchmarks/linear.py [--out results/linear.jsonl] [--m 1024 4096 16384] [--profile]
-                                [--recipe tensorwise | rowwise | rowwise_with_gw_hp]
+                                [--recipe tensorwise | rowwise | rowwise_with_gw_hp | blockwise]
 
 --recipe picks both libraries' recipe of that name (f8tensor's and torchao's
-Float8Config / Float8LinearConfig.from_recipe_name); gemms_only is timed for tensorwise only.
+Float8Config / Float8LinearConfig.from_recipe_name; for blockwise, torchao 0.17's prototype
+Float8BlockwiseLinear); gemms_only is timed for tensorwise only.
 
 Times are medians of CUDA-event-timed calls (triton.testing.do_bench), taken in --rounds interleaved
 rounds (bf16, f8tensor, ... then again), the median round per implementation counting; each call
@@ -65,6 +66,13 @@ def peak_mib(step) -> float:
 
 
 def torchao_modules(lin, recipe="tensorwise"):
+    if recipe == "blockwise":  # no Float8LinearConfig recipe in torchao 0.17: its prototype layer
+        try:
+            from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
+        except ImportError:
+            return {}
+        return {"torchao_eager": Float8BlockwiseLinear.from_float(copy.deepcopy(lin)),
+                "torchao_compile": torch.compile(Float8BlockwiseLinear.from_float(copy.deepcopy(lin)))}
     try:
         from torchao.float8 import Float8LinearConfig
         from torchao.float8 import convert_to_float8_training as ao_convert

@@ -48,7 +48,9 @@ counts each tp group's tokens once:
 
 --recipe NAME (default tensorwise) gives every float8 configuration that library's recipe of that
 name: f8tensor's Float8Config.from_recipe_name(NAME) (its other options, keep_fp8_weight and the
-float8 all-gather, applied on top) and torchao's Float8LinearConfig.from_recipe_name(NAME):
+float8 all-gather, applied on top) and torchao's Float8LinearConfig.from_recipe_name(NAME); for
+"blockwise", which torchao 0.17 has no such recipe of, torchao's prototype layer
+(torchao.prototype.blockwise_fp8_training: Float8BlockwiseLinear, eager kernels and torch._scaled_mm):
 
     python benchmarks/train.py --recipe rowwise --configs bf16 f8tensor f8tensor_compiled torchao_compiled
 """
@@ -229,6 +231,18 @@ def not_output(mod, fqn):
     return fqn.rsplit(".", 1)[-1] not in ("output", "lm_head")
 
 
+def torchao_blockwise(model, keep_fn):
+    """Every nn.Linear for which keep_fn(module, fqn) holds becomes torchao's prototype
+    Float8BlockwiseLinear (the same Parameter objects)."""
+    from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
+
+    for fqn, mod in list(model.named_modules()):
+        for name, child in list(mod.named_children()):
+            child_fqn = f"{fqn}.{name}" if fqn else name
+            if type(child) is nn.Linear and keep_fn(child, child_fqn):
+                setattr(mod, name, Float8BlockwiseLinear.from_float(child))
+
+
 def build(a, config, ac, device):
     """A fresh model from the seed, converted and compiled as `config` says, and its optimizer."""
     torch.manual_seed(a.seed)
@@ -257,7 +271,7 @@ def build(a, config, ac, device):
         if "_fsdp8" in config and not a.fsdp:
             raise ValueError(f"{config} is FSDP2's float8 all-gather: run it with --fsdp")
         f8_config = Float8Config.from_recipe_name(a.recipe).replace(
-            keep_fp8_weight="_keep_weight" in config, fsdp_float8_all_gather="_fsdp8" in config)
+            keep_fp8_weight="_keep_weight" in config, fsdp_float8_all_gather="_fsdp8" in config, emulate=a.emulate)
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
                 model, config=f8_config,
@@ -275,10 +289,15 @@ def build(a, config, ac, device):
 
         if "_fsdp8" in config and not a.fsdp:
             raise ValueError(f"{config} is torchao's FSDP2 float8 all-gather: run it with --fsdp")
-        ao_config = Float8LinearConfig.from_recipe_name(a.recipe)
-        if "_fsdp8" in config:
+        if a.recipe == "blockwise":
+            torchao_blockwise(model, not_output)
+            ao_config = None
+        else:
+            ao_config = Float8LinearConfig.from_recipe_name(a.recipe)
+        if "_fsdp8" in config and ao_config is not None:
             ao_config = dataclasses.replace(ao_config, enable_fsdp_float8_all_gather=True)
-        ao_convert(model, module_filter_fn=not_output, config=ao_config)
+        if ao_config is not None:
+            ao_convert(model, module_filter_fn=not_output, config=ao_config)
     if "_sp8" in config and a.tp == 1:
         raise ValueError(f"{config} is the float8 sequence-parallel all-gather: run it with --tp N")
     mesh = device_mesh(device.type, a.tp)  # None without --tp
@@ -654,6 +673,9 @@ def main():
                     help="FSDP2 over every GPU of a torchrun launch (see above; NCCL)")
     ap.add_argument("--tp", type=int, default=1,
                     help="tensor parallelism over N ranks of a torchrun launch (see above; our model only)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="f8tensor's GEMMs in high precision on the quantized operands (Float8Config.emulate): "
+                         "a CPU check of recipes whose scaled GEMM the CPU's _scaled_mm lacks (blockwise)")
     ap.add_argument("--recipe", default="tensorwise",
                     help="the float8 recipe of both libraries (Float8Config / Float8LinearConfig.from_recipe_name)")
     ap.add_argument("--cuda-graph", action="store_true",

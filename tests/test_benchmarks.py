@@ -59,6 +59,16 @@ def test_train_benchmark_rowwise_recipe(tmp_path):
 
 
 @CPU_ONLY
+def test_train_benchmark_blockwise_recipe(tmp_path):
+    """--recipe blockwise: every float8 layer blockwise (GEMMs emulated: CPU's _scaled_mm has no blockwise)."""
+    rows = run_train(tmp_path, "--recipe", "blockwise", "--emulate", "--ac-modes", "none")
+    for r in rows:
+        assert r["status"] == "ok" and r["recipe"] == "blockwise", r["status"]
+    losses = {r["config"]: r["loss"] for r in rows}
+    assert abs(losses["f8tensor"] - losses["bf16"]) < 0.1
+
+
+@CPU_ONLY
 def test_train_benchmark_runs_with_complex_rope(tmp_path):
     rows = run_train(tmp_path, "--rounds", "1", "--ac-modes", "none", "full", "--rope", "complex")
     assert [(r["ac"], r["config"], r["rope"], r["status"]) for r in rows] == [

@@ -58,8 +58,8 @@ def test_small_transformer_trains_like_bf16(tmp_path):
         assert abs(a - b) < 0.05 * a
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
-def test_small_transformer_trains_like_bf16_under_rowwise_recipes(recipe):
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "blockwise"])
+def test_small_transformer_trains_like_bf16_under_finer_recipes(recipe):
     out = demo_main(["--steps", "40", "--dim", "64", "--layers", "2", "--heads", "4", "--seq", "64",
                      "--batch", "8", "--lr", "4e-3", "--device", DEVICE.type, "--recipe", recipe])
     bf16, fp8 = out["bf16"], out["fp8"]

@@ -94,6 +94,8 @@ def main():
             for label, (sa_, sb_) in scale_pairs(sa.to(device), sb.to(device)).items():
                 check(f"{name}: _scaled_mm, {label}",
                       lambda: torch._scaled_mm(a, b, sa_, sb_, out_dtype=torch.bfloat16), ref)
+        if name.startswith("1x128 x 128x128"):
+            blockwise_variants(a, b, sa.to(device), sb.to(device), ref, gen)
         if not hasattr(F, "scaled_mm"):
             continue
         kind = {(1, 128): "BlockWise1x128", (128, 128): "BlockWise128x128"}
@@ -109,6 +111,36 @@ def main():
             check(f"{name}: F.scaled_mm {ra} x {rb}{suffix}",
                   lambda: F.scaled_mm(a, b, xa, getattr(F.ScalingType, ra), xb, getattr(F.ScalingType, rb),
                                       output_dtype=torch.bfloat16), ref)
+
+
+def blockwise_variants(a, b, sa, sb, ref, gen):
+    """The forward blockwise GEMM (1x128 x 128x128, scales in the layouts that ran) with the options a
+    recipe might want: other output dtypes, fast accumulation, e5m2 operands; and ragged shapes
+    (tokens not a multiple of 4 or 128, features not of 128)."""
+    def layouts(sa, sb):  # A's [M, K/128] with strides (1, M); B's [K/128, N/128] with strides (1, K/128)
+        return sa.t().contiguous().t(), sb.t().contiguous().t()
+    xa, xb = layouts(sa, sb)
+    for out in (torch.float16, torch.float32):
+        check(f"1x128 x 128x128: _scaled_mm -> {str(out)[6:]}",
+              lambda: torch._scaled_mm(a, b, xa, xb, out_dtype=out), ref)
+    check("1x128 x 128x128: _scaled_mm, use_fast_accum=True",
+          lambda: torch._scaled_mm(a, b, xa, xb, out_dtype=torch.bfloat16, use_fast_accum=True), ref)
+    for fa, fb in [(torch.float8_e5m2, torch.float8_e4m3fn), (torch.float8_e4m3fn, torch.float8_e5m2)]:
+        a2, b2 = a.float().to(fa), b.float().to(fb)
+        ref2 = (a2.double() * expand(sa, 1, 128).double()) @ (b2.double() * expand(sb, 128, 128).double().t())
+        check(f"1x128 x 128x128: _scaled_mm {str(fa)[6:]} x {str(fb)[6:]}",
+              lambda: torch._scaled_mm(a2, b2, xa, xb, out_dtype=torch.bfloat16), ref2)
+    for m, k, n in [(100, 256, 384), (130, 256, 384), (256, 208, 144)]:
+        kb, nb = -(-k // 128), -(-n // 128)
+        a3 = (torch.randn(m, k, generator=gen) * 8).to(torch.float8_e4m3fn).to(a.device)
+        w3 = (torch.randn(n, k, generator=gen) * 8).to(torch.float8_e4m3fn).to(a.device)
+        s3a = torch.exp2(torch.randint(-4, 4, (m, kb), generator=gen).float()).to(a.device)
+        s3b = torch.exp2(torch.randint(-4, 4, (nb, kb), generator=gen).float()).to(a.device)
+        ref3 = (a3.double() * s3a.repeat_interleave(128, 1)[:, :k].double()) @ (
+            w3.double() * s3b.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k].double()).t()
+        x3a, x3b = layouts(s3a, s3b.t())
+        check(f"1x128 x 128x128: _scaled_mm [{m}, {k}] @ [{k}, {n}]",
+              lambda: torch._scaled_mm(a3, w3.t(), x3a, x3b, out_dtype=torch.bfloat16), ref3)
 
 
 if __name__ == "__main__":
