@@ -26,7 +26,9 @@ from f8tensor.kernels.blockwise import block_cast_triton
 SHAPES = [(16384, 4096), (16384, 14336), (14336, 4096), (4096, 14336), (16384, 1024), (1024, 4096)]
 MODES = {"act_row": (False, True, False), "act_both": (False, True, True),
          "weight_row": (True, True, False), "weight_col": (True, False, True)}  # (square, row, col)
-SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), dict(block_m=64, num_warps=8)]
+SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), dict(block_m=64, num_warps=8),
+         dict(sub_m=64, num_warps=8), dict(sub_m=64, num_warps=4), dict(sub_m=32, num_warps=4),
+         dict(sub_m=32, num_warps=8)]
 
 
 def ours(x, mode, **opts):
@@ -92,7 +94,7 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if "block_m" in cfg and mode != "act_row":
+                    if "block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both":
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

@@ -105,6 +105,7 @@ def main():
                     help="compile torchao only at this M (each shape recompiles)")
     ap.add_argument("--profile", action="store_true", help="list the kernels of one fwd+bwd")
     ap.add_argument("--recipe", default="tensorwise", help="both libraries' recipe of this name")
+    ap.add_argument("--shapes", nargs="+", help="only these KxN layers of the models (e.g. 4096x14336)")
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     torch._dynamo.config.recompile_limit = 1000
@@ -113,6 +114,8 @@ def main():
     rows = []
     for model in args.models:
         for K, N in SHAPES[model]:
+            if args.shapes and f"{K}x{N}" not in args.shapes:
+                continue
             lin = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
             ours = Float8Linear.from_float(copy.deepcopy(lin), Float8Config.from_recipe_name(args.recipe))
             others = torchao_modules(lin, args.recipe)

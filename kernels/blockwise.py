@@ -26,22 +26,28 @@ from .scale import INTERPRETING, scale_from_amax
 
 
 @triton.jit
+def _load(x_ptr, rows, cols, M, N, stride_m, stride_n):
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    return tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0), mask
+
+
+@triton.jit
 def block_kernel(
     x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):
+    """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
+    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0)
-    bits = magnitude_bits(x)
-    out_ty = row_ptr.dtype.element_ty if WRITE_ROW else col_ptr.dtype.element_ty
+    out_ty = row_ptr.dtype.element_ty
     if SQUARE:  # one scale per tile; row scales [Mb, Nb] row-major, column scales its transpose's memory
-        amax = tl.max(tl.max(bits, 1), 0).to(tl.float32, bitcast=True)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+        amax = tl.max(tl.max(magnitude_bits(x), 1), 0).to(tl.float32, bitcast=True)
         multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
         q = _cast_tile(x, multiplier, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
         if WRITE_ROW:
@@ -49,30 +55,53 @@ def block_kernel(
             tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
         if WRITE_COL:
             tl.store(col_scale_ptr + pid_n * tl.num_programs(0) + pid_m, scale)
-            tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
+            tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True), mask=mask)
     else:
-        if WRITE_ROW:  # one scale per row of the tile: [M, Nb] stored as its transpose [Nb, M]
-            amax = tl.max(bits, 1).to(tl.float32, bitcast=True)
-            multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
-            tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=row_ok)
-            q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-        if WRITE_COL:  # one scale per column of the tile: [Mb, N] row-major
-            amax = tl.max(bits, 0).to(tl.float32, bitcast=True)
-            multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
-            tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=col_ok)
-            q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
+        # Strips: a row's scale over the tile's 128 columns (row scales [M, Nb] stored as their
+        # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). The tile is visited
+        # in SUB_M-row slices (fewer registers); the column cast then reads the slices again, from L2.
+        col_acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for i in tl.static_range(BLOCK_M // SUB_M):
+            rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
+            x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+            bits = magnitude_bits(x)
+            if WRITE_ROW:
+                multiplier, scale = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                                    POWER_OF_2)
+                tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
+                q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+            if WRITE_COL:
+                col_acc = tl.maximum(col_acc, tl.max(bits, 0))
+                if SUB_M == BLOCK_M:  # the whole tile is at hand: cast it now
+                    multiplier, scale = scale_from_amax(col_acc.to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                                        POWER_OF_2)
+                    tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
+                    q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                    tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True),
+                             mask=mask)
+        if WRITE_COL and SUB_M < BLOCK_M:
+            multiplier, scale = scale_from_amax(col_acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
+            for i in tl.static_range(BLOCK_M // SUB_M):
+                rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
+                x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+                q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True),
+                         mask=mask)
 
+
+SUB_M = 128  # rows per slice of a strips tile (the whole tile: one read); the GPU sweep sets it
 
 def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
-    block_m: int | None = None, num_warps: int = 8,
+    block_m: int | None = None, sub_m: int | None = None, num_warps: int = 8,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
-    row strips are written (any power of two; 128 otherwise, where tiles are scale blocks)."""
+    row strips are written (any power of two; 128 otherwise, where tiles are scale blocks).
+    sub_m: strips only, rows per slice of a program's tile (a power of two <= its rows)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -90,10 +119,14 @@ def block_cast_triton(
         col_scale = torch.empty((mb, N), **f32) if write_col else None
     if M and N:
         bm = BLOCK if square or write_col else (block_m or BLOCK)
+        sub = bm if square else min(sub_m or SUB_M, bm)
+        # The column-major data is stored as bytes (a uint8 view), as in cast.py.
+        col_bytes = None if col_t is None else col_t.view(torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), nb),
-                      (x, row, row_scale, col_t, col_scale, M, N, x.stride(0), x.stride(1)), num_warps,
+                      (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
+                       x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
-                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK)
+                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

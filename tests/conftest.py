@@ -42,6 +42,8 @@ def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, 
             assert kinds in (("1x128", "128x128"), ("1x128", "1x128"), ("128x128", "1x128")), (
                 f"neither rowwise nor blockwise scales: {scale_a.shape} {scale_a.stride()}, "
                 f"{scale_b.shape} {scale_b.stride()}")
+            assert a.shape[0] % 128 == 0 and b.shape[0] % 128 == 0 and b.shape[1] % 128 == 0, (
+                f"blockwise sizes not multiples of 128 (cuBLAS's products were wrong): {a.shape} @ {b.shape}")
             assert not use_fast_accum, "blockwise GEMMs have no fast accumulation"
             assert out_dtype == torch.bfloat16, "blockwise writes bf16"
             if a.device.type == "cpu":  # CPU's kernel has no blockwise scaling: the same math in fp32

@@ -122,3 +122,13 @@ def ignore_records(monkeypatch):
 
     no_records = type("NoRecords", (), {"get": staticmethod(lambda t, key=(): None)})()
     monkeypatch.setattr(linear_mod, "produced_amax", no_records)
+
+
+def cpu_rowwise_gemm() -> bool:
+    """Whether this torch's CPU _scaled_mm takes rowwise scales (2.13 does, 2.11 does not)."""
+    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True

@@ -87,11 +87,15 @@ def test_strided_inputs(make):
     same(block_cast_triton(x, E4M3, write_row=True, write_col=True), reference(x, E4M3, False, False, True, True))
 
 
-def test_row_only_programs_of_fewer_rows_give_the_same_bits():
+def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
     x = spanning_values((200, 300), torch.bfloat16)
     want = block_cast_triton(x, E4M3)
     for block_m in (1, 16, 64):
         same(block_cast_triton(x, E4M3, block_m=block_m), want)
+    want = block_cast_triton(x, E4M3, write_col=True)
+    for sub_m in (16, 64):
+        same(block_cast_triton(x, E4M3, write_col=True, sub_m=sub_m), want)
+        same(block_cast_triton(x, E4M3, write_row=False, write_col=True, sub_m=sub_m), (None, None, *want[2:]))
 
 
 def test_reference_scales_each_tile_by_its_own_amax():
@@ -129,17 +133,28 @@ def fp8_layer(lin, recipe="blockwise", **changes):
 
 
 def scaled_mm(a, sa, b, sb, bias=None):
-    """torch._scaled_mm (conftest's stand-in on CPU), with the scales in CUDA's blockwise layouts."""
-    def strided(s, strides):
-        return torch.empty_strided(s.shape, strides, dtype=s.dtype, device=s.device).copy_(s)
-    M, K = a.shape
-    if K % 16:  # _scaled_mm needs K % 16 == 0: zero padding adds nothing
-        pad = 16 - K % 16
-        a = torch.nn.functional.pad(a.view(torch.uint8), (0, pad)).view(a.dtype)
-        b = torch.nn.functional.pad(b.t().view(torch.uint8), (0, pad)).view(b.dtype).t()
-    sa = strided(sa, (1, M)) if sa.shape[0] == M else strided(sa, (sa.shape[1], 1))
-    sb = strided(sb, (sb.shape[1], 1)) if sb.shape[1] == b.shape[1] else strided(sb, (1, sb.shape[0]))
-    return torch._scaled_mm(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16)
+    """torch._scaled_mm (conftest's stand-in on CPU) with every size zero-padded to a multiple of 128
+    (cuBLAS's blockwise products were wrong otherwise) and the scales in CUDA's blockwise layouts."""
+    (M, K), N = a.shape, b.shape[1]
+    up = lambda n: -(-n // 128) * 128  # noqa: E731
+    a_pad = torch.zeros(up(M), up(K), dtype=a.dtype, device=a.device)
+    a_pad[:M, :K] = a
+    b_pad = torch.zeros(up(N), up(K), dtype=b.dtype, device=b.device)  # b.t(), row-major
+    b_pad[:N, :K] = b.t()
+    if sa.shape[0] == M:  # 1x128: [M, Kb], stored with strides (1, M)
+        sa_pad = torch.ones(sa.shape[1], up(M), device=sa.device)
+        sa_pad[:, :M] = sa.t()
+        sa = sa_pad.t()
+    if sb.shape[1] == N:  # 1x128 along b's columns: [Kb, N] row-major
+        sb_pad = torch.ones(sb.shape[0], up(N), device=sb.device)
+        sb_pad[:, :N] = sb
+        sb = sb_pad
+    else:  # 128x128: [Kb, Nb] stored with strides (1, Kb)
+        sb = sb.t().contiguous().t()
+    sa = sa if sa.shape[0] == up(M) else sa.contiguous()  # 128x128 on a: [Mb, Kb] row-major
+    if bias is not None:
+        bias = torch.cat([bias, bias.new_zeros(up(N) - N)])
+    return torch._scaled_mm(a_pad, b_pad.t(), sa, sb, bias=bias, out_dtype=torch.bfloat16)[:M, :N]
 
 
 @pytest.mark.parametrize("tokens", [200, 134], ids=["tokens_200", "tokens_134"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group
+from f8utils import TWO_RANK_DEVICES, SwiGLU, cpu_rowwise_gemm, join_process_group
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, RMSNorm, convert_to_float8_training, fuse_model_ops
@@ -110,6 +110,8 @@ def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, r
     second shape arrives). That case failed in Dynamo with torch 2.11 (AssertionError in
     `overwrite_tensor_vt_proxy`; on 2 H200s, and on CPU ranks with torch 2.11) while Float8Linear's
     autograd function read sizes of its intermediates (an emptiness test, a shape check)."""
+    if recipe == "rowwise" and device_type == "cpu" and not cpu_rowwise_gemm():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes no rowwise scales")
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, recipe, results),

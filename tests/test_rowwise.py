@@ -7,7 +7,7 @@ explains; on the GPU with the hardware cast too).
 
 import pytest
 import torch
-from f8utils import DEVICE, FLOAT8_DTYPES, HP_DTYPES, spanning_values, sqnr, train_step
+from f8utils import DEVICE, FLOAT8_DTYPES, HP_DTYPES, cpu_rowwise_gemm, spanning_values, sqnr, train_step
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear
@@ -431,16 +431,6 @@ def _tp_step(model):
     out = model(x)
     out.float().square().mean().backward()
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
-
-
-def cpu_rowwise_gemm() -> bool:
-    """Whether this torch's CPU _scaled_mm takes rowwise scales (2.13 does, 2.11 does not)."""
-    a = torch.zeros(16, 16).to(E4M3)
-    try:
-        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
-    except RuntimeError:
-        return False
-    return True
 
 
 def test_cpu_gemm_without_rowwise_names_the_way_out():

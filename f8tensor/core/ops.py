@@ -243,7 +243,8 @@ def scaled_mm_data(
     """(a_data * a_scale) @ (b_data * b_scale) (+ bias) through torch._scaled_mm, in out_dtype.
 
     The one place GEMM rules live (Float8Tensor's mm and Float8Linear both land here). Copies an
-    operand only when its layout or alignment is not what _scaled_mm takes.
+    operand only when its layout or alignment is not what _scaled_mm takes, or, under blockwise
+    scaling, when a size is not a multiple of 128 (zero-padded).
     """
     # Not while Dynamo traces (Float8Linear's autograd function): comparing symbolic sizes there
     # puts them into its graph, which Dynamo in torch 2.11 cannot take under FSDP2; the traced
@@ -274,6 +275,15 @@ def scaled_mm_data(
         a_data = a_data.contiguous()
     if not _is_col_major(b_data):
         b_data = b_data.t().contiguous().t()
+    M = a_data.shape[0]
+    if kind == "blockwise" and (M % BLOCK or K % BLOCK or N % BLOCK):
+        # cuBLAS's blockwise GEMMs gave wrong products where a size was not a multiple of 128 (H200,
+        # torch 2.11: docs/design.md, "Blockwise scaling"); zero padding is exact.
+        a_data, a_scale, b_data, b_scale = _pad_blockwise(a_data, a_scale, b_data, b_scale)
+        if bias is not None:
+            bias = F.pad(bias, (0, b_data.shape[1] - N))
+        return scaled_mm_data(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum, config,
+                              bias)[:M, :N].contiguous()
     if K % 16:
         # _scaled_mm needs K % 16 == 0; zero columns add nothing, so padding is exact. This is the
         # weight-gradient GEMM (K = tokens) when the token count is not a multiple of 16.
@@ -382,6 +392,20 @@ def _blockwise_kinds(a_data, a_scale, b_data, b_scale) -> tuple[str, str] | None
     a_kind = {(M, kb): "1x128", (mb, kb): "128x128"}.get(tuple(a_scale.shape))  # M == 1: the same math
     b_kind = {(kb, N): "1x128", (kb, nb): "128x128"}.get(tuple(b_scale.shape))
     return (a_kind, b_kind) if (a_kind, b_kind) in BLOCKWISE_PAIRS else None
+
+
+def _pad_blockwise(a_data, a_scale, b_data, b_scale):
+    """a [M, K] and b [K, N] zero-padded to multiples of 128 in every size, their blockwise scales
+    (in _blockwise_scales' layouts) to match; the layouts are kept."""
+    (M, K), N = a_data.shape, b_data.shape[1]
+    pm, pk, pn = -M % BLOCK, -K % BLOCK, -N % BLOCK
+    a_pad = F.pad(a_data.view(torch.uint8), (0, pk, 0, pm)).view(a_data.dtype)
+    b_pad = F.pad(b_data.t().view(torch.uint8), (0, pk, 0, pn)).view(b_data.dtype).t()
+    if a_scale.shape[0] == M and pm:  # 1x128: one scale per row, [M, Kb] with strides (1, M)
+        a_scale = F.pad(a_scale.t(), (0, pm), value=1.0).t()
+    if b_scale.shape[1] == N and pn:  # 1x128: one scale per column, [Kb, N] row-major
+        b_scale = F.pad(b_scale, (0, pn), value=1.0)
+    return a_pad, a_scale, b_pad, b_scale
 
 
 def _strided(scale: torch.Tensor, strides: tuple) -> torch.Tensor:
