@@ -96,7 +96,7 @@ SUB_M = 128  # rows per slice of a strips tile (the whole tile: one read); the G
 def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
-    block_m: int | None = None, sub_m: int | None = None, num_warps: int = 8,
+    block_m: int | None = None, sub_m: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -120,6 +120,8 @@ def block_cast_triton(
     if M and N:
         bm = BLOCK if square or write_col else (block_m or BLOCK)
         sub = bm if square else min(sub_m or SUB_M, bm)
+        # 4 warps for both kinds of strips (0.113 vs 0.169 ms at 16384 x 4096 on the H200), else 8
+        num_warps = num_warps or (4 if write_row and write_col and not square else 8)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), nb),

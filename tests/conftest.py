@@ -42,8 +42,10 @@ def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, 
             assert kinds in (("1x128", "128x128"), ("1x128", "1x128"), ("128x128", "1x128")), (
                 f"neither rowwise nor blockwise scales: {scale_a.shape} {scale_a.stride()}, "
                 f"{scale_b.shape} {scale_b.stride()}")
-            assert a.shape[0] % 128 == 0 and b.shape[0] % 128 == 0 and b.shape[1] % 128 == 0, (
-                f"blockwise sizes not multiples of 128 (cuBLAS's products were wrong): {a.shape} @ {b.shape}")
+            k_multiple = 512 if "128x128" in kinds else 128  # 128x128 scale rows: a multiple of 4 blocks
+            assert a.shape[0] % 128 == 0 and b.shape[0] % k_multiple == 0 and b.shape[1] % 128 == 0, (
+                f"blockwise sizes not multiples of 128 (K: of {k_multiple}; cuBLAS's products were wrong): "
+                f"{a.shape} @ {b.shape}")
             assert not use_fast_accum, "blockwise GEMMs have no fast accumulation"
             assert out_dtype == torch.bfloat16, "blockwise writes bf16"
             if a.device.type == "cpu":  # CPU's kernel has no blockwise scaling: the same math in fp32

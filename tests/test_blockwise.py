@@ -133,25 +133,33 @@ def fp8_layer(lin, recipe="blockwise", **changes):
 
 
 def scaled_mm(a, sa, b, sb, bias=None):
-    """torch._scaled_mm (conftest's stand-in on CPU) with every size zero-padded to a multiple of 128
-    (cuBLAS's blockwise products were wrong otherwise) and the scales in CUDA's blockwise layouts."""
+    """torch._scaled_mm (conftest's stand-in on CPU) with M and N zero-padded to multiples of 128 and K
+    to one of 128, or of 512 beside a 128x128 scale (cuBLAS's blockwise products were wrong
+    otherwise), the scales in CUDA's blockwise layouts."""
     (M, K), N = a.shape, b.shape[1]
-    up = lambda n: -(-n // 128) * 128  # noqa: E731
-    a_pad = torch.zeros(up(M), up(K), dtype=a.dtype, device=a.device)
+    up = lambda n, m=128: -(-n // m) * m  # noqa: E731
+    square = sa.shape[0] != M or sb.shape[1] != N
+    Kp = up(K, 512 if square else 128)  # 128x128 scale rows hold a multiple of 4 blocks
+    a_pad = torch.zeros(up(M), Kp, dtype=a.dtype, device=a.device)
     a_pad[:M, :K] = a
-    b_pad = torch.zeros(up(N), up(K), dtype=b.dtype, device=b.device)  # b.t(), row-major
+    b_pad = torch.zeros(up(N), Kp, dtype=b.dtype, device=b.device)  # b.t(), row-major
     b_pad[:N, :K] = b.t()
     if sa.shape[0] == M:  # 1x128: [M, Kb], stored with strides (1, M)
-        sa_pad = torch.ones(sa.shape[1], up(M), device=sa.device)
-        sa_pad[:, :M] = sa.t()
+        sa_pad = torch.ones(Kp // 128, up(M), device=sa.device)
+        sa_pad[:sa.shape[1], :M] = sa.t()
         sa = sa_pad.t()
+    else:  # 128x128 on a: [Mb, Kb] row-major
+        sa_pad = torch.ones(up(M) // 128, Kp // 128, device=sa.device)
+        sa_pad[:sa.shape[0], :sa.shape[1]] = sa
+        sa = sa_pad
     if sb.shape[1] == N:  # 1x128 along b's columns: [Kb, N] row-major
-        sb_pad = torch.ones(sb.shape[0], up(N), device=sb.device)
-        sb_pad[:, :N] = sb
+        sb_pad = torch.ones(Kp // 128, up(N), device=sb.device)
+        sb_pad[:sb.shape[0], :N] = sb
         sb = sb_pad
     else:  # 128x128: [Kb, Nb] stored with strides (1, Kb)
-        sb = sb.t().contiguous().t()
-    sa = sa if sa.shape[0] == up(M) else sa.contiguous()  # 128x128 on a: [Mb, Kb] row-major
+        sb_pad = torch.ones(up(N) // 128, Kp // 128, device=sb.device)
+        sb_pad[:sb.shape[1], :sb.shape[0]] = sb.t()
+        sb = sb_pad.t()
     if bias is not None:
         bias = torch.cat([bias, bias.new_zeros(up(N) - N)])
     return torch._scaled_mm(a_pad, b_pad.t(), sa, sb, bias=bias, out_dtype=torch.bfloat16)[:M, :N]

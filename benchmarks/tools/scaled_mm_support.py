@@ -130,8 +130,8 @@ def blockwise_variants(a, b, sa, sb, ref, gen):
         ref2 = (a2.double() * expand(sa, 1, 128).double()) @ (b2.double() * expand(sb, 128, 128).double().t())
         check(f"1x128 x 128x128: _scaled_mm {str(fa)[6:]} x {str(fb)[6:]}",
               lambda: torch._scaled_mm(a2, b2, xa, xb, out_dtype=torch.bfloat16), ref2)
-    for m, k, n in [(256, 256, 384), (100, 256, 384), (200, 256, 384), (130, 256, 384), (256, 208, 384),
-                    (256, 256, 144), (256, 208, 144)]:
+    for m, k, n in [(256, 256, 384), (256, 512, 384), (200, 512, 384), (100, 512, 384), (130, 512, 384),
+                    (256, 512, 144), (256, 640, 384), (256, 1024, 384), (256, 1536, 384)]:
         kb, nb = -(-k // 128), -(-n // 128)
         a3 = (torch.randn(m, k, generator=gen) * 8).to(torch.float8_e4m3fn).to(a.device)
         w3 = (torch.randn(n, k, generator=gen) * 8).to(torch.float8_e4m3fn).to(a.device)

@@ -276,9 +276,9 @@ def scaled_mm_data(
     if not _is_col_major(b_data):
         b_data = b_data.t().contiguous().t()
     M = a_data.shape[0]
-    if kind == "blockwise" and (M % BLOCK or K % BLOCK or N % BLOCK):
-        # cuBLAS's blockwise GEMMs gave wrong products where a size was not a multiple of 128 (H200,
-        # torch 2.11: docs/design.md, "Blockwise scaling"); zero padding is exact.
+    if kind == "blockwise" and (M % BLOCK or N % BLOCK or K % _k_multiple(a_scale, b_scale, M, N)):
+        # cuBLAS's blockwise GEMMs gave wrong products on the H200 with torch 2.11 for other sizes
+        # (docs/design.md, "Blockwise scaling"); zero padding is exact.
         a_data, a_scale, b_data, b_scale = _pad_blockwise(a_data, a_scale, b_data, b_scale)
         if bias is not None:
             bias = F.pad(bias, (0, b_data.shape[1] - N))
@@ -394,17 +394,30 @@ def _blockwise_kinds(a_data, a_scale, b_data, b_scale) -> tuple[str, str] | None
     return (a_kind, b_kind) if (a_kind, b_kind) in BLOCKWISE_PAIRS else None
 
 
+def _k_multiple(a_scale, b_scale, M, N) -> int:
+    """What K must be a multiple of: 512 where an operand has 128x128 scales (cuBLAS read their rows
+    as if padded to 4 blocks, where torch 2.11 requires them unpadded), else 128."""
+    square = a_scale.shape[0] != M or b_scale.shape[1] != N
+    return 4 * BLOCK if square else BLOCK
+
+
 def _pad_blockwise(a_data, a_scale, b_data, b_scale):
-    """a [M, K] and b [K, N] zero-padded to multiples of 128 in every size, their blockwise scales
-    (in _blockwise_scales' layouts) to match; the layouts are kept."""
+    """a [M, K] and b [K, N] zero-padded: M and N to multiples of 128, K to `_k_multiple`; their
+    blockwise scales (in _blockwise_scales' layouts) to match (scale 1 for padding); the layouts
+    are kept."""
     (M, K), N = a_data.shape, b_data.shape[1]
-    pm, pk, pn = -M % BLOCK, -K % BLOCK, -N % BLOCK
+    pm, pk, pn = -M % BLOCK, -K % _k_multiple(a_scale, b_scale, M, N), -N % BLOCK
     a_pad = F.pad(a_data.view(torch.uint8), (0, pk, 0, pm)).view(a_data.dtype)
     b_pad = F.pad(b_data.t().view(torch.uint8), (0, pk, 0, pn)).view(b_data.dtype).t()
-    if a_scale.shape[0] == M and pm:  # 1x128: one scale per row, [M, Kb] with strides (1, M)
-        a_scale = F.pad(a_scale.t(), (0, pm), value=1.0).t()
-    if b_scale.shape[1] == N and pn:  # 1x128: one scale per column, [Kb, N] row-major
-        b_scale = F.pad(b_scale, (0, pn), value=1.0)
+    kb = -(-(K + pk) // BLOCK) - a_scale.shape[1]  # new K blocks
+    if a_scale.shape[0] == M:  # 1x128: one scale per row, [M, Kb] with strides (1, M)
+        a_scale = F.pad(a_scale.t(), (0, pm, 0, kb), value=1.0).t()
+    else:  # 128x128: [Mb, Kb] row-major
+        a_scale = F.pad(a_scale, (0, kb, 0, -(-(M + pm) // BLOCK) - a_scale.shape[0]), value=1.0)
+    if b_scale.shape[1] == N:  # 1x128: one scale per column, [Kb, N] row-major
+        b_scale = F.pad(b_scale, (0, pn, 0, kb), value=1.0)
+    else:  # 128x128: [Kb, Nb] with strides (1, Kb)
+        b_scale = F.pad(b_scale.t(), (0, kb, 0, -(-(N + pn) // BLOCK) - b_scale.shape[1]), value=1.0).t()
     return a_pad, a_scale, b_pad, b_scale
 
 
