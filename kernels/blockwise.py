@@ -93,6 +93,17 @@ def block_kernel(
 
 SUB_M = 128  # rows per slice of a strips tile (the whole tile: one read); the GPU sweep sets it
 
+# Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
+# scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
+ROW_STRIP_BLOCK_M = 32
+
+
+def _default_warps(square: bool, write_row: bool, write_col: bool) -> int:
+    if not square:
+        return 4  # row strips alone (32-row programs), or both kinds of strips (128-row tiles)
+    return 16 if write_col and not write_row else 4 if write_row and not write_col else 8
+
+
 def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
@@ -100,7 +111,8 @@ def block_cast_triton(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
-    row strips are written (any power of two; 128 otherwise, where tiles are scale blocks).
+    row strips are written (any power of two; ROW_STRIP_BLOCK_M by default; 128 otherwise, where
+    tiles are scale blocks).
     sub_m: strips only, rows per slice of a program's tile (a power of two <= its rows)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
@@ -118,10 +130,9 @@ def block_cast_triton(
         row_scale = torch.empty((nb, M), **f32).t() if write_row else None
         col_scale = torch.empty((mb, N), **f32) if write_col else None
     if M and N:
-        bm = BLOCK if square or write_col else (block_m or BLOCK)
+        bm = BLOCK if square or write_col else (block_m or ROW_STRIP_BLOCK_M)
         sub = bm if square else min(sub_m or SUB_M, bm)
-        # 4 warps for both kinds of strips (0.113 vs 0.169 ms at 16384 x 4096 on the H200), else 8
-        num_warps = num_warps or (4 if write_row and write_col and not square else 8)
+        num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), nb),
