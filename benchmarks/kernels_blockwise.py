@@ -28,8 +28,7 @@ MODES = {"act_row": (False, True, False), "act_both": (False, True, True),
          "weight_row": (True, True, False), "weight_col": (True, False, True)}  # (square, row, col)
 SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), dict(block_m=64, num_warps=8),
          dict(sub_m=64, num_warps=8), dict(sub_m=64, num_warps=4), dict(sub_m=32, num_warps=4),
-         dict(sub_m=32, num_warps=8), dict(split=True, num_warps=4), dict(split=True, num_warps=8),
-         dict(split=True, num_warps=16)]
+         dict(sub_m=32, num_warps=8)]
 
 
 def ours(x, mode, **opts):
@@ -95,7 +94,7 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if "block_m" in cfg and mode != "act_row" or ("sub_m" in cfg or "split" in cfg) and mode != "act_both":
+                    if "block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both":
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

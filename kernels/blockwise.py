@@ -32,44 +32,16 @@ def _load(x_ptr, rows, cols, M, N, stride_m, stride_n):
 
 
 @triton.jit
-def _row_strips(x, bits, mask, rows, cols, row_ptr, row_scale_ptr, M, N, pid_n, out_ty, FP8_MAX: tl.constexpr,
-                EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
-                EXACT_ROUND: tl.constexpr):
-    """The tile's rows, row-major, one scale per 1 x 128 strip (row scales stored [Nb, M])."""
-    multiplier, scale = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-    tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
-    q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-    tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-
-
-@triton.jit
-def _col_strips(x, col_amax_bits, mask, rows, cols, col_ptr, col_scale_ptr, M, N, pid_m, out_ty,
-                FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
-                MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, WRITE_SCALE: tl.constexpr):
-    """The tile's rows, column-major bytes, one scale per 128 x 1 strip (column scales [Mb, N])."""
-    multiplier, scale = scale_from_amax(col_amax_bits.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-    if WRITE_SCALE:
-        tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
-    q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-    tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True), mask=mask)
-
-
-@triton.jit
 def block_kernel(
     x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUB_M: tl.constexpr, SPLIT: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
-    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major. SPLIT (strips,
-    both layouts): grid (2, Nb, Mb), the two programs of a tile adjacent, one writing each layout;
-    the second's read of the tile is served mostly from L2."""
-    if SPLIT:
-        pid_m, pid_n = tl.program_id(2), tl.program_id(1)
-    else:
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
     if SQUARE:  # one scale per tile; row scales [Mb, Nb] row-major, column scales its transpose's memory
@@ -84,16 +56,6 @@ def block_kernel(
         if WRITE_COL:
             tl.store(col_scale_ptr + pid_n * tl.num_programs(0) + pid_m, scale)
             tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True), mask=mask)
-    elif SPLIT:  # strips, both layouts, one per program
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-        bits = magnitude_bits(x)
-        if tl.program_id(0) == 0:
-            _row_strips(x, bits, mask, rows, cols, row_ptr, row_scale_ptr, M, N, pid_n, out_ty, FP8_MAX, EPS,
-                        POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        else:
-            _col_strips(x, tl.max(bits, 0), mask, rows, cols, col_ptr, col_scale_ptr, M, N, pid_m, out_ty, FP8_MAX,
-                        EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, True)
     else:
         # Strips: a row's scale over the tile's 128 columns (row scales [M, Nb] stored as their
         # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). The tile is visited
@@ -104,19 +66,29 @@ def block_kernel(
             x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
             bits = magnitude_bits(x)
             if WRITE_ROW:
-                _row_strips(x, bits, mask, rows, cols, row_ptr, row_scale_ptr, M, N, pid_n, out_ty, FP8_MAX, EPS,
-                            POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                multiplier, scale = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                                    POWER_OF_2)
+                tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
+                q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
             if WRITE_COL:
                 col_acc = tl.maximum(col_acc, tl.max(bits, 0))
                 if SUB_M == BLOCK_M:  # the whole tile is at hand: cast it now
-                    _col_strips(x, col_acc, mask, rows, cols, col_ptr, col_scale_ptr, M, N, pid_m, out_ty, FP8_MAX,
-                                EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, True)
+                    multiplier, scale = scale_from_amax(col_acc.to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                                        POWER_OF_2)
+                    tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
+                    q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                    tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True),
+                             mask=mask)
         if WRITE_COL and SUB_M < BLOCK_M:
+            multiplier, scale = scale_from_amax(col_acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
             for i in tl.static_range(BLOCK_M // SUB_M):
                 rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
                 x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-                _col_strips(x, col_acc, mask, rows, cols, col_ptr, col_scale_ptr, M, N, pid_m, out_ty, FP8_MAX,
-                            EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, i == 0)
+                q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True),
+                         mask=mask)
 
 
 SUB_M = 128  # rows per slice of a strips tile (the whole tile: one read); the GPU sweep sets it
@@ -135,14 +107,13 @@ def _default_warps(square: bool, write_row: bool, write_col: bool) -> int:
 def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
-    block_m: int | None = None, sub_m: int | None = None, num_warps: int | None = None, split: bool = False,
+    block_m: int | None = None, sub_m: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
     row strips are written (any power of two; ROW_STRIP_BLOCK_M by default; 128 otherwise, where
     tiles are scale blocks).
-    sub_m: strips only, rows per slice of a program's tile (a power of two <= its rows). split: strips
-    in both layouts, from two adjacent programs per tile (see block_kernel), sub_m not used."""
+    sub_m: strips only, rows per slice of a program's tile (a power of two <= its rows)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -164,13 +135,11 @@ def block_cast_triton(
         num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
-        split = split and write_row and write_col and not square
-        grid = (2, nb, cdiv(M, bm)) if split else (cdiv(M, bm), nb)
-        launch_kernel(block_kernel, grid,
+        launch_kernel(block_kernel, (cdiv(M, bm), nb),
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
-                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub, SPLIT=split)
+                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

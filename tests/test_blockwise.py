@@ -96,18 +96,6 @@ def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
     for sub_m in (16, 64):
         same(block_cast_triton(x, E4M3, write_col=True, sub_m=sub_m), want)
         same(block_cast_triton(x, E4M3, write_row=False, write_col=True, sub_m=sub_m), (None, None, *want[2:]))
-    same(block_cast_triton(x, E4M3, write_col=True, split=True), want)  # two programs per tile
-
-
-@pytest.mark.parametrize("fp8", [E4M3, torch.float8_e5m2])
-def test_split_programs_match_the_reference(fp8):
-    """Both strip layouts from two programs per tile (split=True), specials and partial tiles
-    included, equal the reference bit for bit."""
-    x = spanning_values((300, 260), torch.bfloat16)
-    x[7, 3], x[130, 200], x[299, 259] = float("nan"), float("inf"), -float("inf")
-    for p2 in (False, True):
-        same(block_cast_triton(x, fp8, p2, write_row=True, write_col=True, split=True),
-             reference(x, fp8, p2, False, True, True))
 
 
 def test_reference_scales_each_tile_by_its_own_amax():
