@@ -398,8 +398,8 @@ def test_tensorwise_layer_refuses_a_rowwise_float8_input():
         f8(to_float8(torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16), granularity="rowwise"))
 
 
-def _tp_rank(rank, world, store, results):
-    """One of 2 CPU ranks: a column-parallel then row-parallel pair of rowwise Float8Linear layers."""
+def tp_rank(rank, world, store, results, recipe="rowwise", emulate=False):
+    """One of 2 CPU ranks: a column-parallel then row-parallel pair of Float8Linear layers of `recipe`."""
     import torch.distributed as dist
     from f8utils import join_process_group
 
@@ -408,25 +408,25 @@ def _tp_rank(rank, world, store, results):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-        model = _tp_model("rowwise")
+        model = tp_model(recipe, emulate)
         parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        results[rank] = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in _tp_step(model)]
+        results[rank] = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tp_step(model)]
     finally:
         dist.destroy_process_group()
 
 
-def _tp_model(recipe):
+def tp_model(recipe, emulate=False):
     from f8tensor import convert_to_float8_training
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).bfloat16()
     if recipe is None:
         return model
-    return convert_to_float8_training(model, config=Float8Config.from_recipe_name(recipe),
+    return convert_to_float8_training(model, config=Float8Config.from_recipe_name(recipe).replace(emulate=emulate),
                                       module_filter_fn=lambda mod, fqn: True)
 
 
-def _tp_step(model):
+def tp_step(model):
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
     out = model(x)
     out.float().square().mean().backward()
@@ -453,10 +453,10 @@ def test_tensor_parallel_rowwise_is_as_close_to_bf16_as_one_device(tmp_path):
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_tp_rank, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        mp.spawn(tp_rank, args=(2, str(tmp_path / "store"), results), nprocs=2)
         results = dict(results)
-    bf16 = _tp_step(_tp_model(None))
-    one = _tp_step(_tp_model("rowwise"))
+    bf16 = tp_step(tp_model(None))
+    one = tp_step(tp_model("rowwise"))
     for rank in (0, 1):
         for got, want, ref in zip(results[rank], one, bf16):
             assert sqnr(ref, got) > sqnr(ref, want) - 1
