@@ -247,7 +247,8 @@ class Float8Linear(QuietSubclasses, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
             x = x.to(torch.get_autocast_dtype(device_type))
         elif x.dtype != self.weight.dtype:
             raise RuntimeError(
@@ -268,12 +269,17 @@ class Float8Linear(QuietSubclasses, nn.Linear):
                 f"Float8Config(keep_fp8_weight=True) keeps float8 copies of plain-tensor weights; this "
                 f"weight is a {type(self.weight).__name__} (e.g. a DTensor under tensor parallelism): "
                 "use keep_fp8_weight=False for this model")
+        if not autocast:  # nothing to turn off (entering torch.autocast costs host time on every call)
+            return self._float8_forward(x)
         with torch.autocast(device_type, enabled=False):
-            if is_dtensor(self.weight):
-                from ..distributed.tensor_parallel import dtensor_linear
+            return self._float8_forward(x)
 
-                return dtensor_linear(_float8_linear, x, self.weight, self.bias, self.config, torch.is_grad_enabled())
-            return _float8_linear(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
+    def _float8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_dtensor(self.weight):
+            from ..distributed.tensor_parallel import dtensor_linear
+
+            return dtensor_linear(_float8_linear, x, self.weight, self.bias, self.config, torch.is_grad_enabled())
+        return _float8_linear(x, self.weight, self.bias, self.config, torch.is_grad_enabled())
 
     def extra_repr(self):
         c = self.config
