@@ -47,6 +47,7 @@ def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, 
                 f"blockwise sizes not multiples of 128 (K: of {k_multiple}; cuBLAS's products were wrong): "
                 f"{a.shape} @ {b.shape}")
             assert not use_fast_accum, "blockwise GEMMs have no fast accumulation"
+            assert a.dtype == b.dtype == torch.float8_e4m3fn, "blockwise GEMMs take e4m3fn operands only"
             assert out_dtype == torch.bfloat16, "blockwise writes bf16"
             if a.device.type == "cpu":  # CPU's kernel has no blockwise scaling: the same math in fp32
                 return _blockwise_product(a, b, scale_a, scale_b, bias, out_dtype)

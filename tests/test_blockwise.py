@@ -162,6 +162,8 @@ def scaled_mm(a, sa, b, sb, bias=None):
         sb = sb_pad.t()
     if bias is not None:
         bias = torch.cat([bias, bias.new_zeros(up(N) - N)])
+    if sa.shape[1] == sb.shape[0] == 1 and not square:  # one block along K: the rowwise GEMM, as ops routes it
+        sa, sb = sa.flatten().unsqueeze(1), sb.flatten().unsqueeze(0)  # dense, as _scaled_mm checks strides
     return torch._scaled_mm(a_pad, b_pad.t(), sa, sb, bias=bias, out_dtype=torch.bfloat16)[:M, :N]
 
 
@@ -203,18 +205,75 @@ def test_emulate_gives_the_product_of_the_same_operands():
     assert sqnr(a, b) > 40  # the same quantized operands: only accumulation order and rounding differ
 
 
-@pytest.mark.parametrize("save_fp8", [True, False])
-def test_saving_high_precision_input_gives_the_same_bits(save_fp8):
+def test_saving_high_precision_input_gives_the_same_bits():
+    """save_fp8_for_backward=False saves x and casts it column-major in backward: the same bits as
+    saving forward's float8 copy (the recipe's default)."""
     lin = nn.Linear(256, 128, bias=False, device=DEVICE, dtype=torch.bfloat16)
-    ref, f8 = fp8_layer(lin), fp8_layer(lin, save_fp8_for_backward=save_fp8)
+    ref, f8 = fp8_layer(lin), fp8_layer(lin, save_fp8_for_backward=False)
     x = torch.randn(160, 256, device=DEVICE, dtype=torch.bfloat16)
     results = []
     for mod in (ref, f8):
         xi = x.clone().requires_grad_()
-        mod(xi).float().square().sum().backward()
+        out = mod(xi)
+        assert out.grad_fn.saved_tensors[0].dtype == (E4M3 if mod is ref else torch.bfloat16)
+        out.float().square().sum().backward()
         results.append((xi.grad, mod.weight.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_input_kept_by_its_producer_is_saved_as_is():
+    """exp saves its result for backward: the layer saves that view of it (no float8 copy, which
+    would only add memory) and casts it in backward, to the same bits as from a copy of it."""
+    lin = nn.Linear(256, 128, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    f8 = fp8_layer(lin)
+    z = (torch.randn(64, 256, device=DEVICE) / 4).bfloat16().requires_grad_()
+    results = []
+    for keep in (True, False):
+        z.grad = f8.weight.grad = None
+        y = torch.exp(z)
+        x = y.view(2, 32, 256) if keep else y.view(2, 32, 256).clone()  # the clone is not kept
+        out = f8(x)
+        saved = out.grad_fn.saved_tensors[0]
+        if keep:
+            assert saved.dtype == torch.bfloat16
+            assert saved.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+        else:
+            assert saved.dtype == E4M3
+        out.float().square().sum().backward()
+        results.append((z.grad.clone(), f8.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tokens", [1, 0], ids=["one_token", "no_tokens"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_and_an_empty_batch(tokens, bias):
+    """A single token (decoding; its 1 x 128 strips and a 128 x 128 tile have one shape) and an
+    empty batch run forward and backward: one token as torch._scaled_mm of the reference's
+    quantization, bit for bit; no tokens as an empty output, zero weight and bias gradients."""
+    K, N = 256, 384
+    lin = nn.Linear(K, N, bias=bias, device=DEVICE, dtype=torch.bfloat16)
+    f8 = fp8_layer(lin)
+    x = torch.randn(tokens, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, N, device=DEVICE, dtype=torch.bfloat16)
+    out = f8(x)
+    out.backward(g)
+    assert out.shape == (tokens, N) and x.grad.shape == (tokens, K)
+    if tokens == 0:
+        assert torch.equal(f8.weight.grad, torch.zeros_like(f8.weight))
+        if bias:
+            assert torch.equal(f8.bias.grad, torch.zeros_like(f8.bias))
+        return
+    w, x2 = lin.weight.detach(), x.detach()
+    xr, xs = quantize_blockwise_ref(x2, E4M3, (1, 128))
+    xc, xcs = quantize_blockwise_ref(x2, E4M3, (128, 1))
+    wq, ws = quantize_blockwise_ref(w, E4M3, (128, 128))
+    gr, gs = quantize_blockwise_ref(g, E4M3, (1, 128))
+    gc, gcs = quantize_blockwise_ref(g, E4M3, (128, 1))
+    assert torch.equal(out, scaled_mm(xr, xs, wq.t(), ws.t(), lin.bias))
+    assert torch.equal(x.grad, scaled_mm(gr, gs, to_col_major(wq), ws))
+    assert torch.equal(f8.weight.grad, scaled_mm(to_col_major(gc).t().contiguous(), gcs.t(), to_col_major(xc), xcs))
 
 
 def test_shared_input_is_cast_once(monkeypatch):
@@ -277,6 +336,8 @@ def test_config_errors():
         Float8Config(**blockwise)
     with pytest.raises(ValueError, match="fast_accum_grad_input=False"):
         Float8Config(**blockwise, fast_accum_output=False, fast_accum_grad_input=True)
+    with pytest.raises(ValueError, match="e4m3fn operands only.*backward_dtype=torch.float8_e4m3fn"):
+        Float8Config(scaling_granularity="blockwise", fast_accum_output=False)  # e5m2 gradients by default
     recipe = Float8Config.from_recipe_name("blockwise")
     assert recipe.scaling_granularity == "blockwise" and not recipe.fast_accum_output
     for name in ("keep_fp8_weight", "fsdp_float8_all_gather"):
@@ -299,6 +360,8 @@ def test_gemm_rules():
         scaled_mm_data(a, sa, b, sb, torch.float32, False, config)
     with pytest.raises(TypeError, match="fp32 scales"):
         scaled_mm_data(a, sa.double(), b, sb, torch.bfloat16, False, config)
+    with pytest.raises(TypeError, match="float8_e4m3fn operands only"):
+        scaled_mm_data(a.to(torch.float8_e5m2), sa, b, sb, torch.bfloat16, False, config)
     # 128x128 x 128x128 was not among the pairs PyTorch ran; a wrong shape names the accepted ones
     with pytest.raises(ValueError, match=r"blockwise takes scale_a \[64, 2\] \(1x128\)"):
         scaled_mm_data(a, torch.ones(1, 2, device=DEVICE), b, sb, torch.bfloat16, False, config)

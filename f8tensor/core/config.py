@@ -92,6 +92,11 @@ class Float8Config:
                 raise ValueError(f"Float8Config: {name} is built for tensorwise scaling only; with "
                                  f"scaling_granularity={granularity!r} set {name}=False")
         if granularity == "blockwise":
+            for name in ("forward_dtype", "backward_dtype"):
+                if getattr(self, name) != torch.float8_e4m3fn:
+                    raise ValueError(
+                        f"Float8Config: blockwise GEMMs multiply float8_e4m3fn operands only (cuBLAS refuses e5m2); "
+                        f"set {name}=torch.float8_e4m3fn, or use Float8Config.from_recipe_name('blockwise')")
             for name in ("fast_accum_output", "fast_accum_grad_input", "fast_accum_grad_weight"):
                 if getattr(self, name):
                     raise ValueError(

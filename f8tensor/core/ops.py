@@ -276,6 +276,10 @@ def scaled_mm_data(
     if not _is_col_major(b_data):
         b_data = b_data.t().contiguous().t()
     M = a_data.shape[0]
+    if kind == "blockwise" and not torch.compiler.is_dynamo_compiling() and 0 in (M, N, K):
+        # Nothing to multiply (an empty batch): cuBLAS's blockwise GEMM was not probed with empty sizes.
+        out = a_data.new_zeros((M, N), dtype=out_dtype)
+        return out if bias is None else (out + bias).to(out_dtype)
     if kind == "blockwise" and (M % BLOCK or N % BLOCK or K % _k_multiple(a_scale, b_scale, M, N)):
         # cuBLAS's blockwise GEMMs gave wrong products on the H200 with torch 2.11 for other sizes
         # (docs/design.md, "Blockwise scaling"); zero padding is exact.
@@ -373,6 +377,10 @@ def _blockwise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accu
     kb = -(-a_data.shape[1] // BLOCK)
     if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
         raise TypeError(f"blockwise _scaled_mm takes fp32 scales, got {a_scale.dtype} and {b_scale.dtype}")
+    if a_data.dtype != torch.float8_e4m3fn or b_data.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"blockwise _scaled_mm multiplies float8_e4m3fn operands only (cuBLAS refused e5m2 on an "
+                        f"H200 with torch 2.11), got {a_data.dtype} and {b_data.dtype}; cast gradients to e4m3fn "
+                        "(Float8Config(backward_dtype=torch.float8_e4m3fn), as the 'blockwise' recipe does)")
     if use_fast_accum:
         raise ValueError("blockwise _scaled_mm has no fast accumulation (cuBLAS refuses it on Hopper); set "
                          "Float8Config's fast_accum_* fields to False, as the 'blockwise' recipe does")
@@ -389,9 +397,11 @@ def _blockwise_kinds(a_data, a_scale, b_data, b_scale) -> tuple[str, str] | None
     """The (a, b) pair of BLOCKWISE_PAIRS these scale shapes are, or None."""
     (M, K), N = a_data.shape, b_data.shape[1]
     mb, kb, nb = -(-M // BLOCK), -(-K // BLOCK), -(-N // BLOCK)
-    a_kind = {(M, kb): "1x128", (mb, kb): "128x128"}.get(tuple(a_scale.shape))  # M == 1: the same math
-    b_kind = {(kb, N): "1x128", (kb, nb): "128x128"}.get(tuple(b_scale.shape))
-    return (a_kind, b_kind) if (a_kind, b_kind) in BLOCKWISE_PAIRS else None
+    # A size of 0 or 1 makes both kinds one shape (the same math): it is read as 1x128, as
+    # _k_multiple and _pad_blockwise read it.
+    a_kinds = {kind for shape, kind in (((M, kb), "1x128"), ((mb, kb), "128x128")) if a_scale.shape == shape}
+    b_kinds = {kind for shape, kind in (((kb, N), "1x128"), ((kb, nb), "128x128")) if b_scale.shape == shape}
+    return next((pair for pair in BLOCKWISE_PAIRS if pair[0] in a_kinds and pair[1] in b_kinds), None)
 
 
 def _k_multiple(a_scale, b_scale, M, N) -> int:
