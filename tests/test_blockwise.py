@@ -170,11 +170,13 @@ def scaled_mm(a, sa, b, sb, bias=None):
 @pytest.mark.parametrize("tokens", [200, 134], ids=["tokens_200", "tokens_134"])
 @pytest.mark.parametrize("recipe", ["blockwise", "blockwise_gw_hp"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("K, N", [(256, 384), (208, 144)], ids=["whole_tiles", "partial_tiles"])
+@pytest.mark.parametrize("K, N", [(256, 384), (208, 144), (130, 144)],
+                         ids=["whole_tiles", "partial_tiles", "in_features_130"])
 def test_linear_gemms_are_scaled_mm_on_reference_quantized_operands(tokens, recipe, bias, K, N):
     """Each of the three results is torch._scaled_mm of the reference's quantization, bit for bit.
     134 tokens: not a multiple of 4, 16 or 128 (partial strips, a padded weight-gradient GEMM);
-    208 -> 144 features: partial tiles along both feature axes."""
+    208 -> 144 features: partial tiles along both feature axes; 130 input features: not a multiple
+    of 16, which the other recipes' GEMMs refuse and blockwise pads."""
     lin = nn.Linear(K, N, bias=bias, device=DEVICE, dtype=torch.bfloat16)
     gw_hp = recipe == "blockwise_gw_hp"
     f8 = fp8_layer(lin, grad_weight_high_precision=gw_hp)

@@ -256,11 +256,6 @@ def scaled_mm_data(
     if a_data.dtype == torch.float8_e5m2 and b_data.dtype == torch.float8_e5m2:
         raise TypeError("_scaled_mm on CUDA rejects float8_e5m2 x float8_e5m2; make one operand e4m3fn")
     K, N = b_data.shape
-    if N % 16:
-        raise ValueError(
-            f"_scaled_mm needs N divisible by 16, got [{a_data.shape[0]}, {K}] @ [{K}, {N}]; pad the "
-            "layer's features to a multiple of 16 or keep this layer in high precision"
-        )
     if (a_data.is_cuda and not config.emulate and not torch.compiler.is_compiling()
             and not has_float8_hardware(a_data.device)):
         raise RuntimeError(
@@ -271,6 +266,11 @@ def scaled_mm_data(
     kind = "tensorwise"
     if a_scale.dim() == 2 or b_scale.dim() == 2:
         kind, a_scale, b_scale = _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum)
+    if N % 16 and kind != "blockwise":  # blockwise GEMMs are zero-padded to whole tiles below
+        raise ValueError(
+            f"_scaled_mm needs N divisible by 16, got [{a_data.shape[0]}, {K}] @ [{K}, {N}]; pad the "
+            "layer's features to a multiple of 16 or keep this layer in high precision"
+        )
     if not _is_row_major(a_data):
         a_data = a_data.contiguous()
     if not _is_col_major(b_data):
