@@ -1,5 +1,4 @@
 import atexit
-import functools
 import os
 import shutil
 import tempfile
@@ -52,25 +51,16 @@ def _cuda_rules_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, 
             assert out_dtype == torch.bfloat16, "blockwise writes bf16"
             if a.device.type == "cpu":  # CPU's kernel has no blockwise scaling: the same math in fp32
                 return _blockwise_product(a, b, scale_a, scale_b, bias, out_dtype)
-    elif a.device.type == "cpu" and scale_result is None and _cpu_rowwise_kernel():
-        # CPU's tensorwise kernel is two orders of magnitude slower than its rowwise one (42 against
-        # 0.28 ms for [512, 64] @ [64, 64], torch 2.13, 2 cores): the same scales as a column and a
-        # row. Its roundings differ from the tensorwise kernel's in the last bit of some elements;
-        # every CPU GEMM of the tests, in spawned ranks too (f8utils.join_process_group), runs here.
-        scale_a, scale_b = scale_a.reshape(1, 1).expand(M, 1).contiguous(), scale_b.reshape(1, 1).expand(1, N).contiguous()
+    elif a.device.type == "cpu" and scale_result is None:
+        from f8tensor.core import ops
+
+        if ops.CPU_ROWWISE_KERNEL:
+            # As ops.scaled_mm_data routes tensorwise CPU GEMMs (CPU's tensorwise kernel is two orders
+            # of magnitude slower), so that a test's own tensorwise call gives the library's bits; in
+            # spawned ranks too (f8utils.join_process_group installs this function).
+            scale_a, scale_b = ops.tensorwise_as_rowwise(scale_a, scale_b, M, N)
     return _real_scaled_mm(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result,
                            out_dtype=out_dtype, use_fast_accum=use_fast_accum, **out)
-
-
-@functools.cache
-def _cpu_rowwise_kernel() -> bool:
-    """Whether this torch's CPU _scaled_mm takes rowwise scales (2.13 does, 2.11 does not)."""
-    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-    try:
-        _real_scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
-    except (RuntimeError, ValueError):
-        return False
-    return True
 
 
 def _blockwise_kinds(a, b, scale_a, scale_b):

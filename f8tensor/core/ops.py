@@ -301,8 +301,7 @@ def scaled_mm_data(
         # CPU's tensorwise _scaled_mm kernel is two orders of magnitude slower than its rowwise one
         # (42 against 0.28 ms for [512, 64] @ [64, 64] with torch 2.13 on 2 cores): the same scales
         # as a column and a row. (No float8 hardware there: CPU GEMMs serve tests and the demo.)
-        a_scale = a_scale.reshape(1, 1).expand(M, 1).contiguous()
-        b_scale = b_scale.reshape(1, 1).expand(1, N).contiguous()
+        a_scale, b_scale = tensorwise_as_rowwise(a_scale, b_scale, M, N)
     # cuBLAS adds a bias of the output dtype in its epilogue for bf16/fp16 outputs only.
     fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
     try:
@@ -326,6 +325,11 @@ def scaled_mm_data(
 # Whether this torch's CPU _scaled_mm has its rowwise kernel (2.13 does, 2.11 does not; 2.12 is
 # taken as not): by version, as the answer must be a constant under torch.compile.
 CPU_ROWWISE_KERNEL = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+def tensorwise_as_rowwise(a_scale, b_scale, M: int, N: int):
+    """Two tensorwise scales as the rowwise scales of the same product: [M, 1] and [1, N], dense."""
+    return a_scale.reshape(1, 1).expand(M, 1).contiguous(), b_scale.reshape(1, 1).expand(1, N).contiguous()
+
 
 # Output dtypes of rowwise _scaled_mm checked against an exact reference on the H200
 # (benchmarks/tools/scaled_mm_support.py, docs/data/scaled_mm_support_h200.txt).
