@@ -9,6 +9,8 @@ elements or fewer, are left out):
                 gradient): one read of x, one write of float8 data
     act_both    1 x 128 strips row-major and 128 x 1 strips column-major (the forward input and
                 grad_output of a layer that needs both): one read, two writes
+    act_col     128 x 1 strips column-major alone (backward's input where forward kept none): one
+                read, one write
     weight_row  128 x 128 tiles, row-major (forward's weight): one read, one write
     weight_col  128 x 128 tiles, column-major (backward's weight): one read, one write
 torchao's column (torchao.prototype.blockwise_fp8_training.kernels, its eager Float8BlockwiseLinear's
@@ -24,11 +26,11 @@ from f8tensor.kernels import quantize_blockwise_ref
 from f8tensor.kernels.blockwise import block_cast_triton
 
 SHAPES = [(16384, 4096), (16384, 14336), (14336, 4096), (4096, 14336), (16384, 1024), (1024, 4096)]
-MODES = {"act_row": (False, True, False), "act_both": (False, True, True),
+MODES = {"act_row": (False, True, False), "act_both": (False, True, True), "act_col": (False, False, True),
          "weight_row": (True, True, False), "weight_col": (True, False, True)}  # (square, row, col)
 SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), dict(block_m=64, num_warps=8),
-         dict(sub_m=64, num_warps=8), dict(sub_m=64, num_warps=4), dict(sub_m=32, num_warps=4),
-         dict(sub_m=32, num_warps=8)]
+         dict(sub_m=32, sub_n=64), dict(sub_m=64, sub_n=32), dict(sub_m=128, sub_n=128), dict(sub_n=64, num_warps=8),
+         dict(sub_n=32), dict(sub_n=128)]
 
 
 def ours(x, mode, **opts):
@@ -61,6 +63,8 @@ def torchao(x, mode):
         return lambda: k.triton_fp8_blockwise_act_quant_lhs(x, 128)
     if mode == "act_both":
         return lambda: (k.triton_fp8_blockwise_act_quant_lhs(x, 128), k.triton_fp8_blockwise_act_quant_rhs(x, 128))
+    if mode == "act_col":
+        return lambda: k.triton_fp8_blockwise_act_quant_rhs(x, 128)
     if mode == "weight_row":
         return lambda: k.triton_fp8_blockwise_weight_quant_transposed_rhs(x, block_size=128)
     return lambda: k.triton_fp8_blockwise_weight_quant_rhs(x, block_size=128)
@@ -94,7 +98,8 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if "block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both":
+                    if ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
+                            or "sub_n" in cfg and mode not in ("act_both", "act_col")):
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

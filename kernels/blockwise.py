@@ -2,12 +2,14 @@
 
 Reference: `naive.quantize_blockwise_ref` (same results bit for bit on the GPU).
 
-One kernel, `block_kernel`, one read of x. Each program loads one BLOCK_M x 128 tile and writes
-what the caller asked for from it:
+One kernel, `block_kernel`, one read of x from memory. Each program owns one BLOCK_M x 128 tile
+and writes what the caller asked for from it:
 - activations and gradients (SQUARE off): the row-major data with one scale per 1 x 128 strip
   of a row, and the column-major data with one scale per 128 x 1 strip of a column. A tile of
   128 rows holds whole strips of both kinds, so both layouts, with their scales along different
-  axes, come from the same read (the rowwise recipe needs a second read for that);
+  axes, come from one program: it casts the rows in row slices, then loads the tile again in
+  transposed column slices, which the row slices have just brought into L2 (the rowwise recipe
+  reads x twice from memory for its two layouts);
 - weights (SQUARE on): one scale per 128 x 128 tile, the data row-major and/or column-major.
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
@@ -28,7 +30,8 @@ from .scale import INTERPRETING, scale_from_amax
 @triton.jit
 def _load(x_ptr, rows, cols, M, N, stride_m, stride_n):
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    return tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0), mask
+    offsets = rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
+    return tl.load(x_ptr + offsets, mask=mask, other=0.0), mask
 
 
 @triton.jit
@@ -37,7 +40,7 @@ def block_kernel(
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUB_M: tl.constexpr,
+    SUB_M: tl.constexpr, SUB_N: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major."""
@@ -58,40 +61,34 @@ def block_kernel(
             tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True), mask=mask)
     else:
         # Strips: a row's scale over the tile's 128 columns (row scales [M, Nb] stored as their
-        # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). The tile is visited
-        # in SUB_M-row slices (fewer registers); the column cast then reads the slices again, from L2.
-        col_acc = tl.zeros([BLOCK_N], dtype=tl.int32)
-        for i in tl.static_range(BLOCK_M // SUB_M):
-            rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
-            x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-            bits = magnitude_bits(x)
-            if WRITE_ROW:
-                multiplier, scale = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                                    POWER_OF_2)
-                tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
-                q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-            if WRITE_COL:
-                col_acc = tl.maximum(col_acc, tl.max(bits, 0))
-                if SUB_M == BLOCK_M:  # the whole tile is at hand: cast it now
-                    multiplier, scale = scale_from_amax(col_acc.to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                                        POWER_OF_2)
-                    tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
-                    q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                    tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True),
-                             mask=mask)
-        if WRITE_COL and SUB_M < BLOCK_M:
-            multiplier, scale = scale_from_amax(col_acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-            tl.store(col_scale_ptr + pid_m * N + cols, scale, mask=cols < N)
+        # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). Each kind is cast in
+        # slices that hold whole strips, so no slice waits on another: SUB_M-row slices for the rows,
+        # then SUB_N-column slices of the tile loaded transposed for the columns (after the row
+        # slices, those loads hit L2). Small slices keep registers low and more programs resident.
+        if WRITE_ROW:
             for i in tl.static_range(BLOCK_M // SUB_M):
                 rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
                 x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-                q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True),
+                multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True),
+                                                    FP8_MAX, EPS, POWER_OF_2)
+                tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
+                q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        if WRITE_COL:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            for j in tl.static_range(BLOCK_N // SUB_N):
+                c = pid_n * BLOCK_N + j * SUB_N + tl.arange(0, SUB_N)
+                xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)  # [SUB_N, BLOCK_M]: x's transpose
+                multiplier, scale = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True),
+                                                    FP8_MAX, EPS, POWER_OF_2)
+                tl.store(col_scale_ptr + pid_m * N + c, scale, mask=c < N)
+                q = _cast_tile(xt, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True),
                          mask=mask)
 
-
-SUB_M = 128  # rows per slice of a strips tile (the whole tile: one read); the GPU sweep sets it
+# Slices of a strips tile (rows per row slice, columns per column slice) when both kinds of strips
+# are written, from the H200 sweep (docs/benchmarks.md, "Blockwise scaling").
+SUB_M = SUB_N = 64
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
@@ -107,13 +104,14 @@ def _default_warps(square: bool, write_row: bool, write_col: bool) -> int:
 def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
-    block_m: int | None = None, sub_m: int | None = None, num_warps: int | None = None,
+    block_m: int | None = None, sub_m: int | None = None, sub_n: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
     row strips are written (any power of two; ROW_STRIP_BLOCK_M by default; 128 otherwise, where
     tiles are scale blocks).
-    sub_m: strips only, rows per slice of a program's tile (a power of two <= its rows)."""
+    Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
+    by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -132,6 +130,7 @@ def block_cast_triton(
     if M and N:
         bm = BLOCK if square or write_col else (block_m or ROW_STRIP_BLOCK_M)
         sub = bm if square else min(sub_m or SUB_M, bm)
+        sub_n = BLOCK if square else min(sub_n or SUB_N, BLOCK)
         num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
@@ -139,7 +138,7 @@ def block_cast_triton(
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
-                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub)
+                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub, SUB_N=sub_n)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -92,10 +92,10 @@ def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
     want = block_cast_triton(x, E4M3)
     for block_m in (1, 16, 64):
         same(block_cast_triton(x, E4M3, block_m=block_m), want)
-    want = block_cast_triton(x, E4M3, write_col=True)
-    for sub_m in (16, 64):
-        same(block_cast_triton(x, E4M3, write_col=True, sub_m=sub_m), want)
-        same(block_cast_triton(x, E4M3, write_row=False, write_col=True, sub_m=sub_m), (None, None, *want[2:]))
+    want = reference(x, E4M3, False, False, True, True)
+    for sub_m, sub_n in ((16, 128), (128, 16), (32, 64), (128, 128)):
+        same(block_cast_triton(x, E4M3, write_col=True, sub_m=sub_m, sub_n=sub_n), want)
+        same(block_cast_triton(x, E4M3, write_row=False, write_col=True, sub_n=sub_n), (None, None, *want[2:]))
 
 
 def test_reference_scales_each_tile_by_its_own_amax():
