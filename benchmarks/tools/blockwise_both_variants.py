@@ -1,0 +1,196 @@
+"""Experiment: variants of the blockwise both-layouts cast (1 x 128 row strips and 128 x 1 column
+strips of one x), each checked bit for bit against block_cast_triton and timed against the copy
+bandwidth of the same run (docs/benchmarks.md, "Blockwise scaling"; results in
+docs/data/kernels_blockwise_both_variants.txt).
+
+    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl
+
+TRANS picks the column path: 0 the tile's own layout stored transposed, 1 an explicit tl.trans of
+the fp8 data, 2 tl.trans of x, 3 x loaded again transposed, 4 both paths in slices (RCH rows,
+CHUNK columns; what kernels/blockwise.py now does). CHUNK < 128 with TRANS < 4: column chunks cast
+first, rows read again; `persistent` > 0: a persistent grid of that many programs per SM, tl.range
+with STAGES. The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
+"""
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from f8tensor.kernels.amax import cdiv, magnitude_bits
+from f8tensor.kernels.blockwise import _load, block_cast_triton
+from f8tensor.kernels.rowwise import _cast_tile, _format
+from f8tensor.kernels.scale import INTERPRETING, scale_from_amax
+
+
+@triton.jit
+def _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, pid_m, pid_n,
+          FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+          MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+          TRANS: tl.constexpr, RCH: tl.constexpr):
+    out_ty = row_ptr.dtype.element_ty
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    if TRANS == 4:  # both paths in CHUNK-wide slices: row slices read from memory, column slices (transposed) again
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        for i in tl.static_range(BLOCK // RCH):
+            r = pid_m * BLOCK + i * RCH + tl.arange(0, RCH)
+            x, mask = _load(x_ptr, r, cols, M, N, stride_m, stride_n)
+            rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                     POWER_OF_2)
+            tl.store(row_scale_ptr + pid_n * M + r, rs, mask=r < M)
+            q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(row_ptr + r[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        for j in tl.static_range(BLOCK // CHUNK):
+            c = pid_n * BLOCK + j * CHUNK + tl.arange(0, CHUNK)
+            xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)
+            cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                     POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + c, cs, mask=c < N)
+            qc = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True), mask=mask)
+    elif CHUNK == BLOCK:
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+        bits = magnitude_bits(x)
+        rm, rs = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+        tl.store(row_scale_ptr + pid_n * M + rows, rs, mask=rows < M)
+        q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+        tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        if TRANS >= 2:  # the column path on x's transpose: 2 = tl.trans in registers, 3 = loaded again
+            if TRANS == 2:
+                xt = tl.trans(x)
+            else:
+                xt, _ = _load(x_ptr, cols, rows, N, M, stride_n, stride_m)
+            cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                     POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + cols, cs, mask=cols < N)
+            qc = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(col_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True),
+                     mask=tl.trans(mask))
+        else:
+            cm, cs = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + cols, cs, mask=cols < N)
+            qc = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+            if TRANS:
+                tl.store(col_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qc), mask=tl.trans(mask))
+            else:
+                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, qc, mask=mask)
+    else:
+        # column chunks: each chunk's columns are whole (128 rows): cast and store them now; the rows'
+        # amax accumulates, and the row cast reads the chunks again (L2).
+        racc = tl.zeros([BLOCK], dtype=tl.int32)
+        for c in tl.static_range(BLOCK // CHUNK):
+            cols = pid_n * BLOCK + c * CHUNK + tl.arange(0, CHUNK)
+            x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+            bits = magnitude_bits(x)
+            racc = tl.maximum(racc, tl.max(bits, 1))
+            cm, cs = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+            tl.store(col_scale_ptr + pid_m * N + cols, cs, mask=cols < N)
+            qc = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+            if TRANS:
+                tl.store(col_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qc), mask=tl.trans(mask))
+            else:
+                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, qc, mask=mask)
+        rm, rs = scale_from_amax(racc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+        tl.store(row_scale_ptr + pid_n * M + rows, rs, mask=rows < M)
+        for c in tl.static_range(BLOCK // CHUNK):
+            cols = pid_n * BLOCK + c * CHUNK + tl.arange(0, CHUNK)
+            x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+            q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def grid_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+                FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                TRANS: tl.constexpr, RCH: tl.constexpr):
+    _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+          tl.program_id(0), tl.program_id(1), FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND,
+          BLOCK, CHUNK, TRANS, RCH)
+
+
+@triton.jit
+def persistent_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, NB, TILES,
+                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+                      CHUNK: tl.constexpr, TRANS: tl.constexpr, STAGES: tl.constexpr, RCH: tl.constexpr):
+    for t in tl.range(tl.program_id(0), TILES, tl.num_programs(0), num_stages=STAGES):
+        _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+              t // NB, t % NB, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND,
+              BLOCK, CHUNK, TRANS, RCH)
+
+
+def run(x, warps=4, chunk=128, trans=0, persistent=0, stages=1, meta=None, rch=None):
+    rch = rch or chunk
+    M, N = x.shape
+    B = 128
+    mb, nb = cdiv(M, B), cdiv(N, B)
+    row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device)
+    col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((nb, M), dtype=torch.float32, device=x.device).t()
+    col_scale = torch.empty((mb, N), dtype=torch.float32, device=x.device)
+    fmt = _format(torch.float8_e4m3fn, False, INTERPRETING, x)
+    args = (x, row, row_scale, col_t.view(torch.uint8), col_scale, M, N, x.stride(0), x.stride(1))
+    if persistent:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        persistent_kernel[(min(mb * nb, sms * persistent),)](*args, nb, mb * nb, **fmt, BLOCK=B, CHUNK=chunk,
+                                                            TRANS=trans, STAGES=stages, RCH=rch, num_warps=warps)
+    else:
+        k = grid_kernel[(mb, nb)](*args, **fmt, BLOCK=B, CHUNK=chunk, TRANS=trans, RCH=rch, num_warps=warps)
+        if meta is not None:
+            meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
+    return row, row_scale, col_t.t(), col_scale
+
+
+VARIANTS = {}
+for w in (2, 4, 8):
+    for rch in (32, 64, 128):
+        for cch in (32, 64, 128):
+            VARIANTS[f"slices w{w} r{rch} c{cch}"] = dict(warps=w, trans=4, chunk=cch, rch=rch)
+
+
+def same(a, b):
+    return all(torch.equal(p.view(torch.uint8) if p.dtype.itemsize == 1 else p.view(torch.int32),
+                           q.view(torch.uint8) if q.dtype.itemsize == 1 else q.view(torch.int32))
+               for p, q in zip(a, b))
+
+
+def main():
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    from tools.common import copy_bandwidth_tbps, gpu_ms
+    out = open(sys.argv[1], "w")
+    torch.manual_seed(0)
+    tests = [torch.randn(1000, 700, device="cuda", dtype=torch.bfloat16) * 3,
+             torch.randn(384, 512, device="cuda", dtype=torch.float32)]
+    tests[0][5, 3] = float("inf"); tests[0][200, 130] = float("nan"); tests[0][7] *= 1e4
+    copy_bw = copy_bandwidth_tbps()
+    print(f"copy {copy_bw:.3f} TB/s", flush=True)
+    shapes = [(16384, 4096), (16384, 14336), (14336, 4096)]
+    xs = {s: torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in shapes}
+    base = {s: gpu_ms(lambda: block_cast_triton(xs[s], torch.float8_e4m3fn, write_row=True, write_col=True))
+            for s in shapes}
+    print("base", {f"{m}x{n}": f"{ms:.4f} {4 * m * n / ms / 1e9 / copy_bw:.3f}" for (m, n), ms in base.items()}, flush=True)
+    for name, opts in VARIANTS.items():
+        try:
+            ok = all(same(run(t, **opts), block_cast_triton(t, torch.float8_e4m3fn, write_row=True, write_col=True))
+                     for t in tests + [xs[shapes[0]]])
+            res = {}
+            for (m, n) in shapes:
+                ms = gpu_ms(lambda: run(xs[m, n], **opts))
+                res[f"{m}x{n}"] = (round(ms, 4), round(4 * m * n / ms / 1e9 / copy_bw, 3))
+        except Exception as e:  # noqa: BLE001
+            ok, res = False, repr(e)[:200]
+        meta = {}
+        try:
+            run(xs[shapes[0]], **opts, meta=meta)
+        except Exception:  # noqa: BLE001
+            pass
+        print(f"{name:<28} exact={ok} {res} {meta}", flush=True)
+        out.write(json.dumps(dict(name=name, exact=ok, res=res, copy=copy_bw, **meta)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
