@@ -35,7 +35,7 @@ def amax_kernel(
         rows = (tile // TILES_N) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = (tile % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
-        ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n
+        ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
         x = tl.load(ptrs, mask=mask, other=0.0)
         acc = tl.maximum(acc, magnitude_bits(x))
     result = tl.max(tl.max(acc, 1), 0)

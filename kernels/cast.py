@@ -37,7 +37,7 @@ def cast_kernel(
     # One mask in (row, col) coordinates serves both stores: the column-major store only changes
     # the address arithmetic, never which elements are in bounds.
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n, mask=mask)
     y = x.to(tl.float32) * multiplier
     y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     q = fp32_to_float8(y, row_ptr.dtype.element_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)

@@ -54,7 +54,7 @@ def row_kernel(
     if ONE_PASS:  # the whole row block fits one tile: one load serves the amax and the cast
         cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols[None, :] < N)
-        x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0)
+        x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_n, mask=mask, other=0.0)
         amax = tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True)
         multiplier, scale = scale_from_amax(amax, FP8_MAX, EPS, POWER_OF_2)
         tl.store(row_scale_ptr + rows, scale, mask=row_ok)
@@ -66,14 +66,14 @@ def row_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols[None, :] < N)
-            bits = magnitude_bits(tl.load(x_rows + cols[None, :] * stride_n, mask=mask, other=0.0))
+            bits = magnitude_bits(tl.load(x_rows + cols[None, :].to(tl.int64) * stride_n, mask=mask, other=0.0))
             acc = tl.maximum(acc, tl.max(bits, 1))
         multiplier, scale = scale_from_amax(acc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
         tl.store(row_scale_ptr + rows, scale, mask=row_ok)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols[None, :] < N)
-            x = tl.load(x_rows + cols[None, :] * stride_n, mask=mask)
+            x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_n, mask=mask)
             q = _cast_tile(x, multiplier[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
                            MIN_NORMAL_EXP, EXACT_ROUND)
             tl.store(out_rows + cols[None, :], q, mask=mask)
@@ -91,7 +91,8 @@ def col_amax_kernel(
     for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask, other=0.0)
+        offsets = rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         acc = tl.maximum(acc, magnitude_bits(x))
     tl.atomic_max(col_amax_ptr + cols, tl.max(acc, 0), mask=cols < N, sem="relaxed")
 
@@ -112,7 +113,7 @@ def col_kernel(
     for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_n, mask=mask)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n, mask=mask)
         q = _cast_tile(x, multiplier[None, :], col_ptr.dtype.element_ty, FP8_MAX, MANT_BITS,
                        MIN_NORMAL_EXP, EXACT_ROUND)
         tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q, mask=mask)
