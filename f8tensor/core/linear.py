@@ -230,8 +230,16 @@ class Float8Linear(QuietSubclasses, nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  config: Float8Config | None = None):
+        config = config or Float8Config()
+        if config.scaling_granularity != "blockwise" and (in_features % 16 or out_features % 16):
+            # Forward alone would run (K is zero-padded), backward would not: refused up front.
+            raise ValueError(
+                f"Float8Linear({in_features}, {out_features}): the {config.scaling_granularity} recipe's "
+                "GEMMs need in_features and out_features divisible by 16 (each is the output width of one "
+                "of the three GEMMs); pad the features, keep this layer in high precision, or use the "
+                "blockwise recipe, whose GEMMs are padded")
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.config = config or Float8Config()
+        self.config = config
 
     @classmethod
     def from_float(cls, mod: nn.Linear, config: Float8Config | None = None) -> "Float8Linear":
