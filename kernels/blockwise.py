@@ -127,10 +127,14 @@ def block_cast_triton(
     else:
         row_scale = torch.empty((nb, M), **f32).t() if write_row else None
         col_scale = torch.empty((mb, N), **f32) if write_col else None
+    bm = BLOCK if square or write_col else (block_m or ROW_STRIP_BLOCK_M)
+    for name, value, bound in (("block_m", block_m, None), ("sub_m", sub_m, bm), ("sub_n", sub_n, BLOCK)):
+        if value is not None and (value < 1 or value & (value - 1) or bound is not None and value > bound):
+            raise ValueError(f"block_cast_triton: {name} must be a power of two" + (
+                f" <= {bound} here" if bound is not None else "") + f", got {value}")
     if M and N:
-        bm = BLOCK if square or write_col else (block_m or ROW_STRIP_BLOCK_M)
         sub = bm if square else min(sub_m or SUB_M, bm)
-        sub_n = BLOCK if square else min(sub_n or SUB_N, BLOCK)
+        sub_n = BLOCK if square else sub_n or SUB_N
         num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)

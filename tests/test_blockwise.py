@@ -87,6 +87,14 @@ def test_strided_inputs(make):
     same(block_cast_triton(x, E4M3, write_row=True, write_col=True), reference(x, E4M3, False, False, True, True))
 
 
+def test_launch_options_that_would_cast_wrongly_are_refused():
+    x = torch.randn(256, 256, dtype=torch.bfloat16, device=DEVICE)
+    for opts in (dict(sub_n=-1), dict(sub_n=48), dict(sub_n=256), dict(sub_m=0), dict(sub_m=256),
+                 dict(block_m=3), dict(block_m=64, sub_m=128)):
+        with pytest.raises(ValueError, match="power of two"):
+            block_cast_triton(x, E4M3, write_col=opts.get("block_m") is None, **opts)
+
+
 def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
     x = spanning_values((200, 300), torch.bfloat16)
     want = block_cast_triton(x, E4M3)

@@ -312,7 +312,7 @@ def test_no_host_sync_in_a_training_step_of_the_layer():
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_features_the_gemms_cannot_take_are_refused_when_the_layer_is_built(recipe):
-    # Forward alone would run (K is zero-padded); the backward GEMMs would fail on the first step.
+    # Forward may run (K is zero-padded); the backward GEMMs would fail on the first step.
     config = Float8Config.from_recipe_name(recipe)
     for k, n in ((40, 64), (64, 40)):
         with pytest.raises(ValueError, match="divisible by 16"):

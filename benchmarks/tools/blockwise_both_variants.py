@@ -246,6 +246,7 @@ def main():
             pass
         print(f"{name:<28} exact={ok} {res} {meta}", flush=True)
         out.write(json.dumps(dict(name=name, exact=ok, res=res, copy=copy_bw, **meta)) + "\n")
+        out.flush()  # a run cut off at its time limit keeps what it measured
 
 
 if __name__ == "__main__":

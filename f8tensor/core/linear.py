@@ -232,7 +232,7 @@ class Float8Linear(QuietSubclasses, nn.Linear):
                  config: Float8Config | None = None):
         config = config or Float8Config()
         if config.scaling_granularity != "blockwise" and (in_features % 16 or out_features % 16):
-            # Forward alone would run (K is zero-padded), backward would not: refused up front.
+            # Forward may run (K is zero-padded), backward would not: refused up front.
             raise ValueError(
                 f"Float8Linear({in_features}, {out_features}): the {config.scaling_granularity} recipe's "
                 "GEMMs need in_features and out_features divisible by 16 (each is the output width of one "
