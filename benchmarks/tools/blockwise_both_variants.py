@@ -3,7 +3,7 @@ strips of one x), each checked bit for bit against block_cast_triton and timed a
 bandwidth of the same run (docs/benchmarks.md, "Blockwise scaling"; results in
 docs/data/kernels_blockwise_both_variants.txt).
 
-    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl
+    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl [NAME_PREFIX]   (only variants so named)
 
 `col_kernel` / `run_col`: variants of the column strips alone (the layout a layer's backward casts
 x into when forward kept no float8 copy).
@@ -224,11 +224,15 @@ def main():
     xs = {s: torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in shapes}
     writes = {"both": dict(write_row=True, write_col=True), "col": dict(write_row=False, write_col=True)}
     for what, kw in writes.items():
+        if len(sys.argv) > 2 and what != VARIANTS[next(n for n in VARIANTS if n.startswith(sys.argv[2]))][2]:
+            continue
         per = 4 if what == "both" else 3
         base = {s: gpu_ms(lambda: block_cast_triton(xs[s], torch.float8_e4m3fn, **kw)) for s in shapes}
         print(f"kernel {what}", {f"{m}x{n}": f"{ms:.4f} {per * m * n / ms / 1e9 / copy_bw:.3f}"
                                  for (m, n), ms in base.items()}, flush=True)
     for name, (runner, opts, what) in VARIANTS.items():
+        if len(sys.argv) > 2 and not name.startswith(sys.argv[2]):
+            continue
         per = 4 if what == "both" else 3
         try:
             ok = all(same(runner(t, **opts), block_cast_triton(t, torch.float8_e4m3fn, **writes[what]))
