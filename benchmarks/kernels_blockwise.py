@@ -103,6 +103,7 @@ def main():
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)
+            write_rows(args.out, [row])  # row by row: a run stopped at its time limit keeps what it measured
             extra = "".join(f" {k}={v:.3f}" for k, v in row.items()
                             if k.endswith("_ms") or k.startswith("ours_vs"))
             print(f"{M:>6}x{N:<6} {mode:<10} {row['ours_pct_copy']:.0f}% copy{extra}"
@@ -112,7 +113,6 @@ def main():
         for i, cfg in enumerate(SWEEP):
             times = [r[f"sweep{i}_gpu_ms"] / r["ours_gpu_ms"] for r in rows if f"sweep{i}_gpu_ms" in r]
             print(f"{cfg}: mean time vs default {sum(times) / len(times):.3f}")
-    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":
