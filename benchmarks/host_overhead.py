@@ -31,6 +31,22 @@ def host_us(fn, n=200) -> float:
     return t / n * 1e6
 
 
+class _ThreeGemms(torch.autograd.Function):
+    """One GEMM in forward and two in backward, as a linear layer's, with nothing else: the host
+    cost of a GEMM kind where the layer calls it (backward runs on autograd's device thread)."""
+
+    @staticmethod
+    def forward(ctx, x, gemm):
+        ctx.gemm = gemm
+        return gemm()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.gemm()
+        ctx.gemm()
+        return None, None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true")
@@ -40,6 +56,10 @@ def main():
     xg = x.clone().requires_grad_()
     a8, b8 = x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
+    g8 = x.to(torch.float8_e5m2)
+
+    def scaled():
+        return torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16)
     cases = {
         "quantize_triton row": lambda: quantize_triton(x, torch.float8_e4m3fn, "row"),
         "quantize_triton both": lambda: quantize_triton(x, torch.float8_e4m3fn, "both"),
@@ -51,6 +71,14 @@ def main():
         "torch._scaled_mm x3": lambda: [torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16)
                                         for _ in range(3)],
         "torch.mm x3 (bf16)": lambda: [torch.mm(x, x) for _ in range(3)],
+        # the same GEMMs as the layer calls them: fast accumulation (forward), e5m2 x e4m3 (backward),
+        # and one in forward and two in an autograd backward
+        "torch._scaled_mm x3, fast accum": lambda: [
+            torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True) for _ in range(3)],
+        "torch._scaled_mm x3, e5m2 x e4m3": lambda: [
+            torch._scaled_mm(g8, b8.t(), one, one, out_dtype=torch.bfloat16) for _ in range(3)],
+        "_scaled_mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(xg, scaled).sum().backward(),
+        "torch.mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(xg, lambda: torch.mm(x, x)).sum().backward(),
     }
     for name, fn in cases.items():
         print(f"{name:<40} {host_us(fn):8.1f} us per call")
