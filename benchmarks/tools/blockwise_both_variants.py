@@ -10,7 +10,9 @@ x into when forward kept no float8 copy).
 
 TRANS picks the column path: 0 the tile's own layout stored transposed, 1 an explicit tl.trans of
 the fp8 data, 2 tl.trans of x, 3 x loaded again transposed, 4 both paths in slices (RCH rows,
-CHUNK columns; what kernels/blockwise.py now does). CHUNK < 128 with TRANS < 4: column chunks cast
+CHUNK columns, the columns loaded transposed; what kernels/blockwise.py now does), 5 the same with
+the column slices loaded as laid out and their fp8 data stored transposed (as torchao's kernel for
+the column strips does). CHUNK < 128 with TRANS < 4: column chunks cast
 first, rows read again; `persistent` > 0: a persistent grid of that many programs per SM, tl.range
 with STAGES. The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
@@ -34,7 +36,8 @@ def _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m,
           TRANS: tl.constexpr, RCH: tl.constexpr):
     out_ty = row_ptr.dtype.element_ty
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-    if TRANS == 4:  # both paths in CHUNK-wide slices: row slices read from memory, column slices (transposed) again
+    if TRANS >= 4:  # both paths in slices: RCH-row slices read from memory, then CHUNK-column slices
+        # read again (L2): 4 loads them transposed, 5 as laid out, their fp8 data stored transposed
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
         for i in tl.static_range(BLOCK // RCH):
             r = pid_m * BLOCK + i * RCH + tl.arange(0, RCH)
@@ -46,12 +49,21 @@ def _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m,
             tl.store(row_ptr + r[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
         for j in tl.static_range(BLOCK // CHUNK):
             c = pid_n * BLOCK + j * CHUNK + tl.arange(0, CHUNK)
-            xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)
-            cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
+            if TRANS == 4:
+                xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)
+                cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                         POWER_OF_2)
+                qc = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True),
+                         mask=mask)
+            else:
+                x, mask = _load(x_ptr, rows, c, M, N, stride_m, stride_n)
+                cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                         POWER_OF_2)
+                qc = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(col_ptr + rows[:, None] + c[None, :].to(tl.int64) * M, qc.to(tl.uint8, bitcast=True),
+                         mask=mask)
             tl.store(col_scale_ptr + pid_m * N + c, cs, mask=c < N)
-            qc = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True), mask=mask)
     elif CHUNK == BLOCK:
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
         x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
@@ -195,11 +207,13 @@ def run(x, warps=4, chunk=128, trans=0, persistent=0, stages=1, meta=None, rch=N
 # or the column strips alone ("col", 3 bytes).
 VARIANTS = {}
 for w in (2, 4, 8):
-    for rch, cch in ((64, 64), (32, 64), (64, 32)):
-        VARIANTS[f"slices w{w} r{rch} c{cch}"] = (run, dict(warps=w, trans=4, chunk=cch, rch=rch), "both")
-for w in (4, 8, 16):
-    for orient in (0, 1, 2):
-        for chunk in (32, 64, 128):
+    for trans in (4, 5):
+        for rch, cch in ((64, 64), (32, 32), (64, 16), (64, 8)):
+            VARIANTS[f"slices w{w} t{trans} r{rch} c{cch}"] = (run, dict(warps=w, trans=trans, chunk=cch, rch=rch),
+                                                               "both")
+for w in (2, 4, 8, 16):
+    for orient in (0, 2):
+        for chunk in (8, 16, 32, 64, 128):
             VARIANTS[f"col w{w} o{orient} c{chunk}"] = (run_col, dict(warps=w, orient=orient, chunk=chunk), "col")
 
 
