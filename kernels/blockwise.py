@@ -86,8 +86,9 @@ def block_kernel(
                 tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True),
                          mask=mask)
 
-# Slices of a strips tile (rows per row slice, columns per column slice) when both kinds of strips
-# are written, from the H200 sweep (docs/benchmarks.md, "Blockwise scaling").
+
+# Slices of a strips tile (rows per row slice, columns per column slice), from the H200 runs of the
+# both-layouts cast (docs/benchmarks.md, "Blockwise scaling"); the column strips alone use the same.
 SUB_M = SUB_N = 64
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
@@ -97,7 +98,7 @@ ROW_STRIP_BLOCK_M = 32
 
 def _default_warps(square: bool, write_row: bool, write_col: bool) -> int:
     if not square:
-        return 4  # row strips alone (32-row programs), or both kinds of strips (128-row tiles)
+        return 4  # row strips alone (32-row programs), column strips or both kinds (128-row tiles)
     return 16 if write_col and not write_row else 4 if write_row and not write_col else 8
 
 
