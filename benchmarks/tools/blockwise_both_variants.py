@@ -30,6 +30,42 @@ from f8tensor.kernels.scale import INTERPRETING, scale_from_amax
 
 
 @triton.jit
+def _rows(x, r, cols, row_ptr, row_scale_ptr, pid_n, M, N, mask, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+          POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """The 1 x 128 row strips of x [r, cols]: scales along axis 1, the data row-major."""
+    rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+    tl.store(row_scale_ptr + pid_n * M + r, rs, mask=r < M)
+    q = _cast_tile(x, rm[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    tl.store(row_ptr + r[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def _cols(x, rows, c, col_ptr, col_scale_ptr, pid_m, M, N, mask, out_ty: tl.constexpr, TRANS_DATA: tl.constexpr,
+          FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+          MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """The 128 x 1 column strips of x [rows, c] as laid out: scales along axis 0, the data stored
+    column-major through the store's layout (TRANS_DATA off) or tl.trans of the fp8 data (on)."""
+    cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+    tl.store(col_scale_ptr + pid_m * N + c, cs, mask=c < N)
+    q = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+    if TRANS_DATA:
+        tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    else:
+        tl.store(col_ptr + rows[:, None] + c[None, :].to(tl.int64) * M, q, mask=mask)
+
+
+@triton.jit
+def _cols_of_transpose(xt, rows, c, col_ptr, col_scale_ptr, pid_m, M, N, mask_t, out_ty: tl.constexpr,
+                       FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                       MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """The same strips from x's transpose xt [c, rows]: scales along axis 1, the data stored as laid out."""
+    cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+    tl.store(col_scale_ptr + pid_m * N + c, cs, mask=c < N)
+    q = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True), mask=mask_t)
+
+
+@triton.jit
 def _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, pid_m, pid_n,
           FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
           MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -42,55 +78,33 @@ def _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m,
         for i in tl.static_range(BLOCK // RCH):
             r = pid_m * BLOCK + i * RCH + tl.arange(0, RCH)
             x, mask = _load(x_ptr, r, cols, M, N, stride_m, stride_n)
-            rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            tl.store(row_scale_ptr + pid_n * M + r, rs, mask=r < M)
-            q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(row_ptr + r[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+            _rows(x, r, cols, row_ptr, row_scale_ptr, pid_n, M, N, mask,
+                  FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
         for j in tl.static_range(BLOCK // CHUNK):
             c = pid_n * BLOCK + j * CHUNK + tl.arange(0, CHUNK)
             if TRANS == 4:
                 xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)
-                cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                         POWER_OF_2)
-                qc = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True),
-                         mask=mask)
+                _cols_of_transpose(xt, rows, c, col_ptr, col_scale_ptr, pid_m, M, N, mask, out_ty,
+                                   FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
             else:
                 x, mask = _load(x_ptr, rows, c, M, N, stride_m, stride_n)
-                cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                         POWER_OF_2)
-                qc = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(col_ptr + rows[:, None] + c[None, :].to(tl.int64) * M, qc.to(tl.uint8, bitcast=True),
-                         mask=mask)
-            tl.store(col_scale_ptr + pid_m * N + c, cs, mask=c < N)
+                _cols(x, rows, c, col_ptr, col_scale_ptr, pid_m, M, N, mask, out_ty, False,
+                      FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
     elif CHUNK == BLOCK:
         cols = pid_n * BLOCK + tl.arange(0, BLOCK)
         x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-        bits = magnitude_bits(x)
-        rm, rs = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-        tl.store(row_scale_ptr + pid_n * M + rows, rs, mask=rows < M)
-        q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        _rows(x, rows, cols, row_ptr, row_scale_ptr, pid_n, M, N, mask,
+              FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
         if TRANS >= 2:  # the column path on x's transpose: 2 = tl.trans in registers, 3 = loaded again
             if TRANS == 2:
                 xt = tl.trans(x)
             else:
                 xt, _ = _load(x_ptr, cols, rows, N, M, stride_n, stride_m)
-            cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            tl.store(col_scale_ptr + pid_m * N + cols, cs, mask=cols < N)
-            qc = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(col_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True),
-                     mask=tl.trans(mask))
+            _cols_of_transpose(xt, rows, cols, col_ptr, col_scale_ptr, pid_m, M, N, tl.trans(mask), out_ty,
+                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
         else:
-            cm, cs = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-            tl.store(col_scale_ptr + pid_m * N + cols, cs, mask=cols < N)
-            qc = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
-            if TRANS:
-                tl.store(col_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qc), mask=tl.trans(mask))
-            else:
-                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, qc, mask=mask)
+            _cols(x, rows, cols, col_ptr, col_scale_ptr, pid_m, M, N, mask, out_ty, TRANS == 1,
+                  FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
     else:
         # column chunks: each chunk's columns are whole (128 rows): cast and store them now; the rows'
         # amax accumulates, and the row cast reads the chunks again (L2).
@@ -98,15 +112,9 @@ def _tile(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m,
         for c in tl.static_range(BLOCK // CHUNK):
             cols = pid_n * BLOCK + c * CHUNK + tl.arange(0, CHUNK)
             x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-            bits = magnitude_bits(x)
-            racc = tl.maximum(racc, tl.max(bits, 1))
-            cm, cs = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-            tl.store(col_scale_ptr + pid_m * N + cols, cs, mask=cols < N)
-            qc = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
-            if TRANS:
-                tl.store(col_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qc), mask=tl.trans(mask))
-            else:
-                tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, qc, mask=mask)
+            racc = tl.maximum(racc, tl.max(magnitude_bits(x), 1))
+            _cols(x, rows, cols, col_ptr, col_scale_ptr, pid_m, M, N, mask, out_ty, TRANS == 1,
+                  FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
         rm, rs = scale_from_amax(racc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
         tl.store(row_scale_ptr + pid_n * M + rows, rs, mask=rows < M)
         for c in tl.static_range(BLOCK // CHUNK):
@@ -150,21 +158,12 @@ def col_kernel(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
         c = pid_n * BLOCK + j * CHUNK + tl.arange(0, CHUNK)
         if ORIENT == 2:
             xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)
-            cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            qc = _cast_tile(xt, cm[:, None], tl.float8e4nv, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], qc.to(tl.uint8, bitcast=True), mask=mask)
+            _cols_of_transpose(xt, rows, c, col_ptr, col_scale_ptr, pid_m, M, N, mask, tl.float8e4nv,
+                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
         else:
             x, mask = _load(x_ptr, rows, c, M, N, stride_m, stride_n)
-            cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            q = _cast_tile(x, cm[None, :], tl.float8e4nv, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            q = q.to(tl.uint8, bitcast=True)
-            if ORIENT == 1:
-                tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], tl.trans(q), mask=tl.trans(mask))
-            else:
-                tl.store(col_ptr + rows[:, None] + c[None, :].to(tl.int64) * M, q, mask=mask)
-        tl.store(col_scale_ptr + pid_m * N + c, cs, mask=c < N)
+            _cols(x, rows, c, col_ptr, col_scale_ptr, pid_m, M, N, mask, tl.float8e4nv, ORIENT == 1,
+                  FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
 
 
 def run_col(x, warps=4, chunk=64, orient=0, meta=None):
