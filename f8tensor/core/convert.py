@@ -9,7 +9,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .class_swap import swap_class, swap_reason
 from .config import Float8Config
-from .linear import Float8Linear
+from .linear import Float8Linear, features_reason
 
 logger = logging.getLogger("f8tensor")
 
@@ -33,10 +33,7 @@ def subclass_reason(mod: nn.Linear) -> str | None:
 
 def required_skip_reason(mod: nn.Linear) -> str | None:
     """Why a layer cannot run in float8 at all, or None."""
-    if mod.in_features % 16 or mod.out_features % 16:
-        return (f"in_features={mod.in_features}, out_features={mod.out_features}: "
-                "_scaled_mm needs both divisible by 16")
-    return None
+    return features_reason(mod.in_features, mod.out_features)
 
 
 def default_skip_reason(mod: nn.Linear) -> str | None:

@@ -221,6 +221,13 @@ def share_hooks(new: nn.Module, mod: nn.Module) -> None:
         setattr(new, name, getattr(mod, name))
 
 
+def features_reason(in_features: int, out_features: int) -> str | None:
+    """Why a layer of these features cannot run _scaled_mm's tensorwise or rowwise GEMMs, or None."""
+    if in_features % 16 or out_features % 16:
+        return f"in_features={in_features}, out_features={out_features}: _scaled_mm needs both divisible by 16"
+    return None
+
+
 class Float8Linear(QuietSubclasses, nn.Linear):
     """Drop-in nn.Linear: same parameters and state_dict, float8 GEMMs in forward and backward.
 
@@ -231,12 +238,12 @@ class Float8Linear(QuietSubclasses, nn.Linear):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  config: Float8Config | None = None):
         config = config or Float8Config()
-        if config.scaling_granularity != "blockwise" and (in_features % 16 or out_features % 16):
+        reason = None if config.scaling_granularity == "blockwise" else features_reason(in_features, out_features)
+        if reason is not None:
             # Forward may run (K is zero-padded), backward would not: refused up front.
             raise ValueError(
-                f"Float8Linear({in_features}, {out_features}): the {config.scaling_granularity} recipe's "
-                "GEMMs need in_features and out_features divisible by 16 (each is the output width of one "
-                "of the three GEMMs); pad the features, keep this layer in high precision, or use the "
+                f"Float8Linear with {config.scaling_granularity} scaling: {reason} (each is the output width "
+                "of one of the three GEMMs); pad the features, keep this layer in high precision, or use the "
                 "blockwise recipe, whose GEMMs are padded")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config

@@ -326,6 +326,7 @@ def scaled_mm_data(
 # taken as not): by version, as the answer must be a constant under torch.compile.
 CPU_ROWWISE_KERNEL = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
+
 def tensorwise_as_rowwise(a_scale, b_scale, M: int, N: int):
     """Two tensorwise scales as the rowwise scales of the same product: [M, 1] and [1, N], dense."""
     return a_scale.reshape(1, 1).expand(M, 1).contiguous(), b_scale.reshape(1, 1).expand(1, N).contiguous()
