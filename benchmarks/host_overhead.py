@@ -16,7 +16,7 @@ import time
 import torch
 
 import f8tensor.kernels.quantize as quantize_module
-from f8tensor import Float8Linear, to_float8
+from f8tensor import Float8Config, Float8Linear, to_float8
 from f8tensor.kernels.quantize import quantize_triton
 
 
@@ -53,6 +53,8 @@ def main():
     args = ap.parse_args()
     x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+    kept = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16,
+                        config=Float8Config(keep_fp8_weight=True))
     xg = x.clone().requires_grad_()
     a8, b8 = x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
@@ -67,6 +69,10 @@ def main():
         "torch.empty x3": lambda: [torch.empty(256, 256, device="cuda") for _ in range(3)],
         "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
         "nn.Linear fwd+bwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
+        # forward alone (its graph is built, then dropped), and with the weight's float8 copies kept
+        "Float8Linear fwd": lambda: lin(xg),
+        "nn.Linear fwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight),
+        "Float8Linear fwd+bwd, keep_fp8_weight": lambda: kept(xg).sum().backward(),
         # the floor under the layer's three GEMMs: PyTorch's own per-call cost of each kind of GEMM
         "torch._scaled_mm x3": lambda: [torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16)
                                         for _ in range(3)],
