@@ -10,7 +10,11 @@ and writes what the caller asked for from it:
   axes, come from one program: it casts the rows in row slices, then loads the tile again in
   transposed column slices, which the row slices have just brought into L2 (the rowwise recipe
   reads x twice from memory for its two layouts);
-- weights (SQUARE on): one scale per 128 x 128 tile, the data row-major and/or column-major.
+- weights (SQUARE on): one scale per 128 x 128 tile, the data row-major and/or column-major;
+- the column strips alone (a layer's backward casting a saved x): `_col_strips`, slices of the
+  tile loaded as laid out and stored transposed, with 64-bit arithmetic only in the tile's base
+  pointers and no masks when the shape is a multiple of the tile (the both-layouts path's slices
+  did not gain from either: docs/benchmarks.md, "Blockwise scaling").
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
@@ -35,15 +39,51 @@ def _load(x_ptr, rows, cols, M, N, stride_m, stride_n):
 
 
 @triton.jit
+def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty: tl.constexpr,
+                FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr):
+    """The 128 x 1 column strips of one BLOCK_M x BLOCK_N tile, in SUB_N-column slices loaded as laid
+    out, each column's scale along axis 0, the data stored column-major. Offsets inside the tile are
+    int32 (the caller checks that they fit), the tile's base pointers int64; EVEN: the tile is whole."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
+    col_tile = col_ptr + n0.to(tl.int64) * M + m0
+    scale_row = col_scale_ptr + pid_m.to(tl.int64) * N + n0
+    lr = tl.arange(0, BLOCK_M)
+    for j in tl.static_range(BLOCK_N // SUB_N):
+        lc = j * SUB_N + tl.arange(0, SUB_N)
+        offsets = lr[:, None] * stride_m + lc[None, :] * stride_n
+        if EVEN:
+            x = tl.load(x_tile + offsets)
+        else:
+            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
+            x = tl.load(x_tile + offsets, mask=mask, other=0.0)
+        multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True),
+                                            FP8_MAX, EPS, POWER_OF_2)
+        q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+        q = q.to(tl.uint8, bitcast=True)
+        if EVEN:
+            tl.store(scale_row + lc, scale)
+            tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
+        else:
+            tl.store(scale_row + lc, scale, mask=n0 + lc < N)
+            tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
+
+
+@triton.jit
 def block_kernel(
     x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+    SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
-    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major."""
+    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major. EVEN: M and N
+    are multiples of the tile; OFFSETS_32: offsets inside a tile fit int32 (used by the column
+    strips alone, which otherwise take the both-layouts path's column slices)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -74,7 +114,10 @@ def block_kernel(
                 tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
                 q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
                 tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-        if WRITE_COL:
+        if WRITE_COL and not WRITE_ROW and OFFSETS_32:
+            _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
+                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN)
+        elif WRITE_COL:
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             for j in tl.static_range(BLOCK_N // SUB_N):
                 c = pid_n * BLOCK_N + j * SUB_N + tl.arange(0, SUB_N)
@@ -88,8 +131,9 @@ def block_kernel(
 
 
 # Slices of a strips tile (rows per row slice, columns per column slice), from the H200 runs of the
-# both-layouts cast (docs/benchmarks.md, "Blockwise scaling"); the column strips alone use the same.
+# both-layouts cast and of the column strips alone (docs/benchmarks.md, "Blockwise scaling").
 SUB_M = SUB_N = 64
+COL_STRIPS_SUB_N = 128
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
@@ -112,7 +156,8 @@ def block_cast_triton(
     row strips are written (any power of two; ROW_STRIP_BLOCK_M by default; 128 otherwise, where
     tiles are scale blocks).
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
-    by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default)."""
+    by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
+    COL_STRIPS_SUB_N for the column strips alone)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -135,7 +180,10 @@ def block_cast_triton(
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
     if M and N:
         sub = bm if square else min(sub_m or SUB_M, bm)
-        sub_n = BLOCK if square else sub_n or SUB_N
+        sub_n = BLOCK if square else sub_n or (SUB_N if write_row else COL_STRIPS_SUB_N)
+        # Offsets inside one tile (rows x stride_m + columns x stride_n; the column-major store's
+        # columns x M + rows) fit int32: the column strips alone then add 64 bits only per tile.
+        offsets_32 = BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
         num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
@@ -143,7 +191,8 @@ def block_cast_triton(
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
-                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub, SUB_N=sub_n)
+                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub, SUB_N=sub_n,
+                      EVEN=M % bm == 0 and N % BLOCK == 0, OFFSETS_32=offsets_32)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -127,6 +127,34 @@ def test_dispatch_matches_reference():
         same(quantize_blocks(x, E4M3, square=square, write_col=True), reference(x, E4M3, False, square, True, True))
 
 
+@pytest.mark.parametrize("make", ["col_major", "row_slice"])
+def test_strided_inputs_column_strips_alone(make):
+    base = spanning_values((300, 260), torch.bfloat16)
+    x = base.t().contiguous().t() if make == "col_major" else base[:, 3:259]
+    same(block_cast_triton(x, E4M3, write_row=False, write_col=True), reference(x, E4M3, False, False, False, True))
+
+
+@gpu_only
+def test_column_strips_past_int32_offsets():
+    """The column strips alone use 64-bit arithmetic only in each tile's base pointers: an input of
+    more than 2**31 elements (64-bit bases, 32-bit offsets inside a tile), and a row stride past
+    2**31 (offsets inside a tile past int32: the kernel takes its 64-bit path)."""
+    x = torch.randn(65536 + 64, 32768 + 128, device="cuda", dtype=torch.bfloat16)
+    _, _, col, col_scale = block_cast_triton(x, E4M3, write_row=False, write_col=True)
+    for start in (0, 65536):  # the first and the last (partial) row of tiles
+        rows = slice(start, start + 128)
+        _, _, want, want_scale = reference(x[rows], E4M3, False, False, False, True)
+        same_fp8(col[rows].contiguous(), want.contiguous())
+        assert torch.equal(col_scale[start // 128:start // 128 + 1], want_scale)
+    del x, col
+    big = torch.empty((2, 2**31 + 16), device="cuda", dtype=torch.bfloat16)
+    x = big[:, :192]
+    x.copy_(torch.randn(2, 192) * 3)
+    same(block_cast_triton(x, E4M3, write_row=False, write_col=True), reference(x, E4M3, False, False, False, True))
+    del big, x
+    torch.cuda.empty_cache()
+
+
 @gpu_only
 def test_llama_sized_tensor_bit_exact():
     x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16) * 3
