@@ -3,7 +3,7 @@ strips of one x), each checked bit for bit against block_cast_triton and timed a
 bandwidth of the same run (docs/benchmarks.md, "Blockwise scaling"; results in
 docs/data/kernels_blockwise_both_variants.txt).
 
-    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl [NAME_PREFIX]   (only variants so named)
+    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl [NAME_PART]   (only variants whose names contain it)
 
 `col_kernel` / `run_col`: variants of the column strips alone (the layout a layer's backward casts
 x into when forward kept no float8 copy).
@@ -206,11 +206,14 @@ def run(x, warps=4, chunk=128, trans=0, persistent=0, stages=1, meta=None, rch=N
 def lean_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, RCH: tl.constexpr,
-                CHUNK: tl.constexpr, EVEN: tl.constexpr, WRITE_ROW: tl.constexpr, ORIENT: tl.constexpr):
+                CHUNK: tl.constexpr, EVEN: tl.constexpr, WRITE_ROW: tl.constexpr, ORIENT: tl.constexpr,
+                AMAX_FROM_ROWS: tl.constexpr = False):
     """The strips cast (t4 slices; the column strips alone with WRITE_ROW off) with 64-bit arithmetic
     only in each program's base pointers: offsets inside a tile in int32 (the caller checks that
     128 * max(stride_m, M, N) fits), and no masks when M and N are multiples of 128 (EVEN).
-    ORIENT 0 loads column slices transposed, 1 as laid out (stored transposed)."""
+    ORIENT 0 loads column slices transposed, 1 as laid out (stored transposed). AMAX_FROM_ROWS (with
+    WRITE_ROW, CHUNK = BLOCK): the column amaxes come from the row slices' loads, so the column pass
+    only casts, in the same row slices (CHUNK and ORIENT unused)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK, pid_n * BLOCK
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
@@ -225,7 +228,13 @@ def lean_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, str
             else:
                 mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
                 x = tl.load(x_tile + lr[:, None] * stride_m + lc[None, :] * stride_n, mask=mask, other=0.0)
-            rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+            bits = magnitude_bits(x)
+            if AMAX_FROM_ROWS:
+                if i == 0:
+                    cacc = tl.max(bits, 0)
+                else:
+                    cacc = tl.maximum(cacc, tl.max(bits, 0))
+            rm, rs = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
                                      POWER_OF_2)
             q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
             if EVEN:
@@ -235,46 +244,70 @@ def lean_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, str
                 tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs, mask=m0 + lr < M)
                 tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
     col_tile = col_ptr + n0.to(tl.int64) * M + m0
-    lr = tl.arange(0, BLOCK)
-    for j in tl.static_range(BLOCK // CHUNK):
-        jc = j * CHUNK + tl.arange(0, CHUNK)
-        if ORIENT == 0:  # [CHUNK, BLOCK]: the transpose of the slice
-            offs = jc[:, None] * stride_n + lr[None, :] * stride_m
-            if EVEN:
-                xt = tl.load(x_tile + offs)
-            else:
-                mask = (n0 + jc < N)[:, None] & (m0 + lr < M)[None, :]
-                xt = tl.load(x_tile + offs, mask=mask, other=0.0)
-            cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            q = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            q = q.to(tl.uint8, bitcast=True)
-            if EVEN:
-                tl.store(col_tile + jc[:, None] * M + lr[None, :], q)
-            else:
-                tl.store(col_tile + jc[:, None] * M + lr[None, :], q, mask=mask)
-        else:  # [BLOCK, CHUNK] as laid out
-            offs = lr[:, None] * stride_m + jc[None, :] * stride_n
+    if AMAX_FROM_ROWS:  # the column pass in the same row slices, read again (L2), cast with known scales
+        cm, cs = scale_from_amax(cacc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+        for i in tl.static_range(BLOCK // RCH):
+            lr = i * RCH + tl.arange(0, RCH)
+            offs = lr[:, None] * stride_m + lc[None, :] * stride_n
             if EVEN:
                 x = tl.load(x_tile + offs)
             else:
-                mask = (m0 + lr < M)[:, None] & (n0 + jc < N)[None, :]
+                mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
                 x = tl.load(x_tile + offs, mask=mask, other=0.0)
-            cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
             q = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
             q = q.to(tl.uint8, bitcast=True)
             if EVEN:
-                tl.store(col_tile + jc[None, :] * M + lr[:, None], q)
+                tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
             else:
-                tl.store(col_tile + jc[None, :] * M + lr[:, None], q, mask=mask)
+                tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
         if EVEN:
-            tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + jc, cs)
+            tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs)
         else:
-            tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + jc, cs, mask=n0 + jc < N)
+            tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs, mask=n0 + lc < N)
+    else:
+        lr = tl.arange(0, BLOCK)
+        for j in tl.static_range(BLOCK // CHUNK):
+            jc = j * CHUNK + tl.arange(0, CHUNK)
+            if ORIENT == 0:  # [CHUNK, BLOCK]: the transpose of the slice
+                offs = jc[:, None] * stride_n + lr[None, :] * stride_m
+                if EVEN:
+                    xt = tl.load(x_tile + offs)
+                else:
+                    mask = (n0 + jc < N)[:, None] & (m0 + lr < M)[None, :]
+                    xt = tl.load(x_tile + offs, mask=mask, other=0.0)
+                cm, cs = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                         POWER_OF_2)
+                q = _cast_tile(xt, cm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                q = q.to(tl.uint8, bitcast=True)
+                if EVEN:
+                    tl.store(col_tile + jc[:, None] * M + lr[None, :], q)
+                else:
+                    tl.store(col_tile + jc[:, None] * M + lr[None, :], q, mask=mask)
+            else:  # [BLOCK, CHUNK] as laid out
+                offs = lr[:, None] * stride_m + jc[None, :] * stride_n
+                if EVEN:
+                    x = tl.load(x_tile + offs)
+                else:
+                    mask = (m0 + lr < M)[:, None] & (n0 + jc < N)[None, :]
+                    x = tl.load(x_tile + offs, mask=mask, other=0.0)
+                if AMAX_FROM_ROWS:
+                    cm, cs = scale_from_amax(cacc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+                else:
+                    cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                             POWER_OF_2)
+                q = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                q = q.to(tl.uint8, bitcast=True)
+                if EVEN:
+                    tl.store(col_tile + jc[None, :] * M + lr[:, None], q)
+                else:
+                    tl.store(col_tile + jc[None, :] * M + lr[:, None], q, mask=mask)
+            if EVEN:
+                tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + jc, cs)
+            else:
+                tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + jc, cs, mask=n0 + jc < N)
 
 
-def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, meta=None):
+def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, amax_from_rows=False, meta=None):
     M, N = x.shape
     assert 128 * max(x.stride(0), x.stride(1), M, N) < 2 ** 31
     mb, nb = cdiv(M, 128), cdiv(N, 128)
@@ -285,7 +318,7 @@ def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, meta=None):
     k = lean_kernel[(mb, nb)](x, row if write_row else col_t, row_scale, col_t.view(torch.uint8), col_scale, M, N,
                               x.stride(0), x.stride(1), **_format(torch.float8_e4m3fn, False, INTERPRETING, x),
                               BLOCK=128, RCH=rch, CHUNK=chunk, EVEN=M % 128 == 0 and N % 128 == 0,
-                              WRITE_ROW=write_row, ORIENT=orient, num_warps=warps)
+                              WRITE_ROW=write_row, ORIENT=orient, AMAX_FROM_ROWS=amax_from_rows, num_warps=warps)
     if meta is not None and hasattr(k, "n_regs"):
         meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
     return row, row_scale, col_t.t(), col_scale
@@ -294,6 +327,10 @@ def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, meta=None):
 # name -> (runner, options, what it writes): "both" layouts (4 bytes moved per element of a bf16 x)
 # or the column strips alone ("col", 3 bytes).
 VARIANTS = {}
+for w in (2, 4, 8):
+    for rch in (16, 32, 64):
+        VARIANTS[f"lean both w{w} r{rch} amax from rows"] = (
+            run_lean, dict(warps=w, rch=rch, amax_from_rows=True), "both")
 for w in (2, 4, 8):
     for rch, cch in ((64, 64), (32, 64), (64, 32)):
         for orient in (0, 1):
@@ -326,14 +363,14 @@ def main():
     xs = {s: torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in shapes}
     writes = {"both": dict(write_row=True, write_col=True), "col": dict(write_row=False, write_col=True)}
     for what, kw in writes.items():
-        if len(sys.argv) > 2 and what != VARIANTS[next(n for n in VARIANTS if n.startswith(sys.argv[2]))][2]:
+        if len(sys.argv) > 2 and what != VARIANTS[next(n for n in VARIANTS if sys.argv[2] in n)][2]:
             continue
         per = 4 if what == "both" else 3
         base = {s: gpu_ms(lambda: block_cast_triton(xs[s], torch.float8_e4m3fn, **kw)) for s in shapes}
         print(f"kernel {what}", {f"{m}x{n}": f"{ms:.4f} {per * m * n / ms / 1e9 / copy_bw:.3f}"
                                  for (m, n), ms in base.items()}, flush=True)
     for name, (runner, opts, what) in VARIANTS.items():
-        if len(sys.argv) > 2 and not name.startswith(sys.argv[2]):
+        if len(sys.argv) > 2 and sys.argv[2] not in name:
             continue
         per = 4 if what == "both" else 3
         try:
