@@ -1,0 +1,56 @@
+"""Float8Linear vs nn.Linear host time under process settings (docs/benchmarks.md, "Host overhead").
+
+    python benchmarks/tools/host_modes.py
+
+Settings: the default; torch.autograd.set_multithreading_enabled(False) (backward runs on the
+calling thread instead of autograd's CUDA device thread); the process pinned to one CPU; both.
+Five rounds, the settings interleaved within each, medians (the GPU machine's host time varies
+from run to run by more than the cases differ). Also three _scaled_mm calls of the layer's three
+kinds in turn against one kind three times.
+"""
+import os, statistics, time, torch
+from f8tensor import Float8Config, Float8Linear
+from f8tensor.core.ops import scaled_mm_data
+from f8tensor.kernels import quantize_with_amax
+
+def host_us(fn, n=200):
+    fn(); torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n): fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+xg = x.clone().requires_grad_()
+lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+kept = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16, config=Float8Config(keep_fp8_weight=True))
+a8 = x.to(torch.float8_e4m3fn); g8 = x.to(torch.float8_e5m2); one = torch.ones((), device="cuda")
+cases = {
+    "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
+    "nn.Linear fwd+bwd": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
+    "Float8Linear keep_fp8_weight": lambda: kept(xg).sum().backward(),
+    "_scaled_mm 3 kinds alternating": lambda: (
+        torch._scaled_mm(a8, a8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
+        torch._scaled_mm(g8.t().contiguous(), a8.t(), one, one, out_dtype=torch.bfloat16),
+        torch._scaled_mm(g8, a8.t().contiguous().t(), one, one, out_dtype=torch.bfloat16)),
+    "_scaled_mm one kind x3": lambda: [torch._scaled_mm(a8, a8.t(), one, one, out_dtype=torch.bfloat16)
+                                       for _ in range(3)],
+}
+cpus = sorted(os.sched_getaffinity(0))
+print("cpus", len(cpus), "python threads", flush=True)
+modes = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads"]
+res = {(m, c): [] for m in modes for c in cases}
+for r in range(5):
+    for m in modes:
+        os.sched_setaffinity(0, {cpus[0]} if "one CPU" in m else set(cpus))
+        with torch.autograd.set_multithreading_enabled("no autograd" not in m):
+            for c, fn in cases.items():
+                res[m, c].append(host_us(fn))
+os.sched_setaffinity(0, set(cpus))
+for m in modes:
+    f8 = statistics.median(res[m, "Float8Linear fwd+bwd"]); bf = statistics.median(res[m, "nn.Linear fwd+bwd"])
+    print(f"== {m}: Float8Linear / nn.Linear = {f8 / bf:.2f}", flush=True)
+    for c in cases:
+        v = res[m, c]
+        print(f"   {c:<34} median {statistics.median(v):8.1f} us  (min {min(v):7.1f}, max {max(v):7.1f})", flush=True)
