@@ -11,24 +11,13 @@ Triton's own launch path.
 import argparse
 import cProfile
 import pstats
-import time
 
 import torch
 
 import f8tensor.kernels.quantize as quantize_module
 from f8tensor import Float8Config, Float8Linear, to_float8
 from f8tensor.kernels.quantize import quantize_triton
-
-
-def host_us(fn, n=200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return t / n * 1e6
+from tools.common import host_us
 
 
 class _ThreeGemms(torch.autograd.Function):

@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 
 import torch
 import triton
@@ -53,6 +54,25 @@ def _driver_version() -> str | None:
 def bench_ms(fn, warmup=25, rep=100) -> float:
     """Median time of fn in milliseconds (CUDA events via triton.testing.do_bench)."""
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def host_and_wall_us(fn, n: int = 200) -> tuple[float, float]:
+    """Microseconds per call of fn over n calls after one: host time (until the last call returns)
+    and wall time (until the GPU has finished too). Equal when the GPU never held the CPU back."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return host / n * 1e6, wall / n * 1e6
+
+
+def host_us(fn, n: int = 200) -> float:
+    """Host microseconds per call of fn (`host_and_wall_us`'s first figure)."""
+    return host_and_wall_us(fn, n)[0]
 
 
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:

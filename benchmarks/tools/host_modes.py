@@ -8,18 +8,16 @@ Five rounds, the settings interleaved within each, medians (the GPU machine's ho
 from run to run by more than the cases differ). Also three _scaled_mm calls of the layer's three
 kinds in turn against one kind three times.
 """
-import os, statistics, time, torch
-from f8tensor import Float8Config, Float8Linear
-from f8tensor.core.ops import scaled_mm_data
-from f8tensor.kernels import quantize_with_amax
+import os
+import statistics
+import sys
 
-def host_us(fn, n=200):
-    fn(); torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n): fn()
-    t = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return t / n * 1e6
+import torch
+
+from f8tensor import Float8Config, Float8Linear
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tools.common import host_us  # noqa: E402
 
 x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
 xg = x.clone().requires_grad_()

@@ -8,21 +8,21 @@ Function's forward and backward as the layer splits them; then a torch.profiler 
 of 20 Float8Linear forward + backward calls. Host time per call and wall time (host plus the wait
 for the GPU at the end) side by side: equal, the GPU never held the CPU back.
 """
-import threading, time, torch
+import os
+import sys
+import threading
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from f8tensor import Float8Linear
 from f8tensor.core.ops import scaled_mm_data
 from f8tensor.kernels import quantize_with_amax
 
-E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tools.common import host_and_wall_us  # noqa: E402
 
-def host_us(fn, n=300):
-    fn(); torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n): fn()
-    t = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    w = time.perf_counter() - t0
-    return t / n * 1e6, w / n * 1e6
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 
 x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
 xg = x.clone().requires_grad_()
@@ -68,28 +68,30 @@ class FnEmptyBwd(torch.autograd.Function):
     def backward(ctx, grad):
         return grad
 
-def in_thread(fn, n=300):
+N = 300  # calls per timing
+
+
+def in_thread(fn, n=N):
     res = []
-    th = threading.Thread(target=lambda: res.append(host_us(fn, n)))
+    th = threading.Thread(target=lambda: res.append(host_and_wall_us(fn, n)))
     th.start(); th.join()
     return res[0]
 
 cases = {
-    "B: layer ops inline, main thread": lambda: host_us(inline),
+    "B: layer ops inline, main thread": lambda: host_and_wall_us(inline, N),
     "C: layer ops inline, other thread": lambda: in_thread(inline),
-    "A: layer ops in autograd fwd/bwd": lambda: host_us(lambda: Fn.apply(xg).sum().backward()),
-    "A0: fwd ops, empty backward": lambda: host_us(lambda: FnEmptyBwd.apply(xg).sum().backward()),
-    "fwd ops only": lambda: host_us(lambda: fwd_ops(x)),
-    "bwd ops only": lambda: host_us(lambda: bwd_ops(g, *fwd_ops(x)[1:])),
-    "Float8Linear fwd+bwd": lambda: host_us(lambda: lin(xg).sum().backward()),
-    "nn.Linear fwd+bwd": lambda: host_us(lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward()),
+    "A: layer ops in autograd fwd/bwd": lambda: host_and_wall_us(lambda: Fn.apply(xg).sum().backward(), N),
+    "A0: fwd ops, empty backward": lambda: host_and_wall_us(lambda: FnEmptyBwd.apply(xg).sum().backward(), N),
+    "fwd ops only": lambda: host_and_wall_us(lambda: fwd_ops(x), N),
+    "bwd ops only": lambda: host_and_wall_us(lambda: bwd_ops(g, *fwd_ops(x)[1:]), N),
+    "Float8Linear fwd+bwd": lambda: host_and_wall_us(lambda: lin(xg).sum().backward(), N),
+    "nn.Linear fwd+bwd": lambda: host_and_wall_us(lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(), N),
 }
 for _ in range(2):
     for name, fn in cases.items():
         h, wall = fn()
         print(f"{name:<40} host {h:8.1f} us  wall {wall:8.1f} us per call", flush=True)
 
-from torch.profiler import profile, ProfilerActivity
 for _ in range(5): lin(xg).sum().backward()
 torch.cuda.synchronize()
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -98,5 +100,4 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
 ka = prof.key_averages()
 print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 print(ka.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
-import os
 prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "/tmp"), "f8linear_trace.json"))
