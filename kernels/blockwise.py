@@ -81,9 +81,9 @@ def block_kernel(
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
-    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major. EVEN: M and N
-    are multiples of the tile; OFFSETS_32: offsets inside a tile fit int32 (used by the column
-    strips alone, which otherwise take the both-layouts path's column slices)."""
+    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major. For the column
+    strips alone: OFFSETS_32, offsets inside a tile fit int32 (`_col_strips` runs; otherwise the
+    both-layouts path's column slices); EVEN, M and N are multiples of the tile."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -157,7 +157,7 @@ def block_cast_triton(
     tiles are scale blocks).
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
     by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
-    COL_STRIPS_SUB_N for the column strips alone)."""
+    COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -180,10 +180,14 @@ def block_cast_triton(
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
     if M and N:
         sub = bm if square else min(sub_m or SUB_M, bm)
-        sub_n = BLOCK if square else sub_n or (SUB_N if write_row else COL_STRIPS_SUB_N)
-        # Offsets inside one tile (rows x stride_m + columns x stride_n; the column-major store's
-        # columns x M + rows) fit int32: the column strips alone then add 64 bits only per tile.
-        offsets_32 = BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+        # The column strips alone: offsets inside one tile (rows x stride_m + columns x stride_n;
+        # the column-major store's columns x M + rows) fit int32 where this holds, and
+        # `_col_strips` then adds 64 bits only per tile; otherwise the both-layouts path's slices.
+        # Other casts take neither flag (one compiled kernel each).
+        col_alone = write_col and not write_row and not square
+        offsets_32 = col_alone and BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+        even = offsets_32 and M % BLOCK == 0 and N % BLOCK == 0
+        sub_n = BLOCK if square else sub_n or (COL_STRIPS_SUB_N if offsets_32 else SUB_N)
         num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
@@ -192,7 +196,7 @@ def block_cast_triton(
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub, SUB_N=sub_n,
-                      EVEN=M % bm == 0 and N % BLOCK == 0, OFFSETS_32=offsets_32)
+                      EVEN=even, OFFSETS_32=offsets_32)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -139,14 +139,15 @@ def test_column_strips_past_int32_offsets():
     """The column strips alone use 64-bit arithmetic only in each tile's base pointers: an input of
     more than 2**31 elements (64-bit bases, 32-bit offsets inside a tile), and a row stride past
     2**31 (offsets inside a tile past int32: the kernel takes its 64-bit path)."""
-    x = torch.randn(65536 + 64, 32768 + 128, device="cuda", dtype=torch.bfloat16)
-    _, _, col, col_scale = block_cast_triton(x, E4M3, write_row=False, write_col=True)
-    for start in (0, 65536):  # the first and the last (partial) row of tiles
-        rows = slice(start, start + 128)
-        _, _, want, want_scale = reference(x[rows], E4M3, False, False, False, True)
-        same_fp8(col[rows].contiguous(), want.contiguous())
-        assert torch.equal(col_scale[start // 128:start // 128 + 1], want_scale)
-    del x, col
+    for extra in (64, 128):  # the last row of tiles partial (masked), then whole (no masks)
+        x = torch.randn(65536 + extra, 32768 + 128, device="cuda", dtype=torch.bfloat16)
+        _, _, col, col_scale = block_cast_triton(x, E4M3, write_row=False, write_col=True)
+        for start in (0, 65536):  # the first and the last row of tiles
+            rows = slice(start, start + 128)
+            _, _, want, want_scale = reference(x[rows], E4M3, False, False, False, True)
+            same_fp8(col[rows].contiguous(), want.contiguous())
+            assert torch.equal(col_scale[start // 128:start // 128 + 1], want_scale)
+        del x, col
     big = torch.empty((2, 2**31 + 16), device="cuda", dtype=torch.bfloat16)
     x = big[:, :192]
     x.copy_(torch.randn(2, 192) * 3)
