@@ -144,9 +144,16 @@ def test_reset_frees_what_the_tensor_caches_hold_in_every_thread():
         cache.put(key, value)
 
     put(shared_input)
-    worker = threading.Thread(target=put, args=(produced_amax,))
+    stored, release = threading.Event(), threading.Event()
+
+    def work():  # stays alive until after the reset, as autograd's device threads do
+        put(produced_amax)
+        stored.set()
+        release.wait()
+
+    worker = threading.Thread(target=work)
     worker.start()
-    worker.join()
+    stored.wait()
     assert all(v() is not None for v in values)
     gc.disable()
     try:
@@ -154,3 +161,30 @@ def test_reset_frees_what_the_tensor_caches_hold_in_every_thread():
         assert all(v() is None for v in values)
     finally:
         gc.enable()
+        release.set()
+        worker.join()
+
+
+def test_a_finished_threads_cache_entries_go_with_it():
+    """Entries only their own thread can read are freed when it ends, and threads that come and go
+    leave nothing behind in the caches."""
+    import threading
+    import weakref
+
+    from f8tensor.core.tensor_cache import shared_input
+
+    keys, values = [], []
+
+    def put():
+        key, value = torch.randn(4), torch.randn(4)
+        keys.append(key)  # the key outlives the thread: only the thread's end can free the value
+        values.append(weakref.ref(value))
+        shared_input.put(key, value)
+
+    before = len(shared_input.every_thread)
+    for _ in range(20):
+        worker = threading.Thread(target=put)
+        worker.start()
+        worker.join()
+    assert all(v() is None for v in values)
+    assert len(shared_input.every_thread) <= before

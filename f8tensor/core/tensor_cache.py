@@ -28,27 +28,39 @@ import torch
 class _Slot:
     """One entry (a plain object, so a weakref callback from any thread finds it)."""
 
-    __slots__ = ("ref", "key", "value")
+    __slots__ = ("ref", "key", "value", "__weakref__")
 
     def __init__(self):
         self.ref = self.key = self.value = None
 
 
+class _Slots(list):
+    """One thread's slots: a list the registry can hold weakly (weakly referable, hashed and
+    compared by identity)."""
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return self is other
+
+
 class TensorCache:
-    """`size` entries per thread, the oldest replaced first. `clear()` empties every thread's."""
+    """`size` entries per thread, the oldest replaced first. `clear()` empties every live thread's;
+    a thread's entries go when the thread ends (no other thread can read them)."""
 
     def __init__(self, size: int):
         self.size = size
         self.local = threading.local()
-        self.every_slot = []  # every thread's slots, for clear() (list.append is atomic under the GIL)
+        # Every live thread's slots, for clear(): held weakly, so a finished thread's go with it.
+        self.every_thread = weakref.WeakSet()
 
     def _slots(self) -> list:
         local = self.local
         slots = getattr(local, "slots", None)
         if slots is None:
-            slots = local.slots = [_Slot() for _ in range(self.size)]
+            slots = local.slots = _Slots(_Slot() for _ in range(self.size))
             local.next = 0
-            self.every_slot.extend(slots)
+            self.every_thread.add(slots)
         return slots
 
     def get(self, t: torch.Tensor, key: tuple = ()):
@@ -68,16 +80,20 @@ class TensorCache:
         slot = slots[local.next]
         local.next = (local.next + 1) % len(slots)
 
+        slot_ref = weakref.ref(slot)  # weak: a strong one would make slot -> ref -> drop -> slot a cycle
+
         def drop(ref):
-            if slot.ref is ref:
+            slot = slot_ref()
+            if slot is not None and slot.ref is ref:
                 slot.ref = slot.key = slot.value = None
 
         slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, _capturing(t), *key), value
 
     def clear(self) -> None:
         """Forget every entry, in every thread: the values are freed at once (no reference is left)."""
-        for slot in list(self.every_slot):
-            slot.ref = slot.key = slot.value = None
+        for slots in list(self.every_thread):
+            for slot in slots:
+                slot.ref = slot.key = slot.value = None
 
     def __len__(self) -> int:
         """Entries held by this thread."""
