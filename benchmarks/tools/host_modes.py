@@ -6,7 +6,8 @@ Settings: the default; torch.autograd.set_multithreading_enabled(False) (backwar
 calling thread instead of autograd's CUDA device thread); the process pinned to one CPU; both.
 Five rounds, the settings interleaved within each, medians (the GPU machine's host time varies
 from run to run by more than the cases differ). Also three _scaled_mm calls of the layer's three
-kinds in turn against one kind three times.
+kinds in turn against one kind three times, and the layer's own calls inline and split across an
+autograd Function (host_split.py's B and A).
 """
 import os
 import statistics
@@ -18,37 +19,56 @@ from f8tensor import Float8Config, Float8Linear
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tools.common import host_us  # noqa: E402
+from tools.host_split import LayerCalls  # noqa: E402
 
-x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-xg = x.clone().requires_grad_()
-lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
-kept = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16, config=Float8Config(keep_fp8_weight=True))
-a8 = x.to(torch.float8_e4m3fn); g8 = x.to(torch.float8_e5m2); one = torch.ones((), device="cuda")
-cases = {
-    "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
-    "nn.Linear fwd+bwd": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
-    "Float8Linear keep_fp8_weight": lambda: kept(xg).sum().backward(),
-    "_scaled_mm 3 kinds alternating": lambda: (
-        torch._scaled_mm(a8, a8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
-        torch._scaled_mm(g8.t().contiguous(), a8.t(), one, one, out_dtype=torch.bfloat16),
-        torch._scaled_mm(g8, a8.t().contiguous().t(), one, one, out_dtype=torch.bfloat16)),
-    "_scaled_mm one kind x3": lambda: [torch._scaled_mm(a8, a8.t(), one, one, out_dtype=torch.bfloat16)
-                                       for _ in range(3)],
-}
-cpus = sorted(os.sched_getaffinity(0))
-print("cpus", len(cpus), "python threads", flush=True)
-modes = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads"]
-res = {(m, c): [] for m in modes for c in cases}
-for r in range(5):
-    for m in modes:
-        os.sched_setaffinity(0, {cpus[0]} if "one CPU" in m else set(cpus))
-        with torch.autograd.set_multithreading_enabled("no autograd" not in m):
-            for c, fn in cases.items():
-                res[m, c].append(host_us(fn))
-os.sched_setaffinity(0, set(cpus))
-for m in modes:
-    f8 = statistics.median(res[m, "Float8Linear fwd+bwd"]); bf = statistics.median(res[m, "nn.Linear fwd+bwd"])
-    print(f"== {m}: Float8Linear / nn.Linear = {f8 / bf:.2f}", flush=True)
-    for c in cases:
-        v = res[m, c]
-        print(f"   {c:<34} median {statistics.median(v):8.1f} us  (min {min(v):7.1f}, max {max(v):7.1f})", flush=True)
+MODES = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads"]
+
+
+def cases() -> dict:
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+    kept = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16,
+                        config=Float8Config(keep_fp8_weight=True))
+    calls = LayerCalls(lin, x, torch.randn(256, 256, device="cuda", dtype=torch.bfloat16))
+    a8, g8 = x.to(torch.float8_e4m3fn), x.to(torch.float8_e5m2)
+    one = torch.ones((), device="cuda")
+    return {
+        "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
+        "nn.Linear fwd+bwd": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
+        "Float8Linear keep_fp8_weight": lambda: kept(xg).sum().backward(),
+        "the layer's calls inline": calls.inline,
+        "the layer's calls in autograd": lambda: calls.in_autograd(xg),
+        "_scaled_mm 3 kinds alternating": lambda: (
+            torch._scaled_mm(a8, a8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
+            torch._scaled_mm(g8.t().contiguous(), a8.t(), one, one, out_dtype=torch.bfloat16),
+            torch._scaled_mm(g8, a8.t().contiguous().t(), one, one, out_dtype=torch.bfloat16)),
+        "_scaled_mm one kind x3": lambda: [torch._scaled_mm(a8, a8.t(), one, one, out_dtype=torch.bfloat16)
+                                           for _ in range(3)],
+    }
+
+
+def main():
+    timed = cases()
+    cpus = sorted(os.sched_getaffinity(0))
+    print(f"{len(cpus)} CPUs", flush=True)
+    results = {(mode, case): [] for mode in MODES for case in timed}
+    for _ in range(5):
+        for mode in MODES:
+            os.sched_setaffinity(0, {cpus[0]} if "one CPU" in mode else set(cpus))
+            with torch.autograd.set_multithreading_enabled("no autograd" not in mode):
+                for case, fn in timed.items():
+                    results[mode, case].append(host_us(fn))
+    os.sched_setaffinity(0, set(cpus))
+    for mode in MODES:
+        ratio = (statistics.median(results[mode, "Float8Linear fwd+bwd"])
+                 / statistics.median(results[mode, "nn.Linear fwd+bwd"]))
+        print(f"== {mode}: Float8Linear / nn.Linear = {ratio:.2f}", flush=True)
+        for case in timed:
+            v = results[mode, case]
+            print(f"   {case:<34} median {statistics.median(v):8.1f} us  (min {min(v):7.1f}, max {max(v):7.1f})",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,81 +23,109 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tools.common import host_and_wall_us  # noqa: E402
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
-
-x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-xg = x.clone().requires_grad_()
-lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
-w = lin.weight.detach()
-g = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-cfg = lin.config
-
-def fwd_ops(x):
-    xr, xc, xs, _ = quantize_with_amax(x, E4, "both")
-    wr, _, ws, wa = quantize_with_amax(w, E4, "row")
-    out = scaled_mm_data(xr, xs, wr.t(), ws, torch.bfloat16, True, cfg)
-    return out, xc, xs, wa
-
-def bwd_ops(g, xc, xs, wa):
-    gr, gc, gs, _ = quantize_with_amax(g, E5, "both")
-    gw = scaled_mm_data(gc.t(), gs, xc, xs, torch.bfloat16, False, cfg)
-    _, wc, ws, _ = quantize_with_amax(w, E4, "col", amax=wa)
-    gx = scaled_mm_data(gr, gs, wc, ws, torch.bfloat16, False, cfg)
-    return gx, gw
-
-def inline():
-    out, xc, xs, wa = fwd_ops(x)
-    bwd_ops(g, xc, xs, wa)
-
-class Fn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        out, xc, xs, wa = fwd_ops(x)
-        ctx.save_for_backward(xc, xs, wa)
-        return out
-    @staticmethod
-    def backward(ctx, grad):
-        xc, xs, wa = ctx.saved_tensors
-        gx, gw = bwd_ops(grad.contiguous(), xc, xs, wa)
-        return gx
-
-class FnEmptyBwd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return fwd_ops(x)[0]
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
 N = 300  # calls per timing
 
 
+class LayerCalls:
+    """A Float8Linear's own calls on (x, its weight, a gradient g), without the layer: forward's
+    (x in both layouts, the weight row-major, the GEMM) and backward's (g in both layouts, the
+    weight-gradient GEMM, the weight column-major from forward's amax, the input-gradient GEMM)."""
+
+    def __init__(self, lin: Float8Linear, x: torch.Tensor, g: torch.Tensor):
+        self.w, self.config, self.x, self.g = lin.weight.detach(), lin.config, x, g
+        calls = self
+
+        class Split(torch.autograd.Function):
+            """Forward's calls in forward, backward's in backward, as the layer splits them."""
+
+            @staticmethod
+            def forward(ctx, x):
+                out, *saved = calls.forward(x)
+                ctx.save_for_backward(*saved)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                return calls.backward(grad.contiguous(), *ctx.saved_tensors)[0]
+
+        class EmptyBackward(torch.autograd.Function):
+            """Forward's calls in forward, a backward that does nothing."""
+
+            @staticmethod
+            def forward(ctx, x):
+                return calls.forward(x)[0]
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad
+
+        self.split, self.empty_backward = Split, EmptyBackward
+
+    def forward(self, x):
+        x_row, x_col, x_scale, _ = quantize_with_amax(x, E4, "both")
+        w_row, _, w_scale, w_amax = quantize_with_amax(self.w, E4, "row")
+        out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, torch.bfloat16, True, self.config)
+        return out, x_col, x_scale, w_amax
+
+    def backward(self, g, x_col, x_scale, w_amax):
+        g_row, g_col, g_scale, _ = quantize_with_amax(g, E5, "both")
+        grad_w = scaled_mm_data(g_col.t(), g_scale, x_col, x_scale, torch.bfloat16, False, self.config)
+        _, w_col, w_scale, _ = quantize_with_amax(self.w, E4, "col", amax=w_amax)
+        grad_x = scaled_mm_data(g_row, g_scale, w_col, w_scale, torch.bfloat16, False, self.config)
+        return grad_x, grad_w
+
+    def inline(self):
+        """Forward's and backward's calls one after the other, no autograd."""
+        self.backward(self.g, *self.forward(self.x)[1:])
+
+    def in_autograd(self, xg):
+        """The same calls split across an autograd Function's forward and backward."""
+        self.split.apply(xg).sum().backward()
+
+
 def in_thread(fn, n=N):
-    res = []
-    th = threading.Thread(target=lambda: res.append(host_and_wall_us(fn, n)))
-    th.start(); th.join()
-    return res[0]
+    """host_and_wall_us(fn) on a new Python thread."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(host_and_wall_us(fn, n)))
+    thread.start()
+    thread.join()
+    return result[0]
 
-cases = {
-    "B: layer ops inline, main thread": lambda: host_and_wall_us(inline, N),
-    "C: layer ops inline, other thread": lambda: in_thread(inline),
-    "A: layer ops in autograd fwd/bwd": lambda: host_and_wall_us(lambda: Fn.apply(xg).sum().backward(), N),
-    "A0: fwd ops, empty backward": lambda: host_and_wall_us(lambda: FnEmptyBwd.apply(xg).sum().backward(), N),
-    "fwd ops only": lambda: host_and_wall_us(lambda: fwd_ops(x), N),
-    "bwd ops only": lambda: host_and_wall_us(lambda: bwd_ops(g, *fwd_ops(x)[1:]), N),
-    "Float8Linear fwd+bwd": lambda: host_and_wall_us(lambda: lin(xg).sum().backward(), N),
-    "nn.Linear fwd+bwd": lambda: host_and_wall_us(lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(), N),
-}
-for _ in range(2):
-    for name, fn in cases.items():
-        h, wall = fn()
-        print(f"{name:<40} host {h:8.1f} us  wall {wall:8.1f} us per call", flush=True)
 
-for _ in range(5): lin(xg).sum().backward()
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    for _ in range(20): lin(xg).sum().backward()
+def main():
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+    calls = LayerCalls(lin, x, torch.randn(256, 256, device="cuda", dtype=torch.bfloat16))
+    cases = {
+        "B: layer ops inline, main thread": lambda: host_and_wall_us(calls.inline, N),
+        "C: layer ops inline, other thread": lambda: in_thread(calls.inline),
+        "A: layer ops in autograd fwd/bwd": lambda: host_and_wall_us(lambda: calls.in_autograd(xg), N),
+        "A0: fwd ops, empty backward": lambda: host_and_wall_us(
+            lambda: calls.empty_backward.apply(xg).sum().backward(), N),
+        "fwd ops only": lambda: host_and_wall_us(lambda: calls.forward(x), N),
+        "bwd ops only": lambda: host_and_wall_us(lambda: calls.backward(calls.g, *calls.forward(x)[1:]), N),
+        "Float8Linear fwd+bwd": lambda: host_and_wall_us(lambda: lin(xg).sum().backward(), N),
+        "nn.Linear fwd+bwd": lambda: host_and_wall_us(
+            lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(), N),
+    }
+    for _ in range(2):
+        for name, fn in cases.items():
+            host, wall = fn()
+            print(f"{name:<40} host {host:8.1f} us  wall {wall:8.1f} us per call", flush=True)
+
+    for _ in range(5):
+        lin(xg).sum().backward()
     torch.cuda.synchronize()
-ka = prof.key_averages()
-print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-print(ka.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
-prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "/tmp"), "f8linear_trace.json"))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            lin(xg).sum().backward()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(averages.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+    prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "/tmp"), "f8linear_trace.json"))
+
+
+if __name__ == "__main__":
+    main()
