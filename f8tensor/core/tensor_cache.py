@@ -28,10 +28,19 @@ import torch
 class _Slot:
     """One entry (a plain object, so a weakref callback from any thread finds it)."""
 
-    __slots__ = ("ref", "key", "value", "__weakref__")
+    __slots__ = ("ref", "key", "value", "drop", "__weakref__")
 
     def __init__(self):
         self.ref = self.key = self.value = None
+        me = weakref.ref(self)  # weak: a strong one would make slot -> ref -> drop -> slot a cycle
+
+        def drop(ref):
+            """The callback of the entry's weak reference: forget the entry if it is still this one."""
+            slot = me()
+            if slot is not None and slot.ref is ref:
+                slot.ref = slot.key = slot.value = None
+
+        self.drop = drop
 
 
 class _Slots(list):
@@ -79,15 +88,7 @@ class TensorCache:
         slots, local = self._slots(), self.local
         slot = slots[local.next]
         local.next = (local.next + 1) % len(slots)
-
-        slot_ref = weakref.ref(slot)  # weak: a strong one would make slot -> ref -> drop -> slot a cycle
-
-        def drop(ref):
-            slot = slot_ref()
-            if slot is not None and slot.ref is ref:
-                slot.ref = slot.key = slot.value = None
-
-        slot.ref, slot.key, slot.value = weakref.ref(t, drop), (t._version, _capturing(t), *key), value
+        slot.ref, slot.key, slot.value = weakref.ref(t, slot.drop), (t._version, _capturing(t), *key), value
 
     def clear(self) -> None:
         """Forget every entry, in every thread: the values are freed at once (no reference is left)."""
