@@ -134,6 +134,8 @@ def block_kernel(
 # both-layouts cast and of the column strips alone (docs/benchmarks.md, "Blockwise scaling").
 SUB_M = SUB_N = 64
 COL_STRIPS_SUB_N = 128
+# Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile).
+COL_STRIPS_BLOCK_N = 128
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
@@ -149,12 +151,14 @@ def _default_warps(square: bool, write_row: bool, write_col: bool) -> int:
 def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
-    block_m: int | None = None, sub_m: int | None = None, sub_n: int | None = None, num_warps: int | None = None,
+    block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
     row strips are written (any power of two; ROW_STRIP_BLOCK_M by default; 128 otherwise, where
-    tiles are scale blocks).
+    tiles are scale blocks). block_n: columns per program for the column strips alone (a power of
+    two <= 128; COL_STRIPS_BLOCK_N by default; 128 otherwise).
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
     by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
     COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them)."""
@@ -174,7 +178,13 @@ def block_cast_triton(
         row_scale = torch.empty((nb, M), **f32).t() if write_row else None
         col_scale = torch.empty((mb, N), **f32) if write_col else None
     bm = BLOCK if square or write_col else (block_m or ROW_STRIP_BLOCK_M)
-    for name, value, bound in (("block_m", block_m, None), ("sub_m", sub_m, bm), ("sub_n", sub_n, BLOCK)):
+    col_alone = write_col and not write_row and not square
+    if block_n is not None and not col_alone:
+        raise ValueError("block_cast_triton: block_n applies to the column strips alone (write_row=False, "
+                         "write_col=True, square=False); other casts take whole 128-column tiles")
+    bn = (block_n or COL_STRIPS_BLOCK_N) if col_alone else BLOCK
+    for name, value, bound in (("block_m", block_m, None), ("block_n", block_n, BLOCK), ("sub_m", sub_m, bm),
+                               ("sub_n", sub_n, bn)):
         if value is not None and (value < 1 or value & (value - 1) or bound is not None and value > bound):
             raise ValueError(f"block_cast_triton: {name} must be a power of two" + (
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
@@ -184,18 +194,17 @@ def block_cast_triton(
         # the column-major store's columns x M + rows) fit int32 where this holds, and
         # `_col_strips` then adds 64 bits only per tile; otherwise the both-layouts path's slices.
         # Other casts take neither flag (one compiled kernel each).
-        col_alone = write_col and not write_row and not square
         offsets_32 = col_alone and BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
-        even = offsets_32 and M % BLOCK == 0 and N % BLOCK == 0
-        sub_n = BLOCK if square else sub_n or (COL_STRIPS_SUB_N if offsets_32 else SUB_N)
+        even = offsets_32 and M % BLOCK == 0 and N % bn == 0
+        sub_n = BLOCK if square else sub_n or min(COL_STRIPS_SUB_N if offsets_32 else SUB_N, bn)
         num_warps = num_warps or _default_warps(square, write_row, write_col)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
-        launch_kernel(block_kernel, (cdiv(M, bm), nb),
+        launch_kernel(block_kernel, (cdiv(M, bm), cdiv(N, bn)),
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
-                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub, SUB_N=sub_n,
+                      WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):

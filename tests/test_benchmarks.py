@@ -1,6 +1,7 @@
 """The end-to-end benchmark script runs (tiny shapes on CPU): CI catches a broken benchmark before
 a GPU session spends its time on it."""
 
+import ast
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,6 +228,53 @@ def test_profile_classes_sum_to_the_profiled_busy_time():
     for (label, classes), ms in zip(found, busy, strict=True):
         assert sum(t for t, _ in classes.values()) == pytest.approx(ms, abs=0.1), label
     assert found[2][1]["f8tensor: swiglu_kernel"][1] == 8  # one launch per layer
+
+
+SM90_PROBE = """
+import sys, torch, triton, triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from tools.sm90_compile import sm90_resources
+
+@triton.jit
+def scale_rows(x_ptr, y_ptr, N, PIPELINED: tl.constexpr):
+    r, c = tl.arange(0, 16), tl.arange(0, 128)
+    offs = r[:, None] * N + c[None, :]
+    if PIPELINED:
+        for i in tl.range(0, 8, num_stages=3):
+            tl.store(y_ptr + i * 16 * N + offs, tl.load(x_ptr + i * 16 * N + offs) * 2)
+    else:
+        for i in tl.static_range(8):
+            tl.store(y_ptr + i * 16 * N + offs, tl.load(x_ptr + i * 16 * N + offs) * 2)
+
+x = torch.empty(128, 4096)
+for pipelined in (False, True):
+    print(sm90_resources(scale_rows, (x, x, 4096), 4, PIPELINED=pipelined))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                                    "ptxas")), reason="triton without its CUDA backend")
+def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
+    """benchmarks/tools/sm90_compile.py compiles for sm_90 on a machine without a GPU (outside the
+    interpreter): registers and programs per SM, and Triton's pipelining into shared memory seen
+    where a tl.range loop asks for stages and not where the loop is unrolled."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(SM90_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(probe), os.path.join(ROOT, "benchmarks")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    unrolled, pipelined = (ast.literal_eval(line) for line in run.stdout.splitlines())
+    for res in (unrolled, pipelined):
+        assert 0 < res["regs"] <= 255 and res["spill_bytes"] == 0
+        assert res["programs_per_sm"] == min(res["programs_by_regs"], res["programs_by_shared"], 64 // 4)
+    assert unrolled["cp_async"] == 0 and pipelined["cp_async"] > 0
+    assert pipelined["shared"] >= 2 * 16 * 128 * 4  # at least two stages of a 16 x 128 fp32 slice
+    blockwise = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "sm90_compile.py")],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert blockwise.returncode == 0, blockwise.stderr[-4000:]
+    assert [line.split()[0] for line in blockwise.stdout.splitlines()] == [
+        "act_both", "act_col", "weight_row", "weight_col"]
 
 
 @CPU_ONLY

@@ -93,6 +93,12 @@ def test_launch_options_that_would_cast_wrongly_are_refused():
                  dict(block_m=3), dict(block_m=64, sub_m=128)):
         with pytest.raises(ValueError, match="power of two"):
             block_cast_triton(x, E4M3, write_col=opts.get("block_m") is None, **opts)
+    for opts in (dict(block_n=48), dict(block_n=256), dict(block_n=32, sub_n=64)):
+        with pytest.raises(ValueError, match="power of two"):
+            block_cast_triton(x, E4M3, write_row=False, write_col=True, **opts)
+    for kinds in (dict(write_col=True), dict(square=True, write_row=False, write_col=True), {}):
+        with pytest.raises(ValueError, match="column strips alone"):
+            block_cast_triton(x, E4M3, block_n=32, **kinds)
 
 
 def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
@@ -104,6 +110,13 @@ def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
     for sub_m, sub_n in ((16, 128), (128, 16), (32, 64), (128, 128)):
         same(block_cast_triton(x, E4M3, write_col=True, sub_m=sub_m, sub_n=sub_n), want)
         same(block_cast_triton(x, E4M3, write_row=False, write_col=True, sub_n=sub_n), (None, None, *want[2:]))
+    for block_n, sub_n in ((16, None), (32, None), (64, 32), (128, 16)):  # narrower programs, column strips alone
+        same(block_cast_triton(x, E4M3, write_row=False, write_col=True, block_n=block_n, sub_n=sub_n),
+             (None, None, *want[2:]))
+    x = spanning_values((256, 384), torch.bfloat16)  # whole tiles: no masks
+    want = reference(x, E4M3, False, False, False, True)
+    for block_n in (16, 64):
+        same(block_cast_triton(x, E4M3, write_row=False, write_col=True, block_n=block_n), want)
 
 
 def test_reference_scales_each_tile_by_its_own_amax():

@@ -3,7 +3,9 @@ strips of one x), each checked bit for bit against block_cast_triton and timed a
 bandwidth of the same run (docs/benchmarks.md, "Blockwise scaling"; results in
 docs/data/kernels_blockwise_both_variants.txt).
 
-    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl [NAME_PART]   (only variants whose names contain it)
+    python benchmarks/tools/blockwise_both_variants.py OUT.jsonl [NAME_PART ...]   (only variants whose names contain one)
+    TRITON_INTERPRET=1 python benchmarks/tools/blockwise_both_variants.py --exact [NAME_PART ...]   (no GPU: bit for bit)
+    python benchmarks/tools/blockwise_both_variants.py --sm90 [NAME_PART ...]     (no GPU: registers, shared memory)
 
 `col_kernel` / `run_col`: variants of the column strips alone (the layout a layer's backward casts
 x into when forward kept no float8 copy).
@@ -14,7 +16,12 @@ CHUNK columns, the columns loaded transposed; what kernels/blockwise.py now does
 the column slices loaded as laid out and their fp8 data stored transposed (as torchao's kernel for
 the column strips does). CHUNK < 128 with TRANS < 4: column chunks cast
 first, rows read again; `persistent` > 0: a persistent grid of that many programs per SM, tl.range
-with STAGES. The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
+with STAGES. `lean_kernel`: 64-bit arithmetic only in each program's base pointers, no masks for
+whole tiles, and the "amax from rows" order. `narrow_col_kernel`: the column strips alone in
+programs of 128 x PN columns (torchao's shape for that cast). `piped_kernel`: the "amax from rows"
+order with both passes as tl.range loops over row slices, which Triton pipelines through shared
+memory (cp.async: `--sm90` counts them), so bytes stay in flight without holding registers.
+The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
 import json
 import sys
@@ -315,18 +322,159 @@ def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, amax_from_r
     col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((nb, M), dtype=torch.float32, device=x.device).t() if write_row else None
     col_scale = torch.empty((mb, N), dtype=torch.float32, device=x.device)
-    k = lean_kernel[(mb, nb)](x, row if write_row else col_t, row_scale, col_t.view(torch.uint8), col_scale, M, N,
-                              x.stride(0), x.stride(1), **_format(torch.float8_e4m3fn, False, INTERPRETING, x),
-                              BLOCK=128, RCH=rch, CHUNK=chunk, EVEN=M % 128 == 0 and N % 128 == 0,
-                              WRITE_ROW=write_row, ORIENT=orient, AMAX_FROM_ROWS=amax_from_rows, num_warps=warps)
+    args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_t.view(torch.uint8),
+            col_scale, M, N, x.stride(0), x.stride(1))
+    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch, CHUNK=chunk,
+                  EVEN=M % 128 == 0 and N % 128 == 0, WRITE_ROW=write_row, ORIENT=orient,
+                  AMAX_FROM_ROWS=amax_from_rows)
+    if meta is not None and meta.get("sm90"):
+        return sm90_meta(meta, lean_kernel, args, warps, consts)
+    k = lean_kernel[(mb, nb)](*args, **consts, num_warps=warps)
     if meta is not None and hasattr(k, "n_regs"):
         meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
     return row, row_scale, col_t.t(), col_scale
 
 
+@triton.jit
+def narrow_col_kernel(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+                      PN: tl.constexpr, EVEN: tl.constexpr):
+    """The column strips alone in programs of BLOCK x PN (torchao's column kernel's shape: more,
+    smaller programs), the tile loaded as laid out and stored transposed, lean as lean_kernel."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m0, n0 = pid_m * BLOCK, pid_n * PN
+    lr, lc = tl.arange(0, BLOCK), tl.arange(0, PN)
+    x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
+    offs = lr[:, None] * stride_m + lc[None, :] * stride_n
+    if EVEN:
+        x = tl.load(x_tile + offs)
+    else:
+        mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
+        x = tl.load(x_tile + offs, mask=mask, other=0.0)
+    cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+    q = _cast_tile(x, cm[None, :], col_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    q = q.to(tl.uint8, bitcast=True)
+    col_tile = col_ptr.to(tl.pointer_type(tl.uint8)) + n0.to(tl.int64) * M + m0
+    if EVEN:
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs)
+        tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
+    else:
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs, mask=n0 + lc < N)
+        tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
+
+
+def run_narrow_col(x, warps=2, pn=32, meta=None):
+    """The column strips alone (e4m3) in BLOCK x pn programs: (None, None, col, col_scale)."""
+    M, N = x.shape
+    assert 128 * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+    col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
+    col_scale = torch.empty((cdiv(M, 128), N), dtype=torch.float32, device=x.device)
+    args = (x, col_t, col_scale, M, N, x.stride(0), x.stride(1))
+    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, PN=pn,
+                  EVEN=M % 128 == 0 and N % pn == 0)
+    if meta is not None and meta.get("sm90"):
+        return sm90_meta(meta, narrow_col_kernel, args, warps, consts)
+    narrow_col_kernel[(cdiv(M, 128), cdiv(N, pn))](*args, **consts, num_warps=warps)
+    return None, None, col_t.t(), col_scale
+
+
+@triton.jit
+def piped_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, RCH: tl.constexpr,
+                 EVEN: tl.constexpr, STAGES: tl.constexpr, WRITE_ROW: tl.constexpr):
+    """Both layouts as lean_kernel's "amax from rows", its two passes over RCH-row slices as
+    tl.range loops with num_stages=STAGES: Triton's pipeliner loads the next slices into shared
+    memory (cp.async) while this one is cast, so bytes stay in flight without holding registers.
+    Pass 1 casts the row strips and takes the column amaxes; pass 2 reads the slices again (L2)
+    and casts the column strips. WRITE_ROW off: the column strips alone, pass 1 only takes the
+    amaxes (x read twice, the second time from L2)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m0, n0 = pid_m * BLOCK, pid_n * BLOCK
+    x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
+    lc = tl.arange(0, BLOCK)
+    cacc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in tl.range(0, BLOCK // RCH, num_stages=STAGES):
+        lr = i * RCH + tl.arange(0, RCH)
+        offs = lr[:, None] * stride_m + lc[None, :] * stride_n
+        if EVEN:
+            x = tl.load(x_tile + offs)
+        else:
+            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
+            x = tl.load(x_tile + offs, mask=mask, other=0.0)
+        bits = magnitude_bits(x)
+        cacc = tl.maximum(cacc, tl.max(bits, 0))
+        if WRITE_ROW:
+            rm, rs = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+            q = _cast_tile(x, rm[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP,
+                           EXACT_ROUND)
+            row_tile = row_ptr + m0.to(tl.int64) * N + n0
+            if EVEN:
+                tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs)
+                tl.store(row_tile + lr[:, None] * N + lc[None, :], q)
+            else:
+                tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs, mask=m0 + lr < M)
+                tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
+    cm, cs = scale_from_amax(cacc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+    col_tile = col_ptr + n0.to(tl.int64) * M + m0
+    for i in tl.range(0, BLOCK // RCH, num_stages=STAGES):
+        lr = i * RCH + tl.arange(0, RCH)
+        offs = lr[:, None] * stride_m + lc[None, :] * stride_n
+        if EVEN:
+            x = tl.load(x_tile + offs)
+        else:
+            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
+            x = tl.load(x_tile + offs, mask=mask, other=0.0)
+        q = _cast_tile(x, cm[None, :], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+        q = q.to(tl.uint8, bitcast=True)
+        if EVEN:
+            tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
+        else:
+            tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
+    if EVEN:
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs)
+    else:
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs, mask=n0 + lc < N)
+
+
+def run_piped(x, warps=4, rch=32, stages=2, write_row=True, meta=None):
+    M, N = x.shape
+    assert 128 * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+    mb, nb = cdiv(M, 128), cdiv(N, 128)
+    row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device) if write_row else None
+    col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((nb, M), dtype=torch.float32, device=x.device).t() if write_row else None
+    col_scale = torch.empty((mb, N), dtype=torch.float32, device=x.device)
+    args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_t.view(torch.uint8),
+            col_scale, M, N, x.stride(0), x.stride(1))
+    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch,
+                  EVEN=M % 128 == 0 and N % 128 == 0, STAGES=stages, WRITE_ROW=write_row)
+    if meta is not None and meta.get("sm90"):
+        return sm90_meta(meta, piped_kernel, args, warps, consts)
+    piped_kernel[(mb, nb)](*args, **consts, num_warps=warps)
+    return row, row_scale, col_t.t(), col_scale
+
+
+def sm90_meta(meta, kernel, args, warps, consts):
+    """Fill meta with the kernel's sm_90 resources, compiled here (benchmarks/tools/sm90_compile.py)."""
+    from tools.sm90_compile import sm90_resources
+    meta.update(sm90_resources(kernel, args, warps, **consts))
+    return None
+
+
 # name -> (runner, options, what it writes): "both" layouts (4 bytes moved per element of a bf16 x)
 # or the column strips alone ("col", 3 bytes).
 VARIANTS = {}
+for w in (1, 2, 4):
+    for pn in (16, 32, 64):
+        VARIANTS[f"narrow col w{w} p{pn}"] = (run_narrow_col, dict(warps=w, pn=pn), "col")
+for w in (2, 4, 8):
+    for rch in (16, 32):
+        for stages in (2, 3, 4):
+            VARIANTS[f"piped both w{w} r{rch} s{stages}"] = (run_piped, dict(warps=w, rch=rch, stages=stages), "both")
+            VARIANTS[f"piped col w{w} r{rch} s{stages}"] = (
+                run_piped, dict(warps=w, rch=rch, stages=stages, write_row=False), "col")
 for w in (2, 4, 8):
     for rch in (16, 32, 64):
         VARIANTS[f"lean both w{w} r{rch} amax from rows"] = (
@@ -348,9 +496,46 @@ def same(a, b):
         q.view(torch.uint8) if q.dtype.itemsize == 1 else q.view(torch.int32)) for p, q in zip(a, b))
 
 
+def selected(name, parts):
+    """Whether a variant is chosen: no name parts given, or its name contains one of them."""
+    return not parts or any(part in name for part in parts)
+
+
+def cpu_check(mode, parts):
+    """Without a GPU: --exact runs each variant in the interpreter (TRITON_INTERPRET=1) on small
+    inputs, bit for bit against block_cast_triton; --sm90 compiles it for sm_90 and prints its
+    registers, shared memory and programs per SM (a screen before a GPU run, not a timing)."""
+    if mode == "--exact" and not INTERPRETING:
+        raise SystemExit("--exact runs the interpreter: TRITON_INTERPRET=1 python ... --exact")
+    if mode == "--sm90" and INTERPRETING:
+        raise SystemExit("--sm90 compiles for the GPU: run it without TRITON_INTERPRET")
+    torch.manual_seed(0)
+    tests = [torch.randn(300, 200, dtype=torch.bfloat16) * 3, torch.randn(256, 384, dtype=torch.bfloat16),
+             torch.randn(130, 256, dtype=torch.float32)]
+    tests[0][5, 3] = float("inf"); tests[0][200, 130] = float("nan"); tests[0][7] *= 1e4
+    writes = {"both": dict(write_row=True, write_col=True), "col": dict(write_row=False, write_col=True)}
+    big = torch.empty(16384, 4096, dtype=torch.bfloat16)
+    for name, (runner, opts, what) in VARIANTS.items():
+        if not selected(name, parts):
+            continue
+        if mode == "--exact":
+            ok = all(same(runner(t, **opts), block_cast_triton(t, torch.float8_e4m3fn, **writes[what])) for t in tests)
+            print(f"{name:<34} exact={ok}", flush=True)
+        else:
+            meta = {"sm90": True}
+            try:
+                runner(big, **opts, meta=meta)
+                del meta["sm90"]
+            except Exception as e:  # noqa: BLE001  (recorded: a variant may not compile)
+                meta = repr(e)[:200]
+            print(f"{name:<34} {meta}", flush=True)
+
+
 def main():
     import os
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    if sys.argv[1] in ("--exact", "--sm90"):
+        return cpu_check(sys.argv[1], sys.argv[2:])
     from tools.common import copy_bandwidth_tbps, gpu_ms
     out = open(sys.argv[1], "w")
     torch.manual_seed(0)
@@ -362,16 +547,16 @@ def main():
     shapes = [(16384, 4096), (16384, 14336), (14336, 4096)]
     xs = {s: torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in shapes}
     writes = {"both": dict(write_row=True, write_col=True), "col": dict(write_row=False, write_col=True)}
+    chosen = [name for name in VARIANTS if selected(name, sys.argv[2:])]
     for what, kw in writes.items():
-        if len(sys.argv) > 2 and what != VARIANTS[next(n for n in VARIANTS if sys.argv[2] in n)][2]:
+        if not any(VARIANTS[name][2] == what for name in chosen):
             continue
         per = 4 if what == "both" else 3
         base = {s: gpu_ms(lambda: block_cast_triton(xs[s], torch.float8_e4m3fn, **kw)) for s in shapes}
         print(f"kernel {what}", {f"{m}x{n}": f"{ms:.4f} {per * m * n / ms / 1e9 / copy_bw:.3f}"
                                  for (m, n), ms in base.items()}, flush=True)
-    for name, (runner, opts, what) in VARIANTS.items():
-        if len(sys.argv) > 2 and sys.argv[2] not in name:
-            continue
+    for name in chosen:
+        runner, opts, what = VARIANTS[name]
         per = 4 if what == "both" else 3
         try:
             ok = all(same(runner(t, **opts), block_cast_triton(t, torch.float8_e4m3fn, **writes[what]))

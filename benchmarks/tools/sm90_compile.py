@@ -1,0 +1,126 @@
+"""A Triton kernel's resources on sm_90 (H100 / H200), compiled on a machine without a GPU.
+
+    python benchmarks/tools/sm90_compile.py      (the blockwise casts' configurations, as block_cast_triton launches them)
+
+`sm90_resources(kernel, args, num_warps, **constexprs)` compiles `kernel` for compute capability
+9.0 with the installed Triton and its bundled ptxas, the arguments specialized as Triton 3.6
+specializes them at a launch (a tensor: its element type, and its data pointer 16-byte aligned; an
+int: 1 becomes a constant, a multiple of 16 is marked divisible by 16, i32 or i64 by range), and
+returns what decides a memory-bound kernel's occupancy: registers per thread, local-memory spills,
+shared memory, and how many programs of it fit one SM by each. It also counts the PTX's
+asynchronous copies (`cp.async`, Triton's software pipelining of loads into shared memory) and
+tensor-memory-accelerator copies (`cp.async.bulk.tensor`), which show whether a `tl.range(...,
+num_stages=)` loop was pipelined.
+
+What it cannot give is time: these numbers screen variants before a GPU run, they do not replace it.
+The register count matches what the GPU reports for the same specialization (155 for the
+both-layouts cast at 173d874, as ncu measured it on the H200).
+"""
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Triton's names for the element types of the pointers our kernels take.
+_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+            torch.int32: "*i32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5"}
+# sm_90 limits per SM: registers, shared memory for programs (bytes), resident warps and programs.
+SM90_REGISTERS, SM90_SHARED, SM90_WARPS, SM90_PROGRAMS = 65536, 227 * 1024, 64, 32
+
+
+def _specialize(name: str, value):
+    """(signature entry, constant or None, divisible by 16) of one runtime argument, as Triton 3.6's
+    launch specializes it."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _POINTER:
+            raise TypeError(f"sm90_resources: argument {name} has dtype {value.dtype}, not one of {list(_POINTER)}")
+        return _POINTER[value.dtype], None, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "i1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"sm90_resources: argument {name} is a {type(value).__name__}; pass tensors, ints, floats")
+
+
+def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> dict:
+    """Registers, spills and shared memory of `kernel(*args, **constexprs)` compiled for sm_90,
+    and the programs per SM each allows; see the module docstring. `args` are the runtime
+    arguments in signature order (tensors may be on the CPU: only their dtype and alignment count)."""
+    names = list(kernel.arg_names)
+    runtime = names[:len(args)]
+    missing = [n for n in names[len(args):] if n not in constexprs and n not in kernel.constexprs_defaults()]
+    if missing:
+        raise TypeError(f"sm90_resources: no value for {missing}")
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for name, value in zip(runtime, args):
+        entry, constant, divisible = _specialize(name, value)
+        signature[name] = entry
+        if constant is not None:
+            constants[name] = constant
+        if divisible:
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    for name in names[len(args):]:
+        signature[name] = "constexpr"
+    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    regs, local = int(fields["REG"]), int(fields["LOCAL"])
+    shared = compiled.metadata.shared + int(fields["SHARED"])
+    ptx = compiled.asm["ptx"]
+    # Registers are allocated per warp in units of 256: regs rounded up to a multiple of 8.
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM90_REGISTERS // (regs_per_warp * num_warps)
+    by_shared = SM90_SHARED // shared if shared else SM90_PROGRAMS
+    programs = min(by_regs, by_shared, SM90_WARPS // num_warps, SM90_PROGRAMS)
+    return dict(regs=regs, spill_bytes=local, stack=int(fields["STACK"]), shared=shared,
+                programs_by_regs=by_regs, programs_by_shared=by_shared, programs_per_sm=programs,
+                warps_per_sm=programs * num_warps,
+                cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)\.shared", ptx)),
+                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)))
+
+
+def main():
+    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_SUB_N, SUB_M, SUB_N, _default_warps,
+                                            block_kernel)
+    from f8tensor.kernels.rowwise import _format
+
+    M, N = 16384, 4096
+    x = torch.empty(M, N, dtype=torch.bfloat16)
+    row, col = torch.empty(M, N, dtype=torch.float8_e4m3fn), torch.empty(N, M, dtype=torch.uint8)
+    scale = torch.empty(M * N // BLOCK, dtype=torch.float32)
+    fmt = _format(torch.float8_e4m3fn, False, False, x)
+    cases = {  # name: (write_row, write_col, square, block_m, sub_m, sub_n, even, offsets_32)
+        "act_both": (True, True, False, BLOCK, SUB_M, SUB_N, False, False),
+        "act_col": (False, True, False, BLOCK, SUB_M, COL_STRIPS_SUB_N, True, True),
+        "weight_row": (True, False, True, BLOCK, BLOCK, BLOCK, False, False),
+        "weight_col": (False, True, True, BLOCK, BLOCK, BLOCK, False, False),
+    }
+    for name, (write_row, write_col, square, bm, sub_m, sub_n, even, off32) in cases.items():
+        warps = _default_warps(square, write_row, write_col)
+        res = sm90_resources(block_kernel, (x, row, scale, col, scale, M, N, N, 1), warps, **fmt, SQUARE=square,
+                             WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub_m,
+                             SUB_N=sub_n, EVEN=even, OFFSETS_32=off32)
+        print(f"{name:<11} {warps:>2} warps {res}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
