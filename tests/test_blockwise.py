@@ -73,6 +73,20 @@ def test_kernel_matches_reference(shape, hp_dtype, float8_dtype, square, writes,
     same(got, reference(x, float8_dtype, False, square, row, col))
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+@pytest.mark.parametrize("shape", [(17, 48), (130, 300), (256, 256)] + ([(4095, 4097)] if ON_GPU else []))
+@pytest.mark.parametrize("hp_dtype", HP_DTYPES)
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_dtype, float8_dtype):
+    """The column strips alone in programs of 128 x block_n (the grid's columns, not the scale
+    blocks, change): the same bits, NaN and inf confined to their own strips."""
+    x = spanning_values(shape, hp_dtype)
+    x.view(-1)[1] = float("nan")
+    x.view(-1)[-2] = float("inf")
+    got = block_cast_triton(x, float8_dtype, write_row=False, write_col=True, block_n=block_n)
+    same(got, reference(x, float8_dtype, False, False, False, True))
+
+
 @pytest.mark.parametrize("square", [False, True])
 def test_kernel_matches_reference_with_power_of_2_scales(square):
     x = spanning_values((130, 300), torch.bfloat16)
