@@ -2,6 +2,8 @@
 
     python benchmarks/host_overhead.py [--profile]
 
+The fused ops (RMSNorm, SwiGLU gate, RoPE) are timed beside the PyTorch code they replace.
+
 Eager training is fast only if the CPU issues kernels faster than the GPU runs them; on small
 layers the host time is the bound. Shapes are tiny so that the GPU never holds the CPU back. The
 quantizations are timed twice: replaying their recorded plans (kernels/launch.py), and through
@@ -15,9 +17,34 @@ import pstats
 import torch
 
 import f8tensor.kernels.quantize as quantize_module
-from f8tensor import Float8Config, Float8Linear, to_float8
+from f8tensor import Float8Config, Float8Linear, RMSNorm, rope, swiglu, to_float8
 from f8tensor.kernels.quantize import quantize_triton
 from tools.common import host_us
+
+
+def rotate_half(x):
+    """Hugging Face's rotate_half, as the model code writes it."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def fused_op_cases(device="cuda") -> dict:
+    """The fused ops against the PyTorch they replace, forward + backward at small sizes (a batch
+    of 256 tokens, 256 wide; RoPE on 8 heads of 64): where host time, not the GPU, is the bound."""
+    h = torch.randn(256, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    a, b = (torch.randn(256, 256, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    ours, theirs = (cls(256, device=device, dtype=torch.bfloat16) for cls in (RMSNorm, torch.nn.RMSNorm))
+    q = torch.randn(1, 8, 256, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.randn(256, 32, device=device)
+    cos, sin = (f(torch.cat((angles, angles), -1)).bfloat16() for f in (torch.cos, torch.sin))
+    return {
+        "f8tensor.RMSNorm fwd+bwd": lambda: ours(h).sum().backward(),
+        "nn.RMSNorm fwd+bwd": lambda: theirs(h).sum().backward(),
+        "f8tensor.swiglu fwd+bwd": lambda: swiglu(a, b).sum().backward(),
+        "silu(a) * b fwd+bwd": lambda: (torch.nn.functional.silu(a) * b).sum().backward(),
+        "f8tensor.rope fwd+bwd": lambda: rope(q, cos, sin).sum().backward(),
+        "rotate_half RoPE fwd+bwd": lambda: (q * cos + rotate_half(q) * sin).sum().backward(),
+    }
 
 
 class _ThreeGemms(torch.autograd.Function):
@@ -74,6 +101,7 @@ def main():
             torch._scaled_mm(g8, b8.t(), one, one, out_dtype=torch.bfloat16) for _ in range(3)],
         "_scaled_mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(xg, scaled).sum().backward(),
         "torch.mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(xg, lambda: torch.mm(x, x)).sum().backward(),
+        **fused_op_cases(),
     }
     for name, fn in cases.items():
         print(f"{name:<40} {host_us(fn):8.1f} us per call")
