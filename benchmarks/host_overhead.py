@@ -2,7 +2,8 @@
 
     python benchmarks/host_overhead.py [--profile]
 
-The fused ops (RMSNorm, SwiGLU gate, RoPE) are timed beside the PyTorch code they replace.
+The fused ops (RMSNorm, SwiGLU gate, RoPE) are timed beside the PyTorch code they replace, and
+stacks of layers give a layer's host time in steady state (`stack_cases`).
 
 Eager training is fast only if the CPU issues kernels faster than the GPU runs them; on small
 layers the host time is the bound. Shapes are tiny so that the GPU never holds the CPU back. The
@@ -45,6 +46,20 @@ def fused_op_cases(device="cuda") -> dict:
         "f8tensor.rope fwd+bwd": lambda: rope(q, cos, sin).sum().backward(),
         "rotate_half RoPE fwd+bwd": lambda: (q * cos + rotate_half(q) * sin).sum().backward(),
     }
+
+
+STACK = 8  # layers per stack
+
+
+def stack_cases(device="cuda") -> dict:
+    """STACK layers of 256 x 256 in sequence, forward + backward, as one call: its host time / STACK
+    is a layer's cost in steady state. A single layer's backward starts and ends on autograd's device
+    thread, so its time holds that hand-over (once per backward pass of a model, not per layer)."""
+    x = torch.randn(256, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    stacks = {name: torch.nn.Sequential(*(cls(256, 256, bias=False, device=device, dtype=torch.bfloat16)
+                                          for _ in range(STACK)))
+              for name, cls in (("Float8Linear", Float8Linear), ("nn.Linear", torch.nn.Linear))}
+    return {f"{name} x{STACK} fwd+bwd": (lambda m=m: m(x).sum().backward()) for name, m in stacks.items()}
 
 
 class _ThreeGemms(torch.autograd.Function):
@@ -105,6 +120,11 @@ def main():
     }
     for name, fn in cases.items():
         print(f"{name:<40} {host_us(fn):8.1f} us per call")
+    stacked = {name: host_us(fn, 50) / STACK for name, fn in stack_cases().items()}
+    for name, us in stacked.items():
+        print(f"{name:<40} {us:8.1f} us per layer")
+    f8, bf16 = stacked.values()
+    print(f"{'per layer in a stack: Float8Linear / nn.Linear':<40} {f8 / bf16:8.2f}")
     # The same quantizations through Triton's own launch path: what the recorded plans spare.
     direct = quantize_module.relaunch_possible
     quantize_module.relaunch_possible = lambda: False

@@ -230,9 +230,9 @@ def test_profile_classes_sum_to_the_profiled_busy_time():
     assert found[2][1]["f8tensor: swiglu_kernel"][1] == 8  # one launch per layer
 
 
-def test_host_overhead_fused_op_cases_run():
+def test_host_overhead_cases_run():
     """benchmarks/host_overhead.py's fused-op cases (each fused op beside the PyTorch it replaces)
-    run forward and backward, here on CPU; the GPU run times them."""
+    and layer stacks run forward and backward, here on CPU; the GPU run times them."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import host_overhead
@@ -240,7 +240,9 @@ def test_host_overhead_fused_op_cases_run():
         sys.path.pop(0)
     cases = host_overhead.fused_op_cases("cpu")
     assert len(cases) == 6
-    for fn in cases.values():
+    stacks = host_overhead.stack_cases("cpu")
+    assert list(stacks) == [f"Float8Linear x{host_overhead.STACK} fwd+bwd", f"nn.Linear x{host_overhead.STACK} fwd+bwd"]
+    for fn in [*cases.values(), *stacks.values()]:
         fn()
 
 

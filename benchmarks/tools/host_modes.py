@@ -5,7 +5,8 @@
 Settings: the default; torch.autograd.set_multithreading_enabled(False) (backward runs on the
 calling thread instead of autograd's CUDA device thread); the process pinned to one CPU; both.
 Five rounds, the settings interleaved within each, medians (the GPU machine's host time varies
-from run to run by more than the cases differ). Also three _scaled_mm calls of the layer's three
+from run to run by more than the cases differ). A single layer, and stacks of host_overhead.STACK
+layers (a layer's cost in steady state, the hand-over to autograd's thread shared by the stack). Also three _scaled_mm calls of the layer's three
 kinds in turn against one kind three times, and the layer's own calls inline and split across an
 autograd Function (host_split.py's B and A).
 """
@@ -20,6 +21,7 @@ from f8tensor import Float8Config, Float8Linear
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tools.common import host_us  # noqa: E402
 from tools.host_split import LayerCalls  # noqa: E402
+from host_overhead import STACK, stack_cases  # noqa: E402
 
 MODES = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads"]
 
@@ -37,6 +39,7 @@ def cases() -> dict:
         "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
         "nn.Linear fwd+bwd": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
         "Float8Linear keep_fp8_weight": lambda: kept(xg).sum().backward(),
+        **stack_cases(),
         "the layer's calls inline": calls.inline,
         "the layer's calls in autograd": lambda: calls.in_autograd(xg),
         "_scaled_mm 3 kinds alternating": lambda: (
@@ -73,7 +76,10 @@ def main():
     for mode in MODES:
         ratio = (statistics.median(results[mode, "Float8Linear fwd+bwd"])
                  / statistics.median(results[mode, "nn.Linear fwd+bwd"]))
-        print(f"== {mode}: Float8Linear / nn.Linear = {ratio:.2f}", flush=True)
+        stacked = (statistics.median(results[mode, f"Float8Linear x{STACK} fwd+bwd"])
+                   / statistics.median(results[mode, f"nn.Linear x{STACK} fwd+bwd"]))
+        print(f"== {mode}: Float8Linear / nn.Linear = {ratio:.2f} one layer, {stacked:.2f} in stacks of {STACK}",
+              flush=True)
         for case in timed:
             v = results[mode, case]
             print(f"   {case:<34} median {statistics.median(v):8.1f} us  (min {min(v):7.1f}, max {max(v):7.1f})",
