@@ -383,18 +383,23 @@ def run_narrow_col(x, warps=2, pn=32, meta=None):
 def piped_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
                  FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                  MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, RCH: tl.constexpr,
-                 EVEN: tl.constexpr, STAGES: tl.constexpr, WRITE_ROW: tl.constexpr):
+                 EVEN: tl.constexpr, STAGES: tl.constexpr, WRITE_ROW: tl.constexpr, LATE_REDUCE: tl.constexpr = False):
     """Both layouts as lean_kernel's "amax from rows", its two passes over RCH-row slices as
     tl.range loops with num_stages=STAGES: Triton's pipeliner loads the next slices into shared
     memory (cp.async) while this one is cast, so bytes stay in flight without holding registers.
     Pass 1 casts the row strips and takes the column amaxes; pass 2 reads the slices again (L2)
     and casts the column strips. WRITE_ROW off: the column strips alone, pass 1 only takes the
-    amaxes (x read twice, the second time from L2)."""
+    amaxes (x read twice, the second time from L2). LATE_REDUCE: pass 1 keeps an elementwise
+    running max of the slices and reduces it across rows (warps) once, after the loop, instead of
+    once per slice."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK, pid_n * BLOCK
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
     lc = tl.arange(0, BLOCK)
-    cacc = tl.zeros([BLOCK], dtype=tl.int32)
+    if LATE_REDUCE:
+        cacc = tl.zeros([RCH, BLOCK], dtype=tl.int32)
+    else:
+        cacc = tl.zeros([BLOCK], dtype=tl.int32)
     for i in tl.range(0, BLOCK // RCH, num_stages=STAGES):
         lr = i * RCH + tl.arange(0, RCH)
         offs = lr[:, None] * stride_m + lc[None, :] * stride_n
@@ -404,7 +409,10 @@ def piped_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, st
             mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
             x = tl.load(x_tile + offs, mask=mask, other=0.0)
         bits = magnitude_bits(x)
-        cacc = tl.maximum(cacc, tl.max(bits, 0))
+        if LATE_REDUCE:
+            cacc = tl.maximum(cacc, bits)
+        else:
+            cacc = tl.maximum(cacc, tl.max(bits, 0))
         if WRITE_ROW:
             rm, rs = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
             q = _cast_tile(x, rm[:, None], row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP,
@@ -416,6 +424,8 @@ def piped_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, st
             else:
                 tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs, mask=m0 + lr < M)
                 tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
+    if LATE_REDUCE:
+        cacc = tl.max(cacc, 0)
     cm, cs = scale_from_amax(cacc.to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
     col_tile = col_ptr + n0.to(tl.int64) * M + m0
     for i in tl.range(0, BLOCK // RCH, num_stages=STAGES):
@@ -438,7 +448,7 @@ def piped_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, st
         tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs, mask=n0 + lc < N)
 
 
-def run_piped(x, warps=4, rch=32, stages=2, write_row=True, meta=None):
+def run_piped(x, warps=4, rch=32, stages=2, write_row=True, late_reduce=False, meta=None):
     M, N = x.shape
     assert 128 * (x.stride(0) + x.stride(1) + M) < 2 ** 31
     mb, nb = cdiv(M, 128), cdiv(N, 128)
@@ -449,7 +459,8 @@ def run_piped(x, warps=4, rch=32, stages=2, write_row=True, meta=None):
     args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_t.view(torch.uint8),
             col_scale, M, N, x.stride(0), x.stride(1))
     consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch,
-                  EVEN=M % 128 == 0 and N % 128 == 0, STAGES=stages, WRITE_ROW=write_row)
+                  EVEN=M % 128 == 0 and N % 128 == 0, STAGES=stages, WRITE_ROW=write_row,
+                  LATE_REDUCE=late_reduce)
     if meta is not None and meta.get("sm90"):
         return sm90_meta(meta, piped_kernel, args, warps, consts)
     piped_kernel[(mb, nb)](*args, **consts, num_warps=warps)
@@ -475,6 +486,10 @@ for w in (2, 4, 8):
             VARIANTS[f"piped both w{w} r{rch} s{stages}"] = (run_piped, dict(warps=w, rch=rch, stages=stages), "both")
             VARIANTS[f"piped col w{w} r{rch} s{stages}"] = (
                 run_piped, dict(warps=w, rch=rch, stages=stages, write_row=False), "col")
+            VARIANTS[f"piped late both w{w} r{rch} s{stages}"] = (
+                run_piped, dict(warps=w, rch=rch, stages=stages, late_reduce=True), "both")
+            VARIANTS[f"piped late col w{w} r{rch} s{stages}"] = (
+                run_piped, dict(warps=w, rch=rch, stages=stages, write_row=False, late_reduce=True), "col")
 for w in (2, 4, 8):
     for rch in (16, 32, 64):
         VARIANTS[f"lean both w{w} r{rch} amax from rows"] = (
