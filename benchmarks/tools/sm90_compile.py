@@ -12,9 +12,8 @@ asynchronous copies (`cp.async`, Triton's software pipelining of loads into shar
 tensor-memory-accelerator copies (`cp.async.bulk.tensor`), which show whether a `tl.range(...,
 num_stages=)` loop was pipelined.
 
-What it cannot give is time: these numbers screen variants before a GPU run, they do not replace it.
-The register count matches what the GPU reports for the same specialization (155 for the
-both-layouts cast at 173d874, as ncu measured it on the H200).
+What it cannot give is time: these numbers screen variants before a GPU run, they do not replace it
+(docs/benchmarks.md, "Blockwise scaling", compares them with what the GPU reported).
 """
 
 import os
