@@ -289,8 +289,13 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
     blockwise = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "sm90_compile.py")],
                                capture_output=True, text=True, timeout=300, env=env)
     assert blockwise.returncode == 0, blockwise.stderr[-4000:]
-    assert [line.split()[0] for line in blockwise.stdout.splitlines()] == [
-        "act_both", "act_col", "weight_row", "weight_col"]
+    lines = blockwise.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "act_both", "act_col", "weight_row", "weight_col", "act_both", "act_both"]
+    res = [ast.literal_eval(line.split(" warps ", 1)[1]) for line in lines]
+    from f8tensor.kernels.blockwise import BOTH_STAGES
+    assert (res[0]["cp_async"] > 0) == (BOTH_STAGES > 0)  # the both-layouts cast pipelines only with stages
+    assert res[4]["cp_async"] > 0 and res[5]["cp_async"] > 0
 
 
 @CPU_ONLY

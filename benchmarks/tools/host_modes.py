@@ -6,9 +6,9 @@ Settings: the default; torch.autograd.set_multithreading_enabled(False) (backwar
 calling thread instead of autograd's CUDA device thread); the process pinned to one CPU; both.
 Five rounds, the settings interleaved within each, medians (the GPU machine's host time varies
 from run to run by more than the cases differ). A single layer, and stacks of host_overhead.STACK
-layers (a layer's cost in steady state, the hand-over to autograd's thread shared by the stack). Also three _scaled_mm calls of the layer's three
-kinds in turn against one kind three times, and the layer's own calls inline and split across an
-autograd Function (host_split.py's B and A).
+layers (a layer's cost in steady state, the hand-over to autograd's thread shared by the stack).
+Also three _scaled_mm calls of the layer's three kinds in turn against one kind three times, and
+the layer's own calls inline and split across an autograd Function (host_split.py's B and A).
 """
 import os
 import statistics

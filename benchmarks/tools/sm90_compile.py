@@ -1,6 +1,6 @@
 """A Triton kernel's resources on sm_90 (H100 / H200), compiled on a machine without a GPU.
 
-    python benchmarks/tools/sm90_compile.py      (the blockwise casts' configurations, as block_cast_triton launches them)
+    python benchmarks/tools/sm90_compile.py    (the blockwise casts as block_cast_triton launches them, and candidates)
 
 `sm90_resources(kernel, args, num_warps, **constexprs)` compiles `kernel` for compute capability
 9.0 with the installed Triton and its bundled ptxas, the arguments specialized as Triton 3.6
@@ -98,7 +98,7 @@ def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **c
 
 
 def main():
-    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_SUB_N, SUB_M, SUB_N, _default_warps,
+    from f8tensor.kernels.blockwise import (BLOCK, BOTH_STAGES, COL_STRIPS_SUB_N, SUB_M, SUB_N, _default_warps,
                                             block_kernel)
     from f8tensor.kernels.rowwise import _format
 
@@ -107,18 +107,22 @@ def main():
     row, col = torch.empty(M, N, dtype=torch.float8_e4m3fn), torch.empty(N, M, dtype=torch.uint8)
     scale = torch.empty(M * N // BLOCK, dtype=torch.float32)
     fmt = _format(torch.float8_e4m3fn, False, False, x)
-    cases = {  # name: (write_row, write_col, square, block_m, sub_m, sub_n, even, offsets_32)
-        "act_both": (True, True, False, BLOCK, SUB_M, SUB_N, False, False),
-        "act_col": (False, True, False, BLOCK, SUB_M, COL_STRIPS_SUB_N, True, True),
-        "weight_row": (True, False, True, BLOCK, BLOCK, BLOCK, False, False),
-        "weight_col": (False, True, True, BLOCK, BLOCK, BLOCK, False, False),
+    # name: (write_row, write_col, square, sub_m, sub_n, even, offsets_32, stages, num_warps | None)
+    cases = {
+        "act_both": (True, True, False, SUB_M, SUB_N, BOTH_STAGES > 0, BOTH_STAGES > 0, BOTH_STAGES, None),
+        "act_col": (False, True, False, SUB_M, COL_STRIPS_SUB_N, True, True, 0, None),
+        "weight_row": (True, False, True, BLOCK, BLOCK, False, False, 0, None),
+        "weight_col": (False, True, True, BLOCK, BLOCK, False, False, 0, None),
+        # candidates (benchmarks/kernels_blockwise.py --sweep)
+        "act_both stages=2 sub_m=32": (True, True, False, 32, SUB_N, True, True, 2, 8),
+        "act_both stages=3 sub_m=16": (True, True, False, 16, SUB_N, True, True, 3, 8),
     }
-    for name, (write_row, write_col, square, bm, sub_m, sub_n, even, off32) in cases.items():
-        warps = _default_warps(square, write_row, write_col)
+    for name, (write_row, write_col, square, sub_m, sub_n, even, off32, stages, warps) in cases.items():
+        warps = warps or _default_warps(square, write_row, write_col)
         res = sm90_resources(block_kernel, (x, row, scale, col, scale, M, N, N, 1), warps, **fmt, SQUARE=square,
-                             WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=BLOCK, SUB_M=sub_m,
-                             SUB_N=sub_n, EVEN=even, OFFSETS_32=off32)
-        print(f"{name:<11} {warps:>2} warps {res}", flush=True)
+                             WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK, BLOCK_N=BLOCK, SUB_M=sub_m,
+                             SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, STAGES=stages)
+        print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
 if __name__ == "__main__":
