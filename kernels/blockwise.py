@@ -202,15 +202,19 @@ SUB_M = SUB_N = 64
 COL_STRIPS_SUB_N = 128
 # Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile).
 COL_STRIPS_BLOCK_N = 128
-# Stages of `_both_piped`'s loops for both kinds of strips; 0: the sliced path.
+# Stages of `_both_piped`'s loops for both kinds of strips; 0: the sliced path. Its row slices and
+# warps, chosen on registers and resident warps on sm_90 (benchmarks/tools/sm90_compile.py), untimed.
 BOTH_STAGES = 0
+PIPED_SUB_M, PIPED_WARPS = 32, 8
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
 ROW_STRIP_BLOCK_M = 32
 
 
-def _default_warps(square: bool, write_row: bool, write_col: bool) -> int:
+def _default_warps(square: bool, write_row: bool, write_col: bool, piped: bool = False) -> int:
+    if piped:
+        return PIPED_WARPS
     if not square:
         return 4  # row strips alone (32-row programs), column strips or both kinds (128-row tiles)
     return 16 if write_col and not write_row else 4 if write_row and not write_col else 8
@@ -230,8 +234,9 @@ def block_cast_triton(
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
     by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
     COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them). stages: both
-    kinds of strips in two pipelined passes over sub_m-row slices (`_both_piped`) with that many
-    stages (>= 1; BOTH_STAGES by default; 0: the sliced path). Where a tile's offsets do not fit
+    kinds of strips in two pipelined passes over sub_m-row slices (`_both_piped`; PIPED_SUB_M rows
+    and PIPED_WARPS warps by default) with that many stages (>= 1; BOTH_STAGES by default; 0: the
+    sliced path). Where a tile's offsets do not fit
     32 bits, both kinds take the sliced path: the same bits either way."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
@@ -264,7 +269,6 @@ def block_cast_triton(
             raise ValueError(f"block_cast_triton: {name} must be a power of two" + (
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
     if M and N:
-        sub = bm if square else min(sub_m or SUB_M, bm)
         # The column strips alone, and both kinds of strips with stages: offsets inside one tile
         # (rows x stride_m + columns x stride_n; the column-major store's columns x M + rows; the
         # row-major store's rows x N + columns) fit int32 where this holds, and `_col_strips` /
@@ -274,9 +278,10 @@ def block_cast_triton(
         offsets_32 = ((col_alone or stages > 0)
                       and BLOCK * (x.stride(0) + x.stride(1) + M + (N if stages else 0)) < 2 ** 31)
         stages = stages if offsets_32 else 0
+        sub = bm if square else min(sub_m or (PIPED_SUB_M if stages else SUB_M), bm)
         even = offsets_32 and M % BLOCK == 0 and N % bn == 0
         sub_n = BLOCK if square else sub_n or min(COL_STRIPS_SUB_N if offsets_32 else SUB_N, bn)
-        num_warps = num_warps or _default_warps(square, write_row, write_col)
+        num_warps = num_warps or _default_warps(square, write_row, write_col, stages > 0)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), cdiv(N, bn)),
