@@ -1,7 +1,8 @@
 """fuse_model_ops's RMSNorm fusion by proof (f8tensor/fusion/norm_proof.py): which norm modules it
-proves to compute Hugging Face's Llama-family RMSNorm and fuses, which it leaves alone and why, and
-that a fused norm computes what the written one computes (its form: rounded to x's dtype before the
-weight), hands its amax to the float8 layers and falls back to the written code where it must."""
+proves to compute Hugging Face's Llama-family RMSNorm (or OLMo 2's) and fuses, which it leaves alone
+and why, and that a fused norm computes what the written one computes (its form: rounded to x's
+dtype before the weight, or once after it), hands its amax to the float8 layers and falls back to
+the written code where it must."""
 
 import copy
 import pickle
@@ -48,7 +49,7 @@ class GemmaForm(LlamaRMSNorm):  # (1 + weight): another formula
         return (1 + self.weight) * h.to(dtype)
 
 
-class CastAfterWeight(LlamaRMSNorm):  # nn.RMSNorm's rounding: one, after the weight
+class CastAfterWeight(LlamaRMSNorm):  # OLMo 2's (Olmo2RMSNorm), nn.RMSNorm's rounding: one, after the weight
     def forward(self, x):
         dtype = x.dtype
         h = x.float()
@@ -91,12 +92,32 @@ class ReadsAGlobal(LlamaRMSNorm):
 
 
 EPSILON = 1e-6
-FUSED = [LlamaRMSNorm, Reordered]
-NOT_IT = ("forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) "
-          "(the epsilon variance_epsilon = 1e-06)")
+class CastAfterWeightReordered(LlamaRMSNorm):  # the same, .to(torch.float32) and the products turned round
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = torch.rsqrt(self.variance_epsilon + h.pow(2).mean(-1, keepdim=True)) * h
+        return (h * self.weight).to(dtype)
+
+
+class CastBetween(LlamaRMSNorm):  # rounded before the weight and then again after it: neither form
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h.to(dtype)).to(dtype)
+
+
+# class: its report line (the form fused)
+FUSED = {LlamaRMSNorm: "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)",
+         Reordered: "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)",
+         CastAfterWeight: "RMSNorm fused: (weight * normalized(x, eps=variance_epsilon)).to(x.dtype)",
+         CastAfterWeightReordered: "RMSNorm fused: (weight * normalized(x, eps=variance_epsilon)).to(x.dtype)"}
+NOT_IT = ("forward is not weight * h.to(x.dtype) or (weight * h).to(x.dtype), h = x.float() * "
+          "rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) (the epsilon variance_epsilon = 1e-06)")
 NOT_FUSED = {
     GemmaForm: NOT_IT,
-    CastAfterWeight: NOT_IT,
+    CastBetween: NOT_IT,
     FirstDim: NOT_IT,
     IgnoresItsEpsilon: NOT_IT,
     Branch: "forward has a branch or a loop",
@@ -129,7 +150,7 @@ def ulps(got, want):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("cls", FUSED, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", list(FUSED), ids=lambda c: c.__name__)
 def test_written_forms_are_fused_with_the_written_values(cls, dtype):
     """On CPU (the reference path): the written code's output and weight gradient bit for bit, its
     input gradient within one unit in the last place (the same terms, summed in another order than
@@ -137,8 +158,8 @@ def test_written_forms_are_fused_with_the_written_values(cls, dtype):
     bound: tests/test_rms_norm.py)."""
     mod, written = fused(make(cls, dtype)), make(cls, dtype)
     assert isinstance(mod, FusedNormModule) and isinstance(mod.__dict__[NORM_ATTR], RMSNormProof)
-    assert str(fusion_report(mod)).splitlines()[1].endswith(
-        "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)")
+    assert mod.__dict__[NORM_ATTR].cast_before_weight == ("(weight" not in FUSED[cls])
+    assert str(fusion_report(mod)).splitlines()[1].endswith(FUSED[cls])
     x = torch.randn(4, 32, D, device=DEVICE, dtype=dtype) * 3
     g = torch.randn_like(x)
     (y, dx, dw), (y_want, dx_want, dw_want) = grads(mod, x, g), grads(written, x, g)

@@ -11,7 +11,9 @@ class, written as Hugging Face writes its Llama family's (LlamaRMSNorm, Qwen2RMS
 runs as f8tensor's fused RMSNorm in the same form (fused_ops/rms_norm.py, cast_before_weight):
 the normalized values rounded to the input's dtype, then multiplied by the weight and rounded
 again, as the written code does; one pass each way, the amax of what it writes handed to the
-float8 layers that read it. Values: rstd in fp32 as written, summed in another order, so the
+float8 layers that read it. The same code ending `return (self.weight * hidden_states).to(input_dtype)`
+(OLMo 2's Olmo2RMSNorm: the product in fp32, one rounding, nn.RMSNorm's form) runs the fused
+norm without cast_before_weight. Values: rstd in fp32 as written, summed in another order, so the
 normalized values may differ by one unit in the last place where they sit at a rounding boundary.
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded): the
@@ -19,8 +21,8 @@ module has no children, no buffers and one parameter, of one dim; its class pass
 core/class_swap.class_reason; the bytecode of its class forward passes the shared walk
 (forward_walk.py) with GRAMMAR below (self read for its parameter and one float attribute, torch's
 float32 and rsqrt, a tensor's dtype, to, float, pow and mean, numbers, + and *); torch.fx traces it
-to exactly the eleven nodes above (the float32 cast by .to(torch.float32) or .float(), either order
-of each product and of the sum), the float attribute being the epsilon added.
+to exactly the eleven nodes of either form above (the float32 cast by .to(torch.float32) or
+.float(), either order of each product and of the sum), the float attribute being the epsilon added.
 
 At each call the fused forward runs the class's own forward instead where the proof does not
 cover the call: other arguments than the one input, the class forward or the globals it read
@@ -63,17 +65,21 @@ GRAMMAR = Grammar(does="normalize with its weight", self_reads="its weight and e
 
 @dataclass(frozen=True)
 class RMSNormProof:
-    """forward(x) = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): weight, eps:
-    the names of the parameter and of the float attribute; forward, globals: the code proven and
-    what its global names were bound to; arg: the forward's parameter name (None: positional-only)."""
+    """forward(x) = weight * normalized(x).to(x.dtype) (cast_before_weight) or (weight *
+    normalized(x)).to(x.dtype), normalized(x) = x.float() * rsqrt(mean(x.float()^2) + eps): weight,
+    eps: the names of the parameter and of the float attribute; forward, globals: the code proven
+    and what its global names were bound to; arg: the forward's parameter name (None: positional-only)."""
     weight: str
     eps: str
     arg: str | None
     forward: types.FunctionType
     globals: tuple[tuple[str, object], ...]
+    cast_before_weight: bool = True
 
     def __str__(self):
-        return f"RMSNorm fused: {self.weight} * normalized(x, eps={self.eps}).to(x.dtype)"
+        if self.cast_before_weight:
+            return f"RMSNorm fused: {self.weight} * normalized(x, eps={self.eps}).to(x.dtype)"
+        return f"RMSNorm fused: ({self.weight} * normalized(x, eps={self.eps})).to(x.dtype)"
 
 
 def is_norm_candidate(mod: nn.Module) -> bool:
@@ -108,12 +114,13 @@ def _product(n, a_test, b_test):
 
 
 _SENTINELS = (0.0625, 0.1875)  # exact binary fractions, not epsilons a model holds
-_NOT_IT = "forward is not weight * (x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)"
+_NOT_IT = ("forward is not weight * h.to(x.dtype) or (weight * h).to(x.dtype), h = x.float() * "
+           "rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)")
 
 
 def _pattern(mod: nn.Module, weight_name: str, eps: float):
-    """The input placeholder if torch.fx traces mod to exactly the eleven operations with eps added,
-    else why not."""
+    """(the input placeholder, whether the weight multiplies after the cast) if torch.fx traces mod
+    to exactly the eleven operations of either form with eps added, else why not."""
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(mod)
@@ -140,9 +147,16 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
         return (_is_call(n, "call_method", "to", 2) and not n.kwargs and _is_call(
             n.args[1], "call_function", getattr, 2) and n.args[1].args == (x, "dtype"))
 
-    found = _product(out.args[0], weight, back_to_x_dtype)
-    normalized = found and found[1].args[0]
-    found = found and _product(normalized, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
+    def normalized(n):  # h.float() * rsqrt(...): (h, rsqrt), else None
+        return _product(n, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
+
+    cast_before_weight = True
+    found = _product(out.args[0], weight, back_to_x_dtype)  # weight * normalized(x).to(x.dtype)
+    found = found and normalized(found[1].args[0])
+    if not found and back_to_x_dtype(out.args[0]):  # (weight * normalized(x)).to(x.dtype)
+        cast_before_weight = False
+        found = _product(out.args[0].args[0], weight, normalized)
+        found = found and normalized(found[1])
     if not found:
         return _NOT_IT
     h, rsqrt = found
@@ -158,7 +172,7 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
         return _NOT_IT
     if any(len(n.users) != (2 if n is h or n is x else 1) for n in nodes if n.op != "output"):
         return "forward uses an intermediate value more than once"
-    return x
+    return x, cast_before_weight
 
 
 def find_norm(mod: nn.Module) -> RMSNormProof | str:
@@ -187,10 +201,10 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
                 return f"{found} (the epsilon {epsilons[0]} = {original!r})" if found == _NOT_IT else found
     finally:
         mod.__dict__[epsilons[0]] = original
-    x = found
+    x, cast_before_weight = found
     positional_only = forward.__code__.co_posonlyargcount > 1
     return RMSNormProof(weights[0], epsilons[0], None if positional_only else x.target, forward,
-                        tuple(read_globals))
+                        tuple(read_globals), cast_before_weight)
 
 
 def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
@@ -219,4 +233,5 @@ class FusedNormModule(FusedModule):
         x = _call_covered(self, proof, args, kwargs)
         if x is None:
             return NotImplemented
-        return fused_rms_norm(x, getattr(self, proof.weight), float(getattr(self, proof.eps)), cast_before_weight=True)
+        return fused_rms_norm(x, getattr(self, proof.weight), float(getattr(self, proof.eps)),
+                              cast_before_weight=proof.cast_before_weight)
