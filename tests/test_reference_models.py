@@ -1,5 +1,5 @@
 """The model code people train, fused by fuse_model_ops in strict mode: Hugging Face's Llama and Qwen2
-(transformers) and OLMo 2's norms, torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
+(transformers) and OLMo 2, torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
 transformers or torchtitan that stops one of these fusions fails here instead of training slower.
 
 The proofs are pure Python, so these run on CPU (CI installs the pinned transformers and torchtitan
@@ -90,11 +90,12 @@ def test_hugging_face_mlp_and_attention_are_fused(name, fused_calls):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_olmo2_norms_are_fused_in_their_form_and_its_rope_is_left_as_written(fused_calls):
+def test_olmo2_norms_rope_and_gate_are_fused(fused_calls):
     """OLMo 2 (transformers' Olmo2ForCausalLM): its Olmo2RMSNorm multiplies the weight in fp32 and
-    rounds once (nn.RMSNorm's form), fused without the cast before the weight; q_norm and k_norm
-    normalize whole projections. Its apply_rotary_pos_emb casts back to q's dtype, which the RoPE
-    proof does not cover: strict mode says so."""
+    rounds once (nn.RMSNorm's form), fused without the cast before the weight, q_norm and k_norm
+    over whole projections; its apply_rotary_pos_emb rotates by fp32 tables and casts back to q's
+    dtype, which is rope's arithmetic. Each of the two alone gives the written logits bit for bit
+    on CPU."""
     import transformers
 
     config = transformers.Olmo2Config(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
@@ -104,22 +105,23 @@ def test_olmo2_norms_are_fused_in_their_form_and_its_rope_is_left_as_written(fus
     model = transformers.Olmo2ForCausalLM(config).to(torch.bfloat16)
     tokens = torch.randint(0, 256, (2, 32))
     want = model(tokens).logits
-    norms_alone = copy.deepcopy(model)
-    assert len(fuse_model_ops(norms_alone, swiglu=False, rope=False).fused("rms_norm")) == 9
-    assert torch.equal(norms_alone(tokens).logits, want)  # on CPU the fused norm's forward is the written one's
+    for alone, count in ((dict(swiglu=False, rope=False), ("rms_norm", 9)), (dict(swiglu=False, rms_norm=False),
+                                                                            ("rope", 2))):
+        copied = copy.deepcopy(model)
+        assert len(fuse_model_ops(copied, **alone).fused(count[0])) == count[1]
+        assert torch.equal(copied(tokens).logits, want)
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
-    with pytest.raises(FusionError, match="apply_rotary_pos_emb reads .dtype"):
-        fuse_model_ops(model, strict=True)
-    report = fuse_model_ops(model)
+    report = fuse_model_ops(model, strict=True)
     norms = [f"model.layers.{i}.{name}" for i in range(2) for name in (
         "post_attention_layernorm", "post_feedforward_layernorm", "self_attn.k_norm", "self_attn.q_norm")]
     assert fqns(report, "rms_norm") == sorted(norms + ["model.norm"])
     assert all(str(r.detail) == "RMSNorm fused: (weight * normalized(x, eps=variance_epsilon)).to(x.dtype)"
                for r in report.fused("rms_norm"))
-    assert fqns(report, "swiglu") == ["model.layers.0.mlp", "model.layers.1.mlp"] and not report.fused("rope")
-    fused_calls.update(swiglu=0, rope=0, rms_norm=0)  # the norms-alone model's calls above
+    assert fqns(report, "swiglu") == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert fqns(report, "rope") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    fused_calls.update(swiglu=0, rope=0, rms_norm=0)  # the copies' calls above
     got = model(tokens).logits
-    assert fused_calls == {"swiglu": 2, "rope": 0, "rms_norm": 9}
+    assert fused_calls == {"swiglu": 2, "rope": 4, "rms_norm": 9}
     assert sqnr(want, got) > 15  # float8 layers: as close as conversion alone
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

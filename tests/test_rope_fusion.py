@@ -52,7 +52,20 @@ def reordered(x, cos, sin):  # operands swapped, torch.chunk, torch.neg, torch.m
     return torch.add(torch.mul(sin, torch.cat([torch.neg(x2), x1], -1)), cos * x)
 
 
-PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1}
+def olmo2_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # OLMo 2's (transformers 5.24), verbatim
+    q_type, k_type = q.dtype, k.dtype
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed.to(q_type), k_embed.to(k_type)
+
+
+def cast_back(x, cos, sin):  # one tensor, the dtype read where it is cast
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1}
 
 
 # --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
@@ -105,13 +118,28 @@ def x_as_table(x, cos, sin):
     return x * cos + rotate_half(x) * x
 
 
+def cast_to_the_other(q, k, cos, sin):
+    return (q * cos + rotate_half(q) * sin).to(k.dtype), (k * cos + rotate_half(k) * sin).to(q.dtype)
+
+
+def cast_to_a_named_dtype(x, cos, sin):
+    return (x * cos + rotate_half(x) * sin).to(torch.bfloat16)
+
+
+def dtype_read_twice(q, k, cos, sin):
+    dtype = q.dtype
+    return (q * cos + rotate_half(q) * sin).to(dtype), (k * cos + rotate_half(k) * sin).to(dtype)
+
+
 NOT_PROVEN = {
     swapped_halves: "returns something other than rotations", minus: "returns something other than rotations",
     scaled: "returns something other than rotations", thirds: "returns something other than rotations",
     fixed_width: "returns something other than rotations", branching: "has a branch",
     reads_a_global: "reads the global 'SCALE'", in_place: "reads .mul_",
     keeps_an_intermediate: "uses a rotation's intermediate values elsewhere",
-    x_as_table: "rotates something other than an argument by tables"}
+    x_as_table: "rotates something other than an argument by tables",
+    cast_to_the_other: "casts a rotation to another tensor's dtype", cast_to_a_named_dtype: "reads .bfloat16",
+    dtype_read_twice: "returns something other than rotations"}
 
 
 @pytest.mark.parametrize("fn", list(PROVEN), ids=lambda f: f.__name__)
@@ -242,6 +270,30 @@ def test_what_rope_would_change_runs_the_written_ops(rope_calls):
     with pytest.raises(RuntimeError):
         mod(x, cos, sin)
     assert not rope_calls
+
+
+class CastsBack(nn.Module):  # OLMo 2's attention, the rotation alone
+    def forward(self, q, k, cos, sin):
+        return olmo2_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_rotation_cast_back_to_x_dtype_runs_rope(table_dtype, rope_calls):
+    """rotation.to(x.dtype) (OLMo 2's form): rope for tables that promote x's dtype too, since the
+    written code rounds its fp32 result once, as rope does: on CPU the written values bit for bit
+    with fp32 tables (OLMo 2's), and eager's per-op roundings' distance with bf16 tables."""
+    mod, own = fused(CastsBack()), CastsBack()
+    assert isinstance(mod.__dict__[ROPE_ATTR], RoPECalls)
+    torch.manual_seed(1)
+    q, k = (torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    cos, sin = tables(per_sequence=True, dtype=table_dtype)  # [B, S, HEAD], as Hugging Face's models pass them
+    got, want = mod(q, k, cos, sin), own(q, k, cos, sin)
+    assert len(rope_calls) == 2 and all(g.dtype == torch.bfloat16 for g in got)
+    for g, w in zip(got, want):
+        if table_dtype == torch.float32 and DEVICE.type == "cpu":
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g.float(), w.float(), rtol=0.02, atol=0.02 * w.abs().max().item())
 
 
 def test_rebinding_after_conversion_is_followed(monkeypatch, rope_calls):

@@ -31,13 +31,15 @@ it record why):
 - its bytecode, instruction by instruction: a plain function of positional-or-keyword arguments,
   no closure, no try or with block, no branch or loop, and nothing but loads of its arguments, locals
   and constants (numbers, None, Ellipsis, keyword names), of torch, of global functions proven
-  safe by the same walk (rotate_half), of the attributes chunk, shape, unsqueeze, cat, neg, mul and
-  add; slicing, subscripts, +, -, *, //, unary minus, tuples and lists, calls, stores to locals and
+  safe by the same walk (rotate_half), of the attributes chunk, shape, unsqueeze, cat, neg, mul,
+  add, dtype and to; slicing, subscripts, +, -, *, //, unary minus, tuples and lists, calls, stores to locals and
   the return (so tracing it runs nothing of the user's and writes nothing);
 - torch.fx traces it to nothing but unsqueezes of arguments and rotations
   t * c + cat([-second_half(t), first_half(t)], dim=-1) * s of an argument t by tables c and s
   (arguments, or their unsqueezes), with the halves taken by t.chunk(2, dim=-1) or by slicing at
-  t.shape[-1] // 2, each intermediate used only in its rotation, returned alone or as a tuple.
+  t.shape[-1] // 2, each intermediate used only in its rotation, returned alone or as a tuple,
+  each as it is or cast back to its own argument's dtype, rotation.to(t.dtype) with that t.dtype
+  read for it alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32).
 Its arguments are plain (no *args, keyword-only or positional-only, none named self), with
 defaults that are numbers, None or strings, and survive the rewrite with their names and defaults.
 The module: its class passes core/class_swap.class_reason, and its forward (or, through decorators that
@@ -60,9 +62,10 @@ runs the function as written where its code or defaults, or a helper's, or a glo
 forwards that compare it right where they read it (`is`, `==`, `in`) are left alone; an identity
 test of a copy kept elsewhere would differ. Each rotation runs f8tensor.rope where it gives eager's
 shape, dtype and layout (plain tensors of one floating dtype for the tables that x's dtype does not
-promote, tables that broadcast to x and do not require grad, x with a contiguous last dim) and
-where it gains (x of at least MIN_FUSED_NUMEL elements), and the written ops otherwise. Values:
-rope's, fp32 math and one rounding, where eager rounds each of its five ops.
+promote, or any floating tables where the rotation is cast back to x's dtype; tables that
+broadcast to x and do not require grad, x with a contiguous last dim) and where it gains (x of at
+least MIN_FUSED_NUMEL elements), and the written ops otherwise. Values: rope's, fp32 math and one
+rounding, where eager rounds each of its five ops (with fp32 tables cast back, eager rounds once too).
 """
 
 import builtins
@@ -94,7 +97,7 @@ _PLAIN_OPS = frozenset({
     "UNPACK_SEQUENCE", "CALL", "CALL_KW", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD", "BINARY_ADD",
     "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_FLOOR_DIVIDE"})
 _BINARY_OPS = frozenset({"+", "-", "*", "//"})
-_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add"})
+_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add", "dtype", "to"})
 _CONSTANTS = (int, float, bool, type(None), type(Ellipsis))
 _WRITES_GLOBALS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _GLOBALS_BUILTINS = frozenset({"globals", "exec", "eval"})
@@ -253,14 +256,16 @@ def _table(n, placeholders) -> bool:
                                  and len(n.args) + len(n.kwargs) == 2)
 
 
-def _rotate(x, cos, sin, halves: str):
-    """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice"):
-    f8tensor.rope where that gives eager's shape, dtype and layout and x is large enough to gain,
-    the written ops otherwise."""
+def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
+    """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice";
+    cast_back: followed by .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and
+    layout and x is large enough to gain, the written ops otherwise. Cast back, tables that promote
+    x's dtype (fp32 tables for bf16 x) are rope's too: eager's fp32 math and one rounding."""
     if (type(x) is torch.Tensor and x.numel() >= MIN_FUSED_NUMEL and type(cos) is torch.Tensor
             and type(sin) is torch.Tensor and x.dtype in INPUT_DTYPES and x.stride(-1) == 1
             and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
-            and torch.promote_types(x.dtype, cos.dtype) == x.dtype and 2 <= x.dim() <= 4 and x.shape[-1] % 2 == 0
+            and (cast_back or torch.promote_types(x.dtype, cos.dtype) == x.dtype)
+            and 2 <= x.dim() <= 4 and x.shape[-1] % 2 == 0
             and cos.shape == sin.shape and 1 <= cos.dim() <= x.dim() and cos.shape[-1] == x.shape[-1]
             and not (cos.requires_grad or sin.requires_grad) and cos.device == x.device == sin.device
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
@@ -269,7 +274,21 @@ def _rotate(x, cos, sin, halves: str):
         x1, x2 = x.chunk(2, dim=-1)
     else:
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out.to(x.dtype) if cast_back else out
+
+
+def _cast_back(n):
+    """(the rotation, the dtype read) if n is rotation.to(t.dtype) for some t, else None (the
+    caller checks that t is the rotation's argument)."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_method" and n.target == "to" and len(n.args) == 2
+            and not n.kwargs):
+        return None
+    dtype = n.args[1]
+    if not (isinstance(dtype, torch.fx.Node) and dtype.op == "call_function" and dtype.target is builtins.getattr
+            and len(dtype.args) == 2 and dtype.args[1] == "dtype" and set(dtype.users) == {n}):
+        return None
+    return n.args[0], dtype
 
 
 def prove_function(fn) -> RotaryFunction | str:
@@ -298,23 +317,29 @@ def _prove_function(fn) -> RotaryFunction | str:
     (out,) = [n for n in nodes if n.op == "output"]
     returned = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     rotations, covered = [], set(placeholders) | {out}
-    for add in returned:
+    for result in returned:
+        cast = _cast_back(result)  # rotation.to(x.dtype)
+        add, dtype_read = cast if cast else (result, None)
         found = _rotation(add) if isinstance(add, torch.fx.Node) else None
         if found is None:
             return f"{fn.__name__} returns something other than rotations x * cos + rotate_half(x) * sin"
         t, c, s, form, inner = found
         if t not in placeholders or not (_table(c, placeholders) and _table(s, placeholders)) or t in (c, s):
             return f"{fn.__name__} rotates something other than an argument by tables"
-        if any(u not in inner and u is not add for n in inner for u in n.users) or set(add.users) != {out}:
+        if cast and dtype_read.args[0] is not t:
+            return f"{fn.__name__} casts a rotation to another tensor's dtype"
+        if any(u not in inner and u is not add for n in inner for u in n.users) or set(add.users) != {
+                result if cast else out} or set(result.users) != {out}:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
-        rotations.append((add, t, c, s, form))
-        covered |= inner | {add} | {n for n in (c, s) if n not in placeholders}
+        rotations.append((result, t, c, s, form, cast is not None))
+        covered |= inner | {add, result} | {n for n in (c, s) if n not in placeholders} | (
+            {dtype_read} if cast else set())
     if set(nodes) - covered:
         return f"{fn.__name__} computes more than its rotations"
-    for add, t, c, s, form in rotations:
-        with graph.inserting_before(add):
-            fused = graph.call_function(_rotate, (t, c, s, form))
-        add.replace_all_uses_with(fused)
+    for result, t, c, s, form, cast_back in rotations:
+        with graph.inserting_before(result):
+            fused = graph.call_function(_rotate, (t, c, s, form, cast_back))
+        result.replace_all_uses_with(fused)
     graph.eliminate_dead_code()
     run = torch.fx.GraphModule(nn.Module(), graph).forward
     if inspect.signature(run) != inspect.signature(fn):  # fx renames arguments named like builtins
