@@ -246,6 +246,19 @@ def test_host_overhead_cases_run():
         fn()
 
 
+@CPU_ONLY
+def test_fusion_coverage_tool_reports_each_kind(tmp_path):
+    """benchmarks/tools/fusion_coverage.py (docs/benchmarks.md's table of Hugging Face architectures):
+    fused / examined per kind, and the first reason where a kind is not fused."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "fusion_coverage.py"), "Llama",
+                          "Cohere"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = {line.split()[0]: line for line in run.stdout.splitlines()[1:]}
+    assert lines["Llama"].split()[1:] == ["rms_norm", "3/3", "swiglu", "1/1", "rope", "1/1"]
+    assert "rms_norm 0/2" in lines["Cohere"] and "rms_norm: RMSNorm not fused: forward does more" in lines["Cohere"]
+
+
 SM90_PROBE = """
 import sys, torch, triton, triton.language as tl
 sys.path.insert(0, sys.argv[1])

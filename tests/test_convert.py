@@ -221,3 +221,25 @@ def test_the_swap_runs_no_subclass_hook_and_copies_keep_later_subclasses():
     m.__class__ = type("Wrapped", (type(m),), {})  # as fully_shard makes a class of the module's own
     twin = copy.deepcopy(m)
     assert type(twin) is type(m) and isinstance(twin, MyLinear)
+
+
+def test_summary_names_weights_conversion_does_not_reach():
+    """A mixture of experts' batched experts (one 3-D parameter per projection, as transformers 5
+    holds them) and a convolution are not linear layers: conversion leaves them, the summary says so."""
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 128, 64))
+            self.down_proj = nn.Parameter(torch.randn(4, 64, 64))
+            self.scale = nn.Parameter(torch.ones(64))  # one dim: not listed
+
+    m = nn.Sequential(nn.Linear(64, 64), Experts(), nn.Conv1d(8, 8, 3))
+    convert_to_float8_training(m, module_filter_fn=every_layer)
+    assert type(m[1]) is Experts and type(m[2]) is nn.Conv1d
+    assert conversion_summary(m).splitlines() == [
+        "f8tensor: 1 of 1 linear layers in float8",
+        "  0      64->64       float8",
+        "2 modules with weights of three or more dims (a mixture of experts' batched experts, convolutions), not "
+        "linear layers: conversion swaps nn.Linear only, these stay as they are",
+        "  1  gate_up_proj [4, 128, 64], down_proj [4, 64, 64]",
+        "  2  weight [8, 8, 3]"]

@@ -112,15 +112,25 @@ def convert_to_float8_training(
 
 
 def conversion_summary(module: nn.Module) -> str:
-    """A table of every linear layer: float8, or kept in high precision with the reason."""
-    rows = []
+    """A table of every linear layer: float8, or kept in high precision with the reason; then every
+    other module holding weights of three or more dims (batched matrices, as mixture-of-experts
+    layers hold their experts), which conversion does not reach."""
+    rows, batched = [], []
     for fqn, mod in module.named_modules():
         if isinstance(mod, nn.Linear):
             status = ("float8" if isinstance(mod, Float8Linear)
                       else "kept: " + getattr(mod, SKIP_REASON_ATTR, "not converted"))
             rows.append((fqn or "<root>", f"{mod.in_features}->{mod.out_features}", status))
+        else:
+            shapes = [f"{name} {list(p.shape)}" for name, p in mod.named_parameters(recurse=False) if p.dim() >= 3]
+            if shapes:
+                batched.append((fqn or "<root>", ", ".join(shapes)))
     converted = sum(r[2] == "float8" for r in rows)
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"f8tensor: {converted} of {len(rows)} linear layers in float8"]
     lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]
+    if batched:
+        lines.append(f"{len(batched)} modules with weights of three or more dims (a mixture of experts' batched "
+                     "experts, convolutions), not linear layers: conversion swaps nn.Linear only, these stay as they are")
+        lines += [f"  {name}  {shapes}" for name, shapes in batched]
     return "\n".join(lines)
