@@ -189,6 +189,32 @@ def test_only_modules_that_look_like_a_norm_are_examined():
     assert not fusion_report(fused(model)).rows
 
 
+class GemmaRMSNorm(nn.Module):  # Hugging Face's Gemma 2 norm (transformers 5), verbatim: math in a helper method
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+def test_a_norm_named_so_is_examined_and_left_alone_with_the_reason():
+    """A forward that does not name rsqrt itself but whose class is named like an RMSNorm (Gemma's)
+    is examined, so the report (and strict mode) say why it is not fused."""
+    model = fused(nn.Sequential(GemmaRMSNorm(D)))
+    assert type(model[0]) is GemmaRMSNorm
+    assert [(r.kind, r.fused, r.detail) for r in fusion_report(model).rows] == [
+        ("rms_norm", False, "RMSNorm not fused: forward reads self._norm, which is not (only) its weight and epsilon")]
+    with pytest.raises(FusionError, match="forward reads self._norm"):
+        fuse_model_ops(nn.Sequential(GemmaRMSNorm(D)), swiglu=False, rope=False, strict=True)
+
+
 def test_the_fused_norm_hands_its_amax_to_the_float8_layers(monkeypatch):
     """q/k/v-like layers after a fused norm skip their amax pass, and give the same bits."""
     passes = count_amax_passes(monkeypatch)

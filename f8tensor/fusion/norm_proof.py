@@ -84,14 +84,15 @@ class RMSNormProof:
 
 def is_norm_candidate(mod: nn.Module) -> bool:
     """No children or buffers, one parameter of one dim, a plain-function class forward that names
-    rsqrt; not an nn.RMSNorm (the norm swap's), not yet fused."""
+    rsqrt or a class named like an RMSNorm (Gemma's computes in a helper method: examined, so that
+    the report says why it is not fused); not an nn.RMSNorm (the norm swap's), not yet fused."""
     if isinstance(mod, (nn.RMSNorm, FusedNormModule)) or next(mod.children(), None) is not None:
         return False
     params = list(mod.parameters(recurse=False))
     if len(params) != 1 or params[0].dim() != 1 or next(mod.buffers(recurse=False), None) is not None:
         return False
     forward = class_forward(type(mod))
-    return forward is not None and "rsqrt" in forward.__code__.co_names
+    return forward is not None and ("rsqrt" in forward.__code__.co_names or "rmsnorm" in type(mod).__name__.lower())
 
 
 class _LeafTracer(torch.fx.Tracer):
