@@ -151,11 +151,16 @@ def ulps(got, want):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cls", list(FUSED), ids=lambda c: c.__name__)
-def test_written_forms_are_fused_with_the_written_values(cls, dtype):
-    """On CPU (the reference path): the written code's output and weight gradient bit for bit, its
-    input gradient within one unit in the last place (the same terms, summed in another order than
-    autograd's chain rule). On the GPU the kernels sum rstd's squares in another order too (their
-    bound: tests/test_rms_norm.py)."""
+def test_written_forms_are_fused_with_the_written_values(cls, dtype, monkeypatch):
+    """The fused norm runs, in the form proven, and gives on CPU (the reference path) the written
+    code's output and weight gradient bit for bit, its input gradient within one unit in the last
+    place (the same terms, summed in another order than autograd's chain rule). On the GPU the
+    kernels sum rstd's squares in another order too (their bound: tests/test_rms_norm.py)."""
+    import f8tensor.fusion.norm_proof as norm_proof
+
+    forms = []
+    monkeypatch.setattr(norm_proof, "fused_rms_norm", lambda *a, **k: forms.append(k["cast_before_weight"])
+                        or fused_rms_norm(*a, **k))
     mod, written = fused(make(cls, dtype)), make(cls, dtype)
     assert isinstance(mod, FusedNormModule) and isinstance(mod.__dict__[NORM_ATTR], RMSNormProof)
     assert mod.__dict__[NORM_ATTR].cast_before_weight == ("(weight" not in FUSED[cls])
@@ -163,6 +168,7 @@ def test_written_forms_are_fused_with_the_written_values(cls, dtype):
     x = torch.randn(4, 32, D, device=DEVICE, dtype=dtype) * 3
     g = torch.randn_like(x)
     (y, dx, dw), (y_want, dx_want, dw_want) = grads(mod, x, g), grads(written, x, g)
+    assert forms == [mod.__dict__[NORM_ATTR].cast_before_weight]  # the fused norm ran once, in the form proven
     if DEVICE.type == "cpu":
         assert torch.equal(y, y_want) and torch.equal(dw, dw_want) and ulps(dx, dx_want) <= 1
     else:

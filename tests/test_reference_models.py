@@ -105,11 +105,13 @@ def test_olmo2_norms_rope_and_gate_are_fused(fused_calls):
     model = transformers.Olmo2ForCausalLM(config).to(torch.bfloat16)
     tokens = torch.randint(0, 256, (2, 32))
     want = model(tokens).logits
-    for alone, count in ((dict(swiglu=False, rope=False), ("rms_norm", 9)), (dict(swiglu=False, rms_norm=False),
-                                                                            ("rope", 2))):
+    for alone, kind, modules, calls in ((dict(swiglu=False, rope=False), "rms_norm", 9, 9),
+                                        (dict(swiglu=False, rms_norm=False), "rope", 2, 4)):
         copied = copy.deepcopy(model)
-        assert len(fuse_model_ops(copied, **alone).fused(count[0])) == count[1]
+        assert len(fuse_model_ops(copied, **alone).fused(kind)) == modules
+        fused_calls.update(swiglu=0, rope=0, rms_norm=0)
         assert torch.equal(copied(tokens).logits, want)
+        assert fused_calls[kind] == calls  # the fused op ran (9 norms; q and k of each layer)
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
     report = fuse_model_ops(model, strict=True)
     norms = [f"model.layers.{i}.{name}" for i in range(2) for name in (
@@ -119,7 +121,7 @@ def test_olmo2_norms_rope_and_gate_are_fused(fused_calls):
                for r in report.fused("rms_norm"))
     assert fqns(report, "swiglu") == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert fqns(report, "rope") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    fused_calls.update(swiglu=0, rope=0, rms_norm=0)  # the copies' calls above
+    fused_calls.update(swiglu=0, rope=0, rms_norm=0)
     got = model(tokens).logits
     assert fused_calls == {"swiglu": 2, "rope": 4, "rms_norm": 9}
     assert sqnr(want, got) > 15  # float8 layers: as close as conversion alone

@@ -260,7 +260,9 @@ def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
     """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice";
     cast_back: followed by .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and
     layout and x is large enough to gain, the written ops otherwise. Cast back, tables that promote
-    x's dtype (fp32 tables for bf16 x) are rope's too: eager's fp32 math and one rounding."""
+    x's dtype (fp32 tables for bf16 x) are rope's too: eager's fp32 math and one rounding (on the
+    GPU the kernel may contract a product and a sum into one fused multiply-add where eager rounds
+    the product: one unit in the last place of x's dtype, rarely)."""
     if (type(x) is torch.Tensor and x.numel() >= MIN_FUSED_NUMEL and type(cos) is torch.Tensor
             and type(sin) is torch.Tensor and x.dtype in INPUT_DTYPES and x.stride(-1) == 1
             and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
