@@ -108,6 +108,36 @@ class CastBetween(LlamaRMSNorm):  # rounded before the weight and then again aft
         return (self.weight * h.to(dtype)).to(dtype)
 
 
+class CastToItsOwnDtype(LlamaRMSNorm):  # the second form's cast to fp32 (h's dtype): never rounded to x's dtype
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(h.dtype)
+
+
+class CastToTheWeightsDtype(LlamaRMSNorm):
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(self.weight.dtype)
+
+
+class CastByKeyword(LlamaRMSNorm):
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(dtype=dtype)
+
+
+class WeightTwice(LlamaRMSNorm):
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h * self.weight).to(dtype)
+
+
 # class: its report line (the form fused)
 FUSED = {LlamaRMSNorm: "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)",
          Reordered: "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)",
@@ -118,6 +148,10 @@ NOT_IT = ("forward is not weight * h.to(x.dtype) or (weight * h).to(x.dtype), h 
 NOT_FUSED = {
     GemmaForm: NOT_IT,
     CastBetween: NOT_IT,
+    CastToItsOwnDtype: NOT_IT,
+    CastToTheWeightsDtype: "forward reads .dtype of a child",
+    CastByKeyword: NOT_IT,
+    WeightTwice: NOT_IT,
     FirstDim: NOT_IT,
     IgnoresItsEpsilon: NOT_IT,
     Branch: "forward has a branch or a loop",
