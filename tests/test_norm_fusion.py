@@ -1,7 +1,7 @@
 """fuse_model_ops's RMSNorm fusion by proof (f8tensor/fusion/norm_proof.py): which norm modules it
-proves to compute Hugging Face's Llama-family RMSNorm (or OLMo 2's) and fuses, which it leaves alone
-and why, and that a fused norm computes what the written one computes (its form: rounded to x's
-dtype before the weight, or once after it), hands its amax to the float8 layers and falls back to
+proves to compute Hugging Face's Llama-family RMSNorm (or OLMo 2's, or Gemma's) and fuses, which it
+leaves alone and why, and that a fused norm computes what the written one computes (its form:
+rounded to x's dtype before the weight, or once after it), hands its amax to the float8 layers and falls back to
 the written code where it must."""
 
 import copy
@@ -138,18 +138,61 @@ class WeightTwice(LlamaRMSNorm):
         return (self.weight * h * self.weight).to(dtype)
 
 
+class GemmaRMSNorm(nn.Module):  # Hugging Face's Gemma 2 norm (transformers 5), verbatim: a helper method, 1 + weight
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class GemmaReordered(GemmaRMSNorm):  # the same, every product and sum turned round
+    def _norm(self, x):
+        return torch.rsqrt(self.eps + x.pow(2).mean(-1, keepdim=True)) * x
+
+    def forward(self, x):
+        return ((self.weight.float() + 1.0) * self._norm(x.float())).type_as(x)
+
+
+class GemmaNestedRMSNorm(GemmaRMSNorm):  # its helper calls a helper
+    def _mean_square(self, x):
+        return x.pow(2).mean(-1, keepdim=True)
+
+    def _norm(self, x):
+        return x * torch.rsqrt(self._mean_square(x) + self.eps)
+
+
+class GemmaTwoRMSNorm(GemmaRMSNorm):  # 2 + weight: another formula
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (2.0 + self.weight.float())
+        return output.type_as(x)
+
+
 # class: its report line (the form fused)
 FUSED = {LlamaRMSNorm: "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)",
          Reordered: "RMSNorm fused: weight * normalized(x, eps=variance_epsilon).to(x.dtype)",
          CastAfterWeight: "RMSNorm fused: (weight * normalized(x, eps=variance_epsilon)).to(x.dtype)",
-         CastAfterWeightReordered: "RMSNorm fused: (weight * normalized(x, eps=variance_epsilon)).to(x.dtype)"}
-NOT_IT = ("forward is not weight * h.to(x.dtype) or (weight * h).to(x.dtype), h = x.float() * "
-          "rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) (the epsilon variance_epsilon = 1e-06)")
+         CastAfterWeightReordered: "RMSNorm fused: (weight * normalized(x, eps=variance_epsilon)).to(x.dtype)",
+         GemmaRMSNorm: "RMSNorm fused: (normalized(x, eps=eps) * (1 + weight)).type_as(x)",
+         GemmaReordered: "RMSNorm fused: (normalized(x, eps=eps) * (1 + weight)).type_as(x)"}
+NOT_IT = ("forward is not weight * h.to(x.dtype), (weight * h).to(x.dtype) or (h * (1.0 + weight.float())).type_as(x), "
+          "h = x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) (the epsilon variance_epsilon = 1e-06)")
 NOT_FUSED = {
     GemmaForm: NOT_IT,
     CastBetween: NOT_IT,
     CastToItsOwnDtype: NOT_IT,
-    CastToTheWeightsDtype: "forward reads .dtype of a child",
+    CastToTheWeightsDtype: NOT_IT,
+    GemmaTwoRMSNorm: NOT_IT.replace("variance_epsilon", "eps"),
+    GemmaNestedRMSNorm: ("self._norm reads self._mean_square, which is not (only) its weight and epsilon "
+                              "(a method the forward calls)"),
     CastByKeyword: NOT_IT,
     WeightTwice: NOT_IT,
     FirstDim: NOT_IT,
@@ -197,12 +240,13 @@ def test_written_forms_are_fused_with_the_written_values(cls, dtype, monkeypatch
                         or fused_rms_norm(*a, **k))
     mod, written = fused(make(cls, dtype)), make(cls, dtype)
     assert isinstance(mod, FusedNormModule) and isinstance(mod.__dict__[NORM_ATTR], RMSNormProof)
-    assert mod.__dict__[NORM_ATTR].cast_before_weight == ("(weight" not in FUSED[cls])
+    assert mod.__dict__[NORM_ATTR].cast_before_weight == FUSED[cls].startswith("RMSNorm fused: weight *")
     assert str(fusion_report(mod)).splitlines()[1].endswith(FUSED[cls])
     x = torch.randn(4, 32, D, device=DEVICE, dtype=dtype) * 3
     g = torch.randn_like(x)
     (y, dx, dw), (y_want, dx_want, dw_want) = grads(mod, x, g), grads(written, x, g)
     assert forms == [mod.__dict__[NORM_ATTR].cast_before_weight]  # the fused norm ran once, in the form proven
+    assert mod.__dict__[NORM_ATTR].one_plus_weight == ("(1 + weight)" in FUSED[cls])
     if DEVICE.type == "cpu":
         assert torch.equal(y, y_want) and torch.equal(dw, dw_want) and ulps(dx, dx_want) <= 1
     else:
@@ -227,32 +271,6 @@ def test_only_modules_that_look_like_a_norm_are_examined():
 
     model = nn.Sequential(nn.Linear(D, D), TwoWeights(D), nn.LayerNorm(D))
     assert not fusion_report(fused(model)).rows
-
-
-class GemmaRMSNorm(nn.Module):  # Hugging Face's Gemma 2 norm (transformers 5), verbatim: math in a helper method
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float())
-        output = output * (1.0 + self.weight.float())
-        return output.type_as(x)
-
-
-def test_a_norm_named_so_is_examined_and_left_alone_with_the_reason():
-    """A forward that does not name rsqrt itself but whose class is named like an RMSNorm (Gemma's)
-    is examined, so the report (and strict mode) say why it is not fused."""
-    model = fused(nn.Sequential(GemmaRMSNorm(D)))
-    assert type(model[0]) is GemmaRMSNorm
-    assert [(r.kind, r.fused, r.detail) for r in fusion_report(model).rows] == [
-        ("rms_norm", False, "RMSNorm not fused: forward reads self._norm, which is not (only) its weight and epsilon")]
-    with pytest.raises(FusionError, match="forward reads self._norm"):
-        fuse_model_ops(nn.Sequential(GemmaRMSNorm(D)), swiglu=False, rope=False, strict=True)
 
 
 def test_the_fused_norm_hands_its_amax_to_the_float8_layers(monkeypatch):

@@ -1,5 +1,5 @@
 """The model code people train, fused by fuse_model_ops in strict mode: Hugging Face's Llama and Qwen2
-(transformers) and OLMo 2, torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
+(transformers), OLMo 2 and Gemma 2 and 3, torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
 transformers or torchtitan that stops one of these fusions fails here instead of training slower.
 
 The proofs are pure Python, so these run on CPU (CI installs the pinned transformers and torchtitan
@@ -125,6 +125,41 @@ def test_olmo2_norms_rope_and_gate_are_fused(fused_calls):
     got = model(tokens).logits
     assert fused_calls == {"swiglu": 2, "rope": 4, "rms_norm": 9}
     assert sqnr(want, got) > 15  # float8 layers: as close as conversion alone
+    got.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name, norms", [("Gemma2", 9), ("Gemma3", 13)])
+def test_gemma_norms_and_rope_are_fused_and_its_gelu_gate_is_named(name, norms, fused_calls):
+    """Gemma 2 and 3 (transformers' <Name>ForCausalLM): their RMSNorm normalizes in a helper method
+    and scales by 1 + weight in fp32 (Gemma 3 normalizes q and k too): fused in that form, the
+    logits bit for bit the written ones on CPU with the norms fused alone; their feed-forward's
+    GELU-tanh gate is not SwiGLU, and the report says so."""
+    import transformers
+
+    config_cls = transformers.Gemma3TextConfig if name == "Gemma3" else transformers.Gemma2Config
+    config = config_cls(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=256, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).to(torch.bfloat16)
+    tokens = torch.randint(3, 256, (2, 32))
+    want = model(tokens).logits
+    copied = copy.deepcopy(model)
+    assert len(fuse_model_ops(copied, swiglu=False, rope=False).fused("rms_norm")) == norms
+    fused_calls.update(swiglu=0, rope=0, rms_norm=0)
+    assert torch.equal(copied(tokens).logits, want) and fused_calls["rms_norm"] == norms
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
+    report = fuse_model_ops(model)
+    assert len(report.fused("rms_norm")) == norms and len(report.fused("rope")) == 2
+    assert all(str(r.detail) == "RMSNorm fused: (normalized(x, eps=eps) * (1 + weight)).type_as(x)"
+               for r in report.fused("rms_norm"))
+    assert [r.detail for r in report.not_fused("swiglu")] == [
+        "SwiGLU gate not fused: the activation child GELUTanh: forward reads self.act, which is not (only) a "
+        "child module"] * 2
+    fused_calls.update(swiglu=0, rope=0, rms_norm=0)
+    got = model(tokens).logits
+    assert fused_calls == {"swiglu": 0, "rope": 4, "rms_norm": norms} and sqnr(want, got) > 15
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

@@ -88,7 +88,7 @@ def code_reason(mod: nn.Module, cls: type, forward, grammar: Grammar, read_globa
                     return f"forward reads self.{name}, which is not (only) {grammar.self_reads}"
                 if self_reads is not None:
                     self_reads.append(name)
-                top = "child"
+                top = "tensor" if name in mod._parameters else "child"
             elif top == "tensor" and name in grammar.tensor_attributes:
                 top = "method"
             elif any(top is ok for ok in modules) and any(

@@ -5,7 +5,8 @@ explicit call that changes the rest of a model, one switch per fusion:
 
     rms_norm  every nn.RMSNorm (exact type) becomes f8tensor.RMSNorm        (norm_swap.py), and a
               norm module proven to compute Hugging Face's Llama-family RMSNorm (or OLMo 2's,
-              the weight multiplied before the cast) runs it fused in that form (norm_proof.py)
+              the weight multiplied before the cast, or Gemma's, 1 + weight) runs it fused in
+              that form                                                      (norm_proof.py)
     swiglu    a module whose forward is proven to compute down(silu(gate(x)) * up(x)) over
               three linear children runs its gate as f8tensor.swiglu         (gate_proof.py)
     rope      a module whose forward calls, by its global name, a function proven to compute

@@ -13,24 +13,37 @@ the normalized values rounded to the input's dtype, then multiplied by the weigh
 again, as the written code does; one pass each way, the amax of what it writes handed to the
 float8 layers that read it. The same code ending `return (self.weight * hidden_states).to(input_dtype)`
 (OLMo 2's Olmo2RMSNorm: the product in fp32, one rounding, nn.RMSNorm's form) runs the fused
-norm without cast_before_weight. Values: rstd in fp32 as written, summed in another order, so the
+norm without cast_before_weight, and so does Gemma's (Gemma2RMSNorm, ...), which normalizes in a
+helper method and scales by one plus the weight:
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+(the fused norm's weight is then 1.0 + weight.float(), in fp32, computed at each call). Values: rstd in fp32 as written, summed in another order, so the
 normalized values may differ by one unit in the last place where they sit at a rounding boundary.
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded): the
 module has no children, no buffers and one parameter, of one dim; its class passes
 core/class_swap.class_reason; the bytecode of its class forward passes the shared walk
 (forward_walk.py) with GRAMMAR below (self read for its parameter and one float attribute, torch's
-float32 and rsqrt, a tensor's dtype, to, float, pow and mean, numbers, + and *); torch.fx traces it
-to exactly the eleven nodes of either form above (the float32 cast by .to(torch.float32) or
-.float(), either order of each product and of the sum), the float attribute being the epsilon added.
+float32 and rsqrt, a tensor's dtype, to, type_as, float, pow and mean, numbers, + and *; methods of
+its class that pass the same walk and read no method themselves); torch.fx traces it to exactly
+the nodes of one form above (the float32 cast by .to(torch.float32) or .float(), either order of
+each product and of each sum), the float attribute being the epsilon added.
 
 At each call the fused forward runs the class's own forward instead where the proof does not
 cover the call: other arguments than the one input, the class forward or the globals it read
-rebound since, tracing (fx, jit, torch.compile, which fuses the written code itself), and inputs
+rebound since (a helper method too), tracing (fx, jit, torch.compile, which fuses the written code itself), and inputs
 the fused kernels do not compute exactly as written (a weight of another dtype than x, which the
 written code promotes; autocast; tensor subclasses; rows longer than the kernel takes on CUDA).
 """
 
+import inspect
 import operator
 import types
 from dataclasses import dataclass
@@ -57,10 +70,24 @@ def _own_state(mod: nn.Module, cls: type, name: str) -> bool:
     return type(mod.__dict__.get(name)) is float
 
 
-GRAMMAR = Grammar(does="normalize with its weight", self_reads="its weight and epsilon", self_attribute=_own_state,
-                  torch_objects=(torch, torch.float32, torch.rsqrt),
-                  tensor_attributes=frozenset({"dtype", "to", "float", "pow", "mean"}),
-                  constants=(bool, int, float, type(None)), binary_ops=frozenset({"*", "+"}))
+def helper_method(mod: nn.Module, cls: type, name: str):
+    """The plain function self.<name> reads, where it is a method of the class (not an instance
+    attribute, not a property or other descriptor), else None."""
+    fn = inspect.getattr_static(cls, name, None)
+    return fn if isinstance(fn, types.FunctionType) and name not in mod.__dict__ and name != "forward" else None
+
+
+def _state_or_helper(mod: nn.Module, cls: type, name: str) -> bool:
+    return _own_state(mod, cls, name) or helper_method(mod, cls, name) is not None
+
+
+_GRAMMAR_ARGS = dict(does="normalize with its weight", torch_objects=(torch, torch.float32, torch.rsqrt),
+                     tensor_attributes=frozenset({"dtype", "to", "type_as", "float", "pow", "mean"}),
+                     constants=(bool, int, float, type(None)), binary_ops=frozenset({"*", "+"}))
+# The forward may call helper methods (which pass HELPER_GRAMMAR: they call none).
+GRAMMAR = Grammar(self_reads="its weight, epsilon and helper methods", self_attribute=_state_or_helper,
+                  **_GRAMMAR_ARGS)
+HELPER_GRAMMAR = Grammar(self_reads="its weight and epsilon", self_attribute=_own_state, **_GRAMMAR_ARGS)
 
 
 @dataclass(frozen=True)
@@ -75,8 +102,12 @@ class RMSNormProof:
     forward: types.FunctionType
     globals: tuple[tuple[str, object], ...]
     cast_before_weight: bool = True
+    one_plus_weight: bool = False  # Gemma's form: normalized(x) * (1 + weight.float()), one rounding
+    helpers: tuple[tuple[str, types.FunctionType], ...] = ()  # the methods the forward calls, as proven
 
     def __str__(self):
+        if self.one_plus_weight:
+            return f"RMSNorm fused: (normalized(x, eps={self.eps}) * (1 + {self.weight})).type_as(x)"
         if self.cast_before_weight:
             return f"RMSNorm fused: {self.weight} * normalized(x, eps={self.eps}).to(x.dtype)"
         return f"RMSNorm fused: ({self.weight} * normalized(x, eps={self.eps})).to(x.dtype)"
@@ -84,15 +115,20 @@ class RMSNormProof:
 
 def is_norm_candidate(mod: nn.Module) -> bool:
     """No children or buffers, one parameter of one dim, a plain-function class forward that names
-    rsqrt or a class named like an RMSNorm (Gemma's computes in a helper method: examined, so that
-    the report says why it is not fused); not an nn.RMSNorm (the norm swap's), not yet fused."""
+    rsqrt or calls a method of its class that does (Gemma's), or a class named like an RMSNorm
+    (examined, so that the report says why it is not fused); not an nn.RMSNorm (the norm swap's),
+    not yet fused."""
     if isinstance(mod, (nn.RMSNorm, FusedNormModule)) or next(mod.children(), None) is not None:
         return False
     params = list(mod.parameters(recurse=False))
     if len(params) != 1 or params[0].dim() != 1 or next(mod.buffers(recurse=False), None) is not None:
         return False
     forward = class_forward(type(mod))
-    return forward is not None and ("rsqrt" in forward.__code__.co_names or "rmsnorm" in type(mod).__name__.lower())
+    if forward is None:
+        return False
+    helpers = (helper_method(mod, type(mod), name) for name in forward.__code__.co_names)
+    return ("rsqrt" in forward.__code__.co_names or "rmsnorm" in type(mod).__name__.lower()
+            or any(fn is not None and "rsqrt" in fn.__code__.co_names for fn in helpers))
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -115,13 +151,13 @@ def _product(n, a_test, b_test):
 
 
 _SENTINELS = (0.0625, 0.1875)  # exact binary fractions, not epsilons a model holds
-_NOT_IT = ("forward is not weight * h.to(x.dtype) or (weight * h).to(x.dtype), h = x.float() * "
-           "rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)")
+_NOT_IT = ("forward is not weight * h.to(x.dtype), (weight * h).to(x.dtype) or (h * (1.0 + weight.float())).type_as(x), "
+           "h = x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)")
 
 
 def _pattern(mod: nn.Module, weight_name: str, eps: float):
-    """(the input placeholder, whether the weight multiplies after the cast) if torch.fx traces mod
-    to exactly the eleven operations of either form with eps added, else why not."""
+    """(the input placeholder, cast_before_weight, one_plus_weight) if torch.fx traces mod to
+    exactly the operations of one of the three forms with eps added, else why not."""
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(mod)
@@ -132,7 +168,7 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
     nodes = list(graph.nodes)
     (out,) = [n for n in nodes if n.op == "output"]
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    if len(placeholders) != 1 or len(nodes) != 12 or len(out.args) != 1:
+    if len(placeholders) != 1 or len(out.args) != 1:
         return _NOT_IT
     (x,) = placeholders
 
@@ -151,14 +187,30 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
     def normalized(n):  # h.float() * rsqrt(...): (h, rsqrt), else None
         return _product(n, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
 
-    cast_before_weight = True
+    def one_plus_weight(n):  # 1.0 + weight.float(), either order
+        if not (_is_call(n, "call_function", operator.add, 2) and not n.kwargs):
+            return False
+        for one, w in (n.args, n.args[::-1]):
+            if (type(one) in (int, float) and one == 1 and _is_call(w, "call_method", "float", 1)
+                    and not w.kwargs and weight(w.args[0])):
+                return True
+        return False
+
+    def like_x(n):  # h.type_as(x): (h,)
+        return _is_call(n, "call_method", "type_as", 2) and not n.kwargs and n.args[1] is x
+
+    cast_before_weight, scaled = True, False
     found = _product(out.args[0], weight, back_to_x_dtype)  # weight * normalized(x).to(x.dtype)
     found = found and normalized(found[1].args[0])
     if not found and back_to_x_dtype(out.args[0]):  # (weight * normalized(x)).to(x.dtype)
         cast_before_weight = False
         found = _product(out.args[0].args[0], weight, normalized)
         found = found and normalized(found[1])
-    if not found:
+    if not found and like_x(out.args[0]):  # (normalized(x) * (1.0 + weight.float())).type_as(x)
+        cast_before_weight, scaled = False, True
+        found = _product(out.args[0].args[0], one_plus_weight, normalized)
+        found = found and normalized(found[1])
+    if not found or len(nodes) != (13 if scaled else 12):
         return _NOT_IT
     h, rsqrt = found
     total = rsqrt.args[0]
@@ -173,7 +225,7 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
         return _NOT_IT
     if any(len(n.users) != (2 if n is h or n is x else 1) for n in nodes if n.op != "output"):
         return "forward uses an intermediate value more than once"
-    return x, cast_before_weight
+    return x, cast_before_weight, scaled
 
 
 def find_norm(mod: nn.Module) -> RMSNormProof | str:
@@ -184,6 +236,15 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
     reason = class_reason(mod, cls) or code_reason(mod, cls, forward, GRAMMAR, read_globals, self_reads)
     if reason:
         return reason
+    helpers = tuple((name, helper_method(mod, cls, name)) for name in dict.fromkeys(self_reads)
+                    if not _own_state(mod, cls, name))
+    for name, fn in helpers:  # each helper method walked as the forward is, calling no method itself
+        if fn.__globals__ is not forward.__globals__:
+            return f"forward calls self.{name}, a method defined in another module"
+        reason = code_reason(mod, cls, fn, HELPER_GRAMMAR, read_globals, self_reads)
+        if reason:
+            return f"{reason.replace('forward', f'self.{name}', 1)} (a method the forward calls)"
+    self_reads = [n for n in self_reads if not any(n == name for name, _ in helpers)]
     params = dict(mod.named_parameters(recurse=False))
     weights = sorted({n for n in self_reads if n in params})
     epsilons = sorted({n for n in self_reads if n not in params})
@@ -202,17 +263,18 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
                 return f"{found} (the epsilon {epsilons[0]} = {original!r})" if found == _NOT_IT else found
     finally:
         mod.__dict__[epsilons[0]] = original
-    x, cast_before_weight = found
+    x, cast_before_weight, one_plus_weight = found
     positional_only = forward.__code__.co_posonlyargcount > 1
     return RMSNormProof(weights[0], epsilons[0], None if positional_only else x.target, forward,
-                        tuple(read_globals), cast_before_weight)
+                        tuple(read_globals), cast_before_weight, one_plus_weight, helpers)
 
 
 def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
     """The input if the proof covers this call and the kernels compute it as written, else None."""
     if len(args) + len(kwargs) != 1 or (kwargs and (proof.arg is None or proof.arg not in kwargs)):
         return None
-    if mod._f8tensor_base.forward is not proof.forward or tracing():
+    if mod._f8tensor_base.forward is not proof.forward or tracing() or any(
+            helper_method(mod, mod._f8tensor_base, name) is not fn for name, fn in proof.helpers):
         return None
     if not globals_unchanged(proof.forward.__globals__, proof.globals):
         return None
@@ -234,5 +296,7 @@ class FusedNormModule(FusedModule):
         x = _call_covered(self, proof, args, kwargs)
         if x is None:
             return NotImplemented
-        return fused_rms_norm(x, getattr(self, proof.weight), float(getattr(self, proof.eps)),
-                              cast_before_weight=proof.cast_before_weight)
+        weight = getattr(self, proof.weight)
+        if proof.one_plus_weight:  # Gemma's scale, in fp32 as written; the fused norm rounds once
+            weight = 1.0 + weight.float()
+        return fused_rms_norm(x, weight, float(getattr(self, proof.eps)), cast_before_weight=proof.cast_before_weight)
