@@ -329,6 +329,31 @@ def test_the_epsilon_is_read_at_each_call():
     assert sqnr(written(x), mod(x)) > 40
 
 
+def test_a_helper_method_rebound_or_shadowed_runs_the_written_code(monkeypatch):
+    """The proof holds for the helper method it walked: rebinding it on the class, or shadowing it
+    on the instance, runs the class's own forward (with the new helper), not the fused norm."""
+    import f8tensor.fusion.norm_proof as norm_proof
+
+    calls = []
+    monkeypatch.setattr(norm_proof, "fused_rms_norm", lambda *a, **k: calls.append(1) or fused_rms_norm(*a, **k))
+
+    class LocalGemmaRMSNorm(GemmaRMSNorm):
+        pass
+
+    mod = fused(make(LocalGemmaRMSNorm))
+    assert isinstance(mod, FusedNormModule) and mod.__dict__[NORM_ATTR].helpers[0][0] == "_norm"
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    mod(x)
+    assert len(calls) == 1
+    LocalGemmaRMSNorm._norm = lambda self, h: h * 2  # another normalization
+    assert torch.equal(mod(x), ((x.float() * 2) * (1.0 + mod.weight.float())).type_as(x)) and len(calls) == 1
+    del LocalGemmaRMSNorm._norm  # GemmaRMSNorm's again: proven
+    mod(x)
+    assert len(calls) == 2
+    mod._norm = lambda h: h * 3  # an instance attribute shadows the method
+    assert torch.equal(mod(x), ((x.float() * 3) * (1.0 + mod.weight.float())).type_as(x)) and len(calls) == 2
+
+
 def test_on_an_unchecked_python_each_candidate_says_it_was_not_attempted(monkeypatch):
     from f8tensor import FusionWarning
     from f8tensor.fusion import python_versions
