@@ -356,7 +356,7 @@ NOT_FUSED = {
     Registers: "its class Registers defines __init_subclass__",
     OwnGetattr: "its class OwnGetattr defines __getattr__",
     ShadowedChild: "forward reads self.w1, which is not (only) a child module",
-    GeGLU: "the activation child GELUActivation: forward reads torch.nn.functional.gelu",
+    GeGLU: "the activation child GELUActivation is a GELU activation, not silu: only SwiGLU gates are fused",
 }
 
 

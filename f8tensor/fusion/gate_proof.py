@@ -171,11 +171,22 @@ def _silu_reason(act) -> tuple[str | None, tuple | None]:
         return reason or _nn_silu_reason(act), None
     cls, forward = type(act), class_forward(type(act))
     if forward is None:
-        return f"the activation child {cls.__name__}'s forward is not a plain function", None
+        return _named(cls, f"the activation child {cls.__name__}'s forward is not a plain function"), None
     if (cls, forward) not in SILU_PROOFS:
         SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
     found = SILU_PROOFS[cls, forward]
-    return (found, None) if isinstance(found, str) else (None, found)
+    return (_named(cls, found), None) if isinstance(found, str) else (None, found)
+
+
+_OTHER_ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+def _named(cls: type, reason: str) -> str:
+    """reason, said plainly where the class is named as another activation (transformers' GELUTanh)."""
+    other = next((v for k, v in _OTHER_ACTIVATIONS.items() if k in cls.__name__.lower()), None)
+    if other is None:
+        return reason
+    return f"the activation child {cls.__name__} is a {other} activation, not silu: only SwiGLU gates are fused"
 
 
 def _still_silu(act, proof: tuple | None) -> bool:
