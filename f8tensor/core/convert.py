@@ -131,6 +131,7 @@ def conversion_summary(module: nn.Module) -> str:
     lines += [f"  {name:<{width}}  {dims:<11}  {status}" for name, dims, status in rows]
     if batched:
         lines.append(f"{len(batched)} modules with weights of three or more dims (a mixture of experts' batched "
-                     "experts, convolutions), not linear layers: conversion swaps nn.Linear only, these stay as they are")
+                     "experts, convolutions), not linear layers: conversion swaps nn.Linear only, these stay "
+                     "as they are")
         lines += [f"  {name}  {shapes}" for name, shapes in batched]
     return "\n".join(lines)

@@ -24,8 +24,9 @@ helper method and scales by one plus the weight:
         output = output * (1.0 + self.weight.float())
         return output.type_as(x)
 
-(the fused norm's weight is then 1.0 + weight.float(), in fp32, computed at each call). Values: rstd in fp32 as written, summed in another order, so the
-normalized values may differ by one unit in the last place where they sit at a rounding boundary.
+(the fused norm's weight is then 1.0 + weight.float(), in fp32, computed at each call). Values:
+rstd in fp32 as written, summed in another order, so the normalized values may differ by one unit
+in the last place where they sit at a rounding boundary.
 
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded): the
 module has no children, no buffers and one parameter, of one dim; its class passes
@@ -38,9 +39,10 @@ each product and of each sum), the float attribute being the epsilon added.
 
 At each call the fused forward runs the class's own forward instead where the proof does not
 cover the call: other arguments than the one input, the class forward or the globals it read
-rebound since (a helper method too), tracing (fx, jit, torch.compile, which fuses the written code itself), and inputs
-the fused kernels do not compute exactly as written (a weight of another dtype than x, which the
-written code promotes; autocast; tensor subclasses; rows longer than the kernel takes on CUDA).
+rebound since (a helper method too), tracing (fx, jit, torch.compile, which fuses the written code
+itself), and inputs the fused kernels do not compute exactly as written (a weight of another dtype
+than x, which the written code promotes; autocast; tensor subclasses; rows longer than the kernel
+takes on CUDA).
 """
 
 import inspect
@@ -151,7 +153,8 @@ def _product(n, a_test, b_test):
 
 
 _SENTINELS = (0.0625, 0.1875)  # exact binary fractions, not epsilons a model holds
-_NOT_IT = ("forward is not weight * h.to(x.dtype), (weight * h).to(x.dtype) or (h * (1.0 + weight.float())).type_as(x), "
+_NOT_IT = ("forward is not weight * h.to(x.dtype), (weight * h).to(x.dtype) or "
+           "(h * (1.0 + weight.float())).type_as(x), "
            "h = x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)")
 
 
