@@ -14,7 +14,7 @@ import torch
 
 from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
                     quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref, rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
-                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref, to_col_major)
+                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref, to_col_major, geglu_backward_ref, geglu_ref)
 
 try:
     from .blockwise import block_cast_triton
@@ -35,7 +35,7 @@ __all__ = [
     "quantize_blocks", "quantize_blockwise_ref", "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
     "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
     "rope_backward_ref", "rope_forward", "rope_ref", "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
-    "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
+    "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax", "geglu_ref", "geglu_backward_ref",
 ]
 
 
@@ -142,23 +142,24 @@ def _quantize_blocks_ref(x, float8_dtype, power_of_2, square, write_row, write_c
     return row, row_scale, col, col_scale
 
 
-def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(silu(a) * b, its amax record) for contiguous a, b of one shape and dtype: one pass on CUDA
-    (Triton), the reference elsewhere or without triton. The record goes to `quantize_with_amax`
-    with that tensor."""
+def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor, gelu_tanh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(a) * b, its amax record) for contiguous a, b of one shape and dtype (gelu_tanh:
+    gelu(a, approximate="tanh") * b, GeGLU's gate): one pass on CUDA (Triton), the reference
+    elsewhere or without triton. The record goes to `quantize_with_amax` with that tensor."""
     if a.is_cuda and swiglu_triton is not None:
-        return swiglu_triton(a, b)
-    h = swiglu_ref(a, b)
+        return swiglu_triton(a, b, gelu_tanh)
+    h = geglu_ref(a, b) if gelu_tanh else swiglu_ref(a, b)
     return h, amax_ref(h)
 
 
 def swiglu_backward_with_amax(
-    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gelu_tanh: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_a, grad_b, record of grad_a, record of grad_b) of h = silu(a) * b given dh = g."""
+    """(grad_a, grad_b, record of grad_a, record of grad_b) of h = silu(a) * b (gelu_tanh: of
+    GeGLU's gate) given dh = g."""
     if a.is_cuda and swiglu_backward_triton is not None:
-        return swiglu_backward_triton(g, a, b)
-    grad_a, grad_b = swiglu_backward_ref(g, a, b)
+        return swiglu_backward_triton(g, a, b, gelu_tanh)
+    grad_a, grad_b = (geglu_backward_ref if gelu_tanh else swiglu_backward_ref)(g, a, b)
     return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
 
 

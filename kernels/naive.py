@@ -13,6 +13,8 @@ is tested against it bit for bit. Read this first.
 so that hp ≈ data * scale, and `scale` is exactly what `torch._scaled_mm` takes as scale_a/scale_b.
 """
 
+import math
+
 import torch
 
 # amax is clamped to EPS so an all-zero tensor gets a finite scale (its data is all zeros).
@@ -181,6 +183,37 @@ def swiglu_backward_ref(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tu
     s = torch.sigmoid(af)
     grad_a = gf * bf * (s * (1 + af * (1 - s)))
     grad_b = gf * (af * s)
+    return grad_a.to(a.dtype), grad_b.to(b.dtype)
+
+
+# GeGLU with the tanh approximation of GELU (Gemma's gate): h = gelu(a, approximate="tanh") * b, the
+# same fusion. tanh(u) is computed as 2 sigmoid(2 u) - 1 (the kernels' form: Triton's interpreter has
+# no tanh), which in fp32 saturates to -1 where tanhf does, give or take the last bits: against
+# PyTorch's F.gelu(a, approximate="tanh") the activation differs by a few fp32 units in the last
+# place, and in the saturated tail (a below about -5) by at most 2^-22 |a| where PyTorch gives 0.
+GELU_TANH_BETA = math.sqrt(2.0 / math.pi)
+GELU_TANH_KAPPA = 0.044715
+
+
+def gelu_tanh_ref(af: torch.Tensor) -> torch.Tensor:
+    """gelu(a, approximate="tanh") of an fp32 a as the kernels compute it: 0.5 a (1 + t)."""
+    t = 2 * torch.sigmoid(2 * GELU_TANH_BETA * (af + GELU_TANH_KAPPA * af * af * af)) - 1
+    return 0.5 * af * (1 + t)
+
+
+def geglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h = gelu(a, approximate="tanh") * b = 0.5 a (1 + tanh(beta (a + kappa a^3))) * b."""
+    return (gelu_tanh_ref(a.float()) * b.float()).to(a.dtype)
+
+
+def geglu_backward_ref(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh/da * g, dh/db * g), gelu_tanh'(a) as PyTorch's gelu_backward (approximate="tanh") writes it:
+    0.5 (1 + t) + 0.5 a (1 - t^2) beta (1 + 3 kappa a^2), t = tanh(beta (a + kappa a^3))."""
+    gf, af, bf = g.float(), a.float(), b.float()
+    t = 2 * torch.sigmoid(2 * GELU_TANH_BETA * (af + GELU_TANH_KAPPA * af * af * af)) - 1
+    derivative = 0.5 * (1 + t) + 0.5 * af * (1 - t * t) * GELU_TANH_BETA * (1 + 3 * GELU_TANH_KAPPA * af * af)
+    grad_a = gf * bf * derivative
+    grad_b = gf * (0.5 * af * (1 + t))
     return grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 

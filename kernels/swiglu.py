@@ -1,8 +1,12 @@
 """SwiGLU, h = silu(a) * b, forward and backward each in one pass that also measures the amax of
 what it writes: the Float8Linear that reads h (w2), or the gradients (w1, w3), skips its amax pass.
+With GELU_TANH the gate is GeGLU's, h = gelu(a, approximate="tanh") * b (Gemma's), 0.5 a (1 + t) b
+with t = tanh(beta (a + kappa a^3)) computed as 2 sigmoid(2 beta (a + kappa a^3)) - 1 (naive.py
+says how that compares with PyTorch's gelu).
 
-Reference: `naive.swiglu_ref`, `naive.swiglu_backward_ref` (fp32 math, one rounding to the output
-dtype; eager PyTorch rounds silu(a) to bf16 before the product). Triton's sigmoid uses the GPU's
+Reference: `naive.swiglu_ref`, `naive.swiglu_backward_ref`, `naive.geglu_ref`,
+`naive.geglu_backward_ref` (fp32 math, one rounding to the output dtype; eager PyTorch rounds the
+activation to bf16 before the product). Triton's sigmoid uses the GPU's
 fast exp, so a bf16/fp16 output may differ from the reference by one unit in the last place (fp32
 by the exp's error, which grows with |a|); the amax
 record is exact for the kernel's own output: its partials, as `amax.amax_kernel` writes them (fp32
@@ -18,6 +22,7 @@ import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
 from .launch import launch_kernel
+from .naive import GELU_TANH_BETA as _BETA, GELU_TANH_KAPPA as _KAPPA
 from .quantize import default_num_programs
 
 
@@ -28,14 +33,29 @@ def block_of(i, NUM_PROGRAMS, n, BLOCK: tl.constexpr):
     return offs, offs < n
 
 
+GELU_TANH_BETA, GELU_TANH_KAPPA = tl.constexpr(_BETA), tl.constexpr(_KAPPA)  # the reference's constants
+
+
 @triton.jit
-def swiglu_kernel(a_ptr, b_ptr, h_ptr, amax_ptr, n, NUM_PROGRAMS, ITERS, BLOCK: tl.constexpr):
+def gelu_tanh_t(a):
+    """tanh(beta (a + kappa a^3)) as 2 sigmoid(2 u) - 1 (Triton has no tanh in the interpreter): in
+    fp32 it rounds to -1 where tanhf does, so 1 + t is 0 there, as PyTorch's gelu gives."""
+    return 2 * tl.sigmoid(2 * GELU_TANH_BETA * (a + GELU_TANH_KAPPA * a * a * a)) - 1
+
+
+@triton.jit
+def swiglu_kernel(a_ptr, b_ptr, h_ptr, amax_ptr, n, NUM_PROGRAMS, ITERS, BLOCK: tl.constexpr,
+                  GELU_TANH: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(ITERS):
         offs, mask = block_of(i, NUM_PROGRAMS, n, BLOCK)
         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        h = (a * tl.sigmoid(a) * b).to(h_ptr.dtype.element_ty)
+        if GELU_TANH:
+            act = 0.5 * a * (1 + gelu_tanh_t(a))
+        else:
+            act = a * tl.sigmoid(a)
+        h = (act * b).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h, mask=mask)
         acc = tl.maximum(acc, magnitude_bits(h))  # masked lanes hold 0
     tl.store(amax_ptr + tl.program_id(0), tl.max(acc, 0))
@@ -44,7 +64,7 @@ def swiglu_kernel(a_ptr, b_ptr, h_ptr, amax_ptr, n, NUM_PROGRAMS, ITERS, BLOCK: 
 @triton.jit
 def swiglu_backward_kernel(
     g_ptr, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, amax_a_ptr, amax_b_ptr, n, NUM_PROGRAMS, ITERS,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, GELU_TANH: tl.constexpr,
 ):
     acc_a = tl.zeros([BLOCK], dtype=tl.int32)
     acc_b = tl.zeros([BLOCK], dtype=tl.int32)
@@ -53,9 +73,16 @@ def swiglu_backward_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(a)
-        grad_a = (g * b * (s * (1 + a * (1 - s)))).to(grad_a_ptr.dtype.element_ty)
-        grad_b = (g * (a * s)).to(grad_b_ptr.dtype.element_ty)
+        if GELU_TANH:  # as PyTorch's gelu_backward (tanh form) writes it
+            t = gelu_tanh_t(a)
+            act = 0.5 * a * (1 + t)
+            derivative = 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * GELU_TANH_BETA * (1 + 3 * GELU_TANH_KAPPA * a * a)
+        else:  # silu'(a) = s (1 + a (1 - s))
+            s = tl.sigmoid(a)
+            act = a * s
+            derivative = s * (1 + a * (1 - s))
+        grad_a = (g * b * derivative).to(grad_a_ptr.dtype.element_ty)
+        grad_b = (g * act).to(grad_b_ptr.dtype.element_ty)
         tl.store(grad_a_ptr + offs, grad_a, mask=mask)
         tl.store(grad_b_ptr + offs, grad_b, mask=mask)
         acc_a = tl.maximum(acc_a, magnitude_bits(grad_a))
@@ -69,7 +96,7 @@ FORWARD_BLOCKS = dict(block=4096, num_warps=8)
 BACKWARD_BLOCKS = dict(block=2048, num_warps=8)
 
 
-def _launch(kernel, inputs, outputs, num_records, block, num_warps):
+def _launch(kernel, inputs, outputs, num_records, block, num_warps, gelu_tanh):
     """Run `kernel` over the contiguous `inputs` into `outputs`; returns its `num_records` records
     (launch.py: Triton's launch path the first time for each case, its C launcher after)."""
     n = inputs[0].numel()
@@ -77,28 +104,29 @@ def _launch(kernel, inputs, outputs, num_records, block, num_warps):
     programs = max(1, min(default_num_programs(device), cdiv(n, block)))
     records = [torch.empty(programs, dtype=torch.int32, device=device) for _ in range(num_records)]
     args = (*inputs, *outputs, *records, n, programs, cdiv(cdiv(n, block), programs))
-    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block)
+    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block, GELU_TANH=gelu_tanh)
     return records
 
 
-def swiglu_triton(a: torch.Tensor, b: torch.Tensor, **blocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, amax record of h) for contiguous a, b of one shape and dtype."""
+def swiglu_triton(a: torch.Tensor, b: torch.Tensor, gelu_tanh: bool = False, **blocks
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, amax record of h) for contiguous a, b of one shape and dtype; gelu_tanh: GeGLU's gate."""
     h = torch.empty_like(a)
     if a.numel() == 0:
         return h, torch.zeros(1, dtype=torch.int32, device=a.device)
-    (record,) = _launch(swiglu_kernel, (a, b), (h,), 1, **(blocks or FORWARD_BLOCKS))
+    (record,) = _launch(swiglu_kernel, (a, b), (h,), 1, **(blocks or FORWARD_BLOCKS), gelu_tanh=gelu_tanh)
     return h, record
 
 
 def swiglu_backward_triton(
-    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, **blocks
+    g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gelu_tanh: bool = False, **blocks
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_a, grad_b, record of grad_a, record of grad_b) for contiguous g, a, b of one shape
-    (both gradients always: computing one alone would save only its store)."""
+    (both gradients always: computing one alone would save only its store); gelu_tanh: GeGLU's gate."""
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     if a.numel() == 0:
         zero = torch.zeros(1, dtype=torch.int32, device=a.device)
         return grad_a, grad_b, zero, zero.clone()
     record_a, record_b = _launch(swiglu_backward_kernel, (g, a, b), (grad_a, grad_b), 2,
-                                 **(blocks or BACKWARD_BLOCKS))
+                                 **(blocks or BACKWARD_BLOCKS), gelu_tanh=gelu_tanh)
     return grad_a, grad_b, record_a, record_b

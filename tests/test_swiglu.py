@@ -1,5 +1,6 @@
-"""f8tensor.swiglu: the fused kernels against their reference, the amax records they hand to
-Float8Linear (fewer amax passes, same bits), and the autograd wrapper's edges.
+"""f8tensor.swiglu and f8tensor.geglu (GeGLU's gate, GELU in its tanh form): the fused kernels against
+their reference, the amax records they hand to Float8Linear (fewer amax passes, same bits), and the
+autograd wrapper's edges.
 
 The Triton kernels run on the GPU, or in the interpreter on CPU. The interpreter truncates fp32 to
 bf16/fp16 instead of rounding (and the GPU's fast exp differs from PyTorch's in the last fp32 bits),
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr
 from torch import nn
 
-from f8tensor import Float8Linear, swiglu
-from f8tensor.kernels import _as_amax_value, amax_ref, swiglu_backward_ref, swiglu_ref, swiglu_triton
+from f8tensor import Float8Linear, geglu, swiglu
+from f8tensor.kernels import (_as_amax_value, amax_ref, geglu_backward_ref, geglu_ref, swiglu_backward_ref, swiglu_ref,
+                              swiglu_triton)
+from f8tensor.kernels.naive import GELU_TANH_BETA, GELU_TANH_KAPPA
 from f8tensor.core.tensor_cache import produced_amax
 
 ON_GPU = DEVICE.type == "cuda"
@@ -25,16 +28,22 @@ needs_triton = pytest.mark.skipif(swiglu_triton is None, reason="needs triton")
 SHAPES = [(1, 7), (3, 5000), (64, 256)] + ([(4096, 14336), (3, 1 << 20)] if ON_GPU else [])
 
 
-def assert_close_to_reference(out, ref, a, scale=None):
+def sigmoid_arg(a, gelu_tanh=False):
+    """The argument of the gate's sigmoid: a (silu), 2 beta (a + kappa a^3) (GELU's tanh form)."""
+    a = a.double()
+    return 2 * GELU_TANH_BETA * (a + GELU_TANH_KAPPA * a ** 3) if gelu_tanh else a
+
+
+def assert_close_to_reference(out, ref, a, scale=None, gelu_tanh=False):
     """|out - ref| <= one unit in the last place of ref's dtype at ref (what decides bf16/fp16),
     plus fp32 arithmetic error: 2^-20 of `scale` (the magnitude of the terms; default |ref|) times
-    1 + |a| (the GPU's fast exp of -a errs in proportion to |a|; what decides fp32); on the GPU at
-    most 0.1 % of bf16/fp16 elements may differ at all."""
+    1 + |z| (the GPU's fast exp of -z, z the sigmoid's argument, errs in proportion to |z|; what
+    decides fp32); on the GPU at most 0.1 % of bf16/fp16 elements may differ at all."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     o, r = out.double(), ref.double()
     ulp = torch.nextafter(ref.abs(), torch.full_like(ref, float("inf"))).double() - r.abs()
     terms = r.abs() if scale is None else scale.double()
-    allowed = ulp + 2**-20 * terms * (1 + a.double().abs())
+    allowed = ulp + 2**-20 * terms * (1 + sigmoid_arg(a, gelu_tanh).abs())
     bad = ((o - r).abs() > allowed) & ~(o.isnan() & r.isnan())
     assert not bad.any(), f"{int(bad.sum())} of {out.numel()} beyond tolerance, e.g. {o[bad][:3]} vs {r[bad][:3]}"
     if ON_GPU and out.dtype != torch.float32:
@@ -42,12 +51,25 @@ def assert_close_to_reference(out, ref, a, scale=None):
         assert differ <= max(1, out.numel() // 1000), f"{differ} of {out.numel()} differ"
 
 
-def grad_a_scale(g, a, b):
+def grad_a_scale(g, a, b, gelu_tanh=False):
     """Magnitude of the terms of grad_a = g b s (1 + a (1 - s)): where they cancel, fp32 rounding
-    of the terms, not of the result, bounds the error."""
+    of the terms, not of the result, bounds the error. GELU's tanh form, g b (0.5 (1 + t) + 0.5 a
+    (1 - t^2) beta (1 + 3 kappa a^2)): t's own rounding, amplified by the second term's factor of
+    (1 - t^2), which stays where 1 - t^2 vanishes."""
     g, a, b = g.double(), a.double(), b.double()
+    if gelu_tanh:
+        return (g * b).abs() * (1 + a.abs() * GELU_TANH_BETA * (1 + 3 * GELU_TANH_KAPPA * a * a))
     s = torch.sigmoid(a)
     return (g * b * s).abs() * (1 + a.abs() * (1 - s))
+
+
+def act_scale(a, other, gelu_tanh):
+    """Magnitude of the terms of activation(a) * other: |ref| for silu (default), |a other| for
+    GELU's tanh form, 0.5 a (1 + t) other, whose 1 + t cancels for negative a."""
+    return (a.double() * other.double()).abs() if gelu_tanh else None
+
+
+GATES = {False: (swiglu, swiglu_ref, swiglu_backward_ref), True: (geglu, geglu_ref, geglu_backward_ref)}
 
 
 def assert_record_is_amax_of(record, t):
@@ -77,17 +99,19 @@ def test_reference_is_the_derivative_of_silu_times_b():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", HP_DTYPES)
 @pytest.mark.parametrize("blocks", [dict(block=256, num_warps=4), {}], ids=["small_blocks", "default"])
-def test_kernels_match_the_reference_and_record_their_amax(shape, dtype, blocks):
+@pytest.mark.parametrize("gelu_tanh", [False, True], ids=["silu", "gelu_tanh"])
+def test_kernels_match_the_reference_and_record_their_amax(shape, dtype, blocks, gelu_tanh):
     from f8tensor.kernels.swiglu import swiglu_backward_triton, swiglu_triton
 
+    _, ref, backward_ref = GATES[gelu_tanh]
     a, b, g = inputs(shape, dtype)
-    h, record = swiglu_triton(a, b, **blocks)
-    assert_close_to_reference(h, swiglu_ref(a, b), a)
+    h, record = swiglu_triton(a, b, gelu_tanh, **blocks)
+    assert_close_to_reference(h, ref(a, b), a, act_scale(a, b, gelu_tanh), gelu_tanh=gelu_tanh)
     assert_record_is_amax_of(record, h)
-    grad_a, grad_b, record_a, record_b = swiglu_backward_triton(g, a, b, **blocks)
-    want_a, want_b = swiglu_backward_ref(g, a, b)
-    assert_close_to_reference(grad_a, want_a, a, grad_a_scale(g, a, b))
-    assert_close_to_reference(grad_b, want_b, a)
+    grad_a, grad_b, record_a, record_b = swiglu_backward_triton(g, a, b, gelu_tanh, **blocks)
+    want_a, want_b = backward_ref(g, a, b)
+    assert_close_to_reference(grad_a, want_a, a, grad_a_scale(g, a, b, gelu_tanh), gelu_tanh=gelu_tanh)
+    assert_close_to_reference(grad_b, want_b, a, act_scale(a, g, gelu_tanh), gelu_tanh=gelu_tanh)
     assert_record_is_amax_of(record_a, grad_a)
     assert_record_is_amax_of(record_b, grad_b)
 
@@ -132,19 +156,38 @@ def test_double_backward_goes_through_plain_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", HP_DTYPES)
-def test_swiglu_values_and_gradients(dtype):
+@pytest.mark.parametrize("gelu_tanh", [False, True], ids=["swiglu", "geglu"])
+def test_swiglu_values_and_gradients(dtype, gelu_tanh):
+    gate, ref, backward_ref = GATES[gelu_tanh]
     a, b, g = inputs((2, 8, 96), dtype)
     a.requires_grad_(), b.requires_grad_()
-    h = swiglu(a, b)
+    h = gate(a, b)
     grad_a, grad_b = torch.autograd.grad(h, (a, b), g)
     ad, bd = a.detach(), b.detach()
-    want_a, want_b = swiglu_backward_ref(g, ad, bd)
-    assert_close_to_reference(h, swiglu_ref(ad, bd), ad)
-    assert_close_to_reference(grad_a, want_a, ad, grad_a_scale(g, ad, bd))
-    assert_close_to_reference(grad_b, want_b, ad)
+    want_a, want_b = backward_ref(g, ad, bd)
+    assert_close_to_reference(h, ref(ad, bd), ad, act_scale(ad, bd, gelu_tanh), gelu_tanh=gelu_tanh)
+    assert_close_to_reference(grad_a, want_a, ad, grad_a_scale(g, ad, bd, gelu_tanh), gelu_tanh=gelu_tanh)
+    assert_close_to_reference(grad_b, want_b, ad, act_scale(ad, g, gelu_tanh), gelu_tanh=gelu_tanh)
     # One input without grad: its gradient is not returned; the other's is unchanged.
-    (only_a,) = torch.autograd.grad(swiglu(a, bd), (a,), g)
+    (only_a,) = torch.autograd.grad(gate(a, bd), (a,), g)
     assert torch.equal(only_a, grad_a)
+
+
+def test_geglu_reference_is_the_written_gelu_tanh_gate():
+    """geglu's reference against the written gate, F.gelu(a, approximate="tanh") * b in fp32, and
+    autograd's derivative of it: within a few fp32 units in the last place of the terms, and in the
+    saturated tail (where PyTorch's tanh gives -1 and the gate 0) within 2^-22 |a b|."""
+    a, b, g = inputs((8, 3000), torch.float32)
+    a[0, :200] = torch.linspace(-20, 20, 200)  # the tails and the middle
+    af = a.clone().requires_grad_()
+    written = F.gelu(af, approximate="tanh") * b
+    (want_a,) = torch.autograd.grad(written, (af,), g)
+    got_a, got_b = geglu_backward_ref(g, a, b)
+    scale = (a * b).abs()
+    assert ((geglu_ref(a, b) - written.detach()).abs() <= 2**-22 * scale + 1e-6 * written.detach().abs()).all()
+    want_b = g * F.gelu(a, approximate="tanh")
+    assert ((got_b - want_b).abs() <= 2**-22 * (a * g).abs() + 1e-6 * want_b.abs()).all()
+    assert ((got_a - want_a).abs() <= 2**-22 * grad_a_scale(g, a, b, True) + 1e-5 * want_a.abs()).all()
 
 
 def test_swiglu_on_non_contiguous_inputs_and_without_grad():
@@ -195,6 +238,8 @@ def test_bad_inputs_name_the_problem():
         swiglu(a.long(), a.long())
     with pytest.raises(TypeError, match="two tensors"):
         swiglu(a, 2.0)
+    with pytest.raises(ValueError, match=r"geglu\(a, b\) needs a and b of one shape"):
+        geglu(a, torch.randn(8, device=DEVICE))
 
 
 class FeedForward(nn.Module):
