@@ -1,8 +1,10 @@
-"""fuse_model_ops's SwiGLU gate fusion (f8tensor/fusion/gate_proof.py): which forwards it proves to be
-down(silu(gate(x)) * up(x)) and fuses, which it leaves alone and why, and that a fused module
-computes what the same model written with f8tensor.swiglu computes, bit for bit."""
+"""fuse_model_ops's gate fusion (f8tensor/fusion/gate_proof.py): which forwards it proves to be
+down(silu(gate(x)) * up(x)) (or GeGLU's, GELU in its tanh form) and fuses, which it leaves alone and
+why, and that a fused module computes what the same model written with f8tensor.swiglu (geglu)
+computes, bit for bit."""
 
 import copy
+import functools
 import gc
 import io
 import pickle
@@ -16,7 +18,7 @@ from f8utils import DEVICE, SwiGLU, convert_and_fuse, count_amax_passes, sqnr, t
 from torch import nn
 from torch.nn.functional import silu
 
-from f8tensor import Float8Linear, conversion_summary, fusion_report, swiglu
+from f8tensor import Float8Linear, conversion_summary, fusion_report, geglu, swiglu
 from f8tensor.fusion.gate_proof import GATE_ATTR, FusedGateModule, SwiGLUGate
 from f8tensor.core.class_swap import QuietSubclasses
 from f8tensor.fusion.fused_class import FusedModule
@@ -356,7 +358,8 @@ NOT_FUSED = {
     Registers: "its class Registers defines __init_subclass__",
     OwnGetattr: "its class OwnGetattr defines __getattr__",
     ShadowedChild: "forward reads self.w1, which is not (only) a child module",
-    GeGLU: "the activation child GELUActivation is a GELU activation, not silu: only SwiGLU gates are fused",
+    GeGLU: ("the activation child GELUActivation is a GELU activation, not silu or GELU's tanh form: only SwiGLU "
+            "and GeGLU (tanh) gates are fused"),
 }
 
 
@@ -650,3 +653,88 @@ def test_a_fused_module_keeps_its_activation_proof_across_reset_state(fused_call
     compiled = torch.compile(mod, backend="eager", fullgraph=True)(x)  # the first call after the reset
     fused_calls.clear()
     assert sqnr(mod(x), compiled) > 25 and len(fused_calls) == 1
+
+
+# --- GeGLU (GELU's tanh form, Gemma's gate) ------------------------------------------------------
+
+class GELUTanh(nn.Module):  # transformers 5's activation class for "gelu_pytorch_tanh", as it is written
+    def __init__(self, use_gelu_tanh_python: bool = False):
+        super().__init__()
+        self.act = functools.partial(nn.functional.gelu, approximate="tanh")
+
+    def forward(self, input):
+        return self.act(input)
+
+
+class GemmaMLP(LlamaMLP):  # Gemma's feed-forward (LlamaMLP's forward) with transformers 5's GELUTanh
+    def __init__(self):
+        super().__init__()
+        self.act_fn = GELUTanh()
+
+
+class TorchGeGLU(LlamaMLP):
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.GELU(approximate="tanh")
+
+
+class ExactGELU(LlamaMLP):
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.GELU()
+
+
+@pytest.fixture
+def geglu_calls(monkeypatch):
+    import f8tensor.fusion.gate_proof as gate_proof
+
+    calls = []
+    monkeypatch.setattr(gate_proof, "geglu", lambda a, b: calls.append(1) or geglu(a, b))
+    return calls
+
+
+@pytest.mark.parametrize("cls", [GemmaMLP, TorchGeGLU], ids=lambda c: c.__name__)
+def test_geglu_feed_forwards_are_fused_with_the_values_of_the_model_written_with_geglu(cls, geglu_calls):
+    """A GELU-tanh activation child (transformers' GELUTanh, nn.GELU(approximate="tanh")): the gate
+    runs as f8tensor.geglu, the bits of the same module written with it."""
+    mod = convert_and_fuse(make(cls))
+    found = mod.__dict__[GATE_ATTR]
+    assert isinstance(mod, FusedGateModule) and found.activation == "gelu_tanh" and found.act == "act_fn"
+    assert str(found) == "GeGLU gate fused: down_proj(gelu_tanh(gate_proj) * up_proj)"
+    written = make(cls)
+    written.forward = lambda x: written.down_proj(geglu(written.gate_proj(x), written.up_proj(x)))
+    written = convert_and_fuse(written, swiglu=False)
+    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
+    for got, want in zip(train_step(mod, x), train_step(written, x)):
+        assert torch.equal(got, want)
+    assert len(geglu_calls) == 1
+    plain = make(cls, torch.float32)
+    fused = convert_and_fuse(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
+    for got, want in zip(train_step(fused, x.float()), train_step(plain, x.float())):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_geglu_activation_changed_after_fusion_runs_the_written_code(geglu_calls):
+    """The activation's partial rebound to another function, or to exact GELU, or an nn.GELU made
+    exact: the class's own forward, with the new activation."""
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    mod = convert_and_fuse(make(GemmaMLP))
+    mod(x)
+    assert len(geglu_calls) == 1
+    mod.act_fn.act = functools.partial(nn.functional.gelu, approximate="none")
+    own = GemmaMLP.forward(mod, x)
+    assert torch.equal(mod(x), own) and len(geglu_calls) == 1
+    mod.act_fn.act = functools.partial(nn.functional.gelu, approximate="tanh")  # proven again by value
+    mod(x)
+    assert len(geglu_calls) == 2
+    torch_mod = convert_and_fuse(make(TorchGeGLU))
+    torch_mod.act_fn.approximate = "none"
+    assert torch.equal(torch_mod(x), TorchGeGLU.forward(torch_mod, x)) and len(geglu_calls) == 2
+
+
+def test_exact_gelu_is_not_fused_with_the_reason():
+    mod = convert_and_fuse(nn.Sequential(make(ExactGELU)))
+    assert type(mod[0]) is ExactGELU
+    assert mod[0].__dict__[GATE_ATTR] == (
+        "the activation child GELU is exact (approximate='none'), not silu or GELU's tanh form: only SwiGLU and "
+        "GeGLU (tanh) gates are fused")

@@ -16,7 +16,7 @@ import torch
 from f8utils import DEVICE, convert_and_fuse
 from torch import nn
 
-from f8tensor import FusionError, convert_to_float8_training, fuse_model_ops, fusion_report
+from f8tensor import FusionError, convert_to_float8_training, fuse_model_ops, fusion_report, geglu
 from f8tensor.fusion import gate_proof, norm_proof, rope_proof
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,13 +130,15 @@ def test_olmo2_norms_rope_and_gate_are_fused(fused_calls):
 
 
 @pytest.mark.parametrize("name, norms", [("Gemma2", 9), ("Gemma3", 13)])
-def test_gemma_norms_and_rope_are_fused_and_its_gelu_gate_is_named(name, norms, fused_calls):
+def test_gemma_norms_gate_and_rope_are_fused(name, norms, fused_calls, monkeypatch):
     """Gemma 2 and 3 (transformers' <Name>ForCausalLM): their RMSNorm normalizes in a helper method
     and scales by 1 + weight in fp32 (Gemma 3 normalizes q and k too): fused in that form, the
     logits bit for bit the written ones on CPU with the norms fused alone; their feed-forward's
-    GELU-tanh gate is not SwiGLU, and the report says so."""
+    GELU-tanh gate (transformers' GELUTanh) runs as f8tensor.geglu; strict mode holds."""
     import transformers
 
+    geglu_calls = []
+    monkeypatch.setattr(gate_proof, "geglu", lambda a, b: geglu_calls.append(1) or geglu(a, b))
     config_cls = transformers.Gemma3TextConfig if name == "Gemma3" else transformers.Gemma2Config
     config = config_cls(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, vocab_size=256, pad_token_id=0, bos_token_id=1,
@@ -150,16 +152,16 @@ def test_gemma_norms_and_rope_are_fused_and_its_gelu_gate_is_named(name, norms, 
     fused_calls.update(swiglu=0, rope=0, rms_norm=0)
     assert torch.equal(copied(tokens).logits, want) and fused_calls["rms_norm"] == norms
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
-    report = fuse_model_ops(model)
-    assert len(report.fused("rms_norm")) == norms and len(report.fused("rope")) == 2
+    report = fuse_model_ops(model, strict=True)
+    assert [len(report.fused(kind)) for kind in ("rms_norm", "swiglu", "rope")] == [norms, 2, 2]
     assert all(str(r.detail) == "RMSNorm fused: (normalized(x, eps=eps) * (1 + weight)).type_as(x)"
                for r in report.fused("rms_norm"))
-    assert [r.detail for r in report.not_fused("swiglu")] == [
-        "SwiGLU gate not fused: the activation child GELUTanh is a GELU activation, not silu: only SwiGLU gates "
-        "are fused"] * 2
+    assert all(str(r.detail) == "GeGLU gate fused: down_proj(gelu_tanh(gate_proj) * up_proj)"
+               for r in report.fused("swiglu"))
     fused_calls.update(swiglu=0, rope=0, rms_norm=0)
     got = model(tokens).logits
-    assert fused_calls == {"swiglu": 0, "rope": 4, "rms_norm": norms} and sqnr(want, got) > 15
+    assert fused_calls == {"swiglu": 0, "rope": 4, "rms_norm": norms} and len(geglu_calls) == 2
+    assert sqnr(want, got) > 15
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

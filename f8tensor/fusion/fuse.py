@@ -8,7 +8,8 @@ explicit call that changes the rest of a model, one switch per fusion:
               the weight multiplied before the cast, or Gemma's, 1 + weight) runs it fused in
               that form                                                      (norm_proof.py)
     swiglu    a module whose forward is proven to compute down(silu(gate(x)) * up(x)) over
-              three linear children runs its gate as f8tensor.swiglu         (gate_proof.py)
+              three linear children runs its gate as f8tensor.swiglu (with GELU's tanh form
+              instead of silu, Gemma's, as f8tensor.geglu)                  (gate_proof.py)
     rope      a module whose forward calls, by its global name, a function proven to compute
               rotate_half rotations runs that function as f8tensor.rope      (rope_proof.py)
 

@@ -34,20 +34,25 @@ The proof, all of which must hold (otherwise the module is left alone, and why i
   used once.
 An activation child is silu if it is an nn.SiLU (not in place) or its class is proven to compute
 exactly F.silu(input) by the same bytecode walk and trace (transformers 5's SiLUActivation), with
-no forward of its own and no hooks. Only modules whose children are three nn.Linear and at most one
+no forward of its own and no hooks. It is GELU in its tanh form (GeGLU's gate, Gemma's) if it is
+an nn.GELU(approximate="tanh") or its class is proven to compute exactly F.gelu(input,
+approximate="tanh") the same way, where the walk also lets its forward call an instance attribute
+that is functools.partial(F.gelu, approximate="tanh") (transformers 5's GELUTanh); such a gate runs
+as f8tensor.geglu. Only modules whose children are three nn.Linear and at most one
 child without parameters, buffers or children, and whose class forward is a plain function that
 names silu or that have that child, are examined.
 
 At each call the fused forward runs the class's own forward instead wherever the proof no longer
 covers the call: arguments other than the one input (by position, or by its name unless
 positional-only), the class's forward or the globals it read rebound since, an activation child
-that is no longer silu (replaced, in place, its own forward, its class's forward rebound, or hooks
-of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
+that is no longer what was proven (replaced, in place, its own forward, its class's forward
+rebound, a partial attribute it calls rebound, or hooks of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
 path (activation checkpointing must recompute what it saved, with or without a mode that hooks
 every module), and do not see the activation child's call. Copies and unpickled modules are proven
 again where they are made.
 """
 
+import functools
 import types
 from dataclasses import dataclass
 
@@ -55,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fused_ops.swiglu import swiglu
+from ..fused_ops.swiglu import geglu, swiglu
 from ..kernels import INPUT_DTYPES
 from ..torch_internals import fx_tracing, has_hooks
 from ..core.class_swap import class_reason
@@ -66,7 +71,9 @@ from .fused_class import MULS, FusedModule, class_forward, globals_unchanged
 # fusion_report reads it.
 GATE_ATTR = "_f8tensor_swiglu"
 
-_SILU_FORWARD = nn.SiLU.forward
+_SILU_FORWARD, _GELU_FORWARD = nn.SiLU.forward, nn.GELU.forward
+# The activations a gate may have: what the activation's trace must be (target, kwargs accepted).
+_ACTIVATIONS = {"silu": (F.silu, ({}, {"inplace": False})), "gelu_tanh": (F.gelu, ({"approximate": "tanh"},))}
 
 
 def _child_module(mod: nn.Module, cls: type, name: str) -> bool:
@@ -77,6 +84,23 @@ def _child_module(mod: nn.Module, cls: type, name: str) -> bool:
 GRAMMAR = Grammar(does="call its children, silu and *", self_reads="a child module", self_attribute=_child_module,
                   torch_objects=(torch, nn, F, F.silu, torch.mul), tensor_attributes=frozenset({"mul"}),
                   constants=(bool, type(None)), binary_ops=frozenset({"*"}))
+
+
+def _gelu_tanh_partial(value) -> bool:
+    """value is functools.partial(F.gelu, approximate="tanh"), nothing else bound."""
+    return (type(value) is functools.partial and value.func is F.gelu and not value.args
+            and value.keywords == {"approximate": "tanh"})
+
+
+def _partial_attribute(mod: nn.Module, cls: type, name: str) -> bool:
+    return not hasattr(cls, name) and _gelu_tanh_partial(mod.__dict__.get(name))
+
+
+# An activation's forward: the gate's grammar, F.gelu too, and self read for an instance attribute
+# that is GELU's tanh form as a functools.partial (transformers' GELUTanh).
+ACT_GRAMMAR = Grammar(does="call silu or GELU", self_reads="a partial of GELU", self_attribute=_partial_attribute,
+                      torch_objects=(torch, nn, F, F.silu, F.gelu), tensor_attributes=frozenset(),
+                      constants=(bool, str, type(None)), binary_ops=frozenset())
 
 
 @dataclass(frozen=True)
@@ -95,8 +119,11 @@ class SwiGLUGate:
     forward: types.FunctionType  # the class forward proven, and the globals it read
     globals: tuple[tuple[str, object], ...]
     act_proof: tuple | None = None
+    activation: str = "silu"  # or "gelu_tanh": GeGLU's gate, run as f8tensor.geglu
 
     def __str__(self):
+        if self.activation == "gelu_tanh":
+            return f"GeGLU gate fused: {self.down}(gelu_tanh({self.gate}) * {self.up})"
         return f"SwiGLU gate fused: {self.down}(silu({self.gate}) * {self.up})"
 
 
@@ -118,29 +145,36 @@ def is_gate_candidate(mod: nn.Module) -> bool:
     return forward is not None and (len(others) == 1 or "silu" in forward.__code__.co_names)
 
 
-# (activation class, its forward) -> (class, forward, globals read) where proven to compute exactly
-# F.silu(input), such as transformers 5's SiLUActivation, else why not; proven once, when a module
-# is fused (state.py lists it; a fused module holds its own proof).
+# (activation class, its forward, the names of its GELU partial attributes) -> (class, forward,
+# globals read, activation, those names) where proven to compute exactly F.silu(input) (transformers
+# 5's SiLUActivation) or F.gelu(input, approximate="tanh") (its GELUTanh), else why not; proven
+# once, when a module is fused (state.py lists it; a fused module holds its own proof).
 SILU_PROOFS: dict[tuple, tuple | str] = {}
 
 
-def _silu_proof(cls: type, act: nn.Module, forward) -> tuple | str:
+def _partial_names(act: nn.Module) -> tuple[str, ...]:
+    return tuple(sorted(name for name, value in act.__dict__.items() if _gelu_tanh_partial(value)))
+
+
+def _activation_proof(cls: type, act: nn.Module, forward) -> tuple | str:
     read_globals = []
-    reason = class_reason(act, cls) or code_reason(act, cls, forward, GRAMMAR, read_globals)
+    reason = class_reason(act, cls) or code_reason(act, cls, forward, ACT_GRAMMAR, read_globals)
     if reason:
-        return f"the activation child {cls.__name__}: {reason}"
+        return _named(cls, f"the activation child {cls.__name__}: {reason}")
     tracer = _LeafTracer()
     try:
         nodes = list(tracer.trace(act).nodes)
-    except Exception as e:  # noqa: BLE001 (not provably silu)
+    except Exception as e:  # noqa: BLE001 (not provably the activation)
         return f"the activation child {cls.__name__} could not be traced ({type(e).__name__}: {e})"
     finally:
         tracer.__dict__.clear()
-    if not ([n.op for n in nodes] == ["placeholder", "call_function", "output"] and nodes[1].target is F.silu
-            and nodes[1].args == (nodes[0],) and nodes[1].kwargs in ({}, {"inplace": False})
-            and nodes[2].args == (nodes[1],)):
-        return f"the activation child {cls.__name__} does not compute exactly silu(input)"
-    return cls, forward, tuple(read_globals)
+    if [n.op for n in nodes] == ["placeholder", "call_function", "output"] and nodes[1].args == (nodes[0],) and (
+            nodes[2].args == (nodes[1],)):
+        for kind, (target, kwargs) in _ACTIVATIONS.items():
+            if nodes[1].target is target and nodes[1].kwargs in kwargs:
+                return cls, forward, tuple(read_globals), kind, _partial_names(act)
+    return _named(cls, f"the activation child {cls.__name__} does not compute exactly silu(input) "
+                       "or gelu(input, approximate='tanh')")
 
 
 def _instance_reason(act) -> str | None:
@@ -163,42 +197,64 @@ def _nn_silu_reason(act: nn.SiLU) -> str | None:
     return None
 
 
-def _silu_reason(act) -> tuple[str | None, tuple | None]:
-    """(why an activation child cannot be fused away as silu, or None; the proof of its class when
-    that is not nn.SiLU): an nn.SiLU not in place, or a class proven to compute F.silu(input)."""
+def _nn_gelu_reason(act: nn.GELU) -> str | None:
+    if act.approximate != "tanh":
+        return (f"the activation child GELU is exact (approximate={act.approximate!r}), not silu or GELU's "
+                "tanh form: only SwiGLU and GeGLU (tanh) gates are fused")
+    if nn.GELU.forward is not _GELU_FORWARD:
+        return "nn.GELU's forward was replaced"
+    return None
+
+
+def _activation(act) -> tuple[str | None, tuple | None, str | None]:
+    """(why an activation child cannot be fused away, or None; the proof of its class when that is
+    not nn.SiLU / nn.GELU; "silu" or "gelu_tanh"): an nn.SiLU not in place, an
+    nn.GELU(approximate="tanh"), or a class proven to compute F.silu(input) or
+    F.gelu(input, approximate="tanh")."""
     reason = _instance_reason(act)
-    if reason or type(act) is nn.SiLU:
-        return reason or _nn_silu_reason(act), None
+    if reason:
+        return reason, None, None
+    if type(act) is nn.SiLU:
+        reason = _nn_silu_reason(act)
+        return reason, None, None if reason else "silu"
+    if type(act) is nn.GELU:
+        reason = _nn_gelu_reason(act)
+        return reason, None, None if reason else "gelu_tanh"
     cls, forward = type(act), class_forward(type(act))
     if forward is None:
-        return _named(cls, f"the activation child {cls.__name__}'s forward is not a plain function"), None
-    if (cls, forward) not in SILU_PROOFS:
-        SILU_PROOFS[cls, forward] = _silu_proof(cls, act, forward)
-    found = SILU_PROOFS[cls, forward]
-    return (_named(cls, found), None) if isinstance(found, str) else (None, found)
+        return _named(cls, f"the activation child {cls.__name__}'s forward is not a plain function"), None, None
+    key = (cls, forward, _partial_names(act))
+    if key not in SILU_PROOFS:
+        SILU_PROOFS[key] = _activation_proof(cls, act, forward)
+    found = SILU_PROOFS[key]
+    return (found, None, None) if isinstance(found, str) else (None, found, found[3])
 
 
 _OTHER_ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid"}
 
 
 def _named(cls: type, reason: str) -> str:
-    """reason, said plainly where the class is named as another activation (transformers' GELUTanh)."""
+    """reason, said plainly where the class is named as another activation (transformers' GELUActivation)."""
     other = next((v for k, v in _OTHER_ACTIVATIONS.items() if k in cls.__name__.lower()), None)
     if other is None:
         return reason
-    return f"the activation child {cls.__name__} is a {other} activation, not silu: only SwiGLU gates are fused"
+    return (f"the activation child {cls.__name__} is a {other} activation, not silu or GELU's tanh form: only "
+            "SwiGLU and GeGLU (tanh) gates are fused")
 
 
-def _still_silu(act, proof: tuple | None) -> bool:
+def _still_act(act, proof: tuple | None) -> bool:
     """At each call, without proving anything: the activation child is still what was proven."""
     if _instance_reason(act) is not None:
         return False
     if type(act) is nn.SiLU:
         return _nn_silu_reason(act) is None
+    if type(act) is nn.GELU:
+        return _nn_gelu_reason(act) is None
     if proof is None:
         return False
-    cls, forward, read_globals = proof
-    return type(act) is cls and cls.forward is forward and globals_unchanged(forward.__globals__, read_globals)
+    cls, forward, read_globals, _, partials = proof
+    return (type(act) is cls and cls.forward is forward and globals_unchanged(forward.__globals__, read_globals)
+            and _partial_names(act) == partials)
 
 
 def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
@@ -213,7 +269,7 @@ def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
         return False
     if not globals_unchanged(gate.forward.__globals__, gate.globals):
         return False
-    return gate.act is None or _still_silu(getattr(mod, gate.act, None), gate.act_proof)
+    return gate.act is None or _still_act(getattr(mod, gate.act, None), gate.act_proof)
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -231,9 +287,9 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
         return reason
     children = dict(mod.named_children())
     acts = [name for name, c in children.items() if not isinstance(c, nn.Linear)]
-    act_proof = None
+    act_proof, activation = None, None
     if acts:
-        reason, act_proof = _silu_reason(children[acts[0]])
+        reason, act_proof, activation = _activation(children[acts[0]])
         if reason:
             return reason
     tracer = _LeafTracer()
@@ -281,7 +337,8 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
             positional_only = forward.__code__.co_posonlyargcount > 1
             return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other),
                               act=found[1], arg=None if positional_only else x.target, forward=forward,
-                              globals=tuple(read_globals), act_proof=act_proof if found[1] else None)
+                              globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
+                              activation=activation if found[1] else "silu")
     if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
         return "silu is in place (it writes into the gate's output)"
     return "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)"
@@ -295,10 +352,11 @@ def _fused_forward(mod: nn.Module, gate: SwiGLUGate, x):
     else:
         b = up_layer(x)
         a = gate_layer(x)
+    gelu_tanh = gate.activation == "gelu_tanh"
     if a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.dtype in INPUT_DTYPES:
-        h = swiglu(a, b)
-    else:  # what swiglu does not take (broadcasting, mixed dtypes, ...): the module's own math
-        h = F.silu(a) * b
+        h = geglu(a, b) if gelu_tanh else swiglu(a, b)
+    else:  # what the fused gates do not take (broadcasting, mixed dtypes, ...): the module's own math
+        h = (F.gelu(a, approximate="tanh") if gelu_tanh else F.silu(a)) * b
     return getattr(mod, gate.down)(h)
 
 
