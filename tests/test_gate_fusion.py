@@ -738,3 +738,50 @@ def test_exact_gelu_is_not_fused_with_the_reason():
     assert mod[0].__dict__[GATE_ATTR] == (
         "the activation child GELU is exact (approximate='none'), not silu or GELU's tanh form: only SwiGLU and "
         "GeGLU (tanh) gates are fused")
+
+
+@pytest.mark.parametrize("first, then", [(TorchGeGLU, nn.SiLU), (GemmaMLP, nn.SiLU), (LlamaMLP, lambda: nn.GELU(
+    approximate="tanh")), (LlamaMLP5, lambda: nn.GELU(approximate="tanh")), (LlamaMLP5, GELUTanh)],
+    ids=["gelu-silu", "gelutanh-silu", "silu-gelu", "siluactivation-gelu", "siluactivation-gelutanh"])
+def test_an_activation_child_swapped_for_the_other_kind_runs_the_written_code(first, then, geglu_calls, fused_calls):
+    """A gate proven with one activation whose child is replaced by one of the other kind after
+    fusion: neither fused gate runs; the class's own forward does, with the new child."""
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.float32)
+    mod = convert_and_fuse(make(first, torch.float32), module_filter_fn=lambda mod, fqn: False)
+    assert isinstance(mod, FusedGateModule)
+    mod.act_fn = then()
+    want = mod.down_proj(mod.act_fn(mod.gate_proj(x)) * mod.up_proj(x))
+    assert torch.equal(mod(x), want) and not geglu_calls and not fused_calls
+
+
+def test_a_partial_shadowed_by_a_class_attribute_or_an_impostor_string_runs_the_written_code(geglu_calls):
+    """The partial the proof read, shadowed after fusion by a class attribute (a property): the
+    written code. A str subclass equal to everything as GELU's approximate: never proven tanh."""
+    class Shadowed(GELUTanh):
+        pass
+
+    class Gemma(LlamaMLP):
+        def __init__(self):
+            super().__init__()
+            self.act_fn = Shadowed()
+
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.float32)
+    mod = convert_and_fuse(make(Gemma, torch.float32), module_filter_fn=lambda mod, fqn: False)
+    mod(x)
+    assert len(geglu_calls) == 1
+    Shadowed.act = property(lambda self: nn.functional.silu)
+    assert torch.equal(mod(x), mod.down_proj(F.silu(mod.gate_proj(x)) * mod.up_proj(x))) and len(geglu_calls) == 1
+
+    class AnyString(str):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = str.__hash__
+
+    impostor = make(GemmaMLP, torch.float32)
+    impostor.act_fn.act = functools.partial(nn.functional.gelu, approximate=AnyString("none"))
+    exact = make(TorchGeGLU, torch.float32)
+    exact.act_fn.approximate = AnyString("none")
+    for m in (impostor, exact):
+        m = convert_and_fuse(nn.Sequential(m), module_filter_fn=lambda mod, fqn: False)
+        assert not isinstance(m[0], FusedGateModule), m[0].__dict__.get(GATE_ATTR)

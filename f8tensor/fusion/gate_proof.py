@@ -86,10 +86,15 @@ GRAMMAR = Grammar(does="call its children, silu and *", self_reads="a child modu
                   constants=(bool, type(None)), binary_ops=frozenset({"*"}))
 
 
+def _exactly(value, want) -> bool:
+    """value == want with value of want's very type (a str subclass may define == as it likes)."""
+    return type(value) is type(want) and value == want
+
+
 def _gelu_tanh_partial(value) -> bool:
     """value is functools.partial(F.gelu, approximate="tanh"), nothing else bound."""
     return (type(value) is functools.partial and value.func is F.gelu and not value.args
-            and value.keywords == {"approximate": "tanh"})
+            and list(value.keywords) == ["approximate"] and _exactly(value.keywords["approximate"], "tanh"))
 
 
 def _partial_attribute(mod: nn.Module, cls: type, name: str) -> bool:
@@ -153,7 +158,10 @@ SILU_PROOFS: dict[tuple, tuple | str] = {}
 
 
 def _partial_names(act: nn.Module) -> tuple[str, ...]:
-    return tuple(sorted(name for name, value in act.__dict__.items() if _gelu_tanh_partial(value)))
+    """The instance attributes that are GELU's tanh form as a partial and that no class attribute
+    (a property, say) shadows."""
+    return tuple(sorted(name for name, value in act.__dict__.items()
+                        if _gelu_tanh_partial(value) and not hasattr(type(act), name)))
 
 
 def _activation_proof(cls: type, act: nn.Module, forward) -> tuple | str:
@@ -171,7 +179,9 @@ def _activation_proof(cls: type, act: nn.Module, forward) -> tuple | str:
     if [n.op for n in nodes] == ["placeholder", "call_function", "output"] and nodes[1].args == (nodes[0],) and (
             nodes[2].args == (nodes[1],)):
         for kind, (target, kwargs) in _ACTIVATIONS.items():
-            if nodes[1].target is target and nodes[1].kwargs in kwargs:
+            if nodes[1].target is target and any(
+                    list(nodes[1].kwargs) == list(k) and all(_exactly(nodes[1].kwargs[n], v) for n, v in k.items())
+                    for k in kwargs):
                 return cls, forward, tuple(read_globals), kind, _partial_names(act)
     return _named(cls, f"the activation child {cls.__name__} does not compute exactly silu(input) "
                        "or gelu(input, approximate='tanh')")
@@ -198,7 +208,7 @@ def _nn_silu_reason(act: nn.SiLU) -> str | None:
 
 
 def _nn_gelu_reason(act: nn.GELU) -> str | None:
-    if act.approximate != "tanh":
+    if not _exactly(act.approximate, "tanh"):
         return (f"the activation child GELU is exact (approximate={act.approximate!r}), not silu or GELU's "
                 "tanh form: only SwiGLU and GeGLU (tanh) gates are fused")
     if nn.GELU.forward is not _GELU_FORWARD:
@@ -242,19 +252,20 @@ def _named(cls: type, reason: str) -> str:
             "SwiGLU and GeGLU (tanh) gates are fused")
 
 
-def _still_act(act, proof: tuple | None) -> bool:
-    """At each call, without proving anything: the activation child is still what was proven."""
+def _still_act(act, proof: tuple | None, activation: str) -> bool:
+    """At each call, without proving anything: the activation child is still what was proven, the
+    same activation (a gate proven with silu must not run with a GELU child swapped in, or the reverse)."""
     if _instance_reason(act) is not None:
         return False
     if type(act) is nn.SiLU:
-        return _nn_silu_reason(act) is None
+        return activation == "silu" and _nn_silu_reason(act) is None
     if type(act) is nn.GELU:
-        return _nn_gelu_reason(act) is None
+        return activation == "gelu_tanh" and _nn_gelu_reason(act) is None
     if proof is None:
         return False
-    cls, forward, read_globals, _, partials = proof
-    return (type(act) is cls and cls.forward is forward and globals_unchanged(forward.__globals__, read_globals)
-            and _partial_names(act) == partials)
+    cls, forward, read_globals, kind, partials = proof
+    return (kind == activation and type(act) is cls and cls.forward is forward
+            and globals_unchanged(forward.__globals__, read_globals) and _partial_names(act) == partials)
 
 
 def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
@@ -269,7 +280,7 @@ def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
         return False
     if not globals_unchanged(gate.forward.__globals__, gate.globals):
         return False
-    return gate.act is None or _still_act(getattr(mod, gate.act, None), gate.act_proof)
+    return gate.act is None or _still_act(getattr(mod, gate.act, None), gate.act_proof, gate.activation)
 
 
 class _LeafTracer(torch.fx.Tracer):
