@@ -45,8 +45,9 @@ names silu or that have that child, are examined.
 At each call the fused forward runs the class's own forward instead wherever the proof no longer
 covers the call: arguments other than the one input (by position, or by its name unless
 positional-only), the class's forward or the globals it read rebound since, an activation child
-that is no longer what was proven (replaced, in place, its own forward, its class's forward
-rebound, a partial attribute it calls rebound, or hooks of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
+that is no longer what was proven (replaced, also by the other activation, in place, its own
+forward, its class's forward rebound, a partial attribute it calls rebound or shadowed, or hooks
+of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
 path (activation checkpointing must recompute what it saved, with or without a mode that hooks
 every module), and do not see the activation child's call. Copies and unpickled modules are proven
 again where they are made.
