@@ -661,7 +661,7 @@ def main():
                     help="f8tensor configs: convert every linear but the output (all, as torchao here) "
                          "or only those f8tensor's default filter converts (default)")
     ap.add_argument("--model", choices=models.MODELS, default="ours",
-                    help="ours (below), torchtitan's Llama 3, or Hugging Face's Llama, Qwen2 or OLMo 2 "
+                    help="ours (below), torchtitan's Llama 3, or Hugging Face's Llama, Qwen2, OLMo 2 or Gemma 3 "
                          "(benchmarks/models.py), all at the shape arguments' sizes")
     ap.add_argument("--rope", choices=["rotate_half", "complex"], default="rotate_half",
                     help="rotary embedding code: rotate_half on the transposed heads (Hugging Face's "

@@ -361,9 +361,9 @@ def test_train_benchmark_under_tensor_parallelism(tmp_path):
 
 @CPU_ONLY
 @pytest.mark.parametrize("model, fused", [("hf_llama", (5, 2, 2)), ("hf_qwen2", (5, 2, 2)), ("hf_olmo2", (9, 2, 2)),
-                                          ("torchtitan", (5, 2, 2))])
+                                          ("hf_gemma3", (13, 2, 2)), ("torchtitan", (5, 2, 2))])
 def test_train_benchmark_runs_model_code_written_elsewhere(tmp_path, model, fused):
-    """--model: Hugging Face's Llama, Qwen2 and OLMo 2 and torchtitan's Llama 3, converted (every linear but
+    """--model: Hugging Face's Llama, Qwen2, OLMo 2 and Gemma 3 and torchtitan's Llama 3, converted (every linear but
     the output projection) and fused as far as fuse_model_ops proves their code (torchtitan's RoPE
     in the complex form), checkpointed every
     2nd block; float8 starts from bf16's loss."""
