@@ -18,7 +18,7 @@ from f8utils import DEVICE, SwiGLU, convert_and_fuse, count_amax_passes, sqnr, t
 from torch import nn
 from torch.nn.functional import silu
 
-from f8tensor import Float8Linear, conversion_summary, fusion_report, geglu, swiglu
+from f8tensor import FusionError, Float8Linear, conversion_summary, fuse_model_ops, fusion_report, geglu, swiglu
 from f8tensor.fusion.gate_proof import GATE_ATTR, FusedGateModule, SwiGLUGate
 from f8tensor.core.class_swap import QuietSubclasses
 from f8tensor.fusion.fused_class import FusedModule
@@ -785,3 +785,30 @@ def test_a_partial_shadowed_by_a_class_attribute_or_an_impostor_string_runs_the_
     for m in (impostor, exact):
         m = convert_and_fuse(nn.Sequential(m), module_filter_fn=lambda mod, fqn: False)
         assert not isinstance(m[0], FusedGateModule), m[0].__dict__.get(GATE_ATTR)
+
+
+class Phi3MLP(nn.Module):  # transformers 5's Phi-3 (and GLM) feed-forward: one gate_up projection, chunked
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(D, 2 * FFN, bias=False)
+        self.down_proj = nn.Linear(FFN, D, bias=False)
+        self.activation_fn = nn.SiLU()
+
+    def forward(self, hidden_states):
+        up_states = self.gate_up_proj(hidden_states)
+        gate, up_states = up_states.chunk(2, dim=-1)
+        up_states = up_states * self.activation_fn(gate)
+        return self.down_proj(up_states)
+
+
+def test_a_chunked_gate_up_projection_is_examined_and_left_alone_with_the_reason():
+    """Not fused (swiglu takes separate gate and up tensors), but examined: the report, and strict
+    mode, say why."""
+    model = nn.Sequential(make(Phi3MLP))
+    report = fusion_report(convert_and_fuse(model))
+    assert type(model[0]) is Phi3MLP
+    assert [(r.kind, r.fused, r.detail) for r in report.rows] == [
+        ("swiglu", False, "SwiGLU gate not fused: the gate and up projections are one linear layer whose output is "
+                          "chunked (a gate_up projection): only gates over separate gate and up linear layers are fused")]
+    with pytest.raises(FusionError, match="gate_up projection"):
+        fuse_model_ops(nn.Sequential(make(Phi3MLP)), strict=True)

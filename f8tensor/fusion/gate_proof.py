@@ -140,15 +140,21 @@ def _leaf_without_state(c: nn.Module) -> bool:
 
 def is_gate_candidate(mod: nn.Module) -> bool:
     """Children: three nn.Linear and at most one other, without parameters, buffers or children (an
-    activation); a plain-function forward that names silu, or that activation child; not yet fused."""
+    activation); a plain-function forward that names silu, or that activation child; not yet fused.
+    Also examined, so that the report says why they are not fused: two nn.Linear and that child,
+    with a forward that chunks (Phi-3's and GLM's one gate_up projection)."""
     children = list(mod.children())
     linears = sum(isinstance(c, nn.Linear) for c in children)
     others = [c for c in children if not isinstance(c, nn.Linear)]
-    if linears != 3 or len(others) > 1 or not all(_leaf_without_state(c) for c in others) or isinstance(
+    if linears not in (2, 3) or len(others) > 1 or not all(_leaf_without_state(c) for c in others) or isinstance(
             mod, FusedGateModule):
         return False
     forward = class_forward(type(mod))
-    return forward is not None and (len(others) == 1 or "silu" in forward.__code__.co_names)
+    if forward is None:
+        return False
+    if linears == 2:
+        return len(others) == 1 and "chunk" in forward.__code__.co_names
+    return len(others) == 1 or "silu" in forward.__code__.co_names
 
 
 # (activation class, its forward, the names of its GELU partial attributes) -> (class, forward,
@@ -293,11 +299,14 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     """The SwiGLU pattern of a candidate module's forward, or why it is not one."""
     cls = type(mod)
     forward = class_forward(cls)
+    children = dict(mod.named_children())
+    if sum(isinstance(c, nn.Linear) for c in children.values()) == 2:
+        return ("the gate and up projections are one linear layer whose output is chunked (a gate_up "
+                "projection): only gates over separate gate and up linear layers are fused")
     read_globals = []
     reason = class_reason(mod, cls) or code_reason(mod, cls, forward, GRAMMAR, read_globals)
     if reason:
         return reason
-    children = dict(mod.named_children())
     acts = [name for name, c in children.items() if not isinstance(c, nn.Linear)]
     act_proof, activation = None, None
     if acts:
