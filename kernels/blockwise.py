@@ -39,6 +39,28 @@ def _load(x_ptr, rows, cols, M, N, stride_m, stride_n):
 
 
 @triton.jit
+def _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN: tl.constexpr):
+    """(x at rows m0 + lr, columns n0 + lc, loaded from the tile's base pointer with int32 offsets;
+    its mask). EVEN: the tile is whole, the load takes no mask (nor, through `_store`, the stores)."""
+    mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
+    offsets = lr[:, None] * stride_m + lc[None, :] * stride_n
+    if EVEN:
+        x = tl.load(x_tile + offsets)
+    else:
+        x = tl.load(x_tile + offsets, mask=mask, other=0.0)
+    return x, mask
+
+
+@triton.jit
+def _store(ptr, value, mask, EVEN: tl.constexpr):
+    """tl.store, masked unless EVEN (the tile is whole)."""
+    if EVEN:
+        tl.store(ptr, value)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty: tl.constexpr,
                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -54,22 +76,12 @@ def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty:
     lr = tl.arange(0, BLOCK_M)
     for j in tl.static_range(BLOCK_N // SUB_N):
         lc = j * SUB_N + tl.arange(0, SUB_N)
-        offsets = lr[:, None] * stride_m + lc[None, :] * stride_n
-        if EVEN:
-            x = tl.load(x_tile + offsets)
-        else:
-            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
-            x = tl.load(x_tile + offsets, mask=mask, other=0.0)
+        x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
         multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True),
                                             FP8_MAX, EPS, POWER_OF_2)
         q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        q = q.to(tl.uint8, bitcast=True)
-        if EVEN:
-            tl.store(scale_row + lc, scale)
-            tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
-        else:
-            tl.store(scale_row + lc, scale, mask=n0 + lc < N)
-            tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
+        _store(scale_row + lc, scale, n0 + lc < N, EVEN)
+        _store(col_tile + lc[None, :] * M + lr[:, None], q.to(tl.uint8, bitcast=True), mask, EVEN)
 
 
 @triton.jit
@@ -93,41 +105,20 @@ def _both_piped(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, str
     col_bits = tl.zeros([SUB_M, BLOCK_N], dtype=tl.int32)
     for i in tl.range(0, BLOCK_M // SUB_M, num_stages=STAGES):
         lr = i * SUB_M + tl.arange(0, SUB_M)
-        offsets = lr[:, None] * stride_m + lc[None, :] * stride_n
-        if EVEN:
-            x = tl.load(x_tile + offsets)
-        else:
-            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
-            x = tl.load(x_tile + offsets, mask=mask, other=0.0)
+        x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
         bits = magnitude_bits(x)
         col_bits = tl.maximum(col_bits, bits)
         multiplier, scale = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
         q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        if EVEN:
-            tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, scale)
-            tl.store(row_tile + lr[:, None] * N + lc[None, :], q)
-        else:
-            tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, scale, mask=m0 + lr < M)
-            tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
+        _store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, scale, m0 + lr < M, EVEN)
+        _store(row_tile + lr[:, None] * N + lc[None, :], q, mask, EVEN)
     multiplier, scale = scale_from_amax(tl.max(col_bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
     for i in tl.range(0, BLOCK_M // SUB_M, num_stages=STAGES):
         lr = i * SUB_M + tl.arange(0, SUB_M)
-        offsets = lr[:, None] * stride_m + lc[None, :] * stride_n
-        if EVEN:
-            x = tl.load(x_tile + offsets)
-        else:
-            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
-            x = tl.load(x_tile + offsets, mask=mask, other=0.0)
+        x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
         q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        q = q.to(tl.uint8, bitcast=True)
-        if EVEN:
-            tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
-        else:
-            tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
-    if EVEN:
-        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, scale)
-    else:
-        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, scale, mask=n0 + lc < N)
+        _store(col_tile + lc[None, :] * M + lr[:, None], q.to(tl.uint8, bitcast=True), mask, EVEN)
+    _store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, scale, n0 + lc < N, EVEN)
 
 
 @triton.jit
