@@ -17,10 +17,11 @@ the column slices loaded as laid out and their fp8 data stored transposed (as to
 the column strips does). CHUNK < 128 with TRANS < 4: column chunks cast
 first, rows read again; `persistent` > 0: a persistent grid of that many programs per SM, tl.range
 with STAGES. `lean_kernel`: 64-bit arithmetic only in each program's base pointers, no masks for
-whole tiles, and the "amax from rows" order. `narrow_col_kernel`: the column strips alone in
-programs of 128 x PN columns (torchao's shape for that cast). `piped_kernel`: the "amax from rows"
-order with both passes as tl.range loops over row slices, which Triton pipelines through shared
-memory (cp.async: `--sm90` counts them), so bytes stay in flight without holding registers.
+whole tiles, and the "amax from rows" order. `piped_kernel`: the "amax from rows" order with both
+passes as tl.range loops over row slices, which Triton pipelines through shared memory (cp.async:
+`--sm90` counts them), so bytes stay in flight without holding registers; its late column
+reduction for both layouts became the kernel's `stages` path, and the column strips in programs of
+fewer columns its `block_n`: `run_kernel` times those through block_cast_triton itself.
 The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
 import json
@@ -335,48 +336,12 @@ def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, amax_from_r
     return row, row_scale, col_t.t(), col_scale
 
 
-@triton.jit
-def narrow_col_kernel(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
-                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
-                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
-                      PN: tl.constexpr, EVEN: tl.constexpr):
-    """The column strips alone in programs of BLOCK x PN (torchao's column kernel's shape: more,
-    smaller programs), the tile loaded as laid out and stored transposed, lean as lean_kernel."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    m0, n0 = pid_m * BLOCK, pid_n * PN
-    lr, lc = tl.arange(0, BLOCK), tl.arange(0, PN)
-    x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
-    offs = lr[:, None] * stride_m + lc[None, :] * stride_n
-    if EVEN:
-        x = tl.load(x_tile + offs)
-    else:
-        mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
-        x = tl.load(x_tile + offs, mask=mask, other=0.0)
-    cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-    q = _cast_tile(x, cm[None, :], col_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-    q = q.to(tl.uint8, bitcast=True)
-    col_tile = col_ptr.to(tl.pointer_type(tl.uint8)) + n0.to(tl.int64) * M + m0
-    if EVEN:
-        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs)
-        tl.store(col_tile + lc[None, :] * M + lr[:, None], q)
-    else:
-        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, cs, mask=n0 + lc < N)
-        tl.store(col_tile + lc[None, :] * M + lr[:, None], q, mask=mask)
-
-
-def run_narrow_col(x, warps=2, pn=32, meta=None):
-    """The column strips alone (e4m3) in BLOCK x pn programs: (None, None, col, col_scale)."""
-    M, N = x.shape
-    assert 128 * (x.stride(0) + x.stride(1) + M) < 2 ** 31
-    col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
-    col_scale = torch.empty((cdiv(M, 128), N), dtype=torch.float32, device=x.device)
-    args = (x, col_t, col_scale, M, N, x.stride(0), x.stride(1))
-    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, PN=pn,
-                  EVEN=M % 128 == 0 and N % pn == 0)
+def run_kernel(x, meta=None, **opts):
+    """block_cast_triton itself (e4m3) with launch options: its own paths (block_n, stages) beside
+    the variants. Their sm_90 resources: python benchmarks/tools/sm90_compile.py."""
     if meta is not None and meta.get("sm90"):
-        return sm90_meta(meta, narrow_col_kernel, args, warps, consts)
-    narrow_col_kernel[(cdiv(M, 128), cdiv(N, pn))](*args, **consts, num_warps=warps)
-    return None, None, col_t.t(), col_scale
+        raise NotImplementedError("the kernel's configurations: python benchmarks/tools/sm90_compile.py")
+    return block_cast_triton(x, torch.float8_e4m3fn, **opts)
 
 
 @triton.jit
@@ -477,17 +442,19 @@ def sm90_meta(meta, kernel, args, warps, consts):
 # name -> (runner, options, what it writes): "both" layouts (4 bytes moved per element of a bf16 x)
 # or the column strips alone ("col", 3 bytes).
 VARIANTS = {}
-for w in (1, 2, 4):
+for w in (1, 2, 4):  # the column strips alone in 128 x pn programs (torchao's shape): the kernel's block_n
     for pn in (16, 32, 64):
-        VARIANTS[f"narrow col w{w} p{pn}"] = (run_narrow_col, dict(warps=w, pn=pn), "col")
+        VARIANTS[f"kernel col w{w} b{pn}"] = (
+            run_kernel, dict(write_row=False, write_col=True, block_n=pn, sub_n=pn, num_warps=w), "col")
 for w in (2, 4, 8):
     for rch in (16, 32):
         for stages in (2, 3, 4):
+            # the late column reduction for both layouts is the kernel's stages path (_both_piped)
+            VARIANTS[f"kernel both w{w} r{rch} s{stages}"] = (
+                run_kernel, dict(write_row=True, write_col=True, stages=stages, sub_m=rch, num_warps=w), "both")
             VARIANTS[f"piped both w{w} r{rch} s{stages}"] = (run_piped, dict(warps=w, rch=rch, stages=stages), "both")
             VARIANTS[f"piped col w{w} r{rch} s{stages}"] = (
                 run_piped, dict(warps=w, rch=rch, stages=stages, write_row=False), "col")
-            VARIANTS[f"piped late both w{w} r{rch} s{stages}"] = (
-                run_piped, dict(warps=w, rch=rch, stages=stages, late_reduce=True), "both")
             VARIANTS[f"piped late col w{w} r{rch} s{stages}"] = (
                 run_piped, dict(warps=w, rch=rch, stages=stages, write_row=False, late_reduce=True), "col")
 for w in (2, 4, 8):
