@@ -116,11 +116,13 @@ def main():
         # candidates (benchmarks/kernels_blockwise.py --sweep)
         "act_both stages=2 sub_m=32": (True, True, False, 32, SUB_N, True, True, 2, 8),
         "act_both stages=3 sub_m=16": (True, True, False, 16, SUB_N, True, True, 3, 8),
+        "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, 0, 2),
     }
     for name, (write_row, write_col, square, sub_m, sub_n, even, off32, stages, warps) in cases.items():
         warps = warps or _default_warps(square, write_row, write_col)
+        block_n = sub_n if name.startswith("act_col block_n") else BLOCK  # one slice per program there
         res = sm90_resources(block_kernel, (x, row, scale, col, scale, M, N, N, 1), warps, **fmt, SQUARE=square,
-                             WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK, BLOCK_N=BLOCK, SUB_M=sub_m,
+                             WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK, BLOCK_N=block_n, SUB_M=sub_m,
                              SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, STAGES=stages)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
