@@ -134,8 +134,10 @@ class SwiGLUGate:
 
 
 def _leaf_without_state(c: nn.Module) -> bool:
-    return next(c.children(), None) is None and next(c.parameters(), None) is None and next(
-        c.buffers(), None) is None
+    # recurse=False: the same answer for a module without children, without walking named_modules
+    # (this runs at every call of a fused gate).
+    return next(c.children(), None) is None and next(c.parameters(recurse=False), None) is None and next(
+        c.buffers(recurse=False), None) is None
 
 
 def is_gate_candidate(mod: nn.Module) -> bool:
@@ -271,8 +273,11 @@ def _still_act(act, proof: tuple | None, activation: str) -> bool:
     if proof is None:
         return False
     cls, forward, read_globals, kind, partials = proof
+    # The proven forward reads no instance attribute but these partials (ACT_GRAMMAR): each must still
+    # be one; an attribute added since is not read.
     return (kind == activation and type(act) is cls and cls.forward is forward
-            and globals_unchanged(forward.__globals__, read_globals) and _partial_names(act) == partials)
+            and globals_unchanged(forward.__globals__, read_globals)
+            and all(_partial_attribute(act, cls, name) for name in partials))
 
 
 def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
