@@ -3,7 +3,8 @@
     python benchmarks/tools/host_modes.py
 
 Settings: the default; torch.autograd.set_multithreading_enabled(False) (backward runs on the
-calling thread instead of autograd's CUDA device thread); the process pinned to one CPU; both.
+calling thread instead of autograd's CUDA device thread); the process pinned to one CPU; both;
+Python's GIL switch interval at 20 us instead of 5 ms.
 Five rounds, the settings interleaved within each, medians (the GPU machine's host time varies
 from run to run by more than the cases differ). A single layer, and stacks of host_overhead.STACK
 layers (a layer's cost in steady state, the hand-over to autograd's thread shared by the stack).
@@ -23,7 +24,8 @@ from tools.common import host_us  # noqa: E402
 from tools.host_split import LayerCalls  # noqa: E402
 from host_overhead import STACK, stack_cases  # noqa: E402
 
-MODES = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads"]
+MODES = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads", "GIL switch interval 20 us"]
+SWITCH_INTERVAL = sys.getswitchinterval()
 
 
 def cases() -> dict:
@@ -69,10 +71,14 @@ def main():
     for _ in range(5):
         for mode in MODES:
             pin({cpus[0]} if "one CPU" in mode else set(cpus))
+            # A thread waiting for the GIL asks its holder to drop it only after the switch interval
+            # (5 ms by default): the last mode shows whether backward's hand-overs wait on it.
+            sys.setswitchinterval(2e-5 if "switch interval" in mode else SWITCH_INTERVAL)
             with torch.autograd.set_multithreading_enabled("no autograd" not in mode):
                 for case, fn in timed.items():
                     results[mode, case].append(host_us(fn))
     pin(set(cpus))
+    sys.setswitchinterval(SWITCH_INTERVAL)
     for mode in MODES:
         ratio = (statistics.median(results[mode, "Float8Linear fwd+bwd"])
                  / statistics.median(results[mode, "nn.Linear fwd+bwd"]))
