@@ -191,8 +191,9 @@ def block_kernel(
 # both-layouts cast and of the column strips alone (docs/benchmarks.md, "Blockwise scaling").
 SUB_M = SUB_N = 64
 COL_STRIPS_SUB_N = 128
-# Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile).
-COL_STRIPS_BLOCK_N = 128
+# Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile, two
+# warps where the tile is 64 columns or fewer; H200 sweep: docs/benchmarks.md, "Blockwise scaling").
+COL_STRIPS_BLOCK_N = 64
 # Stages of `_both_piped`'s loops for both kinds of strips; 0: the sliced path. Its row slices and
 # warps, chosen on registers and resident warps on sm_90 (benchmarks/tools/sm90_compile.py), untimed.
 BOTH_STAGES = 0
@@ -203,11 +204,13 @@ PIPED_SUB_M, PIPED_WARPS = 32, 8
 ROW_STRIP_BLOCK_M = 32
 
 
-def _default_warps(square: bool, write_row: bool, write_col: bool, piped: bool = False) -> int:
+def _default_warps(square: bool, write_row: bool, write_col: bool, piped: bool = False, block_n: int = BLOCK) -> int:
     if piped:
         return PIPED_WARPS
+    if write_col and not write_row and not square and block_n <= 64:
+        return 2  # the column strips alone in narrow programs
     if not square:
-        return 4  # row strips alone (32-row programs), column strips or both kinds (128-row tiles)
+        return 4  # row strips alone (32-row programs), column strips or both kinds (128-column tiles)
     return 16 if write_col and not write_row else 4 if write_row and not write_col else 8
 
 
@@ -272,7 +275,7 @@ def block_cast_triton(
         sub = bm if square else min(sub_m or (PIPED_SUB_M if stages else SUB_M), bm)
         even = offsets_32 and M % BLOCK == 0 and N % bn == 0
         sub_n = BLOCK if square else sub_n or min(COL_STRIPS_SUB_N if offsets_32 else SUB_N, bn)
-        num_warps = num_warps or _default_warps(square, write_row, write_col, stages > 0)
+        num_warps = num_warps or _default_warps(square, write_row, write_col, stages > 0, bn)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), cdiv(N, bn)),
