@@ -85,56 +85,17 @@ def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty:
 
 
 @triton.jit
-def _both_piped(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
-                out_ty: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
-                MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, EVEN: tl.constexpr,
-                STAGES: tl.constexpr):
-    """Both kinds of strips of one BLOCK_M x BLOCK_N tile in two passes over SUB_M-row slices, each
-    a tl.range loop of STAGES stages (Triton loads the next slices into shared memory while one is
-    cast). Pass 1 casts the 1 x 128 row strips and keeps an elementwise running max of |x| for the
-    columns, reduced across rows once after the loop; pass 2 reads the slices again (from L2) and
-    casts the 128 x 1 column strips with those scales, stored column-major. Offsets inside the tile
-    are int32 (the caller checks that they fit), the tile's base pointers int64; EVEN: the tile is whole."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-    x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
-    row_tile = row_ptr + m0.to(tl.int64) * N + n0
-    col_tile = col_ptr + n0.to(tl.int64) * M + m0
-    lc = tl.arange(0, BLOCK_N)
-    col_bits = tl.zeros([SUB_M, BLOCK_N], dtype=tl.int32)
-    for i in tl.range(0, BLOCK_M // SUB_M, num_stages=STAGES):
-        lr = i * SUB_M + tl.arange(0, SUB_M)
-        x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
-        bits = magnitude_bits(x)
-        col_bits = tl.maximum(col_bits, bits)
-        multiplier, scale = scale_from_amax(tl.max(bits, 1).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-        q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        _store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, scale, m0 + lr < M, EVEN)
-        _store(row_tile + lr[:, None] * N + lc[None, :], q, mask, EVEN)
-    multiplier, scale = scale_from_amax(tl.max(col_bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
-    for i in tl.range(0, BLOCK_M // SUB_M, num_stages=STAGES):
-        lr = i * SUB_M + tl.arange(0, SUB_M)
-        x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
-        q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        _store(col_tile + lc[None, :] * M + lr[:, None], q.to(tl.uint8, bitcast=True), mask, EVEN)
-    _store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + lc, scale, n0 + lc < N, EVEN)
-
-
-@triton.jit
 def block_kernel(
     x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major. For the column
     strips alone: OFFSETS_32, offsets inside a tile fit int32 (`_col_strips` runs; otherwise the
-    both-layouts path's column slices); EVEN, M and N are multiples of the tile. For both kinds of
-    strips, STAGES > 0 with OFFSETS_32: `_both_piped` runs (otherwise the sliced path)."""
+    both-layouts path's column slices); EVEN, M and N are multiples of the tile."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -152,39 +113,33 @@ def block_kernel(
             tl.store(col_ptr + rows[:, None] + cols[None, :].to(tl.int64) * M, q.to(tl.uint8, bitcast=True), mask=mask)
     else:
         # Strips: a row's scale over the tile's 128 columns (row scales [M, Nb] stored as their
-        # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). Both kinds with
-        # STAGES: `_both_piped`. Otherwise each kind is cast in
+        # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). Each kind is cast in
         # slices that hold whole strips, so no slice waits on another: SUB_M-row slices for the rows,
         # then SUB_N-column slices of the tile loaded transposed for the columns (after the row
         # slices, those loads hit L2). Small slices keep registers low and more programs resident.
-        if WRITE_ROW and WRITE_COL and STAGES > 0 and OFFSETS_32:
-            _both_piped(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
-                        FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_M,
-                        EVEN, STAGES)
-        else:
-            if WRITE_ROW:
-                for i in tl.static_range(BLOCK_M // SUB_M):
-                    rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
-                    x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-                    multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True),
-                                                        FP8_MAX, EPS, POWER_OF_2)
-                    tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
-                    q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                    tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-            if WRITE_COL and not WRITE_ROW and OFFSETS_32:
-                _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
-                            MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN)
-            elif WRITE_COL:
-                rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                for j in tl.static_range(BLOCK_N // SUB_N):
-                    c = pid_n * BLOCK_N + j * SUB_N + tl.arange(0, SUB_N)
-                    xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)  # [SUB_N, BLOCK_M]: x's transpose
-                    multiplier, scale = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True),
-                                                        FP8_MAX, EPS, POWER_OF_2)
-                    tl.store(col_scale_ptr + pid_m * N + c, scale, mask=c < N)
-                    q = _cast_tile(xt, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                    tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True),
-                             mask=mask)
+        if WRITE_ROW:
+            for i in tl.static_range(BLOCK_M // SUB_M):
+                rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
+                x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+                multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True),
+                                                    FP8_MAX, EPS, POWER_OF_2)
+                tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
+                q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+        if WRITE_COL and not WRITE_ROW and OFFSETS_32:
+            _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
+                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN)
+        elif WRITE_COL:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            for j in tl.static_range(BLOCK_N // SUB_N):
+                c = pid_n * BLOCK_N + j * SUB_N + tl.arange(0, SUB_N)
+                xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)  # [SUB_N, BLOCK_M]: x's transpose
+                multiplier, scale = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True),
+                                                    FP8_MAX, EPS, POWER_OF_2)
+                tl.store(col_scale_ptr + pid_m * N + c, scale, mask=c < N)
+                q = _cast_tile(xt, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True),
+                         mask=mask)
 
 
 # Slices of a strips tile (rows per row slice, columns per column slice), from the H200 runs of the
@@ -194,19 +149,13 @@ COL_STRIPS_SUB_N = 128
 # Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile, two
 # warps where the tile is 64 columns or fewer; H200 sweep: docs/benchmarks.md, "Blockwise scaling").
 COL_STRIPS_BLOCK_N = 64
-# Stages of `_both_piped`'s loops for both kinds of strips; 0: the sliced path. Its row slices and
-# warps, chosen on registers and resident warps on sm_90 (benchmarks/tools/sm90_compile.py), untimed.
-BOTH_STAGES = 0
-PIPED_SUB_M, PIPED_WARPS = 32, 8
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
 ROW_STRIP_BLOCK_M = 32
 
 
-def _default_warps(square: bool, write_row: bool, write_col: bool, piped: bool = False, block_n: int = BLOCK) -> int:
-    if piped:
-        return PIPED_WARPS
+def _default_warps(square: bool, write_row: bool, write_col: bool, block_n: int = BLOCK) -> int:
     if write_col and not write_row and not square and block_n <= 64:
         return 2  # the column strips alone in narrow programs
     if not square:
@@ -218,7 +167,7 @@ def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
-    stages: int | None = None, num_warps: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -227,11 +176,7 @@ def block_cast_triton(
     two <= 128; COL_STRIPS_BLOCK_N by default; 128 otherwise).
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
     by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
-    COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them). stages: both
-    kinds of strips in two pipelined passes over sub_m-row slices (`_both_piped`; PIPED_SUB_M rows
-    and PIPED_WARPS warps by default) with that many stages (>= 1; BOTH_STAGES by default; 0: the
-    sliced path). Where a tile's offsets do not fit
-    32 bits, both kinds take the sliced path: the same bits either way."""
+    COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them)."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -252,10 +197,6 @@ def block_cast_triton(
     if block_n is not None and not col_alone:
         raise ValueError("block_cast_triton: block_n applies to the column strips alone (write_row=False, "
                          "write_col=True, square=False); other casts take whole 128-column tiles")
-    both_strips = write_row and write_col and not square
-    if stages is not None and not (both_strips and stages >= 0):
-        raise ValueError("block_cast_triton: stages applies to both kinds of strips (write_row=True, write_col=True, "
-                         f"square=False) and must be >= 0, got {stages}")
     bn = (block_n or COL_STRIPS_BLOCK_N) if col_alone else BLOCK
     for name, value, bound in (("block_m", block_m, None), ("block_n", block_n, BLOCK), ("sub_m", sub_m, bm),
                                ("sub_n", sub_n, bn)):
@@ -263,19 +204,15 @@ def block_cast_triton(
             raise ValueError(f"block_cast_triton: {name} must be a power of two" + (
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
     if M and N:
-        # The column strips alone, and both kinds of strips with stages: offsets inside one tile
-        # (rows x stride_m + columns x stride_n; the column-major store's columns x M + rows; the
-        # row-major store's rows x N + columns) fit int32 where this holds, and `_col_strips` /
-        # `_both_piped` then add 64 bits only per tile; otherwise the sliced paths. Other casts
-        # take none of these flags (one compiled kernel each).
-        stages = (BOTH_STAGES if stages is None else stages) if both_strips else 0
-        offsets_32 = ((col_alone or stages > 0)
-                      and BLOCK * (x.stride(0) + x.stride(1) + M + (N if stages else 0)) < 2 ** 31)
-        stages = stages if offsets_32 else 0
-        sub = bm if square else min(sub_m or (PIPED_SUB_M if stages else SUB_M), bm)
+        # The column strips alone: offsets inside one tile (rows x stride_m + columns x stride_n;
+        # the column-major store's columns x M + rows) fit int32 where this holds, and
+        # `_col_strips` then adds 64 bits only per tile; otherwise the both-layouts path's slices.
+        # Other casts take neither flag (one compiled kernel each).
+        offsets_32 = col_alone and BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+        sub = bm if square else min(sub_m or SUB_M, bm)
         even = offsets_32 and M % BLOCK == 0 and N % bn == 0
         sub_n = BLOCK if square else sub_n or min(COL_STRIPS_SUB_N if offsets_32 else SUB_N, bn)
-        num_warps = num_warps or _default_warps(square, write_row, write_col, stages > 0, bn)
+        num_warps = num_warps or _default_warps(square, write_row, write_col, bn)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py.
         col_bytes = None if col_t is None else col_t.view(torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), cdiv(N, bn)),
@@ -283,7 +220,7 @@ def block_cast_triton(
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
-                      EVEN=even, OFFSETS_32=offsets_32, STAGES=stages)
+                      EVEN=even, OFFSETS_32=offsets_32)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

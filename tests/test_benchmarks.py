@@ -304,11 +304,11 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
     assert blockwise.returncode == 0, blockwise.stderr[-4000:]
     lines = blockwise.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [
-        "act_both", "act_col", "weight_row", "weight_col", "act_both", "act_both", "act_col"]
+        "act_both", "act_col", "weight_row", "weight_col", "act_col", "act_col"]
     res = [ast.literal_eval(line.split(" warps ", 1)[1]) for line in lines]
-    from f8tensor.kernels.blockwise import BOTH_STAGES
-    assert (res[0]["cp_async"] > 0) == (BOTH_STAGES > 0)  # the both-layouts cast pipelines only with stages
-    assert res[4]["cp_async"] > 0 and res[5]["cp_async"] > 0
+    for r in res:
+        assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
+    assert res[0]["cp_async"] == 0  # the both-layouts cast's slices are unrolled (tl.static_range): nothing pipelined
 
 
 @CPU_ONLY

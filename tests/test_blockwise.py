@@ -87,30 +87,6 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
-@pytest.mark.parametrize("stages, sub_m", [(1, 64), (2, 32), (3, 16)])
-@pytest.mark.parametrize("shape", [(17, 48), (130, 300), (256, 256)] + ([(4095, 4097)] if ON_GPU else []))
-@pytest.mark.parametrize("hp_dtype", HP_DTYPES)
-@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
-def test_both_strips_in_pipelined_passes_match_reference(stages, sub_m, shape, hp_dtype, float8_dtype):
-    """Both kinds of strips in two pipelined passes (`_both_piped`): the row strips with the
-    columns' running max, then the column strips from a second read; the same bits as the
-    reference, NaN and inf confined to their own strips."""
-    x = spanning_values(shape, hp_dtype)
-    x.view(-1)[1] = float("nan")
-    x.view(-1)[-2] = float("inf")
-    got = block_cast_triton(x, float8_dtype, write_row=True, write_col=True, stages=stages, sub_m=sub_m)
-    same(got, reference(x, float8_dtype, False, False, True, True))
-
-
-@pytest.mark.parametrize("make", ["col_major", "row_slice"])
-def test_both_strips_pipelined_on_strided_inputs_and_power_of_2_scales(make):
-    base = spanning_values((300, 260), torch.bfloat16)
-    x = base.t().contiguous().t() if make == "col_major" else base[:, 3:259]
-    for power_of_2 in (False, True):
-        same(block_cast_triton(x, E4M3, power_of_2, write_row=True, write_col=True, stages=2, sub_m=32),
-             reference(x, E4M3, power_of_2, False, True, True))
-
-
 @pytest.mark.parametrize("square", [False, True])
 def test_kernel_matches_reference_with_power_of_2_scales(square):
     x = spanning_values((130, 300), torch.bfloat16)
@@ -137,10 +113,6 @@ def test_launch_options_that_would_cast_wrongly_are_refused():
     for kinds in (dict(write_col=True), dict(square=True, write_row=False, write_col=True), {}):
         with pytest.raises(ValueError, match="column strips alone"):
             block_cast_triton(x, E4M3, block_n=32, **kinds)
-    for kinds, stages in ((dict(write_row=False, write_col=True), 2), ({}, 2), (dict(square=True, write_col=True), 2),
-                          (dict(write_col=True), -1)):
-        with pytest.raises(ValueError, match="both kinds of strips"):
-            block_cast_triton(x, E4M3, stages=stages, **kinds)
 
 
 def test_programs_of_fewer_rows_and_sliced_tiles_give_the_same_bits():
@@ -194,7 +166,8 @@ def test_strided_inputs_column_strips_alone(make):
 def test_column_strips_past_int32_offsets():
     """The column strips alone use 64-bit arithmetic only in each tile's base pointers: an input of
     more than 2**31 elements (64-bit bases, 32-bit offsets inside a tile), and a row stride past
-    2**31 (offsets inside a tile past int32: the kernel takes its 64-bit path)."""
+    2**31 (offsets inside a tile past int32: the kernel takes its 64-bit path). Both kinds of strips
+    on the same inputs (the sliced path, 64-bit offsets throughout)."""
     for extra in (64, 128):  # the last row of tiles partial (masked), then whole (no masks)
         x = torch.randn(65536 + extra, 32768 + 128, device="cuda", dtype=torch.bfloat16)
         _, _, col, col_scale = block_cast_triton(x, E4M3, write_row=False, write_col=True)
@@ -204,9 +177,8 @@ def test_column_strips_past_int32_offsets():
             same_fp8(col[rows].contiguous(), want.contiguous())
             assert torch.equal(col_scale[start // 128:start // 128 + 1], want_scale)
         del col, col_scale
-        # both kinds of strips in pipelined passes (their offsets inside a tile fit 32 bits here too)
-        row, row_scale, col, col_scale = block_cast_triton(x, E4M3, write_row=True, write_col=True, stages=2,
-                                                           sub_m=32)
+        # both kinds of strips (the sliced path, 64-bit offsets throughout)
+        row, row_scale, col, col_scale = block_cast_triton(x, E4M3, write_row=True, write_col=True)
         for start in (0, 65536):
             rows = slice(start, start + 128)
             want_row, want_row_scale, want, want_scale = reference(x[rows], E4M3, False, False, True, True)
@@ -219,8 +191,7 @@ def test_column_strips_past_int32_offsets():
     x = big[:, :192]
     x.copy_(torch.randn(2, 192) * 3)
     same(block_cast_triton(x, E4M3, write_row=False, write_col=True), reference(x, E4M3, False, False, False, True))
-    same(block_cast_triton(x, E4M3, write_row=True, write_col=True, stages=2, sub_m=32),
-         reference(x, E4M3, False, False, True, True))
+    same(block_cast_triton(x, E4M3, write_row=True, write_col=True), reference(x, E4M3, False, False, True, True))
     del big, x
     torch.cuda.empty_cache()
 

@@ -20,8 +20,10 @@ with STAGES. `lean_kernel`: 64-bit arithmetic only in each program's base pointe
 whole tiles, and the "amax from rows" order. `piped_kernel`: the "amax from rows" order with both
 passes as tl.range loops over row slices, which Triton pipelines through shared memory (cp.async:
 `--sm90` counts them), so bytes stay in flight without holding registers; its late column
-reduction for both layouts became the kernel's `stages` path, and the column strips in programs of
-fewer columns its `block_n`: `run_kernel` times those through block_cast_triton itself.
+reduction for both layouts was the kernel's `stages` path until an H200 sweep (at 06f3558) measured
+it at 45-50 % of copy in its 8-warp configurations (34 % with 4 warps) against the sliced path's
+60-62 % on 16384x4096 and 16384x14336, and it was removed. The column strips in programs of fewer
+columns became the kernel's `block_n`: `run_kernel` times those through block_cast_triton itself.
 The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
 import json
@@ -337,7 +339,7 @@ def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, amax_from_r
 
 
 def run_kernel(x, meta=None, **opts):
-    """block_cast_triton itself (e4m3) with launch options: its own paths (block_n, stages) beside
+    """block_cast_triton itself (e4m3) with launch options: its own paths (block_n) beside
     the variants. Their sm_90 resources: python benchmarks/tools/sm90_compile.py."""
     if meta is not None and meta.get("sm90"):
         raise NotImplementedError("the kernel's configurations: python benchmarks/tools/sm90_compile.py")
@@ -449,9 +451,6 @@ for w in (1, 2, 4):  # the column strips alone in 128 x pn programs (torchao's s
 for w in (2, 4, 8):
     for rch in (16, 32):
         for stages in (2, 3, 4):
-            # the late column reduction for both layouts is the kernel's stages path (_both_piped)
-            VARIANTS[f"kernel both w{w} r{rch} s{stages}"] = (
-                run_kernel, dict(write_row=True, write_col=True, stages=stages, sub_m=rch, num_warps=w), "both")
             VARIANTS[f"piped both w{w} r{rch} s{stages}"] = (run_piped, dict(warps=w, rch=rch, stages=stages), "both")
             VARIANTS[f"piped col w{w} r{rch} s{stages}"] = (
                 run_piped, dict(warps=w, rch=rch, stages=stages, write_row=False), "col")
