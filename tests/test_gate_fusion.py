@@ -111,6 +111,26 @@ def make(cls, dtype=torch.bfloat16, seed=0):
     return cls().to(DEVICE, dtype)
 
 
+def assert_bits_of_written(mod, written) -> torch.Tensor:
+    """A training step of the fused float8 module `mod` gives the bits of `written` (the same module
+    with its gate written as the fused op), converted without the gate fusion; returns the input."""
+    written = convert_and_fuse(written, swiglu=False)
+    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
+    for got, want in zip(train_step(mod, x), train_step(written, x)):
+        assert torch.equal(got, want)
+    return x
+
+
+def assert_unconverted_close_to_own_math(cls, x):
+    """Fused with every linear left unconverted (fp32): close to the module's own math. Returns the
+    fused module."""
+    plain = make(cls, torch.float32)
+    fused = convert_and_fuse(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
+    for got, want in zip(train_step(fused, x.float()), train_step(plain, x.float())):
+        torch.testing.assert_close(got, want)
+    return fused
+
+
 @pytest.mark.parametrize("cls", list(FUSED), ids=lambda c: c.__name__)
 def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_with_swiglu(cls, fused_calls):
     """Fused as written (float8 layers): output and every gradient are the bits of the same
@@ -124,18 +144,12 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     written.forward = WrittenWithSwiGLU.forward.__get__(written)
     if cls in (LlamaMLP, LlamaMLP5):
         written.forward = lambda x: written.down_proj(swiglu(written.gate_proj(x), written.up_proj(x)))
-    written = convert_and_fuse(written, swiglu=False)
-    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
-    for got, want in zip(train_step(mod, x), train_step(written, x)):
-        assert torch.equal(got, want)
+    x = assert_bits_of_written(mod, written)
     assert len(fused_calls) == 1
     assert torch.equal(mod(**{FUSED[cls][5]: x}), mod(x)) and len(fused_calls) == 3  # by keyword too
 
-    plain = make(cls, torch.float32)
-    fused = convert_and_fuse(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
+    fused = assert_unconverted_close_to_own_math(cls, x)
     assert isinstance(fused.__dict__[GATE_ATTR], SwiGLUGate) and type(getattr(fused, FUSED[cls][2])) is nn.Linear
-    for got, want in zip(train_step(fused, x.float()), train_step(plain, x.float())):
-        torch.testing.assert_close(got, want)
 
 
 def test_fused_gate_hands_its_amax_records_to_the_float8_layers(monkeypatch):
@@ -703,15 +717,9 @@ def test_geglu_feed_forwards_are_fused_with_the_values_of_the_model_written_with
     assert str(found) == "GeGLU gate fused: down_proj(gelu_tanh(gate_proj) * up_proj)"
     written = make(cls)
     written.forward = lambda x: written.down_proj(geglu(written.gate_proj(x), written.up_proj(x)))
-    written = convert_and_fuse(written, swiglu=False)
-    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
-    for got, want in zip(train_step(mod, x), train_step(written, x)):
-        assert torch.equal(got, want)
+    x = assert_bits_of_written(mod, written)
     assert len(geglu_calls) == 1
-    plain = make(cls, torch.float32)
-    fused = convert_and_fuse(copy.deepcopy(plain), module_filter_fn=lambda mod, fqn: False)
-    for got, want in zip(train_step(fused, x.float()), train_step(plain, x.float())):
-        torch.testing.assert_close(got, want)
+    assert_unconverted_close_to_own_math(cls, x)
 
 
 def test_a_geglu_activation_changed_after_fusion_runs_the_written_code(geglu_calls):
