@@ -13,8 +13,9 @@ import functools
 import torch
 
 from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
-                    quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref, rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref,
-                    scale_from_amax_ref, swiglu_backward_ref, swiglu_ref, to_col_major, geglu_backward_ref, geglu_ref)
+                    geglu_backward_ref, geglu_ref, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
+                    rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref, scale_from_amax_ref,
+                    swiglu_backward_ref, swiglu_ref, to_col_major)
 
 try:
     from .blockwise import block_cast_triton
@@ -31,11 +32,12 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
 from .op import amax_of_bits, blockwise_op, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
-    "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "has_float8_hardware",
+    "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "geglu_backward_ref", "geglu_ref",
+    "has_float8_hardware",
     "quantize_blocks", "quantize_blockwise_ref", "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
     "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
     "rope_backward_ref", "rope_forward", "rope_ref", "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
-    "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax", "geglu_ref", "geglu_backward_ref",
+    "swiglu_backward_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
 
 

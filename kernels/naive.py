@@ -196,10 +196,14 @@ GELU_TANH_BETA = math.sqrt(2.0 / math.pi)
 GELU_TANH_KAPPA = 0.044715
 
 
+def _gelu_tanh_t(af: torch.Tensor) -> torch.Tensor:
+    """t = tanh(beta (a + kappa a^3)) of an fp32 a as the kernels compute it: 2 sigmoid(2 u) - 1."""
+    return 2 * torch.sigmoid(2 * GELU_TANH_BETA * (af + GELU_TANH_KAPPA * af * af * af)) - 1
+
+
 def gelu_tanh_ref(af: torch.Tensor) -> torch.Tensor:
     """gelu(a, approximate="tanh") of an fp32 a as the kernels compute it: 0.5 a (1 + t)."""
-    t = 2 * torch.sigmoid(2 * GELU_TANH_BETA * (af + GELU_TANH_KAPPA * af * af * af)) - 1
-    return 0.5 * af * (1 + t)
+    return 0.5 * af * (1 + _gelu_tanh_t(af))
 
 
 def geglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -211,7 +215,7 @@ def geglu_backward_ref(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tup
     """(dh/da * g, dh/db * g), gelu_tanh'(a) as PyTorch's gelu_backward (approximate="tanh") writes it:
     0.5 (1 + t) + 0.5 a (1 - t^2) beta (1 + 3 kappa a^2), t = tanh(beta (a + kappa a^3))."""
     gf, af, bf = g.float(), a.float(), b.float()
-    t = 2 * torch.sigmoid(2 * GELU_TANH_BETA * (af + GELU_TANH_KAPPA * af * af * af)) - 1
+    t = _gelu_tanh_t(af)
     derivative = 0.5 * (1 + t) + 0.5 * af * (1 - t * t) * GELU_TANH_BETA * (1 + 3 * GELU_TANH_KAPPA * af * af)
     grad_a = gf * bf * derivative
     grad_b = gf * (0.5 * af * (1 + t))
