@@ -61,27 +61,63 @@ def _store(ptr, value, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m, stride_n, out_ty: tl.constexpr,
+                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """The 128 x 1 column strips of the tile's columns lc, loaded as x viewed [BLOCK_M / 4, 4, len(lc)]
+    (row 4 i + k): each column's rows 4 i .. 4 i + 3 are cast and packed into one 32-bit word, byte k
+    at bits 8 k (the column-major bytes' little-endian order), then stored transposed: the layout
+    change moves 32-bit words through shared memory instead of single bytes. col32_tile: the tile's
+    column-major data as int32 words ([N, M / 4], M a multiple of 4). Offsets inside the tile int32."""
+    i = tl.arange(0, BLOCK_M // 4)
+    k = tl.arange(0, 4)
+    lr = 4 * i[:, None, None] + k[None, :, None]
+    offsets = lr * stride_m + lc[None, None, :] * stride_n
+    if EVEN:
+        x = tl.load(x_tile + offsets)
+    else:
+        x = tl.load(x_tile + offsets, mask=(m0 + lr < M) & (n0 + lc < N)[None, None, :], other=0.0)
+    multiplier, scale = scale_from_amax(tl.max(tl.max(magnitude_bits(x), 1), 0).to(tl.float32, bitcast=True),
+                                        FP8_MAX, EPS, POWER_OF_2)
+    q = _cast_tile(x, multiplier[None, None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    # the four bytes are disjoint bit fields: their sum is their bitwise or
+    words = tl.sum(q.to(tl.uint8, bitcast=True).to(tl.uint32) << (8 * k).to(tl.uint32)[None, :, None], axis=1)
+    _store(scale_row + lc, scale, n0 + lc < N, EVEN)
+    _store(col32_tile + lc[None, :] * (M // 4) + i[:, None], words,
+           (m0 + 4 * i < M)[:, None] & (n0 + lc < N)[None, :], EVEN)
+
+
+@triton.jit
 def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty: tl.constexpr,
                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr):
+                BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, PACKED: tl.constexpr):
     """The 128 x 1 column strips of one BLOCK_M x BLOCK_N tile, in SUB_N-column slices loaded as laid
-    out, each column's scale along axis 0, the data stored column-major. Offsets inside the tile are
-    int32 (the caller checks that they fit), the tile's base pointers int64; EVEN: the tile is whole."""
+    out, each column's scale along axis 0, the data stored column-major (PACKED: col_ptr is its
+    int32 words, `_packed_col_slice`). Offsets inside the tile are int32 (the caller checks that
+    they fit), the tile's base pointers int64; EVEN: the tile is whole."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
-    col_tile = col_ptr + n0.to(tl.int64) * M + m0
     scale_row = col_scale_ptr + pid_m.to(tl.int64) * N + n0
-    lr = tl.arange(0, BLOCK_M)
-    for j in tl.static_range(BLOCK_N // SUB_N):
-        lc = j * SUB_N + tl.arange(0, SUB_N)
-        x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
-        multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True),
-                                            FP8_MAX, EPS, POWER_OF_2)
-        q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        _store(scale_row + lc, scale, n0 + lc < N, EVEN)
-        _store(col_tile + lc[None, :] * M + lr[:, None], q.to(tl.uint8, bitcast=True), mask, EVEN)
+    if PACKED:
+        col32_tile = col_ptr + n0.to(tl.int64) * (M // 4) + m0 // 4
+        for j in tl.static_range(BLOCK_N // SUB_N):
+            _packed_col_slice(x_tile, col32_tile, scale_row, j * SUB_N + tl.arange(0, SUB_N), m0, n0, M, N,
+                              stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP,
+                              EXACT_ROUND, BLOCK_M, EVEN)
+    else:
+        col_tile = col_ptr + n0.to(tl.int64) * M + m0
+        lr = tl.arange(0, BLOCK_M)
+        for j in tl.static_range(BLOCK_N // SUB_N):
+            lc = j * SUB_N + tl.arange(0, SUB_N)
+            x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+            multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True),
+                                                FP8_MAX, EPS, POWER_OF_2)
+            q = _cast_tile(x, multiplier[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+            _store(scale_row + lc, scale, n0 + lc < N, EVEN)
+            _store(col_tile + lc[None, :] * M + lr[:, None], q.to(tl.uint8, bitcast=True), mask, EVEN)
 
 
 @triton.jit
@@ -91,11 +127,14 @@ def block_kernel(
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
-    col_ptr is the column-major buffer's bytes (uint8), stored as [N, M] row-major. For the column
-    strips alone: OFFSETS_32, offsets inside a tile fit int32 (`_col_strips` runs; otherwise the
-    both-layouts path's column slices); EVEN, M and N are multiples of the tile."""
+    col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
+    For the column strips (strips only): OFFSETS_32, offsets inside a tile fit int32 (`_col_strips`
+    casts them; otherwise column slices loaded transposed with 64-bit offsets); EVEN, M and N are
+    multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
+    as one word (`_packed_col_slice`)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -115,8 +154,8 @@ def block_kernel(
         # Strips: a row's scale over the tile's 128 columns (row scales [M, Nb] stored as their
         # transpose [Nb, M]), a column's over its 128 rows ([Mb, N] row-major). Each kind is cast in
         # slices that hold whole strips, so no slice waits on another: SUB_M-row slices for the rows,
-        # then SUB_N-column slices of the tile loaded transposed for the columns (after the row
-        # slices, those loads hit L2). Small slices keep registers low and more programs resident.
+        # then SUB_N-column slices of the tile for the columns (after the row slices, those loads
+        # hit L2). Small slices keep registers low and more programs resident.
         if WRITE_ROW:
             for i in tl.static_range(BLOCK_M // SUB_M):
                 rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
@@ -126,9 +165,9 @@ def block_kernel(
                 tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
                 q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
                 tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-        if WRITE_COL and not WRITE_ROW and OFFSETS_32:
+        if WRITE_COL and OFFSETS_32:
             _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
-                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN)
+                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN, PACKED)
         elif WRITE_COL:
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             for j in tl.static_range(BLOCK_N // SUB_N):
@@ -149,6 +188,8 @@ COL_STRIPS_SUB_N = 128
 # Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile, two
 # warps where the tile is 64 columns or fewer; H200 sweep: docs/benchmarks.md, "Blockwise scaling").
 COL_STRIPS_BLOCK_N = 64
+# Column strips stored four rows' bytes to a 32-bit word where that applies (`_packed_col_slice`).
+PACKED_COLUMNS = True
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
@@ -167,7 +208,7 @@ def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, packed: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -176,7 +217,10 @@ def block_cast_triton(
     two <= 128; COL_STRIPS_BLOCK_N by default; 128 otherwise).
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
     by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
-    COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them)."""
+    COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them).
+    packed: the column strips' bytes stored four rows to a 32-bit word (`_packed_col_slice`); by
+    default (None) wherever it applies (PACKED_COLUMNS on, strips written column-major, M a multiple
+    of 4, offsets inside a tile within int32); True where it does not apply is a ValueError."""
     _check(x, float8_dtype)
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -203,24 +247,32 @@ def block_cast_triton(
         if value is not None and (value < 1 or value & (value - 1) or bound is not None and value > bound):
             raise ValueError(f"block_cast_triton: {name} must be a power of two" + (
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
+    # Offsets inside one tile (rows x stride_m + columns x stride_n; the column-major store's
+    # columns x M + rows) fit int32 where this holds: `_col_strips` then adds 64 bits only per tile.
+    fits_32 = BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+    why_not = ("the column strips are not written" if square or not write_col else
+               f"M = {M} is not a multiple of 4" if M % 4 else
+               "offsets inside a 128 x 128 tile exceed int32" if not fits_32 else None)
+    if packed and why_not:
+        raise ValueError(f"block_cast_triton: packed=True does not apply here: {why_not}")
+    packed = why_not is None and (PACKED_COLUMNS if packed is None else packed)
     if M and N:
-        # The column strips alone: offsets inside one tile (rows x stride_m + columns x stride_n;
-        # the column-major store's columns x M + rows) fit int32 where this holds, and
-        # `_col_strips` then adds 64 bits only per tile; otherwise the both-layouts path's slices.
-        # Other casts take neither flag (one compiled kernel each).
-        offsets_32 = col_alone and BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
+        # The column strips through `_col_strips` (alone, or packed after the row strips); other
+        # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
+        # take none of the flags (one compiled kernel each).
+        offsets_32 = fits_32 and (col_alone or packed)
         sub = bm if square else min(sub_m or SUB_M, bm)
         even = offsets_32 and M % BLOCK == 0 and N % bn == 0
-        sub_n = BLOCK if square else sub_n or min(COL_STRIPS_SUB_N if offsets_32 else SUB_N, bn)
+        sub_n = BLOCK if square else sub_n or min(COL_STRIPS_SUB_N if col_alone and offsets_32 else SUB_N, bn)
         num_warps = num_warps or _default_warps(square, write_row, write_col, bn)
-        # The column-major data is stored as bytes (a uint8 view), as in cast.py.
-        col_bytes = None if col_t is None else col_t.view(torch.uint8)
+        # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
+        col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         launch_kernel(block_kernel, (cdiv(M, bm), cdiv(N, bn)),
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
-                      EVEN=even, OFFSETS_32=offsets_32)
+                      EVEN=even, OFFSETS_32=offsets_32, PACKED=packed)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -87,6 +87,27 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
+@pytest.mark.parametrize("shape", [(17, 48), (132, 300), (256, 256)])
+@pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
+def test_column_strips_stored_packed_or_byte_by_byte_match_reference(shape, col_alone):
+    """The column-major data stored as 32-bit words of four rows' bytes (the default where M is a
+    multiple of 4) and byte by byte (packed=False; M = 17 always): the same bits."""
+    x = spanning_values(shape, torch.bfloat16)
+    x.view(-1)[1] = float("nan")
+    x.view(-1)[-2] = float("inf")
+    want = reference(x, E4M3, False, False, not col_alone, True)
+    for packed in ((False, True) if shape[0] % 4 == 0 else (False, None)):
+        same(block_cast_triton(x, E4M3, write_row=not col_alone, write_col=True, packed=packed), want)
+
+
+def test_packed_store_where_it_cannot_apply_is_refused():
+    for x, kinds, why in ((spanning_values((130, 256), torch.bfloat16), {}, "M = 130 is not a multiple of 4"),
+                          (spanning_values((128, 256), torch.bfloat16), dict(square=True), "not written"),
+                          (spanning_values((128, 256), torch.bfloat16), dict(write_col=False), "not written")):
+        with pytest.raises(ValueError, match=why):
+            block_cast_triton(x, E4M3, **{"write_col": True, **kinds}, packed=True)
+
+
 @pytest.mark.parametrize("square", [False, True])
 def test_kernel_matches_reference_with_power_of_2_scales(square):
     x = spanning_values((130, 300), torch.bfloat16)

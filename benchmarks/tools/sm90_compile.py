@@ -98,32 +98,38 @@ def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **c
 
 
 def main():
-    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, SUB_M, SUB_N, _default_warps,
-                                            block_kernel)
+    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, PACKED_COLUMNS, SUB_M, SUB_N,
+                                            _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
 
     M, N = 16384, 4096
     x = torch.empty(M, N, dtype=torch.bfloat16)
-    row, col = torch.empty(M, N, dtype=torch.float8_e4m3fn), torch.empty(N, M, dtype=torch.uint8)
+    row = torch.empty(M, N, dtype=torch.float8_e4m3fn)
+    col_bytes, col_words = torch.empty(N, M, dtype=torch.uint8), torch.empty(N, M // 4, dtype=torch.int32)
     scale = torch.empty(M * N // BLOCK, dtype=torch.float32)
     fmt = _format(torch.float8_e4m3fn, False, False, x)
-    # name: (write_row, write_col, square, sub_m, sub_n, even, offsets_32, num_warps | None)
+    packed = PACKED_COLUMNS
+    # name: (write_row, write_col, square, sub_m, sub_n, even, offsets_32, packed, num_warps | None)
     cases = {
-        "act_both": (True, True, False, SUB_M, SUB_N, False, False, None),
-        "act_col": (False, True, False, SUB_M, min(COL_STRIPS_SUB_N, COL_STRIPS_BLOCK_N), True, True, None),
-        "weight_row": (True, False, True, BLOCK, BLOCK, False, False, None),
-        "weight_col": (False, True, True, BLOCK, BLOCK, False, False, None),
+        "act_both": (True, True, False, SUB_M, SUB_N, packed, packed, packed, None),
+        "act_col": (False, True, False, SUB_M, min(COL_STRIPS_SUB_N, COL_STRIPS_BLOCK_N), True, True, packed, None),
+        "weight_row": (True, False, True, BLOCK, BLOCK, False, False, False, None),
+        "weight_col": (False, True, True, BLOCK, BLOCK, False, False, False, None),
+        # the column strips' bytes stored one by one (M not a multiple of 4, or packed=False)
+        "act_both bytes": (True, True, False, SUB_M, SUB_N, False, False, False, None),
+        "act_col bytes": (False, True, False, SUB_M, min(COL_STRIPS_SUB_N, COL_STRIPS_BLOCK_N), True, True, False,
+                          None),
         # candidates (benchmarks/kernels_blockwise.py --sweep)
-        "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, 2),
-        "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, 4),
+        "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, packed, 2),
+        "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
     }
-    for name, (write_row, write_col, square, sub_m, sub_n, even, off32, warps) in cases.items():
+    for name, (write_row, write_col, square, sub_m, sub_n, even, off32, words, warps) in cases.items():
         col_alone = write_col and not write_row and not square
         block_n = (sub_n if "block_n" in name else COL_STRIPS_BLOCK_N) if col_alone else BLOCK  # one slice per program
         warps = warps or _default_warps(square, write_row, write_col, block_n=block_n)
-        res = sm90_resources(block_kernel, (x, row, scale, col, scale, M, N, N, 1), warps, **fmt, SQUARE=square,
-                             WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK, BLOCK_N=block_n, SUB_M=sub_m,
-                             SUB_N=sub_n, EVEN=even, OFFSETS_32=off32)
+        res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
+                             warps, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
+                             BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
