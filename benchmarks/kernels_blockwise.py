@@ -31,7 +31,12 @@ MODES = {"act_row": (False, True, False), "act_both": (False, True, True), "act_
 SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), dict(block_m=64, num_warps=8),
          dict(sub_m=32, sub_n=64), dict(sub_m=64, sub_n=32), dict(sub_m=128, sub_n=128), dict(sub_n=64, num_warps=8),
          dict(sub_n=32), dict(sub_n=128), dict(block_n=16, num_warps=2), dict(block_n=32, num_warps=2),
-         dict(block_n=32, num_warps=4), dict(block_n=64, num_warps=4), dict(block_n=64, num_warps=2)]
+         dict(block_n=32, num_warps=4), dict(block_n=64, num_warps=4), dict(block_n=64, num_warps=2),
+         # the column strips stored four rows' bytes to a word (appended: earlier data files number the above)
+         dict(packed=True), dict(packed=True, num_warps=2), dict(packed=True, num_warps=8),
+         dict(packed=True, sub_m=32, sub_n=32), dict(packed=True, sub_m=64, sub_n=32),
+         dict(packed=True, block_n=32, num_warps=2), dict(packed=True, block_n=64, num_warps=4),
+         dict(packed=False)]
 
 
 def ours(x, mode, **opts):
@@ -101,7 +106,8 @@ def main():
                 for i, cfg in enumerate(SWEEP):
                     if ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
                             or "sub_n" in cfg and mode not in ("act_both", "act_col")
-                            or "block_n" in cfg and mode != "act_col"):
+                            or "block_n" in cfg and mode != "act_col"
+                            or "packed" in cfg and mode not in ("act_both", "act_col")):
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

@@ -188,8 +188,10 @@ COL_STRIPS_SUB_N = 128
 # Columns per program of the column strips alone (each program a 128 x COL_STRIPS_BLOCK_N tile, two
 # warps where the tile is 64 columns or fewer; H200 sweep: docs/benchmarks.md, "Blockwise scaling").
 COL_STRIPS_BLOCK_N = 64
-# Column strips stored four rows' bytes to a 32-bit word where that applies (`_packed_col_slice`).
-PACKED_COLUMNS = True
+# Whether the column strips are stored four rows' bytes to a 32-bit word by default where that
+# applies (`_packed_col_slice`): off until timed on the H200 (docs/benchmarks.md, "Blockwise
+# scaling"); packed=True asks for it.
+PACKED_COLUMNS = False
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.

@@ -87,17 +87,19 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
-@pytest.mark.parametrize("shape", [(17, 48), (132, 300), (256, 256)])
+@pytest.mark.parametrize("shape", [(17, 48), (132, 300), (256, 256)] + ([(4096, 4100)] if ON_GPU else []))
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
-def test_column_strips_stored_packed_or_byte_by_byte_match_reference(shape, col_alone):
-    """The column-major data stored as 32-bit words of four rows' bytes (the default where M is a
-    multiple of 4) and byte by byte (packed=False; M = 17 always): the same bits."""
-    x = spanning_values(shape, torch.bfloat16)
+@pytest.mark.parametrize("hp_dtype", HP_DTYPES)
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+def test_column_strips_stored_packed_or_byte_by_byte_match_reference(shape, col_alone, hp_dtype, float8_dtype):
+    """The column-major data stored as 32-bit words of four rows' bytes (packed=True, where M is a
+    multiple of 4) and byte by byte (packed=False; M = 17 always, whatever the default): the same bits."""
+    x = spanning_values(shape, hp_dtype)
     x.view(-1)[1] = float("nan")
     x.view(-1)[-2] = float("inf")
-    want = reference(x, E4M3, False, False, not col_alone, True)
+    want = reference(x, float8_dtype, False, False, not col_alone, True)
     for packed in ((False, True) if shape[0] % 4 == 0 else (False, None)):
-        same(block_cast_triton(x, E4M3, write_row=not col_alone, write_col=True, packed=packed), want)
+        same(block_cast_triton(x, float8_dtype, write_row=not col_alone, write_col=True, packed=packed), want)
 
 
 def test_packed_store_where_it_cannot_apply_is_refused():

@@ -552,8 +552,10 @@ for w in (2, 4, 8):
                 run_lean, dict(warps=w, chunk=cch, write_row=False, orient=orient), "col")
 
 
-VARIANTS["packed kernel both bytes"] = (run_kernel, dict(write_col=True, packed=False), "both")
-VARIANTS["packed kernel col bytes"] = (run_kernel, dict(write_row=False, write_col=True, packed=False), "col")
+for packed in (False, True):  # the kernel's two column stores (its default is printed first as "kernel")
+    VARIANTS[f"packed kernel both packed={packed}"] = (run_kernel, dict(write_col=True, packed=packed), "both")
+    VARIANTS[f"packed kernel col packed={packed}"] = (
+        run_kernel, dict(write_row=False, write_col=True, packed=packed), "col")
 for w in (2, 4, 8):  # four rows' bytes packed in a word before the transposed store
     for rch, cch in ((64, 64), (64, 32), (32, 64), (32, 32)):
         VARIANTS[f"packed both w{w} r{rch} c{cch}"] = (run_packed, dict(warps=w, rch=rch, cch=cch), "both")

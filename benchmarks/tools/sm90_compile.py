@@ -115,10 +115,11 @@ def main():
         "act_col": (False, True, False, SUB_M, min(COL_STRIPS_SUB_N, COL_STRIPS_BLOCK_N), True, True, packed, None),
         "weight_row": (True, False, True, BLOCK, BLOCK, False, False, False, None),
         "weight_col": (False, True, True, BLOCK, BLOCK, False, False, False, None),
-        # the column strips' bytes stored one by one (M not a multiple of 4, or packed=False)
-        "act_both bytes": (True, True, False, SUB_M, SUB_N, False, False, False, None),
-        "act_col bytes": (False, True, False, SUB_M, min(COL_STRIPS_SUB_N, COL_STRIPS_BLOCK_N), True, True, False,
-                          None),
+        # the column strips' bytes stored four rows to a word, or one by one: whichever is not the default
+        f"act_both {'bytes' if packed else 'packed'}": (True, True, False, SUB_M, SUB_N, not packed, not packed,
+                                                        not packed, None),
+        f"act_col {'bytes' if packed else 'packed'}": (False, True, False, SUB_M, min(COL_STRIPS_SUB_N, COL_STRIPS_BLOCK_N),
+                                                       True, True, not packed, None),
         # candidates (benchmarks/kernels_blockwise.py --sweep)
         "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, packed, 2),
         "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
