@@ -14,7 +14,10 @@ and writes what the caller asked for from it:
 - the column strips alone (a layer's backward casting a saved x): `_col_strips`, slices of the
   tile loaded as laid out and stored transposed, with 64-bit arithmetic only in the tile's base
   pointers and no masks when the shape is a multiple of the tile (the both-layouts path's slices
-  did not gain from either: docs/benchmarks.md, "Blockwise scaling").
+  did not gain from either: docs/benchmarks.md, "Blockwise scaling");
+- with packed=True (where M is a multiple of 4), the column strips of either cast are stored four
+  rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose moves words, not single
+  bytes, through shared memory; off by default until timed on the GPU (PACKED_COLUMNS).
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
