@@ -14,7 +14,7 @@ from .core.weight_cache import forget_fp8_weights
 from .distributed.fsdp_float8 import precompute_float8_scales
 from .fused_ops.rms_norm import RMSNorm
 from .fused_ops.rope import rope
-from .fused_ops.swiglu import geglu, swiglu
+from .fused_ops.swiglu import geglu, geglu_halves, swiglu, swiglu_halves
 from .fusion.fuse import FusionError, FusionReport, fuse_model_ops, fusion_report
 from .fusion.python_versions import FusionWarning
 from .state import reset_state
@@ -22,6 +22,7 @@ from .state import reset_state
 __all__ = [
     "Float8Config", "Float8Linear", "Float8Tensor", "FusionError", "FusionReport", "FusionWarning", "GemmRole",
     "RMSNorm", "conversion_summary", "convert_to_float8_training", "forget_fp8_weights", "fuse_model_ops",
-    "fusion_report", "geglu", "precompute_float8_scales", "reset_state", "rope", "scaled_mm", "swiglu", "to_float8",
+    "fusion_report", "geglu", "geglu_halves", "precompute_float8_scales", "reset_state", "rope", "scaled_mm", "swiglu",
+    "swiglu_halves", "to_float8",
 ]
 __version__ = "0.2.0"

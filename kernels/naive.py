@@ -170,6 +170,13 @@ def quantize_blockwise_ref(
 # SwiGLU, fused with the amax of what it writes (swiglu.py). The math in fp32, one rounding to the
 # output dtype; the record each kernel returns is amax_ref of its output.
 
+def halves(y: torch.Tensor, gate_half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up): views of the two halves of y's last dim (a gate_up projection's output), the gate
+    the first (gate_half 0) or the second (1)."""
+    first, second = y.chunk(2, dim=-1)
+    return (first, second) if gate_half == 0 else (second, first)
+
+
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """h = silu(a) * b = a * sigmoid(a) * b."""
     af = a.float()

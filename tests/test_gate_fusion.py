@@ -18,7 +18,8 @@ from f8utils import DEVICE, SwiGLU, convert_and_fuse, count_amax_passes, sqnr, t
 from torch import nn
 from torch.nn.functional import silu
 
-from f8tensor import FusionError, Float8Linear, conversion_summary, fuse_model_ops, fusion_report, geglu, swiglu
+from f8tensor import (FusionError, Float8Linear, conversion_summary, fuse_model_ops, fusion_report, geglu, geglu_halves,
+                      swiglu, swiglu_halves)
 from f8tensor.fusion.gate_proof import GATE_ATTR, FusedGateModule, SwiGLUGate
 from f8tensor.core.class_swap import QuietSubclasses
 from f8tensor.fusion.fused_class import FusedModule
@@ -352,9 +353,10 @@ NOT_FUSED = {
     Branch: "forward has a branch or a loop",
     Prints: "forward reads the global 'print'",
     Stores: "forward uses self other than to read a child module",
-    Scaled: "forward does more than call its children, silu and *: LOAD_CONST 2",
+    Scaled: "forward is not down(silu(gate(x)) * up(x)) nor its halves form: 6 operations",
     SiluUsedTwice: "forward reads .sum of a tensor",
-    SameLinearTwice: "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)",
+    SameLinearTwice: ("forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x) nor "
+                      "silu(g) * u of the halves g, u of linear(x).chunk(2, dim=-1)"),
     ExtraArgument: "forward does not take exactly one argument",
     HookedAct: "the activation child SiLU has hooks",
     OtherGlobal: "forward reads the global 'copy'",
@@ -809,14 +811,147 @@ class Phi3MLP(nn.Module):  # transformers 5's Phi-3 (and GLM) feed-forward: one 
         return self.down_proj(up_states)
 
 
-def test_a_chunked_gate_up_projection_is_examined_and_left_alone_with_the_reason():
-    """Not fused (swiglu takes separate gate and up tensors), but examined: the report, and strict
-    mode, say why."""
-    model = nn.Sequential(make(Phi3MLP))
+class Phi3MLP5(Phi3MLP):  # with transformers 5's ACT2FN["silu"]
+    def __init__(self):
+        super().__init__()
+        self.activation_fn = SiLUActivation()
+
+
+class HalvesUpFirst(Phi3MLP):  # the up half first, F.silu, one line
+    def forward(self, x):
+        up, gate = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class HalvesTorchChunk(Phi3MLP):
+    def forward(self, x):
+        gate, up = torch.chunk(self.gate_up_proj(x), 2, dim=-1)
+        return self.down_proj(self.activation_fn(gate).mul(up))
+
+
+class HalvesGeGLU(Phi3MLP):
+    def __init__(self):
+        super().__init__()
+        self.activation_fn = nn.GELU(approximate="tanh")
+
+
+HALVES = {Phi3MLP: (0, "activation_fn", "hidden_states", "silu"), Phi3MLP5: (0, "activation_fn", "hidden_states", "silu"),
+          HalvesUpFirst: (1, None, "x", "silu"), HalvesTorchChunk: (0, "activation_fn", "x", "silu"),
+          HalvesGeGLU: (0, "activation_fn", "hidden_states", "gelu_tanh")}
+
+
+@pytest.fixture
+def halves_calls(monkeypatch):
+    """How many times the fused forward ran swiglu_halves or geglu_halves (patched where gate_proof calls them)."""
+    import f8tensor.fusion.gate_proof as gate_proof
+
+    calls = []
+    for name, op in (("swiglu_halves", swiglu_halves), ("geglu_halves", geglu_halves)):
+        monkeypatch.setattr(gate_proof, name, functools.partial(lambda op, y, half: calls.append(half) or op(y, half), op))
+    return calls
+
+
+@pytest.mark.parametrize("cls", list(HALVES), ids=lambda c: c.__name__)
+def test_chunked_gate_up_projections_are_fused_with_the_values_of_the_model_written_with_the_halves_op(
+        cls, halves_calls):
+    """One gate_up projection chunked in two (Phi-3's, GLM's): the gate runs as f8tensor.swiglu_halves
+    (geglu_halves) on the projection's output, the bits of the same module written with it."""
+    mod = convert_and_fuse(make(cls))
+    assert isinstance(mod, FusedGateModule)
+    found = mod.__dict__[GATE_ATTR]
+    half, act, arg, activation = HALVES[cls]
+    assert (found.gate, found.up, found.down, found.gate_half, found.act, found.arg, found.activation) == (
+        "gate_up_proj", None, "down_proj", half, act, arg, activation)
+    name = "GeGLU" if activation == "gelu_tanh" else "SwiGLU"
+    assert str(found) == (f"{name} gate fused: down_proj({activation}(gate_up_proj half {half} of 2) * "
+                          f"gate_up_proj half {1 - half} of 2)")
+    op = geglu_halves if activation == "gelu_tanh" else swiglu_halves
+    written = make(cls)
+    written.forward = lambda x: written.down_proj(op(written.gate_up_proj(x), half))
+    x = assert_bits_of_written(mod, written)
+    assert halves_calls == [half]
+    assert torch.equal(mod(**{arg: x}), mod(x)) and halves_calls == [half] * 3  # by keyword too
+    assert_unconverted_close_to_own_math(cls, x)
+
+
+def test_fused_gate_up_halves_hand_their_amax_records_to_the_float8_layers(monkeypatch):
+    """down_proj's input amax (forward) and gate_up_proj's grad_output amax (backward, both halves'
+    gradients in one tensor) come from the fused kernels: 2 amax passes fewer per step."""
+    passes = count_amax_passes(monkeypatch)
+    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
+    counts = []
+    for fuse in (True, False):
+        mod = convert_and_fuse(make(Phi3MLP), swiglu=fuse)
+        passes.clear()
+        train_step(mod, x)
+        counts.append(sum(passes))
+    assert counts[1] - counts[0] == 2
+
+
+def test_a_fused_chunked_gate_compiles_in_one_graph():
+    mod = convert_and_fuse(make(Phi3MLP))
+    assert isinstance(mod, FusedGateModule)
+    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
+    compiled = torch.compile(mod, fullgraph=True)
+    eager = train_step(mod, x)
+    for got, want in zip(train_step(compiled, x), eager):  # the halves' plain ops there
+        assert sqnr(want, got) > 25
+
+
+class ChunkedInThree(Phi3MLP):
+    def forward(self, x):
+        gate, up, _ = self.gate_up_proj(x).chunk(3, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class ChunkedAlongRows(Phi3MLP):  # chunk's default dim is 0
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class HalvesOfTwoCalls(Phi3MLP):  # the halves of two calls of the projection
+    def forward(self, x):
+        gate, _ = self.gate_up_proj(x).chunk(2, dim=-1)
+        _, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class HalvesExactGELU(Phi3MLP):
+    def __init__(self):
+        super().__init__()
+        self.activation_fn = nn.GELU()
+
+
+HALVES_NOT_FUSED = {
+    ChunkedInThree: "forward is not down(silu(gate(x)) * up(x)) nor its halves form: 8 operations",
+    ChunkedAlongRows: ("forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x) "
+                       "nor silu(g) * u of the halves g, u of linear(x).chunk(2, dim=-1)"),
+    HalvesOfTwoCalls: "forward is not down(silu(gate(x)) * up(x)) nor its halves form: 11 operations",
+    HalvesExactGELU: ("the activation child GELU is exact (approximate='none'), not silu or GELU's tanh form: only "
+                      "SwiGLU and GeGLU (tanh) gates are fused"),
+}
+
+
+@pytest.mark.parametrize("cls", list(HALVES_NOT_FUSED), ids=lambda c: c.__name__)
+def test_chunked_forwards_not_proven_are_left_alone_with_the_reason(cls):
+    model = nn.Sequential(make(cls))
     report = fusion_report(convert_and_fuse(model))
-    assert type(model[0]) is Phi3MLP
-    assert [(r.kind, r.fused, r.detail) for r in report.rows] == [
-        ("swiglu", False, "SwiGLU gate not fused: the gate and up projections are one linear layer whose output is "
-                          "chunked (a gate_up projection): only gates over separate gate and up linear layers are fused")]
-    with pytest.raises(FusionError, match="gate_up projection"):
-        fuse_model_ops(nn.Sequential(make(Phi3MLP)), strict=True)
+    assert type(model[0]) is cls and model[0].__dict__[GATE_ATTR] == HALVES_NOT_FUSED[cls]
+    assert [(r.kind, r.fused) for r in report.rows] == [("swiglu", False)]
+    with pytest.raises(FusionError, match="gate not fused"):
+        fuse_model_ops(nn.Sequential(make(cls)), strict=True)
+
+
+def test_an_odd_gate_up_width_runs_the_modules_own_math(halves_calls):
+    """A gate_up output whose last dim is odd has no two halves: the written code runs (and raises as
+    written)."""
+    mod = convert_and_fuse(make(Phi3MLP), module_filter_fn=lambda mod, fqn: False)
+    plain = make(Phi3MLP)
+    for m in (mod, plain):
+        m.gate_up_proj = nn.Linear(D, 2 * FFN + 1, bias=False).to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.bfloat16)
+    for m in (mod, plain):
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            m(x)
+    assert halves_calls == []

@@ -1,5 +1,5 @@
 """The model code people train, fused by fuse_model_ops in strict mode: Hugging Face's Llama and Qwen2
-(transformers), OLMo 2 and Gemma 2 and 3, torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
+(transformers), OLMo 2, Gemma 2 and 3, Phi-3 and GLM-4, torchtitan's Llama 3, and our own benchmark and demo models. An upgrade of Python,
 transformers or torchtitan that stops one of these fusions fails here instead of training slower.
 
 The proofs are pure Python, so these run on CPU (CI installs the pinned transformers and torchtitan
@@ -161,6 +161,45 @@ def test_gemma_norms_gate_and_rope_are_fused(name, norms, fused_calls, monkeypat
     fused_calls.update(swiglu=0, rope=0, rms_norm=0)
     got = model(tokens).logits
     assert fused_calls == {"swiglu": 0, "rope": 4, "rms_norm": norms} and len(geglu_calls) == 2
+    assert sqnr(want, got) > 15
+    got.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["Phi3", "Glm4"])
+def test_chunked_gate_up_feed_forwards_are_fused(name, fused_calls, monkeypatch):
+    """Phi-3 and GLM-4 (transformers' <Name>ForCausalLM): one gate_up projection chunked in two, its
+    gate run as f8tensor.swiglu_halves on the projection's output. With the gate fused alone the
+    logits on CPU are bit for bit those of the same model written with swiglu of the two halves
+    (one rounding, where the written code rounds silu's output first); strict mode holds for the
+    norms and the gate (their RoPE is not proven: partial or paired tables)."""
+    import transformers
+
+    from f8tensor import swiglu, swiglu_halves
+
+    halves_calls = []
+    monkeypatch.setattr(gate_proof, "swiglu_halves", lambda y, half: halves_calls.append(half) or swiglu_halves(y, half))
+    config = getattr(transformers, f"{name}Config")(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).to(torch.bfloat16)
+    tokens = torch.randint(3, 256, (2, 32))
+    written = copy.deepcopy(model)
+    for mlp in (layer.mlp for layer in written.model.layers):
+        mlp.forward = lambda x, mlp=mlp: mlp.down_proj(swiglu(*mlp.gate_up_proj(x).chunk(2, dim=-1)))
+    want = written(tokens).logits
+    copied = copy.deepcopy(model)
+    report = fuse_model_ops(copied, rms_norm=False, rope=False, strict=True)
+    assert fqns(report, "swiglu") == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(str(r.detail) == "SwiGLU gate fused: down_proj(silu(gate_up_proj half 0 of 2) * gate_up_proj half 1 of 2)"
+               for r in report.fused("swiglu"))
+    assert torch.equal(copied(tokens).logits, want) and halves_calls == [0, 0]
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
+    report = fuse_model_ops(model, rope=False, strict=True)
+    assert len(report.fused("swiglu")) == 2 and len(report.fused("rms_norm")) == (5 if name == "Phi3" else 9)
+    got = model(tokens).logits
+    assert halves_calls == [0, 0] * 2
     assert sqnr(want, got) > 15
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

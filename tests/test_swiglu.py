@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from f8utils import DEVICE, HP_DTYPES, count_amax_passes, ignore_records, sqnr
 from torch import nn
 
-from f8tensor import Float8Linear, geglu, swiglu
+from f8tensor import Float8Linear, geglu, geglu_halves, swiglu, swiglu_halves
 from f8tensor.kernels import (_as_amax_value, amax_ref, geglu_backward_ref, geglu_ref, swiglu_backward_ref, swiglu_ref,
                               swiglu_triton)
 from f8tensor.kernels.naive import GELU_TANH_BETA, GELU_TANH_KAPPA
@@ -251,6 +251,72 @@ def test_bad_inputs_name_the_problem():
         swiglu(a, 2.0)
     with pytest.raises(ValueError, match=r"geglu\(a, b\) needs a and b of one shape"):
         geglu(a, torch.randn(8, device=DEVICE))
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 14), (3, 5000), (2, 3, 512)] + ([(4096, 28672)] if ON_GPU else []))
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+@pytest.mark.parametrize("gate_half", [0, 1])
+@pytest.mark.parametrize("gelu_tanh", [False, True], ids=["silu", "gelu_tanh"])
+def test_halves_kernels_give_the_bits_of_the_kernels_on_copied_halves(shape, dtype, gate_half, gelu_tanh):
+    """The halves of one y [..., 2 F] read in place (rows 2 F apart): h and both gradients, written
+    into one dy, are the bits the kernels give for contiguous copies of the halves; the records are
+    the amax of h and of dy."""
+    from f8tensor.kernels.naive import halves
+    from f8tensor.kernels.swiglu import (swiglu_backward_triton, swiglu_halves_backward_triton,
+                                         swiglu_halves_triton)
+
+    y, _, g = inputs(shape, dtype)
+    g = g[..., : shape[-1] // 2].contiguous()
+    a, b = (t.contiguous() for t in halves(y, gate_half))
+    blocks = dict(block=256, num_warps=4)
+    h, record = swiglu_halves_triton(y, gate_half, gelu_tanh, **blocks)
+    assert torch.equal(h, swiglu_triton(a, b, gelu_tanh, **blocks)[0])
+    assert_record_is_amax_of(record, h)
+    dy, record_dy = swiglu_halves_backward_triton(g, y, gate_half, gelu_tanh, **blocks)
+    grad_a, grad_b, _, _ = swiglu_backward_triton(g, a, b, gelu_tanh, **blocks)
+    got_a, got_b = halves(dy, gate_half)
+    assert dy.shape == y.shape and torch.equal(got_a, grad_a) and torch.equal(got_b, grad_b)
+    assert_record_is_amax_of(record_dy, dy)
+
+
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+@pytest.mark.parametrize("gelu_tanh", [False, True], ids=["swiglu", "geglu"])
+@pytest.mark.parametrize("gate_half", [0, 1])
+def test_halves_op_gives_the_gate_of_the_chunked_halves(dtype, gelu_tanh, gate_half):
+    """swiglu_halves(y) (geglu_halves): the bits of swiglu (geglu) of the halves y.chunk(2, dim=-1)
+    gives, and the gradient autograd gives through the chunk, in one tensor of y's shape with one
+    amax record."""
+    gate = GATES[gelu_tanh][0]
+    op = geglu_halves if gelu_tanh else swiglu_halves
+    y, _, g = inputs((2, 8, 192), dtype)
+    g = g[..., :96].contiguous()
+    y1, y2 = y.clone().requires_grad_(), y.clone().requires_grad_()
+    h = op(y1, gate_half)
+    first, second = y2.chunk(2, dim=-1)
+    want = gate(*((first, second) if gate_half == 0 else (second, first)))
+    assert torch.equal(h, want)
+    assert torch.equal(_as_amax_value(produced_amax.get(h)), amax_ref(h))
+    (dy,) = torch.autograd.grad(h, (y1,), g)
+    (want_dy,) = torch.autograd.grad(want, (y2,), g)
+    assert torch.equal(dy, want_dy)
+    # create_graph: the plain-op backward, differentiable
+    (dy,) = torch.autograd.grad(op(y1, gate_half), (y1,), g, create_graph=True)
+    assert dy.requires_grad and torch.equal(dy.detach(), want_dy)
+
+
+def test_halves_op_bad_inputs_name_the_problem():
+    y = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="even last dim"):
+        swiglu_halves(y[:, :7])
+    with pytest.raises(ValueError, match="gate_half is 0"):
+        swiglu_halves(y, 2)
+    with pytest.raises(ValueError, match="gate_half is 0"):
+        geglu_halves(y, True)
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32"):
+        swiglu_halves(y.long())
+    with pytest.raises(TypeError, match="takes a tensor"):
+        swiglu_halves([1.0, 2.0])
 
 
 class FeedForward(nn.Module):

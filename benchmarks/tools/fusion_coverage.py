@@ -20,7 +20,7 @@ from f8tensor import convert_to_float8_training, fuse_model_ops
 
 ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral", "Olmo2", "Granite", "Exaone4",
                  "Apertus", "Arcee", "Lfm2", "StableLm", "Starcoder2", "Ernie4_5", "Cohere", "Gemma", "Gemma2",
-                 "Phi3", "Glm")
+                 "Phi3", "Glm", "Glm4")
 KINDS = ("rms_norm", "swiglu", "rope")
 
 

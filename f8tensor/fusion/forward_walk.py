@@ -105,6 +105,8 @@ def code_reason(mod: nn.Module, cls: type, forward, grammar: Grammar, read_globa
         elif (op in _CALL_OPS or op == "BINARY_OP" and ins.argrepr in grammar.binary_ops
               or _BINARY_310.get(op) in grammar.binary_ops):
             top = "tensor"
+        elif op == "UNPACK_SEQUENCE" and top == "tensor":  # the values of a call (chunk's), unpacked
+            top = "tensor"
         elif op == "STORE_FAST" and ins.argval == this:
             return "forward rebinds self"
         elif op in ("STORE_FAST", "RETURN_VALUE"):

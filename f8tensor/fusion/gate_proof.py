@@ -54,6 +54,7 @@ again where they are made.
 """
 
 import functools
+import operator
 import types
 from dataclasses import dataclass
 
@@ -61,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fused_ops.swiglu import geglu, swiglu
-from ..kernels import INPUT_DTYPES
+from ..fused_ops.swiglu import geglu, geglu_halves, swiglu, swiglu_halves
+from ..kernels import INPUT_DTYPES, halves
 from ..torch_internals import fx_tracing, has_hooks
 from ..core.class_swap import class_reason
 from .forward_walk import Grammar, code_reason
@@ -81,10 +82,11 @@ def _child_module(mod: nn.Module, cls: type, name: str) -> bool:
     return name in dict(mod.named_children()) and not hasattr(cls, name)
 
 
-# What a gate's forward (and an activation's) may read and compute: its children, silu and *.
-GRAMMAR = Grammar(does="call its children, silu and *", self_reads="a child module", self_attribute=_child_module,
-                  torch_objects=(torch, nn, F, F.silu, torch.mul), tensor_attributes=frozenset({"mul"}),
-                  constants=(bool, type(None)), binary_ops=frozenset({"*"}))
+# What a gate's forward (and an activation's) may read and compute: its children, silu, chunk and *.
+GRAMMAR = Grammar(does="call its children, silu, chunk and *", self_reads="a child module",
+                  self_attribute=_child_module, torch_objects=(torch, nn, F, F.silu, torch.mul, torch.chunk),
+                  tensor_attributes=frozenset({"mul", "chunk"}), constants=(bool, int, type(None)),
+                  binary_ops=frozenset({"*"}))
 
 
 def _exactly(value, want) -> bool:
@@ -115,9 +117,10 @@ class SwiGLUGate:
     if silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name;
     forward, globals: the code proven and what its global names were bound to; act_proof: for an
     activation child of a class proven to be silu (not nn.SiLU), (class, its forward, the globals
-    that forward read)."""
+    that forward read). gate_half: the halves form, forward(arg) = down(silu(g) * u) with g, u the
+    halves of gate(arg).chunk(2, dim=-1), g the first (0) or the second (1); up is then None."""
     gate: str
-    up: str
+    up: str | None
     down: str
     gate_first: bool
     act: str | None
@@ -126,11 +129,15 @@ class SwiGLUGate:
     globals: tuple[tuple[str, object], ...]
     act_proof: tuple | None = None
     activation: str = "silu"  # or "gelu_tanh": GeGLU's gate, run as f8tensor.geglu
+    gate_half: int | None = None  # the halves form: which half of gate(arg) is the gate
 
     def __str__(self):
-        if self.activation == "gelu_tanh":
-            return f"GeGLU gate fused: {self.down}(gelu_tanh({self.gate}) * {self.up})"
-        return f"SwiGLU gate fused: {self.down}(silu({self.gate}) * {self.up})"
+        act = "gelu_tanh" if self.activation == "gelu_tanh" else "silu"
+        if self.gate_half is None:
+            gate, up = self.gate, self.up
+        else:
+            gate, up = (f"{self.gate} half {i} of 2" for i in (self.gate_half, 1 - self.gate_half))
+        return f"{'GeGLU' if act == 'gelu_tanh' else 'SwiGLU'} gate fused: {self.down}({act}({gate}) * {up})"
 
 
 def _leaf_without_state(c: nn.Module) -> bool:
@@ -143,8 +150,8 @@ def _leaf_without_state(c: nn.Module) -> bool:
 def is_gate_candidate(mod: nn.Module) -> bool:
     """Children: three nn.Linear and at most one other, without parameters, buffers or children (an
     activation); a plain-function forward that names silu, or that activation child; not yet fused.
-    Also examined, so that the report says why they are not fused: two nn.Linear and that child,
-    with a forward that chunks (Phi-3's and GLM's one gate_up projection)."""
+    Or the halves form: two nn.Linear (Phi-3's and GLM's one gate_up projection, and down), that
+    child or silu, and a forward that names chunk."""
     children = list(mod.children())
     linears = sum(isinstance(c, nn.Linear) for c in children)
     others = [c for c in children if not isinstance(c, nn.Linear)]
@@ -155,7 +162,7 @@ def is_gate_candidate(mod: nn.Module) -> bool:
     if forward is None:
         return False
     if linears == 2:
-        return len(others) == 1 and "chunk" in forward.__code__.co_names
+        return (len(others) == 1 or "silu" in forward.__code__.co_names) and "chunk" in forward.__code__.co_names
     return len(others) == 1 or "silu" in forward.__code__.co_names
 
 
@@ -305,9 +312,6 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     cls = type(mod)
     forward = class_forward(cls)
     children = dict(mod.named_children())
-    if sum(isinstance(c, nn.Linear) for c in children.values()) == 2:
-        return ("the gate and up projections are one linear layer whose output is chunked (a gate_up "
-                "projection): only gates over separate gate and up linear layers are fused")
     read_globals = []
     reason = class_reason(mod, cls) or code_reason(mod, cls, forward, GRAMMAR, read_globals)
     if reason:
@@ -328,8 +332,8 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     (out,) = [n for n in nodes if n.op == "output"]
-    if len(placeholders) != 1 or len(nodes) != 7:
-        return f"forward is not down(silu(gate(x)) * up(x)): {len(nodes) - 2} operations"
+    if len(placeholders) != 1 or len(nodes) not in (7, 9):
+        return f"forward is not down(silu(gate(x)) * up(x)) nor its halves form: {len(nodes) - 2} operations"
     (x,) = placeholders
 
     def linear_call(n, arg) -> str | None:
@@ -346,6 +350,19 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
             return n.args[0], n.target
         return None
 
+    def half_of(n):  # (the chunk node, which half) of a node taking one half of a chunk in two, or None
+        if not (n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and not n.kwargs
+                and isinstance(n.args[0], torch.fx.Node) and len(n.users) == 1):
+            return None
+        return (n.args[0], n.args[1]) if any(_exactly(n.args[1], i) for i in (0, 1)) else None
+
+    def chunked_linear(c) -> str | None:  # the linear of x that c chunks in two along the last dim, or None
+        in_two = (c.args[1:], c.kwargs) in (((2,), {"dim": -1}), ((2, -1), {})) and all(
+            type(v) is int for v in (*c.args[1:], *c.kwargs.values()))
+        ok = ((c.op == "call_method" and c.target == "chunk" or c.op == "call_function" and c.target is torch.chunk)
+              and in_two and len(c.users) == 2 and isinstance(c.args[0], torch.fx.Node))
+        return linear_call(c.args[0], x) if ok else None
+
     down_node = out.args[0] if len(out.args) == 1 else None
     down = isinstance(down_node, torch.fx.Node) and down_node.op == "call_module" and down_node.target
     product = down_node.args[0] if down and len(down_node.args) == 1 else None
@@ -358,6 +375,14 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
         found = silu_of(act) if isinstance(act, torch.fx.Node) else None
         if found is None or not isinstance(other, torch.fx.Node):
             continue
+        gate_half, up_half = half_of(found[0]), half_of(other)
+        if gate_half and up_half and gate_half[0] is up_half[0] and gate_half[1] != up_half[1]:
+            gate_up = chunked_linear(gate_half[0])
+            if gate_up and gate_up != down:
+                return SwiGLUGate(gate_up, None, down, gate_first=True, act=found[1],
+                                  arg=None if forward.__code__.co_posonlyargcount > 1 else x.target, forward=forward,
+                                  globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
+                                  activation=activation if found[1] else "silu", gate_half=gate_half[1])
         gate, up = linear_call(found[0], x), linear_call(other, x)
         if gate and up and len({gate, up, down}) == 3:
             positional_only = forward.__code__.co_posonlyargcount > 1
@@ -367,10 +392,24 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
                               activation=activation if found[1] else "silu")
     if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
         return "silu is in place (it writes into the gate's output)"
-    return "forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x)"
+    return ("forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x) nor "
+            "silu(g) * u of the halves g, u of linear(x).chunk(2, dim=-1)")
+
+
+def _fused_halves_forward(mod: nn.Module, gate: SwiGLUGate, x):
+    y = getattr(mod, gate.gate)(x)
+    gelu_tanh = gate.activation == "gelu_tanh"
+    if y.dim() >= 1 and y.shape[-1] % 2 == 0 and y.dtype in INPUT_DTYPES:
+        h = (geglu_halves if gelu_tanh else swiglu_halves)(y, gate.gate_half)
+    else:  # what the fused gates do not take (an odd width: the written code's own error, ...): its math
+        a, b = halves(y, gate.gate_half)
+        h = (F.gelu(a, approximate="tanh") if gelu_tanh else F.silu(a)) * b
+    return getattr(mod, gate.down)(h)
 
 
 def _fused_forward(mod: nn.Module, gate: SwiGLUGate, x):
+    if gate.gate_half is not None:
+        return _fused_halves_forward(mod, gate, x)
     gate_layer, up_layer = getattr(mod, gate.gate), getattr(mod, gate.up)
     if gate.gate_first:
         a = gate_layer(x)
