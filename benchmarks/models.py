@@ -2,7 +2,8 @@
 Llama 3 (its PyPI wheel's model code); from transformers, Hugging Face's LlamaForCausalLM and
 Qwen2ForCausalLM, OLMo 2's Olmo2ForCausalLM (post-norms, q and k normalized, fp32 RoPE tables) and
 Gemma 3's Gemma3ForCausalLM (its text model: 1 + weight norms around each sublayer, q and k
-normalized, a GELU-tanh gate, sliding-window layers); and a model written here in another style
+normalized, a GELU-tanh gate, sliding-window layers) and Phi-3's Phi3ForCausalLM (one qkv and one
+gate_up projection, the gate over the latter's two halves); and a model written here in another style
 than train.py's (`handwritten`: Meta's Llama 3 style, the complex RoPE and the SwiGLU inline in the
 block's forward). Each builder returns the model, built in bf16 on the current device, and its
 list of blocks, which train.py compiles, checkpoints and shards one by one.
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MODELS = ("ours", "torchtitan", "hf_llama", "hf_qwen2", "hf_olmo2", "hf_gemma3", "handwritten")
+MODELS = ("ours", "torchtitan", "hf_llama", "hf_qwen2", "hf_olmo2", "hf_gemma3", "hf_phi3", "handwritten")
 
 
 def build(name: str, a) -> tuple[nn.Module, nn.ModuleList]:
@@ -21,7 +22,7 @@ def build(name: str, a) -> tuple[nn.Module, nn.ModuleList]:
     (Hugging Face's as the .logits of its output)."""
     if name == "torchtitan":
         return _torchtitan(a)
-    if name in ("hf_llama", "hf_qwen2", "hf_olmo2", "hf_gemma3"):
+    if name.startswith("hf_"):
         return _hugging_face(name, a)
     if name == "handwritten":
         torch.manual_seed(a.seed)
@@ -38,9 +39,11 @@ def _hugging_face(name: str, a):
     config_cls, model_cls = {"hf_llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "hf_qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                              "hf_olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
-                             "hf_gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[name]
-    # Gemma's config defaults head_dim to 256 whatever the width: the others derive dim / heads.
-    extra = dict(head_dim=a.dim // a.heads) if name == "hf_gemma3" else {}
+                             "hf_gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+                             "hf_phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[name]
+    # Gemma's config defaults head_dim to 256 whatever the width: the others derive dim / heads. Phi-3's
+    # defaults its padding token to 32000, past a small test vocabulary.
+    extra = dict(head_dim=a.dim // a.heads) if name == "hf_gemma3" else dict(pad_token_id=0) if name == "hf_phi3" else {}
     config = config_cls(hidden_size=a.dim, intermediate_size=a.ffn, num_hidden_layers=a.layers,
                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
                         max_position_embeddings=a.seq, rope_theta=500000.0, tie_word_embeddings=False,

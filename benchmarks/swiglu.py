@@ -8,6 +8,9 @@ Float8Linear runs on h (our amax kernel); compiled = torch.compile of the refere
 what autograd runs for F.silu(a) * b (two muls, silu's backward) plus the two amax passes (our amax
 kernel). GPU times (CUDA graph replay); bytes: those the fused pass must move (forward 2 reads + 1
 write, backward 3 reads + 2 writes), as a fraction of the copy bandwidth measured in the same run.
+Halves (`halves_*`): the same passes over the two halves of one y [tokens, 2 ffn] read in place
+(f8tensor.swiglu_halves, Phi-3's and GLM's gate_up output), backward writing one dy of y's shape;
+eager there is the chunk's views, the same ops, and the concatenation the chunk's backward makes.
 """
 
 import torch
@@ -18,7 +21,8 @@ from f8tensor.kernels import swiglu_ref
 from f8tensor.kernels.amax import amax_partials
 from f8tensor.kernels.op import amax_of_bits
 from f8tensor.kernels.quantize import default_num_programs
-from f8tensor.kernels.swiglu import swiglu_backward_triton, swiglu_triton
+from f8tensor.kernels.swiglu import (swiglu_backward_triton, swiglu_halves_backward_triton, swiglu_halves_triton,
+                                     swiglu_triton)
 
 # [tokens, ffn]: Llama-3-8B's gate at 8192 and 16384 tokens, 70B's at 8192, a small one.
 SHAPES = [(8192, 14336), (16384, 14336), (8192, 28672), (4096, 4096)]
@@ -65,6 +69,15 @@ def main():
         row["compiled_fwd_ms"] = gpu_ms(lambda: compiled(a, b))
         row["fwd_pct_copy"] = 100 * fwd_bytes / row["fwd_ms"] / 1e9 / copy_bw
         row["bwd_pct_copy"] = 100 * bwd_bytes / row["bwd_ms"] / 1e9 / copy_bw
+        y = torch.cat((a, b), dim=-1)
+        y_gate, y_up = y.chunk(2, dim=-1)
+        row["halves_fwd_ms"] = gpu_ms(lambda: swiglu_halves_triton(y))
+        row["halves_bwd_ms"] = gpu_ms(lambda: swiglu_halves_backward_triton(g, y))
+        row["halves_eager_fwd_ms"] = gpu_ms(lambda: eager_forward(y_gate, y_up))
+        row["halves_eager_bwd_ms"] = gpu_ms(lambda: torch.cat(eager_backward(g, y_gate, y_up, silu_a)[:2], dim=-1))
+        row["halves_fwd_pct_copy"] = 100 * fwd_bytes / row["halves_fwd_ms"] / 1e9 / copy_bw
+        row["halves_bwd_pct_copy"] = 100 * bwd_bytes / row["halves_bwd_ms"] / 1e9 / copy_bw
+        del y, y_gate, y_up
         if args.sweep:
             for cfg in SWEEP:
                 tag = f"b{cfg['block']}w{cfg['num_warps']}"
@@ -73,7 +86,10 @@ def main():
         rows.append(row)
         print(f"{M:>6}x{N:<6} fwd {row['fwd_ms']:.3f} ms ({row['fwd_pct_copy']:.0f}% copy) eager "
               f"{row['eager_fwd_ms']:.3f} compiled {row['compiled_fwd_ms']:.3f} | bwd {row['bwd_ms']:.3f} ms "
-              f"({row['bwd_pct_copy']:.0f}% copy) eager {row['eager_bwd_ms']:.3f}"
+              f"({row['bwd_pct_copy']:.0f}% copy) eager {row['eager_bwd_ms']:.3f} | halves fwd "
+              f"{row['halves_fwd_ms']:.3f} ({row['halves_fwd_pct_copy']:.0f}%) bwd {row['halves_bwd_ms']:.3f} "
+              f"({row['halves_bwd_pct_copy']:.0f}%) eager {row['halves_eager_fwd_ms']:.3f} / "
+              f"{row['halves_eager_bwd_ms']:.3f}"
               + "".join(f" {k}={v:.3f}" for k, v in row.items() if k.startswith("sweep")), flush=True)
         del a, b, g, silu_a
     write_rows(args.out, rows)
