@@ -13,7 +13,7 @@
 | saved-tensor names | torch_internals.SAVED_NAMES | autograd node type -> its _saved_* attribute names | cleared |
 | fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
 | swapped classes | core/class_swap.SWAPPED_CLASSES | (f8tensor's layer, class) -> the converted subclass | cleared (converted modules keep theirs) |
-| silu proofs | fusion/gate_proof.SILU_PROOFS | activation classes proven (or not) to be silu or GELU's tanh form | cleared (fused modules keep theirs) |
+| activation proofs | fusion/gate_proof.ACTIVATION_PROOFS | activation classes proven (or not) to be silu or GELU's tanh form | cleared (fused modules keep theirs) |
 | rotary proofs | fusion/rope_proof.PROOFS | functions proven (or not) to be RoPE; a complex-form proof holds its per-signature plans | cleared |
 | complex RoPE warnings | fusion/rope_complex.warned | (function, reason) pairs already warned about | cleared |
 | Python warning | fusion/python_versions.warned | whether the unsupported-Python warning was given | cleared |
@@ -68,7 +68,7 @@ STORES = (
     Store("saved-tensor names", (torch_internals.SAVED_NAMES,), torch_internals.SAVED_NAMES.clear),
     Store("fused classes", (fused_class.FUSED_CLASSES,), fused_class.FUSED_CLASSES.clear),
     Store("swapped classes", (class_swap.SWAPPED_CLASSES,), class_swap.SWAPPED_CLASSES.clear),
-    Store("silu proofs", (gate_proof.SILU_PROOFS,), gate_proof.SILU_PROOFS.clear),
+    Store("activation proofs", (gate_proof.ACTIVATION_PROOFS,), gate_proof.ACTIVATION_PROOFS.clear),
     Store("rotary proofs", (rope_proof.PROOFS,), rope_proof.PROOFS.clear),
     Store("complex RoPE warnings", (rope_complex.warned,), rope_complex.warned.clear),
     Store("Python warning", (python_versions.warned,), _clear_flag(python_versions.warned)),

@@ -170,7 +170,7 @@ def is_gate_candidate(mod: nn.Module) -> bool:
 # globals read, activation, those names) where proven to compute exactly F.silu(input) (transformers
 # 5's SiLUActivation) or F.gelu(input, approximate="tanh") (its GELUTanh), else why not; proven
 # once, when a module is fused (state.py lists it; a fused module holds its own proof).
-SILU_PROOFS: dict[tuple, tuple | str] = {}
+ACTIVATION_PROOFS: dict[tuple, tuple | str] = {}
 
 
 def _partial_names(act: nn.Module) -> tuple[str, ...]:
@@ -250,9 +250,9 @@ def _activation(act) -> tuple[str | None, tuple | None, str | None]:
     if forward is None:
         return _named(cls, f"the activation child {cls.__name__}'s forward is not a plain function"), None, None
     key = (cls, forward, _partial_names(act))
-    if key not in SILU_PROOFS:
-        SILU_PROOFS[key] = _activation_proof(cls, act, forward)
-    found = SILU_PROOFS[key]
+    if key not in ACTIVATION_PROOFS:
+        ACTIVATION_PROOFS[key] = _activation_proof(cls, act, forward)
+    found = ACTIVATION_PROOFS[key]
     return (found, None, None) if isinstance(found, str) else (None, found, found[3])
 
 
