@@ -3,7 +3,7 @@ Llama 3 (its PyPI wheel's model code); from transformers, Hugging Face's LlamaFo
 Qwen2ForCausalLM, OLMo 2's Olmo2ForCausalLM (post-norms, q and k normalized, fp32 RoPE tables) and
 Gemma 3's Gemma3ForCausalLM (its text model: 1 + weight norms around each sublayer, q and k
 normalized, a GELU-tanh gate, sliding-window layers) and Phi-3's Phi3ForCausalLM (one qkv and one
-gate_up projection, the gate over the latter's two halves); and a model written here in another style
+gate_up projection, the gate over the latter's two halves, a partial-rotary RoPE); and a model written here in another style
 than train.py's (`handwritten`: Meta's Llama 3 style, the complex RoPE and the SwiGLU inline in the
 block's forward). Each builder returns the model, built in bf16 on the current device, and its
 list of blocks, which train.py compiles, checkpoints and shards one by one.

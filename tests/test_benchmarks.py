@@ -365,12 +365,12 @@ def test_train_benchmark_under_tensor_parallelism(tmp_path):
 
 @CPU_ONLY
 @pytest.mark.parametrize("model, fused", [("hf_llama", (5, 2, 2)), ("hf_qwen2", (5, 2, 2)), ("hf_olmo2", (9, 2, 2)),
-                                          ("hf_gemma3", (13, 2, 2)), ("hf_phi3", (5, 2, 0)), ("torchtitan", (5, 2, 2))])
+                                          ("hf_gemma3", (13, 2, 2)), ("hf_phi3", (5, 2, 2)), ("torchtitan", (5, 2, 2))])
 def test_train_benchmark_runs_model_code_written_elsewhere(tmp_path, model, fused):
     """--model: Hugging Face's Llama, Qwen2, OLMo 2, Gemma 3 and Phi-3 and torchtitan's Llama 3, converted
     (every linear but the output projection) and fused as far as fuse_model_ops proves their code
-    (torchtitan's RoPE in the complex form; Phi-3's gate over its gate_up halves, its RoPE not
-    proven), checkpointed every 2nd block; float8 starts from bf16's loss."""
+    (torchtitan's RoPE in the complex form; Phi-3's gate over its gate_up halves, its RoPE in the
+    partial-rotary form), checkpointed every 2nd block; float8 starts from bf16's loss."""
     rows = run_train(tmp_path, "--model", model, "--rounds", "1", "--ac-modes", "none", "every2")
     assert [(r["ac"], r["config"], r["status"], r["model"]) for r in rows] == [
         (ac, c, "ok", model) for ac in ("none", "every2") for c in ("bf16", "f8tensor")]

@@ -65,7 +65,26 @@ def cast_back(x, cos, sin):  # one tensor, the dtype read where it is cast
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
-PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1}
+def phi3_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # Phi-3's (transformers 5.24), verbatim
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+
+    q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
+    k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
+    return q_embed, k_embed
+
+
+def partial_one(x, cos, sin):  # one tensor, the width read from sin, torch.cat's dim by position
+    r = sin.shape[-1]
+    return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), -1)
+
+
+PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1,
+          phi3_apply_rotary_pos_emb: 2, partial_one: 1}
 
 
 # --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
@@ -126,6 +145,21 @@ def cast_to_a_named_dtype(x, cos, sin):
     return (x * cos + rotate_half(x) * sin).to(torch.bfloat16)
 
 
+def partial_front_again(x, cos, sin):  # the rotation with the front of x, not its rest
+    r = cos.shape[-1]
+    return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., :r]], dim=-1)
+
+
+def partial_width_of_x(x, cos, sin):  # the width read off x, not the tables
+    r = x.shape[-1] // 2
+    return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+
+def partial_width_returned(x, cos, sin):
+    r = cos.shape[-1]
+    return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1), r
+
+
 def dtype_read_twice(q, k, cos, sin):
     dtype = q.dtype
     return (q * cos + rotate_half(q) * sin).to(dtype), (k * cos + rotate_half(k) * sin).to(dtype)
@@ -139,7 +173,10 @@ NOT_PROVEN = {
     keeps_an_intermediate: "uses a rotation's intermediate values elsewhere",
     x_as_table: "rotates something other than an argument by tables",
     cast_to_the_other: "casts a rotation to another tensor's dtype", cast_to_a_named_dtype: "reads .bfloat16",
-    dtype_read_twice: "returns something other than rotations"}
+    dtype_read_twice: "returns something other than rotations",
+    partial_front_again: "returns something other than rotations",
+    partial_width_of_x: "concatenates a rotation with something other than the rest of its argument",
+    partial_width_returned: "returns something other than rotations"}
 
 
 @pytest.mark.parametrize("fn", list(PROVEN), ids=lambda f: f.__name__)
@@ -300,6 +337,40 @@ def test_a_rotation_cast_back_to_x_dtype_runs_rope(x_dtype, table_dtype, rope_ca
             assert torch.equal(a, b), i
         else:
             torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+class PartialRotary(nn.Module):  # Phi-3's attention, the rotation alone
+    def forward(self, q, k, cos, sin):
+        return phi3_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class PartialWrittenWithRope(nn.Module):  # the same with the fused op in its code
+    def forward(self, q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        r = cos.shape[-1]
+        return tuple(torch.cat([rope(t[..., :r], cos, sin), t[..., r:]], dim=-1).contiguous() for t in (q, k))
+
+
+@pytest.mark.parametrize("width", [HEAD, HEAD // 2], ids=["whole", "half"])
+def test_a_partial_rotation_runs_rope_on_its_part(width, rope_calls):
+    """Phi-3's cat([rotation of x[..., :R], x[..., R:]], dim=-1), R the tables' width: rope on the
+    first R dims (the whole of x, no concatenation, where R is its last dim), the output contiguous
+    as the concatenation's; the bits of the same module written with rope, and within eager's
+    per-op roundings of the written code."""
+    mod, own = fused(PartialRotary()), PartialRotary()
+    assert isinstance(mod.__dict__[ROPE_ATTR], RoPECalls)
+    torch.manual_seed(1)
+    q, k = (torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    cos, sin = (t[..., :width] for t in tables(per_sequence=True))
+    if width < HEAD:  # the tables of a width-R rotation: each frequency over both of its halves
+        cos, sin = (torch.cat([t[..., : width // 2]] * 2, dim=-1) for t in (cos, sin))
+    g = [torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    got = step_pair(mod, q, k, cos, sin, g)
+    assert len(rope_calls) == 2 and all(t.is_contiguous() for t in got[:2])
+    for a, b in zip(got, step_pair(PartialWrittenWithRope(), q, k, cos, sin, g)):
+        assert torch.equal(a, b)
+    for a, b in zip(got, step_pair(own, q, k, cos, sin, g)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
 
 
 def step_pair(mod, q, k, cos, sin, g):

@@ -39,7 +39,10 @@ it record why):
   (arguments, or their unsqueezes), with the halves taken by t.chunk(2, dim=-1) or by slicing at
   t.shape[-1] // 2, each intermediate used only in its rotation, returned alone or as a tuple,
   each as it is or cast back to its own argument's dtype, rotation.to(t.dtype) with that t.dtype
-  read for it alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32).
+  read for it alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32), or in the partial
+  form torch.cat([rotation of t[..., :R], t[..., R:]], dim=-1) with R = c.shape[-1] or s.shape[-1]
+  read for those slices alone (Phi-3's apply_rotary_pos_emb, whose tables may cover the first R
+  dims of a head only).
 Its arguments are plain (no *args, keyword-only or positional-only, none named self), with
 defaults that are numbers, None or strings, and survive the rewrite with their names and defaults.
 The module: its class passes core/class_swap.class_reason, and its forward (or, through decorators that
@@ -64,8 +67,11 @@ test of a copy kept elsewhere would differ. Each rotation runs f8tensor.rope whe
 shape, dtype and layout (plain tensors of one floating dtype for the tables that x's dtype does not
 promote, or any floating tables where the rotation is cast back to x's dtype; tables that
 broadcast to x and do not require grad, x with a contiguous last dim) and where it gains (x of at
-least MIN_FUSED_NUMEL elements), and the written ops otherwise. Values: rope's, fp32 math and one
-rounding, where eager rounds each of its five ops (with fp32 tables cast back, eager rounds once too).
+least MIN_FUSED_NUMEL elements), and the written ops otherwise; in the partial form rope rotates
+the first R dims and the concatenation runs as written, or, where R is the whole last dim, rope
+rotates x and its result is made contiguous as the concatenation's is (no concatenation). Values:
+rope's, fp32 math and one rounding, where eager rounds each of its five ops (with fp32 tables cast
+back, eager rounds once too).
 """
 
 import builtins
@@ -293,6 +299,60 @@ def _cast_back(n):
     return n.args[0], dtype
 
 
+def _slice_of(n, x, start, stop) -> bool:
+    """n is x[..., start:stop] (step None), start and stop nodes or None as given."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is operator.getitem
+            and len(n.args) == 2 and not n.kwargs and n.args[0] is x):
+        return False
+    index = n.args[1]
+    return (type(index) is tuple and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)
+            and index[1].start is start and index[1].stop is stop and index[1].step is None)
+
+
+def _width(n, tables) -> bool:
+    """n is t.shape[-1] for t one of tables, read for slicing alone."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is operator.getitem
+            and len(n.args) == 2 and _int(n.args[1], -1) and not n.kwargs):
+        return False
+    shape = n.args[0]
+    return (isinstance(shape, torch.fx.Node) and shape.op == "call_function" and shape.target is builtins.getattr
+            and len(shape.args) == 2 and shape.args[0] in tables and shape.args[1] == "shape"
+            and set(shape.users) == {n})
+
+
+def _partial(n):
+    """(the rotation node, x, x[..., :R], x[..., R:], R) if n is cat([rotation, x[..., R:]], dim=-1)
+    (Phi-3's partial rotary: the rotation of x[..., :R] in front of the rest of x), else None; the
+    caller checks that the rotation rotates x[..., :R] and that R is its table's last dim."""
+    if not (_is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1):
+        return None
+    dim = n.args[1:] + tuple(n.kwargs[k] for k in n.kwargs if k == "dim")
+    parts = n.args[0]
+    if not (set(n.kwargs) <= {"dim"} and len(dim) == 1 and _int(dim[0], -1) and isinstance(parts, (tuple, list))
+            and len(parts) == 2 and all(isinstance(p, torch.fx.Node) for p in parts)):
+        return None
+    rotation, rest = parts
+    if not (rest.op == "call_function" and rest.target is operator.getitem and len(rest.args) == 2
+            and type(rest.args[1]) is tuple and len(rest.args[1]) == 2 and isinstance(rest.args[1][1], slice)):
+        return None
+    x, width = rest.args[0], rest.args[1][1].start
+    if not (isinstance(width, torch.fx.Node) and _slice_of(rest, x, width, None) and set(rest.users) == {n}):
+        return None
+    return rotation, x, rest, width
+
+
+def _rotate_partial(x, cos, sin, halves: str):
+    """torch.cat([x[..., :R] * cos + rotate_half(x[..., :R]) * sin, x[..., R:]], dim=-1), R =
+    cos.shape[-1] (Phi-3's partial rotary), as the proven function wrote it: where R is x's whole
+    last dim (nothing passes through) the rotation of x through _rotate, made contiguous as the
+    concatenation's result is; otherwise the rotated part through _rotate and the concatenation as
+    written."""
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return _rotate(x, cos, sin, halves).contiguous()
+    return torch.cat([_rotate(x[..., :width], cos, sin, halves), x[..., width:]], dim=-1)
+
+
 def prove_function(fn) -> RotaryFunction | str:
     """fn's proof (cached per function and code) as a RotaryFunction, or why it is not one."""
     key = (fn, fn.__code__, fn.__defaults__)
@@ -319,28 +379,45 @@ def _prove_function(fn) -> RotaryFunction | str:
     (out,) = [n for n in nodes if n.op == "output"]
     returned = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     rotations, covered = [], set(placeholders) | {out}
+    widths = set()  # the partial form's R = table.shape[-1], read once for all its slices
     for result in returned:
         cast = _cast_back(result)  # rotation.to(x.dtype)
         add, dtype_read = cast if cast else (result, None)
+        partial = None if cast or not isinstance(add, torch.fx.Node) else _partial(add)
+        if partial:  # cat([rotation of x[..., :R], x[..., R:]], dim=-1)
+            add = partial[0]
         found = _rotation(add) if isinstance(add, torch.fx.Node) else None
         if found is None:
             return f"{fn.__name__} returns something other than rotations x * cos + rotate_half(x) * sin"
         t, c, s, form, inner = found
+        if partial:
+            x, rest, width = partial[1:]
+            if not (_slice_of(t, x, None, width) and _width(width, (c, s))):
+                return (f"{fn.__name__} concatenates a rotation with something other than the rest of its "
+                        "argument past the table's width")
+            inner = inner | {t, rest}
+            widths.add(width)
+            t = x
         if t not in placeholders or not (_table(c, placeholders) and _table(s, placeholders)) or t in (c, s):
             return f"{fn.__name__} rotates something other than an argument by tables"
         if cast and dtype_read.args[0] is not t:
             return f"{fn.__name__} casts a rotation to another tensor's dtype"
-        if any(u not in inner and u is not add for n in inner for u in n.users) or set(add.users) != {
-                result if cast else out} or set(result.users) != {out}:
+        if any(u not in inner and u is not add and u is not result for n in inner for u in n.users) or set(
+                add.users) != {result if cast or partial else out} or set(result.users) != {out}:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
-        rotations.append((result, t, c, s, form, cast is not None))
+        rotations.append((result, t, c, s, form, cast is not None, partial is not None))
         covered |= inner | {add, result} | {n for n in (c, s) if n not in placeholders} | (
             {dtype_read} if cast else set())
+    for width in widths:  # read for the partial rotations' slices alone (q's and k's may share it)
+        if not set(width.users) <= covered:
+            return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
+        covered |= {width, width.args[0]}
     if set(nodes) - covered:
         return f"{fn.__name__} computes more than its rotations"
-    for result, t, c, s, form, cast_back in rotations:
+    for result, t, c, s, form, cast_back, partial in rotations:
         with graph.inserting_before(result):
-            fused = graph.call_function(_rotate, (t, c, s, form, cast_back))
+            fused = graph.call_function(*((_rotate_partial, (t, c, s, form)) if partial else
+                                          (_rotate, (t, c, s, form, cast_back))))
         result.replace_all_uses_with(fused)
     graph.eliminate_dead_code()
     run = torch.fx.GraphModule(nn.Module(), graph).forward
