@@ -172,8 +172,8 @@ def test_chunked_gate_up_feed_forwards_are_fused(name, fused_calls, monkeypatch)
     gate run as f8tensor.swiglu_halves on the projection's output. With the gate fused alone the
     logits on CPU are bit for bit those of the same model written with swiglu of the two halves
     (one rounding, where the written code rounds silu's output first); strict mode holds for the
-    norms, the gate and Phi-3's RoPE (its partial-rotary form: cat([rotation of x[..., :R], x[..., R:]]));
-    GLM's RoPE is not proven (pairs, its tables repeated per pair)."""
+    norms, the gate and the RoPE (the partial-rotary form, cat([rotation of x[..., :R], x[..., R:]]);
+    GLM's rotation in the adjacent pairs' form by tables repeated per pair)."""
     import transformers
 
     from f8tensor import swiglu, swiglu_halves
@@ -197,12 +197,12 @@ def test_chunked_gate_up_feed_forwards_are_fused(name, fused_calls, monkeypatch)
                for r in report.fused("swiglu"))
     assert torch.equal(copied(tokens).logits, want) and halves_calls == [0, 0]
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
-    report = fuse_model_ops(model, rope=name == "Phi3", strict=True)  # GLM's RoPE: pairs, tables repeated per pair
+    report = fuse_model_ops(model, strict=True)
     assert len(report.fused("swiglu")) == 2 and len(report.fused("rms_norm")) == (5 if name == "Phi3" else 9)
-    assert len(report.fused("rope")) == (2 if name == "Phi3" else 0)
+    assert len(report.fused("rope")) == 2
     fused_calls.update(swiglu=0, rope=0, rms_norm=0)
     got = model(tokens).logits
-    assert halves_calls == [0, 0] * 2 and fused_calls["rope"] == (4 if name == "Phi3" else 0)
+    assert halves_calls == [0, 0] * 2 and fused_calls["rope"] == 4
     assert sqnr(want, got) > 15
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -83,8 +83,42 @@ def partial_one(x, cos, sin):  # one tensor, the width read from sin, torch.cat'
     return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), -1)
 
 
+def rotate_pairs(x):  # GLM's rotate_half (transformers 5.24), verbatim
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., 0::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def glm_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # GLM's (transformers 5.24), verbatim
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    # Interleave them instead of usual shape
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+
+    # Keep half or full tensor for later concatenation
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+
+    # Apply rotary embeddings on the first half or full tensor
+    q_embed = (q_rot * cos) + (rotate_pairs(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate_pairs(k_rot) * sin)
+
+    # Concatenate back to full shape
+    q_embed = torch.cat([q_embed, q_pass], dim=-1)
+    k_embed = torch.cat([k_embed, k_pass], dim=-1)
+    return q_embed, k_embed
+
+
+def pairs_whole(x, cos, sin):  # the pairs' form on a whole head, tables as given
+    return x * cos + rotate_pairs(x) * sin
+
+
 PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1,
-          phi3_apply_rotary_pos_emb: 2, partial_one: 1}
+          phi3_apply_rotary_pos_emb: 2, partial_one: 1, glm_apply_rotary_pos_emb: 2, pairs_whole: 1}
 
 
 # --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
@@ -160,6 +194,15 @@ def partial_width_returned(x, cos, sin):
     return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1), r
 
 
+def pairs_signs_swapped(x, cos, sin):
+    return x * cos + torch.stack((x[..., 1::2], -x[..., 0::2]), dim=-1).flatten(-2) * sin
+
+
+def pairs_table_thrice(x, cos, sin):  # a table repeated three times per entry: not a table of this proof
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(3, dim=-1)
+    return x * cos + rotate_pairs(x) * sin
+
+
 def dtype_read_twice(q, k, cos, sin):
     dtype = q.dtype
     return (q * cos + rotate_half(q) * sin).to(dtype), (k * cos + rotate_half(k) * sin).to(dtype)
@@ -176,7 +219,9 @@ NOT_PROVEN = {
     dtype_read_twice: "returns something other than rotations",
     partial_front_again: "returns something other than rotations",
     partial_width_of_x: "concatenates a rotation with something other than the rest of its argument",
-    partial_width_returned: "returns something other than rotations"}
+    partial_width_returned: "returns something other than rotations",
+    pairs_signs_swapped: "returns something other than rotations",
+    pairs_table_thrice: "rotates something other than an argument by tables"}
 
 
 @pytest.mark.parametrize("fn", list(PROVEN), ids=lambda f: f.__name__)
@@ -344,20 +389,37 @@ class PartialRotary(nn.Module):  # Phi-3's attention, the rotation alone
         return phi3_apply_rotary_pos_emb(q, k, cos, sin)
 
 
+class PairsRotary(nn.Module):  # GLM's
+    def forward(self, q, k, cos, sin):
+        return glm_apply_rotary_pos_emb(q, k, cos, sin)
+
+
 class PartialWrittenWithRope(nn.Module):  # the same with the fused op in its code
+    interleaved = False
+
     def forward(self, q, k, cos, sin):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.interleaved:  # GLM's tables: the first half's entries, each twice in a row
+            cos, sin = (t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
         r = cos.shape[-1]
-        return tuple(torch.cat([rope(t[..., :r], cos, sin), t[..., r:]], dim=-1).contiguous() for t in (q, k))
+        return tuple(torch.cat([rope(t[..., :r], cos, sin, self.interleaved), t[..., r:]], dim=-1).contiguous()
+                     for t in (q, k))
 
 
+class PairsWrittenWithRope(PartialWrittenWithRope):
+    interleaved = True
+
+
+@pytest.mark.parametrize("cls, written", [(PartialRotary, PartialWrittenWithRope), (PairsRotary, PairsWrittenWithRope)],
+                         ids=["phi3", "glm"])
 @pytest.mark.parametrize("width", [HEAD, HEAD // 2], ids=["whole", "half"])
-def test_a_partial_rotation_runs_rope_on_its_part(width, rope_calls):
-    """Phi-3's cat([rotation of x[..., :R], x[..., R:]], dim=-1), R the tables' width: rope on the
-    first R dims (the whole of x, no concatenation, where R is its last dim), the output contiguous
-    as the concatenation's; the bits of the same module written with rope, and within eager's
-    per-op roundings of the written code."""
-    mod, own = fused(PartialRotary()), PartialRotary()
+def test_a_partial_rotation_runs_rope_on_its_part(cls, written, width, rope_calls):
+    """Phi-3's cat([rotation of x[..., :R], x[..., R:]], dim=-1), R the tables' width, and GLM's, whose
+    rotation is the adjacent pairs' form by tables repeated per pair: rope (interleaved for GLM's)
+    on the first R dims (the whole of x, no concatenation, where R is its last dim), the output
+    contiguous as the concatenation's; the bits of the same module written with rope, and within
+    eager's per-op roundings of the written code."""
+    mod, own = fused(cls()), cls()
     assert isinstance(mod.__dict__[ROPE_ATTR], RoPECalls)
     torch.manual_seed(1)
     q, k = (torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
@@ -367,7 +429,7 @@ def test_a_partial_rotation_runs_rope_on_its_part(width, rope_calls):
     g = [torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
     got = step_pair(mod, q, k, cos, sin, g)
     assert len(rope_calls) == 2 and all(t.is_contiguous() for t in got[:2])
-    for a, b in zip(got, step_pair(PartialWrittenWithRope(), q, k, cos, sin, g)):
+    for a, b in zip(got, step_pair(written(), q, k, cos, sin, g)):
         assert torch.equal(a, b)
     for a, b in zip(got, step_pair(own, q, k, cos, sin, g)):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())

@@ -32,12 +32,15 @@ it record why):
   no closure, no try or with block, no branch or loop, and nothing but loads of its arguments, locals
   and constants (numbers, None, Ellipsis, keyword names), of torch, of global functions proven
   safe by the same walk (rotate_half), of the attributes chunk, shape, unsqueeze, cat, neg, mul,
-  add, dtype and to; slicing, subscripts, +, -, *, //, unary minus, tuples and lists, calls, stores to locals and
+  add, dtype, to, stack, flatten and repeat_interleave; slicing, subscripts, +, -, *, //, unary minus, tuples and lists, calls, stores to locals and
   the return (so tracing it runs nothing of the user's and writes nothing);
 - torch.fx traces it to nothing but unsqueezes of arguments and rotations
   t * c + cat([-second_half(t), first_half(t)], dim=-1) * s of an argument t by tables c and s
   (arguments, or their unsqueezes), with the halves taken by t.chunk(2, dim=-1) or by slicing at
-  t.shape[-1] // 2, each intermediate used only in its rotation, returned alone or as a tuple,
+  t.shape[-1] // 2, or in the adjacent pairs' form t * c + stack((-t[..., 1::2], t[..., 0::2]),
+  dim=-1).flatten(-2) * s (GLM's, rope's interleaved form), by tables that may also be repeated
+  per pair, table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1) (GLM's), each
+  intermediate used only in its rotation, returned alone or as a tuple,
   each as it is or cast back to its own argument's dtype, rotation.to(t.dtype) with that t.dtype
   read for it alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32), or in the partial
   form torch.cat([rotation of t[..., :R], t[..., R:]], dim=-1) with R = c.shape[-1] or s.shape[-1]
@@ -103,7 +106,8 @@ _PLAIN_OPS = frozenset({
     "UNPACK_SEQUENCE", "CALL", "CALL_KW", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD", "BINARY_ADD",
     "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_FLOOR_DIVIDE"})
 _BINARY_OPS = frozenset({"+", "-", "*", "//"})
-_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add", "dtype", "to"})
+_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add", "dtype", "to", "stack", "flatten",
+                         "repeat_interleave"})
 _CONSTANTS = (int, float, bool, type(None), type(Ellipsis))
 _WRITES_GLOBALS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _GLOBALS_BUILTINS = frozenset({"globals", "exec", "eval"})
@@ -230,6 +234,54 @@ def _halves(first, second):
     return None
 
 
+def _last_dim(n) -> bool:
+    """n's dim argument (positional after the first, or keyword) is exactly -1."""
+    dim = n.args[1:] + tuple(n.kwargs[k] for k in n.kwargs if k == "dim")
+    return set(n.kwargs) <= {"dim"} and len(dim) == 1 and _int(dim[0], -1)
+
+
+def _every_other(n, t, start: int) -> bool:
+    """n is t[..., start::2]."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is operator.getitem
+            and len(n.args) == 2 and not n.kwargs and n.args[0] is t):
+        return False
+    index = n.args[1]
+    return (type(index) is tuple and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)
+            and _int(index[1].start, start) and index[1].stop is None and _int(index[1].step, 2))
+
+
+def _rotated_half(n):
+    """(t, form, the nodes computing n) if n is rotate_half(t): cat([-second half, first half], dim=-1)
+    (halves by chunk or slices: form "chunk" / "slice"), or, form "pairs", the adjacent pairs' form
+    stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2) (GLM's); else None."""
+    if _is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1 and _last_dim(n):
+        parts = n.args[0]
+        if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and _is(parts[0], _NEGS, "neg")
+                and len(parts[0].args) == 1 and not parts[0].kwargs):
+            return None
+        found = _halves(parts[1], parts[0].args[0])
+        if found is None:
+            return None
+        t, form, nodes = found
+        return t, form, nodes | {n, parts[0], parts[1], parts[0].args[0]}
+    if not (_is(n, {torch.flatten}, "flatten") and len(n.args) == 2 and not n.kwargs and _int(n.args[1], -2)):
+        return None
+    stack = n.args[0]
+    if not (_is(stack, {torch.stack}, "stack") and stack.op == "call_function" and len(stack.args) >= 1
+            and _last_dim(stack) and set(stack.users) == {n}):
+        return None
+    parts = stack.args[0]
+    if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and _is(parts[0], _NEGS, "neg")
+            and len(parts[0].args) == 1 and not parts[0].kwargs):
+        return None
+    second, first = parts[0].args[0], parts[1]
+    t = first.args[0] if isinstance(first, torch.fx.Node) and first.args else None
+    if not (isinstance(t, torch.fx.Node) and _every_other(first, t, 0) and _every_other(second, t, 1)
+            and set(first.users) == {stack} and set(second.users) == {parts[0]}):
+        return None
+    return t, "pairs", {n, stack, parts[0], first, second}
+
+
 def _rotation(add):
     """(t, c, s, halves form, the nodes of the rotation) if add is t * c + rotate_half(t) * s, else None."""
     if not (_is(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs):
@@ -237,34 +289,45 @@ def _rotation(add):
     for m1, m2 in (add.args, add.args[::-1]):
         if not all(_is(m, MULS, "mul") and len(m.args) == 2 and not m.kwargs for m in (m1, m2)):
             continue
-        for cat, s in (m2.args, m2.args[::-1]):
-            dim = cat.args[1:] + tuple(cat.kwargs[k] for k in cat.kwargs if k == "dim") if isinstance(
-                cat, torch.fx.Node) else ()
-            if not (_is(cat, {torch.cat}, "cat") and cat.op == "call_function" and len(cat.args) >= 1
-                    and set(cat.kwargs) <= {"dim"} and len(dim) == 1 and _int(dim[0], -1)):
-                continue
-            parts = cat.args[0]
-            if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and _is(parts[0], _NEGS, "neg")
-                    and len(parts[0].args) == 1 and not parts[0].kwargs):
-                continue
-            found = _halves(parts[1], parts[0].args[0])
+        for rotated, s in (m2.args, m2.args[::-1]):
+            found = _rotated_half(rotated) if isinstance(rotated, torch.fx.Node) else None
             if found is None:
                 continue
             t, form, nodes = found
             for a, c in (m1.args, m1.args[::-1]):
                 if a is t and c is not t:
-                    return t, c, s, form, nodes | {m1, m2, cat, parts[0], parts[1], parts[0].args[0]}
+                    return t, c, s, form, nodes | {m1, m2}
     return None
 
 
-def _table(n, placeholders) -> bool:
-    return n in placeholders or (_is(n, {torch.unsqueeze}, "unsqueeze") and n.args and n.args[0] in placeholders
-                                 and len(n.args) + len(n.kwargs) == 2)
+def _table(n, placeholders) -> set | None:
+    """The nodes computing table n (none for an argument), or None if n is not a table: an argument,
+    its unsqueeze, or either repeated per pair as GLM writes it, t[..., : t.shape[-1] // 2]
+    .repeat_interleave(2, dim=-1)."""
+    if n in placeholders:
+        return set()
+    if _is(n, {torch.unsqueeze}, "unsqueeze") and n.args and n.args[0] in placeholders and (
+            len(n.args) + len(n.kwargs) == 2):
+        return {n}
+    dim = n.args[2:] + tuple(n.kwargs[k] for k in n.kwargs if k == "dim") if isinstance(n, torch.fx.Node) else ()
+    if not (_is(n, {torch.repeat_interleave}, "repeat_interleave") and len(n.args) >= 2 and _int(n.args[1], 2)
+            and set(n.kwargs) <= {"dim"} and len(dim) == 1 and _int(dim[0], -1)):
+        return None
+    front = n.args[0]
+    if not (isinstance(front, torch.fx.Node) and front.op == "call_function" and front.target is operator.getitem
+            and len(front.args) == 2 and type(front.args[1]) is tuple and len(front.args[1]) == 2
+            and front.args[1][0] is Ellipsis and isinstance(front.args[1][1], slice)):
+        return None
+    t, cut = front.args[0], front.args[1][1]
+    inner = _table(t, placeholders)
+    if inner is None or not (cut.start is None and cut.step is None and _half_length(cut.stop, t)):
+        return None
+    return inner | {n, front, cut.stop, cut.stop.args[0], cut.stop.args[0].args[0]}
 
 
 def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
-    """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice";
-    cast_back: followed by .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and
+    """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice",
+    or "pairs": the adjacent pairs' form, rope's interleaved one; cast_back: followed by .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and
     layout and x is large enough to gain, the written ops otherwise. Cast back, tables that promote
     x's dtype (fp32 tables for bf16 x) are rope's too: eager's fp32 math and one rounding (on the
     GPU the kernel may contract a product and a sum into one fused multiply-add where eager rounds
@@ -277,12 +340,16 @@ def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
             and cos.shape == sin.shape and 1 <= cos.dim() <= x.dim() and cos.shape[-1] == x.shape[-1]
             and not (cos.requires_grad or sin.requires_grad) and cos.device == x.device == sin.device
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
-        return rope_checked(x, cos, sin)
-    if halves == "chunk":
-        x1, x2 = x.chunk(2, dim=-1)
+        return rope_checked(x, cos, sin, halves == "pairs")
+    if halves == "pairs":
+        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     else:
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        if halves == "chunk":
+            x1, x2 = x.chunk(2, dim=-1)
+        else:
+            x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+    out = x * cos + rotated * sin
     return out.to(x.dtype) if cast_back else out
 
 
@@ -398,7 +465,8 @@ def _prove_function(fn) -> RotaryFunction | str:
             inner = inner | {t, rest}
             widths.add(width)
             t = x
-        if t not in placeholders or not (_table(c, placeholders) and _table(s, placeholders)) or t in (c, s):
+        table_nodes = [_table(c, placeholders), _table(s, placeholders)]
+        if t not in placeholders or None in table_nodes or t in (c, s):
             return f"{fn.__name__} rotates something other than an argument by tables"
         if cast and dtype_read.args[0] is not t:
             return f"{fn.__name__} casts a rotation to another tensor's dtype"
@@ -406,8 +474,7 @@ def _prove_function(fn) -> RotaryFunction | str:
                 add.users) != {result if cast or partial else out} or set(result.users) != {out}:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
         rotations.append((result, t, c, s, form, cast is not None, partial is not None))
-        covered |= inner | {add, result} | {n for n in (c, s) if n not in placeholders} | (
-            {dtype_read} if cast else set())
+        covered |= inner | {add, result} | table_nodes[0] | table_nodes[1] | ({dtype_read} if cast else set())
     for width in widths:  # read for the partial rotations' slices alone (q's and k's may share it)
         if not set(width.users) <= covered:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
