@@ -23,7 +23,7 @@ import torch
 
 from tools.common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import quantize_blockwise_ref
-from f8tensor.kernels.blockwise import block_cast_triton
+from f8tensor.kernels.blockwise import COL_STRIPS_BLOCK_N, block_cast_triton
 
 SHAPES = [(16384, 4096), (16384, 14336), (14336, 4096), (4096, 14336), (16384, 1024), (1024, 4096)]
 MODES = {"act_row": (False, True, False), "act_both": (False, True, True), "act_col": (False, False, True),
@@ -37,6 +37,16 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(packed=True, sub_m=32, sub_n=32), dict(packed=True, sub_m=64, sub_n=32),
          dict(packed=True, block_n=32, num_warps=2), dict(packed=True, block_n=64, num_warps=4),
          dict(packed=False)]
+
+
+def applies(cfg: dict, mode: str) -> bool:
+    """Whether a sweep configuration's options apply to the cast `mode` (column slices no wider than
+    the column strips' programs)."""
+    return not ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
+                or "sub_n" in cfg and mode not in ("act_both", "act_col")
+                or "block_n" in cfg and mode != "act_col"
+                or "packed" in cfg and mode not in ("act_both", "act_col")
+                or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 
 def ours(x, mode, **opts):
@@ -104,10 +114,7 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
-                            or "sub_n" in cfg and mode not in ("act_both", "act_col")
-                            or "block_n" in cfg and mode != "act_col"
-                            or "packed" in cfg and mode not in ("act_both", "act_col")):
+                    if not applies(cfg, mode):
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

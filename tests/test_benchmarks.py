@@ -248,6 +248,29 @@ def test_host_overhead_cases_run():
         fn()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the casts run in the interpreter on CPU")
+def test_blockwise_sweep_configurations_are_accepted_and_give_the_default_bits():
+    """benchmarks/kernels_blockwise.py --sweep: every configuration it times, for each cast it applies
+    to, is a launch block_cast_triton accepts, with the default launch's bits (so a GPU run's time
+    is not lost to a configuration error)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import kernels_blockwise as kb
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    x = torch.randn(256, 384, dtype=torch.bfloat16)
+    for mode in kb.MODES:
+        want = kb.ours(x, mode)()
+        for cfg in kb.SWEEP:
+            if not kb.applies(cfg, mode):
+                continue
+            got = kb.ours(x, mode, **cfg)()
+            assert all(a is None and b is None or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                              b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+                       for a, b in zip(got, want)), (mode, cfg)
+
+
 @CPU_ONLY
 def test_fusion_coverage_tool_reports_each_kind(tmp_path):
     """benchmarks/tools/fusion_coverage.py (docs/benchmarks.md's table of Hugging Face architectures):
