@@ -384,6 +384,16 @@ def test_a_rotation_cast_back_to_x_dtype_runs_rope(x_dtype, table_dtype, rope_ca
             torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
 
 
+def test_a_partial_rotation_takes_its_width_from_the_table_it_reads():
+    """partial_one reads R off sin: with a cos of one entry (broadcast over the R dims) the rewritten
+    function still rotates the first R dims, as written (the written ops there, bit for bit)."""
+    proof = prove_function(partial_one)
+    x = torch.randn(2, S, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    cos, sin = tables()
+    cos1, sin = cos[:, :1], sin[:, : HEAD // 2]
+    assert torch.equal(proof.run(x, cos1, sin), partial_one(x, cos1, sin))
+
+
 class PartialRotary(nn.Module):  # Phi-3's attention, the rotation alone
     def forward(self, q, k, cos, sin):
         return phi3_apply_rotary_pos_emb(q, k, cos, sin)

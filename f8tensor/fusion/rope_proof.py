@@ -32,8 +32,9 @@ it record why):
   no closure, no try or with block, no branch or loop, and nothing but loads of its arguments, locals
   and constants (numbers, None, Ellipsis, keyword names), of torch, of global functions proven
   safe by the same walk (rotate_half), of the attributes chunk, shape, unsqueeze, cat, neg, mul,
-  add, dtype, to, stack, flatten and repeat_interleave; slicing, subscripts, +, -, *, //, unary minus, tuples and lists, calls, stores to locals and
-  the return (so tracing it runs nothing of the user's and writes nothing);
+  add, dtype, to, stack, flatten and repeat_interleave; slicing, subscripts, +, -, *, //, unary
+  minus, tuples and lists, calls, stores to locals and the return (so tracing it runs nothing of
+  the user's and writes nothing);
 - torch.fx traces it to nothing but unsqueezes of arguments and rotations
   t * c + cat([-second_half(t), first_half(t)], dim=-1) * s of an argument t by tables c and s
   (arguments, or their unsqueezes), with the halves taken by t.chunk(2, dim=-1) or by slicing at
@@ -327,8 +328,9 @@ def _table(n, placeholders) -> set | None:
 
 def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
     """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice",
-    or "pairs": the adjacent pairs' form, rope's interleaved one; cast_back: followed by .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and
-    layout and x is large enough to gain, the written ops otherwise. Cast back, tables that promote
+    or "pairs": the adjacent pairs' form, rope's interleaved one; cast_back: followed by
+    .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and layout and x is large
+    enough to gain, the written ops otherwise. Cast back, tables that promote
     x's dtype (fp32 tables for bf16 x) are rope's too: eager's fp32 math and one rounding (on the
     GPU the kernel may contract a product and a sum into one fused multiply-add where eager rounds
     the product: one unit in the last place of x's dtype, rarely)."""
@@ -388,15 +390,13 @@ def _width(n, tables) -> bool:
 
 
 def _partial(n):
-    """(the rotation node, x, x[..., :R], x[..., R:], R) if n is cat([rotation, x[..., R:]], dim=-1)
-    (Phi-3's partial rotary: the rotation of x[..., :R] in front of the rest of x), else None; the
-    caller checks that the rotation rotates x[..., :R] and that R is its table's last dim."""
-    if not (_is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1):
+    """(the rotation node, x, the node x[..., R:], the node R) if n is cat([rotation, x[..., R:]],
+    dim=-1) (Phi-3's partial rotary: the rotation of x[..., :R] in front of the rest of x), else
+    None; the caller checks that the rotation rotates x[..., :R] and that R is a table's last dim."""
+    if not (_is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1 and _last_dim(n)):
         return None
-    dim = n.args[1:] + tuple(n.kwargs[k] for k in n.kwargs if k == "dim")
     parts = n.args[0]
-    if not (set(n.kwargs) <= {"dim"} and len(dim) == 1 and _int(dim[0], -1) and isinstance(parts, (tuple, list))
-            and len(parts) == 2 and all(isinstance(p, torch.fx.Node) for p in parts)):
+    if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and all(isinstance(p, torch.fx.Node) for p in parts)):
         return None
     rotation, rest = parts
     if not (rest.op == "call_function" and rest.target is operator.getitem and len(rest.args) == 2
@@ -408,13 +408,13 @@ def _partial(n):
     return rotation, x, rest, width
 
 
-def _rotate_partial(x, cos, sin, halves: str):
+def _rotate_partial(x, cos, sin, halves: str, width_of_sin: bool):
     """torch.cat([x[..., :R] * cos + rotate_half(x[..., :R]) * sin, x[..., R:]], dim=-1), R =
-    cos.shape[-1] (Phi-3's partial rotary), as the proven function wrote it: where R is x's whole
-    last dim (nothing passes through) the rotation of x through _rotate, made contiguous as the
-    concatenation's result is; otherwise the rotated part through _rotate and the concatenation as
-    written."""
-    width = cos.shape[-1]
+    cos.shape[-1] (sin's where width_of_sin; Phi-3's partial rotary), as the proven function wrote
+    it: where R is x's whole last dim (nothing passes through) the rotation of x through _rotate,
+    made contiguous as the concatenation's result is; otherwise the rotated part through _rotate and
+    the concatenation as written."""
+    width = (sin if width_of_sin else cos).shape[-1]
     if width == x.shape[-1]:
         return _rotate(x, cos, sin, halves).contiguous()
     return torch.cat([_rotate(x[..., :width], cos, sin, halves), x[..., width:]], dim=-1)
@@ -459,7 +459,7 @@ def _prove_function(fn) -> RotaryFunction | str:
         t, c, s, form, inner = found
         if partial:
             x, rest, width = partial[1:]
-            if not (_slice_of(t, x, None, width) and _width(width, (c, s))):
+            if not (_slice_of(t, x, None, width) and _width(width, (c, s))):  # R = c.shape[-1] or s.shape[-1]
                 return (f"{fn.__name__} concatenates a rotation with something other than the rest of its "
                         "argument past the table's width")
             inner = inner | {t, rest}
@@ -473,7 +473,9 @@ def _prove_function(fn) -> RotaryFunction | str:
         if any(u not in inner and u is not add and u is not result for n in inner for u in n.users) or set(
                 add.users) != {result if cast or partial else out} or set(result.users) != {out}:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
-        rotations.append((result, t, c, s, form, cast is not None, partial is not None))
+        # the partial form: whether R is read off s (else c); None: not the partial form
+        width_of_sin = None if partial is None else width.args[0].args[0] is s and s is not c
+        rotations.append((result, t, c, s, form, cast is not None, width_of_sin))
         covered |= inner | {add, result} | table_nodes[0] | table_nodes[1] | ({dtype_read} if cast else set())
     for width in widths:  # read for the partial rotations' slices alone (q's and k's may share it)
         if not set(width.users) <= covered:
@@ -481,10 +483,10 @@ def _prove_function(fn) -> RotaryFunction | str:
         covered |= {width, width.args[0]}
     if set(nodes) - covered:
         return f"{fn.__name__} computes more than its rotations"
-    for result, t, c, s, form, cast_back, partial in rotations:
+    for result, t, c, s, form, cast_back, width_of_sin in rotations:
         with graph.inserting_before(result):
-            fused = graph.call_function(*((_rotate_partial, (t, c, s, form)) if partial else
-                                          (_rotate, (t, c, s, form, cast_back))))
+            fused = graph.call_function(*((_rotate, (t, c, s, form, cast_back)) if width_of_sin is None else
+                                          (_rotate_partial, (t, c, s, form, width_of_sin))))
         result.replace_all_uses_with(fused)
     graph.eliminate_dead_code()
     run = torch.fx.GraphModule(nn.Module(), graph).forward
