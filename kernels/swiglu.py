@@ -50,8 +50,13 @@ def gelu_tanh_t(a):
 @triton.jit
 def strided(offs, width, in_stride, STRIDED: tl.constexpr):
     """Offsets into a and b (and their gradients) of the flat offsets offs of h: the same where they
-    are contiguous, else rows of `width` elements `in_stride` apart (the halves of y [..., 2 F])."""
-    if STRIDED:
+    are contiguous (STRIDED 0), else rows of `width` elements `in_stride` apart (the halves of y
+    [..., 2 F]), the division in 32-bit integers where every offset of y fits them (STRIDED 32)
+    and in 64-bit ones otherwise (64)."""
+    if STRIDED == 32:
+        o = offs.to(tl.int32)
+        return ((o // width) * in_stride + o % width).to(tl.int64)
+    if STRIDED == 64:
         return (offs // width) * in_stride + offs % width
     return offs
 
@@ -106,6 +111,9 @@ def swiglu_backward_kernel(
     tl.store(amax_b_ptr + tl.program_id(0), tl.max(acc_b, 0))
 
 
+# Offsets of the halves form's y below this are divided in 32-bit integers (`strided`).
+INT32_OFFSETS = 2 ** 31
+
 # Chosen by benchmarks/swiglu.py --sweep (docs/design.md, "Block sizes").
 FORWARD_BLOCKS = dict(block=4096, num_warps=8)
 BACKWARD_BLOCKS = dict(block=2048, num_warps=8)
@@ -121,7 +129,8 @@ def _launch(kernel, inputs, outputs, num_records, block, num_warps, gelu_tanh, n
     programs = max(1, min(default_num_programs(device), cdiv(n, block)))
     records = torch.empty(num_records * programs, dtype=torch.int32, device=device)
     args = (*inputs, *outputs, *records.split(programs), n, width, in_stride, programs, cdiv(cdiv(n, block), programs))
-    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block, GELU_TANH=gelu_tanh, STRIDED=in_stride != width)
+    strided = 0 if in_stride == width else 32 if n // width * in_stride < INT32_OFFSETS else 64
+    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block, GELU_TANH=gelu_tanh, STRIDED=strided)
     return records
 
 

@@ -258,13 +258,19 @@ def test_bad_inputs_name_the_problem():
 @pytest.mark.parametrize("dtype", HP_DTYPES)
 @pytest.mark.parametrize("gate_half", [0, 1])
 @pytest.mark.parametrize("gelu_tanh", [False, True], ids=["silu", "gelu_tanh"])
-def test_halves_kernels_give_the_bits_of_the_kernels_on_copied_halves(shape, dtype, gate_half, gelu_tanh):
-    """The halves of one y [..., 2 F] read in place (rows 2 F apart): h and both gradients, written
-    into one dy, are the bits the kernels give for contiguous copies of the halves; the records are
-    the amax of h and of dy."""
+@pytest.mark.parametrize("offsets", [32, 64], ids=["int32_offsets", "int64_offsets"])
+def test_halves_kernels_give_the_bits_of_the_kernels_on_copied_halves(shape, dtype, gate_half, gelu_tanh, offsets,
+                                                                      monkeypatch):
+    """The halves of one y [..., 2 F] read in place (rows 2 F apart, the row index from 32- or 64-bit
+    division): h and both gradients, written into one dy, are the bits the kernels give for
+    contiguous copies of the halves; the records are the amax of h and of dy."""
+    import f8tensor.kernels.swiglu as kernels
     from f8tensor.kernels.naive import halves
     from f8tensor.kernels.swiglu import (swiglu_backward_triton, swiglu_halves_backward_triton,
                                          swiglu_halves_triton)
+
+    if offsets == 64:  # the division in 64-bit integers, which y past 2^31 elements takes
+        monkeypatch.setattr(kernels, "INT32_OFFSETS", 0)
 
     y, _, g = inputs(shape, dtype)
     g = g[..., : shape[-1] // 2].contiguous()
