@@ -13,9 +13,9 @@ import functools
 import torch
 
 from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
-                    geglu_backward_ref, geglu_ref, halves, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
+                    geglu_backward_ref, geglu_ref, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
                     rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref, scale_from_amax_ref,
-                    swiglu_backward_ref, swiglu_ref, to_col_major)
+                    swiglu_backward_ref, swiglu_halves_backward_ref, swiglu_halves_ref, swiglu_ref, to_col_major)
 
 try:
     from .blockwise import block_cast_triton
@@ -38,8 +38,8 @@ __all__ = [
     "quantize_blocks", "quantize_blockwise_ref", "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
     "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
     "rope_backward_ref", "rope_forward", "rope_ref", "rope_triton", "scale_from_amax_ref", "swiglu_backward_ref",
-    "swiglu_backward_with_amax", "swiglu_halves_backward_with_amax", "swiglu_halves_with_amax", "swiglu_ref",
-    "swiglu_with_amax",
+    "swiglu_backward_with_amax", "swiglu_halves_backward_ref", "swiglu_halves_backward_with_amax", "swiglu_halves_ref",
+    "swiglu_halves_with_amax", "swiglu_ref", "swiglu_with_amax",
 ]
 
 
@@ -173,8 +173,7 @@ def swiglu_halves_with_amax(y: torch.Tensor, gate_half: int = 0, gelu_tanh: bool
     dim (the gate the first half for gate_half 0, the second for 1), read in place on CUDA."""
     if y.is_cuda and swiglu_halves_triton is not None:
         return swiglu_halves_triton(y, gate_half, gelu_tanh)
-    a, b = halves(y, gate_half)
-    h = geglu_ref(a, b) if gelu_tanh else swiglu_ref(a, b)
+    h = swiglu_halves_ref(y, gate_half, gelu_tanh)
     return h, amax_ref(h)
 
 
@@ -184,8 +183,7 @@ def swiglu_halves_backward_with_amax(g: torch.Tensor, y: torch.Tensor, gate_half
     halves' gradients in one tensor of y's shape."""
     if y.is_cuda and swiglu_halves_backward_triton is not None:
         return swiglu_halves_backward_triton(g, y, gate_half, gelu_tanh)
-    grad_a, grad_b = (geglu_backward_ref if gelu_tanh else swiglu_backward_ref)(g, *halves(y, gate_half))
-    dy = torch.cat((grad_a, grad_b) if gate_half == 0 else (grad_b, grad_a), dim=-1)
+    dy = swiglu_halves_backward_ref(g, y, gate_half, gelu_tanh)
     return dy, amax_ref(dy)
 
 

@@ -177,6 +177,18 @@ def halves(y: torch.Tensor, gate_half: int) -> tuple[torch.Tensor, torch.Tensor]
     return (first, second) if gate_half == 0 else (second, first)
 
 
+def swiglu_halves_ref(y: torch.Tensor, gate_half: int = 0, gelu_tanh: bool = False) -> torch.Tensor:
+    """h = silu(gate) * up (gelu_tanh: GeGLU's gate) of the halves of y's last dim (`halves`)."""
+    return (geglu_ref if gelu_tanh else swiglu_ref)(*halves(y, gate_half))
+
+
+def swiglu_halves_backward_ref(g: torch.Tensor, y: torch.Tensor, gate_half: int = 0,
+                               gelu_tanh: bool = False) -> torch.Tensor:
+    """dy of h = swiglu_halves_ref(y) given dh = g: both halves' gradients in one tensor of y's shape."""
+    grad_gate, grad_up = (geglu_backward_ref if gelu_tanh else swiglu_backward_ref)(g, *halves(y, gate_half))
+    return torch.cat((grad_gate, grad_up) if gate_half == 0 else (grad_up, grad_gate), dim=-1)
+
+
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """h = silu(a) * b = a * sigmoid(a) * b."""
     af = a.float()

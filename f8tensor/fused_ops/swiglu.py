@@ -32,9 +32,9 @@ backward would otherwise concatenate them). Same values as swiglu / geglu of the
 import torch
 
 from ..core.tensor_cache import produced_amax
-from ..kernels import (INPUT_DTYPES, geglu_backward_ref, geglu_ref, halves, swiglu_backward_ref,
-                       swiglu_backward_with_amax, swiglu_halves_backward_with_amax, swiglu_halves_with_amax, swiglu_ref,
-                       swiglu_with_amax)
+from ..kernels import (INPUT_DTYPES, geglu_backward_ref, geglu_ref, swiglu_backward_ref, swiglu_backward_with_amax,
+                       swiglu_halves_backward_ref, swiglu_halves_backward_with_amax, swiglu_halves_ref,
+                       swiglu_halves_with_amax, swiglu_ref, swiglu_with_amax)
 from .kernel_path import kernels_can_run
 
 
@@ -73,8 +73,7 @@ class _SwiGLUHalvesFn(torch.autograd.Function):
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradient differentiates
-            grad_a, grad_b = (geglu_backward_ref if ctx.gelu_tanh else swiglu_backward_ref)(g, *halves(y, ctx.gate_half))
-            dy = torch.cat((grad_a, grad_b) if ctx.gate_half == 0 else (grad_b, grad_a), dim=-1)
+            dy = swiglu_halves_backward_ref(g, y, ctx.gate_half, ctx.gelu_tanh)
         else:
             dy, record = swiglu_halves_backward_with_amax(g.contiguous(), y, ctx.gate_half, ctx.gelu_tanh)
             produced_amax.put(dy, record)
@@ -91,7 +90,7 @@ def _gate_halves(name: str, y, gate_half, gelu_tanh: bool) -> torch.Tensor:
     if y.dtype not in INPUT_DTYPES:
         raise TypeError(f"{name} takes bfloat16, float16 or float32 tensors, got {y.dtype}")
     if not kernels_can_run(y):  # as _gate: the reference in plain ops
-        return (geglu_ref if gelu_tanh else swiglu_ref)(*halves(y, gate_half))
+        return swiglu_halves_ref(y, gate_half, gelu_tanh)
     return _SwiGLUHalvesFn.apply(y.contiguous(), gate_half, gelu_tanh)
 
 

@@ -63,7 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fused_ops.swiglu import geglu, geglu_halves, swiglu, swiglu_halves
-from ..kernels import INPUT_DTYPES, halves
+from ..kernels import INPUT_DTYPES
+from ..kernels.naive import halves
 from ..torch_internals import fx_tracing, has_hooks
 from ..core.class_swap import class_reason
 from .forward_walk import Grammar, code_reason
