@@ -117,8 +117,54 @@ def pairs_whole(x, cos, sin):  # the pairs' form on a whole head, tables as give
     return x * cos + rotate_pairs(x) * sin
 
 
+def cohere_rotate_half(x):  # Cohere's (transformers 5.24), verbatim
+    # Split and rotate. Note that this function is different from e.g. Llama.
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    rot_x = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return rot_x
+
+
+def cohere_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # Cohere's (transformers 5.24), verbatim
+    dtype = q.dtype
+    q = q.float()
+    k = k.float()
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (cohere_rotate_half(q) * sin)
+    k_embed = (k * cos) + (cohere_rotate_half(k) * sin)
+    return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
+
+
+def ernie_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # Ernie 4.5's (transformers 5.24), verbatim
+    # glm rope style (with full dim) and full precision
+    original_dtype = q.dtype
+
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    # Interleave them instead of usual shape
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+
+    q_embed = (q.float() * cos) + (rotate_pairs(q).float() * sin)
+    k_embed = (k.float() * cos) + (rotate_pairs(k).float() * sin)
+
+    return q_embed.to(original_dtype), k_embed.to(original_dtype)
+
+
+def cast_to_the_other(q, k, cos, sin):  # each cast to the other's dtype: rope where they are one
+    return (q * cos + rotate_half(q) * sin).to(k.dtype), (k * cos + rotate_half(k) * sin).to(q.dtype)
+
+
+def dtype_read_twice(q, k, cos, sin):
+    dtype = q.dtype
+    return (q * cos + rotate_half(q) * sin).to(dtype), (k * cos + rotate_half(k) * sin).to(dtype)
+
+
 PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1,
-          phi3_apply_rotary_pos_emb: 2, partial_one: 1, glm_apply_rotary_pos_emb: 2, pairs_whole: 1}
+          phi3_apply_rotary_pos_emb: 2, partial_one: 1, glm_apply_rotary_pos_emb: 2, pairs_whole: 1,
+          cohere_apply_rotary_pos_emb: 2, ernie_apply_rotary_pos_emb: 2, cast_to_the_other: 2, dtype_read_twice: 2}
 
 
 # --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
@@ -171,10 +217,6 @@ def x_as_table(x, cos, sin):
     return x * cos + rotate_half(x) * x
 
 
-def cast_to_the_other(q, k, cos, sin):
-    return (q * cos + rotate_half(q) * sin).to(k.dtype), (k * cos + rotate_half(k) * sin).to(q.dtype)
-
-
 def cast_to_a_named_dtype(x, cos, sin):
     return (x * cos + rotate_half(x) * sin).to(torch.bfloat16)
 
@@ -203,9 +245,12 @@ def pairs_table_thrice(x, cos, sin):  # a table repeated three times per entry: 
     return x * cos + rotate_pairs(x) * sin
 
 
-def dtype_read_twice(q, k, cos, sin):
-    dtype = q.dtype
-    return (q * cos + rotate_half(q) * sin).to(dtype), (k * cos + rotate_half(k) * sin).to(dtype)
+def upcast_one_term(x, cos, sin):  # x in fp32 in one product, not in the other
+    return (x.float() * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def cast_to_a_computed_dtype(x, cos, sin):
+    return (x * cos + rotate_half(x) * sin).to((x * 2).dtype)
 
 
 NOT_PROVEN = {
@@ -215,8 +260,8 @@ NOT_PROVEN = {
     reads_a_global: "reads the global 'SCALE'", in_place: "reads .mul_",
     keeps_an_intermediate: "uses a rotation's intermediate values elsewhere",
     x_as_table: "rotates something other than an argument by tables",
-    cast_to_the_other: "casts a rotation to another tensor's dtype", cast_to_a_named_dtype: "reads .bfloat16",
-    dtype_read_twice: "returns something other than rotations",
+    cast_to_a_named_dtype: "reads .bfloat16", upcast_one_term: "returns something other than rotations",
+    cast_to_a_computed_dtype: "casts a rotation to the dtype of something other than an argument",
     partial_front_again: "returns something other than rotations",
     partial_width_of_x: "concatenates a rotation with something other than the rest of its argument",
     partial_width_returned: "returns something other than rotations",
@@ -443,6 +488,58 @@ def test_a_partial_rotation_runs_rope_on_its_part(cls, written, width, rope_call
         assert torch.equal(a, b)
     for a, b in zip(got, step_pair(own, q, k, cos, sin, g)):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+class CohereRotary(nn.Module):  # the rotations alone
+    def forward(self, q, k, cos, sin):
+        return cohere_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class ErnieRotary(nn.Module):
+    def forward(self, q, k, cos, sin):
+        return ernie_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class CastToTheOther(nn.Module):
+    def forward(self, q, k, cos, sin):
+        return cast_to_the_other(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("cls", [CohereRotary, ErnieRotary], ids=["cohere", "ernie"])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rotations_upcast_to_fp32_and_cast_back_run_rope(cls, table_dtype, rope_calls):
+    """Cohere's (q.float() rotated) and Ernie 4.5's (q.float() * cos + rotate_half(q).float() * sin),
+    cast back to q's dtype read once for q and k: rope (the adjacent pairs' form), whose fp32 math and
+    one rounding are the written code's: on CPU the outputs bit for bit, the gradients within eager's
+    roundings."""
+    mod, own = fused(cls()), cls()
+    assert isinstance(mod.__dict__[ROPE_ATTR], RoPECalls)
+    torch.manual_seed(1)
+    q, k = (torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    cos, sin = tables(per_sequence=True, dtype=table_dtype)
+    g = [torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    got, want = (step_pair(m, q, k, cos, sin, g) for m in (mod, own))
+    assert len(rope_calls) == 2 and all(t.dtype == torch.bfloat16 for t in got)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if i < 2 and DEVICE.type == "cpu":
+            assert torch.equal(a, b), i
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+def test_a_rotation_cast_to_another_arguments_dtype_runs_rope_only_where_that_is_its_own(rope_calls):
+    """cast_to_the_other: q cast to k's dtype, k to q's. One dtype: rope (2 calls); q bf16 and k fp16:
+    the written ops, bit for bit."""
+    mod, own = fused(CastToTheOther()), CastToTheOther()
+    torch.manual_seed(1)
+    q, k = (torch.randn(B, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    cos, sin = tables(per_sequence=False)
+    mod(q, k, cos, sin)
+    assert len(rope_calls) == 2
+    k16 = k.half()
+    got, want = mod(q, k16, cos, sin), own(q, k16, cos, sin)
+    assert len(rope_calls) == 2 and [t.dtype for t in got] == [torch.float16, torch.bfloat16]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def step_pair(mod, q, k, cos, sin, g):

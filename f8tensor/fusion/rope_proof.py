@@ -42,8 +42,11 @@ it record why):
   dim=-1).flatten(-2) * s (GLM's, rope's interleaved form), by tables that may also be repeated
   per pair, table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1) (GLM's), each
   intermediate used only in its rotation, returned alone or as a tuple,
-  each as it is or cast back to its own argument's dtype, rotation.to(t.dtype) with that t.dtype
-  read for it alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32), or in the partial
+  each as it is or cast to an argument's dtype, rotation.to(u.dtype) (or .to(dtype=u.dtype)) with
+  u.dtype read for such casts alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32, casts
+  back to t's own; Cohere's and Ernie 4.5's cast both q's and k's rotations to q's dtype, read
+  once), where t may be rotated in fp32, the rotation of t.float() (Cohere's) or t.float() * c +
+  rotate_half(t).float() * s (Ernie 4.5's), or in the partial
   form torch.cat([rotation of t[..., :R], t[..., R:]], dim=-1) with R = c.shape[-1] or s.shape[-1]
   read for those slices alone (Phi-3's apply_rotary_pos_emb, whose tables may cover the first R
   dims of a head only).
@@ -69,7 +72,8 @@ runs the function as written where its code or defaults, or a helper's, or a glo
 forwards that compare it right where they read it (`is`, `==`, `in`) are left alone; an identity
 test of a copy kept elsewhere would differ. Each rotation runs f8tensor.rope where it gives eager's
 shape, dtype and layout (plain tensors of one floating dtype for the tables that x's dtype does not
-promote, or any floating tables where the rotation is cast back to x's dtype; tables that
+promote, or any floating tables where the rotation, in x's dtype or in fp32, is cast to x's own
+dtype; tables that
 broadcast to x and do not require grad, x with a contiguous last dim) and where it gains (x of at
 least MIN_FUSED_NUMEL elements), and the written ops otherwise; in the partial form rope rotates
 the first R dims and the concatenation runs as written, or, where R is the whole last dim, rope
@@ -107,8 +111,8 @@ _PLAIN_OPS = frozenset({
     "UNPACK_SEQUENCE", "CALL", "CALL_KW", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_METHOD", "BINARY_ADD",
     "BINARY_SUBTRACT", "BINARY_MULTIPLY", "BINARY_FLOOR_DIVIDE"})
 _BINARY_OPS = frozenset({"+", "-", "*", "//"})
-_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add", "dtype", "to", "stack", "flatten",
-                         "repeat_interleave"})
+_ATTRIBUTES = frozenset({"chunk", "shape", "unsqueeze", "cat", "neg", "mul", "add", "dtype", "to", "float", "stack",
+                         "flatten", "repeat_interleave"})
 _CONSTANTS = (int, float, bool, type(None), type(Ellipsis))
 _WRITES_GLOBALS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _GLOBALS_BUILTINS = frozenset({"globals", "exec", "eval"})
@@ -247,14 +251,28 @@ def _every_other(n, t, start: int) -> bool:
             and len(n.args) == 2 and not n.kwargs and n.args[0] is t):
         return False
     index = n.args[1]
+    first = index[1].start if type(index) is tuple and len(index) == 2 and isinstance(index[1], slice) else None
     return (type(index) is tuple and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)
-            and _int(index[1].start, start) and index[1].stop is None and _int(index[1].step, 2))
+            and (_int(first, start) or start == 0 and first is None) and index[1].stop is None
+            and _int(index[1].step, 2))
+
+
+def _upcast_of(n):
+    """t if n is t.float(), else None."""
+    ok = (isinstance(n, torch.fx.Node) and n.op == "call_method" and n.target == "float" and len(n.args) == 1
+          and not n.kwargs and isinstance(n.args[0], torch.fx.Node))
+    return n.args[0] if ok else None
 
 
 def _rotated_half(n):
-    """(t, form, the nodes computing n) if n is rotate_half(t): cat([-second half, first half], dim=-1)
-    (halves by chunk or slices: form "chunk" / "slice"), or, form "pairs", the adjacent pairs' form
-    stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2) (GLM's); else None."""
+    """(t, form, the nodes computing n, upcast) if n is rotate_half(t): cat([-second half, first half],
+    dim=-1) (halves by chunk or slices: form "chunk" / "slice"), or, form "pairs", the adjacent pairs'
+    form stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2) (GLM's); upcast: followed by
+    .float() (Ernie 4.5's); else None."""
+    inner = _upcast_of(n)
+    if inner is not None:
+        found = _rotated_half(inner) if set(inner.users) == {n} else None
+        return None if found is None or found[3] else (*found[:2], found[2] | {n}, True)
     if _is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1 and _last_dim(n):
         parts = n.args[0]
         if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and _is(parts[0], _NEGS, "neg")
@@ -264,7 +282,7 @@ def _rotated_half(n):
         if found is None:
             return None
         t, form, nodes = found
-        return t, form, nodes | {n, parts[0], parts[1], parts[0].args[0]}
+        return t, form, nodes | {n, parts[0], parts[1], parts[0].args[0]}, False
     if not (_is(n, {torch.flatten}, "flatten") and len(n.args) == 2 and not n.kwargs and _int(n.args[1], -2)):
         return None
     stack = n.args[0]
@@ -280,11 +298,12 @@ def _rotated_half(n):
     if not (isinstance(t, torch.fx.Node) and _every_other(first, t, 0) and _every_other(second, t, 1)
             and set(first.users) == {stack} and set(second.users) == {parts[0]}):
         return None
-    return t, "pairs", {n, stack, parts[0], first, second}
+    return t, "pairs", {n, stack, parts[0], first, second}, False
 
 
 def _rotation(add):
-    """(t, c, s, halves form, the nodes of the rotation) if add is t * c + rotate_half(t) * s, else None."""
+    """(t, c, s, halves form, the nodes of the rotation, upcast) if add is t * c + rotate_half(t) * s,
+    or, upcast, t.float() * c + rotate_half(t).float() * s (Ernie 4.5's), else None."""
     if not (_is(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs):
         return None
     for m1, m2 in (add.args, add.args[::-1]):
@@ -294,10 +313,12 @@ def _rotation(add):
             found = _rotated_half(rotated) if isinstance(rotated, torch.fx.Node) else None
             if found is None:
                 continue
-            t, form, nodes = found
+            t, form, nodes, upcast = found
             for a, c in (m1.args, m1.args[::-1]):
-                if a is t and c is not t:
-                    return t, c, s, form, nodes | {m1, m2}
+                if upcast and _upcast_of(a) is t and set(a.users) == {m1} and c is not t:
+                    return t, c, s, form, nodes | {m1, m2, a}, True
+                if not upcast and a is t and c is not t:
+                    return t, c, s, form, nodes | {m1, m2}, False
     return None
 
 
@@ -326,23 +347,25 @@ def _table(n, placeholders) -> set | None:
     return inner | {n, front, cut.stop, cut.stop.args[0], cut.stop.args[0].args[0]}
 
 
-def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
+def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast: bool = False):
     """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice",
-    or "pairs": the adjacent pairs' form, rope's interleaved one; cast_back: followed by
-    .to(x.dtype)): f8tensor.rope where that gives eager's shape, dtype and layout and x is large
-    enough to gain, the written ops otherwise. Cast back, tables that promote
-    x's dtype (fp32 tables for bf16 x) are rope's too: eager's fp32 math and one rounding (on the
-    GPU the kernel may contract a product and a sum into one fused multiply-add where eager rounds
-    the product: one unit in the last place of x's dtype, rarely)."""
+    or "pairs": the adjacent pairs' form, rope's interleaved one; upcast: x in fp32 first; cast_to:
+    followed by .to(cast_to)): f8tensor.rope where that gives eager's shape, dtype and layout and x
+    is large enough to gain, the written ops otherwise. Cast back to x's own dtype, tables that
+    promote x's dtype (fp32 tables for bf16 x) and an upcast x are rope's too: eager's fp32 math and
+    one rounding (on the GPU the kernel may contract a product and a sum into one fused multiply-add
+    where eager rounds the product: one unit in the last place of x's dtype, rarely)."""
     if (type(x) is torch.Tensor and x.numel() >= MIN_FUSED_NUMEL and type(cos) is torch.Tensor
             and type(sin) is torch.Tensor and x.dtype in INPUT_DTYPES and x.stride(-1) == 1
             and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
-            and (cast_back or torch.promote_types(x.dtype, cos.dtype) == x.dtype)
+            and (cast_to == x.dtype if cast_to is not None else
+                 not upcast and torch.promote_types(x.dtype, cos.dtype) == x.dtype)
             and 2 <= x.dim() <= 4 and x.shape[-1] % 2 == 0
             and cos.shape == sin.shape and 1 <= cos.dim() <= x.dim() and cos.shape[-1] == x.shape[-1]
             and not (cos.requires_grad or sin.requires_grad) and cos.device == x.device == sin.device
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
         return rope_checked(x, cos, sin, halves == "pairs")
+    x = x.float() if upcast else x
     if halves == "pairs":
         rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     else:
@@ -352,18 +375,18 @@ def _rotate(x, cos, sin, halves: str, cast_back: bool = False):
             x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
         rotated = torch.cat((-x2, x1), dim=-1)
     out = x * cos + rotated * sin
-    return out.to(x.dtype) if cast_back else out
+    return out.to(cast_to) if cast_to is not None else out
 
 
 def _cast_back(n):
-    """(the rotation, the dtype read) if n is rotation.to(t.dtype) for some t, else None (the
-    caller checks that t is the rotation's argument)."""
-    if not (isinstance(n, torch.fx.Node) and n.op == "call_method" and n.target == "to" and len(n.args) == 2
-            and not n.kwargs):
+    """(the rotation, the dtype read) if n is rotation.to(u.dtype) (or .to(dtype=u.dtype)) for some
+    u, else None (the caller checks that u is an argument, and what else reads that dtype)."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_method" and n.target == "to" and (
+            len(n.args) == 2 and not n.kwargs or len(n.args) == 1 and list(n.kwargs) == ["dtype"])):
         return None
-    dtype = n.args[1]
+    dtype = n.args[1] if len(n.args) == 2 else n.kwargs["dtype"]
     if not (isinstance(dtype, torch.fx.Node) and dtype.op == "call_function" and dtype.target is builtins.getattr
-            and len(dtype.args) == 2 and dtype.args[1] == "dtype" and set(dtype.users) == {n}):
+            and len(dtype.args) == 2 and dtype.args[1] == "dtype"):
         return None
     return n.args[0], dtype
 
@@ -446,9 +469,9 @@ def _prove_function(fn) -> RotaryFunction | str:
     (out,) = [n for n in nodes if n.op == "output"]
     returned = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     rotations, covered = [], set(placeholders) | {out}
-    widths = set()  # the partial form's R = table.shape[-1], read once for all its slices
+    widths, dtypes = set(), set()  # R = table.shape[-1] of the partial form, u.dtype of the casts back
     for result in returned:
-        cast = _cast_back(result)  # rotation.to(x.dtype)
+        cast = _cast_back(result)  # rotation.to(u.dtype)
         add, dtype_read = cast if cast else (result, None)
         partial = None if cast or not isinstance(add, torch.fx.Node) else _partial(add)
         if partial:  # cat([rotation of x[..., :R], x[..., R:]], dim=-1)
@@ -456,36 +479,39 @@ def _prove_function(fn) -> RotaryFunction | str:
         found = _rotation(add) if isinstance(add, torch.fx.Node) else None
         if found is None:
             return f"{fn.__name__} returns something other than rotations x * cos + rotate_half(x) * sin"
-        t, c, s, form, inner = found
+        t, c, s, form, inner, upcast = found
         if partial:
             x, rest, width = partial[1:]
-            if not (_slice_of(t, x, None, width) and _width(width, (c, s))):  # R = c.shape[-1] or s.shape[-1]
+            if upcast or not (_slice_of(t, x, None, width) and _width(width, (c, s))):  # R: c's or s's last dim
                 return (f"{fn.__name__} concatenates a rotation with something other than the rest of its "
                         "argument past the table's width")
             inner = inner | {t, rest}
             widths.add(width)
             t = x
+        if not upcast and _upcast_of(t) is not None:  # the rotation of u.float() (Cohere's)
+            inner, t, upcast = inner | {t}, _upcast_of(t), True
         table_nodes = [_table(c, placeholders), _table(s, placeholders)]
         if t not in placeholders or None in table_nodes or t in (c, s):
             return f"{fn.__name__} rotates something other than an argument by tables"
-        if cast and dtype_read.args[0] is not t:
-            return f"{fn.__name__} casts a rotation to another tensor's dtype"
+        if cast and dtype_read.args[0] not in placeholders:
+            return f"{fn.__name__} casts a rotation to the dtype of something other than an argument"
         if any(u not in inner and u is not add and u is not result for n in inner for u in n.users) or set(
                 add.users) != {result if cast or partial else out} or set(result.users) != {out}:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
         # the partial form: whether R is read off s (else c); None: not the partial form
         width_of_sin = None if partial is None else width.args[0].args[0] is s and s is not c
-        rotations.append((result, t, c, s, form, cast is not None, width_of_sin))
+        rotations.append((result, t, c, s, form, dtype_read, upcast, width_of_sin))
         covered |= inner | {add, result} | table_nodes[0] | table_nodes[1] | ({dtype_read} if cast else set())
-    for width in widths:  # read for the partial rotations' slices alone (q's and k's may share it)
-        if not set(width.users) <= covered:
+        dtypes |= {dtype_read} if cast else set()
+    for read in widths | dtypes:  # read for the rotations' slices or casts alone (q's and k's may share it)
+        if not set(read.users) <= covered:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
-        covered |= {width, width.args[0]}
+        covered |= {read, read.args[0]} if read in widths else {read}
     if set(nodes) - covered:
         return f"{fn.__name__} computes more than its rotations"
-    for result, t, c, s, form, cast_back, width_of_sin in rotations:
+    for result, t, c, s, form, dtype_read, upcast, width_of_sin in rotations:
         with graph.inserting_before(result):
-            fused = graph.call_function(*((_rotate, (t, c, s, form, cast_back)) if width_of_sin is None else
+            fused = graph.call_function(*((_rotate, (t, c, s, form, dtype_read, upcast)) if width_of_sin is None else
                                           (_rotate_partial, (t, c, s, form, width_of_sin))))
         result.replace_all_uses_with(fused)
     graph.eliminate_dead_code()
