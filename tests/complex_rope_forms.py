@@ -33,6 +33,18 @@ def rotate_one(x, freqs):
     return torch.view_as_real(freqs * xc).flatten(-2).to(x.dtype)
 
 
+def deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):  # DeepSeek-V2's (transformers 5.24), verbatim
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+
+    # Broadcast to [1, 1, seq_len, dim // 2]
+    freqs_cis = freqs_cis.unsqueeze(1).to(xq_.device)
+
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3).type_as(xq)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3).type_as(xk)
+    return xq_out, xk_out
+
+
 # --- look-alikes ---------------------------------------------------------------------------------
 
 def rotate_conjugate(x, freqs):  # reads .conj: not in the walk's attributes
@@ -67,6 +79,18 @@ class PairAttention(nn.Module):
         q, k = self.wq(x).view(b, s, -1, HEAD), self.wk(x).view(b, s, -1, HEAD)
         q, k = rotate_pairs(q, k, freqs_cis)
         return torch.cat([q.flatten(2), k.flatten(2)], dim=-1)
+
+
+class DeepSeekAttention(PairAttention):
+    """q and k [B, heads, S, D] (transposed, contiguous, as DeepSeek-V2's rotary part is), the table
+    [B, S, D/2] per sequence."""
+
+    def forward(self, x, freqs_cis):
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, HEAD).transpose(1, 2).contiguous()
+        k = self.wk(x).view(b, s, -1, HEAD).transpose(1, 2).contiguous()
+        q, k = deepseek_v2_apply_rotary_emb(q, k, freqs_cis.expand(b, *freqs_cis.shape[-2:]))
+        return torch.cat([q.transpose(1, 2).flatten(2), k.transpose(1, 2).flatten(2)], dim=-1)
 
 
 def one_tensor_class(fn):

@@ -17,9 +17,9 @@ from f8tensor.fusion import rope_complex, rope_proof
 from f8tensor.fusion.python_versions import FusionWarning
 from f8tensor.fusion.rope_proof import ROPE_ATTR, FusedRoPEModule, RotaryFunction, prove_function
 
-from complex_rope_forms import (HEAD, KV, B, H, PairAttention, S, broadcast_table, one_tensor_class,
-                               rotate_and_add, rotate_conjugate, rotate_marked, rotate_one, rotate_pairs,
-                               rotate_scaled)
+from complex_rope_forms import (HEAD, KV, B, DeepSeekAttention, H, PairAttention, S, broadcast_table,
+                               deepseek_v2_apply_rotary_emb, one_tensor_class, rotate_and_add, rotate_conjugate,
+                               rotate_marked, rotate_one, rotate_pairs, rotate_scaled)
 
 
 def freqs_cis(rows=S, dtype=torch.complex64):
@@ -66,12 +66,12 @@ def rope_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("fn", [rotate_pairs, rotate_one])
+@pytest.mark.parametrize("fn", [rotate_pairs, rotate_one, deepseek_v2_apply_rotary_emb])
 def test_written_forms_are_proven(fn):
     proof = prove_function(fn)
     assert isinstance(proof, RotaryFunction) and isinstance(proof.run, rope_complex.ComplexRun)
     proven = [f for f, *_ in proof.codes]
-    assert proven == ([broadcast_table, rotate_pairs] if fn is rotate_pairs else [rotate_one])
+    assert proven == ([broadcast_table, rotate_pairs] if fn is rotate_pairs else [fn])
 
 
 @pytest.mark.parametrize("fn, reason", [
@@ -84,18 +84,20 @@ def test_look_alikes_are_not_proven_with_the_reason(fn, reason):
     assert isinstance(proof, str) and reason in proof
 
 
-@pytest.mark.parametrize("form", ["pairs", "one", "one_fp32"])
+@pytest.mark.parametrize("form", ["pairs", "one", "one_fp32", "deepseek"])
 def test_fused_values_within_one_ulp_of_the_written_code(form, rope_calls):
     """Output, input gradient and weight gradients of the fused module within one unit in the last
-    place of the written module's; each rotation runs rope's interleaved form."""
-    cls = PairAttention if form == "pairs" else one_tensor_class(rotate_one)
-    freqs = freqs_cis(S * 2) if form == "pairs" else freqs_cis()[:, None]
+    place of the written module's; each rotation runs rope's interleaved form. DeepSeek-V2's moves
+    the table to q's device (.to(xq_.device)), which the trace shows as nothing where it is there."""
+    cls = {"pairs": PairAttention, "deepseek": DeepSeekAttention}.get(form) or one_tensor_class(rotate_one)
+    freqs = {"pairs": freqs_cis(S * 2), "deepseek": freqs_cis()[None]}.get(form, freqs_cis()[:, None])
     dtype = torch.float32 if form == "one_fp32" else torch.bfloat16  # fp32: no casts in the trace
     mod, want_mod = make(cls).to(dtype), make(cls).to(dtype)
     report = fuse_model_ops(mod, rms_norm=False, swiglu=False, strict=True)
     assert isinstance(mod, FusedRoPEModule) and [r.fqn for r in report.fused("rope")] == ["<root>"]
     got = step(mod, freqs)
-    assert len(rope_calls) == (2 if form == "pairs" else 1) and all(k == {"interleaved": True} for k in rope_calls)
+    assert len(rope_calls) == (2 if form in ("pairs", "deepseek") else 1) and all(
+        k == {"interleaved": True} for k in rope_calls)
     for g, w in zip(got, step(want_mod, freqs)):
         assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
         assert within_one_ulp(g, w)

@@ -13,7 +13,8 @@ proof has two parts, both of which must hold:
 - once per function (again if its code, defaults or a helper change, as for the rotate_half form):
   its bytecode, and that of every function it defines or reads by a global name, reads nothing but
   arguments, locals, cells of its own nested code, constants, `torch`, the builtins of
-  SAFE_BUILTINS and the attributes of ATTRIBUTES (shape queries, views, casts, the complex views),
+  SAFE_BUILTINS and the attributes of ATTRIBUTES (shape and device queries, views, casts, the
+  complex views; a move to x's own device, as DeepSeek-V2's `.to(xq_.device)`, traces to nothing),
   and stores nothing but locals and those cells: no global, attribute or item writes, no try or with
   block, no imports, no closure over outer scopes. Running it on fake tensors therefore runs nothing
   of the user's and changes nothing outside its own tensors (an in-place operator such as `+=`
@@ -59,7 +60,7 @@ SAFE_BUILTINS = frozenset({"enumerate", "len", "range", "zip", "tuple", "list", 
 # Attributes it may read: shape queries, views, casts and the complex views (none writes).
 ATTRIBUTES = frozenset({
     "ndim", "shape", "size", "dim", "dtype", "float", "to", "type_as", "reshape", "view", "flatten",
-    "unflatten", "unsqueeze", "squeeze", "contiguous", "view_as_complex", "view_as_real", "real", "imag",
+    "unflatten", "unsqueeze", "squeeze", "contiguous", "view_as_complex", "view_as_real", "real", "imag", "device",
     "mul"})
 _OPS = frozenset({
     "NOP", "RESUME", "CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES", "EXTENDED_ARG",
