@@ -153,6 +153,21 @@ def ernie_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # Ernie 4.5's 
     return q_embed.to(original_dtype), k_embed.to(original_dtype)
 
 
+def gpt_oss_apply_rotary_emb(x, cos, sin):  # GPT-OSS's _apply_rotary_emb (transformers 5.24), verbatim
+    first_half, second_half = torch.chunk(x, 2, dim=-1)
+    first_ = first_half * cos - second_half * sin
+    second_ = second_half * cos + first_half * sin
+    return torch.cat((first_, second_), dim=-1)
+
+
+def gpt_oss_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # GPT-OSS's (transformers 5.24), verbatim
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = gpt_oss_apply_rotary_emb(q, cos, sin)
+    k_embed = gpt_oss_apply_rotary_emb(k, cos, sin)
+    return q_embed, k_embed
+
+
 def cast_to_the_other(q, k, cos, sin):  # each cast to the other's dtype: rope where they are one
     return (q * cos + rotate_half(q) * sin).to(k.dtype), (k * cos + rotate_half(k) * sin).to(q.dtype)
 
@@ -164,7 +179,8 @@ def dtype_read_twice(q, k, cos, sin):
 
 PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1,
           phi3_apply_rotary_pos_emb: 2, partial_one: 1, glm_apply_rotary_pos_emb: 2, pairs_whole: 1,
-          cohere_apply_rotary_pos_emb: 2, ernie_apply_rotary_pos_emb: 2, cast_to_the_other: 2, dtype_read_twice: 2}
+          cohere_apply_rotary_pos_emb: 2, ernie_apply_rotary_pos_emb: 2, cast_to_the_other: 2, dtype_read_twice: 2,
+          gpt_oss_apply_rotary_pos_emb: 2}
 
 
 # --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
@@ -245,6 +261,11 @@ def pairs_table_thrice(x, cos, sin):  # a table repeated three times per entry: 
     return x * cos + rotate_pairs(x) * sin
 
 
+def half_tables_swapped(x, cos, sin):  # the second half's products by the wrong tables
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * sin + x1 * cos), dim=-1)
+
+
 def upcast_one_term(x, cos, sin):  # x in fp32 in one product, not in the other
     return (x.float() * cos + rotate_half(x) * sin).to(x.dtype)
 
@@ -261,6 +282,7 @@ NOT_PROVEN = {
     keeps_an_intermediate: "uses a rotation's intermediate values elsewhere",
     x_as_table: "rotates something other than an argument by tables",
     cast_to_a_named_dtype: "reads .bfloat16", upcast_one_term: "returns something other than rotations",
+    half_tables_swapped: "returns something other than rotations",
     cast_to_a_computed_dtype: "casts a rotation to the dtype of something other than an argument",
     partial_front_again: "returns something other than rotations",
     partial_width_of_x: "concatenates a rotation with something other than the rest of its argument",
@@ -498,6 +520,35 @@ class CohereRotary(nn.Module):  # the rotations alone
 class ErnieRotary(nn.Module):
     def forward(self, q, k, cos, sin):
         return ernie_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class GptOssRotary(nn.Module):
+    def forward(self, q, k, cos, sin):
+        return gpt_oss_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_rotation_by_half_width_tables_runs_rope_on_the_tables_repeated(table_dtype, rope_calls):
+    """GPT-OSS's cat((x1 * c - x2 * s, x2 * c + x1 * s)) by tables of half the head: rope with each table
+    repeated over both halves, its output contiguous as the concatenation's (bf16 tables; fp32 ones
+    promote the written result to fp32: the written ops, bit for bit); close to the written code."""
+    mod, own = fused(GptOssRotary()), GptOssRotary()
+    torch.manual_seed(1)
+    q, k = (torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    cos, sin = (t[..., : HEAD // 2].to(table_dtype) for t in tables(per_sequence=True))
+    out_dtype = torch.promote_types(torch.bfloat16, table_dtype)
+    g = [torch.randn(B, H, S, HEAD, device=DEVICE, dtype=out_dtype) for _ in range(2)]
+    got, want = (step_pair(m, q, k, cos, sin, g) for m in (mod, own))
+    assert len(rope_calls) == (2 if table_dtype == torch.bfloat16 else 0)
+    if table_dtype == torch.bfloat16:  # the bits of the module written with rope on the repeated tables
+        c2, s2 = (torch.cat([t, t], dim=-1).unsqueeze(1) for t in (cos, sin))
+        assert all(torch.equal(a, rope(x, c2, s2).contiguous()) for a, x in zip(got, (q, k)))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        if table_dtype == torch.float32:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
 
 
 class CastToTheOther(nn.Module):

@@ -20,7 +20,7 @@ from f8tensor import convert_to_float8_training, fuse_model_ops
 
 ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral", "Olmo2", "Granite", "Exaone4",
                  "Apertus", "Arcee", "Lfm2", "StableLm", "Starcoder2", "Ernie4_5", "Cohere", "Gemma", "Gemma2",
-                 "Phi3", "Glm", "Glm4", "DeepseekV2", "DeepseekV3")
+                 "Phi3", "Glm", "Glm4", "DeepseekV2", "DeepseekV3", "GptOss")
 KINDS = ("rms_norm", "swiglu", "rope")
 # Config fields an architecture needs beyond the common ones at this size: DeepSeek's multi-head
 # latent attention (its low-rank q and kv projections, the rotary part of a head) and mixture of

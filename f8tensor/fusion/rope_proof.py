@@ -46,7 +46,8 @@ it record why):
   u.dtype read for such casts alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32, casts
   back to t's own; Cohere's and Ernie 4.5's cast both q's and k's rotations to q's dtype, read
   once), where t may be rotated in fp32, the rotation of t.float() (Cohere's) or t.float() * c +
-  rotate_half(t).float() * s (Ernie 4.5's), or in the partial
+  rotate_half(t).float() * s (Ernie 4.5's), or by tables of half its last dim, cat((t1 * c - t2 * s,
+  t2 * c + t1 * s), dim=-1) of its halves t1, t2 (GPT-OSS's), or in the partial
   form torch.cat([rotation of t[..., :R], t[..., R:]], dim=-1) with R = c.shape[-1] or s.shape[-1]
   read for those slices alone (Phi-3's apply_rotary_pos_emb, whose tables may cover the first R
   dims of a head only).
@@ -118,6 +119,7 @@ _WRITES_GLOBALS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _GLOBALS_BUILTINS = frozenset({"globals", "exec", "eval"})
 _COMPARES = frozenset({"IS_OP", "COMPARE_OP", "CONTAINS_OP"})
 _ADDS = frozenset({operator.add, torch.add})
+_SUBS = frozenset({operator.sub, torch.sub})
 _NEGS = frozenset({operator.neg, torch.neg})
 # Below this many elements of x a rotation runs the written ops: there (decoding one token, say)
 # the step is bound by host time, where rope's Triton launch gains nothing over eager's five
@@ -322,6 +324,37 @@ def _rotation(add):
     return None
 
 
+def _product_of(n, a, b) -> bool:
+    """n is a * b, in either order, and the only use of it is what the caller matches."""
+    return (_is(n, MULS, "mul") and len(n.args) == 2 and not n.kwargs and len(n.users) == 1
+            and (n.args[0] is a and n.args[1] is b or n.args[0] is b and n.args[1] is a))
+
+
+def _half_table_rotation(n):
+    """(t, c, s, halves form + "/half", the nodes of the rotation, False) if n is cat((x1 * c - x2 * s,
+    x2 * c + x1 * s), dim=-1) with x1, x2 the halves of t and tables c, s of half its last dim
+    (GPT-OSS's _apply_rotary_emb), else None."""
+    if not (_is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1 and _last_dim(n)):
+        return None
+    parts = n.args[0]
+    if not (isinstance(parts, (tuple, list)) and len(parts) == 2 and _is(parts[0], _SUBS, "sub")
+            and _is(parts[1], _ADDS, "add") and all(len(p.args) == 2 and not p.kwargs for p in parts)):
+        return None
+    (p1, p2), (q1, q2) = parts[0].args, parts[1].args
+    if not all(isinstance(p, torch.fx.Node) and _is(p, MULS, "mul") and len(p.args) == 2 for p in (p1, p2, q1, q2)):
+        return None
+    for x1, c in (p1.args, p1.args[::-1]):
+        for x2, s in (p2.args, p2.args[::-1]):
+            found = _halves(x1, x2) if isinstance(x1, torch.fx.Node) and isinstance(x2, torch.fx.Node) else None
+            if found is None or c is s or not (_product_of(p1, x1, c) and _product_of(p2, x2, s)):
+                continue
+            for r1, r2 in ((q1, q2), (q2, q1)):
+                if _product_of(r1, x2, c) and _product_of(r2, x1, s):
+                    t, form, nodes = found
+                    return t, c, s, form + "/half", nodes | {*parts, p1, p2, q1, q2, x1, x2}, False
+    return None
+
+
 def _table(n, placeholders) -> set | None:
     """The nodes computing table n (none for an argument), or None if n is not a table: an argument,
     its unsqueeze, or either repeated per pair as GLM writes it, t[..., : t.shape[-1] // 2]
@@ -354,7 +387,14 @@ def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast
     is large enough to gain, the written ops otherwise. Cast back to x's own dtype, tables that
     promote x's dtype (fp32 tables for bf16 x) and an upcast x are rope's too: eager's fp32 math and
     one rounding (on the GPU the kernel may contract a product and a sum into one fused multiply-add
-    where eager rounds the product: one unit in the last place of x's dtype, rarely)."""
+    where eager rounds the product: one unit in the last place of x's dtype, rarely). halves ending in
+    "/half": tables of half x's last dim (GPT-OSS's cat((x1 * c - x2 * s, x2 * c + x1 * s))), each
+    repeated over both halves for rope, whose output is then made contiguous as the concatenation is."""
+    halves, _, half = halves.partition("/")
+    if half and type(cos) is torch.Tensor and type(sin) is torch.Tensor and cos.dim() and sin.dim():
+        cos, sin, written = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1), (cos, sin)
+    elif half:
+        written = (cos, sin)
     if (type(x) is torch.Tensor and x.numel() >= MIN_FUSED_NUMEL and type(cos) is torch.Tensor
             and type(sin) is torch.Tensor and x.dtype in INPUT_DTYPES and x.stride(-1) == 1
             and cos.dtype == sin.dtype and cos.dtype in INPUT_DTYPES
@@ -364,8 +404,14 @@ def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast
             and cos.shape == sin.shape and 1 <= cos.dim() <= x.dim() and cos.shape[-1] == x.shape[-1]
             and not (cos.requires_grad or sin.requires_grad) and cos.device == x.device == sin.device
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
-        return rope_checked(x, cos, sin, halves == "pairs")
+        out = rope_checked(x, cos, sin, halves == "pairs")
+        return out.contiguous() if half else out  # the written concatenation's layout
     x = x.float() if upcast else x
+    if half:  # as written: the halves by the half-width tables
+        x1, x2 = x.chunk(2, dim=-1) if halves == "chunk" else (x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:])
+        cos, sin = written
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(cast_to) if cast_to is not None else out
     if halves == "pairs":
         rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     else:
@@ -476,10 +522,12 @@ def _prove_function(fn) -> RotaryFunction | str:
         partial = None if cast or not isinstance(add, torch.fx.Node) else _partial(add)
         if partial:  # cat([rotation of x[..., :R], x[..., R:]], dim=-1)
             add = partial[0]
-        found = _rotation(add) if isinstance(add, torch.fx.Node) else None
+        found = (_rotation(add) or _half_table_rotation(add)) if isinstance(add, torch.fx.Node) else None
         if found is None:
             return f"{fn.__name__} returns something other than rotations x * cos + rotate_half(x) * sin"
         t, c, s, form, inner, upcast = found
+        if partial and form.endswith("/half"):
+            return f"{fn.__name__} concatenates a rotation by half-width tables with the rest of its argument"
         if partial:
             x, rest, width = partial[1:]
             if upcast or not (_slice_of(t, x, None, width) and _width(width, (c, s))):  # R: c's or s's last dim
