@@ -32,25 +32,24 @@ it record why):
   no closure, no try or with block, no branch or loop, and nothing but loads of its arguments, locals
   and constants (numbers, None, Ellipsis, keyword names), of torch, of global functions proven
   safe by the same walk (rotate_half), of the attributes chunk, shape, unsqueeze, cat, neg, mul,
-  add, dtype, to, stack, flatten and repeat_interleave; slicing, subscripts, +, -, *, //, unary
-  minus, tuples and lists, calls, stores to locals and the return (so tracing it runs nothing of
-  the user's and writes nothing);
-- torch.fx traces it to nothing but unsqueezes of arguments and rotations
-  t * c + cat([-second_half(t), first_half(t)], dim=-1) * s of an argument t by tables c and s
-  (arguments, or their unsqueezes), with the halves taken by t.chunk(2, dim=-1) or by slicing at
-  t.shape[-1] // 2, or in the adjacent pairs' form t * c + stack((-t[..., 1::2], t[..., 0::2]),
-  dim=-1).flatten(-2) * s (GLM's, rope's interleaved form), by tables that may also be repeated
-  per pair, table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1) (GLM's), each
-  intermediate used only in its rotation, returned alone or as a tuple,
-  each as it is or cast to an argument's dtype, rotation.to(u.dtype) (or .to(dtype=u.dtype)) with
-  u.dtype read for such casts alone (OLMo 2's apply_rotary_pos_emb, whose tables are fp32, casts
-  back to t's own; Cohere's and Ernie 4.5's cast both q's and k's rotations to q's dtype, read
-  once), where t may be rotated in fp32, the rotation of t.float() (Cohere's) or t.float() * c +
-  rotate_half(t).float() * s (Ernie 4.5's), or by tables of half its last dim, cat((t1 * c - t2 * s,
-  t2 * c + t1 * s), dim=-1) of its halves t1, t2 (GPT-OSS's), or in the partial
-  form torch.cat([rotation of t[..., :R], t[..., R:]], dim=-1) with R = c.shape[-1] or s.shape[-1]
-  read for those slices alone (Phi-3's apply_rotary_pos_emb, whose tables may cover the first R
-  dims of a head only).
+  add, dtype, to, float, stack, flatten and repeat_interleave; slicing, subscripts, +, -, *, //,
+  unary minus, tuples and lists, calls, stores to locals and the return (so tracing it runs nothing
+  of the user's and writes nothing);
+- torch.fx traces it to nothing but tables and rotations of its arguments, returned alone or as a
+  tuple, each intermediate used only in its rotation. A rotation of an argument t by tables c, s:
+    t * c + rotate_half(t) * s, rotate_half(t) = cat([-t2, t1], dim=-1), the halves t1, t2 by
+      t.chunk(2, dim=-1) or by slicing at t.shape[-1] // 2 (Llama's);
+    t * c + stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2) * s, the adjacent pairs
+      (GLM's; rope's interleaved form);
+    cat((t1 * c - t2 * s, t2 * c + t1 * s), dim=-1) by tables of half t's last dim (GPT-OSS's);
+    the first two in fp32: of t.float() (Cohere's), or t.float() * c + rotate_half(t).float() * s
+      (Ernie 4.5's);
+  each as it is, or cast to an argument's dtype, .to(u.dtype) or .to(dtype=u.dtype), u.dtype read
+  for such casts alone (OLMo 2's casts back to t's own; Cohere's and Ernie 4.5's cast k's to q's),
+  or in the partial form cat([rotation of t[..., :R], t[..., R:]], dim=-1), R = c.shape[-1] or
+  s.shape[-1] read for those slices alone (Phi-3's, GLM's). Tables: arguments, their unsqueezes,
+  and either repeated per pair, table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1)
+  (GLM's, Ernie 4.5's).
 Its arguments are plain (no *args, keyword-only or positional-only, none named self), with
 defaults that are numbers, None or strings, and survive the rewrite with their names and defaults.
 The module: its class passes core/class_swap.class_reason, and its forward (or, through decorators that
@@ -74,13 +73,12 @@ forwards that compare it right where they read it (`is`, `==`, `in`) are left al
 test of a copy kept elsewhere would differ. Each rotation runs f8tensor.rope where it gives eager's
 shape, dtype and layout (plain tensors of one floating dtype for the tables that x's dtype does not
 promote, or any floating tables where the rotation, in x's dtype or in fp32, is cast to x's own
-dtype; tables that
-broadcast to x and do not require grad, x with a contiguous last dim) and where it gains (x of at
-least MIN_FUSED_NUMEL elements), and the written ops otherwise; in the partial form rope rotates
-the first R dims and the concatenation runs as written, or, where R is the whole last dim, rope
-rotates x and its result is made contiguous as the concatenation's is (no concatenation). Values:
-rope's, fp32 math and one rounding, where eager rounds each of its five ops (with fp32 tables cast
-back, eager rounds once too).
+dtype; tables that broadcast to x and do not require grad, x with a contiguous last dim; an output
+made contiguous where the written code's is a concatenation) and where it gains (x of at least
+MIN_FUSED_NUMEL elements), and the written ops otherwise; in the partial form rope rotates the first
+R dims and the concatenation runs as written, or, where R is the whole last dim, rope rotates x (no
+concatenation). Values: rope's, fp32 math and one rounding, where eager rounds each of its five ops
+(in fp32, or with fp32 tables cast back, eager rounds once too).
 """
 
 import builtins
