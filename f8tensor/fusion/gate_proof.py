@@ -42,6 +42,16 @@ as f8tensor.geglu. Only modules whose children are three nn.Linear and at most o
 child without parameters, buffers or children, and whose class forward is a plain function that
 names silu or that have that child, are examined.
 
+The halves form (Phi-3's and GLM's feed-forward: one gate_up projection, its output chunked in two,
+`gate, up = self.gate_up_proj(x).chunk(2, dim=-1); self.down_proj(up * self.act(gate))`) is proven
+the same way: the walk also admits int constants, a tensor's chunk and torch.chunk, and unpacking a
+call's values; the trace must be exactly: an nn.Linear child on the input, its chunk in two along
+dim -1, the two halves (getitem 0 and 1, each used once), the activation of one, its product with
+the other, the other nn.Linear child on the product, returned. Such a module has two nn.Linear
+children and the activation child or silu, and a forward that names chunk; its gate runs as
+f8tensor.swiglu_halves (geglu_halves) on the projection's output, which reads the halves in place
+and gives the projection one gradient and one amax record.
+
 At each call the fused forward runs the class's own forward instead wherever the proof no longer
 covers the call: arguments other than the one input (by position, or by its name unless
 positional-only), the class's forward or the globals it read rebound since, an activation child
