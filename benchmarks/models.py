@@ -3,9 +3,9 @@ Llama 3 (its PyPI wheel's model code); from transformers, Hugging Face's LlamaFo
 Qwen2ForCausalLM, OLMo 2's Olmo2ForCausalLM (post-norms, q and k normalized, fp32 RoPE tables) and
 Gemma 3's Gemma3ForCausalLM (its text model: 1 + weight norms around each sublayer, q and k
 normalized, a GELU-tanh gate, sliding-window layers) and Phi-3's Phi3ForCausalLM (one qkv and one
-gate_up projection, the gate over the latter's two halves, a partial-rotary RoPE); and a model written here in another style
-than train.py's (`handwritten`: Meta's Llama 3 style, the complex RoPE and the SwiGLU inline in the
-block's forward). Each builder returns the model, built in bf16 on the current device, and its
+gate_up projection, the gate over the latter's two halves, a partial-rotary RoPE); and a model
+written here in another style than train.py's (`handwritten`: Meta's Llama 3 style, the complex
+RoPE and the SwiGLU inline in the block's forward). Each builder returns the model, built in bf16 on the current device, and its
 list of blocks, which train.py compiles, checkpoints and shards one by one.
 """
 
@@ -43,7 +43,7 @@ def _hugging_face(name: str, a):
                              "hf_phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[name]
     # Gemma's config defaults head_dim to 256 whatever the width: the others derive dim / heads. Phi-3's
     # defaults its padding token to 32000, past a small test vocabulary.
-    extra = dict(head_dim=a.dim // a.heads) if name == "hf_gemma3" else dict(pad_token_id=0) if name == "hf_phi3" else {}
+    extra = {"hf_gemma3": dict(head_dim=a.dim // a.heads), "hf_phi3": dict(pad_token_id=0)}.get(name, {})
     config = config_cls(hidden_size=a.dim, intermediate_size=a.ffn, num_hidden_layers=a.layers,
                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
                         max_position_embeddings=a.seq, rope_theta=500000.0, tie_word_embeddings=False,

@@ -153,18 +153,21 @@ def test_common_feed_forwards_are_fused_with_the_values_of_the_model_written_wit
     assert isinstance(fused.__dict__[GATE_ATTR], SwiGLUGate) and type(getattr(fused, FUSED[cls][2])) is nn.Linear
 
 
-def test_fused_gate_hands_its_amax_records_to_the_float8_layers(monkeypatch):
-    """w2's input amax (forward) and w1's and w3's grad_output amaxes (backward) come from the
-    fused kernels: 3 amax passes fewer per step than the model's own gate code."""
+@pytest.mark.parametrize("name, fewer", [("FeedForward", 3), ("Phi3MLP", 2)])  # Phi3MLP is defined below
+def test_fused_gate_hands_its_amax_records_to_the_float8_layers(name, fewer, monkeypatch):
+    """The down projection's input amax (forward) and the gate and up projections' grad_output
+    amaxes (backward) come from the fused kernels: 3 amax passes fewer per step than the model's own
+    gate code (w2, w1, w3); 2 in the halves form (down_proj, and gate_up_proj's one gradient tensor
+    holding both halves)."""
     passes = count_amax_passes(monkeypatch)
     x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
     counts = []
     for fuse in (True, False):
-        mod = convert_and_fuse(make(FeedForward), swiglu=fuse)
+        mod = convert_and_fuse(make(globals()[name]), swiglu=fuse)
         passes.clear()
         train_step(mod, x)
         counts.append(sum(passes))
-    assert counts[1] - counts[0] == 3
+    assert counts[1] - counts[0] == fewer
 
 
 @pytest.mark.parametrize("cls", [FeedForward, UpFirst], ids=lambda c: c.__name__)
@@ -873,20 +876,6 @@ def test_chunked_gate_up_projections_are_fused_with_the_values_of_the_model_writ
     assert halves_calls == [half]
     assert torch.equal(mod(**{arg: x}), mod(x)) and halves_calls == [half] * 3  # by keyword too
     assert_unconverted_close_to_own_math(cls, x)
-
-
-def test_fused_gate_up_halves_hand_their_amax_records_to_the_float8_layers(monkeypatch):
-    """down_proj's input amax (forward) and gate_up_proj's grad_output amax (backward, both halves'
-    gradients in one tensor) come from the fused kernels: 2 amax passes fewer per step."""
-    passes = count_amax_passes(monkeypatch)
-    x = torch.randn(2, 16, D, device=DEVICE, dtype=torch.bfloat16)
-    counts = []
-    for fuse in (True, False):
-        mod = convert_and_fuse(make(Phi3MLP), swiglu=fuse)
-        passes.clear()
-        train_step(mod, x)
-        counts.append(sum(passes))
-    assert counts[1] - counts[0] == 2
 
 
 class ChunkedInThree(Phi3MLP):

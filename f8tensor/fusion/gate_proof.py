@@ -386,21 +386,18 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
         found = silu_of(act) if isinstance(act, torch.fx.Node) else None
         if found is None or not isinstance(other, torch.fx.Node):
             continue
+        # what either form records of the forward and its activation
+        proven = dict(act=found[1], arg=None if forward.__code__.co_posonlyargcount > 1 else x.target,
+                      forward=forward, globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
+                      activation=activation if found[1] else "silu")
         gate_half, up_half = half_of(found[0]), half_of(other)
         if gate_half and up_half and gate_half[0] is up_half[0] and gate_half[1] != up_half[1]:
             gate_up = chunked_linear(gate_half[0])
             if gate_up and gate_up != down:
-                return SwiGLUGate(gate_up, None, down, gate_first=True, act=found[1],
-                                  arg=None if forward.__code__.co_posonlyargcount > 1 else x.target, forward=forward,
-                                  globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
-                                  activation=activation if found[1] else "silu", gate_half=gate_half[1])
+                return SwiGLUGate(gate_up, None, down, gate_first=True, gate_half=gate_half[1], **proven)
         gate, up = linear_call(found[0], x), linear_call(other, x)
         if gate and up and len({gate, up, down}) == 3:
-            positional_only = forward.__code__.co_posonlyargcount > 1
-            return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other),
-                              act=found[1], arg=None if positional_only else x.target, forward=forward,
-                              globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
-                              activation=activation if found[1] else "silu")
+            return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other), **proven)
     if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
         return "silu is in place (it writes into the gate's output)"
     return ("forward is not down(silu(gate(x)) * up(x)): the product is not silu(linear(x)) * linear(x) nor "
