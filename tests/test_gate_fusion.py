@@ -352,6 +352,27 @@ class OtherGlobal(FeedForward):  # a global that is not torch
         return self.w2(copy.copy(F.silu(self.w1(x))) * self.w3(x))
 
 
+class InPlaceOnInput(FeedForward):  # two operations more, in place on x: the fused forward would skip them
+    def forward(self, x):
+        _ = F.silu(x, True)
+        _ = F.silu(x, True)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MulOutOnInput(FeedForward):
+    def forward(self, x):
+        _ = torch.mul(x, 3, out=x)
+        _ = torch.mul(x, 3, out=x)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class UnusedCalls(FeedForward):  # the fused forward would call w1 once, not three times (its hooks, its state)
+    def forward(self, x):
+        _ = self.w1(x)
+        _ = self.w1(x)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
 NOT_FUSED = {
     Branch: "forward has a branch or a loop",
     Prints: "forward reads the global 'print'",
@@ -377,6 +398,9 @@ NOT_FUSED = {
     Registers: "its class Registers defines __init_subclass__",
     OwnGetattr: "its class OwnGetattr defines __getattr__",
     ShadowedChild: "forward reads self.w1, which is not (only) a child module",
+    InPlaceOnInput: "forward computes more than down(silu(gate(x)) * up(x)): 7 operations, not 5",
+    MulOutOnInput: "forward computes more than down(silu(gate(x)) * up(x)): 7 operations, not 5",
+    UnusedCalls: "forward computes more than down(silu(gate(x)) * up(x)): 7 operations, not 5",
     GeGLU: ("the activation child GELUActivation is a GELU activation, not silu or GELU's tanh form: only SwiGLU "
             "and GeGLU (tanh) gates are fused"),
 }

@@ -391,12 +391,18 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
                       forward=forward, globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
                       activation=activation if found[1] else "silu")
         gate_half, up_half = half_of(found[0]), half_of(other)
+        # Each form matches 7 or 9 distinct nodes (x and the output included): a graph of more also
+        # computes something else (an extra operation on x, say one in place), which the fused forward would skip.
         if gate_half and up_half and gate_half[0] is up_half[0] and gate_half[1] != up_half[1]:
             gate_up = chunked_linear(gate_half[0])
             if gate_up and gate_up != down:
+                if len(nodes) != 9:
+                    return f"forward computes more than its halves form: {len(nodes) - 2} operations, not 7"
                 return SwiGLUGate(gate_up, None, down, gate_first=True, gate_half=gate_half[1], **proven)
         gate, up = linear_call(found[0], x), linear_call(other, x)
         if gate and up and len({gate, up, down}) == 3:
+            if len(nodes) != 7:
+                return f"forward computes more than down(silu(gate(x)) * up(x)): {len(nodes) - 2} operations, not 5"
             return SwiGLUGate(gate, up, down, gate_first=nodes.index(found[0]) < nodes.index(other), **proven)
     if any(n.op == "call_function" and n.target is F.silu and n.kwargs.get("inplace") for n in nodes):
         return "silu is in place (it writes into the gate's output)"
