@@ -168,6 +168,15 @@ def gpt_oss_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # GPT-OSS's 
     return q_embed, k_embed
 
 
+def modernbert_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # ModernBERT's and ESM's (transformers 5.24)
+    original_dtype = q.dtype
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q.float() * cos) + (rotate_half(q.float()) * sin)
+    k_embed = (k.float() * cos) + (rotate_half(k.float()) * sin)
+    return q_embed.to(original_dtype), k_embed.to(original_dtype)
+
+
 def cast_to_the_other(q, k, cos, sin):  # each cast to the other's dtype: rope where they are one
     return (q * cos + rotate_half(q) * sin).to(k.dtype), (k * cos + rotate_half(k) * sin).to(q.dtype)
 
@@ -180,7 +189,7 @@ def dtype_read_twice(q, k, cos, sin):
 PROVEN = {apply_rotary_pos_emb: 2, apply_rope: 1, reordered: 1, olmo2_apply_rotary_pos_emb: 2, cast_back: 1,
           phi3_apply_rotary_pos_emb: 2, partial_one: 1, glm_apply_rotary_pos_emb: 2, pairs_whole: 1,
           cohere_apply_rotary_pos_emb: 2, ernie_apply_rotary_pos_emb: 2, cast_to_the_other: 2, dtype_read_twice: 2,
-          gpt_oss_apply_rotary_pos_emb: 2}
+          gpt_oss_apply_rotary_pos_emb: 2, modernbert_apply_rotary_pos_emb: 2}
 
 
 # --- look-alikes, each not a rotation (or not provably one) ---------------------------------------
@@ -270,6 +279,22 @@ def upcast_one_term(x, cos, sin):  # x in fp32 in one product, not in the other
     return (x.float() * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+def partial_upcast(q, k, cos, sin):  # Phi-3's partial form of q.float(), k.float(): _rotate_partial keeps x's dtype
+    q, k = q.float(), k.float()
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
+    k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
+    return q_embed, k_embed
+
+
+def partial_ernie_upcast(x, cos, sin):  # the fp32 terms of Ernie 4.5 inside the partial form
+    r = cos.shape[-1]
+    xr = x[..., :r]
+    return torch.cat([xr.float() * cos + rotate_half(xr).float() * sin, x[..., r:]], dim=-1)
+
+
 def cast_to_a_computed_dtype(x, cos, sin):
     return (x * cos + rotate_half(x) * sin).to((x * 2).dtype)
 
@@ -287,6 +312,8 @@ NOT_PROVEN = {
     partial_front_again: "returns something other than rotations",
     partial_width_of_x: "concatenates a rotation with something other than the rest of its argument",
     partial_width_returned: "returns something other than rotations",
+    partial_upcast: "rotates part of its argument in fp32",
+    partial_ernie_upcast: "rotates part of its argument in fp32",
     pairs_signs_swapped: "returns something other than rotations",
     pairs_table_thrice: "rotates something other than an argument by tables"}
 
@@ -989,3 +1016,54 @@ def test_the_name_stands_in_for_the_function_beyond_calls(rope_calls):
     assert mod.kept is not apply_rope and mod.kept.__name__ == "apply_rope"
     twin = pickle.loads(pickle.dumps(mod))
     assert twin.kept is apply_rope and isinstance(twin, FusedRoPEModule)
+
+
+def test_a_sum_written_rotated_half_first_has_eagers_layout(rope_calls):
+    """reordered (rotate_half(x) * sin + cos * x): eager's sum takes its first term's layout, a
+    contiguous one, where x is a transposed view; the fused rotation gives the same, and x's own
+    layout where the terms are in Hugging Face's order."""
+    torch.manual_seed(1)
+    x = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = tables()
+    for fn in (reordered, apply_rope):
+        got, want = prove_function(fn).run(x, cos, sin), fn(x, cos, sin)
+        assert got.stride() == want.stride() and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02 * want.abs().max().item())
+    assert len(rope_calls) == 2
+    assert reordered(x, cos, sin).is_contiguous() and not apply_rope(x, cos, sin).is_contiguous()
+
+
+def test_a_whole_width_partial_rotation_by_tables_that_broadcast_x_raises_as_written(rope_calls):
+    """Phi-3's partial form with R the whole head: the concatenation drops out where the tables keep
+    x's shape (rope, contiguous); where they broadcast x to a larger shape the written cat raises,
+    and so does the fused function."""
+    torch.manual_seed(1)
+    q, k = (torch.randn(1, H, S, HEAD, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    cos, sin = tables(per_sequence=True)  # [B, S, HEAD], B = 2: q and k [1, ...] broadcast to [2, ...]
+    run = prove_function(phi3_apply_rotary_pos_emb).run
+    for fn in (phi3_apply_rotary_pos_emb, run):
+        with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+            fn(q, k, cos, sin)
+    assert rope_calls == []
+    q, k = (t.expand(B, -1, -1, -1).contiguous() for t in (q, k))
+    got, want = run(q, k, cos, sin), phi3_apply_rotary_pos_emb(q, k, cos, sin)
+    assert len(rope_calls) == 2 and all(a.shape == b.shape and a.is_contiguous() for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_two_casts_of_the_argument_to_fp32_run_rope(table_dtype, rope_calls):
+    """ModernBERT's and ESM's q.float() * cos + rotate_half(q.float()) * sin, cast to q's dtype: Cohere's
+    rotation in fp32 written with two casts; rope, whose fp32 math and one rounding are the written
+    code's (on CPU bit for bit)."""
+    torch.manual_seed(1)
+    q, k = (torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    cos, sin = tables(per_sequence=True, dtype=table_dtype)
+    got = prove_function(modernbert_apply_rotary_pos_emb).run(q, k, cos, sin)
+    want = modernbert_apply_rotary_pos_emb(q, k, cos, sin)
+    assert len(rope_calls) == 2
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.stride() == b.stride()
+        if DEVICE.type == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())

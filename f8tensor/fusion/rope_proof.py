@@ -42,14 +42,15 @@ it record why):
     t * c + stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2) * s, the adjacent pairs
       (GLM's; rope's interleaved form);
     cat((t1 * c - t2 * s, t2 * c + t1 * s), dim=-1) by tables of half t's last dim (GPT-OSS's);
-    the first two in fp32: of t.float() (Cohere's), or t.float() * c + rotate_half(t).float() * s
-      (Ernie 4.5's);
+    the first two in fp32: of t.float() (Cohere's; ModernBERT's and ESM's cast t twice, once per
+      term), or t.float() * c + rotate_half(t).float() * s (Ernie 4.5's); the sum's terms in either
+      order (the rotated half's first: a contiguous result, as eager's);
   each as it is, or cast to an argument's dtype, .to(u.dtype) or .to(dtype=u.dtype), u.dtype read
   for such casts alone (OLMo 2's casts back to t's own; Cohere's and Ernie 4.5's cast k's to q's),
   or in the partial form cat([rotation of t[..., :R], t[..., R:]], dim=-1), R = c.shape[-1] or
-  s.shape[-1] read for those slices alone (Phi-3's, GLM's). Tables: arguments, their unsqueezes,
-  and either repeated per pair, table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1)
-  (GLM's, Ernie 4.5's).
+  s.shape[-1] read for those slices alone (Phi-3's, GLM's), in t's own dtype. Tables: arguments,
+  their unsqueezes, and either repeated per pair,
+  table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1) (GLM's, Ernie 4.5's).
 Its arguments are plain (no *args, keyword-only or positional-only, none named self), with
 defaults that are numbers, None or strings, and survive the rewrite with their names and defaults.
 The module: its class passes core/class_swap.class_reason, and its forward (or, through decorators that
@@ -302,8 +303,11 @@ def _rotated_half(n):
 
 
 def _rotation(add):
-    """(t, c, s, halves form, the nodes of the rotation, upcast) if add is t * c + rotate_half(t) * s,
-    or, upcast, t.float() * c + rotate_half(t).float() * s (Ernie 4.5's), else None."""
+    """(t, c, s, halves form, the nodes of the rotation, upcast, t's product first) if add is
+    t * c + rotate_half(t) * s (the sum in either order), or, upcast, t.float() * c +
+    rotate_half(t).float() * s (Ernie 4.5's), else None. t may be u.float() with t * c written as
+    another u.float() * c. t's product first: the sum has t's layout
+    in eager (the rotated half's product first: a contiguous one)."""
     if not (_is(add, _ADDS, "add") and len(add.args) == 2 and not add.kwargs):
         return None
     for m1, m2 in (add.args, add.args[::-1]):
@@ -314,11 +318,17 @@ def _rotation(add):
             if found is None:
                 continue
             t, form, nodes, upcast = found
+            first = m1 is add.args[0]
             for a, c in (m1.args, m1.args[::-1]):
                 if upcast and _upcast_of(a) is t and set(a.users) == {m1} and c is not t:
-                    return t, c, s, form, nodes | {m1, m2, a}, True
+                    return t, c, s, form, nodes | {m1, m2, a}, True, first
                 if not upcast and a is t and c is not t:
-                    return t, c, s, form, nodes | {m1, m2}, False
+                    return t, c, s, form, nodes | {m1, m2}, False, first
+                if (not upcast and a is not t and c is not t and _upcast_of(a) is not None
+                        and _upcast_of(a) is _upcast_of(t) and set(a.users) == {m1}):
+                    # u.float() * c + rotate_half(u.float()) * s, two casts of u (ModernBERT's, ESM's):
+                    # the rotation of t = u.float() (the caller reads u off it)
+                    return t, c, s, form, nodes | {m1, m2, a}, False, first
     return None
 
 
@@ -329,7 +339,7 @@ def _product_of(n, a, b) -> bool:
 
 
 def _half_table_rotation(n):
-    """(t, c, s, halves form + "/half", the nodes of the rotation, False) if n is cat((x1 * c - x2 * s,
+    """(t, c, s, halves form + "/half", the nodes of the rotation, False, True) if n is cat((x1 * c - x2 * s,
     x2 * c + x1 * s), dim=-1) with x1, x2 the halves of t and tables c, s of half its last dim
     (GPT-OSS's _apply_rotary_emb), else None."""
     if not (_is(n, {torch.cat}, "cat") and n.op == "call_function" and len(n.args) >= 1 and _last_dim(n)):
@@ -349,7 +359,7 @@ def _half_table_rotation(n):
             for r1, r2 in ((q1, q2), (q2, q1)):
                 if _product_of(r1, x2, c) and _product_of(r2, x1, s):
                     t, form, nodes = found
-                    return t, c, s, form + "/half", nodes | {*parts, p1, p2, q1, q2, x1, x2}, False
+                    return t, c, s, form + "/half", nodes | {*parts, p1, p2, q1, q2, x1, x2}, False, True
     return None
 
 
@@ -378,18 +388,21 @@ def _table(n, placeholders) -> set | None:
     return inner | {n, front, cut.stop, cut.stop.args[0], cut.stop.args[0].args[0]}
 
 
-def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast: bool = False):
+def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast: bool = False,
+            x_first: bool = True):
     """x * cos + rotate_half(x) * sin as the proven function wrote it (halves: "chunk" or "slice",
     or "pairs": the adjacent pairs' form, rope's interleaved one; upcast: x in fp32 first; cast_to:
-    followed by .to(cast_to)): f8tensor.rope where that gives eager's shape, dtype and layout and x
-    is large enough to gain, the written ops otherwise. Cast back to x's own dtype, tables that
+    followed by .to(cast_to); x_first: x's product is the sum's first term, as written, else the
+    rotated half's, whose contiguous layout the sum then takes): f8tensor.rope where that gives
+    eager's shape, dtype and layout and x is large enough to gain, the written ops otherwise. Cast back to x's own dtype, tables that
     promote x's dtype (fp32 tables for bf16 x) and an upcast x are rope's too: eager's fp32 math and
     one rounding (on the GPU the kernel may contract a product and a sum into one fused multiply-add
     where eager rounds the product: one unit in the last place of x's dtype, rarely). halves ending in
     "/half": tables of half x's last dim (GPT-OSS's cat((x1 * c - x2 * s, x2 * c + x1 * s))), each
     repeated over both halves for rope, whose output is then made contiguous as the concatenation is."""
     halves, _, half = halves.partition("/")
-    if half and type(cos) is torch.Tensor and type(sin) is torch.Tensor and cos.dim() and sin.dim():
+    if (half and type(cos) is torch.Tensor and type(sin) is torch.Tensor and cos.dim() and sin.dim()
+            and type(x) is torch.Tensor and x.numel() >= MIN_FUSED_NUMEL):  # (else the written ops: no copies)
         cos, sin, written = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1), (cos, sin)
     elif half:
         written = (cos, sin)
@@ -403,7 +416,7 @@ def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast
             and not (cos.requires_grad or sin.requires_grad) and cos.device == x.device == sin.device
             and all(c in (1, d) for c, d in zip(cos.shape[::-1], x.shape[::-1]))):
         out = rope_checked(x, cos, sin, halves == "pairs")
-        return out.contiguous() if half else out  # the written concatenation's layout
+        return out.contiguous() if half or not x_first else out  # the layout of the written cat or sum
     x = x.float() if upcast else x
     if half:  # as written: the halves by the half-width tables
         x1, x2 = x.chunk(2, dim=-1) if halves == "chunk" else (x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:])
@@ -418,7 +431,7 @@ def _rotate(x, cos, sin, halves: str, cast_to: torch.dtype | None = None, upcast
         else:
             x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
         rotated = torch.cat((-x2, x1), dim=-1)
-    out = x * cos + rotated * sin
+    out = x * cos + rotated * sin if x_first else rotated * sin + x * cos
     return out.to(cast_to) if cast_to is not None else out
 
 
@@ -475,14 +488,23 @@ def _partial(n):
     return rotation, x, rest, width
 
 
+def _broadcasts_to(shape, *tables) -> bool:
+    """The tables broadcast to shape without widening it (else the written concatenation raises)."""
+    try:
+        return torch.broadcast_shapes(shape, *(t.shape for t in tables)) == shape
+    except RuntimeError:
+        return False
+
+
 def _rotate_partial(x, cos, sin, halves: str, width_of_sin: bool):
     """torch.cat([x[..., :R] * cos + rotate_half(x[..., :R]) * sin, x[..., R:]], dim=-1), R =
     cos.shape[-1] (sin's where width_of_sin; Phi-3's partial rotary), as the proven function wrote
-    it: where R is x's whole last dim (nothing passes through) the rotation of x through _rotate,
-    made contiguous as the concatenation's result is; otherwise the rotated part through _rotate and
+    it: where R is x's whole last dim (nothing passes through) and the tables do not broadcast x to
+    a larger shape, the rotation of x through _rotate, made contiguous as the concatenation's result
+    is; otherwise the rotated part through _rotate and
     the concatenation as written."""
     width = (sin if width_of_sin else cos).shape[-1]
-    if width == x.shape[-1]:
+    if width == x.shape[-1] and _broadcasts_to(x.shape, cos, sin):
         return _rotate(x, cos, sin, halves).contiguous()
     return torch.cat([_rotate(x[..., :width], cos, sin, halves), x[..., width:]], dim=-1)
 
@@ -523,14 +545,16 @@ def _prove_function(fn) -> RotaryFunction | str:
         found = (_rotation(add) or _half_table_rotation(add)) if isinstance(add, torch.fx.Node) else None
         if found is None:
             return f"{fn.__name__} returns something other than rotations x * cos + rotate_half(x) * sin"
-        t, c, s, form, inner, upcast = found
+        t, c, s, form, inner, upcast, x_first = found
         if partial and form.endswith("/half"):
             return f"{fn.__name__} concatenates a rotation by half-width tables with the rest of its argument"
         if partial:
             x, rest, width = partial[1:]
-            if upcast or not (_slice_of(t, x, None, width) and _width(width, (c, s))):  # R: c's or s's last dim
+            if upcast or _upcast_of(x) is not None:  # _rotate_partial rotates in x's own dtype
+                return f"{fn.__name__} rotates part of its argument in fp32 (the partial form is fused in x's dtype)"
+            if not (_slice_of(t, x, None, width) and _width(width, (c, s))):  # R: c's or s's last dim
                 return (f"{fn.__name__} concatenates a rotation with something other than the rest of its "
-                        "argument past the table's width")
+                        "argument past the width of a table argument")
             inner = inner | {t, rest}
             widths.add(width)
             t = x
@@ -546,7 +570,7 @@ def _prove_function(fn) -> RotaryFunction | str:
             return f"{fn.__name__} uses a rotation's intermediate values elsewhere"
         # the partial form: whether R is read off s (else c); None: not the partial form
         width_of_sin = None if partial is None else width.args[0].args[0] is s and s is not c
-        rotations.append((result, t, c, s, form, dtype_read, upcast, width_of_sin))
+        rotations.append((result, t, c, s, form, dtype_read, upcast, x_first, width_of_sin))
         covered |= inner | {add, result} | table_nodes[0] | table_nodes[1] | ({dtype_read} if cast else set())
         dtypes |= {dtype_read} if cast else set()
     for read in widths | dtypes:  # read for the rotations' slices or casts alone (q's and k's may share it)
@@ -555,9 +579,10 @@ def _prove_function(fn) -> RotaryFunction | str:
         covered |= {read, read.args[0]} if read in widths else {read}
     if set(nodes) - covered:
         return f"{fn.__name__} computes more than its rotations"
-    for result, t, c, s, form, dtype_read, upcast, width_of_sin in rotations:
+    for result, t, c, s, form, dtype_read, upcast, x_first, width_of_sin in rotations:
         with graph.inserting_before(result):
-            fused = graph.call_function(*((_rotate, (t, c, s, form, dtype_read, upcast)) if width_of_sin is None else
+            fused = graph.call_function(*((_rotate, (t, c, s, form, dtype_read, upcast, x_first))
+                                          if width_of_sin is None else
                                           (_rotate_partial, (t, c, s, form, width_of_sin))))
         result.replace_all_uses_with(fused)
     graph.eliminate_dead_code()
