@@ -114,6 +114,15 @@ def swiglu_backward_kernel(
 # Offsets of the halves form's y below this are divided in 32-bit integers (`strided`).
 INT32_OFFSETS = 2 ** 31
 
+
+def strided_bits(n: int, width: int, in_stride: int) -> int:
+    """`strided`'s STRIDED for n elements of h in rows of `width` read `in_stride` apart: 0 where
+    they are contiguous (in_stride == width), 32 where rows x in_stride < INT32_OFFSETS (every
+    offset of the input, at most rows x in_stride - 1, then fits int32), else 64."""
+    if in_stride == width:
+        return 0
+    return 32 if n // width * in_stride < INT32_OFFSETS else 64
+
 # Chosen by benchmarks/swiglu.py --sweep (docs/design.md, "Block sizes").
 FORWARD_BLOCKS = dict(block=4096, num_warps=8)
 BACKWARD_BLOCKS = dict(block=2048, num_warps=8)
@@ -129,8 +138,8 @@ def _launch(kernel, inputs, outputs, num_records, block, num_warps, gelu_tanh, n
     programs = max(1, min(default_num_programs(device), cdiv(n, block)))
     records = torch.empty(num_records * programs, dtype=torch.int32, device=device)
     args = (*inputs, *outputs, *records.split(programs), n, width, in_stride, programs, cdiv(cdiv(n, block), programs))
-    strided = 0 if in_stride == width else 32 if n // width * in_stride < INT32_OFFSETS else 64
-    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block, GELU_TANH=gelu_tanh, STRIDED=strided)
+    launch_kernel(kernel, (programs,), args, num_warps, BLOCK=block, GELU_TANH=gelu_tanh,
+                  STRIDED=strided_bits(n, width, in_stride))
     return records
 
 

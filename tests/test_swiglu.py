@@ -286,6 +286,19 @@ def test_halves_kernels_give_the_bits_of_the_kernels_on_copied_halves(shape, dty
     assert_record_is_amax_of(record_dy, dy)
 
 
+@needs_triton
+def test_halves_offsets_take_32_bit_division_exactly_while_every_offset_fits():
+    """y [rows, 2 F] read as its halves: 32-bit division while rows x 2 F < 2^31 (its largest offset
+    2^31 - 1 or less), 64-bit from there; contiguous inputs none."""
+    from f8tensor.kernels.swiglu import strided_bits
+
+    F = 2 ** 10
+    assert strided_bits(2 ** 20 * F, F, 2 * F) == 64  # 2^20 rows of 2^11: y has 2^31 elements
+    assert strided_bits((2 ** 20 - 1) * F, F, 2 * F) == 32
+    assert strided_bits(2 ** 30 - 1, 1, 2) == 32 and strided_bits(2 ** 30, 1, 2) == 64
+    assert strided_bits(2 ** 40, F, F) == 0
+
+
 @pytest.mark.parametrize("dtype", HP_DTYPES)
 @pytest.mark.parametrize("gelu_tanh", [False, True], ids=["swiglu", "geglu"])
 @pytest.mark.parametrize("gate_half", [0, 1])
@@ -317,10 +330,12 @@ def test_halves_op_bad_inputs_name_the_problem():
         swiglu_halves(y[:, :7])
     with pytest.raises(ValueError, match="gate_half is 0"):
         swiglu_halves(y, 2)
-    with pytest.raises(ValueError, match="gate_half is 0"):
+    with pytest.raises(TypeError, match="gate_half is the int 0 or 1, got bool True"):
         geglu_halves(y, True)
     with pytest.raises(TypeError, match="bfloat16, float16 or float32"):
         swiglu_halves(y.long())
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32"):  # the dtype first, odd width or not
+        swiglu_halves(y[:, :7].long())
     with pytest.raises(TypeError, match="takes a tensor"):
         swiglu_halves([1.0, 2.0])
 

@@ -83,12 +83,14 @@ class _SwiGLUHalvesFn(torch.autograd.Function):
 def _gate_halves(name: str, y, gate_half, gelu_tanh: bool) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} takes a tensor, got {type(y).__name__}")
-    if y.dim() < 1 or y.shape[-1] % 2:
-        raise ValueError(f"{name}(y) needs y [..., 2 F] with an even last dim (two halves), got {tuple(y.shape)}")
-    if type(gate_half) is not int or gate_half not in (0, 1):
-        raise ValueError(f"{name}: gate_half is 0 (the gate is y's first half) or 1 (the second), got {gate_half!r}")
     if y.dtype not in INPUT_DTYPES:
         raise TypeError(f"{name} takes bfloat16, float16 or float32 tensors, got {y.dtype}")
+    if y.dim() < 1 or y.shape[-1] % 2:
+        raise ValueError(f"{name}(y) needs y [..., 2 F] with an even last dim (two halves), got {tuple(y.shape)}")
+    if type(gate_half) is not int:  # (bool and numpy integers too: an int says which half)
+        raise TypeError(f"{name}: gate_half is the int 0 or 1, got {type(gate_half).__name__} {gate_half!r}")
+    if gate_half not in (0, 1):
+        raise ValueError(f"{name}: gate_half is 0 (the gate is y's first half) or 1 (the second), got {gate_half!r}")
     if not kernels_can_run(y):  # as _gate: the reference in plain ops
         return swiglu_halves_ref(y, gate_half, gelu_tanh)
     return _SwiGLUHalvesFn.apply(y.contiguous(), gate_half, gelu_tanh)
