@@ -39,13 +39,13 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(packed=False)]
 
 
-def applies(cfg: dict, mode: str) -> bool:
-    """Whether a sweep configuration's options apply to the cast `mode` (column slices no wider than
-    the column strips' programs)."""
+def applies(cfg: dict, mode: str, M: int) -> bool:
+    """Whether a sweep configuration's options apply to the cast `mode` of an input of M rows (column
+    slices no wider than the column strips' programs; packed=True where M is a multiple of 4)."""
     return not ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
                 or "sub_n" in cfg and mode not in ("act_both", "act_col")
                 or "block_n" in cfg and mode != "act_col"
-                or "packed" in cfg and mode not in ("act_both", "act_col")
+                or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 
@@ -114,7 +114,7 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if not applies(cfg, mode):
+                    if not applies(cfg, mode, M):
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)
@@ -127,7 +127,8 @@ def main():
     if args.sweep:
         for i, cfg in enumerate(SWEEP):
             times = [r[f"sweep{i}_gpu_ms"] / r["ours_gpu_ms"] for r in rows if f"sweep{i}_gpu_ms" in r]
-            print(f"{cfg}: mean time vs default {sum(times) / len(times):.3f}")
+            if times:  # (a configuration may apply to none of the shapes run)
+                print(f"{cfg}: mean time vs default {sum(times) / len(times):.3f}")
 
 
 if __name__ == "__main__":

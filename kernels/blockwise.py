@@ -2,8 +2,9 @@
 
 Reference: `naive.quantize_blockwise_ref` (same results bit for bit on the GPU).
 
-One kernel, `block_kernel`, one read of x from memory. Each program owns one BLOCK_M x 128 tile
-and writes what the caller asked for from it:
+One kernel, `block_kernel`, one read of x from memory. Each program owns one BLOCK_M x BLOCK_N
+tile (128 x 128, but for the row strips alone, BLOCK_M rows, and the column strips alone, BLOCK_N
+columns) and writes what the caller asked for from it:
 - activations and gradients (SQUARE off): the row-major data with one scale per 1 x 128 strip
   of a row, and the column-major data with one scale per 128 x 1 strip of a column. A tile of
   128 rows holds whole strips of both kinds, so both layouts, with their scales along different
@@ -219,14 +220,15 @@ def block_cast_triton(
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
     row strips are written (any power of two; ROW_STRIP_BLOCK_M by default; 128 otherwise, where
     tiles are scale blocks). block_n: columns per program for the column strips alone (a power of
-    two <= 128; COL_STRIPS_BLOCK_N by default; 128 otherwise).
+    two <= 128; COL_STRIPS_BLOCK_N by default; 128 otherwise). Each option given where it does
+    not apply is a ValueError.
     Strips only: sub_m rows per row slice of a program's tile (a power of two <= its rows; SUB_M
     by default), sub_n columns per column slice (a power of two <= 128; SUB_N by default, and
     COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them).
     packed: the column strips' bytes stored four rows to a 32-bit word (`_packed_col_slice`); by
     default (None) wherever it applies (PACKED_COLUMNS on, strips written column-major, M a multiple
     of 4, offsets inside a tile within int32); True where it does not apply is a ValueError."""
-    _check(x, float8_dtype)
+    _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
     M, N = x.shape
@@ -243,9 +245,15 @@ def block_cast_triton(
         col_scale = torch.empty((mb, N), **f32) if write_col else None
     bm = BLOCK if square or write_col else (block_m or ROW_STRIP_BLOCK_M)
     col_alone = write_col and not write_row and not square
-    if block_n is not None and not col_alone:
-        raise ValueError("block_cast_triton: block_n applies to the column strips alone (write_row=False, "
-                         "write_col=True, square=False); other casts take whole 128-column tiles")
+    for name, value, applies, where in (
+            ("block_m", block_m, not (square or write_col), "the row strips alone (write_col=False, square=False); "
+             "other casts take whole 128-row tiles"),
+            ("block_n", block_n, col_alone, "the column strips alone (write_row=False, write_col=True, "
+             "square=False); other casts take whole 128-column tiles"),
+            ("sub_m", sub_m, not square, "the strips (square=False); 128 x 128 tiles are cast whole"),
+            ("sub_n", sub_n, not square, "the strips (square=False); 128 x 128 tiles are cast whole")):
+        if value is not None and not applies:  # an option that would change nothing: a sweep would time a no-op
+            raise ValueError(f"block_cast_triton: {name} applies to {where}")
     bn = (block_n or COL_STRIPS_BLOCK_N) if col_alone else BLOCK
     for name, value, bound in (("block_m", block_m, None), ("block_n", block_n, BLOCK), ("sub_m", sub_m, bm),
                                ("sub_n", sub_n, bn)):
@@ -255,7 +263,8 @@ def block_cast_triton(
     # Offsets inside one tile (rows x stride_m + columns x stride_n; the column-major store's
     # columns x M + rows) fit int32 where this holds: `_col_strips` then adds 64 bits only per tile.
     fits_32 = BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
-    why_not = ("the column strips are not written" if square or not write_col else
+    why_not = ("square (128 x 128) tiles have no column strips" if square else
+               "the column strips are not written (write_col=False)" if not write_col else
                f"M = {M} is not a multiple of 4" if M % 4 else
                "offsets inside a 128 x 128 tile exceed int32" if not fits_32 else None)
     if packed and why_not:

@@ -135,9 +135,9 @@ def _format(float8_dtype: torch.dtype, power_of_2: bool, exact_round: bool, x: t
                 MIN_NORMAL_EXP=min_normal_exp, EXACT_ROUND=exact_round)
 
 
-def _check(x: torch.Tensor, float8_dtype: torch.dtype):
+def _check(x: torch.Tensor, float8_dtype: torch.dtype, name: str = "rowwise"):
     if x.dim() != 2:
-        raise ValueError(f"rowwise quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
     if x.dtype not in INPUT_DTYPES:
         raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
     if float8_dtype not in FORMAT_BITS:

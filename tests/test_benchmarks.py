@@ -259,16 +259,21 @@ def test_blockwise_sweep_configurations_are_accepted_and_give_the_default_bits()
     finally:
         sys.path.pop(0)
     torch.manual_seed(0)
-    x = torch.randn(256, 384, dtype=torch.bfloat16)
-    for mode in kb.MODES:
-        want = kb.ours(x, mode)()
-        for cfg in kb.SWEEP:
-            if not kb.applies(cfg, mode):
-                continue
-            got = kb.ours(x, mode, **cfg)()
-            assert all(a is None and b is None or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
-                                                              b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
-                       for a, b in zip(got, want)), (mode, cfg)
+    for x in (torch.randn(256, 384, dtype=torch.bfloat16), torch.randn(130, 256, dtype=torch.bfloat16)):
+        for mode in kb.MODES:
+            check_sweep(kb, x, mode)
+    assert not kb.applies(dict(packed=True), "act_both", 130) and kb.applies(dict(packed=False), "act_both", 130)
+
+
+def check_sweep(kb, x, mode):
+    want = kb.ours(x, mode)()
+    for cfg in kb.SWEEP:
+        if not kb.applies(cfg, mode, x.shape[0]):
+            continue
+        got = kb.ours(x, mode, **cfg)()
+        assert all(a is None and b is None or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                          b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+                   for a, b in zip(got, want)), (mode, cfg, tuple(x.shape))
 
 
 @CPU_ONLY

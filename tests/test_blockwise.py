@@ -9,6 +9,7 @@ layouts and computes the same product in fp32.
 """
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
-@pytest.mark.parametrize("shape", [(17, 48), (132, 300), (256, 256)] + ([(4096, 4100)] if ON_GPU else []))
+@pytest.mark.parametrize("shape", [(4, 16), (17, 48), (132, 300), (256, 256)] + ([(4096, 4100)] if ON_GPU else []))
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
@@ -102,12 +103,44 @@ def test_column_strips_stored_packed_or_byte_by_byte_match_reference(shape, col_
         same(block_cast_triton(x, float8_dtype, write_row=not col_alone, write_col=True, packed=packed), want)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
+def test_the_column_store_asked_for_is_the_one_launched(packed, col_alone, monkeypatch):
+    """packed=True launches the word store (PACKED, the column-major data as int32 words), packed=False
+    the byte store (uint8): both give the reference's bits, so only the launch tells them apart."""
+    module = sys.modules[block_cast_triton.__module__]
+    launches = []
+    launch = module.launch_kernel
+    monkeypatch.setattr(module, "launch_kernel", lambda kernel, grid, args, num_warps, **consts: (
+        launches.append((args[3].dtype, consts["PACKED"])), launch(kernel, grid, args, num_warps, **consts))[1])
+    x = spanning_values((132, 300), torch.bfloat16)
+    same(block_cast_triton(x, E4M3, write_row=not col_alone, write_col=True, packed=packed),
+         reference(x, E4M3, False, False, not col_alone, True))
+    assert launches == [(torch.int32, True) if packed else (torch.uint8, False)]
+
+
 def test_packed_store_where_it_cannot_apply_is_refused():
+    past_int32 = torch.empty_strided((128, 4), (2 ** 24, 1), device="meta", dtype=torch.bfloat16)  # no memory
     for x, kinds, why in ((spanning_values((130, 256), torch.bfloat16), {}, "M = 130 is not a multiple of 4"),
-                          (spanning_values((128, 256), torch.bfloat16), dict(square=True), "not written"),
-                          (spanning_values((128, 256), torch.bfloat16), dict(write_col=False), "not written")):
+                          (spanning_values((128, 256), torch.bfloat16), dict(square=True), "no column strips"),
+                          (spanning_values((128, 256), torch.bfloat16), dict(write_col=False), "not written"),
+                          (past_int32, {}, "offsets inside a 128 x 128 tile exceed int32")):
         with pytest.raises(ValueError, match=why):
             block_cast_triton(x, E4M3, **{"write_col": True, **kinds}, packed=True)
+
+
+def test_launch_options_where_they_change_nothing_are_refused():
+    """block_m where the programs are whole 128-row tiles, sub_m / sub_n where 128 x 128 tiles are cast
+    whole: refused (a sweep would otherwise time the default under another name)."""
+    x = torch.randn(256, 256, dtype=torch.bfloat16, device=DEVICE)
+    for opts, kinds, where in ((dict(block_m=32), dict(write_col=True), "the row strips alone"),
+                               (dict(block_m=32), dict(square=True), "the row strips alone"),
+                               (dict(sub_m=32), dict(square=True), "the strips"),
+                               (dict(sub_n=32), dict(square=True, write_col=True), "the strips")):
+        with pytest.raises(ValueError, match=f"{next(iter(opts))} applies to {where}"):
+            block_cast_triton(x, E4M3, **kinds, **opts)
+    with pytest.raises(ValueError, match="blockwise quantization takes a 2-D tensor"):
+        block_cast_triton(x.view(2, 128, 256), E4M3)
 
 
 @pytest.mark.parametrize("square", [False, True])
@@ -117,11 +150,14 @@ def test_kernel_matches_reference_with_power_of_2_scales(square):
     same(got, reference(x, E4M3, True, square, True, True))
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("make", ["col_major", "row_slice"])
-def test_strided_inputs(make):
+def test_strided_inputs(make, packed):
     base = spanning_values((300, 260), torch.bfloat16)
     x = base.t().contiguous().t() if make == "col_major" else base[:, 3:259]
-    same(block_cast_triton(x, E4M3, write_row=True, write_col=True), reference(x, E4M3, False, False, True, True))
+    want = reference(x, E4M3, False, False, True, True)
+    same(block_cast_triton(x, E4M3, write_row=True, write_col=True, packed=packed), want)
+    same(block_cast_triton(x, E4M3, write_row=False, write_col=True, packed=packed), (None, None, *want[2:]))
 
 
 def test_launch_options_that_would_cast_wrongly_are_refused():

@@ -319,7 +319,7 @@ def lean_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, str
 
 def run_lean(x, warps=4, rch=64, chunk=64, write_row=True, orient=0, amax_from_rows=False, meta=None):
     M, N = x.shape
-    assert 128 * max(x.stride(0), x.stride(1), M, N) < 2 ** 31
+    assert 128 * (x.stride(0) + x.stride(1) + M + N) < 2 ** 31  # every offset inside a tile, in and out
     mb, nb = cdiv(M, 128), cdiv(N, 128)
     row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device) if write_row else None
     col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
@@ -526,7 +526,7 @@ def run_packed_once(x, warps=8, meta=None):
     M, N = x.shape
     if M % 128 or N % 128:
         return run_packed(x, warps=4, meta=meta)  # whole tiles only: other shapes are checked on packed_kernel
-    assert 128 * max(x.stride(0), x.stride(1), M, N) < 2 ** 31
+    assert 128 * (x.stride(0) + x.stride(1) + M + N) < 2 ** 31  # every offset inside a tile, in and out
     row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device)
     col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((N // 128, M), dtype=torch.float32, device=x.device).t()
@@ -543,7 +543,7 @@ def run_packed_once(x, warps=8, meta=None):
 
 def run_packed(x, warps=4, rch=64, cch=64, bn=128, write_row=True, meta=None):
     M, N = x.shape
-    assert M % 4 == 0 and 128 * max(x.stride(0), x.stride(1), M, N) < 2 ** 31
+    assert M % 4 == 0 and 128 * (x.stride(0) + x.stride(1) + M + N) < 2 ** 31
     assert bn == 128 or not write_row
     mb, nb = cdiv(M, 128), cdiv(N, bn)
     row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device) if write_row else None
