@@ -1,6 +1,8 @@
 """convert_to_float8_training: what is swapped, what is kept and why, idempotence, the summary."""
 
+import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401 (torch.nn.utils.prune)
 from expecttest import TestCase
 from f8utils import DEVICE
 from torch import nn
@@ -90,11 +92,62 @@ def test_converting_twice_is_a_no_op():
     assert [m[0].up, m[0].down, m[1]] == layers
 
 
-def test_root_linear_is_replaced_and_returned():
+def test_root_linear_is_converted_and_returned():
     lin = nn.Linear(2048, 4096, device="meta")
     out = convert_to_float8_training(lin)
-    assert type(out) is Float8Linear and out.weight is lin.weight
+    assert out is lin and type(out) is Float8Linear
     assert convert_to_float8_training(out) is out
+
+
+def test_conversion_keeps_the_layer_object_and_everything_on_it():
+    """The layer's class changes in place: its own buffers and attributes, its training flag, a
+    layer registered twice and references held outside the model all stay with it."""
+    lin = nn.Linear(64, 64, device=DEVICE)
+    lin.register_buffer("steps", torch.zeros(()))
+    lin.tag = "shared"
+    outside = [lin]
+    m = nn.Sequential(lin, nn.ReLU(), lin).eval()
+    convert_to_float8_training(m, module_filter_fn=every_layer)
+    assert m[0] is m[2] is outside[0] is lin and type(lin) is Float8Linear
+    assert not lin.training and lin.tag == "shared" and "0.steps" in m.state_dict()
+    assert conversion_summary(m).splitlines()[0] == "f8tensor: 1 of 1 linear layers in float8"
+
+
+def test_a_pruned_layer_converts_and_runs_its_mask():
+    """torch.nn.utils.prune makes weight a plain tensor recomputed before each forward (weight_orig *
+    weight_mask): the converted layer runs on the masked weight, its hook and state kept."""
+    lin = nn.Linear(64, 64, device=DEVICE)
+    torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=0.5)
+    x = torch.randn(8, 64, device=DEVICE)
+    with torch.no_grad():
+        want = lin(x)
+    convert_to_float8_training(lin, module_filter_fn=every_layer)
+    assert type(lin) is Float8Linear and {"weight_orig", "weight_mask"} <= set(lin.state_dict())
+    with torch.no_grad():
+        lin.weight_orig.mul_(2)  # the mask's hook recomputes the weight before the next forward
+    out = lin(x)
+    assert torch.equal(lin.weight, lin.weight_orig * lin.weight_mask)
+    torch.testing.assert_close(out, 2 * want - lin.bias, rtol=0.1, atol=0.1 * want.abs().max().item())
+    out.sum().backward()
+    assert lin.weight_orig.grad is not None
+
+
+def test_an_instance_forward_is_kept_with_the_reason():
+    """A forward set on the instance (accelerate's hooks install one) would be bypassed by nothing,
+    but would hide Float8Linear's: kept, with the reason."""
+    lin = nn.Linear(64, 64, device=DEVICE)
+    lin.forward = lambda x: 7 * torch.ones_like(x)
+    convert_to_float8_training(lin, module_filter_fn=every_layer)
+    assert type(lin) is nn.Linear and torch.equal(lin(torch.zeros(2, 64, device=DEVICE)), 7 * torch.ones(2, 64,
+                                                                                                         device=DEVICE))
+    assert "kept: Linear: the module has an instance-level forward" in conversion_summary(lin)
+
+
+def test_converting_again_with_another_config_is_refused():
+    m = convert_to_float8_training(model(), module_filter_fn=every_layer)
+    convert_to_float8_training(m, module_filter_fn=every_layer, config=m[1].config)  # the same: a no-op
+    with pytest.raises(ValueError, match="a Float8Linear already, with another config"):
+        convert_to_float8_training(m, module_filter_fn=every_layer, config=Float8Config(fast_accum_output=False))
 
 
 class TestDefaultFilter(TestCase):

@@ -1,4 +1,4 @@
-"""convert_to_float8_training: swap nn.Linear for Float8Linear in place, and say what was done."""
+"""convert_to_float8_training: make nn.Linear layers Float8Linear in place, and say what was done."""
 
 import logging
 from typing import Callable
@@ -25,7 +25,8 @@ _MOVED_KEYWORDS = {"fuse_rms_norm": "rms_norm", "fuse_swiglu": "swiglu", "fuse_r
 
 
 def subclass_reason(mod: nn.Linear) -> str | None:
-    """Why a subclass of nn.Linear cannot run Float8Linear's forward, or None (core/class_swap.py)."""
+    """Why an nn.Linear (or a subclass) cannot run Float8Linear's forward in place of its own, or
+    None (core/class_swap.py): an instance-level forward, as accelerate's hooks install, included."""
     if isinstance(mod, NonDynamicallyQuantizableLinear):
         return (f"{type(mod).__name__}: nn.MultiheadAttention reads its weight itself, its forward never runs")
     return swap_reason(mod, nn.Linear, Float8Linear, attributes=("config",))
@@ -49,22 +50,24 @@ def convert_to_float8_training(
     module: nn.Module, *, module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
     config: Float8Config | None = None, **removed,
 ) -> nn.Module:
-    """Replace every nn.Linear in `module` with a Float8Linear; nothing else in the model changes
-    (f8tensor.fuse_model_ops is the separate call that fuses norms, the SwiGLU gate and RoPE). A
-    subclass of nn.Linear that keeps nn.Linear's forward (torchtitan 0.3's Linear) becomes, in
-    place, a same-named subclass of Float8Linear and of its own class, keeping its methods and
-    attributes; one that overrides forward is kept, with the reason (core/class_swap.py).
+    """Make every nn.Linear in `module` a Float8Linear, in place; nothing else in the model changes
+    (f8tensor.fuse_model_ops is the separate call that fuses norms, the SwiGLU gate and RoPE). The
+    layer object stays: its class becomes Float8Linear, and its parameters, buffers, hooks,
+    attributes, training flag and every reference to it are kept (a pruned or weight-normed layer's
+    reparametrization goes on running before its forward). A subclass of nn.Linear that keeps
+    nn.Linear's forward (torchtitan 0.3's Linear) becomes a same-named subclass of Float8Linear and
+    of its own class, keeping its methods; one that overrides forward, or a layer with a forward of
+    its own on the instance, is kept, with the reason (core/class_swap.py).
 
     Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
     returns True to convert. Without it, the default filter also keeps layers with a dimension of
     1024 or less (MIN_DEFAULT_DIM). Layers whose dims are not multiples of 16 are always kept
     (_scaled_mm cannot run them); kept layers are logged (logger "f8tensor") and listed by
-    conversion_summary. Parameters are moved, not copied, so optimizers built before conversion
-    keep working; so are the layer's forward, backward and state-dict hooks (parallelize_module's
-    among them); with Float8Config(fsdp_float8_all_gather=True) the weights become new
-    Float8AllGatherWeight parameters instead (distributed/fsdp_float8.py). Converting twice is a
-    no-op. Returns the module (a new one if `module` itself is
-    an nn.Linear).
+    conversion_summary. Optimizers built before conversion keep working, and the layer's forward,
+    backward and state-dict hooks (parallelize_module's among them) keep running; with
+    Float8Config(fsdp_float8_all_gather=True) the weights become new Float8AllGatherWeight
+    parameters instead (distributed/fsdp_float8.py). Converting again with the same config (or
+    none) is a no-op; with another config, a ValueError. Returns the module.
     """
     if removed:
         moved = [name for name in removed if name in _MOVED_KEYWORDS]
@@ -75,12 +78,18 @@ def convert_to_float8_training(
                 f"converts linear layers only; call f8tensor.fuse_model_ops(model, {calls}) for the "
                 "norm, gate and RoPE fusions")
         raise TypeError(f"convert_to_float8_training() got an unexpected keyword argument {next(iter(removed))!r}")
-    config = config or Float8Config()
 
     def convert(mod: nn.Module, fqn: str) -> nn.Module:
-        if not isinstance(mod, nn.Linear) or isinstance(mod, Float8Linear):
+        if isinstance(mod, Float8Linear):
+            if given_config is not None and mod.config != given_config:
+                raise ValueError(
+                    f"convert_to_float8_training: {fqn or '<root>'} is a Float8Linear already, with another "
+                    f"config ({mod.config} against {given_config}); convert a model once, or set each layer's "
+                    "config attribute")
             return mod
-        reason = None if type(mod) is nn.Linear else subclass_reason(mod)
+        if not isinstance(mod, nn.Linear):
+            return mod
+        reason = subclass_reason(mod)
         if reason is None and module_filter_fn is None:
             reason = default_skip_reason(mod)
         elif reason is None:  # the divisibility rule is a requirement of _scaled_mm, so it holds under any filter
@@ -92,23 +101,21 @@ def convert_to_float8_training(
             logger.info("f8tensor: keeping %s in high precision: %s", fqn or "<root>", reason)
             return mod
         if type(mod) is nn.Linear:
-            new = Float8Linear.from_float(mod, config)
+            mod.__class__ = Float8Linear
         else:
-            swap_class(mod, Float8Linear)  # a subclass keeps its object, methods and attributes
-            mod.config = config
-            new = mod
+            swap_class(mod, Float8Linear)  # a subclass keeps its methods too
+        mod.config = config
         if config.fsdp_float8_all_gather:
             from ..distributed.fsdp_float8 import wrap_weight
 
-            wrap_weight(new, config)
-        return new
+            wrap_weight(mod, config)
+        return mod
 
-    for fqn, parent in list(module.named_modules()):
-        for name, child in list(parent.named_children()):
-            new = convert(child, f"{fqn}.{name}" if fqn else name)
-            if new is not child:
-                setattr(parent, name, new)
-    return convert(module, "")
+    given_config = config
+    config = config or Float8Config()
+    for fqn, mod in list(module.named_modules()):  # each module once, however often it is registered
+        convert(mod, fqn)
+    return module
 
 
 def conversion_summary(module: nn.Module) -> str:
