@@ -140,6 +140,22 @@ def test_dtype_mismatch_and_wrong_width_raise():
         f8(torch.randn(4, 128, device=DEVICE))
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "blockwise"])
+@pytest.mark.parametrize("emulate", [False, True])
+def test_double_backward_raises_instead_of_differentiating_wrongly(recipe, emulate):
+    """A gradient penalty through a Float8Linear (create_graph=True, then a second backward): the
+    GEMMs have no derivative, so the second backward raises. Under emulate, whose GEMMs are plain
+    differentiable ops, it used to run and silently miss the paths through the saved float8 input."""
+    config = Float8Config.from_recipe_name(recipe).replace(emulate=emulate)
+    f8 = Float8Linear.from_float(nn.Linear(256, 256, bias=False, device=DEVICE, dtype=torch.bfloat16), config)
+    x = torch.randn(16, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    (gw,) = torch.autograd.grad(f8(x).pow(2).sum(), (f8.weight,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gw.pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no path to x: none is made up
+        torch.autograd.grad(gw.pow(2).sum(), (x,))
+
+
 def test_torch_func_transforms_and_forward_ad_raise_naming_the_fix():
     """Not supported (the GEMMs' Function has a backward only): an error that says so and what to
     do, whether the input or the parameters are transformed."""

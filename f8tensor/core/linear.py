@@ -26,6 +26,7 @@ eager training would pay in host time on every layer.
 import sys
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 from ..distributed.fsdp_float8 import Float8AllGatherWeight
@@ -151,6 +152,7 @@ class _Float8LinearFn(torch.autograd.Function):
         return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
     @staticmethod
+    @once_differentiable  # its GEMMs have no derivative: a double backward raises, not a wrong one
     def backward(ctx, grad_out):
         config = ctx.config
         x_col, x_scale, weight, w_info = ctx.saved_tensors

@@ -22,6 +22,7 @@ unquantized g and x.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels import quantize_blocks
 from ..torch_internals import saved_by_producer
@@ -66,6 +67,7 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
     @staticmethod
+    @once_differentiable  # its GEMMs have no derivative: a double backward raises, not a wrong one
     def backward(ctx, grad_out):
         config = ctx.config
         pow2 = config.power_of_2_scale

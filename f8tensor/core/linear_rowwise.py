@@ -22,6 +22,7 @@ as in linear.py): then x itself is saved and cast in backward.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels import quantize_cols, quantize_rows
 from ..torch_internals import saved_by_producer
@@ -95,6 +96,7 @@ class _RowwiseLinearFn(torch.autograd.Function):
         return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
     @staticmethod
+    @once_differentiable  # its GEMMs have no derivative: a double backward raises, not a wrong one
     def backward(ctx, grad_out):
         config = ctx.config
         f8, pow2 = config.backward_dtype, config.power_of_2_scale
