@@ -55,11 +55,28 @@ def test_to_float8_matches_reference_and_keeps_shape(layout, shape):
     assert torch.allclose(t.dequantize().float(), x.to(DEVICE).float(), rtol=0.07, atol=1e-6 * x.abs().max())
 
 
-def test_both_layouts_share_one_scale_and_values():
+def test_both_layouts_have_one_scale_value_and_values():
     row, col = q(torch.randn(32, 64), layout="both")
-    assert row._scale is col._scale
+    assert torch.equal(row._scale, col._scale) and row._scale is not col._scale  # a copy_ into one leaves the other
     assert row._data.is_contiguous() and col._data.t().is_contiguous()
     assert torch.equal(row.dequantize(), col.dequantize())
+
+
+def test_a_copy_into_a_new_tensor_leaves_the_tensors_it_came_from():
+    """copy_ writes the destination's data and scale: the layouts of one cast, a concatenation and
+    a .to() copy are new tensors with scales of their own, so their sources keep their values."""
+    x = torch.randn(16, 32, device=DEVICE)
+    big = q(torch.randn(16, 32) * 100)
+    row, col = q(x, layout="both")
+    want = col.dequantize()
+    row.copy_(big)
+    assert torch.equal(col.dequantize(), want) and torch.equal(row.dequantize(), big.dequantize())
+    a = q(x)
+    want = a.dequantize()
+    torch.cat([a, a]).copy_(torch.cat([big, big]))
+    a.to(torch.bfloat16).copy_(big)
+    a.to(torch.float32, copy=True).copy_(big)
+    assert torch.equal(a.dequantize(), want)
 
 
 def test_flatten_unflatten_roundtrip():
@@ -126,6 +143,7 @@ def test_to_copy_changes_presented_dtype_keeps_data():
     b = t.to(torch.bfloat16)
     assert isinstance(b, Float8Tensor) and b.dtype == torch.bfloat16 and b._data is not None
     assert torch.equal(b._data.view(torch.uint8), t._data.view(torch.uint8))
+    assert b._data.data_ptr() != t._data.data_ptr() and b._scale.data_ptr() != t._scale.data_ptr()  # a copy
     with pytest.raises(TypeError, match="ambiguous"):
         t.to(torch.float8_e4m3fn)
 

@@ -125,15 +125,17 @@ def _is_same_size(func, args, kwargs):
 @implements([aten._to_copy.default])
 def _to_copy(func, args, kwargs):
     """Device moves move data and scale; a dtype change changes the presented (output) dtype and
-    keeps the float8 data (this is what autocast asks of a weight). `.dequantize()` gives values."""
+    keeps the float8 values (this is what autocast asks of a weight). Either way the result is a
+    copy, as `_to_copy`'s always is (an alias would take a later copy_ into it into the source).
+    `.dequantize()` gives values."""
     t = args[0]
     dtype = kwargs.pop("dtype", None) or t._orig_dtype
     if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError("Float8Tensor.to(float8 dtype) is ambiguous; use ._data for the raw float8 data")
     device = kwargs.pop("device", None)
     return Float8Tensor(
-        t._data.to(device=device), t._scale.to(device=device), dtype, t._role, t._config, t._block
-    )
+        t._data.to(device=device, copy=True), t._scale.to(device=device, copy=True), dtype, t._role, t._config,
+        t._block)
 
 
 @implements([aten.cat.default])
@@ -154,7 +156,8 @@ def _cat(func, args, kwargs):
                 "torch.cat of Float8Tensors with different scales would mix two quantization grids; "
                 "dequantize them, concatenate, and quantize the result"
             )
-    return _rewrap(first, func([t._data for t in tensors], *args[1:], **kwargs))
+    # a new tensor: its own scale (a copy_ into it must not change the first input's)
+    return _rewrap(first, func([t._data for t in tensors], *args[1:], **kwargs), first._scale.clone())
 
 
 @implements([aten.copy_.default])

@@ -228,12 +228,12 @@ def to_float8(
     amax = torch.zeros((), dtype=torch.float32, device=x.device) if empty else None
     row, col, scale, _ = quantize_with_amax(x2d, float8_dtype, layout, power_of_2, amax=amax)
 
-    def wrap(data):
+    def wrap(data, scale):
         return Float8Tensor(data.view(shape), scale, x.dtype, role, config)
 
-    if layout == "both":
-        return wrap(row), wrap(col)
-    return wrap(row if layout == "row" else col)
+    if layout == "both":  # two tensors, two scales (a copy_ into one must leave the other as it is)
+        return wrap(row, scale), wrap(col, scale.clone())
+    return wrap(row if layout == "row" else col, scale)
 
 
 def _to_float8_rowwise(x, x2d, float8_dtype, layout, role, config, power_of_2):
