@@ -255,3 +255,22 @@ def test_cuda_graph_capture_records_the_cast():
         graph.replay()
         ref.load_state_dict(m.state_dict())
         assert torch.equal(out, ref(x))
+
+
+def test_a_kept_weight_alive_at_interpreter_exit_prints_nothing():
+    """The weak reference's callback runs while the interpreter tears down module globals: it reads
+    none, so no 'Exception ignored' traceback at exit."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch, f8tensor\n"
+              "m = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)\n"
+              "config = f8tensor.Float8Config(keep_fp8_weight=True, emulate=True)\n"
+              "f8tensor.convert_to_float8_training(m, config=config, module_filter_fn=lambda m, n: True)\n"
+              "m(torch.randn(16, 64, dtype=torch.bfloat16)).sum().backward()\n"
+              "print('ran')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ran", run.stderr[-2000:]
+    assert "Exception ignored" not in run.stderr, run.stderr[-2000:]

@@ -12,6 +12,11 @@ while all of these hold:
 - no `torch.optim` optimizer has stepped since: a global optimizer step hook drops every copy,
   which also frees their memory until the next forward.
 
+A kept copy holds a weak reference to its parameter, and PyTorch does not swap tensors that have
+one (`torch.utils.swap_tensors`, which `module.to()` and `load_state_dict` use for plain parameters
+only under `torch.__future__.set_swap_module_params_on_conversion(True)`): call
+`forget_fp8_weights()` before those.
+
 Not seen: writes that bypass the version counter — through `.data`, through DLPack or numpy views,
 by collectives or custom kernels writing into the parameter (`dist.broadcast(p)`), or FSDP2's
 all-gather copy-out (it preserves the version) of shards changed other than by an optimizer step.
@@ -30,6 +35,7 @@ The cache is one dict for every thread (on CUDA, autograd runs backward, and che
 recomputation, in its own device thread), keyed on the parameter's id and checked by identity.
 """
 
+import functools
 import weakref
 
 import torch
@@ -64,11 +70,13 @@ def _key(w: torch.Tensor, config) -> tuple:
             config.power_of_2_scale)
 
 
-def _drop(ident: int, ref: weakref.ref) -> None:
-    """The parameter was freed: drop its entry (unless a newer one took its id)."""
-    entry = ENTRIES.get(ident)
+def _drop(ident: int, ref: weakref.ref, entries: dict = ENTRIES) -> None:
+    """The parameter was freed: drop its entry (unless a newer one took its id). The dict is bound
+    here, not read as a global: at interpreter exit module globals are gone before the last
+    parameters are freed."""
+    entry = entries.get(ident)
     if entry is not None and entry.ref is ref:
-        ENTRIES.pop(ident, None)
+        entries.pop(ident, None)
 
 
 def _cast(w: torch.Tensor, config):
@@ -96,7 +104,7 @@ def fp8_weight(w: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, tor
     entry = _Entry()
     # The callback holds the id, not the entry: no reference cycle, so a dropped entry's float8
     # copies are freed at once, not at the next garbage collection.
-    entry.ref = weakref.ref(w, lambda ref, ident=ident: _drop(ident, ref))
+    entry.ref = weakref.ref(w, functools.partial(_drop, ident))
     entry.key, entry.row, entry.col, entry.scale = key, row, col, scale
     if not OPTIMIZER_HOOK:
         OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
