@@ -275,7 +275,7 @@ def build(a, config, ac, device):
         if a.f8_filter == "default":  # f8tensor's own default filter (keeps 1024-wide k/v in bf16)
             convert_to_float8_training(
                 model, config=f8_config,
-                module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod) is None)
+                module_filter_fn=lambda mod, fqn: not_output(mod, fqn) and default_skip_reason(mod, f8_config) is None)
         else:  # every linear but the output, as torchao is converted here
             convert_to_float8_training(model, config=f8_config, module_filter_fn=not_output)
         if config != "f8tensor_unfused":

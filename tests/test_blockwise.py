@@ -17,7 +17,7 @@ from f8utils import DEVICE, FLOAT8_DTYPES, HP_DTYPES, spanning_values, sqnr
 from test_rowwise import outlier_case, same_fp8, tp_model, tp_rank, tp_step
 from torch import nn
 
-from f8tensor import Float8Config, Float8Linear, to_float8
+from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, to_float8
 from f8tensor.core.tensor import GemmRole
 from f8tensor.kernels import quantize_blocks, quantize_blockwise_ref
 from f8tensor.kernels.naive import block_amax_ref, to_col_major
@@ -412,6 +412,25 @@ def test_one_token_and_an_empty_batch(tokens, bias):
     assert torch.equal(out, scaled_mm(xr, xs, wq.t(), ws.t(), lin.bias))
     assert torch.equal(x.grad, scaled_mm(gr, gs, to_col_major(wq), ws))
     assert torch.equal(f8.weight.grad, scaled_mm(to_col_major(gc).t().contiguous(), gcs.t(), to_col_major(xc), xcs))
+
+
+@pytest.mark.parametrize("tokens", [21, 128, 200])
+def test_features_not_multiples_of_16_run_at_any_token_count(tokens):
+    """Blockwise GEMMs are zero-padded, so any features run. With 128 tokens or fewer the weight
+    gradient's K (the tokens) is one block and its scales have rowwise shapes: that GEMM goes the
+    padded blockwise way too where its N (in_features) is not a multiple of 16, as the rowwise one
+    cannot run it. Conversion converts such layers under this recipe."""
+    lin = nn.Linear(100, 50, device=DEVICE, dtype=torch.bfloat16)
+    f8 = fp8_layer(lin)
+    x = torch.randn(tokens, 100, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    f8(x).float().square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    lin(x_ref).float().square().sum().backward()
+    for got, want in ((x.grad, x_ref.grad), (f8.weight.grad, lin.weight.grad), (f8.bias.grad, lin.bias.grad)):
+        assert got.shape == want.shape and sqnr(want, got) > 20
+    m = nn.Sequential(nn.Linear(100, 50, device=DEVICE))
+    convert_to_float8_training(m, config=Float8Config.from_recipe_name("blockwise"), module_filter_fn=lambda *a: True)
+    assert isinstance(m[0], Float8Linear)
 
 
 def test_shared_input_is_cast_once(monkeypatch):

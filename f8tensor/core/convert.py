@@ -32,14 +32,15 @@ def subclass_reason(mod: nn.Linear) -> str | None:
     return swap_reason(mod, nn.Linear, Float8Linear, attributes=("config",))
 
 
-def required_skip_reason(mod: nn.Linear) -> str | None:
-    """Why a layer cannot run in float8 at all, or None."""
-    return features_reason(mod.in_features, mod.out_features)
+def required_skip_reason(mod: nn.Linear, config: Float8Config) -> str | None:
+    """Why a layer cannot run in float8 at all, or None (the blockwise recipe pads its GEMMs: any
+    features)."""
+    return None if config.scaling_granularity == "blockwise" else features_reason(mod.in_features, mod.out_features)
 
 
-def default_skip_reason(mod: nn.Linear) -> str | None:
+def default_skip_reason(mod: nn.Linear, config: Float8Config) -> str | None:
     """Why the default filter keeps a layer in high precision, or None to convert it."""
-    reason = required_skip_reason(mod)
+    reason = required_skip_reason(mod, config)
     if reason is None and min(mod.in_features, mod.out_features) <= MIN_DEFAULT_DIM:
         reason = (f"{mod.in_features}->{mod.out_features}: a dimension <= {MIN_DEFAULT_DIM}, "
                   "where fp8 measured slower than bf16")
@@ -62,7 +63,7 @@ def convert_to_float8_training(
     Same call shape as torchao.float8.convert_to_float8_training. module_filter_fn(mod, fqn)
     returns True to convert. Without it, the default filter also keeps layers with a dimension of
     1024 or less (MIN_DEFAULT_DIM). Layers whose dims are not multiples of 16 are always kept
-    (_scaled_mm cannot run them); kept layers are logged (logger "f8tensor") and listed by
+    (_scaled_mm cannot run them) but under the blockwise recipe, which pads its GEMMs; kept layers are logged (logger "f8tensor") and listed by
     conversion_summary. Optimizers built before conversion keep working, and the layer's forward,
     backward and state-dict hooks (parallelize_module's among them) keep running; with
     Float8Config(fsdp_float8_all_gather=True) the weights become new Float8AllGatherWeight
@@ -91,9 +92,9 @@ def convert_to_float8_training(
             return mod
         reason = subclass_reason(mod)
         if reason is None and module_filter_fn is None:
-            reason = default_skip_reason(mod)
+            reason = default_skip_reason(mod, config)
         elif reason is None:  # the divisibility rule is a requirement of _scaled_mm, so it holds under any filter
-            reason = required_skip_reason(mod)
+            reason = required_skip_reason(mod, config)
             if reason is None and not module_filter_fn(mod, fqn):
                 reason = "excluded by module_filter_fn"
         if reason is not None:

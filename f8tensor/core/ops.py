@@ -345,8 +345,10 @@ def _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum
     tensorwise; a tensorwise scale beside a rowwise one is broadcast to its row or column (the
     same values)."""
     M, N = a_data.shape[0], b_data.shape[1]
+    # Blockwise scales over a K of one block ([M, 1] and [1, N]) are rowwise scales too, the same
+    # math: the rowwise GEMM, unless N is not a multiple of 16, which only the (padded) blockwise path runs.
     if a_scale.dim() == 2 and b_scale.dim() == 2 and _blockwise_kinds(a_data, a_scale, b_data, b_scale) \
-            and (a_scale.shape != (M, 1) or b_scale.shape != (1, N)):
+            and (a_scale.shape != (M, 1) or b_scale.shape != (1, N) or N % 16):
         return ("blockwise", *_blockwise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum))
     if a_scale.dim() == 0:
         a_scale = a_scale.reshape(1, 1).expand(M, 1)
