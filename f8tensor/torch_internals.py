@@ -19,7 +19,9 @@ Read through functions below:
 - `torch.distributed.tensor.placement_types._StridedShard` (`shard_placements`: FSDP2's placement
   over tensor parallelism, which distributed/fsdp_float8.py finds to know which group it gathers over);
 - `torch.fx.experimental.proxy_tensor.make_fx` (public in name, documented as a prototype: the
-  complex RoPE fusion traces with it, fusion/rope_complex.py).
+  complex RoPE fusion traces with it, fusion/rope_complex.py);
+- `torch.utils._python_dispatch._disable_current_modes` (`dispatch_modes_disabled`: that trace runs
+  without the caller's dispatch modes, fusion/rope_complex.py).
 
 Used where they are, as PyTorch's own subclass and module code uses them: `Tensor._version` (the
 version counter in-place writes bump), `Tensor._base` (a view's base),
@@ -42,6 +44,10 @@ try:
     from torch._subclasses.fake_tensor import is_fake as _is_fake
 except ImportError:  # pragma: no cover
     _is_fake = None
+try:
+    from torch.utils._python_dispatch import _disable_current_modes
+except ImportError:  # pragma: no cover (every supported torch has it; the test says so)
+    _disable_current_modes = None
 _is_fx_tracing = getattr(getattr(torch.fx, "_symbolic_trace", None), "is_fx_symbolic_tracing", None)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
 
@@ -93,6 +99,15 @@ def transformed(*tensors: torch.Tensor) -> bool:
     """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent
     (eager only: call it outside torch.compile's tracing)."""
     return any(is_functorch_wrapped(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def dispatch_modes_disabled():
+    """A context in which none of the active TorchDispatchModes (selective activation
+    checkpointing's, FlopCounterMode, ...) sees the ops run; they are back on leaving it."""
+    if _disable_current_modes is None:
+        raise RuntimeError("this torch has no torch.utils._python_dispatch._disable_current_modes; "
+                           "f8tensor supports torch >= 2.11")
+    return _disable_current_modes()
 
 
 def fx_tracing() -> bool:

@@ -33,6 +33,12 @@ def rotate_one(x, freqs):
     return torch.view_as_real(freqs * xc).flatten(-2).to(x.dtype)
 
 
+def rotate_returned_twice(x, freqs):  # one rotation, one tensor returned twice
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    out = torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+    return out, out
+
+
 def deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):  # DeepSeek-V2's (transformers 5.24), verbatim
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))

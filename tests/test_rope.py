@@ -283,6 +283,8 @@ def test_bad_inputs_name_the_problem():
         rope(x, cos[:, :8], sin[:, :8])
     with pytest.raises(ValueError, match="one shape"):
         rope(x, cos, sin[None])
+    with pytest.raises(ValueError, match="last dim 16"):
+        rope(x, cos[0, 0], sin[0, 0])  # 0-dim tables
     with pytest.raises(ValueError, match="do not broadcast"):
         rope(x, *tables(9, 16))  # 9 positions for 8
     with pytest.raises(ValueError, match="do not broadcast"):

@@ -4,6 +4,7 @@ free once, and rotations per call signature; fused, they run f8tensor.rope(inter
 one unit in the last place of the written code, forward and backward; everything else runs as
 written, with the reason. torchtitan's own model: tests/test_reference_models.py."""
 
+import inspect
 import warnings
 
 import complex_rope_forms
@@ -11,6 +12,7 @@ import pytest
 import torch
 from f8utils import DEVICE
 from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from f8tensor import fuse_model_ops, fusion_report
 from f8tensor.fusion import rope_complex, rope_proof
@@ -19,7 +21,7 @@ from f8tensor.fusion.rope_proof import ROPE_ATTR, FusedRoPEModule, RotaryFunctio
 
 from complex_rope_forms import (HEAD, KV, B, DeepSeekAttention, H, PairAttention, S, broadcast_table,
                                deepseek_v2_apply_rotary_emb, one_tensor_class, rotate_and_add, rotate_conjugate,
-                               rotate_marked, rotate_one, rotate_pairs, rotate_scaled)
+                               rotate_marked, rotate_one, rotate_pairs, rotate_returned_twice, rotate_scaled)
 
 
 def freqs_cis(rows=S, dtype=torch.complex64):
@@ -66,6 +68,27 @@ def rope_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def traced(monkeypatch):
+    calls = []
+    trace = rope_complex.trace_plan
+    monkeypatch.setattr(rope_complex, "trace_plan", lambda fn, args: calls.append(1) or trace(fn, args))
+    return calls
+
+
+class SelectiveCheckpoint(nn.Module):
+    """mod under per-op selective activation checkpointing, as torchtitan's selective_ac_option="op":
+    matmul outputs saved, the rest recomputed in backward (its dispatch mode sees every op)."""
+
+    def __init__(self, mod):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, x, freqs):
+        return checkpoint(self.mod, x, freqs, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts([torch.ops.aten.mm.default]))
+
+
 @pytest.mark.parametrize("fn", [rotate_pairs, rotate_one, deepseek_v2_apply_rotary_emb])
 def test_written_forms_are_proven(fn):
     proof = prove_function(fn)
@@ -103,10 +126,7 @@ def test_fused_values_within_one_ulp_of_the_written_code(form, rope_calls):
         assert within_one_ulp(g, w)
 
 
-def test_each_signature_is_traced_once(monkeypatch, rope_calls):
-    traced = []
-    trace = rope_complex.trace_plan
-    monkeypatch.setattr(rope_complex, "trace_plan", lambda fn, args: traced.append(1) or trace(fn, args))
+def test_each_signature_is_traced_once(traced, rope_calls):
     mod = make()
     fuse_model_ops(mod, rms_norm=False, swiglu=False)
     for _ in range(3):
@@ -197,3 +217,104 @@ def test_signature_cases_a_trace_would_get_wrong(rope_calls):
     assert torch.equal(one(x, narrow), rotate_one(x, narrow)) and len(rope_calls) == calls
     listed = prove_function(rotate_to_list).run(q, k, freqs_cis()[:, None])
     assert type(listed) is list and len(listed) == 2
+
+
+def test_fused_under_selective_activation_checkpointing(rope_calls):
+    """The trace runs without the caller's dispatch modes (selective checkpointing's records ops of
+    its own, which made the trace look like more than rotations): fused in forward and in the
+    recompute, values within one unit in the last place of the written code's, bit for bit those
+    of the fused run without checkpointing, and still fused after it."""
+    cls = one_tensor_class(rotate_one)
+    mod = make(cls)
+    fuse_model_ops(mod, rms_norm=False, swiglu=False, strict=True)
+    freqs = freqs_cis()[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        got = step(SelectiveCheckpoint(mod), freqs)
+    assert len(rope_calls) == 2  # forward and the recompute
+    for g, w in zip(got, step(SelectiveCheckpoint(make(cls)), freqs)):
+        assert g.dtype == w.dtype and g.shape == w.shape and within_one_ulp(g, w)
+    for g, w in zip(got, step(mod, freqs)):
+        assert torch.equal(g, w)
+    assert len(rope_calls) == 3
+
+
+@pytest.mark.parametrize("odd_first", [False, True], ids=["even_first", "odd_first"])
+def test_fp32_x_at_an_odd_storage_offset_raises_as_written(odd_first, traced, rope_calls):
+    """view_as_complex needs an fp32 x at an even storage offset: at an odd one the function runs
+    as written (untraced, so no warning) and raises; whichever comes first, the even one fuses."""
+    run = prove_function(rotate_one).run
+    flat = torch.randn(B * S * H * HEAD + 1, device=DEVICE)
+    even, odd = flat[:-1].view(B, S, H, HEAD), flat[1:].view(B, S, H, HEAD)
+    freqs = freqs_cis()[:, None]
+
+    def at_odd():
+        for fn in (rotate_one, run):
+            with pytest.raises(RuntimeError, match="storage_offset divisible by 2"):
+                fn(odd, freqs)
+
+    def at_even():
+        assert within_one_ulp(run(even, freqs), rotate_one(even, freqs))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionWarning)
+        for call in (at_odd, at_even) if odd_first else (at_even, at_odd):
+            call()
+    assert len(rope_calls) == 1 and len(traced) == 1
+
+
+def test_a_product_laid_out_as_the_table_runs_as_written(rope_calls):
+    """rotate_one multiplies with the table first: the written result takes the layout of a table
+    laid out otherwise than x, which rope does not give, so it runs as written; with the table in
+    x's order it fuses."""
+    run = prove_function(rotate_one).run
+    x = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    permuted = freqs_cis(H * B * S).view(H, B, S, HEAD // 2).permute(1, 2, 0, 3)  # heads outermost
+    got, want = run(x, permuted), rotate_one(x, permuted)
+    assert got.stride() == want.stride() != x.stride() and torch.equal(got, want) and not rope_calls
+    table = permuted.contiguous()
+    got, want = run(x, table), rotate_one(x, table)
+    assert got.stride() == want.stride() and within_one_ulp(got, want) and len(rope_calls) == 1
+
+
+def test_small_calls_are_not_traced_and_the_plans_kept_are_bounded(monkeypatch, traced, rope_calls):
+    """No argument of MIN_FUSED_NUMEL elements: run as written, untraced. The last MAX_PLANS
+    signatures' plans are kept, the least recently called dropped first."""
+    run = prove_function(rotate_one).run
+    freqs = freqs_cis()[:, None]
+    x = {b: torch.randn(b, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16) for b in (1, 2, 3)}
+    monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", x[3].numel() + 1)
+    assert torch.equal(run(x[3], freqs), rotate_one(x[3], freqs)) and not traced and not run.plans
+    monkeypatch.setattr(rope_proof, "MIN_FUSED_NUMEL", 0)
+    monkeypatch.setattr(rope_complex, "MAX_PLANS", 2)
+    counts = []
+    for b in (1, 2, 1, 3, 1, 2):  # 3 drops 2 (1 was called since), so 1 stays and 2 is traced again
+        assert within_one_ulp(run(x[b], freqs), rotate_one(x[b], freqs))
+        counts.append(len(traced))
+    assert counts == [1, 2, 2, 3, 3, 4] and len(run.plans) == 2 and len(rope_calls) == 6
+
+
+def test_arguments_bind_as_the_written_code_binds_them(monkeypatch, rope_calls):
+    """All arguments by position: taken in order without Signature.bind; by keyword: bound; a call
+    the written code refuses raises as written."""
+    binds = []
+    bind = inspect.Signature.bind
+    monkeypatch.setattr(inspect.Signature, "bind", lambda self, *a, **k: binds.append(1) or bind(self, *a, **k))
+    run = prove_function(rotate_one).run
+    x = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    freqs = freqs_cis()[:, None]
+    want = rotate_one(x, freqs)
+    assert within_one_ulp(run(x, freqs), want) and not binds
+    assert within_one_ulp(run(x, freqs=freqs), want) and len(binds) == 1
+    with pytest.raises(TypeError, match="positional arguments"):
+        run(x, freqs, freqs)
+    assert len(rope_calls) == 2
+
+
+def test_a_rotation_returned_twice_is_one_tensor_twice(rope_calls):
+    run = prove_function(rotate_returned_twice).run
+    x = torch.randn(B, S, H, HEAD, device=DEVICE, dtype=torch.bfloat16)
+    freqs = freqs_cis()[:, None]
+    got, want = run(x, freqs), rotate_returned_twice(x, freqs)
+    assert want[0] is want[1] and got[0] is got[1] and len(rope_calls) == 1
+    assert within_one_ulp(got[0], want[0])

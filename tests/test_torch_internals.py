@@ -86,3 +86,24 @@ def test_shard_placements():
     from f8tensor.torch_internals import shard_placements
 
     assert Shard in shard_placements() and len(shard_placements()) == 2  # _StridedShard importable
+
+
+def test_dispatch_modes_are_off_inside_and_back_after():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3)
+    with Seen() as mode:
+        with ti.dispatch_modes_disabled():
+            x + 1
+        assert mode.ops == []
+        x + 1
+    assert mode.ops == [torch.ops.aten.add.Tensor]

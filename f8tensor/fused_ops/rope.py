@@ -58,7 +58,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
             raise ValueError(f"rope: {name} is on {t.device}, x on {x.device}")
     if not 2 <= x.dim() <= 4 or x.shape[-1] % 2:
         raise ValueError(f"rope takes x of 2 to 4 dims with an even last dim (head_dim), got {tuple(x.shape)}")
-    if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
+    if cos.shape != sin.shape or cos.dim() == 0 or cos.shape[-1] != x.shape[-1]:
         raise ValueError(f"rope needs cos and sin of one shape with last dim {x.shape[-1]} (x's), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     try:

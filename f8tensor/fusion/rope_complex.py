@@ -20,8 +20,11 @@ proof has two parts, both of which must hold:
   of the user's and changes nothing outside its own tensors (an in-place operator such as `+=`
   passes the walk; the trace then shows it, and such a function is not fused).
 - once per call signature (each argument a plain tensor, not a lazily conjugated or negated view:
-  shape, strides, dtype, device, requires_grad, and which arguments are the same tensor): torch.fx's make_fx traces it on fake tensors of that signature (its branches and
-  loops run on those shapes) to ATen ops, which must be exactly, for each value returned, an
+  shape, strides, dtype, device, requires_grad, the parity of a real one's storage offset (which
+  view_as_complex needs even), and which arguments are the same tensor): torch.fx's make_fx traces
+  it on fake tensors of that signature (its branches and loops run on those shapes) to ATen ops,
+  with none of the caller's dispatch modes seeing them (selective activation checkpointing's would
+  record ops of its own into the trace), which must be exactly, for each value returned, an
   argument x rotated by a table t:
       x, cast to fp32 unless it is fp32, viewed as x.shape[:-1] + [D / 2, 2], view_as_complex,
       times t (in either order; the product has x's complex shape and dtype complex64),
@@ -31,10 +34,15 @@ proof has two parts, both of which must hold:
 
 A proven signature runs each rotation as f8tensor.rope(x, cos, sin, interleaved=True), cos and sin the
 real and imaginary parts of t (the chain of views replayed on the argument), each repeated twice
-along the last dim, where x is contiguous with at least MIN_FUSED_NUMEL elements and t has D / 2
-entries in its last dim (no broadcasting over the pairs) and does not require grad; otherwise, and for every call that is not all plain tensors, the function runs as
-written. A signature whose trace is not of that form runs the function as written, with one
-FusionWarning per function and reason. Values: rope's, fp32 math of the same products and sums
+along the last dim, where x is contiguous with at least MIN_FUSED_NUMEL elements, t has D / 2
+entries in its last dim (no broadcasting over the pairs) and does not require grad, and the written
+result has x's strides (rope's layout; a product with the table first takes the table's);
+a value returned twice is one tensor returned twice, as written. Otherwise the function runs as
+written: for every call that is not all plain tensors, and untraced where no bf16, fp16 or fp32
+argument has MIN_FUSED_NUMEL elements or an fp32 one sits at an odd storage offset (view_as_complex
+raises there, as written). A signature whose trace is not of that form runs the function as
+written, with one FusionWarning per function and reason. The proofs of the last MAX_PLANS
+signatures called are kept. Values: rope's, fp32 math of the same products and sums
 (x1 c - x2 s, x2 c + x1 s) and one rounding to x's dtype, as the written code computes them; a
 complex multiply may contract a product and a sum into one fused multiply-add where rope does not,
 or the reverse, so results agree within one unit in the last place of x's dtype plus fp32 rounding
@@ -47,10 +55,12 @@ import dis
 import inspect
 import types
 import warnings
+from collections import OrderedDict
 
 import torch
 
 from ..kernels import INPUT_DTYPES
+from ..torch_internals import dispatch_modes_disabled
 from . import rope_proof  # its MIN_FUSED_NUMEL and rope_checked, read at each call (they import each other)
 from .fused_class import global_value
 from .python_versions import FusionWarning
@@ -86,6 +96,11 @@ _TABLE_VIEWS = frozenset({_aten.slice.Tensor, _aten.view.default, _aten.unsqueez
                           _aten.select.int, _aten.alias.default})
 # (function, reason) pairs already warned about (state.py lists it).
 warned: set = set()
+# Signatures' proofs kept per function, the least recently called dropped first: a model calls it
+# with a few (per layer shape, training and evaluation); a sequence length that changes every
+# batch would make one per length.
+MAX_PLANS = 64
+
 
 
 def _constant_ok(value) -> bool:
@@ -146,11 +161,14 @@ def function_reason(fn: types.FunctionType, codes: list, depth: int = 0) -> str 
 
 
 class Plan:
-    """A proven signature: for each returned value, (argument index of x, argument index of t,
-    the chain of views from that argument to t as (op, constant arguments) pairs)."""
+    """A proven signature: its rotations, each (argument index of x, argument index of t, the chain
+    of views from that argument to t as (op, constant arguments) pairs), the strides the written
+    code gives each, and for each returned value the index of its rotation (one value returned
+    twice is one rotation)."""
 
-    def __init__(self, rotations, single: bool, container: type = tuple):
-        self.rotations, self.single, self.container = rotations, single, container
+    def __init__(self, rotations, strides, order, single: bool, container: type = tuple):
+        self.rotations, self.strides, self.order = rotations, strides, order
+        self.single, self.container = single, container
 
 
 def _one_user(node) -> bool:
@@ -234,11 +252,12 @@ def _rotation(out, placeholders):
 
 
 def trace_plan(fn, args) -> Plan | str:
-    """The plan of fn called with these plain tensors, or why its trace is not rotations."""
+    """The plan of fn called with these plain tensors, or why its trace is not rotations (traced
+    without the caller's dispatch modes: the trace is of fn alone, whatever mode it is called in)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dispatch_modes_disabled():
             graph = make_fx(fn, tracing_mode="fake")(*args).graph
     except Exception as e:  # noqa: BLE001 (any failure to trace means: not provably rotations here)
         return f"{fn.__name__} could not be traced on fake tensors ({type(e).__name__}: {e})"
@@ -247,13 +266,20 @@ def trace_plan(fn, args) -> Plan | str:
     (out,) = [n for n in nodes if n.op == "output"]
     single = not isinstance(out.args[0], (tuple, list))
     returned = (out.args[0],) if single else tuple(out.args[0])
-    rotations, covered = [], set(placeholders) | {out}
+    rotations, strides, order, covered = [], [], [], set(placeholders) | {out}
+    seen = {}  # returned node -> index of its rotation
     for value in returned:
+        if isinstance(value, torch.fx.Node) and value in seen:  # the same tensor again
+            order.append(seen[value])
+            continue
         found = _rotation(value, placeholders) if isinstance(value, torch.fx.Node) else None
         if found is None:
             return f"{fn.__name__} returns something other than complex rotations of its arguments"
         x_index, t_index, views, chain = found
+        seen[value] = len(rotations)
+        order.append(seen[value])
         rotations.append((x_index, t_index, views))
+        strides.append(tuple(value.meta["val"].stride()))
         covered |= chain
     table_nodes = set()
     for n in nodes:  # the tables' view chains: everything not covered must be one of them
@@ -262,7 +288,8 @@ def trace_plan(fn, args) -> Plan | str:
     if set(nodes) - covered - table_nodes:
         extra = sorted(str(n.target) for n in set(nodes) - covered - table_nodes)
         return f"{fn.__name__} computes more than its rotations ({', '.join(extra)})"
-    return Plan(tuple(rotations), single, list if isinstance(out.args[0], list) else tuple)  # fx: immutable_list
+    return Plan(tuple(rotations), tuple(strides), tuple(order), single,
+                list if isinstance(out.args[0], list) else tuple)  # fx: immutable_list
 
 
 def _tables(t: torch.Tensor):
@@ -280,9 +307,17 @@ def _replay(t: torch.Tensor, views) -> torch.Tensor:
 
 def _signature(args) -> tuple:
     """What a trace specialises on: each argument's shape, strides, dtype, device and requires_grad,
-    and which arguments are the same tensor (make_fx traces one tensor passed twice as one input)."""
+    a real one's storage offset parity (view_as_complex needs it even), and which arguments are
+    the same tensor (make_fx traces one tensor passed twice as one input)."""
     return tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad,
+                  0 if a.is_complex() else a.storage_offset() % 2,
                   next(j for j, b in enumerate(args) if b is a)) for a in args)
+
+
+def _same_layout(shape, strides, others) -> bool:
+    """Whether two strides of a tensor of this shape lay it out alike (rope's output has contiguous
+    x's strides): a dim of size 1 addresses nothing, and fake tensors may give it other strides."""
+    return all(n == 1 or s == t for n, s, t in zip(shape, strides, others))
 
 
 def _fusable(x: torch.Tensor, t: torch.Tensor) -> bool:
@@ -297,36 +332,53 @@ class ComplexRun:
 
     def __init__(self, fn: types.FunctionType):
         self.fn, self.signature = fn, inspect.signature(fn)
-        self.plans: dict[tuple, Plan | str] = {}
+        params = self.signature.parameters.values()
+        # A call passing exactly these arguments by position binds them in order (no Signature.bind).
+        self.positional = len(params) if all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                             for p in params) else -1
+        self.plans: OrderedDict[tuple, Plan | str] = OrderedDict()  # the last MAX_PLANS signatures
 
     def __call__(self, *args, **kwargs):
         fn = self.fn
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError:
-            return fn(*args, **kwargs)  # raises as written
-        bound.apply_defaults()
-        values = tuple(bound.arguments.values())
+        if not kwargs and len(args) == self.positional:
+            values = args
+        else:
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError:
+                return fn(*args, **kwargs)  # raises as written
+            bound.apply_defaults()
+            values = tuple(bound.arguments.values())
         if not all(type(v) is torch.Tensor and not (v.is_conj() or v.is_neg()) for v in values):
             return fn(*args, **kwargs)  # (lazily conjugated or negated views: the written code resolves them)
+        min_numel = rope_proof.MIN_FUSED_NUMEL
+        if not any(v.dtype in INPUT_DTYPES and v.numel() >= min_numel for v in values):
+            return fn(*args, **kwargs)  # nothing rope would rotate: no trace
+        if any(v.dtype is torch.float32 and v.storage_offset() % 2 for v in values):
+            return fn(*args, **kwargs)  # view_as_complex of it raises as written (rope would not)
         key = _signature(values)
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = trace_plan(fn, values)
+            if len(self.plans) > MAX_PLANS:
+                self.plans.popitem(last=False)
             if isinstance(plan, str) and (fn, plan) not in warned:
                 warned.add((fn, plan))
                 warnings.warn(f"f8tensor.fuse_model_ops: {fn.__qualname__} runs as written for arguments of "
                               f"shapes {[tuple(v.shape) for v in values]}: {plan}", FusionWarning, stacklevel=3)
+        else:
+            self.plans.move_to_end(key)
         if isinstance(plan, str):
             return fn(*args, **kwargs)
         tables = {}
-        for x_index, t_index, views in plan.rotations:
+        for (x_index, t_index, views), strides in zip(plan.rotations, plan.strides):
             key = (t_index, tuple(views))
             if key not in tables:
                 tables[key] = _replay(values[t_index], views)
-            if not _fusable(values[x_index], tables[key]):
+            x = values[x_index]
+            if not (_fusable(x, tables[key]) and _same_layout(x.shape, x.stride(), strides)):
                 return fn(*args, **kwargs)
         cos_sin = {key: _tables(t) for key, t in tables.items()}
         outs = tuple(rope_proof.rope_checked(values[x_index], *cos_sin[(t_index, tuple(views))], interleaved=True)
                      for x_index, t_index, views in plan.rotations)
-        return outs[0] if plan.single else plan.container(outs)
+        return outs[0] if plan.single else plan.container(outs[i] for i in plan.order)
