@@ -201,6 +201,10 @@ def test_mm_quantizes_a_plain_operand_and_matmul_linear_work():
     assert torch.equal(torch.nn.functional.linear(x.view(2, 4, 64), w8).view(8, 32), want)
     bias = torch.randn(32, device=DEVICE, dtype=torch.bfloat16)
     assert torch.equal(torch.nn.functional.linear(x, w8, bias), by_hand(x, w.t(), torch.bfloat16, bias, fast=True))
+    one = bias[:1]  # broadcast, as torch.addmm broadcasts it
+    assert torch.equal(torch.addmm(one, x, w8.t()), want + one)
+    with pytest.raises(TypeError, match="cast the bias to torch.bfloat16"):  # torch.addmm refuses two dtypes too
+        torch.addmm(bias.float(), x, w8.t())
 
 
 def test_scaled_mm_refuses_what_cuda_refuses():

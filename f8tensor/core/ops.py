@@ -498,6 +498,10 @@ def _addmm(func, args, kwargs):
         raise NotImplementedError("addmm with a Float8Tensor supports beta=1 and alpha=1 only")
     if isinstance(bias, Float8Tensor):
         bias = bias.dequantize()
-    if bias.dim() != 1:  # a broadcast bias of another shape: added after the GEMM
-        return scaled_mm(*_operands(func, a, b)) + bias
-    return scaled_mm(*_operands(func, a, b), bias)
+    a, b = _operands(func, a, b)
+    if bias.dtype != a._orig_dtype:  # as torch.addmm, which takes one dtype (the output's would change)
+        raise TypeError(f"addmm of {a._orig_dtype} operands with a {bias.dtype} bias; cast the bias to "
+                        f"{a._orig_dtype}")
+    if bias.shape != (b.shape[1],):  # a broadcast bias of another shape ([1], [M, 1], ...): added after
+        return scaled_mm(a, b) + bias
+    return scaled_mm(a, b, bias)
