@@ -497,3 +497,60 @@ def test_fusion_swaps_rms_norms_and_says_so():
     two_dims = nn.Sequential(nn.RMSNorm((4, 16)))
     assert str(fuse_model_ops(two_dims)).splitlines()[1].endswith(
         "RMSNorm: PyTorch's kernel runs (the fused one normalizes one dim)")
+
+
+def test_the_swap_keeps_the_module_itself():
+    """In place: the same object, so its buffers, attributes, eval mode, references to it, every
+    name it is registered under and load_state_dict pre-hooks (which hold it weakly) stay."""
+    import gc
+
+    norm = nn.RMSNorm(64).to(DEVICE)
+    norm.register_buffer("scale", torch.ones(1, device=DEVICE))
+    norm.tag, seen = "attention", []
+    norm.register_load_state_dict_pre_hook(lambda mod, state, prefix, *args: seen.append(type(mod)))
+    norm.eval()
+    parent = nn.Module()
+    parent.a = parent.b = norm  # registered twice
+    model = nn.Sequential(parent)
+    state = model.state_dict()
+    report = fuse_model_ops(model)
+    assert str(report).splitlines() == ["f8tensor fusion: rms_norm 1 of 1", "  0.a    rms_norm  RMSNorm fused"]
+    gc.collect()
+    assert parent.a is parent.b is norm and type(norm) is RMSNorm
+    assert norm.tag == "attention" and not norm.training and list(norm.state_dict()) == ["weight", "scale"]
+    model.load_state_dict(state)
+    assert seen == [RMSNorm, RMSNorm]  # once under each name
+    assert set(vars(RMSNorm(8))) == set(vars(nn.RMSNorm(8)))  # no state of its own, so none to set
+
+
+def test_a_norm_with_its_own_forward_on_the_instance_is_kept_with_the_reason():
+    norm = nn.RMSNorm(64)
+    norm.forward = lambda x: x
+    model = nn.Sequential(norm)
+    report = fuse_model_ops(model)
+    assert type(norm) is nn.RMSNorm and str(report).splitlines()[1].endswith(
+        "RMSNorm not swapped: RMSNorm: the module has an instance-level forward")
+
+
+def test_a_pruned_norm_runs_fused_through_its_mask():
+    """Pruning makes weight a tensor computed before each forward (weight_orig * weight_mask): the
+    swapped norm runs fused with it, the gradient reaching weight_orig."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    norm, ref = nn.RMSNorm(64).to(DEVICE, torch.bfloat16), nn.RMSNorm(64).to(DEVICE, torch.bfloat16)
+    nn.init.normal_(norm.weight, 1.0, 0.5)
+    prune.l1_unstructured(norm, "weight", amount=0.5)
+    fuse_model_ops(nn.Sequential(norm))
+    assert type(norm) is RMSNorm and list(norm.state_dict()) == ["weight_orig", "weight_mask"]
+    x, _, g = inputs((4, 64), torch.bfloat16)
+    y = norm(x)
+    y.backward(g)
+    assert not fell_back(y)
+    ref.weight.data.copy_(norm.weight)
+    want = ref(x)
+    want.backward(g)
+    assert_close(y.detach(), want.detach(), ulp(want) * 2**20 + want.abs())
+    assert torch.equal(norm.weight_orig.grad != 0, ref.weight.grad * norm.weight_mask != 0)  # masked out: none
+    with pytest.raises(TypeError, match="computed Tensor, not a Parameter .*fuse_model_ops"):
+        RMSNorm.from_norm(norm)

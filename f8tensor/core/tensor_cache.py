@@ -11,7 +11,10 @@ An entry matches only the same tensor object (a weak reference: the entry goes w
 freed) at the same version (an in-place write invalidates it), and the same extra key. A view of
 all of a tensor (same shape, strides, offset and dtype: the same values) stands for its base:
 under tensor parallelism each layer reads the shared input through its own `DTensor.to_local()`
-view of one base, and q/k/v still cast it once. Nothing is
+view of one base, and q/k/v still cast it once. Not seen: writes that do not bump the version
+counter, through `.data` (`y.data.mul_(4)`), DLPack or numpy views, or custom kernels: an entry
+made before such a write goes stale (an amax record of the old values, a float8 copy of them);
+write through the tensor itself, or call `clear()` after such a write. Nothing is
 remembered for inference tensors (no version counter) nor while torch.compile traces (traced
 tensors stand for every call's tensors: identity and version mean nothing there). Entries made
 while a CUDA graph is being captured and entries made outside capture never match each other:

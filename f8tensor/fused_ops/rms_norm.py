@@ -7,8 +7,9 @@ casting it; here the norm's forward measures the amax of what it writes and hand
 gradient and per-program partial weight gradients (PyTorch's CUDA backward is two kernels).
 Autograd saves what PyTorch's saves (x, the weight, rstd).
 
-`fuse_model_ops` swaps exact nn.RMSNorm modules for this one (same parameters, state dict and
-hooks; `rms_norm=False` keeps them), and runs norms of Hugging Face's form through
+`fuse_model_ops` makes nn.RMSNorm modules this class in place (the same objects, with their
+parameters, buffers, hooks and attributes: this class holds no state of its own; `rms_norm=False`
+keeps them), and runs norms of Hugging Face's form through
 `fused_rms_norm(..., cast_before_weight=True)` (fusion/norm_proof.py): the normalized values rounded
 to x's dtype before the weight, as that code writes it. Values otherwise: fp32 math, one rounding
 (`kernels.naive.rms_norm_ref`, the formula of PyTorch's fused CUDA kernel); on the GPU within one
@@ -79,12 +80,24 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
 
 
 class RMSNorm(QuietSubclasses, nn.RMSNorm):
-    """Drop-in nn.RMSNorm (same constructor, parameters and state_dict) with fused kernels."""
+    """Drop-in nn.RMSNorm (same constructor, parameters and state_dict) with fused kernels. It
+    defines no __init__ and no state beyond nn.RMSNorm's, so that an nn.RMSNorm's class can be
+    made this one in place (fusion/norm_swap.py)."""
 
     @classmethod
     def from_norm(cls, mod: nn.RMSNorm) -> "RMSNorm":
-        """An RMSNorm holding mod's own weight Parameter (optimizers keep working) and its hooks
-        (registered on mod, they run on the new module; their handles still remove them)."""
+        """A new RMSNorm holding mod's own weight Parameter (optimizers keep working), eps, shape,
+        training flag and hook dicts (hooks registered on mod run on the new module; their handles
+        still remove them). Only those: mod's buffers and other attributes are not carried, the
+        parent still holds mod, and load_state_dict pre-hooks registered with
+        register_load_state_dict_pre_hook hold mod weakly and fail once it is freed.
+        fuse_model_ops changes the class in place instead, which keeps everything. A pruned or
+        parametrized norm, whose weight is computed rather than a Parameter, is refused."""
+        if mod.weight is not None and not isinstance(mod.weight, nn.Parameter):
+            raise TypeError(
+                f"RMSNorm.from_norm: the norm's weight is a computed {type(mod.weight).__name__}, not a Parameter "
+                "(pruning or a parametrization recomputes it before each forward), which a new module cannot "
+                "take over; call f8tensor.fuse_model_ops on its parent, which changes the norm's class in place")
         with torch.device("meta"):
             new = cls(mod.normalized_shape, mod.eps, elementwise_affine=False)
         new.elementwise_affine = mod.elementwise_affine

@@ -31,21 +31,29 @@ in the last place where they sit at a rounding boundary.
 The proof, all of which must hold (otherwise the module is left alone, and why is recorded): the
 module has no children, no buffers and one parameter, of one dim; its class passes
 core/class_swap.class_reason; the bytecode of its class forward passes the shared walk
-(forward_walk.py) with GRAMMAR below (self read for its parameter and one float attribute, torch's
+(forward_walk.py) with GRAMMAR below (self read for its parameter and one number attribute, torch's
 float32 and rsqrt, a tensor's dtype, to, type_as, float, pow and mean, numbers, + and *; methods of
 its class that pass the same walk and read no method themselves); torch.fx traces it to exactly
 the nodes of one form above (the float32 cast by .to(torch.float32) or .float(), either order of
-each product and of each sum), the float attribute being the epsilon added.
+each product and of each sum, keepdim the bool True, Gemma's 1 a number that does not depend on
+the epsilon), the number attribute being the epsilon added. It is traced with that attribute set
+to a sentinel that may only be added to a traced tensor: the constant added must be that very
+object, so Python arithmetic on the epsilon (which tracing would fold into one constant) is
+refused, as is a literal of the same value. The epsilon is a float, an int that a float holds
+exactly or a NumPy float (which the written code adds as it adds float(eps)); bools, other
+numbers and float subclasses that define their own arithmetic are refused.
 
 At each call the fused forward runs the class's own forward instead where the proof does not
 cover the call: other arguments than the one input, the class forward or the globals it read
 rebound since (a helper method too), tracing (fx, jit, torch.compile, which fuses the written code
-itself), and inputs the fused kernels do not compute exactly as written (a weight of another dtype
-than x, which the written code promotes; autocast; tensor subclasses; rows longer than the kernel
-takes on CUDA).
+itself), a weight or epsilon attribute set since to what the proof does not take (a weight that
+is not a tensor, as None), and inputs the fused kernels do not compute exactly as written (a
+weight of another dtype than x, which the written code promotes; autocast; tensor subclasses;
+rows longer than the kernel takes on CUDA).
 """
 
 import inspect
+import numbers
 import operator
 import types
 from dataclasses import dataclass
@@ -64,12 +72,33 @@ NORM_ATTR = "_f8tensor_norm_proof"
 
 
 def _own_state(mod: nn.Module, cls: type, name: str) -> bool:
-    """self.<name> is the module's parameter or a float attribute of its own (the epsilon)."""
+    """self.<name> is the module's parameter or a number attribute of its own (the epsilon, which
+    find_norm then checks with epsilon_reason)."""
     if hasattr(cls, name):
         return False
     if name in dict(mod.named_parameters(recurse=False)):
         return True
-    return type(mod.__dict__.get(name)) is float
+    return isinstance(mod.__dict__.get(name), numbers.Real)
+
+
+# The methods of float that `tensor + eps` and float(eps) call: a subclass must keep float's.
+_FLOAT_METHODS = ("__add__", "__radd__", "__float__")
+
+
+def epsilon_reason(name: str, eps) -> str | None:
+    """Why the written code may not add eps to an fp32 tensor as the fused norm adds float(eps), or
+    None: eps must be a float (or a subclass keeping float's addition and conversion), an int that
+    a float holds exactly (PyTorch converts ints as int64, once), or a NumPy float (converted
+    as by float()); not a bool."""
+    kind = type(eps)
+    if isinstance(eps, float) and all(getattr(kind, m) is getattr(float, m) for m in _FLOAT_METHODS):
+        return None
+    if kind is int and abs(eps) <= 2**53:
+        return None
+    if kind.__module__ == "numpy" and isinstance(eps, numbers.Real) and not isinstance(eps, numbers.Integral):
+        return None
+    return (f"the epsilon {name} = {eps!r} is a {kind.__name__}, not a float, an int of magnitude at most "
+            f"2**53 or a NumPy float: set it to float({name}) to fuse")
 
 
 def helper_method(mod: nn.Module, cls: type, name: str):
@@ -96,7 +125,7 @@ HELPER_GRAMMAR = Grammar(self_reads="its weight and epsilon", self_attribute=_ow
 class RMSNormProof:
     """forward(x) = weight * normalized(x).to(x.dtype) (cast_before_weight) or (weight *
     normalized(x)).to(x.dtype), normalized(x) = x.float() * rsqrt(mean(x.float()^2) + eps): weight,
-    eps: the names of the parameter and of the float attribute; forward, globals: the code proven
+    eps: the names of the parameter and of the number attribute; forward, globals: the code proven
     and what its global names were bound to; arg: the forward's parameter name (None: positional-only)."""
     weight: str
     eps: str
@@ -152,18 +181,41 @@ def _product(n, a_test, b_test):
     return None
 
 
-_SENTINELS = (0.0625, 0.1875)  # exact binary fractions, not epsilons a model holds
+class _EpsilonArithmetic(TypeError):
+    pass
+
+
+class _Sentinel(float):
+    """The epsilon attribute's value while find_norm traces the forward: a float that may only be
+    added to a traced tensor. Any other arithmetic on it raises, as tracing would fold it into one
+    constant (`e + (e * e - e / 4 + c)` is e at one value, not at others)."""
+
+    def _traced_only(self, *other):
+        if other and isinstance(other[0], torch.fx.Proxy):
+            return NotImplemented  # the Proxy's own operator records it
+        raise _EpsilonArithmetic("the epsilon is computed with in Python")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _traced_only
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _traced_only
+    __divmod__ = __rdivmod__ = __pow__ = __rpow__ = __neg__ = __pos__ = __abs__ = _traced_only
+    __int__ = __round__ = __trunc__ = __floor__ = __ceil__ = _traced_only
+
+
+_SENTINEL = _Sentinel(0.0625)  # an exact binary fraction; compared by identity
 _NOT_IT = ("forward is not weight * h.to(x.dtype), (weight * h).to(x.dtype) or "
            "(h * (1.0 + weight.float())).type_as(x), "
            "h = x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)")
 
 
-def _pattern(mod: nn.Module, weight_name: str, eps: float):
+def _pattern(mod: nn.Module, weight_name: str, eps: _Sentinel, eps_name: str):
     """(the input placeholder, cast_before_weight, one_plus_weight) if torch.fx traces mod to
-    exactly the operations of one of the three forms with eps added, else why not."""
+    exactly the operations of one of the three forms with eps, the object, added, else why not."""
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(mod)
+    except _EpsilonArithmetic:
+        return (f"forward computes with the epsilon {eps_name} in Python (tracing would fold that into "
+                "one constant): it must be added to the mean of the squares as it is")
     except Exception as e:  # noqa: BLE001 (any failure to trace means: not provably the pattern)
         return f"forward could not be traced ({type(e).__name__}: {e})"
     finally:
@@ -190,7 +242,7 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
     def normalized(n):  # h.float() * rsqrt(...): (h, rsqrt), else None
         return _product(n, to_fp32, lambda r: _is_call(r, "call_function", torch.rsqrt, 1))
 
-    def one_plus_weight(n):  # 1.0 + weight.float(), either order
+    def one_plus_weight(n):  # 1.0 + weight.float(), either order (the sentinel refuses to make a 1)
         if not (_is_call(n, "call_function", operator.add, 2) and not n.kwargs):
             return False
         for one, w in (n.args, n.args[::-1]):
@@ -218,10 +270,11 @@ def _pattern(mod: nn.Module, weight_name: str, eps: float):
     h, rsqrt = found
     total = rsqrt.args[0]
     summed = _is_call(total, "call_function", operator.add, 2) and not total.kwargs and (
-        total.args[1] == eps and isinstance(total.args[0], torch.fx.Node) or total.args[0] == eps)
+        total.args[1] is eps and isinstance(total.args[0], torch.fx.Node) or total.args[0] is eps)
     variance = summed and (total.args[0] if isinstance(total.args[0], torch.fx.Node) else total.args[1])
     mean = variance and _is_call(variance, "call_method", "mean", 2) and (
-        variance.args[1] == -1 and type(variance.args[1]) is int and variance.kwargs == {"keepdim": True})
+        variance.args[1] == -1 and type(variance.args[1]) is int and variance.kwargs == {"keepdim": True}
+        and type(variance.kwargs["keepdim"]) is bool)  # mean(-1, keepdim=1) raises
     square = mean and variance.args[0]
     if not (mean and _is_call(square, "call_method", "pow", 2) and square.args == (h, 2)
             and type(square.args[1]) is int and not square.kwargs):
@@ -253,19 +306,19 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
     epsilons = sorted({n for n in self_reads if n not in params})
     if len(weights) != 1 or len(epsilons) != 1:
         return "forward does not read one weight and one epsilon off self"
-    if type(mod.__dict__[epsilons[0]]) is not float:
-        return f"the epsilon {epsilons[0]} is not a float"
-    # Traced with two values of the epsilon attribute that it holds for no model: the constant
-    # added must follow them, so it is the attribute, read at each call, not a literal of the same value.
     original = mod.__dict__[epsilons[0]]
+    reason = epsilon_reason(epsilons[0], original)
+    if reason:
+        return reason
+    # Traced with the sentinel as the epsilon: the constant added must be that object, so it is the
+    # attribute, read at each call, not a literal of the same value nor a number computed from it.
     try:
-        for sentinel in _SENTINELS:
-            mod.__dict__[epsilons[0]] = sentinel
-            found = _pattern(mod, weights[0], sentinel)
-            if isinstance(found, str):
-                return f"{found} (the epsilon {epsilons[0]} = {original!r})" if found == _NOT_IT else found
+        mod.__dict__[epsilons[0]] = _SENTINEL
+        found = _pattern(mod, weights[0], _SENTINEL, epsilons[0])
     finally:
         mod.__dict__[epsilons[0]] = original
+    if isinstance(found, str):
+        return f"{found} (the epsilon {epsilons[0]} = {original!r})" if found == _NOT_IT else found
     x, cast_before_weight, one_plus_weight = found
     positional_only = forward.__code__.co_posonlyargcount > 1
     return RMSNormProof(weights[0], epsilons[0], None if positional_only else x.target, forward,
@@ -273,7 +326,9 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
 
 
 def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
-    """The input if the proof covers this call and the kernels compute it as written, else None."""
+    """The input if the proof covers this call and the kernels compute it as written, else None:
+    the weight must still be a tensor (None: the written code raises) and the epsilon a number
+    that epsilon_reason takes."""
     if len(args) + len(kwargs) != 1 or (kwargs and (proof.arg is None or proof.arg not in kwargs)):
         return None
     if mod._f8tensor_base.forward is not proof.forward or tracing() or any(
@@ -281,8 +336,10 @@ def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
         return None
     if not globals_unchanged(proof.forward.__globals__, proof.globals):
         return None
-    x = args[0] if args else kwargs[proof.arg]
-    return x if fused_rms_norm_applies(x, getattr(mod, proof.weight)) else None
+    x, weight = args[0] if args else kwargs[proof.arg], getattr(mod, proof.weight)
+    if not isinstance(weight, torch.Tensor) or epsilon_reason(proof.eps, mod.__dict__.get(proof.eps)):
+        return None
+    return x if fused_rms_norm_applies(x, weight) else None
 
 
 class FusedNormModule(FusedModule):
@@ -302,4 +359,4 @@ class FusedNormModule(FusedModule):
         weight = getattr(self, proof.weight)
         if proof.one_plus_weight:  # Gemma's scale, in fp32 as written; the fused norm rounds once
             weight = 1.0 + weight.float()
-        return fused_rms_norm(x, weight, float(getattr(self, proof.eps)), cast_before_weight=proof.cast_before_weight)
+        return fused_rms_norm(x, weight, float(self.__dict__[proof.eps]), cast_before_weight=proof.cast_before_weight)

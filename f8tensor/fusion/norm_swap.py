@@ -1,7 +1,11 @@
-"""The norm swap: every nn.RMSNorm becomes f8tensor.RMSNorm, which holds the same weight Parameter
-and hooks (fused_ops/rms_norm.py); a subclass that keeps nn.RMSNorm's forward (torchtitan 0.3's)
-takes f8tensor.RMSNorm's forward in place, keeping its own methods (core/class_swap.py). It reads
-no bytecode: such a module computes F.rms_norm by PyTorch's own contract."""
+"""The norm swap: every nn.RMSNorm becomes f8tensor.RMSNorm in place, the object kept and its class
+changed (f8tensor.RMSNorm holds no state of its own: fused_ops/rms_norm.py), so its parameters,
+buffers, hooks (load_state_dict pre-hooks, which hold the module weakly, included), attributes,
+training flag, every name it is registered under and every reference to it stay. A subclass that
+keeps nn.RMSNorm's forward (torchtitan 0.3's) becomes a same-named subclass of f8tensor.RMSNorm
+and of its own class, keeping its own methods; one that overrides forward, or a norm with a
+forward of its own on the instance, is kept, with the reason (core/class_swap.py). It reads no
+bytecode: such a module computes F.rms_norm by PyTorch's own contract."""
 
 from torch import nn
 
@@ -16,25 +20,24 @@ _ROOT = "the model itself is an nn.RMSNorm: fuse_model_ops swaps submodules (wra
 
 
 def swap_norms(model: nn.Module, accept) -> None:
-    """Swap every nn.RMSNorm below the model that accept(module, fqn) accepts, and every subclass of
-    it that keeps its forward; record why not for the others."""
-    for fqn, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.RMSNorm:
-                if accept(child, f"{fqn}.{name}" if fqn else name):
-                    setattr(parent, name, RMSNorm.from_norm(child))
-                else:
-                    child.__dict__[NORM_ATTR] = EXCLUDED
-            elif isinstance(child, nn.RMSNorm) and not isinstance(child, RMSNorm):
-                # a subclass: in place, a same-named subclass of RMSNorm and of its own class, if it
-                # keeps nn.RMSNorm's forward (core/class_swap.py)
-                reason = swap_reason(child, nn.RMSNorm, RMSNorm)
-                if reason is None and accept(child, f"{fqn}.{name}" if fqn else name):
-                    swap_class(child, RMSNorm)
-                else:
-                    child.__dict__[NORM_ATTR] = reason or EXCLUDED
-    if isinstance(model, nn.RMSNorm) and not isinstance(model, RMSNorm):
-        model.__dict__[NORM_ATTR] = _ROOT
+    """Swap, in place, every nn.RMSNorm below the model that accept(module, fqn) accepts, and every
+    subclass of it that keeps its forward; record why not for the others. Each module once, under
+    its first name, however often it is registered."""
+    for fqn, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.RMSNorm) or isinstance(mod, RMSNorm):
+            continue
+        if mod is model:
+            mod.__dict__[NORM_ATTR] = _ROOT
+            continue
+        reason = swap_reason(mod, nn.RMSNorm, RMSNorm)
+        if reason is None and accept(mod, fqn):
+            mod.__dict__.pop(NORM_ATTR, None)  # excluded by an earlier call's filter, if so
+            if type(mod) is nn.RMSNorm:
+                mod.__class__ = RMSNorm
+            else:
+                swap_class(mod, RMSNorm)  # a subclass keeps its own methods too
+        else:
+            mod.__dict__[NORM_ATTR] = reason or EXCLUDED
 
 
 def report_row(mod: nn.Module) -> tuple[bool, str, bool] | None:
