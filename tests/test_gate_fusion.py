@@ -959,3 +959,40 @@ def test_an_odd_gate_up_width_runs_the_modules_own_math(halves_calls):
         with pytest.raises(RuntimeError, match="size of tensor"):
             m(x)
     assert halves_calls == []
+
+
+def test_a_forward_edited_in_place_runs_as_edited(fused_calls):
+    """IPython's autoreload edits a class's forward in place (its __code__): the function object stays,
+    its code changes, and the fused gate no longer runs."""
+    class Edited(LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def zeroed(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0)
+
+    model = nn.Sequential(make(Edited))
+    fuse_model_ops(model, rms_norm=False, rope=False)
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.bfloat16)
+    model(x)
+    assert len(fused_calls) == 1
+    Edited.forward.__code__ = zeroed.__code__
+    assert torch.equal(model(x), model[0].down_proj(torch.zeros(2, 3, FFN, device=DEVICE, dtype=torch.bfloat16)))
+    assert len(fused_calls) == 1
+
+
+class CallsTimesZero(SiLUActivation):  # its call is not its forward
+    def _call_impl(self, *args, **kwargs):
+        return super()._call_impl(*args, **kwargs) * 0
+
+
+class OwnCall(LlamaMLP):
+    def __init__(self):
+        super().__init__()
+        self.act_fn = CallsTimesZero()
+
+
+def test_an_activation_class_with_a_call_of_its_own_is_not_fused_away():
+    model = nn.Sequential(make(OwnCall))
+    fuse_model_ops(model, rms_norm=False, rope=False)
+    assert "its class CallsTimesZero defines _call_impl" in model[0].__dict__[GATE_ATTR]

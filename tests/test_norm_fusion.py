@@ -481,3 +481,24 @@ def test_a_weight_or_epsilon_set_since_to_what_was_not_proven_runs_the_written_c
     mod.variance_epsilon = written.variance_epsilon = AddsTwice(0.5)
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16) * 1e-2
     assert torch.equal(mod(x), written(x))
+
+
+def test_a_forward_edited_in_place_runs_as_edited():
+    """IPython's autoreload edits a class's forward in place (its __code__): the function object stays,
+    its code changes, and the fused norm no longer runs."""
+    class Edited(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            return self.weight * hidden_states.to(input_dtype)
+
+    def doubled(self, hidden_states):
+        return 2 * hidden_states
+
+    mod = fused(make(Edited))
+    x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
+    assert not torch.equal(mod(x), 2 * x)
+    Edited.forward.__code__ = doubled.__code__
+    assert torch.equal(mod(x), 2 * x)

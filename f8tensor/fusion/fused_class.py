@@ -42,6 +42,17 @@ def globals_unchanged(fn_globals: dict, read) -> bool:
     return all(global_value(fn_globals, name) is value for name, value in read)
 
 
+def code_of(fn: types.FunctionType) -> tuple:
+    """What a function runs: its code and defaults (edited in place, as IPython's autoreload does,
+    they change while the function object stays)."""
+    return fn.__code__, fn.__defaults__, fn.__kwdefaults__
+
+
+def code_unchanged(fn: types.FunctionType, code: tuple) -> bool:
+    """fn still runs the code and defaults code_of(fn) gave when it was proven."""
+    return all(now is then for now, then in zip(code_of(fn), code))
+
+
 def class_forward(cls: type):
     """The class's forward if it is a plain function, else None."""
     forward = inspect.getattr_static(cls, "forward", None)

@@ -78,7 +78,7 @@ from ..kernels.naive import halves
 from ..torch_internals import fx_tracing, has_hooks
 from ..core.class_swap import class_reason
 from .forward_walk import Grammar, code_reason
-from .fused_class import MULS, FusedModule, class_forward, globals_unchanged
+from .fused_class import MULS, FusedModule, class_forward, code_of, code_unchanged, globals_unchanged
 
 # Set on a module whose gate was fused (a SwiGLUGate) or, for a candidate, why it was not (a str);
 # fusion_report reads it.
@@ -126,9 +126,10 @@ ACT_GRAMMAR = Grammar(does="call silu or GELU", self_reads="a partial of GELU", 
 class SwiGLUGate:
     """forward(arg) = down(silu(gate(arg)) * up(arg)): child names; act: the activation child's name,
     if silu is one; gate_first: gate(arg) runs before up(arg); arg: the forward's parameter name;
-    forward, globals: the code proven and what its global names were bound to; act_proof: for an
-    activation child of a class proven to be silu (not nn.SiLU), (class, its forward, the globals
-    that forward read). gate_half: the halves form, forward(arg) = down(silu(g) * u) with g, u the
+    forward, globals, code: the function proven, what its global names were bound to and its code
+    (code_of); act_proof: for an activation child of a class proven to be silu (not nn.SiLU),
+    (class, its forward, the globals that forward read, the activation, its partial attributes,
+    that forward's code). gate_half: the halves form, forward(arg) = down(silu(g) * u) with g, u the
     halves of gate(arg).chunk(2, dim=-1), g the first (0) or the second (1); up is then None."""
     gate: str
     up: str | None
@@ -138,6 +139,7 @@ class SwiGLUGate:
     arg: str | None  # None: positional-only
     forward: types.FunctionType  # the class forward proven, and the globals it read
     globals: tuple[tuple[str, object], ...]
+    code: tuple  # code_of(forward) as proven
     act_proof: tuple | None = None
     activation: str = "silu"  # or "gelu_tanh": GeGLU's gate, run as f8tensor.geglu
     gate_half: int | None = None  # the halves form: which half of gate(arg) is the gate
@@ -191,9 +193,23 @@ def _partial_names(act: nn.Module) -> tuple[str, ...]:
                         if _gelu_tanh_partial(value) and not hasattr(type(act), name)))
 
 
+# Methods through which a module's call reaches its forward: a class of its own that defines one may
+# compute something else than its forward when called, which the fused gate, not calling it, would skip.
+_CALL_METHODS = ("__call__", "_call_impl", "_wrapped_call_impl")
+
+
+def _call_reason(cls: type) -> str | None:
+    for c in cls.__mro__[:cls.__mro__.index(nn.Module)]:
+        for name in _CALL_METHODS:
+            if name in vars(c):
+                return f"its class {c.__name__} defines {name}"
+    return None
+
+
 def _activation_proof(cls: type, act: nn.Module, forward) -> tuple | str:
     read_globals = []
-    reason = class_reason(act, cls) or code_reason(act, cls, forward, ACT_GRAMMAR, read_globals)
+    reason = (class_reason(act, cls) or _call_reason(cls)
+              or code_reason(act, cls, forward, ACT_GRAMMAR, read_globals))
     if reason:
         return _named(cls, f"the activation child {cls.__name__}: {reason}")
     tracer = _LeafTracer()
@@ -209,7 +225,7 @@ def _activation_proof(cls: type, act: nn.Module, forward) -> tuple | str:
             if nodes[1].target is target and any(
                     list(nodes[1].kwargs) == list(k) and all(_exactly(nodes[1].kwargs[n], v) for n, v in k.items())
                     for k in kwargs):
-                return cls, forward, tuple(read_globals), kind, _partial_names(act)
+                return cls, forward, tuple(read_globals), kind, _partial_names(act), code_of(forward)
     return _named(cls, f"the activation child {cls.__name__} does not compute exactly silu(input) "
                        "or gelu(input, approximate='tanh')")
 
@@ -260,7 +276,7 @@ def _activation(act) -> tuple[str | None, tuple | None, str | None]:
     cls, forward = type(act), class_forward(type(act))
     if forward is None:
         return _named(cls, f"the activation child {cls.__name__}'s forward is not a plain function"), None, None
-    key = (cls, forward, _partial_names(act))
+    key = (cls, forward, forward.__code__, _partial_names(act))
     if key not in ACTIVATION_PROOFS:
         ACTIVATION_PROOFS[key] = _activation_proof(cls, act, forward)
     found = ACTIVATION_PROOFS[key]
@@ -290,10 +306,10 @@ def _still_act(act, proof: tuple | None, activation: str) -> bool:
         return activation == "gelu_tanh" and _nn_gelu_reason(act) is None
     if proof is None:
         return False
-    cls, forward, read_globals, kind, partials = proof
+    cls, forward, read_globals, kind, partials, code = proof
     # The proven forward reads no instance attribute but these partials (ACT_GRAMMAR): each must still
     # be one; an attribute added since is not read.
-    return (kind == activation and type(act) is cls and cls.forward is forward
+    return (kind == activation and type(act) is cls and cls.forward is forward and code_unchanged(forward, code)
             and globals_unchanged(forward.__globals__, read_globals)
             and all(_partial_attribute(act, cls, name) for name in partials))
 
@@ -306,7 +322,8 @@ def _call_covered(mod: nn.Module, gate, args, kwargs) -> bool:
     if len(args) + len(kwargs) != 1 or (kwargs and (
             gate.arg is None or gate.arg not in kwargs)):
         return False
-    if mod._f8tensor_base.forward is not gate.forward or fx_tracing() or torch.jit.is_tracing():
+    if (mod._f8tensor_base.forward is not gate.forward or not code_unchanged(gate.forward, gate.code)
+            or fx_tracing() or torch.jit.is_tracing()):
         return False
     if not globals_unchanged(gate.forward.__globals__, gate.globals):
         return False
@@ -388,7 +405,7 @@ def find_gate(mod: nn.Module) -> SwiGLUGate | str:
             continue
         # what either form records of the forward and its activation
         proven = dict(act=found[1], arg=None if forward.__code__.co_posonlyargcount > 1 else x.target,
-                      forward=forward, globals=tuple(read_globals), act_proof=act_proof if found[1] else None,
+                      forward=forward, globals=tuple(read_globals), code=code_of(forward), act_proof=act_proof if found[1] else None,
                       activation=activation if found[1] else "silu")
         gate_half, up_half = half_of(found[0]), half_of(other)
         # Each form matches 7 or 9 distinct nodes (x and the output included): a graph of more also

@@ -64,7 +64,7 @@ from torch import nn
 from ..fused_ops.rms_norm import fused_rms_norm, fused_rms_norm_applies
 from ..core.class_swap import class_reason
 from .forward_walk import Grammar, code_reason
-from .fused_class import FusedModule, class_forward, globals_unchanged, tracing
+from .fused_class import FusedModule, class_forward, code_of, code_unchanged, globals_unchanged, tracing
 
 # Set on a module whose norm was fused (an RMSNormProof) or, for a candidate, why it was not (a str);
 # fusion_report reads it.
@@ -126,7 +126,8 @@ class RMSNormProof:
     """forward(x) = weight * normalized(x).to(x.dtype) (cast_before_weight) or (weight *
     normalized(x)).to(x.dtype), normalized(x) = x.float() * rsqrt(mean(x.float()^2) + eps): weight,
     eps: the names of the parameter and of the number attribute; forward, globals: the code proven
-    and what its global names were bound to; arg: the forward's parameter name (None: positional-only)."""
+    and what its global names were bound to; arg: the forward's parameter name (None: positional-only);
+    code: code_of the forward and of each helper method, as proven."""
     weight: str
     eps: str
     arg: str | None
@@ -135,6 +136,7 @@ class RMSNormProof:
     cast_before_weight: bool = True
     one_plus_weight: bool = False  # Gemma's form: normalized(x) * (1 + weight.float()), one rounding
     helpers: tuple[tuple[str, types.FunctionType], ...] = ()  # the methods the forward calls, as proven
+    code: tuple = ()  # code_of(forward), then of each helper
 
     def __str__(self):
         if self.one_plus_weight:
@@ -322,7 +324,8 @@ def find_norm(mod: nn.Module) -> RMSNormProof | str:
     x, cast_before_weight, one_plus_weight = found
     positional_only = forward.__code__.co_posonlyargcount > 1
     return RMSNormProof(weights[0], epsilons[0], None if positional_only else x.target, forward,
-                        tuple(read_globals), cast_before_weight, one_plus_weight, helpers)
+                        tuple(read_globals), cast_before_weight, one_plus_weight, helpers,
+                        tuple(code_of(fn) for fn in (forward, *(fn for _, fn in helpers))))
 
 
 def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
@@ -332,7 +335,9 @@ def _call_covered(mod: nn.Module, proof: RMSNormProof, args, kwargs):
     if len(args) + len(kwargs) != 1 or (kwargs and (proof.arg is None or proof.arg not in kwargs)):
         return None
     if mod._f8tensor_base.forward is not proof.forward or tracing() or any(
-            helper_method(mod, mod._f8tensor_base, name) is not fn for name, fn in proof.helpers):
+            helper_method(mod, mod._f8tensor_base, name) is not fn for name, fn in proof.helpers) or not all(
+            code_unchanged(fn, code) for fn, code in zip((proof.forward, *(fn for _, fn in proof.helpers)),
+                                                          proof.code)):
         return None
     if not globals_unchanged(proof.forward.__globals__, proof.globals):
         return None
