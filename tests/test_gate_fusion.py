@@ -996,3 +996,17 @@ def test_an_activation_class_with_a_call_of_its_own_is_not_fused_away():
     model = nn.Sequential(make(OwnCall))
     fuse_model_ops(model, rms_norm=False, rope=False)
     assert "its class CallsTimesZero defines _call_impl" in model[0].__dict__[GATE_ATTR]
+
+
+@pytest.mark.parametrize("cls", [LlamaMLP, LlamaMLP5], ids=["nn.SiLU", "SiLUActivation"])
+def test_silu_patched_after_fusion_runs_as_written(cls, fused_calls, monkeypatch):
+    """F.silu replaced after fusion (nn.SiLU and transformers' SiLUActivation call it at each call):
+    the written forward runs, with the replacement."""
+    model = nn.Sequential(make(cls))
+    fuse_model_ops(model, rms_norm=False, rope=False)
+    x = torch.randn(2, 3, D, device=DEVICE, dtype=torch.bfloat16)
+    model(x)
+    assert len(fused_calls) == 1
+    monkeypatch.setattr(F, "silu", lambda t, inplace=False: torch.zeros_like(t))
+    assert torch.equal(model(x), model[0].down_proj(torch.zeros(2, 3, FFN, device=DEVICE, dtype=torch.bfloat16)))
+    assert len(fused_calls) == 1

@@ -40,8 +40,9 @@ class Grammar:
 def code_reason(mod: nn.Module, cls: type, forward, grammar: Grammar, read_globals: list,
                 self_reads: list | None = None) -> str | None:
     """Why the forward's bytecode is not straight-line code of one argument that reads only what
-    grammar allows; appends (name, value) of each global it reads to read_globals, and each name it
-    reads off self to self_reads."""
+    grammar allows; appends (name, value) of each global it reads, and (module, name, value) of each
+    attribute of a torch module (F.silu), to read_globals, and each name it reads off self to
+    self_reads."""
     code = forward.__code__
     if code.co_argcount != 2 or code.co_kwonlyargcount or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return "forward does not take exactly one argument"
@@ -93,6 +94,7 @@ def code_reason(mod: nn.Module, cls: type, forward, grammar: Grammar, read_globa
                 top = "method"
             elif any(top is ok for ok in modules) and any(
                     getattr(top, name, None) is ok for ok in grammar.torch_objects):
+                read_globals.append((top, name, getattr(top, name)))  # F.silu, patched later: seen
                 top = getattr(top, name)
             elif isinstance(top, types.ModuleType):
                 return f"forward reads {top.__name__}.{name}"

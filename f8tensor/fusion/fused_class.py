@@ -38,8 +38,10 @@ def global_value(fn_globals: dict, name: str):
 
 
 def globals_unchanged(fn_globals: dict, read) -> bool:
-    """Whether each (name, value) a proof recorded as read is still what the name reads."""
-    return all(global_value(fn_globals, name) is value for name, value in read)
+    """Whether each (name, value) a proof recorded as read is still what the name reads, and each
+    (module, name, value) what the module's attribute is (F.silu)."""
+    return all((global_value(fn_globals, r[0]) if len(r) == 2 else getattr(r[0], r[1], None)) is r[-1]
+               for r in read)
 
 
 def code_of(fn: types.FunctionType) -> tuple:

@@ -85,6 +85,7 @@ from .fused_class import MULS, FusedModule, class_forward, code_of, code_unchang
 GATE_ATTR = "_f8tensor_swiglu"
 
 _SILU_FORWARD, _GELU_FORWARD = nn.SiLU.forward, nn.GELU.forward
+_F_SILU, _F_GELU = F.silu, F.gelu  # what they call
 # The activations a gate may have: what the activation's trace must be (target, kwargs accepted).
 _ACTIVATIONS = {"silu": (F.silu, ({}, {"inplace": False})), "gelu_tanh": (F.gelu, ({"approximate": "tanh"},))}
 
@@ -245,8 +246,8 @@ def _instance_reason(act) -> str | None:
 def _nn_silu_reason(act: nn.SiLU) -> str | None:
     if act.inplace:
         return "the nn.SiLU child is in place (it writes into the gate's output)"
-    if nn.SiLU.forward is not _SILU_FORWARD:
-        return "nn.SiLU's forward was replaced"
+    if nn.SiLU.forward is not _SILU_FORWARD or F.silu is not _F_SILU:
+        return "nn.SiLU's forward or F.silu, which it calls, was replaced"
     return None
 
 
@@ -254,8 +255,8 @@ def _nn_gelu_reason(act: nn.GELU) -> str | None:
     if not _exactly(act.approximate, "tanh"):
         return (f"the activation child GELU is exact (approximate={act.approximate!r}), not silu or GELU's "
                 "tanh form: only SwiGLU and GeGLU (tanh) gates are fused")
-    if nn.GELU.forward is not _GELU_FORWARD:
-        return "nn.GELU's forward was replaced"
+    if nn.GELU.forward is not _GELU_FORWARD or F.gelu is not _F_GELU:
+        return "nn.GELU's forward or F.gelu, which it calls, was replaced"
     return None
 
 
