@@ -220,3 +220,24 @@ def test_public_names():
     assert {"fuse_model_ops", "fusion_report", "FusionReport", "FusionError", "FusionWarning",
             "reset_state"} <= set(f8tensor.__all__)
     assert f8tensor.__version__ == "0.2.0"
+
+
+def test_a_copy_whose_proof_fails_keeps_a_class_made_after_fusion(monkeypatch):
+    """A subclass of the fused class made after fusion (FSDP2 makes one) survives a copy whose
+    re-proof fails: the copy keeps that class (its methods) and runs its forward as written."""
+    import copy
+
+    class Marker:
+        pass
+
+    model = nn.Sequential(SwiGLU(64, 128))
+    fuse_model_ops(model, rms_norm=False, rope=False)
+    fused = type(model[0])
+    model[0].__class__ = type("FSDPFFN", (Marker, fused), {})
+    monkeypatch.setattr(python_versions, "unsupported_reason", lambda: "Python 9.9 is not checked")
+    monkeypatch.setattr(python_versions, "warn_once", lambda reason: None)
+    twin = copy.deepcopy(model)
+    assert isinstance(twin[0], Marker) and isinstance(twin[0], fused)
+    assert "not attempted: Python 9.9" in str(fusion_report(twin))
+    x = torch.randn(2, 64)
+    assert torch.equal(twin[0](x), SwiGLU.forward(twin[0], x))

@@ -13,7 +13,7 @@ import torch
 from f8utils import DEVICE, convert_and_fuse, train_step
 from torch import nn
 
-from f8tensor import fuse_model_ops, fusion_report, rope
+from f8tensor import FusionWarning, fuse_model_ops, fusion_report, rope
 from f8tensor.fusion.rope_proof import ROPE_ATTR, FusedRoPEModule, RoPECalls, prove_function
 
 B, H, S, HEAD = 2, 4, 16, 32
@@ -953,10 +953,25 @@ def test_torchscript_and_jit_trace_see_the_module_as_its_own_class():
     assert torch.equal(traced(x, cos, sin), Attention.forward(mod, x, cos, sin))
     scriptable = fused(CallsApplyRopeOnly())
     assert isinstance(scriptable, FusedRoPEModule)
-    scripted = torch.jit.script(scriptable)
+    with pytest.warns(FusionWarning, match="scripted as its own class"):
+        scripted = torch.jit.script(scriptable)
     x = x.view(B, S, H, HEAD).transpose(1, 2)
     assert torch.equal(scripted(x, cos, sin), apply_rope(x, cos, sin))
     assert isinstance(mod, FusedRoPEModule) and isinstance(scriptable, FusedRoPEModule)  # both unchanged
+    # a fused child: TorchScript puts the unfused copy in the parent; said, and a deepcopy keeps the model fused
+    model = HoldsARotation()
+    with pytest.warns(FusionWarning, match=r"Script copy.deepcopy\(model\)"):
+        torch.jit.script(copy.deepcopy(model))
+    assert isinstance(model.inner, FusedRoPEModule)
+
+
+class HoldsARotation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = fused(CallsApplyRopeOnly())
+
+    def forward(self, x, cos, sin):
+        return self.inner(x, cos, sin)
 
 
 class CallsApplyRopeOnly(nn.Module):

@@ -14,6 +14,7 @@ import functools
 import inspect
 import operator
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -108,13 +109,23 @@ class FusedModule(QuietSubclasses):
             found = f"not attempted: {reason}"
         else:
             found = fused._f8tensor_prove(self)
-        if isinstance(found, fused._f8tensor_proof):  # otherwise what was proven no longer holds here: unfused
+        # Where what was proven no longer holds here: the module's own class, or a class made of the
+        # fused one later (FSDP2's) kept for its methods, whose forward runs as written (the reason
+        # is recorded instead of a proof).
+        if isinstance(found, fused._f8tensor_proof) or "_f8tensor_mixin" not in vars(fused):
             self.__class__ = fused
         self.__dict__[fused._f8tensor_attr] = found
 
     def __prepare_scriptable__(self):
         """torch.jit.script scripts a shallow copy of the module as its own class (the fused forward
-        calls Triton kernels, which TorchScript cannot compile)."""
+        calls Triton kernels, which TorchScript cannot compile). TorchScript writes that copy into
+        the parent's modules, so scripting a model that holds fused modules unfuses them in the
+        eager model too: it warns (script copy.deepcopy(model) to keep the model fused)."""
+        warnings.warn(
+            f"torch.jit.script: the fused {type(self).__name__} is scripted as its own class; where it is a "
+            "submodule of what is scripted, TorchScript puts that unfused copy in its parent, in the eager "
+            "model too. Script copy.deepcopy(model) to keep the model fused", python_versions.FusionWarning,
+            stacklevel=2)
         plain = self._f8tensor_base.__new__(self._f8tensor_base)
         plain.__dict__.update(self.__dict__)
         plain.__dict__.pop(self._f8tensor_attr, None)
