@@ -348,7 +348,11 @@ def tensor_parallel(model, mesh, config):
 
         colwise, rowwise, prepare = Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
     elif "_sp8" in config:
-        from f8tensor.distributed.sequence_parallel import Float8PrepareModuleInput as prepare
+        from f8tensor.distributed.sequence_parallel import Float8PrepareModuleInput
+
+        # its cast must be the layers' (a --recipe with power-of-2 scales: it raises otherwise)
+        f8_config = next(m.config for m in model.modules() if isinstance(m, Float8Linear))
+        prepare = functools.partial(Float8PrepareModuleInput, config=f8_config)
     tp = mesh.size()
     parallelize_module(model, mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),

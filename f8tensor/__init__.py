@@ -11,7 +11,7 @@ from .core.linear import Float8Linear
 from .core.ops import scaled_mm
 from .core.tensor import Float8Tensor, GemmRole, to_float8
 from .core.weight_cache import forget_fp8_weights
-from .distributed.fsdp_float8 import precompute_float8_scales
+from .distributed.fsdp_float8 import forget_precomputed_scales, precompute_float8_scales
 from .fused_ops.rms_norm import RMSNorm
 from .fused_ops.rope import rope
 from .fused_ops.swiglu import geglu, geglu_halves, swiglu, swiglu_halves
@@ -21,7 +21,8 @@ from .state import reset_state
 
 __all__ = [
     "Float8Config", "Float8Linear", "Float8Tensor", "FusionError", "FusionReport", "FusionWarning", "GemmRole",
-    "RMSNorm", "conversion_summary", "convert_to_float8_training", "forget_fp8_weights", "fuse_model_ops",
+    "RMSNorm", "conversion_summary", "convert_to_float8_training", "forget_fp8_weights", "forget_precomputed_scales",
+    "fuse_model_ops",
     "fusion_report", "geglu", "geglu_halves", "precompute_float8_scales", "reset_state", "rope", "scaled_mm", "swiglu",
     "swiglu_halves", "to_float8",
 ]

@@ -36,9 +36,16 @@ Converted models capture as they run eagerly: f8tensor's per-tensor caches serve
 edge of a capture (an entry made outside it is a tensor the graph would not update), and
 `keep_fp8_weight` casts the weight inside the graph during capture rather than reading a float8
 copy kept from an earlier step (tests/test_cuda_graph.py: bit for bit equal to eager training).
+A replay updates the parameters without running Python: no version counter moves and no optimizer
+hook runs, so after each replay CapturedStep drops what those would have dropped, the kept float8
+weights (`forget_fp8_weights`) and the precomputed FSDP2 all-gather scales
+(`forget_precomputed_scales`): an eager forward after replays casts the weights as they are.
 """
 
 import torch
+
+from .core.weight_cache import forget_fp8_weights
+from .distributed.fsdp_float8 import forget_precomputed_scales
 
 
 class CapturedStep:
@@ -62,7 +69,7 @@ class CapturedStep:
             self._check(args)
             for static, a in zip(self.static_inputs, args):
                 static.copy_(a)
-            self.graph.replay()
+            self._replay()
             return self.static_output
         if self.stream is None:
             self.stream = torch.cuda.Stream()
@@ -79,8 +86,14 @@ class CapturedStep:
             self.static_output = self.fn(*self.static_inputs)
         self.graph = graph
         torch.cuda.current_stream().wait_stream(self.stream)
-        self.graph.replay()  # capture records the step without running it
+        self._replay()  # capture records the step without running it
         return self.static_output
+
+    def _replay(self):
+        self.graph.replay()
+        # the step wrote the parameters behind their version counters and optimizer hooks
+        forget_fp8_weights()
+        forget_precomputed_scales()
 
     def _check(self, args):
         if len(args) != len(self.static_inputs):

@@ -8,8 +8,8 @@
 | produced amax | core/tensor_cache.produced_amax | amax records the fused ops measured, per thread | cleared |
 | kept weights | core/weight_cache.ENTRIES | float8 copies of weights (keep_fp8_weight) | cleared |
 | optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
-| precomputed-amax generation | distributed/fsdp_float8.GENERATION | a counter that optimizer steps and loads move on: precomputed amaxes of older generations are not used | kept (the amaxes still valid stay valid) |
-| all-gather optimizer hook | distributed/fsdp_float8.OPTIMIZER_HOOK | the hook that drops them at each step | kept (registered once) |
+| precomputed-amax generation | distributed/fsdp_float8.GENERATION | a counter that forget_precomputed_scales moves on (after each CUDA graph replay): precomputed amaxes of older generations are not used; steps and loads drop only their own weights' amaxes | kept (the amaxes still valid stay valid) |
+| all-gather optimizer hook | distributed/fsdp_float8.OPTIMIZER_HOOK | the hook that drops, before a step, the amaxes of the weights that optimizer holds | kept (registered once) |
 | saved-tensor names | torch_internals.SAVED_NAMES | autograd node type -> its _saved_* attribute names | cleared |
 | fused classes | fusion/fused_class.FUSED_CLASSES | (class, mixin) -> the fused subclass | cleared (fused modules keep theirs) |
 | swapped classes | core/class_swap.SWAPPED_CLASSES | (f8tensor's layer, class) -> the converted subclass | cleared (converted modules keep theirs) |

@@ -134,3 +134,35 @@ def test_a_captured_step_refuses_other_shapes():
     assert torch.equal(step(x + 1), torch.full((4,), 4.0, device="cuda"))
     with pytest.raises(ValueError, match="keep the batch shape constant"):
         step(torch.ones(5, device="cuda"))
+
+
+def test_a_replay_drops_the_float8_state_its_step_made_stale():
+    """A replay writes the parameters without running Python: no version counter moves, no optimizer
+    hook runs. After each replay CapturedStep drops the kept float8 weights and the precomputed
+    all-gather scales, so an eager forward after replays casts the weights as they are. (On CPU: a
+    stub graph whose replay writes the weights through .data, which moves no version counter either,
+    and a step without arguments.)"""
+    from f8tensor import Float8Linear, precompute_float8_scales
+
+    torch.manual_seed(0)
+    kept = Float8Linear(64, 64, bias=False, dtype=torch.bfloat16, config=Float8Config(keep_fp8_weight=True))
+    cast = Float8Linear(64, 64, bias=False, dtype=torch.bfloat16)  # casts at every forward
+    gathered = convert_to_float8_training(nn.Sequential(nn.Linear(64, 64)).bfloat16(),
+                                          module_filter_fn=lambda m, fqn: True,
+                                          config=Float8Config(fsdp_float8_all_gather=True))
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    kept(x)  # the float8 weight kept
+    assert precompute_float8_scales(gathered) == 1
+    record = gathered[0].weight._precomputed
+
+    class Graph:
+        def replay(self):
+            kept.weight.data.mul_(4)
+            gathered[0].weight._tensor.data.mul_(4)
+
+    step = CapturedStep(lambda: None)
+    step.graph, step.static_inputs = Graph(), []  # as after the capture
+    step()
+    cast.weight.data.copy_(kept.weight)
+    assert torch.equal(kept(x), cast(x))
+    assert record.amax_for(gathered[0].weight._tensor) is None

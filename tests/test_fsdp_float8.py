@@ -181,27 +181,39 @@ def test_outside_fsdp2_the_weight_is_its_high_precision_values():
     assert isinstance(on[0].weight, Float8AllGatherWeight)
 
 
-def test_a_precomputed_amax_holds_until_an_optimizer_step_or_a_load():
-    """Events every rank sees alike end it (an optimizer step, load_state_dict), nothing local does:
-    the ranks must agree on whether an all-gather all-reduces first. Views and copies of the weight
-    (FSDP2 pads shards by copying) share it."""
-    from f8tensor.distributed import fsdp_float8
+def test_a_precomputed_amax_holds_until_its_weight_is_written():
+    """Events of the weight itself end it, on every rank alike: its optimizer's step, its layer's
+    load, an in-place write (its version counter), forget_precomputed_scales. Reads, views and
+    copies of the weight (FSDP2 pads shards by copying) share it and leave it, and so does
+    state_dict()."""
+    from f8tensor.distributed.fsdp_float8 import forget_precomputed_scales
 
     model = make_model(True)
-    record = model[0].weight._precomputed
+    weight = model[0].weight
+    record = weight._precomputed
 
     def valid():
-        return record.amax is not None and record.generation == fsdp_float8.GENERATION[0]
+        return record.amax_for(weight._tensor) is not None
 
     assert not valid() and precompute_float8_scales(model) == 6 and valid()
-    assert model[0].weight.detach()._precomputed is record and torch.empty_like(model[0].weight)._precomputed is record
-    snapshot = torch.empty_like(model[0].weight._tensor)
-    snapshot.copy_(model[0].weight)  # reads, and a write through a copy, leave it valid
-    torch.empty_like(model[0].weight).copy_(model[0].weight)
+    assert weight.detach()._precomputed is record and torch.empty_like(weight)._precomputed is record
+    snapshot = torch.empty_like(weight._tensor)
+    snapshot.copy_(weight)  # reads, and a write through a copy, leave it valid
+    torch.empty_like(weight).copy_(weight)
+    model.state_dict()
     assert valid()
     with torch.no_grad():
-        assert model[0].weight.mul_(1) is model[0].weight  # in-place ops return their argument, as for tensors
+        assert weight.mul_(1) is weight  # in-place ops return their argument, as for tensors
+    assert not valid()  # written (if with the same values)
+    precompute_float8_scales(model)
+    with torch.no_grad():
+        model.state_dict()["0.weight"].add_(0)  # as dcp.load writes into what state_dict() handed out
+    assert not valid()
+    precompute_float8_scales(model)
     model.load_state_dict(model.state_dict())
+    assert not valid()
+    precompute_float8_scales(model)
+    forget_precomputed_scales()
     assert not valid()
     precompute_float8_scales(model)
     train(model, "cpu", steps=1)
@@ -210,6 +222,23 @@ def test_a_precomputed_amax_holds_until_an_optimizer_step_or_a_load():
     opt.register_step_post_hook(lambda *_: precompute_float8_scales(model))  # as torchtitan hooks torchao's
     opt.step()
     assert valid()
+
+
+def test_other_models_steps_and_loads_leave_a_precomputed_amax():
+    """An optimizer that does not hold the weight (a probe, an eval copy's: perhaps on one rank
+    only) and a load into another model leave the amax: had they dropped it on the ranks that
+    run them, those ranks would all-reduce before the gather and the others not."""
+    model, other = make_model(True), make_model(True)
+    record = model[0].weight._precomputed
+    precompute_float8_scales(model)
+    probe = torch.zeros(3, requires_grad=True)
+    probe.grad = torch.ones(3)
+    torch.optim.SGD([probe], lr=0.1).step()
+    for p in other.parameters():
+        p.grad = torch.ones_like(p)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    other.load_state_dict(model.state_dict())
+    assert record.amax_for(model[0].weight._tensor) is not None
 
 
 def test_a_weight_sharded_along_another_dim_is_refused(tmp_path):
@@ -386,18 +415,26 @@ def test_hsdp_precomputed_scales_reduce_over_the_shard_group(tmp_path):
 
 def three_rank_run(rank, world, store, results):
     """One of 3 CPU ranks: 128 rows split 43/43/42 (FSDP2 pads the last shard, and swaps in a new
-    padded local tensor at lazy init on that rank only); scales precomputed before the first forward."""
+    padded local tensor at lazy init on that rank only); scales precomputed before the first forward,
+    the weights written in place after it (seen on the swapped-in tensor too), then training. The
+    collectives go through a group that times out in seconds."""
     join_process_group(rank, world, store, "cpu")
     try:
-        from torch.distributed.device_mesh import init_device_mesh
+        from datetime import timedelta
 
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh.from_group(dist.new_group(timeout=timedelta(seconds=20)), "cpu")
         runs = []
         for all_gather in (True, False):
             model = make_model(all_gather)
-            mesh = init_device_mesh("cpu", (world,))
             shard_layers(model, mesh)
             if all_gather:
                 assert precompute_float8_scales(model) == 6
+            model(torch.randn(2, 16, 64).bfloat16())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(2)
             runs.append((train(model, "cpu", precompute=all_gather),
                          [p.full_tensor().detach() for p in model.parameters()]))
         (losses, weights), (want_losses, want_weights) = runs
@@ -411,7 +448,8 @@ def three_rank_run(rank, world, store, results):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_uneven_shards_over_three_ranks_match_gathering_in_bf16(tmp_path):
     """Padded shards, and a precomputed amax that must survive FSDP2's lazy-init swap on the padded
-    rank (else that rank alone all-reduces, and the ranks hang): the float8 all-gather trains as
+    rank (else that rank alone all-reduces, and the ranks hang), and be dropped there by a later
+    write as on the other ranks (else that rank alone does not): the float8 all-gather trains as
     FSDP2 gathering bf16 does, bit for bit (three ranks average gradients inexactly, so the
     reference is FSDP2 itself, not one process)."""
     with mp.Manager() as manager:
@@ -420,8 +458,9 @@ def test_uneven_shards_over_three_ranks_match_gathering_in_bf16(tmp_path):
         assert dict(results) == {0: True, 1: True, 2: True}
 
 
-def checkpoint_run(rank, world, store, path, results):
-    """Save a float8-all-gather model with torch.distributed.checkpoint, load it into a fresh one."""
+def checkpoint_run(rank, world, store, path, reload, results):
+    """Save a float8-all-gather model with torch.distributed.checkpoint, load it into a fresh one
+    (reload: then load_state_dict of what dcp.load wrote; else dcp.load's writes in place only)."""
     join_process_group(rank, world, store, "cpu")
     try:
         import torch.distributed.checkpoint as dcp
@@ -444,11 +483,12 @@ def checkpoint_run(rank, world, store, path, results):
         assert precompute_float8_scales(loaded) == 6
         target = loaded.state_dict()
         dcp.load(target, checkpoint_id=path)
-        loaded.load_state_dict(target)
+        if reload:
+            loaded.load_state_dict(target)
         x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
         same = all(torch.equal(_local_values(a), _local_values(b))
                    for a, b in zip(saved.parameters(), loaded.parameters()))
-        results[rank] = same and torch.equal(saved(x), loaded(x))  # the load dropped the precomputed amaxes
+        results[rank] = same and torch.equal(saved(x), loaded(x))  # the writes dropped the precomputed amaxes
     finally:
         dist.destroy_process_group()
 
@@ -459,11 +499,92 @@ def _local_values(p):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_distributed_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("reload", [True, False], ids=["load_state_dict", "dcp_load_in_place"])
+def test_distributed_checkpoint_round_trip(reload, tmp_path):
     """torch.distributed.checkpoint saves the plain bf16 shards and loads them into float8-all-gather
     weights; the loaded model computes what the saved one does (its precomputed amaxes, taken
-    before the load, are not used after it)."""
+    before the load, are not used after it), also where dcp.load only writes in place into the
+    tensors state_dict() handed out (no load_state_dict after it: the weights' version counters
+    see the writes)."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(checkpoint_run, args=(2, str(tmp_path / "store"), str(tmp_path / "ckpt"), results), nprocs=2)
+        mp.spawn(checkpoint_run, args=(2, str(tmp_path / "store"), str(tmp_path / "ckpt"), reload, results),
+                 nprocs=2)
         assert dict(results) == {0: True, 1: True}
+
+
+def rank_local_run(rank, world, store, results):
+    """Rank 0 alone steps a probe optimizer and loads an eval copy of the model; then both ranks run
+    the sharded model, whose collectives go through a group that times out in seconds."""
+    join_process_group(rank, world, store, "cpu")
+    try:
+        from datetime import timedelta
+
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh.from_group(dist.new_group(timeout=timedelta(seconds=20)), "cpu")
+        model = shard_layers(make_model(True), mesh)
+        x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+        want = model(x).detach()
+        assert precompute_float8_scales(model) == 6
+        if rank == 0:
+            probe = torch.zeros(3, requires_grad=True)
+            probe.grad = torch.ones(3)
+            torch.optim.SGD([probe], lr=0.1).step()
+            make_model(True).load_state_dict(make_model(True).state_dict())
+        try:
+            results[rank] = torch.equal(model(x), want)
+        except RuntimeError as e:  # gloo's timeout: the ranks ran different collectives
+            results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_step_or_load_on_one_rank_only_keeps_the_collectives_matched(tmp_path):
+    """Precomputed amaxes are dropped per weight: rank 0's probe optimizer and eval copy leave the
+    sharded model's, so both ranks gather without an all-reduce (were rank 0's dropped, it alone
+    would all-reduce first, and the ranks would hang)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank_local_run, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        assert dict(results) == {0: True, 1: True}
+
+
+def assign_run(rank, world, store, results):
+    """A meta-initialised float8-all-gather model, sharded, loaded from rank 0's full state dict
+    (set_model_state_dict, which loads with assign=True); and the same model built with its values."""
+    join_process_group(rank, world, store, "cpu")
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        full = make_model(False, fused=False).state_dict()
+        model = shard_layers(make_model(True, "meta", fused=False), mesh)
+        set_model_state_dict(model, full if rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        gathered = []
+        for layer in model.modules():
+            if isinstance(layer, Float8Linear):
+                layer.register_forward_pre_hook(lambda mod, args: gathered.append(type(mod.weight)))
+        x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+        want = shard_layers(make_model(True, fused=False), mesh)(x)
+        weights = {type(m.weight.to_local()) for m in model.modules() if isinstance(m, Float8Linear)}
+        same = torch.equal(model(x), want)
+        results[rank] = (weights, precompute_float8_scales(model), set(gathered), same)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_loading_with_assign_keeps_the_float8_all_gather(tmp_path):
+    """load_state_dict(assign=True) replaces the weights by the state dict's tensors: they are
+    wrapped as they come, so the layers still gather in float8 (not bf16), their scales can be
+    precomputed, and the model computes what one built with those values does."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(assign_run, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        assert results[rank] == ({Float8AllGatherWeight}, 3, {Float8Tensor}, True)

@@ -228,9 +228,31 @@ def errors_run(rank, world, store, results):
                 errors.append(None)
             except (TypeError, ValueError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
-        results[rank] = errors
+        results[rank] = errors + [config_error(mesh, given) for given in (False, True)]
     finally:
         dist.destroy_process_group()
+
+
+def config_error(mesh, given: bool):
+    """A feed-forward converted with tensorwise_pow2, its input gathered by a Float8PrepareModuleInput
+    with the default config, or (given) the layers' config: parallelize_module's error, or None."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from f8tensor import Float8Config
+    from f8tensor.distributed.sequence_parallel import Float8PrepareModuleInput
+
+    config = Float8Config.from_recipe_name("tensorwise_pow2")
+    model = convert_to_float8_training(SwiGLU(DIM, HIDDEN).bfloat16(), module_filter_fn=lambda mod, fqn: True,
+                                       config=config)
+    prepare = Float8PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                       **(dict(config=config) if given else {}))
+    try:
+        parallelize_module(model, mesh, {"": prepare, "w1": ColwiseParallel(), "w3": ColwiseParallel(),
+                                         "w2": RowwiseParallel(output_layouts=Shard(1))})
+    except TypeError as e:
+        return str(e)
+    return None
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -238,7 +260,21 @@ def test_float8_all_gather_names_what_it_cannot_gather(tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(errors_run, args=(1, str(tmp_path / "store"), results), nprocs=1)
-        plain, features, integers = dict(results)[0]
+        plain, features, integers, other_config, same_config = dict(results)[0]
     assert plain.startswith("TypeError") and "gathers a DTensor" in plain
     assert features.startswith("ValueError") and "sharded along its features" in features
     assert integers.startswith("TypeError") and "high-precision floating-point" in integers
+    # Float8PrepareModuleInput with a config that is not the layers' (the layers check only the
+    # float8 format of their input, not its scale rounding): refused where the style is applied
+    assert "power_of_2_scale=False" in other_config and "power_of_2_scale=True" in other_config
+    assert "config=" in other_config and same_config is None
+
+
+def test_the_usage_example_imports_what_it_uses():
+    """The module docstring's imports run."""
+    import f8tensor.distributed.sequence_parallel as module
+
+    imports = [line.strip() for line in module.__doc__.splitlines() if line.strip().startswith("from ")]
+    assert imports
+    for line in imports:
+        exec(line, {})

@@ -15,16 +15,16 @@ as fully_shard's sharding does, keep the subclass), and that implements FSDP2's 
 extension (`fsdp_pre_all_gather`, `fsdp_post_all_gather`):
 
 - before the all-gather, each rank quantizes its shard with the scale of the whole weight: the
-  global amax is the precomputed one (`precompute_float8_scales`: valid until the next optimizer
-  step or load_state_dict, events every rank sees alike) or, otherwise,
-  max(|shard|) all-reduced (MAX) over the shard's process group, one small all-reduce per weight
-  and all-gather. The float8 data is all-gathered as bytes (uint8, which every backend moves),
-  padded to FSDP2's padded shard size where the weight does not divide evenly;
+  global amax is the precomputed one (`precompute_float8_scales`, while it holds: see there) or,
+  otherwise, max(|shard|) all-reduced (MAX) over the shard's process group, one small all-reduce
+  per weight and all-gather. The float8 data is all-gathered as bytes (uint8, which every backend
+  moves), padded to FSDP2's padded shard size where the weight does not divide evenly;
 - after the all-gather, the gathered bytes are the float8 weight [out, in], row-major, with that
   scale: a Float8Tensor, which Float8Linear's forward GEMM reads as is and its backward GEMM reads
   transposed (a float8 copy into column-major, no cast);
 - state dicts (and so checkpoints, torch.distributed.checkpoint) hold the plain high-precision
-  weight, as without the switch; loading one writes into the subclass's values.
+  weight, as without the switch; loading one writes into the subclass's values, and loading with
+  assign=True (set_model_state_dict into a meta-initialised model) wraps the tensor it assigns.
 
 Quantizing a shard with the global amax gives exactly the bits quantizing the whole weight gives
 (the cast is elementwise with one multiplier). So where FSDP2's averaged gradient is the
@@ -46,6 +46,7 @@ speed measurement: the switch is off by default until measured faster.
 """
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -70,25 +71,68 @@ _PRESERVE = frozenset({
 
 
 class Precomputed:
-    """The global amax precompute_float8_scales found for one weight, and the generation it was
-    found in. Shared by every tensor made from the weight (views, and the copies FSDP2 pads its
-    shards with), so all of them read it; valid while GENERATION has not moved on."""
+    """The global amax precompute_float8_scales found for one weight, shared by every tensor made
+    from the weight (views, and the copies FSDP2 pads its shards with), so all of them read it.
+    `amax_for(shard)`: the amax while it holds (precompute_float8_scales says when), else None.
 
-    __slots__ = ("amax", "generation")
+    Writes are seen by the version counter of the tensor the amax was found on (the weight's
+    `_tensor`; a host-side int, no sync). Ops on the weight run on `_tensor` in __torch_dispatch__,
+    below autograd, where nothing moves it: Float8AllGatherWeight moves it for each op that writes
+    the weight, and state_dict() hands out views that share it (what dcp.load writes into)."""
+
+    __slots__ = ("amax", "generation", "tensor", "version")
 
     def __init__(self):
-        self.amax, self.generation = None, -1
+        self.amax, self.generation, self.tensor, self.version = None, -1, None, -1
+
+    def set(self, amax: torch.Tensor, tensor: torch.Tensor) -> None:
+        self.amax, self.generation = amax, GENERATION[0]
+        self.tensor, self.version = weakref.ref(tensor), tensor._version
+
+    def forget(self) -> None:
+        self.amax = None
+
+    def check(self, tensor: torch.Tensor) -> None:
+        """Forget the amax if `tensor` is the one it was found on and was written since: run on
+        every op that reads the weight, so that copies made after a write (FSDP2's padding of a
+        shard, its CPU offload's copy to the device) do not take the old amax along."""
+        if self.amax is not None and self.tensor() is tensor and tensor._version != self.version:
+            self.amax = None
+
+    def amax_for(self, shard: torch.Tensor) -> torch.Tensor | None:
+        self.check(shard)
+        if self.amax is None or self.generation != GENERATION[0]:
+            return None
+        if self.tensor() is None:
+            # gone, replaced by a copy (FSDP2's padded shard, made at lazy init on padded ranks only)
+            # that check() saw made: follow the copy, whose later writes the other ranks see too
+            self.tensor, self.version = weakref.ref(shard), shard._version
+        return self.amax
 
 
-# Moves on at every torch.optim step and load_state_dict of a layer with the switch: events every
-# rank sees alike, so the ranks agree whether a precomputed amax is still valid, and so whether an
-# all-gather all-reduces first (state.py lists it and the hook).
+# Moved on by forget_precomputed_scales (a CUDA graph replay calls it): records of older
+# generations do not hold. Optimizer steps and loads drop the records of their own weights only.
 GENERATION = [0]
 OPTIMIZER_HOOK: list = []
 
 
-def _next_generation(*args, **kwargs) -> None:
+def forget_precomputed_scales() -> None:
+    """Drop every precomputed amax: the next all-gathers all-reduce their own (until the next
+    precompute_float8_scales). Call it on every rank after writing weights in a way that neither
+    their version counters nor an optimizer's hooks see: `.data`, DLPack, custom kernels, a CUDA
+    graph replay (CapturedStep calls it after each)."""
     GENERATION[0] += 1
+
+
+def _forget_stepped(optimizer, args, kwargs) -> None:
+    """Before an optimizer step: the records of the weights it updates, and of no others (an
+    optimizer that runs on some ranks only, a probe or an eval copy's, leaves the sharded model's
+    records alone: the ranks still agree whether a gather all-reduces)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            local = _local(p)
+            if isinstance(local, Float8AllGatherWeight):
+                local._precomputed.forget()
 
 
 class Float8AllGatherWeight(torch.Tensor):
@@ -124,10 +168,15 @@ class Float8AllGatherWeight(torch.Tensor):
                 if source is None:
                     source = t
                 wrappers[id(t._tensor)] = t
+                t._precomputed.check(t._tensor)
                 return t._tensor
             return t
 
-        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        written = [w._tensor for w in _written(func, args, kwargs)] if func._schema.is_mutable else ()
+        if written:  # the version counter autograd would have moved, were `_tensor` written above it
+            torch.autograd.graph.increment_version(written)
 
         def rewrap(t):
             if type(t) is not torch.Tensor:
@@ -154,9 +203,8 @@ class Float8AllGatherWeight(torch.Tensor):
                 f"fsdp_float8_all_gather gathers weights FSDP2 shards along dim 0 (its default placement); this "
                 f"one is sharded otherwise ({tuple(shard.shape)} of {tuple(outer_size)}): leave shard_placement_fn "
                 "at its default or turn the switch off")
-        record = self._precomputed
-        amax = record.amax if record.generation == GENERATION[0] else None
-        if amax is None:  # none, or a step or load since (without precompute_float8_scales after it)
+        amax = self._precomputed.amax_for(shard)
+        if amax is None:  # none, or dropped since (without precompute_float8_scales after it)
             amax = global_amax(shard, mesh)
         data, _, scale, _ = quantize_with_amax(shard, config.forward_dtype, "row", config.power_of_2_scale, amax=amax)
         data = data.view(torch.uint8)
@@ -174,6 +222,16 @@ class Float8AllGatherWeight(torch.Tensor):
         return Float8Tensor(data, scale, param_dtype, GemmRole.WEIGHT, self._config), (data,)
 
 
+def _written(func, args, kwargs):
+    """The Float8AllGatherWeight arguments an op writes."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, Float8AllGatherWeight):
+                    yield t
+
+
 def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
     """Make a Float8Linear's weight a Float8AllGatherWeight (conversion does this with the switch on)."""
     weight = linear.weight
@@ -185,28 +243,58 @@ def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
                         "(convert before fully_shard and before tensor parallelism)")
     linear.weight = nn.Parameter(Float8AllGatherWeight(weight.data, config), requires_grad=weight.requires_grad)
     linear._register_state_dict_hook(_plain_weight)
-    linear._register_load_state_dict_pre_hook(_forget_precomputed, with_module=True)
+    linear._register_load_state_dict_pre_hook(_before_load, with_module=True)
 
 
-def _forget_precomputed(module, *args):
-    """Loading writes the weight: precomputed amaxes no longer hold (on every rank alike)."""
-    _next_generation()
+def _before_load(module, state_dict, prefix, local_metadata, *args):
+    """Loading writes this layer's weight: its precomputed amax no longer holds (other modules'
+    records stay: a load on some ranks only, into an eval copy, leaves the sharded model's alone).
+    With assign=True the state dict's tensor replaces the weight: it is wrapped first, so that the
+    layer keeps gathering in float8 (load_state_dict's state dict is its own copy)."""
+    local = _local(module.weight)
+    if isinstance(local, Float8AllGatherWeight):
+        local._precomputed.forget()
+        key = prefix + "weight"
+        if local_metadata.get("assign_to_params_buffers") and key in state_dict:
+            state_dict[key] = _wrapped(state_dict[key], local._config)
+
+
+def _wrapped(value, config: Float8Config):
+    """A state dict's weight (a tensor, or a DTensor of one) as a Float8AllGatherWeight."""
+    local = _local(value)
+    if isinstance(local, Float8AllGatherWeight) or not isinstance(local, torch.Tensor):
+        return value
+    if type(local.data) is not torch.Tensor:
+        raise TypeError(f"fsdp_float8_all_gather: load_state_dict(assign=True) assigns a {type(local.data).__name__} "
+                        "weight, which cannot be wrapped to gather in float8; load a plain tensor (or a DTensor of "
+                        "one), or load without assign")
+    wrapped = Float8AllGatherWeight(local.detach(), config)
+    if local is value:
+        return wrapped
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(wrapped, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                              stride=value.stride())
 
 
 def _plain_weight(module, state_dict, prefix, local_metadata):
     """State dicts hold the high-precision weight as a plain tensor (a DTensor of one under FSDP2),
-    as without the switch: checkpoints do not depend on f8tensor's subclass."""
+    as without the switch: checkpoints do not depend on f8tensor's subclass. The tensor is a view
+    of the weight's own `_tensor`, sharing its version counter: a write into it (dcp.load) drops
+    the precomputed amax (Precomputed)."""
     key = prefix + "weight"
     value = state_dict.get(key)
     local = _local(value) if value is not None else None
     if not isinstance(local, Float8AllGatherWeight):
         return
+    weight = _local(module.weight)
+    inner = (weight if isinstance(weight, Float8AllGatherWeight) else local)._tensor.detach()
     if local is value:
-        state_dict[key] = local._tensor
+        state_dict[key] = inner
     else:
         from torch.distributed.tensor import DTensor
 
-        state_dict[key] = DTensor.from_local(local._tensor, value.device_mesh, value.placements, run_check=False,
+        state_dict[key] = DTensor.from_local(inner, value.device_mesh, value.placements, run_check=False,
                                              shape=value.shape, stride=value.stride())
 
 
@@ -217,20 +305,28 @@ def _local(weight):
 @torch.no_grad()
 def precompute_float8_scales(model: nn.Module) -> int:
     """Every float8 all-gather weight's global amax in one all-reduce for the whole model (one
-    stacked amax per process group FSDP2 gathers over), used by the all-gathers until the next
-    torch.optim step or load_state_dict; after those each all-gather all-reduces its own weight's
-    amax again. Call it after each optimizer.step(), on every rank (it all-reduces). Writes into a
-    weight outside an optimizer step or load_state_dict (`.data`, init, a custom kernel) are not
-    seen: call it again after them, or the next gather casts with the old amax. Returns how many
-    weights it computed. Without it each all-gather all-reduces its own weight's amax."""
+    stacked amax per process group FSDP2 gathers over), used by the weight's all-gathers while it
+    holds; a gather without one all-reduces its own weight's amax. Call it on every rank (it
+    all-reduces) after each optimizer.step(), or in the step's post-hook. Returns how many weights
+    it computed.
+
+    A weight's amax holds until, for that weight: a torch.optim step of an optimizer holding it
+    (dropped before the step); load_state_dict of its layer; an in-place write its version counter
+    sees (dcp.load into the tensors state_dict() handed out, an nn.init function, `w.mul_()`: the
+    counter is a host-side int, no sync); or forget_precomputed_scales(), for writes neither sees
+    (`.data`, DLPack, custom kernels, CUDA graph replays). A rank whose amax was dropped
+    all-reduces before its gather, so these must happen on every rank alike, as training, loading
+    and checkpointing do; other models' and optimizers' steps and loads (a probe optimizer, an eval
+    copy on rank 0) drop nothing here. state_dict() drops nothing either (one rank may call it
+    alone): a write into what it handed out is seen by the version counter."""
     weights = [m.weight for m in model.modules() if isinstance(_local(getattr(m, "weight", None)),
                                                                  Float8AllGatherWeight)]
     if not weights:
         return 0
     if not OPTIMIZER_HOOK:
         # before each step (its weights change): a precompute in the step's post-hooks, as torchtitan
-        # registers torchao's, is then of the new generation
-        OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_next_generation))
+        # registers torchao's, then holds
+        OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_forget_stepped))
     groups: dict = {}
     for w in weights:
         groups.setdefault(_shard_group(w), []).append(w)
@@ -245,8 +341,7 @@ def precompute_float8_scales(model: nn.Module) -> int:
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
         for w, amax in zip(members, amaxes):
-            record = _local(w)._precomputed
-            record.amax, record.generation = amax, GENERATION[0]
+            _local(w)._precomputed.set(amax, _local(w)._tensor)
     return len(weights)
 
 

@@ -2,7 +2,7 @@
 parallel layers read (q/k/v, w1/w3) is cast to float8 before the all-gather, not after it.
 
     from torch.distributed.tensor import Replicate, Shard
-    from f8tensor.distributed import Float8PrepareModuleInput
+    from f8tensor.distributed.sequence_parallel import Float8PrepareModuleInput
 
     parallelize_module(block, tp_mesh, {
         "attention_norm": SequenceParallel(),
@@ -11,8 +11,9 @@ parallel layers read (q/k/v, w1/w3) is cast to float8 before the all-gather, not
         "attention.wq": ColwiseParallel(), ...                  # as without float8 gathering
     })
 
-`Float8PrepareModuleInput` is PyTorch's `PrepareModuleInput` (same arguments, plus `config`), except
-that an input it redistributes from Shard(d) to Replicate() is gathered in float8:
+`Float8PrepareModuleInput` is PyTorch's `PrepareModuleInput` (same arguments, plus `config`: the
+config the model was converted with), except that an input it redistributes from Shard(d) to
+Replicate() is gathered in float8:
 
 1. each rank takes max(|x|) of its own shard; one all-reduce (MAX) over the mesh gives the amax of
    the whole activation, so every rank casts with the one scale a single device would use;
@@ -42,6 +43,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import PrepareModuleInput
 
 from ..core.config import Float8Config
+from ..core.linear import Float8Linear
 from ..core.tensor import Float8Tensor, GemmRole
 from ..kernels import quantize_with_amax
 from .global_amax import global_amax
@@ -92,7 +94,9 @@ class Float8PrepareModuleInput(PrepareModuleInput):
     """PyTorch's PrepareModuleInput, gathering in float8 each input it redistributes from Shard(d) to
     Replicate() (positional and keyword alike); other inputs are prepared as PrepareModuleInput
     prepares them. `config`: the float8 format and scale rounding of the cast, which must be those
-    of the Float8Linear layers reading the input (they check the format)."""
+    of the Float8Linear layers reading the input: parallelize_module raises TypeError where a
+    Float8Linear in the module has another forward_dtype or power_of_2_scale (checked when the
+    style is applied; the layers check the format again at each forward)."""
 
     def __init__(self, *, input_layouts=None, desired_input_layouts=None, input_kwarg_layouts=None,
                  desired_input_kwarg_layouts=None, use_local_output: bool = False,
@@ -111,3 +115,14 @@ class Float8PrepareModuleInput(PrepareModuleInput):
             gathered = float8_all_gather(x, self.config)
             return gathered.to_local() if self.use_local_output else gathered
         return super()._prepare_input_arg(input, mesh, input_layout, desired_layout)
+
+    def _apply(self, module, device_mesh):
+        own = (self.config.forward_dtype, self.config.power_of_2_scale)
+        for name, layer in module.named_modules():
+            if isinstance(layer, Float8Linear) and (layer.config.forward_dtype, layer.config.power_of_2_scale) != own:
+                raise TypeError(
+                    f"Float8PrepareModuleInput casts with forward_dtype={own[0]}, power_of_2_scale={own[1]}; the "
+                    f"Float8Linear {name or '(the module itself)'} it feeds casts with forward_dtype="
+                    f"{layer.config.forward_dtype}, power_of_2_scale={layer.config.power_of_2_scale}: give it the "
+                    "layers' config, Float8PrepareModuleInput(..., config=<the config the model was converted with>)")
+        return super()._apply(module, device_mesh)
