@@ -55,11 +55,17 @@ def stack_cases(device="cuda") -> dict:
     """STACK layers of 256 x 256 in sequence, forward + backward, as one call: its host time / STACK
     is a layer's cost in steady state. A single layer's backward starts and ends on autograd's device
     thread, so its time holds that hand-over (once per backward pass of a model, not per layer)."""
-    x = torch.randn(256, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
     stacks = {name: torch.nn.Sequential(*(cls(256, 256, bias=False, device=device, dtype=torch.bfloat16)
                                           for _ in range(STACK)))
               for name, cls in (("Float8Linear", Float8Linear), ("nn.Linear", torch.nn.Linear))}
-    return {f"{name} x{STACK} fwd+bwd": (lambda m=m: m(x).sum().backward()) for name, m in stacks.items()}
+    return {f"{name} x{STACK} fwd+bwd": (lambda m=m: m(leaf(x)).sum().backward()) for name, m in stacks.items()}
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A new input each call, as a new activation each step: Float8Linear reuses the cast of an input
+    it has cast already (q, k and v share theirs), which would leave the cast out of its time."""
+    return x.detach().requires_grad_()
 
 
 class _ThreeGemms(torch.autograd.Function):
@@ -86,7 +92,6 @@ def main():
     lin = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
     kept = Float8Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16,
                         config=Float8Config(keep_fp8_weight=True))
-    xg = x.clone().requires_grad_()
     a8, b8 = x.to(torch.float8_e4m3fn), x.to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
     g8 = x.to(torch.float8_e5m2)
@@ -98,12 +103,12 @@ def main():
         "quantize_triton both": lambda: quantize_triton(x, torch.float8_e4m3fn, "both"),
         "to_float8 both": lambda: to_float8(x, layout="both"),
         "torch.empty x3": lambda: [torch.empty(256, 256, device="cuda") for _ in range(3)],
-        "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
-        "nn.Linear fwd+bwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
+        "Float8Linear fwd+bwd": lambda: lin(leaf(x)).sum().backward(),
+        "nn.Linear fwd+bwd (bf16)": lambda: torch.nn.functional.linear(leaf(x), lin.weight).sum().backward(),
         # forward alone (its graph is built, then dropped), and with the weight's float8 copies kept
-        "Float8Linear fwd": lambda: lin(xg),
-        "nn.Linear fwd (bf16)": lambda: torch.nn.functional.linear(xg, lin.weight),
-        "Float8Linear fwd+bwd, keep_fp8_weight": lambda: kept(xg).sum().backward(),
+        "Float8Linear fwd": lambda: lin(leaf(x)),
+        "nn.Linear fwd (bf16)": lambda: torch.nn.functional.linear(leaf(x), lin.weight),
+        "Float8Linear fwd+bwd, keep_fp8_weight": lambda: kept(leaf(x)).sum().backward(),
         # the floor under the layer's three GEMMs: PyTorch's own per-call cost of each kind of GEMM
         "torch._scaled_mm x3": lambda: [torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16)
                                         for _ in range(3)],
@@ -114,8 +119,8 @@ def main():
             torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True) for _ in range(3)],
         "torch._scaled_mm x3, e5m2 x e4m3": lambda: [
             torch._scaled_mm(g8, b8.t(), one, one, out_dtype=torch.bfloat16) for _ in range(3)],
-        "_scaled_mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(xg, scaled).sum().backward(),
-        "torch.mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(xg, lambda: torch.mm(x, x)).sum().backward(),
+        "_scaled_mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(leaf(x), scaled).sum().backward(),
+        "torch.mm 1 fwd + 2 bwd (autograd)": lambda: _ThreeGemms.apply(leaf(x), lambda: torch.mm(x, x)).sum().backward(),
         **fused_op_cases(),
     }
     for name, fn in cases.items():

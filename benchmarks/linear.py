@@ -35,10 +35,9 @@ def fwd_bwd(mod, x, g):
     def step():
         for p in mod.parameters():
             p.grad = None
-        x.grad = None
-        # a new view object each call, as a new activation each step in training: f8tensor reuses
-        # the quantization of the very same input tensor object (q/k/v sharing an input)
-        mod(x.view_as(x)).backward(g)
+        # a new leaf each call, as a new activation each step in training: f8tensor reuses the
+        # quantization of an input it has cast (q/k/v sharing one), a full view of it included
+        mod(x.detach().requires_grad_()).backward(g)
     return step
 
 
@@ -72,7 +71,7 @@ def torchao_modules(lin, recipe="tensorwise"):
         except ImportError:
             return {}
         return {"torchao_eager": Float8BlockwiseLinear.from_float(copy.deepcopy(lin)),
-                "torchao_compile": torch.compile(Float8BlockwiseLinear.from_float(copy.deepcopy(lin)))}
+                "torchao_compile": torch.compile(Float8BlockwiseLinear.from_float(copy.deepcopy(lin)), dynamic=False)}
     try:
         from torchao.float8 import Float8LinearConfig
         from torchao.float8 import convert_to_float8_training as ao_convert
@@ -80,7 +79,9 @@ def torchao_modules(lin, recipe="tensorwise"):
         return {}
     config = Float8LinearConfig.from_recipe_name(recipe)
     eager = ao_convert(nn.Sequential(copy.deepcopy(lin)), config=config)
-    compiled = torch.compile(ao_convert(nn.Sequential(copy.deepcopy(lin)), config=config))
+    # dynamic=False: the modules of every layer shape share one compile cache, and a second shape would
+    # otherwise recompile with K symbolic (slower code than torchao compiled for one shape)
+    compiled = torch.compile(ao_convert(nn.Sequential(copy.deepcopy(lin)), config=config), dynamic=False)
     return {"torchao_eager": eager, "torchao_compile": compiled}
 
 

@@ -410,3 +410,33 @@ def test_train_benchmark_runs_model_code_written_elsewhere(tmp_path, model, fuse
     for ac in ("none", "every2"):
         assert abs(losses[(ac, "f8tensor")] - losses[(ac, "bf16")]) < 0.1
     assert losses[("every2", "bf16")] == pytest.approx(losses[("none", "bf16")])  # recomputation: same math
+
+
+def test_linear_and_host_benchmarks_give_the_layer_a_new_input_each_call(monkeypatch):
+    """benchmarks/linear.py's step and host_overhead.py's leaf: each call's input is a new tensor,
+    so Float8Linear casts it each call, as a new activation each training step (it reuses the cast
+    of an input it has cast already, a full view of it included: timing that would leave the cast
+    out of its time)."""
+    import f8tensor.core.linear as linear_mod
+    from f8tensor import Float8Linear
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import host_overhead
+        import linear
+    finally:
+        sys.path.pop(0)
+    casts = []
+    real = linear_mod.quantize_with_amax
+    monkeypatch.setattr(linear_mod, "quantize_with_amax",
+                        lambda t, *a, **k: casts.append(tuple(t.shape)) or real(t, *a, **k))
+    lin = Float8Linear(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(48, 64, dtype=torch.bfloat16)
+    step = linear.fwd_bwd(lin, x.clone().requires_grad_(), torch.randn(48, 32, dtype=torch.bfloat16))
+    for run in (step, lambda: lin(host_overhead.leaf(x)).sum().backward()):
+        casts.clear()
+        run()
+        first = casts.count((48, 64))
+        casts.clear()
+        run()
+        assert first >= 1 and casts.count((48, 64)) == first

@@ -22,7 +22,7 @@ from f8tensor import Float8Config, Float8Linear
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tools.common import host_us  # noqa: E402
 from tools.host_split import LayerCalls  # noqa: E402
-from host_overhead import STACK, stack_cases  # noqa: E402
+from host_overhead import STACK, leaf, stack_cases  # noqa: E402
 
 MODES = ["default", "no autograd threads", "one CPU", "one CPU, no autograd threads", "GIL switch interval 20 us"]
 SWITCH_INTERVAL = sys.getswitchinterval()
@@ -38,9 +38,9 @@ def cases() -> dict:
     a8, g8 = x.to(torch.float8_e4m3fn), x.to(torch.float8_e5m2)
     one = torch.ones((), device="cuda")
     return {
-        "Float8Linear fwd+bwd": lambda: lin(xg).sum().backward(),
-        "nn.Linear fwd+bwd": lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(),
-        "Float8Linear keep_fp8_weight": lambda: kept(xg).sum().backward(),
+        "Float8Linear fwd+bwd": lambda: lin(leaf(x)).sum().backward(),
+        "nn.Linear fwd+bwd": lambda: torch.nn.functional.linear(leaf(x), lin.weight).sum().backward(),
+        "Float8Linear keep_fp8_weight": lambda: kept(leaf(x)).sum().backward(),
         **stack_cases(),
         "the layer's calls inline": calls.inline,
         "the layer's calls in autograd": lambda: calls.in_autograd(xg),

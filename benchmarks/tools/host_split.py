@@ -20,6 +20,7 @@ from f8tensor.core.ops import scaled_mm_data
 from f8tensor.kernels import quantize_with_amax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from host_overhead import leaf  # noqa: E402
 from tools.common import host_and_wall_us  # noqa: E402
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -105,9 +106,9 @@ def main():
             lambda: calls.empty_backward.apply(xg).sum().backward(), N),
         "fwd ops only": lambda: host_and_wall_us(lambda: calls.forward(x), N),
         "bwd ops only": lambda: host_and_wall_us(lambda: calls.backward(calls.g, *calls.forward(x)[1:]), N),
-        "Float8Linear fwd+bwd": lambda: host_and_wall_us(lambda: lin(xg).sum().backward(), N),
+        "Float8Linear fwd+bwd": lambda: host_and_wall_us(lambda: lin(leaf(x)).sum().backward(), N),
         "nn.Linear fwd+bwd": lambda: host_and_wall_us(
-            lambda: torch.nn.functional.linear(xg, lin.weight).sum().backward(), N),
+            lambda: torch.nn.functional.linear(leaf(x), lin.weight).sum().backward(), N),
     }
     for _ in range(2):
         for name, fn in cases.items():
@@ -115,11 +116,11 @@ def main():
             print(f"{name:<40} host {host:8.1f} us  wall {wall:8.1f} us per call", flush=True)
 
     for _ in range(5):
-        lin(xg).sum().backward()
+        lin(leaf(x)).sum().backward()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
-            lin(xg).sum().backward()
+            lin(leaf(x)).sum().backward()
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
