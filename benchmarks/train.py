@@ -303,11 +303,11 @@ def build(a, config, ac, device):
     mesh = device_mesh(device.type, a.tp)  # None without --tp
     if mesh is not None:  # before compiling, as torchtitan orders them: the styles' hooks are compiled too
         tensor_parallel(model, mesh["tp"], config)
+    if a.model != "ours":  # ours checkpoints in its own forward (Transformer.ac)
+        models.checkpoint_blocks(blocks, ac)  # before compiling, as torchtitan orders them
     if config.endswith("_compiled"):
         for block in blocks.children():
             block.compile()  # per block, as torchtitan does: one graph reused by every layer
-    if a.model != "ours":  # ours checkpoints in its own forward (Transformer.ac)
-        models.checkpoint_blocks(blocks, ac)
     if a.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -391,6 +391,11 @@ def allocated(device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """torchtitan's cross_entropy_loss: the logits in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
 class Run:
     """One configuration, built, warmed up and kept resident while the others are timed."""
 
@@ -398,6 +403,9 @@ class Run:
         self.config, self.device, self.times, self.spans = config, device, [], []
         self.grad_accum = a.grad_accum
         self.alloc_retries = self.settle_retries = 0
+        # compiled configurations compile the loss too, as torchtitan does by default (its
+        # compile.components: model and loss)
+        self.loss_fn = torch.compile(cross_entropy) if config.endswith("_compiled") else cross_entropy
         # Collect first: a cycle of an earlier configuration freed during this one's warmup would
         # be counted against this configuration's resident memory.
         gc.collect()
@@ -420,7 +428,7 @@ class Run:
     def loss(self):
         logits = self.model(self.inputs)
         logits = getattr(logits, "logits", logits)  # Hugging Face's models return an output object
-        return F.cross_entropy(logits.flatten(0, 1).float(), self.labels.flatten())
+        return self.loss_fn(logits, self.labels)
 
     def step(self, after_first_loss=None):
         """One optimizer step; with --cuda-graph a replay of the captured step (after_first_loss is
@@ -508,7 +516,8 @@ def failure(e) -> str:
 def run_mode(a, configs, ac, device, env, shape):
     """Every configuration of one AC mode: built one after another and kept resident, then timed
     in interleaved rounds (--rounds of --steps steps each; the median round counts), so a drift
-    of the GPU's speed during the run (clocks, temperature) falls on every configuration alike."""
+    of the GPU's speed during the run (clocks, temperature) falls on every configuration alike;
+    every second round runs them in reverse order, so no configuration always follows the same one."""
     runs, status = {}, {}
     for config in configs:
         try:
@@ -518,8 +527,8 @@ def run_mode(a, configs, ac, device, env, shape):
         if config in status:  # outside except: the traceback no longer pins the failed model
             free(device, keep_compiled=True)
     with PowerLog(torch.cuda.current_device()) if a.power and rank() == 0 else contextlib.nullcontext() as log:
-        for _ in range(a.rounds):
-            for config, run in list(runs.items()):
+        for i in range(a.rounds):
+            for config, run in (list(runs.items()) if i % 2 == 0 else list(runs.items())[::-1]):
                 try:
                     run.time_steps(a.steps)
                 except Exception as e:  # noqa: BLE001
