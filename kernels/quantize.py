@@ -96,13 +96,16 @@ def quantize_triton_with_amax(
     amax: the record returned by an earlier call on a tensor with the same values and shape (a
     weight quantized again in backward): the amax pass is skipped and the scale is the same bits.
     """
-    if amax is not None and (amax.dtype != torch.int32 or amax.dim() != 1 or amax.device != x.device):
-        raise ValueError("amax must be the int32 record returned by quantize_triton_with_amax for this tensor")
+    if amax is not None and (amax.dtype != torch.int32 or amax.dim() != 1 or amax.device != x.device
+                             or not amax.numel() or not amax.is_contiguous()):
+        raise ValueError("amax must be the int32 record returned by quantize_triton_with_amax for this tensor "
+                         f"(contiguous, not empty), got {amax.dtype} {tuple(amax.shape)} on {amax.device}")
     key = None
     if x.is_cuda:
+        # a given record's alignment too: Triton specializes the partials' pointer on it
         key = (x.dtype, x.shape, x.stride(), (x.data_ptr() & 15) == 0, x.get_device(), float8_dtype,
-               layout, power_of_2, None if amax is None else amax.numel(), amax_mode, num_programs,
-               exact_round, block_m, block_n, num_warps, *specialization_key())
+               layout, power_of_2, None if amax is None else (amax.numel(), (amax.data_ptr() & 15) == 0),
+               amax_mode, num_programs, exact_round, block_m, block_n, num_warps, *specialization_key())
         plan = PLANS.get(key)
         if plan is not None and relaunch_possible():
             return plan(x, amax)
@@ -114,9 +117,12 @@ def quantize_triton_with_amax(
         raise TypeError(f"can quantize bfloat16, float16 or float32 tensors, got {x.dtype}")
     if amax_mode not in ("staged", "atomic"):
         raise ValueError(f"amax_mode must be 'staged' or 'atomic', got {amax_mode!r}")
-    if x.numel() == 0:
-        row, col, scale = quantize_ref(x, float8_dtype, layout, power_of_2)  # nothing to launch
-        return row, col, scale, torch.zeros(1, dtype=torch.int32, device=x.device)
+    if float8_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"float8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {float8_dtype}")
+    if x.numel() == 0:  # nothing to launch; a given record still sets the scale (an empty shard, say)
+        value = None if amax is None else amax.max().view(torch.float32)
+        row, col, scale = quantize_ref(x, float8_dtype, layout, power_of_2, amax=value)
+        return row, col, scale, torch.zeros(1, dtype=torch.int32, device=x.device) if amax is None else amax
     transposed = x.stride(1) != 1 and x.stride(0) == 1
     xt = x.t() if transposed else x  # row-major in every case below
     M, N = xt.shape

@@ -29,7 +29,7 @@ import triton.language as tl
 from .amax import cdiv, magnitude_bits
 from .cast import FORMAT_BITS, FP8_MAX, next_power_of_2
 from .launch import launch_kernel
-from .naive import EPS, INPUT_DTYPES
+from .naive import EPS, INPUT_DTYPES, scale_from_amax_ref
 from .scale import INTERPRETING, fp32_to_float8, scale_from_amax
 
 
@@ -209,6 +209,7 @@ def col_cast_triton(
     if col_amax.dtype != torch.float32 or col_amax.shape != (N,) or col_amax.device != x.device:
         raise ValueError(f"col_amax must be the fp32 [{N}] record of this tensor's column amaxes, got "
                          f"{col_amax.dtype} {tuple(col_amax.shape)} on {col_amax.device}")
+    col_amax = col_amax.contiguous()  # the kernel reads it as laid out
     device = x.device
     col_t = torch.empty((N, M), dtype=float8_dtype, device=device)
     col_scale = torch.empty((1, N), dtype=torch.float32, device=device)
@@ -219,8 +220,8 @@ def col_cast_triton(
                       (x, col_amax.view(torch.int32), col_t, col_scale, M, N, x.stride(0),
                        x.stride(1), rows_per_program), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), BLOCK_M=block_m, BLOCK_N=block_n)
-    else:
-        col_scale.copy_(_empty_scale(float8_dtype, power_of_2, device))
+    elif N:  # no rows: the given amaxes set the scales, as the reference's
+        col_scale.copy_(scale_from_amax_ref(col_amax, float8_dtype, power_of_2)[1].reshape(1, N))
     return col_t.t(), col_scale
 
 

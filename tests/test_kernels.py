@@ -225,6 +225,24 @@ def test_a_given_amax_record_skips_the_amax_pass(monkeypatch, layout, transposed
     assert torch.equal(got[2], quantize_ref(x * 2, torch.float8_e4m3fn)[2])
 
 
+@pytest.mark.parametrize("layout", ["row", "col", "both"])
+def test_a_given_record_sets_the_scale_of_an_empty_input(layout):
+    """An empty input (a rank's empty shard under FSDP2's float8 all-gather) quantized with a given
+    record: the scale is the record's, as on the reference path, not the empty input's own; the
+    record comes back as given. A record that is empty or strided is refused."""
+    from f8tensor.kernels.quantize import quantize_triton_with_amax
+
+    x = spanning_values((130, 64), torch.bfloat16)
+    *_, record = quantize_triton_with_amax(x, torch.float8_e4m3fn, "row")
+    empty = x[:0]
+    *got, back = quantize_triton_with_amax(empty, torch.float8_e4m3fn, layout, amax=record)
+    assert torch.equal(got[2], quantize_ref(x, torch.float8_e4m3fn)[2]) and back is record
+    strided = torch.stack([record, record], dim=1).flatten()[::2]
+    for bad in (record[:0], strided):
+        with pytest.raises(ValueError, match="contiguous, not empty"):
+            quantize_triton_with_amax(x, torch.float8_e4m3fn, layout, amax=bad)
+
+
 def test_reference_path_amax_record():
     """The entry point's reference path (CPU, GPUs without float8) keeps the same contract."""
     from f8tensor.kernels import quantize_with_amax

@@ -57,6 +57,20 @@ def triton_rowwise(x, f8, layout, power_of_2, path="one_pass", **options):
     return row, row_scale, col, col_scale, col_amax
 
 
+def test_column_cast_takes_its_amaxes_as_given():
+    """col_cast_triton's column amaxes set the scales: read in any layout (a strided record), and for
+    an input without rows (an empty shard) too, as the reference's."""
+    from f8tensor.kernels.naive import scale_from_amax_ref
+
+    x = spanning_values((130, 96), torch.bfloat16)
+    _, _, col_amax = row_cast_triton(x, torch.float8_e4m3fn, write_row=False, col_amax=True)
+    strided = torch.stack([col_amax, col_amax * 0], dim=1).flatten()[::2]
+    assert torch.equal(col_cast_triton(x, torch.float8_e4m3fn, strided)[1],
+                       col_cast_triton(x, torch.float8_e4m3fn, col_amax)[1])
+    _, scale = col_cast_triton(x[:0], torch.float8_e4m3fn, col_amax)
+    assert torch.equal(scale, scale_from_amax_ref(col_amax, torch.float8_e4m3fn)[1].reshape(1, -1))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
