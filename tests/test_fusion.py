@@ -236,8 +236,26 @@ def test_a_copy_whose_proof_fails_keeps_a_class_made_after_fusion(monkeypatch):
     model[0].__class__ = type("FSDPFFN", (Marker, fused), {})
     monkeypatch.setattr(python_versions, "unsupported_reason", lambda: "Python 9.9 is not checked")
     monkeypatch.setattr(python_versions, "warn_once", lambda reason: None)
-    twin = copy.deepcopy(model)
+    twin = [copy.copy(model[0])]  # proven again where it is made, as a pickle is
     assert isinstance(twin[0], Marker) and isinstance(twin[0], fused)
-    assert "not attempted: Python 9.9" in str(fusion_report(twin))
+    assert "not attempted: Python 9.9" in str(fusion_report(twin[0]))
     x = torch.randn(2, 64)
     assert torch.equal(twin[0](x), SwiGLU.forward(twin[0], x))
+
+
+def test_a_deepcopy_keeps_the_proof_without_tracing(monkeypatch):
+    """A deepcopy in the process holds the proof by reference and runs fused, independent of the
+    original; nothing is proven again (a proof's fx trace patches nn.Module's call process-wide)."""
+    import copy
+
+    model = nn.Sequential(SwiGLU(64, 128))
+    fuse_model_ops(model, rms_norm=False, rope=False)
+    monkeypatch.setattr(torch.fx.Tracer, "trace", lambda *a, **k: pytest.fail("a deepcopy traced"))
+    twin = copy.deepcopy(model)
+    assert type(twin[0]) is type(model[0]) and twin[0].w1 is not model[0].w1
+    assert "SwiGLU gate fused" in str(fusion_report(twin))
+    x = torch.randn(2, 64)
+    assert torch.equal(twin[0](x), model[0](x))
+    with torch.no_grad():
+        twin[0].w2.weight.zero_()
+    assert torch.equal(twin[0](x), torch.zeros(2, 64)) and not torch.equal(model[0](x), torch.zeros(2, 64))

@@ -3,12 +3,16 @@ the fusions by proof (gate_proof.py, rope_proof.py, norm_proof.py) share.
 
 The subclass mixes in a FusedModule, whose forward runs the fused code where the proof still covers
 the call and the class's own forward otherwise. As a class, not an instance attribute, it goes with
-every copy (copy, deepcopy, pickle, torch.save) and makes no reference cycle; copies and pickles
-rebuild the fused class around the original and prove it again (what was proven, held on the
-instance under the mixin's attribute, is not pickled).
+every copy (copy, deepcopy, pickle, torch.save) and makes no reference cycle; pickles (and
+copy.copy) rebuild the fused class around the original and prove it again where they are loaded
+(what was proven, held on the instance under the mixin's attribute, is not pickled); a deepcopy in
+the same process keeps the proof. A proof traces with torch.fx, which patches nn.Module's call for
+the whole process while it runs: fusing or loading a pickled fused model while another thread calls
+modules can fail those calls.
 """
 
 import builtins
+import copy
 import dis
 import functools
 import inspect
@@ -92,6 +96,19 @@ class FusedModule(QuietSubclasses):
             if out is not NotImplemented:
                 return out
         return self._f8tensor_base.forward(self, *args, **kwargs)  # the module's own forward and errors
+
+    def __deepcopy__(self, memo):
+        """A copy in this process holds the proof by reference (its class, code and globals are the
+        original's, its children copies of the same classes, and each call checks the proof again):
+        no re-proof, so no fx trace, which patches nn.Module's call for the whole process while it
+        runs (a copy made in one thread, an EMA or evaluation copy, would break module calls in
+        another). Pickles re-prove where they are loaded (__reduce_ex__)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        attr = self._f8tensor_attr
+        for name, value in self.__dict__.items():
+            new.__dict__[name] = value if name == attr else copy.deepcopy(value, memo)
+        return new
 
     def __reduce_ex__(self, protocol):
         state = dict(self.__getstate__())
