@@ -15,7 +15,8 @@ Read through functions below:
 - `torch._C._cuda_getCurrentRawStream` (`current_raw_stream`: the stream handle Triton's own
   launcher passes, for the kernels' direct relaunch);
 - the hook dictionaries of nn.Module (`module_hook_attributes`, `has_hooks`);
-- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place);
+- an aten op's schema (`is_mutating`: Float8Tensor refuses ops that write in place;
+  `written_arguments`: what FSDP2's float8 all-gather weight sees written);
 - `torch.distributed.tensor.placement_types._StridedShard` (`shard_placements`: FSDP2's placement
   over tensor parallelism, which distributed/fsdp_float8.py finds to know which group it gathers over);
 - `torch.fx.experimental.proxy_tensor.make_fx` (public in name, documented as a prototype: the
@@ -133,6 +134,15 @@ def current_raw_stream(device_index: int) -> int:
 def is_mutating(func) -> bool:
     """Whether an aten op writes into one of its arguments (its schema says so)."""
     return func._schema.is_mutable
+
+
+def written_arguments(func, args: tuple, kwargs: dict):
+    """The values of an aten op's arguments that its schema marks as written (each element of a
+    list argument), in order."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            yield from value if isinstance(value, (list, tuple)) else (value,)
 
 
 def shard_placements() -> tuple:

@@ -107,3 +107,10 @@ def test_dispatch_modes_are_off_inside_and_back_after():
         assert mode.ops == []
         x + 1
     assert mode.ops == [torch.ops.aten.add.Tensor]
+
+
+def test_written_arguments_are_those_the_schema_writes():
+    a, b = torch.zeros(2), torch.ones(2)
+    assert list(ti.written_arguments(torch.ops.aten.copy_.default, (a, b), {})) == [a]
+    assert list(ti.written_arguments(torch.ops.aten.add.Tensor, (a, b), {})) == []
+    assert list(ti.written_arguments(torch.ops.aten._foreach_add_.List, ([a, b], [b, a]), {})) == [a, b]

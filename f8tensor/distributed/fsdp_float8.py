@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_map
 from ..core.config import Float8Config
 from ..core.tensor import Float8Tensor, GemmRole
 from ..kernels import quantize_with_amax
-from ..torch_internals import shard_placements
+from ..torch_internals import is_mutating, shard_placements, written_arguments
 from .global_amax import global_amax
 
 _aten = torch.ops.aten
@@ -174,7 +174,8 @@ class Float8AllGatherWeight(torch.Tensor):
 
         kwargs = kwargs or {}
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
-        written = [w._tensor for w in _written(func, args, kwargs)] if func._schema.is_mutable else ()
+        written = [w._tensor for w in written_arguments(func, args, kwargs)
+                   if isinstance(w, Float8AllGatherWeight)] if is_mutating(func) else ()
         if written:  # the version counter autograd would have moved, were `_tensor` written above it
             torch.autograd.graph.increment_version(written)
 
@@ -220,16 +221,6 @@ class Float8AllGatherWeight(torch.Tensor):
             _local(out)._scale = scale  # Float8Tensor itself, or a DTensor's under tensor parallelism)
             return
         return Float8Tensor(data, scale, param_dtype, GemmRole.WEIGHT, self._config), (data,)
-
-
-def _written(func, args, kwargs):
-    """The Float8AllGatherWeight arguments an op writes."""
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = args[i] if i < len(args) else kwargs.get(arg.name)
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, Float8AllGatherWeight):
-                    yield t
 
 
 def wrap_weight(linear: nn.Module, config: Float8Config) -> None:

@@ -3,7 +3,7 @@
 `convert_to_float8_training` converts linear layers and nothing else. This is the separate,
 explicit call that changes the rest of a model, one switch per fusion:
 
-    rms_norm  every nn.RMSNorm (exact type) becomes f8tensor.RMSNorm        (norm_swap.py), and a
+    rms_norm  every nn.RMSNorm becomes f8tensor.RMSNorm in place            (norm_swap.py), and a
               norm module proven to compute Hugging Face's Llama-family RMSNorm (or OLMo 2's,
               the weight multiplied before the cast, or Gemma's, 1 + weight) runs it fused in
               that form                                                      (norm_proof.py)

@@ -59,8 +59,8 @@ that is no longer what was proven (replaced, also by the other activation, in pl
 forward, its class's forward rebound, a partial attribute it calls rebound or shadowed, or hooks
 of its own), or fx symbolic tracing or torch.jit tracing. Global module hooks do not change the
 path (activation checkpointing must recompute what it saved, with or without a mode that hooks
-every module), and do not see the activation child's call. Copies and unpickled modules are proven
-again where they are made.
+every module), and do not see the activation child's call. Unpickled modules (and copy.copy) are
+proven again where they are made; a deepcopy keeps the proof (fused_class.py).
 """
 
 import functools
