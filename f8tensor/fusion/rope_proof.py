@@ -248,8 +248,7 @@ def _rotate_partial(x, cos, sin, halves: str, width_of_sin: bool):
     cos.shape[-1] (sin's where width_of_sin; Phi-3's partial rotary), as the proven function wrote
     it: where R is x's whole last dim (nothing passes through) and the tables do not broadcast x to
     a larger shape, the rotation of x through _rotate, made contiguous as the concatenation's result
-    is; otherwise the rotated part through _rotate and
-    the concatenation as written."""
+    is; otherwise the rotated part through _rotate and the concatenation as written."""
     width = (sin if width_of_sin else cos).shape[-1]
     if width == x.shape[-1] and _broadcasts_to(x.shape, cos, sin):
         return _rotate(x, cos, sin, halves).contiguous()
