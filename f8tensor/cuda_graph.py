@@ -64,6 +64,11 @@ class CapturedStep:
             if not isinstance(a, torch.Tensor) or a.device.type != "cuda":
                 raise TypeError(f"CapturedStep captures a CUDA graph: every argument must be a CUDA tensor; got "
                                 f"{type(a).__name__}{'' if not isinstance(a, torch.Tensor) else ' on ' + str(a.device)}")
+            if a.device.index != torch.cuda.current_device():
+                # its stream and graph are the current device's: the step's kernels would run elsewhere
+                raise ValueError(f"CapturedStep: an argument is on {a.device}, the current CUDA device is "
+                                 f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({a.device.index}) "
+                                 "first")
         self.calls += 1
         if self.graph is not None:
             self._check(args)
@@ -82,8 +87,15 @@ class CapturedStep:
             return out
         self.static_inputs = [a.clone() for a in args]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            self.static_output = self.fn(*self.static_inputs)
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.static_output = self.fn(*self.static_inputs)
+        except Exception as e:
+            self.static_inputs = self.static_output = None  # nothing half-captured is replayed or kept
+            raise RuntimeError(
+                f"CapturedStep: capturing the step failed ({type(e).__name__}: {e}). A captured step may not "
+                "synchronize with the host (.item(), .cpu(), printing a tensor, a data-dependent shape), and "
+                "its optimizer needs capturable=True (torch.optim's fused or foreach AdamW)") from e
         self.graph = graph
         torch.cuda.current_stream().wait_stream(self.stream)
         self._replay()  # capture records the step without running it

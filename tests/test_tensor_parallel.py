@@ -336,3 +336,18 @@ def test_fsdp2_over_tensor_parallel_matches_tensor_parallel_bit_for_bit(tmp_path
             (("dp", "tp"), "(Shard(dim=0), Replicate())")]
         for got, want in zip(weights, tp_weights):
             assert torch.equal(got, want)
+
+
+def test_shards_of_any_size_are_taken_under_the_blockwise_recipe():
+    """A rank's weight shard whose sides are not multiples of 16: refused where the GEMMs need them,
+    taken under the blockwise recipe, whose GEMMs are zero-padded."""
+    import types
+
+    from f8tensor import Float8Config
+    from f8tensor.distributed.tensor_parallel import _check_local_sizes
+
+    shard = torch.empty(24, 64)
+    weight = types.SimpleNamespace(shape=(48, 64), placements=("Shard(dim=0)",))
+    _check_local_sizes(shard, weight, Float8Config.from_recipe_name("blockwise"))
+    with pytest.raises(ValueError, match="use the blockwise recipe"):
+        _check_local_sizes(shard, weight, Float8Config())

@@ -67,3 +67,14 @@ def test_small_transformer_trains_like_bf16_under_finer_recipes(recipe):
     assert abs(fp8["val_loss"] - bf16["val_loss"]) < 0.03 * bf16["val_loss"]
     for a, b in zip(bf16["losses"][::5], fp8["losses"][::5]):
         assert abs(a - b) < 0.05 * a
+
+
+def test_demo_options_fuse_bf16_and_refusals(capsys):
+    """--fuse-bf16 fuses the bf16 run too (the comparison is then of float8 alone, and says so);
+    sizes below 1 and a float8 run that cannot train are refused before anything trains."""
+    demo_main(["--steps", "2", "--dim", "32", "--layers", "1", "--heads", "2", "--seq", "16", "--batch", "2",
+               "--device", DEVICE.type, "--fuse-bf16"])
+    assert "bf16: the same fused norms and gates (--fuse-bf16)" in capsys.readouterr().out
+    for bad in (["--heads", "0"], ["--batch", "0"], ["--recipe", "nonsense"]):
+        with pytest.raises(SystemExit):
+            demo_main(["--steps", "2", "--device", DEVICE.type, *bad])

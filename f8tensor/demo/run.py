@@ -10,12 +10,13 @@ The data needs no download: the bytes of the Python standard library's own .py f
 --data-mb MB of them, the last 5% held out for a validation loss). Both runs start from the same
 initial weights and see the same batches; the only difference is that the second model is
 converted (convert_to_float8_training: every linear layer except the output head in float8) and
-fused (fuse_model_ops: its RMSNorms and SwiGLU gates as f8tensor's fused ops). Parameters are bf16 and the optimizer is
-plain AdamW on them (no fp32 master weights), to keep the demo short; the loss is taken in fp32.
+fused (fuse_model_ops: its RMSNorms and SwiGLU gates as f8tensor's fused ops; --fuse-bf16 fuses
+the bf16 run too, to compare float8 alone). Parameters are bf16 and the optimizer is plain AdamW on them (no fp32 master weights), to keep the demo short; the loss is taken in fp32.
 """
 
 import argparse
 import copy
+import gc
 import importlib.metadata
 import json
 import math
@@ -268,6 +269,12 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curves (needs matplotlib)")
     p.add_argument("--recipe", default="tensorwise",
                    help="the float8 run's recipe (Float8Config.from_recipe_name): tensorwise, rowwise, ...")
+    p.add_argument("--emulate", action="store_true",
+                   help="the float8 run's GEMMs in high precision on its float8 values (Float8Config(emulate=True)): "
+                        "for GPUs without float8 and recipes the CPU's _scaled_mm lacks")
+    p.add_argument("--fuse-bf16", action="store_true",
+                   help="fuse the bf16 run's norms and gates too (fuse_model_ops works in bf16), so that the "
+                        "comparison is of float8 alone")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each run's training step as a CUDA graph after 3 eager steps and replay it "
                         "(f8tensor.cuda_graph.CapturedStep; CUDA only): no Python per layer")
@@ -276,8 +283,13 @@ def parse_args(argv):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for flag in ("dim", "layers", "heads", "seq", "batch"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.dim % 16 or args.dim % args.heads:
         p.error(f"--dim {args.dim} must be a multiple of 16 and of --heads {args.heads}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch has no CUDA device ({torch.__version__}); use --device cpu")
     if args.steps < 1:
         p.error("--steps must be at least 1")
     if args.eval_every < 0:
@@ -290,7 +302,31 @@ def parse_args(argv):
         p.error(str(e))
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         p.error(f"--cuda-graph captures CUDA graphs: it needs --device cuda (got {args.device})")
+    reason = float8_reason(args)
+    if reason:
+        p.error(reason)
     return args
+
+
+def float8_config(args) -> Float8Config:
+    return Float8Config.from_recipe_name(args.recipe).replace(emulate=args.emulate)
+
+
+def float8_reason(args) -> str | None:
+    """Why a float8 layer of the chosen recipe cannot train on the device, or None: one small layer's
+    forward and backward, before the bf16 run spends its time."""
+    from f8tensor import Float8Linear
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CapturedStep's stream and graph are the current device's
+    try:
+        layer = Float8Linear(32, 32, bias=False, device=device, dtype=torch.bfloat16, config=float8_config(args))
+        layer(torch.ones(16, 32, device=device, dtype=torch.bfloat16)).float().sum().backward()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        return (f"the float8 run cannot train on {device} with --recipe {args.recipe}: {type(e).__name__}: {e}"
+                + ("" if args.emulate else " (--emulate runs its GEMMs in high precision)"))
+    return None
 
 
 def format_memory(n):
@@ -308,7 +344,8 @@ def main(argv=None) -> dict:
     split = int(len(data) * (1 - VAL_FRACTION))
     train_data, val_data = data[:split], data[split:]
     if len(val_data) < VAL_BATCHES * args.batch * (args.seq + 1):
-        raise SystemExit(f"--batch {args.batch} x --seq {args.seq} is too large for the held-out data")
+        raise SystemExit(f"--batch {args.batch} x --seq {args.seq} is too large for the held-out data of "
+                         f"--data-mb {args.data_mb:g} (the last {VAL_FRACTION:.0%}): raise --data-mb or lower them")
 
     def batch_at(source, starts):
         rows = torch.stack([source[s:s + args.seq + 1] for s in starts.tolist()]).long().to(device)
@@ -332,15 +369,17 @@ def main(argv=None) -> dict:
 
     results = {"args": vars(args)}
     model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
+    if args.fuse_bf16:
+        fuse_model_ops(model, rope=False)
     results["bf16"] = train("bf16", model, batches, val_batches, args, device)
     del model  # free the bf16 run's memory before the fp8 run measures its peak
+    gc.collect()  # (a reference cycle made by the first run, torch's lazy imports, could hold it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     fp8_model = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
     # The output head stays in bf16, as is standard: its logits feed the loss directly.
-    convert_to_float8_training(fp8_model, config=Float8Config.from_recipe_name(args.recipe),
-                               module_filter_fn=lambda m, fqn: fqn != "head")
+    convert_to_float8_training(fp8_model, config=float8_config(args), module_filter_fn=lambda m, fqn: fqn != "head")
     # Its norms and SwiGLU gates as f8tensor's fused ops (the model has no RoPE).
     fusion = fuse_model_ops(fp8_model, rope=False)
     results["fp8"] = train("fp8", fp8_model, batches, val_batches, args, device)
@@ -354,9 +393,12 @@ def main(argv=None) -> dict:
         r = results[name]
         print(f"{name:<6} {r['train_loss']:>16.4f} {r['val_loss']:>10.4f} {r['tokens_per_s']:>12,.0f} "
               f"{format_memory(r['peak_memory_bytes']):>13}")
+    print("fp8: float8 linear layers and the fused norms and gates; bf16: " + (
+        "the same fused norms and gates (--fuse-bf16)" if args.fuse_bf16 else
+        "as written (--fuse-bf16 fuses it too, so that the comparison is of float8 alone)"))
     if device.type == "cpu":
-        print("(on CPU, tokens/s compares two CPU GEMM paths, not float8 hardware: bf16 GEMMs are "
-              "slow on most CPUs; run on a GPU with float8 support for a real speed comparison)")
+        print("(on CPU tokens/s says nothing of a GPU: the CPU has no float8 GEMMs, and the kernels run in "
+              "the PyTorch references; run on a GPU with float8 support for a speed comparison)")
     if args.plot:
         plot(results, args.plot)
     if args.out:

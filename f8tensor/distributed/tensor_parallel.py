@@ -17,14 +17,18 @@ of a mesh computes exactly what the layer computes on one device; every rank sti
 bias's whole gradient (replicated, as nn.Linear's under DTensor). The style's output layout then
 decides the collective (all-reduce, or reduce-scatter under sequence parallelism).
 
-Scaling is tensorwise per local shard: each rank quantizes its own shard of the weight (and, under
-RowwiseParallel, of x and, under ColwiseParallel, of grad_output) with that shard's own amax. No
+Scaling is per local shard, in the layer's recipe (one scale per shard under tensorwise; per row,
+column or tile of the shard under rowwise and blockwise): each rank quantizes its own shard of the
+weight (and, under RowwiseParallel, of x and, under ColwiseParallel, of grad_output) with that
+shard's own amaxes. No
 collective is needed for the scales, and a shard's scale is never coarser than one scale for the
 whole tensor would be; results differ from one device's by float8 rounding, and are as close to
 bf16's (tests/test_tensor_parallel.py).
 
 Not covered: a weight on a mesh of more than one dimension (an error; FSDP2 + TP on a 2-D mesh
-hands the layer its weight on the 1-D TP mesh: tests/test_tensor_parallel.py), shards whose sides are not multiples of 16 (an error), and keep_fp8_weight (Float8Linear
+hands the layer its weight on the 1-D TP mesh: tests/test_tensor_parallel.py), shards whose sides
+are not multiples of 16 (an error, but under the blockwise recipe, whose GEMMs are padded), and
+keep_fp8_weight (Float8Linear
 refuses it for DTensor weights). An input shared by several layers (q/k/v, w1/w3) is still cast
 once: each layer's local view of it shares one base, which keys the cast (tensor_cache.py).
 """
@@ -74,14 +78,15 @@ class _ZerosWithGradient(torch.autograd.Function):
         return g
 
 
-def _check_local_sizes(w_local, weight):
+def _check_local_sizes(w_local, weight, config):
     n, k = w_local.shape
-    if n % 16 or k % 16:
+    if (n % 16 or k % 16) and config.scaling_granularity != "blockwise":  # blockwise GEMMs are padded
         raise ValueError(
             f"Float8Linear under tensor parallelism: this rank's weight shard is [{n}, {k}] (of "
             f"{list(weight.shape)}, placed {weight.placements[0]}); float8 GEMMs need both sides "
             f"of every rank's shard to be multiples of 16. Choose a mesh size that divides the "
-            f"features into multiples of 16, or keep this layer in high precision")
+            f"features into multiples of 16, use the blockwise recipe (padded GEMMs), or keep this layer "
+            f"in high precision")
 
 
 def dtensor_linear(fn, x, weight, bias, config, grad_enabled: bool):
@@ -108,7 +113,7 @@ def dtensor_linear(fn, x, weight, bias, config, grad_enabled: bool):
     out_placement, x_grad_placement, param_grad_placement = _placements(x, weight)
     x_local = x.to_local(grad_placements=[x_grad_placement])
     w_local = weight.to_local(grad_placements=[param_grad_placement])
-    _check_local_sizes(w_local, weight)
+    _check_local_sizes(w_local, weight, config)
     local_bias = None
     if bias is not None and isinstance(out_placement, Partial):
         if bias.placements[0] != Replicate():
