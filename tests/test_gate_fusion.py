@@ -527,11 +527,15 @@ def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
         handle.remove()
     assert len(fused_calls) == 1 and "SiLU" not in seen and "Float8Linear" in seen
     own = lambda: LlamaMLP.forward(mod, x)  # noqa: E731
-    for register in (nn.Module.register_forward_hook, nn.Module.register_full_backward_hook):
-        handle = register(mod.act_fn, lambda *args: seen.append("act_fn hook"))
-        assert torch.equal(mod(x), own()) and len(fused_calls) == 1
-        handle.remove()
-    assert "act_fn hook" in seen
+    handle = mod.act_fn.register_forward_hook(lambda *args: seen.append("act_fn hook"))
+    seen.clear()
+    out = mod(x)  # the fused module's own call: the hooked child runs as written
+    assert "act_fn hook" in seen and len(fused_calls) == 1
+    assert torch.equal(out, own())
+    handle.remove()
+    handle = mod.act_fn.register_full_backward_hook(lambda *args: seen.append("act_fn backward hook"))
+    assert torch.equal(mod(x), own()) and len(fused_calls) == 1
+    handle.remove()
     mod.act_fn.forward = lambda t: F.gelu(t)
     assert torch.equal(mod(x), own()) and len(fused_calls) == 1
     del mod.act_fn.forward
@@ -556,16 +560,24 @@ def test_the_class_forward_runs_where_the_fused_one_would_differ(fused_calls):
     assert len(fused_calls) == 1
 
 
-def test_the_fused_path_does_not_depend_on_global_hooks_under_checkpointing():
+def test_the_fused_path_does_not_depend_on_global_hooks_under_checkpointing(fused_calls):
+    """Forward under a mode that hooks every module, recomputation outside it: the fused path both
+    times (the same tensors saved), with the gradients of a run without checkpointing."""
     from torch.utils.checkpoint import checkpoint
     from torch.utils.flop_counter import FlopCounterMode
 
     mod = convert_and_fuse(make(LlamaMLP))
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    mod(x).float().sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in mod.parameters()]
+    x.grad = None
+    mod.zero_grad()
     with FlopCounterMode(display=False):
         out = checkpoint(mod, x, use_reentrant=False)
     out.float().sum().backward()  # recomputed outside the mode: the same tensors saved
-    assert x.grad is not None
+    assert len(fused_calls) == 3  # the plain run, the checkpointed forward and its recomputation
+    for got, w in zip([x.grad] + [p.grad for p in mod.parameters()], want, strict=True):
+        assert torch.equal(got, w)
 
 
 def test_a_patched_class_forward_or_a_positional_only_input_is_respected(fused_calls):

@@ -254,6 +254,17 @@ def fused(mod, **switches):
     return mod
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times a fused norm ran f8tensor's fused_rms_norm (patched where norm_proof calls it):
+    a fused module that fell back to its written code would give the written values too."""
+    import f8tensor.fusion.norm_proof as norm_proof
+
+    calls = []
+    monkeypatch.setattr(norm_proof, "fused_rms_norm", lambda *a, **k: calls.append(1) or fused_rms_norm(*a, **k))
+    return calls
+
+
 def grads(mod, x, g):
     x = x.detach().requires_grad_()
     y = mod(x)
@@ -309,7 +320,7 @@ def test_written_forms_are_fused_with_the_written_values(cls, dtype, monkeypatch
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the reference path's bound (the kernels': tests/test_rms_norm.py)")
-def test_the_input_gradient_where_its_terms_cancel():
+def test_the_input_gradient_where_its_terms_cancel(fused_calls):
     """Gemma's form in bf16 where the input gradient's two terms nearly cancel: two units in the last
     place from autograd's value here, within the bound's 2^-20 of the terms."""
     torch.manual_seed(0)
@@ -319,7 +330,7 @@ def test_the_input_gradient_where_its_terms_cancel():
     x = (torch.randn(3, 5, 32) * 2).bfloat16()
     g = torch.randn_like(x)
     (_, dx, _), (_, dx_want, _) = grads(fused(mod), x, g), grads(written, x, g)
-    assert isinstance(mod, FusedNormModule)
+    assert isinstance(mod, FusedNormModule) and len(fused_calls) == 1 and not torch.equal(dx, dx_want)
     assert_input_gradient_close(dx, dx_want, x, scale(mod), g, mod.eps)
 
 
@@ -378,7 +389,7 @@ def test_the_written_code_runs_where_the_fused_kernels_would_differ(monkeypatch)
     assert any(n.target is torch.rsqrt for n in traced.graph.nodes)
 
 
-def test_copies_pickles_state_dict_and_a_second_call():
+def test_copies_pickles_state_dict_and_a_second_call(fused_calls):
     mod = fused(nn.Sequential(make()))
     keys = list(mod.state_dict())
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16)
@@ -386,16 +397,17 @@ def test_copies_pickles_state_dict_and_a_second_call():
     for twin in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
         assert type(twin[0]) is type(mod[0]) and isinstance(twin[0].__dict__[NORM_ATTR], RMSNormProof)
         assert torch.equal(twin(x), want) and list(twin.state_dict()) == keys
+    assert len(fused_calls) == 3  # the original and both copies ran the fused norm
     report = str(fusion_report(mod))
     fused(mod)  # a no-op
     assert str(fusion_report(mod)) == report
 
 
-def test_the_epsilon_is_read_at_each_call():
+def test_the_epsilon_is_read_at_each_call(fused_calls):
     mod, written = fused(make()), make()
     mod.variance_epsilon = written.variance_epsilon = 0.5
     x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16) * 1e-2
-    assert sqnr(written(x), mod(x)) > 40
+    assert sqnr(written(x), mod(x)) > 40 and len(fused_calls) == 1
 
 
 def test_a_helper_method_rebound_or_shadowed_runs_the_written_code(monkeypatch):
@@ -445,7 +457,7 @@ class AddsTwice(float):  # eps + tensor is its own
 
 @pytest.mark.parametrize("eps", [0, 1e-5, Float(1e-5), np.float32(1e-5), np.float64(1e-6), np.float16(1e-3)],
                          ids=lambda e: f"{type(e).__name__}({e})")
-def test_epsilons_of_other_number_types_are_fused_with_the_written_values(eps):
+def test_epsilons_of_other_number_types_are_fused_with_the_written_values(eps, fused_calls):
     """An int (eps=0 from a JSON config), a float subclass keeping float's arithmetic or a NumPy
     float: the written code adds it to an fp32 tensor as it adds float(eps), so it is fused."""
     for cls in (LlamaRMSNorm, Reordered):  # eps + tensor and tensor + eps
@@ -456,6 +468,7 @@ def test_epsilons_of_other_number_types_are_fused_with_the_written_values(eps):
         x = torch.randn(4, D, device=DEVICE, dtype=torch.bfloat16) * 1e-2
         y, want = mod(x), written(x)
         assert torch.equal(y, want) if DEVICE.type == "cpu" else sqnr(want, y) > 40
+    assert len(fused_calls) == 2  # the fused norm ran, in both forms
 
 
 @pytest.mark.parametrize("eps", [True, AddsTwice(1e-5), np.int64(0), 2**60], ids=lambda e: type(e).__name__)

@@ -753,7 +753,7 @@ def test_opting_out_leaves_every_module_alone():
     assert type(mod) is Attention and ROPE_ATTR not in mod.__dict__
 
 
-def test_checkpointing_fx_tracing_and_compile():
+def test_checkpointing_fx_tracing_and_compile(rope_calls):
     """Activation checkpointing recomputes the fused path (same gradients); fx symbolic tracing of
     a parent and torch.compile see the module's own code."""
     from torch.utils.checkpoint import checkpoint
@@ -761,11 +761,13 @@ def test_checkpointing_fx_tracing_and_compile():
     mod = fused(make())
     x, (cos, sin) = inputs(), tables()
     want = step(mod, x, cos, sin)
+    assert len(rope_calls) == 2  # q and k
     mod.zero_grad()
     x2 = x.clone().requires_grad_()
     out = checkpoint(mod, x2, cos, sin, use_reentrant=False)
     out.float().square().sum().backward()
-    for g, w in zip([out, x2.grad] + [p.grad for p in mod.parameters()], want):
+    assert len(rope_calls) == 6  # the checkpointed forward and its recomputation fused too
+    for g, w in zip([out, x2.grad] + [p.grad for p in mod.parameters()], want, strict=True):
         assert torch.equal(g, w)
 
     class Parent(nn.Module):

@@ -447,9 +447,17 @@ def tp_step(model):
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
-def test_cpu_gemm_without_rowwise_names_the_way_out():
+def test_cpu_gemm_without_rowwise_names_the_way_out(monkeypatch):
+    """A CPU _scaled_mm without rowwise scales (torch 2.11's): the error names emulate. On a torch
+    whose CPU GEMM takes them (2.13), a stand-in that refuses them as 2.11's does."""
     if cpu_rowwise_gemm():
-        pytest.skip("this torch's CPU _scaled_mm takes rowwise scales")
+        real = torch._scaled_mm
+
+        def tensorwise_only(a, b, scale_a, scale_b, **kwargs):
+            if scale_a.numel() > 1 or scale_b.numel() > 1:
+                raise RuntimeError("Invalid scaling configuration (torch 2.11's CPU _scaled_mm: tensorwise only)")
+            return real(a, b, scale_a, scale_b, **kwargs)
+        monkeypatch.setattr(torch, "_scaled_mm", tensorwise_only)
     f8 = Float8Linear(64, 32, bias=False, dtype=torch.bfloat16, config=Float8Config.from_recipe_name("rowwise"))
     with pytest.raises(NotImplementedError, match=r"emulate=True"):
         f8(torch.randn(16, 64, dtype=torch.bfloat16))
