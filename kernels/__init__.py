@@ -16,8 +16,10 @@ if __name__ != "f8tensor.kernels":
     # Imported as the top-level `kernels` (the repository root on sys.path): op.py would register the
     # f8tensor:: custom ops a second time, which destroys the first registration that f8tensor.kernels
     # holds (torch.library allows the overwrite): later calls crash. Refused before anything runs.
-    raise ImportError(f"this package is f8tensor.kernels; it was imported as {__name__!r} (the repository root "
-                      "on sys.path): import f8tensor.kernels instead")
+    raise ImportError(f"this package is f8tensor.kernels; it was imported as {__name__!r}, the repository root "
+                      "being on sys.path (`python -m pytest` or `python -c` run there put it first; Hugging Face "
+                      "transformers then imports it, taking it for the `kernels` hub package): run `pytest` or "
+                      "from another directory")
 
 from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
                     geglu_backward_ref, geglu_ref, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
