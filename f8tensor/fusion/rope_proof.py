@@ -96,7 +96,8 @@ from ..kernels import INPUT_DTYPES
 from ..core.class_swap import class_reason
 from . import rope_complex
 from . import rope_forms as forms
-from .fused_class import JUMPS, FusedModule, class_forward, global_value, globals_unchanged, tracing
+from .fused_class import (JUMPS, FusedModule, class_forward, code_of, code_unchanged, global_value,
+                          globals_unchanged, tracing)
 
 # Set on a module whose forward reads a proven rotary function (a RoPECalls) or, where it reads one
 # but cannot be fused, why not (a str).
@@ -421,11 +422,11 @@ class _Globals(dict):
 @dataclass(frozen=True)
 class RoPECalls:
     """A module whose class forward reads proven rotary functions by these global names: chain, the
-    class forward and each function along its __wrapped__ path (with its code, defaults, kwdefaults
+    class forward and each function along its __wrapped__ path (with code_of it: its code and defaults,
     and the closure cell that holds the next one), as proven; run, the same code run with _Globals
     (for decorated forwards, the decorators' functions rebuilt around it)."""
     names: tuple[str, ...]
-    chain: tuple[tuple[types.FunctionType, types.CodeType, object, object, int | None], ...]
+    chain: tuple[tuple[types.FunctionType, tuple, int | None], ...]
     run: types.FunctionType
 
     def __str__(self):
@@ -519,7 +520,7 @@ def find_rope_calls(mod: nn.Module) -> RoPECalls | str:
                 return "forward defines a class"
     chain, fn = [], forward
     for index in path + [None]:
-        chain.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__, index))
+        chain.append((fn, code_of(fn), index))
         fn = fn.__closure__[index].cell_contents if index is not None else None
     fused = {name: _FusedCall(p) for name, p in proven.items()}
     return RoPECalls(tuple(sorted(proven)), tuple(chain),
@@ -529,9 +530,8 @@ def find_rope_calls(mod: nn.Module) -> RoPECalls | str:
 def _chain_unchanged(forward, chain) -> bool:
     """The class forward, and each function along its __wrapped__ path, are those proven."""
     fn = forward
-    for proven, code, defaults, kwdefaults, index in chain:
-        if fn is not proven or fn.__code__ is not code or fn.__defaults__ is not defaults or (
-                fn.__kwdefaults__ is not kwdefaults):
+    for proven, code, index in chain:
+        if fn is not proven or not code_unchanged(fn, code):
             return False
         if index is not None:
             cells = fn.__closure__
