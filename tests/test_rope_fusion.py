@@ -280,13 +280,7 @@ def upcast_one_term(x, cos, sin):  # x in fp32 in one product, not in the other
 
 
 def partial_upcast(q, k, cos, sin):  # Phi-3's partial form of q.float(), k.float(): _rotate_partial keeps x's dtype
-    q, k = q.float(), k.float()
-    rotary_dim = cos.shape[-1]
-    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
-    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
-    q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
-    k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
-    return q_embed, k_embed
+    return phi3_apply_rotary_pos_emb(q.float(), k.float(), cos, sin)
 
 
 def partial_ernie_upcast(x, cos, sin):  # the fp32 terms of Ernie 4.5 inside the partial form
