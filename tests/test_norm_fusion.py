@@ -6,6 +6,7 @@ the written code where it must."""
 
 import copy
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -499,13 +500,8 @@ def test_a_weight_or_epsilon_set_since_to_what_was_not_proven_runs_the_written_c
 def test_a_forward_edited_in_place_runs_as_edited():
     """IPython's autoreload edits a class's forward in place (its __code__): the function object stays,
     its code changes, and the fused norm no longer runs."""
-    class Edited(LlamaRMSNorm):
-        def forward(self, hidden_states):
-            input_dtype = hidden_states.dtype
-            hidden_states = hidden_states.to(torch.float32)
-            variance = hidden_states.pow(2).mean(-1, keepdim=True)
-            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-            return self.weight * hidden_states.to(input_dtype)
+    class Edited(LlamaRMSNorm):  # LlamaRMSNorm's forward as a function of its own (edited below, not the class's)
+        forward = types.FunctionType(LlamaRMSNorm.forward.__code__, LlamaRMSNorm.forward.__globals__)
 
     def doubled(self, hidden_states):
         return 2 * hidden_states
