@@ -302,6 +302,8 @@ def parse_args(argv):
         p.error(str(e))
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         p.error(f"--cuda-graph captures CUDA graphs: it needs --device cuda (got {args.device})")
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.set_device(torch.device(args.device))  # CapturedStep's stream and graph are the current device's
     reason = float8_reason(args)
     if reason:
         p.error(reason)
@@ -318,8 +320,6 @@ def float8_reason(args) -> str | None:
     from f8tensor import Float8Linear
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # CapturedStep's stream and graph are the current device's
     try:
         layer = Float8Linear(32, 32, bias=False, device=device, dtype=torch.bfloat16, config=float8_config(args))
         layer(torch.ones(16, 32, device=device, dtype=torch.bfloat16)).float().sum().backward()
