@@ -20,9 +20,9 @@ proof has two parts, both of which must hold:
   of the user's and changes nothing outside its own tensors (an in-place operator such as `+=`
   passes the walk; the trace then shows it, and such a function is not fused).
 - once per call signature (each argument a plain tensor, not a lazily conjugated or negated view:
-  shape, strides, dtype, device, requires_grad, the parity of a real one's storage offset (which
-  view_as_complex needs even), and which arguments are the same tensor): torch.fx's make_fx traces
-  it on fake tensors of that signature (its branches and loops run on those shapes) to ATen ops,
+  shape, strides, dtype, device, requires_grad, and which arguments are the same tensor; an fp32
+  argument at an odd storage offset, which view_as_complex refuses, is never traced): torch.fx's
+  make_fx traces it on fake tensors of that signature (its branches and loops run on those shapes) to ATen ops,
   with none of the caller's dispatch modes seeing them (selective activation checkpointing's would
   record ops of its own into the trace), which must be exactly, for each value returned, an
   argument x rotated by a table t:
@@ -307,10 +307,10 @@ def _replay(t: torch.Tensor, views) -> torch.Tensor:
 
 def _signature(args) -> tuple:
     """What a trace specialises on: each argument's shape, strides, dtype, device and requires_grad,
-    a real one's storage offset parity (view_as_complex needs it even), and which arguments are
-    the same tensor (make_fx traces one tensor passed twice as one input)."""
+    and which arguments are the same tensor (make_fx traces one tensor passed twice as one input).
+    (The storage offset only matters to view_as_complex of an fp32 argument, which __call__ runs as
+    written at an odd one, untraced.)"""
     return tuple((a.shape, a.stride(), a.dtype, a.device, a.requires_grad,
-                  0 if a.is_complex() else a.storage_offset() % 2,
                   next(j for j, b in enumerate(args) if b is a)) for a in args)
 
 
