@@ -76,6 +76,7 @@ from tools.power import PowerLog, summarize
 from f8tensor import (Float8Config, Float8Linear, convert_to_float8_training, fuse_model_ops, fusion_report,
                       precompute_float8_scales, swiglu)
 from f8tensor import rope as fused_rope
+from f8tensor import cross_entropy as f8_cross_entropy
 from f8tensor.core.convert import default_skip_reason
 from f8tensor.cuda_graph import CapturedStep
 
@@ -98,6 +99,8 @@ ABLATIONS = {
     "f8tensor_fsdp8_compiled": "the same with the blocks compiled (--fsdp only)",
     "f8tensor_sp8": "the sequence-parallel all-gathers in float8 (Float8PrepareModuleInput; --tp only)",
     "f8tensor_sp8_compiled": "the same with the blocks compiled (--tp only)",
+    "f8tensor_fused_loss": "f8tensor with the loss as f8tensor.cross_entropy: the loss fused in eager mode",
+    "bf16_fused_loss": "bf16 with the loss as f8tensor.cross_entropy: the fused loss without float8",
 }
 ORDER = CONFIGS[:1] + list(ABLATIONS)[:1] + CONFIGS[1:] + list(ABLATIONS)[1:]  # bf16 first: the ratios' base
 
@@ -396,6 +399,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
+def fused_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same loss through f8tensor.cross_entropy (the *_fused_loss configurations)."""
+    return f8_cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
 class Run:
     """One configuration, built, warmed up and kept resident while the others are timed."""
 
@@ -405,7 +413,8 @@ class Run:
         self.alloc_retries = self.settle_retries = 0
         # compiled configurations compile the loss too, as torchtitan does by default (its
         # compile.components: model and loss)
-        self.loss_fn = torch.compile(cross_entropy) if config.endswith("_compiled") else cross_entropy
+        self.loss_fn = (torch.compile(cross_entropy) if config.endswith("_compiled")
+                        else fused_cross_entropy if config.endswith("_fused_loss") else cross_entropy)
         # Collect first: a cycle of an earlier configuration freed during this one's warmup would
         # be counted against this configuration's resident memory.
         gc.collect()

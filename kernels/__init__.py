@@ -21,13 +21,14 @@ if __name__ != "f8tensor.kernels":
                       "transformers then imports it, taking it for the `kernels` hub package): run `pytest` or "
                       "from another directory")
 
-from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref, fp8_max,
-                    geglu_backward_ref, geglu_ref, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
+from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref,
+                    cross_entropy_backward_ref, cross_entropy_ref, fp8_max, geglu_backward_ref, geglu_ref, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
                     rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref, scale_from_amax_ref,
                     swiglu_backward_ref, swiglu_halves_backward_ref, swiglu_halves_ref, swiglu_ref, to_col_major)
 
 try:
     from .blockwise import block_cast_triton
+    from .cross_entropy import cross_entropy_backward_triton, cross_entropy_forward_triton
     from .quantize import quantize_triton, quantize_triton_with_amax
     from .rms_norm import rms_norm_backward_triton, rms_norm_triton
     from .rope import rope_triton
@@ -38,11 +39,13 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
     swiglu_halves_triton = swiglu_halves_backward_triton = None
     rope_triton = rms_norm_triton = rms_norm_backward_triton = None
     row_cast_triton = col_cast_triton = block_cast_triton = None
+    cross_entropy_forward_triton = cross_entropy_backward_triton = None
 
 from .op import amax_of_bits, blockwise_op, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
 
 __all__ = [
-    "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "fp8_max", "geglu_backward_ref", "geglu_ref",
+    "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "cross_entropy_backward",
+    "cross_entropy_backward_ref", "cross_entropy_forward", "cross_entropy_ref", "fp8_max", "geglu_backward_ref", "geglu_ref",
     "has_float8_hardware",
     "quantize_blocks", "quantize_blockwise_ref", "quantize_cols", "quantize_ref", "quantize_rows", "quantize_rowwise_ref", "quantize_triton", "quantize_triton_with_amax", "quantize_with_amax", "rms_norm_backward",
     "rms_norm_backward_ref", "rms_norm_ref", "rms_norm_triton", "rms_norm_with_amax", "rope_backward",
@@ -234,6 +237,24 @@ def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides
     out = torch.empty_strided(g.shape, strides, dtype=g.dtype, device=g.device)
     return out.copy_(rope_backward_ref(g, cos, sin, interleaved))
 
+
+
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss fp32 [N], lse fp32 [N]) of logits [N, V] (unit column stride) against int64 target [N]:
+    Triton on a CUDA device, `cross_entropy_ref` elsewhere or without triton."""
+    if logits.is_cuda and cross_entropy_forward_triton is not None:
+        return cross_entropy_forward_triton(logits, target, ignore_index)
+    return cross_entropy_ref(logits, target, ignore_index)
+
+
+def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                           ignore_index: int) -> torch.Tensor:
+    """The gradient of sum(loss * g) with respect to logits (g fp32 [N], or 0-d for every row), in
+    the logits' dtype: Triton on a CUDA device (from forward's lse), `cross_entropy_backward_ref` elsewhere."""
+    if logits.is_cuda and cross_entropy_backward_triton is not None:
+        return cross_entropy_backward_triton(logits, target, lse, g, ignore_index)
+    return cross_entropy_backward_ref(logits, target, g, ignore_index)
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:
     """Either kind of record as int32 partials: a 0-d fp32 max(|x|) becomes one partial (the bits

@@ -305,3 +305,26 @@ def rms_norm_backward_ref(
     if cast_before_weight:
         products = products.to(x.dtype).float()
     return dx.to(x.dtype), products.sum(tuple(range(x.dim() - 1))).to(weight.dtype)
+
+
+# Cross-entropy of logits [N, V] against class indices (cross_entropy.py): PyTorch's own
+# F.cross_entropy of the logits in fp32, per row, and its gradient rounded to the logits' dtype.
+
+def cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss fp32 [N], lse fp32 [N]): F.cross_entropy(logits.float(), target, reduction="none")
+    (0 where target is ignore_index) and the rows' logsumexp."""
+    x = logits.float()
+    loss = torch.nn.functional.cross_entropy(x, target, ignore_index=ignore_index, reduction="none")
+    return loss, torch.logsumexp(x, dim=-1)
+
+
+def cross_entropy_backward_ref(logits: torch.Tensor, target: torch.Tensor, g: torch.Tensor,
+                               ignore_index: int) -> torch.Tensor:
+    """The gradient of sum(loss * g) (g fp32 [N], or 0-d: one factor for every row) as autograd
+    computes it through F.cross_entropy(logits.float(), ...), rounded to the logits' dtype."""
+    with torch.enable_grad():
+        x = logits.detach().float().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(x, target, ignore_index=ignore_index, reduction="none")
+        (dx,) = torch.autograd.grad(loss, x, g.expand_as(loss))
+    return dx.to(logits.dtype)
