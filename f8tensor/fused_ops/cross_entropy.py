@@ -47,8 +47,9 @@ class _CrossEntropyFn(torch.autograd.Function):
             g = g / ctx.count  # every row's factor: 0-d
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so the gradient differentiates
             keep = (target != ctx.ignore_index).unsqueeze(1)
-            onehot = torch.nn.functional.one_hot(target.clamp(min=0), logits.shape[1]) * keep
-            dx = (torch.softmax(logits.float(), dim=1) - onehot) * (g.unsqueeze(-1) * keep)
+            # (no F.one_hot: on CUDA it checks the targets' range on the host, a sync)
+            onehot = torch.arange(logits.shape[1], device=logits.device) == target.unsqueeze(1)
+            dx = (torch.softmax(logits.float(), dim=1) - onehot.float()) * (g.unsqueeze(-1) * keep)
             return dx.to(logits.dtype), None, None, None
         return cross_entropy_backward(logits, target, lse, g.contiguous(), ctx.ignore_index), None, None, None
 
