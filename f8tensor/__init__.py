@@ -13,7 +13,7 @@ from .core.ops import scaled_mm
 from .core.tensor import Float8Tensor, GemmRole, to_float8
 from .core.weight_cache import forget_fp8_weights
 from .distributed.fsdp_float8 import forget_precomputed_scales, precompute_float8_scales
-from .fused_ops.cross_entropy import cross_entropy
+from .fused_ops.cross_entropy import causal_lm_loss, cross_entropy
 from .fused_ops.rms_norm import RMSNorm
 from .fused_ops.rope import rope
 from .fused_ops.swiglu import geglu, geglu_halves, swiglu, swiglu_halves
@@ -23,7 +23,7 @@ from .state import reset_state
 
 __all__ = [
     "Float8Config", "Float8Linear", "Float8Tensor", "FusionError", "FusionReport", "FusionWarning", "GemmRole",
-    "RMSNorm", "conversion_summary", "convert_to_float8_training", "cross_entropy", "forget_fp8_weights", "forget_precomputed_scales",
+    "RMSNorm", "causal_lm_loss", "conversion_summary", "convert_to_float8_training", "cross_entropy", "forget_fp8_weights", "forget_precomputed_scales",
     "fuse_model_ops",
     "fusion_report", "geglu", "geglu_halves", "precompute_float8_scales", "reset_state", "rope", "scaled_mm", "swiglu",
     "swiglu_halves", "to_float8",

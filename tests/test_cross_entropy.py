@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from f8utils import DEVICE, HP_DTYPES
 
-from f8tensor import cross_entropy
+from f8tensor import causal_lm_loss, cross_entropy
 from f8tensor.kernels import cross_entropy_backward_ref, cross_entropy_ref
 from f8tensor.kernels import cross_entropy_backward_triton, cross_entropy_forward_triton
 
@@ -182,6 +182,44 @@ def test_compiled_runs_the_written_code():
     x, t = logits_and_target(16, 64, torch.float32)
     compiled = torch.compile(cross_entropy, fullgraph=True)
     torch.testing.assert_close(compiled(x, t), F.cross_entropy(x, t), rtol=0, atol=2**-18)
+
+
+@pytest.mark.parametrize("num_items", [None, 37, "tensor"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_causal_lm_loss_is_hugging_faces(num_items, shifted):
+    """causal_lm_loss against transformers' own ForCausalLMLoss, and set as a Llama model's
+    loss_function: the same loss and gradients, to fp32 rounding."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    x, _ = logits_and_target(2 * 9, 300, torch.bfloat16, seed=3)
+    x = x.view(2, 9, 300).requires_grad_()
+    labels = torch.randint(0, 300, (2, 9), device=DEVICE)
+    labels[0, 4] = -100
+    kwargs = dict(num_items_in_batch=torch.tensor(37, device=DEVICE) if num_items == "tensor" else num_items)
+    if shifted:
+        kwargs["shift_labels"] = torch.roll(labels, -1, dims=1)
+    ours = causal_lm_loss(x, labels, 300, **kwargs, unused_by_both=1)
+    ref = ForCausalLMLoss(x, labels, 300, **kwargs, unused_by_both=1)
+    torch.testing.assert_close(ours, ref, rtol=2**-18, atol=0)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=2**-7, atol=2**-20)
+
+
+def test_causal_lm_loss_as_a_hugging_face_models_loss_function():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(DEVICE)
+    tokens = torch.randint(0, 128, (2, 16), device=DEVICE)
+    ref = model(tokens, labels=tokens).loss
+    calls = []
+    model.loss_function = lambda *args, **kwargs: calls.append(kwargs) or causal_lm_loss(*args, **kwargs)
+    ours = model(tokens, labels=tokens).loss
+    assert len(calls) == 1  # the model called it
+    torch.testing.assert_close(ours, ref, rtol=2**-18, atol=0)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the CUDA kernels: a GPU")

@@ -13,6 +13,10 @@ writes their gradient in their dtype (`kernels/cross_entropy.py`). Values: fp32 
 written code's; they agree with it to fp32 rounding at the magnitude of the rows' logsumexp, not
 bit for bit (the gradient within one unit in the last place of its dtype plus that).
 
+For Hugging Face models, which compute the loss inside forward when given labels:
+
+    model.loss_function = causal_lm_loss        (transformers' ForCausalLMLoss through cross_entropy)
+
 Under torch.compile it is the written code in plain ops, which inductor fuses itself; on tensor
 subclasses (DTensor, ...), under torch.func transforms and forward-mode AD too. With
 create_graph=True its backward is plain ops (softmax minus the one-hot target), which differentiate.
@@ -86,3 +90,23 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return _CrossEntropyFn.apply(logits, target.contiguous(), ignore_index, reduction)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
+                   shift_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Hugging Face transformers' `ForCausalLMLoss` (the loss of every `*ForCausalLM` model, which
+    `model.loss_function = causal_lm_loss` replaces) through cross_entropy: the labels shifted one
+    token left and padded with ignore_index (or shift_labels as given), the mean over the tokens not
+    ignored, or the sum divided by num_items_in_batch where the Trainer passes it. Other keyword
+    arguments are accepted and unused, as transformers' own loss does."""
+    if shift_labels is None:
+        labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:].contiguous()
+    logits = logits.reshape(-1, vocab_size)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return cross_entropy(logits, shift_labels, ignore_index)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return cross_entropy(logits, shift_labels, ignore_index, reduction="sum") / num_items_in_batch
