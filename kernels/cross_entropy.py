@@ -10,9 +10,11 @@ dtype. PyTorch computes log_softmax in two passes and subtracts in another order
 is the GPU's fast one, so values agree with the reference to fp32 rounding at the magnitude of lse,
 not bit for bit (the gradient within one unit in the last place of its dtype plus that).
 
-A row whose target equals ignore_index has loss 0 and gradient 0, as PyTorch gives. A target
-outside [0, V) gives its row a NaN loss (PyTorch's CUDA kernel stops on a device-side assert; a
-check on the host would wait for the GPU). A row with a NaN or infinite logit has a NaN loss.
+A row whose target equals ignore_index has loss 0 and gradient 0, as PyTorch gives (also where
+the row holds a NaN or infinite logit, for which PyTorch's gradient is NaN). A target outside
+[0, V) gives its row a NaN loss and a NaN gradient (PyTorch's CUDA kernel stops on a device-side
+assert; a check on the host would wait for the GPU). A row with a NaN or infinite logit has a NaN
+loss.
 """
 
 import torch
@@ -59,18 +61,19 @@ def cross_entropy_backward_kernel(x_ptr, target_ptr, lse_ptr, g_ptr, dx_ptr, V, 
     t = tl.load(target_ptr + row)
     g = tl.load(g_ptr + row * g_stride)
     keep = t != ignore_index
+    inside = (t >= 0) & (t < V)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp(x - lse)
         p = tl.where(cols == t, p - 1.0, p)
-        dx = tl.where(keep, p * g, 0.0)
+        dx = tl.where(keep, tl.where(inside, p * g, float("nan")), 0.0)
         tl.store(out + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if logits.dim() != 2 or logits.stride(1) != 1 or target.dim() != 1 or not target.is_contiguous():
+    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1) or target.dim() != 1 or not target.is_contiguous():
         raise ValueError("cross_entropy kernels take logits [N, V] with unit column stride and a contiguous "
                          f"target [N], got {tuple(logits.shape)} strides {logits.stride()} and {tuple(target.shape)}")
 

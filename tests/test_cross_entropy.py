@@ -34,7 +34,7 @@ def logits_and_target(n, v, dtype, seed=0):
 
 
 def assert_loss_close(out, ref, lse):
-    bad = (out.double() - ref.double()).abs() > 2**-18 * lse.double().abs().clamp(min=1)
+    bad = ~((out.double() - ref.double()).abs() <= 2**-18 * lse.double().abs().clamp(min=1))  # NaN: bad
     bad &= ~(out.isnan() & ref.isnan())
     assert not bad.any(), f"{int(bad.sum())} rows beyond tolerance: {out[bad][:3]} vs {ref[bad][:3]}"
 
@@ -49,7 +49,8 @@ def assert_grad_close(out, ref, x, t, g):
     size = torch.maximum(torch.logsumexp(x.double(), -1).abs().clamp(min=1).unsqueeze(1), x.double().abs())
     target_col = F.one_hot(t.clamp(min=0), x.shape[1]).bool() & (t != -100).unsqueeze(1)
     allowed = ulp + 2**-20 * size * (r.abs() + target_col * g.double().abs().reshape(-1, 1))
-    bad = (out.double() - r).abs() > allowed
+    bad = ~((out.double() - r).abs() <= allowed)  # a NaN where the reference has none: bad
+    bad &= ~(out.isnan() & ref.isnan())
     assert not bad.any(), f"{int(bad.sum())} of {out.numel()} beyond tolerance: {out[bad][:3]} vs {ref[bad][:3]}"
 
 
@@ -97,6 +98,7 @@ def test_kernel_edges_ignored_out_of_range_and_non_finite_rows():
     assert loss[4].isnan() and loss[5].isnan()
     dx = cross_entropy_backward_triton(x, t, lse, torch.ones(6, device=DEVICE), -100)
     assert not dx[1].any() and dx[0].isfinite().all()
+    assert dx[2].isnan().all() and dx[3].isnan().all(), "a target outside [0, V): a NaN gradient, not a plausible one"
     # another ignore_index: -100 is then a target like any other (outside [0, V): NaN)
     loss7, _ = cross_entropy_forward_triton(x[:2], torch.tensor([7, -100], device=DEVICE), 7)
     assert loss7[0] == 0 and loss7[1].isnan()
@@ -120,6 +122,26 @@ def test_equals_the_written_loss(reduction, dtype):
     assert_grad_close(gx, gr, x.detach(), t, factor.expand(33))
 
 
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_wrapper_around_the_kernels_equals_the_written_loss(reduction, monkeypatch):
+    """The autograd wrapper with the Triton kernels (on CPU: interpreted, put in the references'
+    place), as it runs on a GPU."""
+    import f8tensor.fused_ops.cross_entropy as module
+
+    monkeypatch.setattr(module, "cross_entropy_forward", cross_entropy_forward_triton)
+    monkeypatch.setattr(module, "cross_entropy_backward", cross_entropy_backward_triton)
+    x, t = logits_and_target(12, 5000, torch.bfloat16, seed=2)
+    x.requires_grad_()
+    out, ref = cross_entropy(x, t, reduction=reduction), F.cross_entropy(x.float(), t, reduction=reduction)
+    lse = torch.logsumexp(x.detach().float(), -1)
+    assert ((out - ref).abs() <= 2**-18 * (lse.abs().clamp(min=1).sum() if reduction != "none" else lse.abs())).all()
+    w = torch.rand(ref.shape, device=DEVICE) + 0.5
+    (gx,) = torch.autograd.grad((out * w).sum(), x)
+    (gr,) = torch.autograd.grad((ref * w).sum(), x)
+    assert_grad_close(gx, gr, x.detach(), t, (w / (t != -100).sum() if reduction == "mean" else w).expand(12))
+
+
 def test_ignore_index_and_all_rows_ignored():
     x, t = logits_and_target(8, 50, torch.float32)
     t[:] = 5
@@ -128,6 +150,23 @@ def test_ignore_index_and_all_rows_ignored():
     assert cross_entropy(x, t, ignore_index=5, reduction="sum") == 0
     t[0] = 4
     torch.testing.assert_close(cross_entropy(x, t, ignore_index=5), F.cross_entropy(x, t, ignore_index=5))
+
+
+def test_all_rows_ignored_with_create_graph_gives_a_zero_gradient():
+    x, t = logits_and_target(4, 20, torch.float32)
+    x.requires_grad_()
+    t[:] = -100
+    for create_graph in (False, True):
+        (gx,) = torch.autograd.grad(cross_entropy(x, t), x, create_graph=create_graph)
+        assert not gx.any(), create_graph  # F.cross_entropy's too: the loss is NaN, the gradient 0
+
+
+def test_one_class_with_any_stride():
+    x = torch.randn(1, 5, device=DEVICE).t().requires_grad_()  # [5, 1], strides (1, 5)
+    t = torch.zeros(5, dtype=torch.int64, device=DEVICE)
+    out = cross_entropy(x, t)
+    out.backward()
+    assert out == 0 and not x.grad.any()
 
 
 def test_empty_batch():
@@ -151,7 +190,7 @@ def test_non_contiguous_columns_are_copied_first():
 def test_second_derivative_equals_the_written_loss():
     x, t = logits_and_target(6, 20, torch.float32)
     x.requires_grad_()
-    v = torch.randn(6, 20)
+    v = torch.randn(6, 20, device=DEVICE)
     for loss_fn in (cross_entropy, lambda x, t: F.cross_entropy(x.float(), t)):
         (gx,) = torch.autograd.grad(loss_fn(x, t), x, create_graph=True)
         (ggx,) = torch.autograd.grad((gx * v).sum(), x)

@@ -53,7 +53,8 @@ class _CrossEntropyFn(torch.autograd.Function):
             keep = (target != ctx.ignore_index).unsqueeze(1)
             # (no F.one_hot: on CUDA it checks the targets' range on the host, a sync)
             onehot = torch.arange(logits.shape[1], device=logits.device) == target.unsqueeze(1)
-            dx = (torch.softmax(logits.float(), dim=1) - onehot.float()) * (g.unsqueeze(-1) * keep)
+            factor = torch.where(keep, g.unsqueeze(-1), 0.0)  # (all rows ignored under "mean": g is inf)
+            dx = (torch.softmax(logits.float(), dim=1) - onehot.float()) * factor
             return dx.to(logits.dtype), None, None, None
         return cross_entropy_backward(logits, target, lse, g.contiguous(), ctx.ignore_index), None, None, None
 
@@ -87,7 +88,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     if not kernels_can_run(logits, target):  # the written code: inductor fuses it, subclasses dispatch it
         return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=ignore_index,
                                                  reduction=reduction)
-    if logits.stride(1) != 1:
+    if logits.stride(1) != 1 and logits.shape[1] > 1:  # (.contiguous() keeps any stride of a dim of size 1)
         logits = logits.contiguous()
     return _CrossEntropyFn.apply(logits, target.contiguous(), ignore_index, reduction)
 
