@@ -11,7 +11,8 @@ the loss is what torch.compile fuses when torchtitan compiles it. Here forward r
 once and keeps them (not a copy) with one fp32 logsumexp per row; backward reads them once more and
 writes their gradient in their dtype (`kernels/cross_entropy.py`). Values: fp32 math, as the
 written code's; they agree with it to fp32 rounding at the magnitude of the rows' logsumexp, not
-bit for bit (the gradient within one unit in the last place of its dtype plus that).
+bit for bit (the gradient within one unit in the last place of its dtype plus that), except that an
+ignored row's gradient is 0 even where the row holds a NaN or infinite logit (PyTorch's is NaN).
 
 For Hugging Face models, which compute the loss inside forward when given labels:
 
@@ -64,7 +65,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     """F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction) for
     logits [N, V] (bf16, fp16 or fp32; a copy is made where the columns are not contiguous) and
     class indices target [N] (int64) on the same device: fp32, a scalar, or [N] for reduction
-    "none". A target outside [0, V) other than ignore_index gives a NaN loss on a CUDA device,
+    "none". A target outside [0, V) other than ignore_index gives its row a NaN loss and gradient on a CUDA device,
     where PyTorch's own kernel stops on a device-side assert (on a CPU both raise)."""
     if not (isinstance(logits, torch.Tensor) and isinstance(target, torch.Tensor)):
         raise TypeError(f"cross_entropy takes two tensors, got {type(logits).__name__} and {type(target).__name__}")
