@@ -673,7 +673,9 @@ def main():
                           ("vocab", 128256), ("batch", 2), ("seq", 4096), ("steps", 10), ("warmup", 3),
                           ("rounds", 3), ("seed", 0), ("grad-accum", 1)]:
         ap.add_argument(f"--{flag}", type=int, default=default)
-    ap.add_argument("--configs", nargs="+", choices=CONFIGS, help="default: all that can run here")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS + list(ABLATIONS),
+                    help="default: all that can run here; an ablation's name here runs it without bf16 "
+                         "(one configuration per process, for its peak memory)")
     ap.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=[], metavar="NAME",
                     help="variants that answer one question each: " + "; ".join(
                         f"{name}: {why}" for name, why in ABLATIONS.items()))
@@ -735,7 +737,7 @@ def main():
         if world() % a.tp or (world() != a.tp and not a.fsdp):
             ap.error(f"--tp {a.tp} over {world()} ranks: the ranks must be --tp's (or, with --fsdp, a multiple of it)")
     # bf16 first in each AC mode: it is the base of the vs_bf16 ratio
-    configs = sorted((a.configs or default_configs(device)) + a.ablations, key=ORDER.index)
+    configs = sorted(dict.fromkeys((a.configs or default_configs(device)) + a.ablations), key=ORDER.index)
     env = environment()
     if rank() == 0:
         print(env)

@@ -124,6 +124,11 @@ def test_train_benchmark_fused_loss_ablations_train_as_the_written_loss(tmp_path
     assert set(losses) == {"bf16", "bf16_fused_loss", "f8tensor", "f8tensor_fused_loss"}
     assert losses["bf16_fused_loss"] == pytest.approx(losses["bf16"], rel=1e-5)
     assert losses["f8tensor_fused_loss"] == pytest.approx(losses["f8tensor"], rel=1e-5)
+    # an ablation named in --configs runs alone (one configuration per process, for its peak)
+    (tmp_path / "train.jsonl").unlink()
+    alone = run_train(tmp_path, "--rounds", "1", configs=("f8tensor_fused_loss",))
+    assert [r["config"] for r in alone] == ["f8tensor_fused_loss"]
+    assert alone[0]["loss"] == pytest.approx(losses["f8tensor_fused_loss"], rel=1e-5)
 
 
 @CPU_ONLY
