@@ -23,8 +23,10 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-BLOCK_V = 4096  # columns per step of a row's loop (not yet tuned on the GPU: benchmarks/cross_entropy.py --sweep)
-NUM_WARPS = 8
+# Columns per step of a row's loop and warps per row, each pass its fastest of the H200 sweep
+# (`benchmarks/cross_entropy.py --sweep`; docs/benchmarks.md, "The loss").
+FORWARD_BLOCK_V, FORWARD_WARPS = 8192, 4
+BACKWARD_BLOCK_V, BACKWARD_WARPS = 4096, 16
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def cross_entropy_forward_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                                 block_v: int = BLOCK_V, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+                                 block_v: int = FORWARD_BLOCK_V, num_warps: int = FORWARD_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss fp32 [N], lse fp32 [N]) of logits [N, V] (unit column stride) and int64 target [N]."""
     _check(logits, target)
     N, V = logits.shape
@@ -92,7 +94,8 @@ def cross_entropy_forward_triton(logits: torch.Tensor, target: torch.Tensor, ign
 
 
 def cross_entropy_backward_triton(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                                  ignore_index: int, block_v: int = BLOCK_V, num_warps: int = NUM_WARPS) -> torch.Tensor:
+                                  ignore_index: int, block_v: int = BACKWARD_BLOCK_V,
+                                  num_warps: int = BACKWARD_WARPS) -> torch.Tensor:
     """The gradient of loss[i] * g[i] summed over rows, of logits' shape and dtype (contiguous), for
     g fp32 [N] or a 0-d fp32 g (one factor for every row)."""
     _check(logits, target)

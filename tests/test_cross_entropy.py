@@ -73,6 +73,21 @@ def test_kernels_match_the_reference(shape, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("block_v, num_warps", [(128, 1), (1024, 4)])
+def test_kernels_match_the_reference_over_many_blocks(block_v, num_warps):
+    """Blocks other than the defaults: the running max grows from block to block (a rising row)."""
+    x, t = logits_and_target(5, 3000, torch.bfloat16)
+    x = x + torch.linspace(0, 30, 3000, device=DEVICE).to(x.dtype)
+    loss, lse = cross_entropy_forward_triton(x, t, -100, block_v=block_v, num_warps=num_warps)
+    ref_loss, ref_lse = cross_entropy_ref(x, t, -100)
+    assert_loss_close(lse, ref_lse, ref_lse)
+    assert_loss_close(loss, ref_loss, ref_lse)
+    g = torch.rand(5, device=DEVICE) + 0.5
+    dx = cross_entropy_backward_triton(x, t, lse, g, -100, block_v=block_v, num_warps=num_warps)
+    assert_grad_close(dx, cross_entropy_backward_ref(x, t, g, -100), x, t, g)
+
+
+@needs_triton
 def test_kernels_read_rows_of_a_wider_tensor_and_one_factor_for_all_rows():
     wide, t = logits_and_target(6, 300, torch.bfloat16)
     x = wide[:, 10:250]  # row stride 300, unit column stride
