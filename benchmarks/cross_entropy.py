@@ -13,7 +13,7 @@ a fresh gradient each call): ours, the written loss eager, and torch.compile of 
 import torch
 import torch.nn.functional as F
 
-from tools.common import bench_ms, gpu_ms, kernel_benchmark_start, write_rows
+from tools.common import bench_ms, gpu_ms, kernel_benchmark_start, peak_mib, write_rows
 from f8tensor import cross_entropy
 from f8tensor.kernels.cross_entropy import cross_entropy_backward_triton, cross_entropy_forward_triton
 
@@ -30,15 +30,6 @@ def fwd_bwd(loss_fn, x, t):
     def step():
         torch.autograd.grad(loss_fn(x, t), x)
     return step
-
-
-def peak_mib(step) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main():

@@ -22,7 +22,7 @@ import statistics
 import torch
 from torch import nn
 
-from tools.common import bench_ms, environment, write_rows
+from tools.common import bench_ms, environment, peak_mib, write_rows
 from f8tensor import Float8Config, Float8Linear, GemmRole, to_float8
 
 SHAPES = {  # (K, N): in_features -> out_features
@@ -53,15 +53,6 @@ def gemms_only(x, w, g):
         torch.mm(g_row, w_col)
         torch.mm(g_col.t(), x_col)
     return step
-
-
-def peak_mib(step) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def torchao_modules(lin, recipe="tensorwise"):

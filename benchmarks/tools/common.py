@@ -75,6 +75,16 @@ def host_us(fn, n: int = 200) -> float:
     return host_and_wall_us(fn, n)[0]
 
 
+def peak_mib(step) -> float:
+    """CUDA memory step allocates beyond what was allocated before it, at its peak, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
