@@ -22,7 +22,8 @@ if __name__ != "f8tensor.kernels":
                       "from another directory")
 
 from .naive import (BLOCK, EPS, FLOAT8_DTYPES, INPUT_DTYPES, LAYOUTS, amax_ref, axis_amax_ref,
-                    cross_entropy_backward_ref, cross_entropy_ref, fp8_max, geglu_backward_ref, geglu_ref, quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
+                    cross_entropy_backward_ref, cross_entropy_ref, fp8_max, geglu_backward_ref, geglu_ref,
+                    quantize_blockwise_ref, quantize_ref, quantize_rowwise_ref,
                     rms_norm_backward_ref, rms_norm_ref, rope_backward_ref, rope_ref, scale_from_amax_ref,
                     swiglu_backward_ref, swiglu_halves_backward_ref, swiglu_halves_ref, swiglu_ref, to_col_major)
 
@@ -238,7 +239,6 @@ def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides
     return out.copy_(rope_backward_ref(g, cos, sin, interleaved))
 
 
-
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss fp32 [N], lse fp32 [N]) of logits [N, V] (unit column stride) against int64 target [N]:
@@ -255,6 +255,7 @@ def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torc
     if logits.is_cuda and cross_entropy_backward_triton is not None:
         return cross_entropy_backward_triton(logits, target, lse, g, ignore_index)
     return cross_entropy_backward_ref(logits, target, g, ignore_index)
+
 
 def _as_record(amax: torch.Tensor) -> torch.Tensor:
     """Either kind of record as int32 partials: a 0-d fp32 max(|x|) becomes one partial (the bits
