@@ -101,6 +101,7 @@ ABLATIONS = {
     "f8tensor_sp8_compiled": "the same with the blocks compiled (--tp only)",
     "f8tensor_fused_loss": "f8tensor with the loss as f8tensor.cross_entropy: the loss fused in eager mode",
     "bf16_fused_loss": "bf16 with the loss as f8tensor.cross_entropy: the fused loss without float8",
+    "f8tensor_keep_weight_fused_loss": "keep_fp8_weight=True and the fused loss: no weight cast in AC's recompute",
 }
 ORDER = CONFIGS[:1] + list(ABLATIONS)[:1] + CONFIGS[1:] + list(ABLATIONS)[1:]  # bf16 first: the ratios' base
 

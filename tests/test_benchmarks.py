@@ -118,12 +118,16 @@ def test_train_benchmark_fusion_ablations(tmp_path):
 @CPU_ONLY
 def test_train_benchmark_fused_loss_ablations_train_as_the_written_loss(tmp_path):
     """bf16_fused_loss and f8tensor_fused_loss run the loss through f8tensor.cross_entropy: the same
-    first loss as the written one of their configuration, to fp32 rounding."""
-    rows = run_train(tmp_path, "--rounds", "1", ablations=("bf16_fused_loss", "f8tensor_fused_loss"))
+    first loss as the written one of their configuration, to fp32 rounding. Kept float8 weights
+    (f8tensor_keep_weight_fused_loss) are the same casts: the same loss exactly."""
+    rows = run_train(tmp_path, "--rounds", "1",
+                     ablations=("bf16_fused_loss", "f8tensor_fused_loss", "f8tensor_keep_weight_fused_loss"))
     losses = {r["config"]: r["loss"] for r in rows if r["status"] == "ok"}
-    assert set(losses) == {"bf16", "bf16_fused_loss", "f8tensor", "f8tensor_fused_loss"}
+    assert set(losses) == {"bf16", "bf16_fused_loss", "f8tensor", "f8tensor_fused_loss",
+                           "f8tensor_keep_weight_fused_loss"}
     assert losses["bf16_fused_loss"] == pytest.approx(losses["bf16"], rel=1e-5)
     assert losses["f8tensor_fused_loss"] == pytest.approx(losses["f8tensor"], rel=1e-5)
+    assert losses["f8tensor_keep_weight_fused_loss"] == losses["f8tensor_fused_loss"]
     # an ablation named in --configs runs alone (one configuration per process, for its peak)
     (tmp_path / "train.jsonl").unlink()
     alone = run_train(tmp_path, "--rounds", "1", configs=("f8tensor_fused_loss",))
