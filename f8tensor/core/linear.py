@@ -37,6 +37,7 @@ from .config import Float8Config
 from .linear_blockwise import _BlockwiseLinearFn
 from .linear_rowwise import _RowwiseLinearFn, remember_shapes
 from .ops import scaled_mm_data
+from .saves_first import apply_saving_first, gemm_output
 from .tensor import Float8Tensor
 from .tensor_cache import produced_amax, shared_input
 from .weight_cache import fp8_weight
@@ -95,7 +96,7 @@ def _quantize(t, dtype, config, layouts, amax=None):
 
 class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, config: Float8Config, grad_enabled: bool):
+    def forward(ctx, x, weight, bias, config: Float8Config, grad_enabled: bool, deferred: list | None):
         # Quantize into the backward layouts only if a backward can come.
         need_w_grad = grad_enabled and weight.requires_grad
         need_x_grad = grad_enabled and x.requires_grad
@@ -134,8 +135,8 @@ class _Float8LinearFn(torch.autograd.Function):
             w_saved, w_info = w_row, w_scale
         else:
             w_saved, w_info = (w_col, w_scale) if w_col is not None else (weight, w_amax)
-        out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output,
-                             config, None if bias is None else bias.to(x.dtype))
+        out = gemm_output((x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output, config,
+                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], w_row.shape[0]), deferred)
         # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
         # x (backward casts it again with the same scale; autograd checks it was not modified).
         if save_fp8:
@@ -148,8 +149,7 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.gathered_weight = gathered
         ctx.saved_fp8 = save_fp8
         remember_shapes(ctx, config, x, weight, bias)
-        # _unsafe_view, as matmul does: a view output would trip FSDP2's in-place safety warning.
-        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
+        return out
 
     @staticmethod
     @once_differentiable  # its GEMMs have no derivative: a double backward raises, not a wrong one
@@ -184,7 +184,7 @@ class _Float8LinearFn(torch.autograd.Function):
                                     config.fast_accum_grad_input, config).view(ctx.x_shape)
         if need_b:
             grad_b = g2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
@@ -202,8 +202,8 @@ def _float8_linear(x, weight, bias, config: Float8Config, grad_enabled: bool):
                 "all-gather (Float8PrepareModuleInput, fsdp_float8_all_gather) hands it tensorwise float8 "
                 "data: use those with tensorwise recipes only")
         fn = _RowwiseLinearFn if granularity == "rowwise" else _BlockwiseLinearFn
-        return fn.apply(x, weight, bias, config, grad_enabled)
-    return _Float8LinearFn.apply(x, weight, bias, config, grad_enabled)
+        return apply_saving_first(fn, x, weight, bias, config, grad_enabled)
+    return apply_saving_first(_Float8LinearFn, x, weight, bias, config, grad_enabled)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ from ..kernels import quantize_blocks
 from ..torch_internals import saved_by_producer
 from .linear_rowwise import remember_shapes
 from .ops import scaled_mm_data
+from .saves_first import gemm_output
 from .tensor_cache import shared_input
 
 
@@ -45,7 +46,7 @@ def _input_casts(x, x2d, config, want_col: bool):
 
 class _BlockwiseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, config, grad_enabled: bool):
+    def forward(ctx, x, weight, bias, config, grad_enabled: bool, deferred: list | None):
         need_w_grad = grad_enabled and weight.requires_grad
         need_x_grad = grad_enabled and x.requires_grad
         fp8_grad_w = need_w_grad and not config.grad_weight_high_precision
@@ -54,8 +55,8 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         x_row, x_scale, x_col, x_col_scale = _input_casts(x, x2d, config, want_col=saved_fp8)
         w_row, w_scale, _, _ = quantize_blocks(weight, config.forward_dtype, config.power_of_2_scale, square=True)
-        out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output,
-                             config, None if bias is None else bias.to(x.dtype))
+        out = gemm_output((x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output, config,
+                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], weight.shape[0]), deferred)
         del x_row, w_row
         if saved_fp8:
             x_saved, x_info = x_col, x_col_scale
@@ -64,7 +65,7 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_saved, x_info, weight if need_x_grad else None)
         ctx.saved_fp8 = saved_fp8
         remember_shapes(ctx, config, x, weight, bias)
-        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
+        return out
 
     @staticmethod
     @once_differentiable  # its GEMMs have no derivative: a double backward raises, not a wrong one
@@ -94,4 +95,4 @@ class _BlockwiseLinearFn(torch.autograd.Function):
                                     config.fast_accum_grad_input, config).view(ctx.x_shape)
         if need_b:
             grad_b = g2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import quantize_cols, quantize_rows
 from ..torch_internals import saved_by_producer
 from .ops import scaled_mm_data
+from .saves_first import gemm_output
 from .tensor_cache import shared_input
 
 
@@ -68,7 +69,7 @@ def remember_shapes(ctx, config, x, weight, bias) -> None:
 
 class _RowwiseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, config, grad_enabled: bool):
+    def forward(ctx, x, weight, bias, config, grad_enabled: bool, deferred: list | None):
         need_w_grad = grad_enabled and weight.requires_grad
         need_x_grad = grad_enabled and x.requires_grad
         f8, pow2 = config.forward_dtype, config.power_of_2_scale
@@ -77,8 +78,8 @@ class _RowwiseLinearFn(torch.autograd.Function):
         casts = _input_casts(x, config)
         x_row, x_scale, x_col_amax = _rows_of_input(x2d, casts, config, col_amax=fp8_grad_w)
         w_row, w_scale, w_col_amax = quantize_rows(weight, f8, pow2, col_amax=need_x_grad)
-        out = scaled_mm_data(x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output,
-                             config, None if bias is None else bias.to(x.dtype))
+        out = gemm_output((x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output, config,
+                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], weight.shape[0]), deferred)
         del x_row, w_row
         # What the weight-gradient GEMM reads of x: float8 column-major data and its column scales,
         # or x itself (with its column amaxes, when it is cast in backward).
@@ -93,7 +94,7 @@ class _RowwiseLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_saved, x_info, weight if need_x_grad else None, w_col_amax)
         ctx.saved_fp8 = saved_fp8
         remember_shapes(ctx, config, x, weight, bias)
-        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
+        return out
 
     @staticmethod
     @once_differentiable  # its GEMMs have no derivative: a double backward raises, not a wrong one
@@ -123,4 +124,4 @@ class _RowwiseLinearFn(torch.autograd.Function):
                                     config.fast_accum_grad_input, config).view(ctx.x_shape)
         if need_b:
             grad_b = g2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None

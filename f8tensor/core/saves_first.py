@@ -1,0 +1,65 @@
+"""Float8Linear under saved-tensor hooks: the layer's saves come before its forward GEMM, so that an
+early-stopping recomputation skips a GEMM whose output it never reads.
+
+Non-reentrant activation checkpointing (`torch.utils.checkpoint(..., use_reentrant=False)`, which
+torchtitan and Hugging Face use, with early stop on by default) runs a block's forward again in
+backward and stops as soon as the last tensor the block saved has been recomputed. An autograd
+Function's saved tensors are packed when its forward returns, after its GEMM. So when a layer's
+saves are the block's last (a Llama block's down projection, `w2` / `down_proj`: only a residual
+add, which saves nothing, follows), every recomputation runs that layer's forward GEMM for an
+output nothing reads: one GEMM of seven in a Llama block, about a quarter of its forward FLOPs.
+torch.compile's partitioner leaves such ops out of its recomputation; eager checkpointing cannot.
+
+While saved-tensor hooks are active (checkpointing, or offloading such as `save_on_cpu`), and not
+while torch.compile traces (its partitioner decides there), Float8Linear therefore runs as two
+autograd Functions:
+- the layer's own Function with `deferred` given: the casts and the saves as always, the GEMM's
+  operands handed back in `deferred`, and a placeholder of the output's shape returned (one
+  element, expanded) whose gradient is the output's;
+- `_Gemm`: that GEMM, saving nothing; its backward hands grad_output to the layer's backward as it is.
+
+The same tensors are saved, in the same order, and the same kernels and GEMMs run on the same
+operands: outputs and gradients are bit-identical to the one-Function form. Recomputation stops
+inside the first Function when its saves are the last; else it runs `_Gemm` too. The cost is one
+more autograd node per layer (host time), paid only under saved-tensor hooks.
+"""
+
+import torch
+
+from ..torch_internals import saved_tensors_hooks_active
+from .ops import scaled_mm_data
+
+
+def gemm_output(gemm_args: tuple, out_shape: tuple, deferred: list | None) -> torch.Tensor:
+    """A Float8Linear Function's forward output: `scaled_mm_data(*gemm_args)` viewed as out_shape,
+    or, where the GEMM is deferred (`deferred` a list), a placeholder of that shape and of the
+    GEMM's output dtype, with the GEMM's operands appended to `deferred` for `_Gemm`."""
+    if deferred is None:
+        # _unsafe_view, as matmul does: a view output would trip FSDP2's in-place safety warning.
+        return torch.ops.aten._unsafe_view(scaled_mm_data(*gemm_args), out_shape)
+    deferred.append(gemm_args)
+    return torch.empty((), dtype=gemm_args[4], device=gemm_args[0].device).expand(out_shape)
+
+
+class _Gemm(torch.autograd.Function):
+    """The deferred forward GEMM: the gradient of its output is the placeholder's."""
+
+    @staticmethod
+    def forward(ctx, placeholder, gemm_args):
+        return gemm_output(gemm_args, placeholder.shape, None)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None
+
+
+def apply_saving_first(fn, x, weight, bias, config, grad_enabled: bool) -> torch.Tensor:
+    """`fn.apply(x, weight, bias, config, grad_enabled, deferred)` for a Float8Linear autograd
+    Function `fn`: in one Function, or, under saved-tensor hooks outside torch.compile and when a
+    gradient can flow, with its GEMM in a second one after its saves."""
+    if not (grad_enabled and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)
+            and not torch.compiler.is_compiling() and saved_tensors_hooks_active()):
+        return fn.apply(x, weight, bias, config, grad_enabled, None)
+    deferred = []
+    placeholder = fn.apply(x, weight, bias, config, grad_enabled, deferred)
+    return _Gemm.apply(placeholder, deferred[0])

@@ -1,0 +1,170 @@
+"""Float8Linear under saved-tensor hooks (core/saves_first.py): its saves come before its forward
+GEMM, so a checkpoint recomputation that stops early skips the GEMM of a block's last layer. The
+outputs, gradients and saved tensors are those of the one-Function form, bit for bit; the amax
+records still reach backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from f8utils import DEVICE, count_amax_passes
+from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+import f8tensor.core.saves_first as saves_first
+from f8tensor import Float8Config, Float8Linear, swiglu
+
+RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
+
+
+def config(recipe):
+    # On CPU the finer recipes are emulated (torch 2.11's CPU _scaled_mm takes no rowwise scales,
+    # no CPU one blockwise); the GEMM still runs where the deferral puts it.
+    return Float8Config.from_recipe_name(recipe).replace(emulate=DEVICE.type == "cpu" and recipe != "tensorwise")
+
+
+class Block(nn.Module):
+    """x + w2(gelu(w1(x))): a residual block whose last saves are w2's."""
+
+    def __init__(self, recipe, dim=256, hidden=512):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1 = Float8Linear(dim, hidden, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
+        self.w2 = Float8Linear(hidden, dim, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        return x + self.w2(F.gelu(self.w1(x)))
+
+
+def forward_gemms(monkeypatch) -> list:
+    """Log every forward GEMM (all run in saves_first.gemm_output); returns the log."""
+    log = []
+    real = saves_first.scaled_mm_data
+    monkeypatch.setattr(saves_first, "scaled_mm_data", lambda *a: log.append(1) or real(*a))
+    return log
+
+
+def one_function_form(monkeypatch):
+    """Float8Linear as one autograd Function even under saved-tensor hooks (the form before the deferral)."""
+    monkeypatch.setattr(saves_first, "saved_tensors_hooks_active", lambda: False)
+
+
+def step(model, x, ac: bool):
+    """Output and the gradients of x and every parameter, the block checkpointed or not."""
+    x = x.detach().requires_grad_()
+    out = checkpoint(model, x, use_reentrant=False) if ac else model(x)
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return [out.detach()] + grads
+
+
+def assert_identical(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recomputation_skips_the_last_layers_gemm_same_bits(recipe, monkeypatch):
+    """Checkpointed, backward runs one forward GEMM again (w1's), not two; with early stop off it
+    runs both. Output and gradients equal the unchecked block's bit for bit either way."""
+    block = Block(recipe)
+    x = torch.randn(2, 128, 256, device=DEVICE, dtype=torch.bfloat16)
+    want = step(block, x, ac=False)
+    gemms = forward_gemms(monkeypatch)
+    for early_stop, recomputed in ((True, 1), (False, 2)):
+        with set_checkpoint_early_stop(early_stop):
+            x_ = x.detach().requires_grad_()
+            out = checkpoint(block, x_, use_reentrant=False)
+            assert len(gemms) == 2
+            gemms.clear()
+            out.float().square().sum().backward()
+            assert len(gemms) == recomputed, early_stop
+            gemms.clear()
+            assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)
+            block.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_same_tensors_saved_as_by_one_function(recipe, monkeypatch):
+    """Under a saved-tensor hook the deferred form packs the same tensors (shape, dtype, bits) in
+    the same order as the one-Function form, and gives the same output and gradients."""
+
+    def packed(model, x):
+        log = []
+
+        def pack(t):
+            log.append(t.detach().clone())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = step(model, x, ac=False)
+        return log, result
+
+    block = Block(recipe)
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
+    saves, result = packed(block, x)
+    with monkeypatch.context() as m:
+        one_function_form(m)
+        want_saves, want = packed(block, x)
+    assert len(saves) == len(want_saves) > 0
+    for got, w in zip(saves, want_saves):
+        assert got.shape == w.shape and got.dtype == w.dtype and torch.equal(got.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+    assert_identical(result, want)
+
+
+def test_offloaded_saves_same_bits():
+    """Under torch.autograd.graph.save_on_cpu (saved-tensor hooks that are not checkpointing)."""
+    block = Block("tensorwise")
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
+    want = step(block, x, ac=False)
+    with torch.autograd.graph.save_on_cpu(pin_memory=False):
+        got = step(block, x, ac=False)
+    assert_identical(got, want)
+
+
+def test_one_function_where_nothing_is_saved(monkeypatch):
+    """No deferral where no gradient can flow (no_grad, or nothing requiring grad) nor without
+    hooks: the output is the layer's own Function's."""
+    layer = Float8Linear(64, 32, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert type(layer(x.requires_grad_()).grad_fn).__name__ == "_Float8LinearFnBackward"
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert type(layer(x).grad_fn).__name__ == "_GemmBackward"
+        with torch.no_grad():
+            assert layer(x).grad_fn is None
+        layer.requires_grad_(False)
+        assert layer(x.detach()).grad_fn is None
+        layer.requires_grad_(True)
+    want = layer(x.detach())
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        got = layer(x.detach())
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+class SwiGLUFeedForward(nn.Module):
+    def __init__(self, dim=64, hidden=192):
+        super().__init__()
+        torch.manual_seed(0)
+        kw = dict(bias=False, device=DEVICE, dtype=torch.bfloat16)
+        self.w1, self.w3 = Float8Linear(dim, hidden, **kw), Float8Linear(dim, hidden, **kw)
+        self.w2 = Float8Linear(hidden, dim, **kw)
+
+    def forward(self, x):
+        return x + self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+def test_amax_records_reach_backward_through_the_deferred_gemm(monkeypatch):
+    """swiglu records the amax of its gradients; w1 and w3 read them as their grad_output through
+    the _Gemm node: checkpointed, the amax passes and the bits are those of the one-Function form."""
+    ffn = SwiGLUFeedForward()
+    x = torch.randn(2, 16, 64, device=DEVICE, dtype=torch.bfloat16)
+    passes = count_amax_passes(monkeypatch)
+    got = step(ffn, x, ac=True)
+    deferred = list(passes)
+    passes.clear()
+    with monkeypatch.context() as m:
+        one_function_form(m)
+        want = step(ffn, x, ac=True)
+    assert deferred == passes
+    assert_identical(got, want)
