@@ -153,7 +153,9 @@ class HandWritten(nn.Module):
 
 
 class Checkpointed(nn.Module):
-    """A block recomputed in backward (activation checkpointing, non-reentrant), arguments as given."""
+    """A block recomputed in backward (activation checkpointing, non-reentrant, PyTorch's default early
+    stop, as Hugging Face's gradient checkpointing; torchtitan's trainer turns early stop off unless
+    --activation_checkpoint.early_stop), arguments as given."""
 
     def __init__(self, block: nn.Module):
         super().__init__()

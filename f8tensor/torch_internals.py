@@ -8,7 +8,9 @@ installed PyTorch no longer provides it, so an upgrade cannot switch a gain off 
 Read through functions below:
 - `torch._C._autograd._top_saved_tensors_default_hooks` and an autograd node's `_saved_*`
   attributes: whether autograd already keeps a tensor's storage for backward
-  (`saved_by_producer`; Float8Linear then saves that input instead of a float8 copy of it);
+  (`saved_by_producer`; Float8Linear then saves that input instead of a float8 copy of it), and
+  whether saved-tensor hooks are active (`saved_tensors_hooks_active`; Float8Linear then runs its
+  forward GEMM after its saves, core/saves_first.py);
 - `torch._C._functorch.is_functorch_wrapped_tensor` (`is_functorch_wrapped`);
 - `torch.fx._symbolic_trace.is_fx_symbolic_tracing` (`fx_tracing`);
 - `torch._subclasses.fake_tensor.is_fake` (`is_fake`);

@@ -15,7 +15,9 @@ the weight (autograd guarantees the saved parameter was not modified in between)
 is one pass. With config.keep_fp8_weight both layouts are cast once, in one pass, and kept while
 the weight is unchanged (weight_cache.py): micro-batches and recomputation reuse them. Under
 torch.compile keep_fp8_weight casts both layouts in forward, in one pass, and saves the
-column-major copy for backward (kept for that backward only).
+column-major copy for backward (kept for that backward only). Under saved-tensor hooks
+(activation checkpointing) the forward GEMM runs after the saves, in an autograd Function of its
+own (saves_first.py), so an early-stopping recomputation can skip it.
 
 The autograd function works on raw float8 data and scales, not on Float8Tensor wrappers: the same
 kernels and the same GEMM routine (`ops.scaled_mm_data`, which checks CUDA's rules) as the tensor
