@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group, sqnr
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from f8tensor import Float8Linear, RMSNorm, convert_to_float8_training, fuse_model_ops
 from f8tensor.fusion.gate_proof import GATE_ATTR, SwiGLUGate
@@ -48,6 +49,17 @@ def gated_model(device="cpu", fp8=True):
         fuse_model_ops(model)
         assert isinstance(model.__dict__[GATE_ATTR], SwiGLUGate)
     return model
+
+
+class Checkpointed(nn.Module):
+    """module recomputed in backward (non-reentrant activation checkpointing)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return checkpoint(self.module, x, use_reentrant=False)
 
 
 def make_layer(fp8=True, device="cpu"):
@@ -105,6 +117,8 @@ def parallel_run(rank, world, store, device_type, results):
         model.zero_grad()
         step = first_step(model, device=device)
         compiled = first_step(torch.compile(model, fullgraph=True), device=device)  # one graph with DTensor
+        # checkpointed: the GEMMs after the saves on the local shards (core/saves_first.py), eager's bits
+        checkpointed = first_step(Checkpointed(model), device=device)
         losses = train(model, device)
         # Local values: the ranks' replicated biases must agree (a sharded weight's full_tensor()
         # would gather the same value on both ranks).
@@ -189,7 +203,7 @@ def parallel_run(rank, world, store, device_type, results):
                 errors.append(None)
             except (TypeError, ValueError, NotImplementedError) as e:
                 errors.append(str(e))
-        results[rank] = dict(step=step, compiled=compiled, losses=losses, row_bias=row_bias,
+        results[rank] = dict(step=step, compiled=compiled, checkpointed=checkpointed, losses=losses, row_bias=row_bias,
                              weights=[full(p).detach() for p in model.parameters()],
                              bias_grad_placement=str(bias_grad_placement),
                              replicated=replicated, sequence_parallel=sequence_parallel,
@@ -282,6 +296,9 @@ def test_tensor_parallel_matches_one_device(device_type, tmp_path):
         assert_as_close_to_bf16(r["replicated"], layer_fp8, layer_bf16,
                                 ["output", "grad x", "grad w", "grad b"])
         for got, want in zip(r["compiled"], r["step"]):  # compiled: eager's results, bit for bit
+            assert torch.equal(got, want)
+        assert len(r["checkpointed"]) == len(r["step"])
+        for got, want in zip(r["checkpointed"], r["step"]):
             assert torch.equal(got, want)
         for got, want in zip(*r["empty_shard"]):
             assert torch.equal(got, want)
