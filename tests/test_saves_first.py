@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import f8tensor.core.saves_first as saves_first
-from f8tensor import Float8Config, Float8Linear, swiglu
+from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, swiglu
 
 RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
 
@@ -167,4 +167,35 @@ def test_amax_records_reach_backward_through_the_deferred_gemm(monkeypatch):
         one_function_form(m)
         want = step(ffn, x, ac=True)
     assert deferred == passes
+    assert_identical(got, want)
+
+
+def test_hugging_face_gradient_checkpointing_skips_each_down_projection(monkeypatch):
+    """transformers' LlamaForCausalLM with activation checkpointing enabled (non-reentrant, early
+    stop): per layer the recomputation runs q, k, v, o, gate and up again, not down_proj, whose
+    saves are the layer's last; gradients are those of the one-Function form, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE, torch.bfloat16)
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+    model.activation_checkpointing_enable()  # transformers 5.24's name for gradient_checkpointing_enable
+    model.train()
+    tokens = torch.randint(0, 256, (2, 32), device=DEVICE)
+    gemms = forward_gemms(monkeypatch)
+
+    def backward_gemms_and_grads():
+        loss = model(tokens).logits.float().square().mean()
+        gemms.clear()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return len(gemms), grads
+
+    recomputed, got = backward_gemms_and_grads()
+    with monkeypatch.context() as m:
+        one_function_form(m)
+        recomputed_one, want = backward_gemms_and_grads()
+    assert (recomputed, recomputed_one) == (2 * 6, 2 * 7)
     assert_identical(got, want)
