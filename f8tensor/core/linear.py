@@ -138,7 +138,7 @@ class _Float8LinearFn(torch.autograd.Function):
         else:
             w_saved, w_info = (w_col, w_scale) if w_col is not None else (weight, w_amax)
         out = gemm_output((x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output, config,
-                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], w_row.shape[0]), deferred)
+                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], weight.shape[0]), deferred)
         # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
         # x (backward casts it again with the same scale; autograd checks it was not modified).
         if save_fp8:

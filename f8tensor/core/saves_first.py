@@ -2,8 +2,10 @@
 early-stopping recomputation skips a GEMM whose output it never reads.
 
 Non-reentrant activation checkpointing (`torch.utils.checkpoint(..., use_reentrant=False)`, which
-torchtitan and Hugging Face use, with early stop on by default) runs a block's forward again in
-backward and stops as soon as the last tensor the block saved has been recomputed. An autograd
+torchtitan and Hugging Face use) runs a block's forward again in backward and, with early stop
+(PyTorch's default and Hugging Face's; torchtitan's trainer sets it off unless
+`--activation_checkpoint.early_stop`), stops as soon as the last tensor the block saved has been
+recomputed. An autograd
 Function's saved tensors are packed when its forward returns, after its GEMM. So when a layer's
 saves are the block's last (a Llama block's down projection, `w2` / `down_proj`: only a residual
 add, which saves nothing, follows), every recomputation runs that layer's forward GEMM for an
@@ -21,7 +23,9 @@ autograd Functions:
 The same tensors are saved, in the same order, and the same kernels and GEMMs run on the same
 operands: outputs and gradients are bit-identical to the one-Function form. Recomputation stops
 inside the first Function when its saves are the last; else it runs `_Gemm` too. The cost is one
-more autograd node per layer (host time), paid only under saved-tensor hooks.
+more autograd node per layer (host time), paid only under saved-tensor hooks, and the forward's
+float8 operands live until `_Gemm` runs (the rowwise and blockwise forwards otherwise free them
+before casting x column-major).
 """
 
 import torch
