@@ -68,7 +68,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import models
 from tools.common import environment, write_rows
@@ -411,6 +411,7 @@ class Run:
     def __init__(self, a, config, ac, device):
         self.config, self.device, self.times, self.spans = config, device, [], []
         self.grad_accum = a.grad_accum
+        self.ac_early_stop = a.ac_early_stop == "on"
         self.alloc_retries = self.settle_retries = 0
         # compiled configurations compile the loss too, as torchtitan does by default (its
         # compile.components: model and loss)
@@ -436,7 +437,8 @@ class Run:
         self.peaks = self.measure_peaks() if device.type == "cuda" else {}
 
     def loss(self):
-        logits = self.model(self.inputs)
+        with set_checkpoint_early_stop(self.ac_early_stop):  # read when a checkpointed block runs forward
+            logits = self.model(self.inputs)
         logits = getattr(logits, "logits", logits)  # Hugging Face's models return an output object
         return self.loss_fn(logits, self.labels)
 
@@ -682,6 +684,9 @@ def main():
                         f"{name}: {why}" for name, why in ABLATIONS.items()))
     ap.add_argument("--ac", choices=["none", "every2", "full"], help="one AC mode (overrides --ac-modes)")
     ap.add_argument("--ac-modes", nargs="+", choices=["none", "every2", "full"], default=["none"])
+    ap.add_argument("--ac-early-stop", choices=["on", "off"], default="on",
+                    help="checkpoint recomputation stops after the last saved tensor (on: PyTorch's and Hugging "
+                         "Face's default; off: torchtitan's trainer's unless --activation_checkpoint.early_stop)")
     ap.add_argument("--f8-filter", choices=["all", "default"], default="all",
                     help="f8tensor configs: convert every linear but the output (all, as torchao here) "
                          "or only those f8tensor's default filter converts (default)")

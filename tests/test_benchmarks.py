@@ -52,6 +52,18 @@ def test_train_benchmark_runs_every_eager_config_and_ac_mode(tmp_path):
 
 
 @CPU_ONLY
+def test_train_benchmark_ac_early_stop_off_trains_alike(tmp_path):
+    """--ac-early-stop off (torchtitan's trainer's default): the recomputation runs every op of a
+    block again, the deferred GEMM too; the same losses, recorded in the rows."""
+    on = run_train(tmp_path, "--rounds", "1", "--ac-modes", "full")
+    (tmp_path / "train.jsonl").unlink()
+    off = run_train(tmp_path, "--rounds", "1", "--ac-modes", "full", "--ac-early-stop", "off")
+    assert [r["ac_early_stop"] for r in on + off] == ["on"] * 2 + ["off"] * 2
+    assert all(r["status"] == "ok" for r in on + off)
+    assert [r["loss"] for r in on] == [r["loss"] for r in off]
+
+
+@CPU_ONLY
 def test_train_benchmark_rowwise_recipe(tmp_path):
     """--recipe rowwise: every float8 layer rowwise, the loss within fp8 noise of bf16's."""
     rows = run_train(tmp_path, "--recipe", "rowwise", "--ac-modes", "none", "full")
