@@ -113,6 +113,31 @@ def test_the_same_tensors_saved_as_by_one_function(recipe, monkeypatch):
     assert_identical(result, want)
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_selective_checkpointing_same_bits(recipe, early_stop):
+    """Selective checkpointing as torchtitan's "op" mode writes it (a policy saving the outputs of
+    mm, max and, here, _scaled_mm, recomputing the rest): the unchecked block's bits."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = {torch.ops.aten.mm.default, torch.ops.aten.max.default, torch.ops.aten._scaled_mm.default}
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    block = Block(recipe)
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
+    want = step(block, x, ac=False)
+    with set_checkpoint_early_stop(early_stop):
+        x_ = x.detach().requires_grad_()
+        out = checkpoint(block, x_, use_reentrant=False,
+                         context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+        out.float().square().sum().backward()
+    assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)
+
+
 def test_offloaded_saves_same_bits():
     """Under torch.autograd.graph.save_on_cpu (saved-tensor hooks that are not checkpointing)."""
     block = Block("tensorwise")
