@@ -36,7 +36,7 @@ class Block(nn.Module):
 
 
 def forward_gemms(monkeypatch) -> list:
-    """Log every forward GEMM (all run in saves_first.gemm_output); returns the log."""
+    """Log every forward GEMM (all run in saves_first._gemm); returns the log."""
     log = []
     real = saves_first.scaled_mm_data
     monkeypatch.setattr(saves_first, "scaled_mm_data", lambda *a: log.append(1) or real(*a))

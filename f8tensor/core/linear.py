@@ -39,7 +39,7 @@ from .config import Float8Config
 from .linear_blockwise import _BlockwiseLinearFn
 from .linear_rowwise import _RowwiseLinearFn, remember_shapes
 from .ops import scaled_mm_data
-from .saves_first import apply_saving_first, gemm_output
+from .saves_first import apply_saving_first, forward_output
 from .tensor import Float8Tensor
 from .tensor_cache import produced_amax, shared_input
 from .weight_cache import fp8_weight
@@ -137,8 +137,7 @@ class _Float8LinearFn(torch.autograd.Function):
             w_saved, w_info = w_row, w_scale
         else:
             w_saved, w_info = (w_col, w_scale) if w_col is not None else (weight, w_amax)
-        out = gemm_output((x_row, x_scale, w_row.t(), w_scale, x.dtype, config.fast_accum_output, config,
-                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], weight.shape[0]), deferred)
+        out = forward_output(x, bias, config, x_row, x_scale, w_row.t(), w_scale, deferred)
         # x_info: the scale of the saved float8 x, or the amax record of the saved high-precision
         # x (backward casts it again with the same scale; autograd checks it was not modified).
         if save_fp8:

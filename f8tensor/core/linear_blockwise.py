@@ -28,7 +28,7 @@ from ..kernels import quantize_blocks
 from ..torch_internals import saved_by_producer
 from .linear_rowwise import remember_shapes
 from .ops import scaled_mm_data
-from .saves_first import gemm_output
+from .saves_first import forward_output
 from .tensor_cache import shared_input
 
 
@@ -55,8 +55,7 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         x_row, x_scale, x_col, x_col_scale = _input_casts(x, x2d, config, want_col=saved_fp8)
         w_row, w_scale, _, _ = quantize_blocks(weight, config.forward_dtype, config.power_of_2_scale, square=True)
-        out = gemm_output((x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output, config,
-                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], weight.shape[0]), deferred)
+        out = forward_output(x, bias, config, x_row, x_scale, w_row.t(), w_scale.t(), deferred)
         del x_row, w_row
         if saved_fp8:
             x_saved, x_info = x_col, x_col_scale

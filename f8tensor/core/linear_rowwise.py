@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import quantize_cols, quantize_rows
 from ..torch_internals import saved_by_producer
 from .ops import scaled_mm_data
-from .saves_first import gemm_output
+from .saves_first import forward_output
 from .tensor_cache import shared_input
 
 
@@ -78,8 +78,7 @@ class _RowwiseLinearFn(torch.autograd.Function):
         casts = _input_casts(x, config)
         x_row, x_scale, x_col_amax = _rows_of_input(x2d, casts, config, col_amax=fp8_grad_w)
         w_row, w_scale, w_col_amax = quantize_rows(weight, f8, pow2, col_amax=need_x_grad)
-        out = gemm_output((x_row, x_scale, w_row.t(), w_scale.t(), x.dtype, config.fast_accum_output, config,
-                           None if bias is None else bias.to(x.dtype)), (*x.shape[:-1], weight.shape[0]), deferred)
+        out = forward_output(x, bias, config, x_row, x_scale, w_row.t(), w_scale.t(), deferred)
         del x_row, w_row
         # What the weight-gradient GEMM reads of x: float8 column-major data and its column scales,
         # or x itself (with its column amaxes, when it is cast in backward).

@@ -5,9 +5,8 @@ Non-reentrant activation checkpointing (`torch.utils.checkpoint(..., use_reentra
 torchtitan and Hugging Face use) runs a block's forward again in backward and, with early stop
 (PyTorch's default and Hugging Face's; torchtitan's trainer sets it off unless
 `--activation_checkpoint.early_stop`), stops as soon as the last tensor the block saved has been
-recomputed. An autograd
-Function's saved tensors are packed when its forward returns, after its GEMM. So when a layer's
-saves are the block's last (a Llama block's down projection, `w2` / `down_proj`: only a residual
+recomputed. An autograd Function's saved tensors are packed when its forward returns, after its
+GEMM. So when a layer's saves are the block's last (a Llama block's down projection, `w2` / `down_proj`: only a residual
 add, which saves nothing, follows), every recomputation runs that layer's forward GEMM for an
 output nothing reads: one GEMM of seven in a Llama block, about a quarter of its forward FLOPs.
 torch.compile's partitioner leaves such ops out of its recomputation; eager checkpointing cannot.
@@ -34,15 +33,22 @@ from ..torch_internals import saved_tensors_hooks_active
 from .ops import scaled_mm_data
 
 
-def gemm_output(gemm_args: tuple, out_shape: tuple, deferred: list | None) -> torch.Tensor:
-    """A Float8Linear Function's forward output: `scaled_mm_data(*gemm_args)` viewed as out_shape,
-    or, where the GEMM is deferred (`deferred` a list), a placeholder of that shape and of the
-    GEMM's output dtype, with the GEMM's operands appended to `deferred` for `_Gemm`."""
+def forward_output(x, bias, config, a, scale_a, b, scale_b, deferred: list | None) -> torch.Tensor:
+    """A Float8Linear Function's forward output, x's dtype and leading dims: a @ b (+ bias) through
+    `scaled_mm_data`, or, where the GEMM is deferred (`deferred` a list), a placeholder of that
+    shape and dtype, with the GEMM's arguments appended to `deferred` for `_Gemm`."""
+    gemm_args = (a, scale_a, b, scale_b, x.dtype, config.fast_accum_output, config,
+                 None if bias is None else bias.to(x.dtype))
+    out_shape = (*x.shape[:-1], b.shape[1])
     if deferred is None:
-        # _unsafe_view, as matmul does: a view output would trip FSDP2's in-place safety warning.
-        return torch.ops.aten._unsafe_view(scaled_mm_data(*gemm_args), out_shape)
+        return _gemm(gemm_args, out_shape)
     deferred.append(gemm_args)
-    return torch.empty((), dtype=gemm_args[4], device=gemm_args[0].device).expand(out_shape)
+    return torch.empty((), dtype=x.dtype, device=a.device).expand(out_shape)
+
+
+def _gemm(gemm_args: tuple, out_shape: tuple) -> torch.Tensor:
+    # _unsafe_view, as matmul does: a view output would trip FSDP2's in-place safety warning.
+    return torch.ops.aten._unsafe_view(scaled_mm_data(*gemm_args), out_shape)
 
 
 class _Gemm(torch.autograd.Function):
@@ -50,7 +56,7 @@ class _Gemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, placeholder, gemm_args):
-        return gemm_output(gemm_args, placeholder.shape, None)
+        return _gemm(gemm_args, placeholder.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
