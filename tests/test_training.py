@@ -78,3 +78,18 @@ def test_demo_options_fuse_bf16_and_refusals(capsys):
     for bad in (["--heads", "0"], ["--batch", "0"], ["--recipe", "nonsense"]):
         with pytest.raises(SystemExit):
             demo_main(["--steps", "2", "--device", DEVICE.type, *bad])
+
+
+@pytest.mark.parametrize("device, current", [("cuda", None), ("cuda:1", torch.device("cuda:1"))])
+def test_demo_makes_an_indexed_cuda_device_current(device, current, monkeypatch):
+    """--device cuda:N becomes the current device (CapturedStep's stream and graph are its); plain
+    --device cuda, the README's, is the current device already and is not handed to set_device,
+    which refuses a device without an index."""
+    from f8tensor.demo import run
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(run, "float8_reason", lambda args: None)  # no CUDA layer runs on a CPU machine
+    assert run.parse_args(["--device", device]).device == device
+    assert made_current == ([] if current is None else [current])

@@ -302,8 +302,10 @@ def parse_args(argv):
         p.error(str(e))
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         p.error(f"--cuda-graph captures CUDA graphs: it needs --device cuda (got {args.device})")
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.set_device(torch.device(args.device))  # CapturedStep's stream and graph are the current device's
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        # CapturedStep's stream and graph are the current device's; plain "cuda" is the current device
+        torch.cuda.set_device(device)
     reason = float8_reason(args)
     if reason:
         p.error(reason)
