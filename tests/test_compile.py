@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from f8utils import DEVICE
+from f8utils import DEVICE, cpu_rowwise_gemm
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, forget_fp8_weights, to_float8
@@ -182,3 +182,71 @@ def test_rope_compiles_fullgraph():
         results.append((out, x.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)
+
+
+# torch before 2.12 tags only the top-level ops of a checkpointed region for recomputation under
+# torch.compile, not those inside an autograd.Function (every Float8Linear's): the partitioner then
+# saves their outputs (pytorch/pytorch#177396, fixed in 2.12). A selective-checkpoint policy that
+# recomputes every op tags through a dispatch mode instead and works on every supported torch.
+PLAIN_CHECKPOINT_RECOMPUTES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
+
+
+def _recompute_everything():
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    return functools.partial(create_selective_checkpoint_contexts,
+                             lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("policy", [
+    pytest.param("plain", marks=pytest.mark.xfail(
+        not PLAIN_CHECKPOINT_RECOMPUTES, strict=True,
+        reason="torch < 2.12 leaves autograd.Function bodies out of a plain checkpoint's recomputation under "
+               "torch.compile (pytorch/pytorch#177396)")),
+    "recompute_everything"])
+def test_compiled_checkpointed_block_saves_only_its_input(recipe, policy):
+    """torch.compile of a checkpointed SwiGLU block of Float8Linears saves what eager checkpointing
+    saves, the block's input, and none of the float8 activations the same block saves uncheckpointed
+    (with the min-cut partitioner inductor uses; the backend that runs it without codegen)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if recipe == "rowwise" and DEVICE.type == "cpu" and not cpu_rowwise_gemm():
+        pytest.skip("this torch's CPU _scaled_mm takes tensorwise scales only")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3 = nn.Linear(64, 256, bias=False), nn.Linear(64, 256, bias=False)
+            self.w2 = nn.Linear(256, 64, bias=False)
+
+        def forward(self, x):
+            return x + self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+    block = Block().to(DEVICE, torch.bfloat16)
+    convert_to_float8_training(block, config=Float8Config.from_recipe_name(recipe),
+                               module_filter_fn=lambda mod, fqn: True)
+    x = torch.randn(128, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    context = {} if policy == "plain" else {"context_fn": _recompute_everything}
+
+    def saved(checkpointed: bool) -> list:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: checkpoint(block, x, use_reentrant=False, **context) if checkpointed else block(x),
+                           backend="aot_eager_decomp_partition", fullgraph=True)
+        params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        kept = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(x)
+        out.float().sum().backward()
+        return kept
+
+    assert any(dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for _, dtype in saved(False))
+    assert saved(True) == [((128, 64), torch.bfloat16)]
