@@ -12,7 +12,7 @@ list of blocks, which train.py compiles, checkpoints and shards one by one.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 MODELS = ("ours", "torchtitan", "hf_llama", "hf_qwen2", "hf_olmo2", "hf_gemma3", "hf_phi3", "handwritten")
 
@@ -152,23 +152,31 @@ class HandWritten(nn.Module):
         return self.output(self.norm(h))
 
 
+def recompute_everything():
+    """Selective checkpointing's contexts with a policy that recomputes every op: under torch.compile
+    on torch < 2.12 a plain checkpoint leaves the ops inside autograd.Functions (Float8Linear's) out
+    of the recomputation (pytorch/pytorch#177396; docs/design.md); this policy does not."""
+    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
+
+
 class Checkpointed(nn.Module):
     """A block recomputed in backward (activation checkpointing, non-reentrant, PyTorch's default early
     stop, as Hugging Face's gradient checkpointing; torchtitan's trainer turns early stop off unless
-    --activation_checkpoint.early_stop), arguments as given."""
+    --activation_checkpoint.early_stop), arguments as given; `context_fn` as checkpoint takes it."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, context_fn=None):
         super().__init__()
         self.block = block
+        self.context = {} if context_fn is None else {"context_fn": context_fn}
 
     def forward(self, *args, **kwargs):
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+        return checkpoint(self.block, *args, use_reentrant=False, **self.context, **kwargs)
 
 
-def checkpoint_blocks(blocks: nn.Module, ac: str) -> None:
+def checkpoint_blocks(blocks: nn.Module, ac: str, context_fn=None) -> None:
     """Wrap every block ("full") or every second one ("every2") of a ModuleList or ModuleDict."""
     if ac == "none":
         return
     for i, (name, block) in enumerate(list(blocks.named_children())):
         if ac == "full" or i % 2 == 0:
-            setattr(blocks, name, Checkpointed(block))
+            setattr(blocks, name, Checkpointed(block, context_fn))

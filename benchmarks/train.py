@@ -308,7 +308,10 @@ def build(a, config, ac, device):
     if mesh is not None:  # before compiling, as torchtitan orders them: the styles' hooks are compiled too
         tensor_parallel(model, mesh["tp"], config)
     if a.model != "ours":  # ours checkpoints in its own forward (Transformer.ac)
-        models.checkpoint_blocks(blocks, ac)  # before compiling, as torchtitan orders them
+        # before compiling, as torchtitan orders them
+        context_fn = (models.recompute_everything if config.endswith("_compiled")
+                      and a.ac_compiled_policy == "recompute_everything" else None)
+        models.checkpoint_blocks(blocks, ac, context_fn)
     if config.endswith("_compiled"):
         for block in blocks.children():
             block.compile()  # per block, as torchtitan does: one graph reused by every layer
@@ -687,6 +690,10 @@ def main():
     ap.add_argument("--ac-early-stop", choices=["on", "off"], default="on",
                     help="checkpoint recomputation stops after the last saved tensor (on: PyTorch's and Hugging "
                          "Face's default; off: torchtitan's trainer's unless --activation_checkpoint.early_stop)")
+    ap.add_argument("--ac-compiled-policy", choices=["plain", "recompute_everything"], default="plain",
+                    help="how compiled configurations checkpoint other models' blocks: plain (as torchtitan does), "
+                         "or with a selective policy that recomputes every op (under torch < 2.12 a plain "
+                         "checkpoint under compile keeps Float8Linear's activations: docs/design.md)")
     ap.add_argument("--f8-filter", choices=["all", "default"], default="all",
                     help="f8tensor configs: convert every linear but the output (all, as torchao here) "
                          "or only those f8tensor's default filter converts (default)")

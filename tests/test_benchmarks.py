@@ -63,6 +63,55 @@ def test_train_benchmark_ac_early_stop_off_trains_alike(tmp_path):
     assert [r["loss"] for r in on] == [r["loss"] for r in off]
 
 
+def test_checkpointed_blocks_under_the_recompute_everything_policy_compile_and_save_only_their_input():
+    """benchmarks/models.py's `--ac-compiled-policy recompute_everything`: a torchtitan block of
+    Float8Linears, checkpointed under that policy and compiled (the min-cut partitioner inductor uses),
+    saves no float8 activation and gives the uncheckpointed block's gradients (compiled configurations
+    run on CUDA only in train.py; this is the wrapper they use). On torch < 2.12 the plain checkpoint
+    fails the first check (docs/design.md); this one holds on every supported torch."""
+    import types
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import models
+
+    from f8tensor import convert_to_float8_training
+
+    a = types.SimpleNamespace(layers=1, dim=64, heads=4, kv_heads=2, ffn=128, vocab=256, seq=32, batch=2, seed=0)
+    torch.manual_seed(0)
+    model, blocks = models.build("torchtitan", a)
+    model = model.bfloat16()
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn != "output")
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq))
+
+    def run():
+        torch._dynamo.reset()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved.append(t.dtype)
+            return t
+
+        block = next(iter(blocks.children()))
+        block.forward = torch.compile(block.forward, backend="aot_eager_decomp_partition")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(tokens)
+        del block.forward
+        model.zero_grad()
+        out.float().square().mean().backward()
+        return saved, [p.grad.clone() for p in model.parameters()]
+
+    plain_saved, plain_grads = run()
+    models.checkpoint_blocks(blocks, "full", models.recompute_everything)
+    assert all(block.context == {"context_fn": models.recompute_everything} for block in blocks.children())
+    saved, grads = run()
+    assert any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d in plain_saved)
+    assert not any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d in saved), saved
+    for got, want in zip(grads, plain_grads):
+        assert torch.equal(got, want)
+
+
 @CPU_ONLY
 def test_train_benchmark_rowwise_recipe(tmp_path):
     """--recipe rowwise: every float8 layer rowwise, the loss within fp8 noise of bf16's."""
