@@ -63,7 +63,7 @@ def test_train_benchmark_ac_early_stop_off_trains_alike(tmp_path):
     assert [r["loss"] for r in on] == [r["loss"] for r in off]
 
 
-def test_checkpointed_blocks_under_the_recompute_everything_policy_compile_and_save_only_their_input():
+def test_checkpointed_blocks_under_the_recompute_everything_policy_compile_and_save_no_float8():
     """benchmarks/models.py's `--ac-compiled-policy recompute_everything`: a torchtitan block of
     Float8Linears, checkpointed under that policy and compiled (the min-cut partitioner inductor uses),
     saves no float8 activation and gives the uncheckpointed block's gradients (compiled configurations

@@ -192,12 +192,9 @@ PLAIN_CHECKPOINT_RECOMPUTES = tuple(int(v) for v in torch.__version__.split(".")
 
 
 def _recompute_everything():
-    import functools
-
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    return functools.partial(create_selective_checkpoint_contexts,
-                             lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)()
+    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
