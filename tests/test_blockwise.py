@@ -92,16 +92,19 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
-@pytest.mark.parametrize("packed", [False, True], ids=["bytes", "words"])
+@pytest.mark.parametrize("packed", [False, True, None], ids=["bytes", "words", "default"])
 def test_column_strips_stored_packed_or_byte_by_byte_match_reference(packed, shape, col_alone, hp_dtype, float8_dtype):
-    """The column-major data stored as 32-bit words of four rows' bytes (packed=True, where M is a
-    multiple of 4; where it is not, the default, which stores bytes) and byte by byte (packed=False):
-    the same bits. One store per case, so that a failure names the store."""
+    """The column-major data stored as 32-bit words of four rows' bytes (packed=True; refused where M
+    is not a multiple of 4), byte by byte (packed=False) and as the default stores it: the same bits.
+    One store per case, so that a failure names the store."""
     x = spanning_values(shape, hp_dtype)
     x.view(-1)[1] = float("nan")
     x.view(-1)[-2] = float("inf")
+    if packed and shape[0] % 4:
+        with pytest.raises(ValueError, match="not a multiple of 4"):
+            block_cast_triton(x, float8_dtype, write_row=not col_alone, write_col=True, packed=packed)
+        return
     want = reference(x, float8_dtype, False, False, not col_alone, True)
-    packed = None if packed and shape[0] % 4 else packed
     same(block_cast_triton(x, float8_dtype, write_row=not col_alone, write_col=True, packed=packed), want)
 
 
