@@ -439,61 +439,86 @@ def run_piped(x, warps=4, rch=32, stages=2, write_row=True, late_reduce=False, m
 
 
 @triton.jit
+def _row_slices(x_tile, row_ptr, row_scale_ptr, m0, n0, pid_n, M, N, stride_m, stride_n, FP8_MAX: tl.constexpr,
+                EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
+                EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, RCH: tl.constexpr,
+                EVEN: tl.constexpr):
+    """The 1 x 128 row strips of the BLOCK x BN tile at (m0, n0) in RCH-row slices (lean_kernel's), the
+    data row-major; 32-bit offsets inside the tile, no masks where the tile is whole (EVEN)."""
+    out_ty = row_ptr.dtype.element_ty
+    lc = tl.arange(0, BN)
+    row_tile = row_ptr + m0.to(tl.int64) * N + n0
+    for s in tl.static_range(BLOCK // RCH):
+        lr = s * RCH + tl.arange(0, RCH)
+        offs = lr[:, None] * stride_m + lc[None, :] * stride_n
+        if EVEN:
+            x = tl.load(x_tile + offs)
+        else:
+            mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
+            x = tl.load(x_tile + offs, mask=mask, other=0.0)
+        rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                 POWER_OF_2)
+        q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+        if EVEN:
+            tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs)
+            tl.store(row_tile + lr[:, None] * N + lc[None, :], q)
+        else:
+            tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs, mask=m0 + lr < M)
+            tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
+
+
+@triton.jit
+def _packed_slice(x_tile, col_scale_ptr, c, m0, n0, pid_m, M, N, stride_m, stride_n, out_ty: tl.constexpr,
+                  FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                  MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """The 128 x 1 column strips of the tile's columns c, loaded as x viewed [BLOCK / 4, 4, len(c)]
+    (row 4 i + k), their scales stored; returns each column's rows 4 i .. 4 i + 3 cast and packed
+    into one 32-bit word [BLOCK / 4, len(c)] (byte k at bits 8 k, the little-endian order of the
+    column-major bytes)."""
+    i = tl.arange(0, BLOCK // 4)
+    k = tl.arange(0, 4)
+    offs = (4 * i[:, None, None] + k[None, :, None]) * stride_m + c[None, None, :] * stride_n
+    if EVEN:
+        x = tl.load(x_tile + offs)
+    else:
+        mask3 = (m0 + 4 * i[:, None, None] + k[None, :, None] < M) & (n0 + c < N)[None, None, :]
+        x = tl.load(x_tile + offs, mask=mask3, other=0.0)
+    cm, cs = scale_from_amax(tl.max(tl.max(magnitude_bits(x), 1), 0).to(tl.float32, bitcast=True),
+                             FP8_MAX, EPS, POWER_OF_2)
+    if EVEN:
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs)
+    else:
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs, mask=n0 + c < N)
+    q = _cast_tile(x, cm[None, None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    # the four bytes are disjoint bit fields: their sum is their bitwise or
+    return tl.sum(q.to(tl.uint8, bitcast=True).to(tl.uint32) << (8 * k).to(tl.uint32)[None, :, None], axis=1)
+
+
+@triton.jit
 def packed_kernel(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M, N, stride_m, stride_n,
                   FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                   MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
                   RCH: tl.constexpr, CCH: tl.constexpr, EVEN: tl.constexpr, WRITE_ROW: tl.constexpr):
-    """lean_kernel's row slices, and column slices loaded as x viewed [BLOCK / 4, 4, CCH] (row 4 i + k):
-    each column's four rows 4 i .. 4 i + 3 cast and packed into one 32-bit word (byte k at bits 8 k,
-    the little-endian order of the column-major bytes) before the transposed store, so the layout
-    change goes through shared memory in 32-bit words, not bytes (STS.U8). col32_ptr: the
-    column-major data [N, M] viewed as int32 [N, M / 4] (M a multiple of 4). A program owns
-    BLOCK rows x BN columns (BN = BLOCK where it writes the row strips)."""
+    """lean_kernel's row slices, and column slices packed four rows to a 32-bit word (`_packed_slice`)
+    before the transposed store, so the layout change goes through shared memory in 32-bit words,
+    not bytes (STS.U8). col32_ptr: the column-major data [N, M] viewed as int32 [N, M / 4] (M a
+    multiple of 4). A program owns BLOCK rows x BN columns (BN = BLOCK where it writes the row strips)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK, pid_n * BN
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
     out_ty = row_ptr.dtype.element_ty
     if WRITE_ROW:
-        lc = tl.arange(0, BN)
-        row_tile = row_ptr + m0.to(tl.int64) * N + n0
-        for s in tl.static_range(BLOCK // RCH):
-            lr = s * RCH + tl.arange(0, RCH)
-            offs = lr[:, None] * stride_m + lc[None, :] * stride_n
-            if EVEN:
-                x = tl.load(x_tile + offs)
-            else:
-                mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
-                x = tl.load(x_tile + offs, mask=mask, other=0.0)
-            rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            if EVEN:
-                tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs)
-                tl.store(row_tile + lr[:, None] * N + lc[None, :], q)
-            else:
-                tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs, mask=m0 + lr < M)
-                tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
+        _row_slices(x_tile, row_ptr, row_scale_ptr, m0, n0, pid_n, M, N, stride_m, stride_n, FP8_MAX, EPS,
+                    POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, BN, RCH, EVEN)
     i = tl.arange(0, BLOCK // 4)
-    k = tl.arange(0, 4)
     col_tile = col32_ptr + n0.to(tl.int64) * (M // 4) + m0 // 4
     for s in tl.static_range(BN // CCH):
         c = s * CCH + tl.arange(0, CCH)
-        offs = (4 * i[:, None, None] + k[None, :, None]) * stride_m + c[None, None, :] * stride_n
+        w = _packed_slice(x_tile, col_scale_ptr, c, m0, n0, pid_m, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS,
+                          POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, EVEN)
         if EVEN:
-            x = tl.load(x_tile + offs)
-        else:
-            mask3 = (m0 + 4 * i[:, None, None] + k[None, :, None] < M) & (n0 + c < N)[None, None, :]
-            x = tl.load(x_tile + offs, mask=mask3, other=0.0)
-        cm, cs = scale_from_amax(tl.max(tl.max(magnitude_bits(x), 1), 0).to(tl.float32, bitcast=True),
-                                 FP8_MAX, EPS, POWER_OF_2)
-        q = _cast_tile(x, cm[None, None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-        # the four bytes are disjoint bit fields: their sum is their bitwise or
-        w = tl.sum(q.to(tl.uint8, bitcast=True).to(tl.uint32) << (8 * k).to(tl.uint32)[None, :, None], axis=1)
-        if EVEN:
-            tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs)
             tl.store(col_tile + c[None, :] * (M // 4) + i[:, None], w)
         else:
-            tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs, mask=n0 + c < N)
             tl.store(col_tile + c[None, :] * (M // 4) + i[:, None], w,
                      mask=(m0 + 4 * i < M)[:, None] & (n0 + c < N)[None, :])
 
@@ -545,25 +570,32 @@ def run_packed_once(x, warps=8, meta=None):
     return row, row_scale, col_t.t(), col_scale
 
 
-def run_packed(x, warps=4, rch=64, cch=64, bn=128, write_row=True, meta=None):
+def _run_sliced(kernel, x, warps, rch, cch, bn, write_row, col_dtype, meta, **extra):
+    """Launch a sliced variant (packed_kernel, tma_kernel) on x with the column-major data viewed as
+    col_dtype; meta: its resources on the GPU, or on sm_90 compiled here where meta["sm90"]."""
     M, N = x.shape
-    assert M % 4 == 0 and 128 * (x.stride(0) + x.stride(1) + M + N) < 2 ** 31
     assert bn == 128 or not write_row
     mb, nb = cdiv(M, 128), cdiv(N, bn)
     row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device) if write_row else None
     col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((cdiv(N, 128), M), dtype=torch.float32, device=x.device).t() if write_row else None
     col_scale = torch.empty((mb, N), dtype=torch.float32, device=x.device)
-    args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_t.view(torch.int32),
+    args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_t.view(col_dtype),
             col_scale, M, N, x.stride(0), x.stride(1))
     consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, BN=bn, RCH=rch, CCH=cch,
-                  EVEN=M % 128 == 0 and N % bn == 0, WRITE_ROW=write_row)
+                  EVEN=M % 128 == 0 and N % bn == 0, WRITE_ROW=write_row, **extra)
     if meta is not None and meta.get("sm90"):
-        return sm90_meta(meta, packed_kernel, args, warps, consts)
-    k = packed_kernel[(mb, nb)](*args, **consts, num_warps=warps)
+        return sm90_meta(meta, kernel, args, warps, consts)
+    k = kernel[(mb, nb)](*args, **consts, num_warps=warps)
     if meta is not None and hasattr(k, "n_regs"):
         meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
     return row, row_scale, col_t.t(), col_scale
+
+
+def run_packed(x, warps=4, rch=64, cch=64, bn=128, write_row=True, meta=None):
+    M, N = x.shape
+    assert M % 4 == 0 and 128 * (x.stride(0) + x.stride(1) + M + N) < 2 ** 31
+    return _run_sliced(packed_kernel, x, warps, rch, cch, bn, write_row, torch.int32, meta)
 
 
 @triton.jit
@@ -572,60 +604,27 @@ def tma_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stri
                MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
                RCH: tl.constexpr, CCH: tl.constexpr, EVEN: tl.constexpr, WRITE_ROW: tl.constexpr,
                PACK: tl.constexpr):
-    """packed_kernel's row slices; the column slices loaded as laid out, cast, and their transpose
+    """The row slices (`_row_slices`); the column slices loaded as laid out, cast, and their transpose
     stored through a tensor descriptor (Hopper's tensor memory accelerator: the fp8 tile goes to
     shared memory once and one bulk copy writes it, clipped at the buffer's edges, so the store takes
     no mask). col_ptr: the column-major data [N, M] row-major, M a multiple of 16 (the descriptor's
     row stride must be 16-byte aligned); with PACK, the same data viewed as int32 [N, M / 4], the
-    slices loaded and packed four rows to a word as in packed_kernel (no byte-wide shared-memory
-    stores), and the words' transpose stored through the descriptor. A program owns BLOCK rows x BN
-    columns."""
+    slices packed four rows to a word (`_packed_slice`: no byte-wide shared-memory stores), and the
+    words' transpose stored through the descriptor. A program owns BLOCK rows x BN columns."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK, pid_n * BN
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
     out_ty = row_ptr.dtype.element_ty  # float8 (the column-major buffer where no row strips are written)
     if WRITE_ROW:
-        lc = tl.arange(0, BN)
-        row_tile = row_ptr + m0.to(tl.int64) * N + n0
-        for s in tl.static_range(BLOCK // RCH):
-            lr = s * RCH + tl.arange(0, RCH)
-            offs = lr[:, None] * stride_m + lc[None, :] * stride_n
-            if EVEN:
-                x = tl.load(x_tile + offs)
-            else:
-                mask = (m0 + lr < M)[:, None] & (n0 + lc < N)[None, :]
-                x = tl.load(x_tile + offs, mask=mask, other=0.0)
-            rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
-                                     POWER_OF_2)
-            q = _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            if EVEN:
-                tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs)
-                tl.store(row_tile + lr[:, None] * N + lc[None, :], q)
-            else:
-                tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + m0 + lr, rs, mask=m0 + lr < M)
-                tl.store(row_tile + lr[:, None] * N + lc[None, :], q, mask=mask)
+        _row_slices(x_tile, row_ptr, row_scale_ptr, m0, n0, pid_n, M, N, stride_m, stride_n, FP8_MAX, EPS,
+                    POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, BN, RCH, EVEN)
     if PACK:
         words = tl.make_tensor_descriptor(col_ptr, shape=[N, M // 4], strides=[M // 4, 1],
                                           block_shape=[CCH, BLOCK // 4])
-        i = tl.arange(0, BLOCK // 4)
-        k = tl.arange(0, 4)
         for s in tl.static_range(BN // CCH):
             c = s * CCH + tl.arange(0, CCH)
-            offs = (4 * i[:, None, None] + k[None, :, None]) * stride_m + c[None, None, :] * stride_n
-            if EVEN:
-                x = tl.load(x_tile + offs)
-            else:
-                mask3 = (m0 + 4 * i[:, None, None] + k[None, :, None] < M) & (n0 + c < N)[None, None, :]
-                x = tl.load(x_tile + offs, mask=mask3, other=0.0)
-            cm, cs = scale_from_amax(tl.max(tl.max(magnitude_bits(x), 1), 0).to(tl.float32, bitcast=True),
-                                     FP8_MAX, EPS, POWER_OF_2)
-            if EVEN:
-                tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs)
-            else:
-                tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs, mask=n0 + c < N)
-            q = _cast_tile(x, cm[None, None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            # the four bytes are disjoint bit fields: their sum is their bitwise or
-            w = tl.sum(q.to(tl.uint8, bitcast=True).to(tl.uint32) << (8 * k).to(tl.uint32)[None, :, None], axis=1)
+            w = _packed_slice(x_tile, col_scale_ptr, c, m0, n0, pid_m, M, N, stride_m, stride_n, out_ty, FP8_MAX,
+                              EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, EVEN)
             words.store([n0 + s * CCH, m0 // 4], tl.trans(w.to(tl.int32, bitcast=True)))
     else:
         desc = tl.make_tensor_descriptor(col_ptr, shape=[N, M], strides=[M, 1], block_shape=[CCH, BLOCK])
@@ -650,24 +649,10 @@ def tma_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stri
 def run_tma(x, warps=4, rch=64, cch=64, bn=128, write_row=True, pack=False, meta=None):
     M, N = x.shape
     assert M % 16 == 0 and 128 * (x.stride(0) + x.stride(1)) < 2 ** 31
-    assert bn == 128 or not write_row
-    mb, nb = cdiv(M, 128), cdiv(N, bn)
-    row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device) if write_row else None
-    col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
-    row_scale = torch.empty((cdiv(N, 128), M), dtype=torch.float32, device=x.device).t() if write_row else None
-    col_scale = torch.empty((mb, N), dtype=torch.float32, device=x.device)
-    args = (x, row if write_row else col_t, row_scale if write_row else col_scale,
-            col_t.view(torch.int32) if pack else col_t, col_scale, M, N, x.stride(0), x.stride(1))
-    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, BN=bn, RCH=rch, CCH=cch,
-                  EVEN=M % 128 == 0 and N % bn == 0, WRITE_ROW=write_row, PACK=pack)
-    if meta is not None and meta.get("sm90"):
-        return sm90_meta(meta, tma_kernel, args, warps, consts)
     # a descriptor made on the device needs global scratch memory for it
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=x.device))
-    k = tma_kernel[(mb, nb)](*args, **consts, num_warps=warps)
-    if meta is not None and hasattr(k, "n_regs"):
-        meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
-    return row, row_scale, col_t.t(), col_scale
+    return _run_sliced(tma_kernel, x, warps, rch, cch, bn, write_row, torch.int32 if pack else torch.float8_e4m3fn,
+                       meta, PACK=pack)
 
 
 def sm90_meta(meta, kernel, args, warps, consts):
