@@ -124,6 +124,21 @@ def ignore_records(monkeypatch):
     monkeypatch.setattr(linear_mod, "produced_amax", no_records)
 
 
+def saved_activations(params, forward):
+    """((shape, dtype) of each tensor autograd saves while `forward()` runs, the storages of
+    `params` left out as alive anyway; forward's result)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in param_storages:
+            saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return saved, forward()
+
+
 def cpu_rowwise_gemm() -> bool:
     """Whether this torch's CPU _scaled_mm takes rowwise scales (2.13 does, 2.11 does not)."""
     a = torch.zeros(16, 16).to(torch.float8_e4m3fn)

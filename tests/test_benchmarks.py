@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import triton
+from f8utils import saved_activations
 
 from f8tensor.kernels.blockwise import PACKED_COLUMNS
 
@@ -85,18 +86,10 @@ def test_checkpointed_blocks_under_the_recompute_everything_policy_compile_and_s
 
     def run():
         torch._dynamo.reset()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = []
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                saved.append(t.dtype)
-            return t
-
         block = next(iter(blocks.children()))
         block.forward = torch.compile(block.forward, backend="aot_eager_decomp_partition")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(tokens)
+        saved, out = saved_activations(model.parameters(), lambda: model(tokens))
+        saved = [dtype for _, dtype in saved]
         del block.forward
         model.zero_grad()
         out.float().square().mean().backward()

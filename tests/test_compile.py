@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from f8utils import DEVICE, cpu_rowwise_gemm
+from f8utils import DEVICE, cpu_rowwise_gemm, saved_activations
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, forget_fp8_weights, to_float8
@@ -232,16 +232,7 @@ def test_compiled_checkpointed_block_saves_only_its_input(recipe, policy):
         torch._dynamo.reset()
         fn = torch.compile(lambda x: checkpoint(block, x, use_reentrant=False, **context) if checkpointed else block(x),
                            backend="aot_eager_decomp_partition", fullgraph=True)
-        params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-        kept = []
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept.append((tuple(t.shape), t.dtype))
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(x)
+        kept, out = saved_activations(block.parameters(), lambda: fn(x))
         out.float().sum().backward()
         return kept
 
