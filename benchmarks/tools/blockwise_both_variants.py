@@ -28,6 +28,8 @@ columns became the kernel's `block_n`: `run_kernel` times those through block_ca
 store (no byte-wide shared-memory stores); the kernel's `packed=True`. `tma_kernel`: the column
 strips' transpose stored through a tensor descriptor (Hopper's TMA, one bulk copy per slice,
 clipped at the edges; M a multiple of 16), the bytes as they are or packed first (`tmapacked`).
+`tma_all_kernel` (`tmaall`): x's slices loaded through descriptors too, and the row-major data
+stored through one: no masks and no per-element addresses (M and N multiples of 16).
 The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
 import json
@@ -655,6 +657,59 @@ def run_tma(x, warps=4, rch=64, cch=64, bn=128, write_row=True, pack=False, meta
                        meta, PACK=pack)
 
 
+@triton.jit
+def tma_all_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, FP8_MAX: tl.constexpr,
+                   EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                   MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+                   RCH: tl.constexpr, CCH: tl.constexpr):
+    """Every bulk move through a tensor descriptor: x's row slices [RCH, BLOCK] and column slices
+    [BLOCK, CCH] loaded by TMA (zeros past the edges, as the masked loads' other=0.0), the row-major
+    data stored by TMA, the column slices' transpose too (tma_kernel's store); only the scales
+    through pointers. No masks, no per-element addresses. x contiguous [M, N], M and N multiples
+    of 16 (each descriptor's row stride 16-byte aligned)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m0, n0 = pid_m * BLOCK, pid_n * BLOCK
+    out_ty = row_ptr.dtype.element_ty
+    x_rows = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[N, 1], block_shape=[RCH, BLOCK])
+    rows_out = tl.make_tensor_descriptor(row_ptr, shape=[M, N], strides=[N, 1], block_shape=[RCH, BLOCK])
+    for s in tl.static_range(BLOCK // RCH):
+        x = x_rows.load([m0 + s * RCH, n0])
+        lr = m0 + s * RCH + tl.arange(0, RCH)
+        rm, rs = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                 POWER_OF_2)
+        tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + lr, rs, mask=lr < M)
+        rows_out.store([m0 + s * RCH, n0], _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP,
+                                                      EXACT_ROUND))
+    x_cols = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK, CCH])
+    cols_out = tl.make_tensor_descriptor(col_ptr, shape=[N, M], strides=[M, 1], block_shape=[CCH, BLOCK])
+    for s in tl.static_range(BLOCK // CCH):
+        x = x_cols.load([m0, n0 + s * CCH])
+        c = n0 + s * CCH + tl.arange(0, CCH)
+        cm, cs = scale_from_amax(tl.max(magnitude_bits(x), 0).to(tl.float32, bitcast=True), FP8_MAX, EPS,
+                                 POWER_OF_2)
+        tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + c, cs, mask=c < N)
+        q = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+        cols_out.store([n0 + s * CCH, m0], tl.trans(q))
+
+
+def run_tma_all(x, warps=4, rch=64, cch=64, meta=None):
+    M, N = x.shape
+    assert M % 16 == 0 and N % 16 == 0 and x.stride(1) == 1 and x.stride(0) == N
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=x.device))
+    row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device)
+    col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((cdiv(N, 128), M), dtype=torch.float32, device=x.device).t()
+    col_scale = torch.empty((cdiv(M, 128), N), dtype=torch.float32, device=x.device)
+    args = (x, row, row_scale, col_t, col_scale, M, N)
+    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch, CCH=cch)
+    if meta is not None and meta.get("sm90"):
+        return sm90_meta(meta, tma_all_kernel, args, warps, consts)
+    k = tma_all_kernel[(cdiv(M, 128), cdiv(N, 128))](*args, **consts, num_warps=warps)
+    if meta is not None and hasattr(k, "n_regs"):
+        meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
+    return row, row_scale, col_t.t(), col_scale
+
+
 def sm90_meta(meta, kernel, args, warps, consts):
     """Fill meta with the kernel's sm_90 resources, compiled here (benchmarks/tools/sm90_compile.py)."""
     from tools.sm90_compile import sm90_resources
@@ -716,6 +771,8 @@ for w in (2, 4, 8):  # the column-major data stored through a tensor descriptor 
     for bn, cch in ((64, 64), (128, 64)):
         VARIANTS[f"tmapacked col w{w} b{bn} c{cch}"] = (
             run_tma, dict(warps=w, bn=bn, cch=cch, write_row=False, pack=True), "col")
+    for rch, cch in ((64, 64), (32, 64), (64, 32), (32, 32)):  # loads and both stores through descriptors
+        VARIANTS[f"tmaall both w{w} r{rch} c{cch}"] = (run_tma_all, dict(warps=w, rch=rch, cch=cch), "both")
 
 
 def same(a, b):
@@ -729,6 +786,8 @@ def applies(runner, opts, x):
     multiple of 4), the descriptor store needs its rows 16-byte aligned (M a multiple of 16)."""
     if runner is run_tma:
         return x.shape[0] % 16 == 0
+    if runner is run_tma_all:
+        return x.shape[0] % 16 == 0 and x.shape[1] % 16 == 0 and x.is_contiguous()
     return not (runner in (run_packed, run_packed_once) or opts.get("packed")) or x.shape[0] % 4 == 0
 
 
@@ -747,8 +806,9 @@ def cpu_check(mode, parts):
         raise SystemExit("--sm90 compiles for the GPU: run it without TRITON_INTERPRET")
     torch.manual_seed(0)
     tests = [torch.randn(300, 200, dtype=torch.bfloat16) * 3, torch.randn(256, 384, dtype=torch.bfloat16),
-             torch.randn(130, 256, dtype=torch.float32), torch.randn(272, 200, dtype=torch.bfloat16) * 3]
-    for t in tests[0], tests[3]:  # M = 272: a multiple of 16 whose tiles end mid-tile in both dims
+             torch.randn(130, 256, dtype=torch.float32), torch.randn(272, 200, dtype=torch.bfloat16) * 3,
+             torch.randn(272, 208, dtype=torch.bfloat16) * 3]  # both multiples of 16, tiles ending mid-tile
+    for t in tests[0], tests[3], tests[4]:  # M = 272: a multiple of 16 whose tiles end mid-tile in both dims
         t[5, 3] = float("inf"); t[200, 130] = float("nan"); t[7] *= 1e4
     writes = {"both": dict(write_row=True, write_col=True), "col": dict(write_row=False, write_col=True)}
     big = torch.empty(16384, 4096, dtype=torch.bfloat16)
@@ -780,8 +840,9 @@ def main():
     torch.manual_seed(0)
     tests = [torch.randn(1000, 700, device="cuda", dtype=torch.bfloat16) * 3,
              torch.randn(384, 512, device="cuda", dtype=torch.float32),
-             torch.randn(4096, 4100, device="cuda", dtype=torch.bfloat16) * 3]  # the shape test_blockwise failed at
-    for t in tests[0], tests[2]:
+             torch.randn(4096, 4100, device="cuda", dtype=torch.bfloat16) * 3,  # the shape test_blockwise failed at
+             torch.randn(4096, 4112, device="cuda", dtype=torch.bfloat16) * 3]  # both multiples of 16, mid-tile
+    for t in tests[0], tests[2], tests[3]:
         t[5, 3] = float("inf"); t[200, 130] = float("nan"); t[7] *= 1e4
     copy_bw = copy_bandwidth_tbps()
     print(f"copy {copy_bw:.3f} TB/s", flush=True)
