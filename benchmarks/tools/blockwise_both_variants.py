@@ -29,7 +29,8 @@ store (no byte-wide shared-memory stores); the kernel's `packed=True`. `tma_kern
 strips' transpose stored through a tensor descriptor (Hopper's TMA, one bulk copy per slice,
 clipped at the edges; M a multiple of 16), the bytes as they are or packed first (`tmapacked`).
 `tma_all_kernel` (`tmaall`): x's slices loaded through descriptors too, and the row-major data
-stored through one: no masks and no per-element addresses (M and N multiples of 16).
+stored through one, every descriptor made on the host (no allocator, no per-program descriptor
+setup): no masks and no per-element addresses (M and N multiples of 16).
 The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
 import json
@@ -658,20 +659,18 @@ def run_tma(x, warps=4, rch=64, cch=64, bn=128, write_row=True, pack=False, meta
 
 
 @triton.jit
-def tma_all_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, FP8_MAX: tl.constexpr,
+def tma_all_kernel(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_ptr, M, N, FP8_MAX: tl.constexpr,
                    EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                    MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
                    RCH: tl.constexpr, CCH: tl.constexpr):
-    """Every bulk move through a tensor descriptor: x's row slices [RCH, BLOCK] and column slices
-    [BLOCK, CCH] loaded by TMA (zeros past the edges, as the masked loads' other=0.0), the row-major
-    data stored by TMA, the column slices' transpose too (tma_kernel's store); only the scales
-    through pointers. No masks, no per-element addresses. x contiguous [M, N], M and N multiples
-    of 16 (each descriptor's row stride 16-byte aligned)."""
+    """Every bulk move through a tensor descriptor made on the host (`run_tma_all`): x's row slices
+    (x_rows, [RCH, BLOCK] blocks) and column slices (x_cols, [BLOCK, CCH]) loaded by TMA (zeros past
+    the edges, as the masked loads' other=0.0), the row-major data stored through rows_out, the
+    column slices' transpose through cols_out ([N, M], [CCH, BLOCK] blocks; clipped at the edges);
+    only the scales through pointers. No masks, no per-element addresses."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK, pid_n * BLOCK
-    out_ty = row_ptr.dtype.element_ty
-    x_rows = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[N, 1], block_shape=[RCH, BLOCK])
-    rows_out = tl.make_tensor_descriptor(row_ptr, shape=[M, N], strides=[N, 1], block_shape=[RCH, BLOCK])
+    out_ty = rows_out.dtype
     for s in tl.static_range(BLOCK // RCH):
         x = x_rows.load([m0 + s * RCH, n0])
         lr = m0 + s * RCH + tl.arange(0, RCH)
@@ -680,8 +679,6 @@ def tma_all_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, 
         tl.store(row_scale_ptr + pid_n.to(tl.int64) * M + lr, rs, mask=lr < M)
         rows_out.store([m0 + s * RCH, n0], _cast_tile(x, rm[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP,
                                                       EXACT_ROUND))
-    x_cols = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK, CCH])
-    cols_out = tl.make_tensor_descriptor(col_ptr, shape=[N, M], strides=[M, 1], block_shape=[CCH, BLOCK])
     for s in tl.static_range(BLOCK // CCH):
         x = x_cols.load([m0, n0 + s * CCH])
         c = n0 + s * CCH + tl.arange(0, CCH)
@@ -693,14 +690,19 @@ def tma_all_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, 
 
 
 def run_tma_all(x, warps=4, rch=64, cch=64, meta=None):
+    """tma_all_kernel on x (contiguous, M and N multiples of 16: each descriptor's row stride
+    16-byte aligned)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     M, N = x.shape
-    assert M % 16 == 0 and N % 16 == 0 and x.stride(1) == 1 and x.stride(0) == N
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=x.device))
+    assert M % 16 == 0 and N % 16 == 0 and x.is_contiguous()
     row = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=x.device)
     col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((cdiv(N, 128), M), dtype=torch.float32, device=x.device).t()
     col_scale = torch.empty((cdiv(M, 128), N), dtype=torch.float32, device=x.device)
-    args = (x, row, row_scale, col_t, col_scale, M, N)
+    args = (TensorDescriptor.from_tensor(x, [rch, 128]), TensorDescriptor.from_tensor(x, [128, cch]),
+            TensorDescriptor.from_tensor(row, [rch, 128]), TensorDescriptor.from_tensor(col_t, [cch, 128]),
+            row_scale, col_scale, M, N)
     consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch, CCH=cch)
     if meta is not None and meta.get("sm90"):
         return sm90_meta(meta, tma_all_kernel, args, warps, consts)

@@ -41,6 +41,9 @@ def _specialize(name: str, value):
         if value.dtype not in _POINTER:
             raise TypeError(f"sm90_resources: argument {name} has dtype {value.dtype}, not one of {list(_POINTER)}")
         return _POINTER[value.dtype], None, value.data_ptr() % 16 == 0
+    if type(value).__name__ == "TensorDescriptor":  # made on the host: its element type and block shape
+        from triton.runtime.jit import mangle_type
+        return mangle_type(value), None, False
     if isinstance(value, bool):
         return "i1", None, False
     if isinstance(value, int):
@@ -49,7 +52,8 @@ def _specialize(name: str, value):
         return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), None, value % 16 == 0
     if isinstance(value, float):
         return "fp32", None, False
-    raise TypeError(f"sm90_resources: argument {name} is a {type(value).__name__}; pass tensors, ints, floats")
+    raise TypeError(f"sm90_resources: argument {name} is a {type(value).__name__}; pass tensors, tensor "
+                    "descriptors, ints, floats")
 
 
 def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> dict:
