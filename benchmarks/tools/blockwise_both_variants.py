@@ -26,7 +26,7 @@ it at 45-50 % of copy in its 8-warp configurations (34 % with 4 warps) against t
 columns became the kernel's `block_n`: `run_kernel` times those through block_cast_triton itself.
 `packed_kernel`: the column strips' bytes packed four rows to a 32-bit word before the transposed
 store (no byte-wide shared-memory stores); the kernel's `packed=True`. `tma_kernel`: the column
-strips' transpose stored through a tensor descriptor (Hopper's TMA, one bulk copy per slice,
+strips' transpose stored through a tensor descriptor made on the host (Hopper's TMA, one bulk copy per slice,
 clipped at the edges; M a multiple of 16), the bytes as they are or packed first (`tmapacked`).
 `tma_all_kernel` (`tmaall`): x's slices loaded through descriptors too, and the row-major data
 stored through one, every descriptor made on the host (no allocator, no per-program descriptor
@@ -573,9 +573,10 @@ def run_packed_once(x, warps=8, meta=None):
     return row, row_scale, col_t.t(), col_scale
 
 
-def _run_sliced(kernel, x, warps, rch, cch, bn, write_row, col_dtype, meta, **extra):
+def _run_sliced(kernel, x, warps, rch, cch, bn, write_row, col_dtype, meta, col_block=None, **extra):
     """Launch a sliced variant (packed_kernel, tma_kernel) on x with the column-major data viewed as
-    col_dtype; meta: its resources on the GPU, or on sm_90 compiled here where meta["sm90"]."""
+    col_dtype (with col_block, as a tensor descriptor of that block shape, made here); meta: its
+    resources on the GPU, or on sm_90 compiled here where meta["sm90"]."""
     M, N = x.shape
     assert bn == 128 or not write_row
     mb, nb = cdiv(M, 128), cdiv(N, bn)
@@ -583,7 +584,11 @@ def _run_sliced(kernel, x, warps, rch, cch, bn, write_row, col_dtype, meta, **ex
     col_t = torch.empty((N, M), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((cdiv(N, 128), M), dtype=torch.float32, device=x.device).t() if write_row else None
     col_scale = torch.empty((mb, N), dtype=torch.float32, device=x.device)
-    args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_t.view(col_dtype),
+    col_arg = col_t.view(col_dtype)
+    if col_block is not None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        col_arg = TensorDescriptor.from_tensor(col_arg, col_block)
+    args = (x, row if write_row else col_t, row_scale if write_row else col_scale, col_arg,
             col_scale, M, N, x.stride(0), x.stride(1))
     consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, BN=bn, RCH=rch, CCH=cch,
                   EVEN=M % 128 == 0 and N % bn == 0, WRITE_ROW=write_row, **extra)
@@ -602,18 +607,18 @@ def run_packed(x, warps=4, rch=64, cch=64, bn=128, write_row=True, meta=None):
 
 
 @triton.jit
-def tma_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+def tma_kernel(x_ptr, row_ptr, row_scale_ptr, cols_out, col_scale_ptr, M, N, stride_m, stride_n,
                FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
                RCH: tl.constexpr, CCH: tl.constexpr, EVEN: tl.constexpr, WRITE_ROW: tl.constexpr,
                PACK: tl.constexpr):
     """The row slices (`_row_slices`); the column slices loaded as laid out, cast, and their transpose
-    stored through a tensor descriptor (Hopper's tensor memory accelerator: the fp8 tile goes to
-    shared memory once and one bulk copy writes it, clipped at the buffer's edges, so the store takes
-    no mask). col_ptr: the column-major data [N, M] row-major, M a multiple of 16 (the descriptor's
-    row stride must be 16-byte aligned); with PACK, the same data viewed as int32 [N, M / 4], the
-    slices packed four rows to a word (`_packed_slice`: no byte-wide shared-memory stores), and the
-    words' transpose stored through the descriptor. A program owns BLOCK rows x BN columns."""
+    stored through a tensor descriptor made on the host (Hopper's tensor memory accelerator: the fp8
+    tile goes to shared memory once and one bulk copy writes it, clipped at the buffer's edges, so
+    the store takes no mask). cols_out: the column-major data [N, M] row-major in [CCH, BLOCK]
+    blocks, M a multiple of 16 (the descriptor's row stride must be 16-byte aligned); with PACK, the
+    same data viewed as int32 [N, M / 4] in [CCH, BLOCK / 4] blocks, the slices packed four rows to
+    a word (`_packed_slice`: no byte-wide shared-memory stores), and the words' transpose stored. A program owns BLOCK rows x BN columns."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK, pid_n * BN
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
@@ -622,15 +627,12 @@ def tma_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stri
         _row_slices(x_tile, row_ptr, row_scale_ptr, m0, n0, pid_n, M, N, stride_m, stride_n, FP8_MAX, EPS,
                     POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, BN, RCH, EVEN)
     if PACK:
-        words = tl.make_tensor_descriptor(col_ptr, shape=[N, M // 4], strides=[M // 4, 1],
-                                          block_shape=[CCH, BLOCK // 4])
         for s in tl.static_range(BN // CCH):
             c = s * CCH + tl.arange(0, CCH)
             w = _packed_slice(x_tile, col_scale_ptr, c, m0, n0, pid_m, M, N, stride_m, stride_n, out_ty, FP8_MAX,
                               EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, EVEN)
-            words.store([n0 + s * CCH, m0 // 4], tl.trans(w.to(tl.int32, bitcast=True)))
+            cols_out.store([n0 + s * CCH, m0 // 4], tl.trans(w.to(tl.int32, bitcast=True)))
     else:
-        desc = tl.make_tensor_descriptor(col_ptr, shape=[N, M], strides=[M, 1], block_shape=[CCH, BLOCK])
         lr = tl.arange(0, BLOCK)
         for s in tl.static_range(BN // CCH):
             c = s * CCH + tl.arange(0, CCH)
@@ -646,16 +648,14 @@ def tma_kernel(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stri
             else:
                 tl.store(col_scale_ptr + pid_m.to(tl.int64) * N + n0 + c, cs, mask=n0 + c < N)
             q = _cast_tile(x, cm[None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-            desc.store([n0 + s * CCH, m0], tl.trans(q))
+            cols_out.store([n0 + s * CCH, m0], tl.trans(q))
 
 
 def run_tma(x, warps=4, rch=64, cch=64, bn=128, write_row=True, pack=False, meta=None):
     M, N = x.shape
     assert M % 16 == 0 and 128 * (x.stride(0) + x.stride(1)) < 2 ** 31
-    # a descriptor made on the device needs global scratch memory for it
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=x.device))
     return _run_sliced(tma_kernel, x, warps, rch, cch, bn, write_row, torch.int32 if pack else torch.float8_e4m3fn,
-                       meta, PACK=pack)
+                       meta, col_block=[cch, 32 if pack else 128], PACK=pack)
 
 
 @triton.jit
