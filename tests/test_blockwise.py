@@ -28,11 +28,17 @@ from f8tensor.kernels.scale import INTERPRETING  # noqa: E402
 
 ON_GPU = DEVICE.type == "cuda"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-SHAPES = [(1, 16), (17, 48), (130, 300), (256, 256), (64, 1), (0, 16), (16, 0)] + (
-    [(4095, 4097), (4096, 4100), (16384, 4096)] if ON_GPU else [])  # (4096, 4100): M a multiple of 16, columns ending mid-tile
+# (256, 300) and (4096, 4100): M a multiple of the tile, columns ending mid-tile
+SHAPES = [(1, 16), (17, 48), (130, 300), (256, 256), (256, 300), (64, 1), (0, 16), (16, 0)] + (
+    [(4095, 4097), (4096, 4100), (16384, 4096)] if ON_GPU else [])
 EXACT_ROUND = [True] if INTERPRETING else [False, True]
 E4M3 = torch.float8_e4m3fn
 WRITES = {"row": (True, False), "col": (False, True), "both": (True, True)}
+
+
+def shape_id(shape):
+    """A shape's test id, "MxN" (so a run can select one: -k 4096x4100)."""
+    return "x".join(map(str, shape))
 
 
 def reference(x, f8, power_of_2, square, write_row, write_col):
@@ -58,7 +64,7 @@ def same(got, want):
             same_fp8(g, w)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 @pytest.mark.parametrize("square", [False, True], ids=["strips", "tiles"])
@@ -75,7 +81,7 @@ def test_kernel_matches_reference(shape, hp_dtype, float8_dtype, square, writes,
 
 
 @pytest.mark.parametrize("block_n", [16, 32, 64])
-@pytest.mark.parametrize("shape", [(17, 48), (130, 300), (256, 256)] + ([(4095, 4097)] if ON_GPU else []))
+@pytest.mark.parametrize("shape", [(17, 48), (130, 300), (256, 256)] + ([(4095, 4097)] if ON_GPU else []), ids=shape_id)
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_dtype, float8_dtype):
@@ -88,7 +94,9 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
-@pytest.mark.parametrize("shape", [(4, 16), (17, 48), (132, 300), (256, 256)] + ([(4096, 4100)] if ON_GPU else []))
+# (256, 300): M a multiple of the tile, columns ending mid-tile, as (4096, 4100), at a size the CPU runs
+@pytest.mark.parametrize("shape", [(4, 16), (17, 48), (132, 300), (256, 256), (256, 300)]
+                         + ([(4096, 4100)] if ON_GPU else []), ids=shape_id)
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
