@@ -30,7 +30,8 @@ strips' transpose stored through a tensor descriptor made on the host (Hopper's 
 clipped at the edges; M a multiple of 16), the bytes as they are or packed first (`tmapacked`).
 `tma_all_kernel` (`tmaall`): x's slices loaded through descriptors too, and the row-major data
 stored through one, every descriptor made on the host (no allocator, no per-program descriptor
-setup): no masks and no per-element addresses (M and N multiples of 16).
+setup): no masks and no per-element addresses (M and N multiples of 16); `tmaall persistent`: the same
+tiles in a persistent grid, the tile loop pipelined by Triton (tl.range with num_stages).
 The earlier runs' VARIANTS lists (recorded in the data file) were edits of the one below.
 """
 import json
@@ -659,16 +660,12 @@ def run_tma(x, warps=4, rch=64, cch=64, bn=128, write_row=True, pack=False, meta
 
 
 @triton.jit
-def tma_all_kernel(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_ptr, M, N, FP8_MAX: tl.constexpr,
-                   EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
-                   MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
-                   RCH: tl.constexpr, CCH: tl.constexpr):
-    """Every bulk move through a tensor descriptor made on the host (`run_tma_all`): x's row slices
-    (x_rows, [RCH, BLOCK] blocks) and column slices (x_cols, [BLOCK, CCH]) loaded by TMA (zeros past
-    the edges, as the masked loads' other=0.0), the row-major data stored through rows_out, the
-    column slices' transpose through cols_out ([N, M], [CCH, BLOCK] blocks; clipped at the edges);
-    only the scales through pointers. No masks, no per-element addresses."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+def _tma_all_tile(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_ptr, pid_m, pid_n, M, N,
+                  FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                  MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr, RCH: tl.constexpr,
+                  CCH: tl.constexpr):
+    """Both layouts of the BLOCK x BLOCK tile (pid_m, pid_n), every bulk move through the descriptors
+    (see tma_all_kernel)."""
     m0, n0 = pid_m * BLOCK, pid_n * BLOCK
     out_ty = rows_out.dtype
     for s in tl.static_range(BLOCK // RCH):
@@ -689,9 +686,32 @@ def tma_all_kernel(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_
         cols_out.store([n0 + s * CCH, m0], tl.trans(q))
 
 
-def run_tma_all(x, warps=4, rch=64, cch=64, meta=None):
+@triton.jit
+def tma_all_kernel(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_ptr, M, N, FP8_MAX: tl.constexpr,
+                   EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                   MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+                   RCH: tl.constexpr, CCH: tl.constexpr, STAGES: tl.constexpr):
+    """Every bulk move through a tensor descriptor made on the host (`run_tma_all`): x's row slices
+    (x_rows, [RCH, BLOCK] blocks) and column slices (x_cols, [BLOCK, CCH]) loaded by TMA (zeros past
+    the edges, as the masked loads' other=0.0), the row-major data stored through rows_out, the
+    column slices' transpose through cols_out ([N, M], [CCH, BLOCK] blocks; clipped at the edges);
+    only the scales through pointers. No masks, no per-element addresses. STAGES 0: one program a
+    tile; else a persistent grid looping over the tiles in a tl.range of that many stages (Triton's
+    pipelining of the loop's loads)."""
+    if STAGES == 0:
+        _tma_all_tile(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_ptr, tl.program_id(0),
+                      tl.program_id(1), M, N, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND,
+                      BLOCK, RCH, CCH)
+    else:
+        nb = tl.cdiv(N, BLOCK)
+        for t in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK) * nb, tl.num_programs(0), num_stages=STAGES):
+            _tma_all_tile(x_rows, x_cols, rows_out, cols_out, row_scale_ptr, col_scale_ptr, t // nb, t % nb, M, N,
+                          FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK, RCH, CCH)
+
+
+def run_tma_all(x, warps=4, rch=64, cch=64, stages=0, per_sm=4, meta=None):
     """tma_all_kernel on x (contiguous, M and N multiples of 16: each descriptor's row stride
-    16-byte aligned)."""
+    16-byte aligned); with stages, a persistent grid of per_sm programs an SM."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, N = x.shape
@@ -703,10 +723,17 @@ def run_tma_all(x, warps=4, rch=64, cch=64, meta=None):
     args = (TensorDescriptor.from_tensor(x, [rch, 128]), TensorDescriptor.from_tensor(x, [128, cch]),
             TensorDescriptor.from_tensor(row, [rch, 128]), TensorDescriptor.from_tensor(col_t, [cch, 128]),
             row_scale, col_scale, M, N)
-    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch, CCH=cch)
+    consts = dict(_format(torch.float8_e4m3fn, False, INTERPRETING, x), BLOCK=128, RCH=rch, CCH=cch, STAGES=stages)
     if meta is not None and meta.get("sm90"):
         return sm90_meta(meta, tma_all_kernel, args, warps, consts)
-    k = tma_all_kernel[(cdiv(M, 128), cdiv(N, 128))](*args, **consts, num_warps=warps)
+    tiles = (cdiv(M, 128), cdiv(N, 128))
+    if stages:
+        # in the interpreter 1, so that programs loop over several tiles
+        sms = 1 if INTERPRETING else torch.cuda.get_device_properties(x.device).multi_processor_count
+        grid = (min(tiles[0] * tiles[1], per_sm * sms),)
+    else:
+        grid = tiles
+    k = tma_all_kernel[grid](*args, **consts, num_warps=warps)
     if meta is not None and hasattr(k, "n_regs"):
         meta.update(regs=k.n_regs, spills=k.n_spills, shared=k.metadata.shared)
     return row, row_scale, col_t.t(), col_scale
@@ -775,6 +802,9 @@ for w in (2, 4, 8):  # the column-major data stored through a tensor descriptor 
             run_tma, dict(warps=w, bn=bn, cch=cch, write_row=False, pack=True), "col")
     for rch, cch in ((64, 64), (32, 64), (64, 32), (32, 32)):  # loads and both stores through descriptors
         VARIANTS[f"tmaall both w{w} r{rch} c{cch}"] = (run_tma_all, dict(warps=w, rch=rch, cch=cch), "both")
+    for stages, per_sm in ((2, 3), (2, 2), (3, 1)):  # persistent, the tile loop pipelined (as many as fit an SM)
+        VARIANTS[f"tmaall persistent both w{w} r64 c64 s{stages} p{per_sm}"] = (
+            run_tma_all, dict(warps=w, rch=64, cch=64, stages=stages, per_sm=per_sm), "both")
 
 
 def same(a, b):
