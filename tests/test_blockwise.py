@@ -94,22 +94,23 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
-# (256, 300): M a multiple of the tile, columns ending mid-tile, as (4096, 4100), at a size the CPU runs
-@pytest.mark.parametrize("shape", [(4, 16), (17, 48), (132, 300), (256, 256), (256, 300)]
-                         + ([(4096, 4100)] if ON_GPU else []), ids=shape_id)
+# (256, 300): M a multiple of the tile, columns ending mid-tile, as (4096, 4100), at a size the CPU runs;
+# (256, 272), (132, 304) and (4096, 4112) the same with N a multiple of 16 (the word store's row stride)
+@pytest.mark.parametrize("shape", [(4, 16), (17, 48), (132, 300), (132, 304), (256, 256), (256, 300), (256, 272)]
+                         + ([(4096, 4100), (4096, 4112)] if ON_GPU else []), ids=shape_id)
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 @pytest.mark.parametrize("packed", [False, True, None], ids=["bytes", "words", "default"])
 def test_column_strips_stored_packed_or_byte_by_byte_match_reference(packed, shape, col_alone, hp_dtype, float8_dtype):
     """The column-major data stored as 32-bit words of four rows' bytes (packed=True; refused where M
-    is not a multiple of 4), byte by byte (packed=False) and as the default stores it: the same bits.
-    One store per case, so that a failure names the store."""
+    is not a multiple of 4 or N not of 16), byte by byte (packed=False) and as the default stores it:
+    the same bits. One store per case, so that a failure names the store."""
     x = spanning_values(shape, hp_dtype)
     x.view(-1)[1] = float("nan")
     x.view(-1)[-2] = float("inf")
-    if packed and shape[0] % 4:
-        with pytest.raises(ValueError, match="not a multiple of 4"):
+    if packed and (shape[0] % 4 or shape[1] % 16):
+        with pytest.raises(ValueError, match="not a multiple of 4" if shape[0] % 4 else "not a multiple of 16"):
             block_cast_triton(x, float8_dtype, write_row=not col_alone, write_col=True, packed=packed)
         return
     want = reference(x, float8_dtype, False, False, not col_alone, True)
@@ -126,7 +127,7 @@ def test_the_column_store_asked_for_is_the_one_launched(packed, col_alone, monke
     launch = module.launch_kernel
     monkeypatch.setattr(module, "launch_kernel", lambda kernel, grid, args, num_warps, **consts: (
         launches.append((args[3].dtype, consts["PACKED"])), launch(kernel, grid, args, num_warps, **consts))[1])
-    x = spanning_values((132, 300), torch.bfloat16)
+    x = spanning_values((132, 304), torch.bfloat16)
     same(block_cast_triton(x, E4M3, write_row=not col_alone, write_col=True, packed=packed),
          reference(x, E4M3, False, False, not col_alone, True))
     assert launches == [(torch.int32, True) if packed else (torch.uint8, False)]
@@ -135,6 +136,8 @@ def test_the_column_store_asked_for_is_the_one_launched(packed, col_alone, monke
 def test_packed_store_where_it_cannot_apply_is_refused():
     past_int32 = torch.empty_strided((128, 4), (2 ** 24, 1), device="meta", dtype=torch.bfloat16)  # no memory
     for x, kinds, why in ((spanning_values((130, 256), torch.bfloat16), {}, "M = 130 is not a multiple of 4"),
+                          (spanning_values((128, 300), torch.bfloat16), {}, "row stride 300 is not a multiple of 16"),
+                          (spanning_values((128, 256), torch.bfloat16).t(), {}, "row stride 1 is not a multiple of 16"),
                           (spanning_values((128, 256), torch.bfloat16), dict(square=True), "no column strips"),
                           (spanning_values((128, 256), torch.bfloat16), dict(write_col=False), "not written"),
                           (past_int32, {}, "offsets inside a 128 x 128 tile exceed int32")):
@@ -164,10 +167,14 @@ def test_kernel_matches_reference_with_power_of_2_scales(square):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("make", ["col_major", "row_slice"])
+@pytest.mark.parametrize("make", ["col_major", "row_slice", "row_slice_16"])
 def test_strided_inputs(make, packed):
-    base = spanning_values((300, 260), torch.bfloat16)
+    base = spanning_values((300, 288 if make == "row_slice_16" else 260), torch.bfloat16)
     x = base.t().contiguous().t() if make == "col_major" else base[:, 3:259]
+    if packed and x.stride(0) % 16:  # the word store's row stride
+        with pytest.raises(ValueError, match=f"row stride {x.stride(0)} is not a multiple of 16"):
+            block_cast_triton(x, E4M3, write_row=True, write_col=True, packed=packed)
+        return
     want = reference(x, E4M3, False, False, True, True)
     same(block_cast_triton(x, E4M3, write_row=True, write_col=True, packed=packed), want)
     same(block_cast_triton(x, E4M3, write_row=False, write_col=True, packed=packed), (None, None, *want[2:]))
