@@ -13,7 +13,10 @@ import argparse
 import collections
 import re
 
-OURS = ("cast_kernel", "amax_kernel", "swiglu_kernel", "swiglu_backward_kernel", "rope_kernel")
+# Every Triton kernel of kernels/ (by its function's name), the norm's and the loss's included.
+OURS = ("cast_kernel", "amax_kernel", "row_kernel", "col_kernel", "col_amax_kernel", "block_kernel",
+        "swiglu_kernel", "swiglu_backward_kernel", "rope_kernel", "rms_norm_kernel", "rms_norm_backward_kernel",
+        "cross_entropy_forward_kernel", "cross_entropy_backward_kernel")
 LOSS_AND_EMBEDDING = ("SoftMax", "nll_loss", "gather", "scatter", "compute_grad_weight", "radix_sort",
                       "cub::", "segment", "arange")
 
