@@ -16,9 +16,9 @@ columns) and writes what the caller asked for from it:
   tile loaded as laid out and stored transposed, with 64-bit arithmetic only in the tile's base
   pointers and no masks when the shape is a multiple of the tile (the both-layouts path's slices
   did not gain from either: docs/benchmarks.md, "Blockwise scaling");
-- with packed=True (where M is a multiple of 4 and x's row stride of 16), the column strips of either cast are stored four
-  rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose moves words, not single
-  bytes, through shared memory; off by default until timed on the GPU (PACKED_COLUMNS).
+- with packed=True (where M is a multiple of 4 and x's row stride of 16), the column strips of
+  either cast are stored four rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose
+  moves words, not single bytes, through shared memory; off by default (PACKED_COLUMNS).
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
@@ -193,8 +193,8 @@ COL_STRIPS_SUB_N = 128
 # warps where the tile is 64 columns or fewer; H200 sweep: docs/benchmarks.md, "Blockwise scaling").
 COL_STRIPS_BLOCK_N = 64
 # Whether the column strips are stored four rows' bytes to a 32-bit word by default where that
-# applies (`_packed_col_slice`): off until timed on the H200 (docs/benchmarks.md, "Blockwise
-# scaling"); packed=True asks for it.
+# applies (`_packed_col_slice`): off, though 5-8 % faster on the H200 (docs/benchmarks.md, "Blockwise
+# scaling"), while the fault behind PACKED_ROW_STRIDE is not understood; packed=True asks for it.
 PACKED_COLUMNS = False
 # The row stride of x (N, where x is contiguous) the word store takes a multiple of: on the H200 it
 # mis-stored one row in eight of the column-major data where M was a multiple of 16 and N was not
