@@ -273,8 +273,8 @@ def block_cast_triton(
     why_not = ("square (128 x 128) tiles have no column strips" if square else
                "the column strips are not written (write_col=False)" if not write_col else
                f"M = {M} is not a multiple of 4" if M % 4 else
-               f"x's row stride {x.stride(0)} is not a multiple of 16 (the word store was not exact on the "
-               "GPU there: PACKED_ROW_STRIDE)" if x.stride(0) % PACKED_ROW_STRIDE else
+               f"x's row stride {x.stride(0)} is not a multiple of {PACKED_ROW_STRIDE} (the word store was not "
+               "exact on the GPU there: PACKED_ROW_STRIDE)" if x.stride(0) % PACKED_ROW_STRIDE else
                "offsets inside a 128 x 128 tile exceed int32" if not fits_32 else None)
     if packed and why_not:
         raise ValueError(f"block_cast_triton: packed=True does not apply here: {why_not}")
