@@ -11,6 +11,13 @@ Read through functions below:
   (`saved_by_producer`; Float8Linear then saves that input instead of a float8 copy of it), and
   whether saved-tensor hooks are active (`saved_tensors_hooks_active`; Float8Linear then runs its
   forward GEMM after its saves, core/saves_first.py);
+- torch.utils.checkpoint's saved-tensor hook functions, by name (`checkpoint_phase`: in a
+  checkpoint's first forward Float8Linear casts only what its forward GEMM reads, in its
+  recomputation it casts the weight in both layouts with the first forward's amax, core/linear.py)
+  and `torch._C._current_graph_task_id` (`inside_backward`: a reentrant checkpoint's recomputation
+  reuses that amax too, core/weight_amax.py); neither while `torch._C._len_torch_dispatch_stack`
+  says a dispatch mode is active (`dispatch_modes_active`: selective checkpointing's replays op
+  outputs by call order, so both passes must run the same ops);
 - `torch._C._functorch.is_functorch_wrapped_tensor` (`is_functorch_wrapped`);
 - `torch.fx._symbolic_trace.is_fx_symbolic_tracing` (`fx_tracing`);
 - `torch._subclasses.fake_tensor.is_fake` (`is_fake`);
@@ -53,6 +60,8 @@ except ImportError:  # pragma: no cover (every supported torch has it; the test 
     _disable_current_modes = None
 _is_fx_tracing = getattr(getattr(torch.fx, "_symbolic_trace", None), "is_fx_symbolic_tracing", None)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 # Autograd node type -> the names of its saved-tensor attributes (state.py lists it).
 SAVED_NAMES: dict = {}
@@ -64,6 +73,36 @@ def saved_tensors_hooks_active() -> bool | None:
     if _top_saved_tensors_hooks is None:
         return None
     return _top_saved_tensors_hooks(False) is not None
+
+
+def checkpoint_phase() -> str | None:
+    """"forward" while torch.utils.checkpoint's non-reentrant first forward runs (its saved-tensor
+    hooks keep nothing but shape, dtype and device: backward recomputes the tensors), "recompute"
+    while its recomputation runs, None otherwise (also while other saved-tensor hooks are on top of
+    checkpointing's). Recognized by the hook functions checkpoint.py defines."""
+    hooks = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks is not None else None
+    if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
+        return None
+    return _CHECKPOINT_PHASES.get(getattr(hooks[0], "__qualname__", "").split(".")[0])
+
+
+_CHECKPOINT_PHASES = {"_checkpoint_hook": "forward", "_recomputation_hook": "recompute"}
+
+
+def dispatch_modes_active() -> bool:
+    """Whether a TorchDispatchMode sees the ops run (selective activation checkpointing's,
+    FlopCounterMode, torch.compile's fake and proxy modes, ...)."""
+    if _dispatch_stack_len is None:
+        raise RuntimeError("this torch has no torch._C._len_torch_dispatch_stack; f8tensor supports torch >= 2.11")
+    return _dispatch_stack_len() > 0
+
+
+def inside_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread (as during an
+    activation checkpoint's recomputation; torch.utils.checkpoint asks the same)."""
+    if _graph_task_id is None:
+        raise RuntimeError("this torch has no torch._C._current_graph_task_id; f8tensor supports torch >= 2.11")
+    return _graph_task_id() != -1
 
 
 def saved_by_producer(x: torch.Tensor) -> bool:

@@ -114,3 +114,41 @@ def test_written_arguments_are_those_the_schema_writes():
     assert list(ti.written_arguments(torch.ops.aten.copy_.default, (a, b), {})) == [a]
     assert list(ti.written_arguments(torch.ops.aten.add.Tensor, (a, b), {})) == []
     assert list(ti.written_arguments(torch.ops.aten._foreach_add_.List, ([a, b], [b, a]), {})) == [a, b]
+
+
+def test_inside_backward_is_seen_in_a_recomputation_only():
+    seen = []
+
+    def block(x):
+        seen.append(ti.inside_backward())
+        return x.sin()
+
+    x = torch.randn(4, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert seen == [False, True] and not ti.inside_backward()
+
+
+def test_checkpoint_phases_and_dispatch_modes_are_recognized():
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    seen = []
+
+    def block(x):
+        seen.append((ti.checkpoint_phase(), ti.dispatch_modes_active()))
+        return x.sin()
+
+    x = torch.randn(4, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert seen == [("forward", False), ("recompute", False)]
+    seen.clear()
+    policy = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
+    checkpoint(block, x, use_reentrant=False, context_fn=policy).sum().backward()
+    assert seen == [("forward", True), ("recompute", True)]
+    seen.clear()
+    checkpoint(block, x, use_reentrant=True).sum().backward()
+    assert seen == [(None, False), (None, False)]
+    with torch.autograd.graph.save_on_cpu():
+        assert ti.checkpoint_phase() is None
+    assert ti.checkpoint_phase() is None and not ti.dispatch_modes_active()

@@ -15,7 +15,10 @@ the weight (autograd guarantees the saved parameter was not modified in between)
 is one pass. With config.keep_fp8_weight both layouts are cast once, in one pass, and kept while
 the weight is unchanged (weight_cache.py): micro-batches and recomputation reuse them. Under
 torch.compile keep_fp8_weight casts both layouts in forward, in one pass, and saves the
-column-major copy for backward (kept for that backward only). Under saved-tensor hooks
+column-major copy for backward (kept for that backward only). A forward inside a backward pass
+(an activation checkpoint's recomputation) casts the weight with its first forward's amax
+(weight_amax.py) in both layouts in one pass and saves the column-major copy, held from the
+recomputation to the layer's backward only. Under saved-tensor hooks
 (activation checkpointing) the forward GEMM runs after the saves, in an autograd Function of its
 own (saves_first.py), so an early-stopping recomputation can skip it.
 
@@ -33,13 +36,15 @@ from torch import nn
 
 from ..distributed.fsdp_float8 import Float8AllGatherWeight
 from ..kernels import quantize_with_amax
-from ..torch_internals import module_hook_attributes, saved_by_producer, transformed
+from ..torch_internals import (checkpoint_phase, dispatch_modes_active, inside_backward, module_hook_attributes,
+                               saved_by_producer, transformed)
+from . import weight_amax
 from .class_swap import QuietSubclasses
 from .config import Float8Config
 from .linear_blockwise import _BlockwiseLinearFn
 from .linear_rowwise import _RowwiseLinearFn, remember_shapes
 from .ops import scaled_mm_data
-from .saves_first import apply_saving_first, forward_output
+from .saves_first import apply_saving_first, forward_output, is_stand_in, stand_in
 from .tensor import Float8Tensor
 from .tensor_cache import produced_amax, shared_input
 from .weight_cache import fp8_weight
@@ -107,8 +112,17 @@ class _Float8LinearFn(torch.autograd.Function):
         # An input gathered in float8 has no high-precision values to save: its float8 copy is saved.
         save_fp8 = isinstance(x, Float8Tensor) or config.save_fp8_for_backward and not (
             need_w_grad and not torch.compiler.is_compiling() and saved_by_producer(x))
+        # In a checkpoint's first forward what is saved is dropped (backward recomputes it): cast
+        # only what the forward GEMM reads, save stand-ins of the recomputation's shapes and dtypes.
+        # Not under torch.compile (its partitioner decides), nor under a dispatch mode: selective
+        # checkpointing replays cached op outputs by call order, so both passes run the same ops.
+        free = not torch.compiler.is_compiling() and not dispatch_modes_active()
+        phase = checkpoint_phase() if free else None
+        dropped = phase == "forward"
         x_row, x_col, x_scale, x_amax = _quantize_input(
-            x, config, ("row", "col") if need_w_grad and save_fp8 else ("row",))
+            x, config, ("row", "col") if need_w_grad and save_fp8 and not dropped else ("row",))
+        if need_w_grad and save_fp8 and dropped:
+            x_col = stand_in(x_row.shape, x_row.dtype, x_row.device)
         # By default the weight is quantized row-major here and column-major again in backward
         # from the parameter itself: saving the fp8 copy would add a byte per parameter to peak
         # memory, re-casting costs one read of the weight. With keep_fp8_weight both layouts are
@@ -128,9 +142,20 @@ class _Float8LinearFn(torch.autograd.Function):
         elif config.keep_fp8_weight and need_x_grad:
             w_row, w_col, w_scale, _ = quantize_with_amax(
                 weight, config.forward_dtype, "both", config.power_of_2_scale)
+        elif phase == "recompute" and need_x_grad:
+            # A checkpoint's recomputation: the first forward's amax (weight_amax.py), both layouts
+            # in one pass, the column-major copy saved for the backward that follows at once.
+            w_row, w_col, w_scale, _ = quantize_with_amax(
+                weight, config.forward_dtype, "both", config.power_of_2_scale, amax=weight_amax.latest(weight))
         else:  # w_col is None
+            # A recomputation (a reentrant checkpoint's runs inside backward without hooks) casts
+            # with the amax of the weight's latest forward cast: the forward it recomputes.
+            amax = weight_amax.latest(weight) if free and (phase == "recompute" or inside_backward()) else None
             w_row, w_col, w_scale, w_amax = quantize_with_amax(
-                weight, config.forward_dtype, "row", config.power_of_2_scale)
+                weight, config.forward_dtype, "row", config.power_of_2_scale, amax=amax)
+            weight_amax.remember(weight, w_amax)
+            if dropped and need_x_grad:  # the recomputation saves the column-major copy and its scale
+                w_col = stand_in(weight.shape, w_row.dtype, w_row.device)
         if not need_x_grad:
             w_saved, w_info = None, None
         elif gathered:
@@ -157,6 +182,12 @@ class _Float8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         config = ctx.config
         x_col, x_scale, weight, w_info = ctx.saved_tensors
+        if any(t is not None and is_stand_in(t) for t in (x_col, weight)):
+            raise RuntimeError(
+                "Float8Linear: backward got the stand-in its checkpointed first forward saved, not the tensor "
+                "the recomputation makes: this torch.utils.checkpoint kept the first forward's saved tensors "
+                "(f8tensor recognizes checkpointing's hooks by name, torch_internals.checkpoint_phase). "
+                "Report it with your torch version")
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if need_w and not ctx.saved_fp8:  # x_col is x itself, x_scale its amax record
             _, x_col, x_scale, _ = _quantize(x_col, config.forward_dtype, config, ("col",), amax=x_scale)

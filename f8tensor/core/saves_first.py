@@ -43,7 +43,18 @@ def forward_output(x, bias, config, a, scale_a, b, scale_b, deferred: list | Non
     if deferred is None:
         return _gemm(gemm_args, out_shape)
     deferred.append(gemm_args)
-    return torch.empty((), dtype=x.dtype, device=a.device).expand(out_shape)
+    return stand_in(out_shape, x.dtype, a.device)
+
+
+def stand_in(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of this shape, dtype and device holding no values (one element, expanded): the
+    deferred GEMM's placeholder output, and what a checkpoint's first forward saves in place of a
+    float8 copy its recomputation makes (checkpointing keeps only the shape, dtype and device)."""
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
+def is_stand_in(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and not any(t.stride())
 
 
 def _gemm(gemm_args: tuple, out_shape: tuple) -> torch.Tensor:
