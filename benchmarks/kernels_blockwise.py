@@ -23,7 +23,7 @@ import torch
 
 from tools.common import gpu_ms, kernel_benchmark_start, write_rows
 from f8tensor.kernels import quantize_blockwise_ref
-from f8tensor.kernels.blockwise import COL_STRIPS_BLOCK_N, PACKED_ROW_STRIDE, block_cast_triton
+from f8tensor.kernels.blockwise import COL_STRIPS_BLOCK_N, block_cast_triton
 
 SHAPES = [(16384, 4096), (16384, 14336), (14336, 4096), (4096, 14336), (16384, 1024), (1024, 4096)]
 MODES = {"act_row": (False, True, False), "act_both": (False, True, True), "act_col": (False, False, True),
@@ -41,12 +41,12 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
 
 def applies(cfg: dict, mode: str, M: int, N: int) -> bool:
     """Whether a sweep configuration's options apply to the cast `mode` of a contiguous M x N input
-    (column slices no wider than the column strips' programs; packed=True where M is a multiple of 4
-    and N of PACKED_ROW_STRIDE, as block_cast_triton requires)."""
+    (column slices no wider than the column strips' programs; packed=True where M is a multiple of 4,
+    as block_cast_triton requires)."""
     return not ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
                 or "sub_n" in cfg and mode not in ("act_both", "act_col")
                 or "block_n" in cfg and mode != "act_col"
-                or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and (M % 4 or N % PACKED_ROW_STRIDE))
+                or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 

@@ -16,9 +16,10 @@ columns) and writes what the caller asked for from it:
   tile loaded as laid out and stored transposed, with 64-bit arithmetic only in the tile's base
   pointers and no masks when the shape is a multiple of the tile (the both-layouts path's slices
   did not gain from either: docs/benchmarks.md, "Blockwise scaling");
-- with packed=True (where M is a multiple of 4 and x's row stride of 16), the column strips of
-  either cast are stored four rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose
-  moves words, not single bytes, through shared memory; off by default (PACKED_COLUMNS).
+- with packed=True (where M is a multiple of 4), the column strips of either cast are stored four
+  rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose moves words, not single
+  bytes, through shared memory; off by default (PACKED_COLUMNS); where x's row stride is not a
+  multiple of 16 compiled without M's divisibility (PACKED_ROW_STRIDE).
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
@@ -185,6 +186,9 @@ def block_kernel(
                          mask=mask)
 
 
+# block_kernel compiled as though M's divisibility by 16 were unknown (PACKED_ROW_STRIDE).
+block_kernel_m_unaligned = triton.jit(do_not_specialize_on_alignment=["M"])(block_kernel.fn)
+
 # Slices of a strips tile (rows per row slice, columns per column slice), from the H200 runs of the
 # both-layouts cast and of the column strips alone (docs/benchmarks.md, "Blockwise scaling").
 SUB_M = SUB_N = 64
@@ -194,13 +198,17 @@ COL_STRIPS_SUB_N = 128
 COL_STRIPS_BLOCK_N = 64
 # Whether the column strips are stored four rows' bytes to a 32-bit word by default where that
 # applies (`_packed_col_slice`): off, though 5-8 % faster on the H200 (docs/benchmarks.md, "Blockwise
-# scaling"), while the fault behind PACKED_ROW_STRIDE is not understood; packed=True asks for it.
+# scaling"), until the launch below is proven on the GPU; packed=True asks for it.
 PACKED_COLUMNS = False
-# The row stride of x (N, where x is contiguous) the word store takes a multiple of: on the H200 it
-# mis-stored one row in eight of the column-major data where M was a multiple of 16 and N was not
-# (N = 300 and 4100, with or without the row strips; the byte store exact at all of them), exact
-# where N was (4096, 4160), cause not found (docs/benchmarks.md, "Blockwise scaling"); the
-# interpreter is exact at all of them. Refused elsewhere until the cause is known.
+# The row stride of x (N, where x is contiguous) the word store is compiled for as specialized: on
+# the H200 it mis-stored one row in eight of the column-major data where M was a multiple of 16
+# and N was not (N = 300 and 4100, with or without the row strips; the byte store exact at all of
+# them), exact where N was (4096, 4160) and where M was not (132 x 300). Compiled for sm_90, every
+# failing case (M's divisibility by 16 known, the row stride's not) converts the words into a store
+# layout of four words a thread through ldmatrix .b16, the exact 132 x 300 into one word a thread
+# (docs/benchmarks.md, "Blockwise scaling"). So where the row stride is not a multiple of this, the
+# packed store launches `block_kernel_m_unaligned`: the same kernel compiled without M's divisibility,
+# as the 132 x 300 case was.
 PACKED_ROW_STRIDE = 16
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
@@ -233,8 +241,7 @@ def block_cast_triton(
     COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them).
     packed: the column strips' bytes stored four rows to a 32-bit word (`_packed_col_slice`); by
     default (None) wherever it applies (PACKED_COLUMNS on, strips written column-major, M a multiple
-    of 4, x's row stride a multiple of PACKED_ROW_STRIDE, offsets inside a tile within int32); True
-    where it does not apply is a ValueError."""
+    of 4, offsets inside a tile within int32); True where it does not apply is a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -273,8 +280,6 @@ def block_cast_triton(
     why_not = ("square (128 x 128) tiles have no column strips" if square else
                "the column strips are not written (write_col=False)" if not write_col else
                f"M = {M} is not a multiple of 4" if M % 4 else
-               f"x's row stride {x.stride(0)} is not a multiple of {PACKED_ROW_STRIDE} (the word store was not "
-               "exact on the GPU there: PACKED_ROW_STRIDE)" if x.stride(0) % PACKED_ROW_STRIDE else
                "offsets inside a 128 x 128 tile exceed int32" if not fits_32 else None)
     if packed and why_not:
         raise ValueError(f"block_cast_triton: packed=True does not apply here: {why_not}")
@@ -290,7 +295,8 @@ def block_cast_triton(
         num_warps = num_warps or _default_warps(square, write_row, write_col, bn)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
-        launch_kernel(block_kernel, (cdiv(M, bm), cdiv(N, bn)),
+        kernel = block_kernel_m_unaligned if packed and x.stride(0) % PACKED_ROW_STRIDE else block_kernel
+        launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)),
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,

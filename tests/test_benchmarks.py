@@ -337,7 +337,7 @@ def test_blockwise_sweep_configurations_are_accepted_and_give_the_default_bits()
         for mode in kb.MODES:
             check_sweep(kb, x, mode)
     assert not kb.applies(dict(packed=True), "act_both", 130, 256) and kb.applies(dict(packed=False), "act_both", 130, 256)
-    assert not kb.applies(dict(packed=True), "act_both", 128, 300) and kb.applies(dict(packed=True), "act_both", 128, 304)
+    assert kb.applies(dict(packed=True), "act_both", 128, 300) and kb.applies(dict(packed=True), "act_both", 128, 304)
 
 
 def check_sweep(kb, x, mode):
