@@ -18,8 +18,8 @@ columns) and writes what the caller asked for from it:
   did not gain from either: docs/benchmarks.md, "Blockwise scaling");
 - with packed=True (where M is a multiple of 4), the column strips of either cast are stored four
   rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose moves words, not single
-  bytes, through shared memory; off by default (PACKED_COLUMNS); where x's row stride is not a
-  multiple of 16 compiled without M's divisibility (PACKED_ROW_STRIDE).
+  bytes, through shared memory; off by default (PACKED_COLUMNS); where the tiles are not whole
+  compiled without M's divisibility (`block_kernel_m_unaligned`).
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
@@ -186,7 +186,7 @@ def block_kernel(
                          mask=mask)
 
 
-# block_kernel compiled as though M's divisibility by 16 were unknown (PACKED_ROW_STRIDE).
+# block_kernel compiled as though M's divisibility by 16 were unknown (for the masked word store, below).
 block_kernel_m_unaligned = triton.jit(do_not_specialize_on_alignment=["M"])(block_kernel.fn)
 
 # Slices of a strips tile (rows per row slice, columns per column slice), from the H200 runs of the
@@ -200,16 +200,13 @@ COL_STRIPS_BLOCK_N = 64
 # applies (`_packed_col_slice`): off, though 5-8 % faster on the H200 (docs/benchmarks.md, "Blockwise
 # scaling"), until the launch below is proven on the GPU; packed=True asks for it.
 PACKED_COLUMNS = False
-# The row stride of x (N, where x is contiguous) the word store is compiled for as specialized: on
-# the H200 it mis-stored one row in eight of the column-major data where M was a multiple of 16
-# and N was not (N = 300 and 4100, with or without the row strips; the byte store exact at all of
-# them), exact where N was (4096, 4160) and where M was not (132 x 300). Compiled for sm_90, every
-# failing case (M's divisibility by 16 known, the row stride's not) converts the words into a store
-# layout of four words a thread through ldmatrix .b16, the exact 132 x 300 into one word a thread
-# (docs/benchmarks.md, "Blockwise scaling"). So where the row stride is not a multiple of this, the
-# packed store launches `block_kernel_m_unaligned`: the same kernel compiled without M's divisibility,
-# as the 132 x 300 case was.
-PACKED_ROW_STRIDE = 16
+# Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
+# the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
+# mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
+# multiple of 16 (bf16 at N = 300 and 4100; fp32 with the column strips alone at N = 272 and 4112),
+# while it was exact where M was not (132 x 300) and wherever the tile was whole. Compiled for
+# sm_90, the failing cases convert the words into a store layout of four words a thread through
+# ldmatrix .b16, the exact 132 x 300 into one word a thread (docs/benchmarks.md, "Blockwise scaling").
 
 # Launch defaults from the H200 sweep of benchmarks/kernels_blockwise.py (docs/benchmarks.md, "Blockwise
 # scaling"): 1 x 128 row strips alone in programs of 32 rows; warps per kind of cast.
@@ -295,7 +292,7 @@ def block_cast_triton(
         num_warps = num_warps or _default_warps(square, write_row, write_col, bn)
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
-        kernel = block_kernel_m_unaligned if packed and x.stride(0) % PACKED_ROW_STRIDE else block_kernel
+        kernel = block_kernel_m_unaligned if packed and not even else block_kernel
         launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)),
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps,

@@ -94,9 +94,10 @@ def test_column_strips_in_narrower_programs_match_reference(block_n, shape, hp_d
     same(got, reference(x, float8_dtype, False, False, False, True))
 
 
-# (256, 300): M a multiple of the tile, columns ending mid-tile, as (4096, 4100), at a size the CPU runs
-# (the word store compiled without M's divisibility there, PACKED_ROW_STRIDE); (256, 272), (132, 304)
-# and (4096, 4112) the same with N a multiple of 16 (the specialized compile)
+# (256, 300): M a multiple of the tile, columns ending mid-tile, as (4096, 4100), at a size the CPU runs;
+# (256, 272), (132, 304) and (4096, 4112) the same with N a multiple of 16 (the masked word store,
+# compiled with M's divisibility, was wrong at (256, 300), (4096, 4100), and in fp32 with the column
+# strips alone at (256, 272), (4096, 4112): block_kernel_m_unaligned)
 @pytest.mark.parametrize("shape", [(4, 16), (17, 48), (132, 300), (132, 304), (256, 256), (256, 300), (256, 272)]
                          + ([(4096, 4100), (4096, 4112)] if ON_GPU else []), ids=shape_id)
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
@@ -134,12 +135,10 @@ def test_the_column_store_asked_for_is_the_one_launched(packed, col_alone, monke
     assert launches == [(torch.int32, True) if packed else (torch.uint8, False)]
 
 
-@pytest.mark.parametrize("shape", [(256, 300), (132, 300), (256, 272), (256, 256)], ids=shape_id)
-def test_the_word_store_compiles_without_ms_divisibility_where_the_row_stride_is_not_a_multiple_of_16(
-        shape, monkeypatch):
-    """Where x's row stride is not a multiple of PACKED_ROW_STRIDE the word store launches
-    `block_kernel_m_unaligned` (the compile the GPU showed exact there), elsewhere `block_kernel`;
-    the byte store always `block_kernel`."""
+@pytest.mark.parametrize("shape", [(256, 300), (132, 300), (256, 272), (256, 256), (384, 128)], ids=shape_id)
+def test_the_masked_word_store_is_compiled_without_ms_divisibility(shape, monkeypatch):
+    """Where the tiles are not whole the word store launches `block_kernel_m_unaligned` (the compile
+    the GPU showed exact there), where they are `block_kernel`; the byte store always `block_kernel`."""
     module = sys.modules[block_cast_triton.__module__]
     kernels = []
     launch = module.launch_kernel
@@ -148,8 +147,8 @@ def test_the_word_store_compiles_without_ms_divisibility_where_the_row_stride_is
     want = reference(x, E4M3, False, False, True, True)
     for packed in (True, False):
         same(block_cast_triton(x, E4M3, write_row=True, write_col=True, packed=packed), want)
-    unaligned = shape[1] % module.PACKED_ROW_STRIDE != 0
-    assert kernels == [module.block_kernel_m_unaligned if unaligned else module.block_kernel, module.block_kernel]
+    whole = shape[0] % 128 == 0 and shape[1] % 128 == 0
+    assert kernels == [module.block_kernel if whole else module.block_kernel_m_unaligned, module.block_kernel]
 
 
 def test_packed_store_where_it_cannot_apply_is_refused():
