@@ -15,9 +15,11 @@ Read through functions below:
   checkpoint's first forward Float8Linear casts only what its forward GEMM reads, in its
   recomputation it casts the weight in both layouts with the first forward's amax, core/linear.py)
   and `torch._C._current_graph_task_id` (`inside_backward`: a reentrant checkpoint's recomputation
-  reuses that amax too, core/weight_amax.py); neither while `torch._C._len_torch_dispatch_stack`
-  says a dispatch mode is active (`dispatch_modes_active`: selective checkpointing's replays op
-  outputs by call order, so both passes must run the same ops);
+  reuses that amax too, core/weight_amax.py); neither while selective checkpointing's dispatch
+  modes (`torch.utils.checkpoint._CachingTorchDispatchMode` and `_CachedTorchDispatchMode`, found
+  on `torch.utils._python_dispatch._get_current_dispatch_mode_stack()`) see the ops
+  (`selective_checkpointing_active`: they replay op outputs by call order, so both passes must run
+  the same ops);
 - `torch._C._functorch.is_functorch_wrapped_tensor` (`is_functorch_wrapped`);
 - `torch.fx._symbolic_trace.is_fx_symbolic_tracing` (`fx_tracing`);
 - `torch._subclasses.fake_tensor.is_fake` (`is_fake`);
@@ -61,7 +63,12 @@ except ImportError:  # pragma: no cover (every supported torch has it; the test 
 _is_fx_tracing = getattr(getattr(torch.fx, "_symbolic_trace", None), "is_fx_symbolic_tracing", None)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
+    from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
+    _sac_modes = (_CachingTorchDispatchMode, _CachedTorchDispatchMode)
+except ImportError:  # pragma: no cover (every supported torch has them; the test says so)
+    _dispatch_mode_stack = _sac_modes = None
 
 # Autograd node type -> the names of its saved-tensor attributes (state.py lists it).
 SAVED_NAMES: dict = {}
@@ -89,12 +96,14 @@ def checkpoint_phase() -> str | None:
 _CHECKPOINT_PHASES = {"_checkpoint_hook": "forward", "_recomputation_hook": "recompute"}
 
 
-def dispatch_modes_active() -> bool:
-    """Whether a TorchDispatchMode sees the ops run (selective activation checkpointing's,
-    FlopCounterMode, torch.compile's fake and proxy modes, ...)."""
-    if _dispatch_stack_len is None:
-        raise RuntimeError("this torch has no torch._C._len_torch_dispatch_stack; f8tensor supports torch >= 2.11")
-    return _dispatch_stack_len() > 0
+def selective_checkpointing_active() -> bool:
+    """Whether selective activation checkpointing's dispatch mode (`create_selective_checkpoint_contexts`:
+    it caches op outputs in the first forward and replays them by call order in the recomputation,
+    or a subclass of it) sees the ops run."""
+    if _dispatch_mode_stack is None or _sac_modes is None:
+        raise RuntimeError("this torch has no torch.utils._python_dispatch._get_current_dispatch_mode_stack or "
+                           "no selective-checkpointing modes in torch.utils.checkpoint; f8tensor supports torch >= 2.11")
+    return any(isinstance(mode, _sac_modes) for mode in _dispatch_mode_stack())
 
 
 def inside_backward() -> bool:

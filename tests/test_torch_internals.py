@@ -128,15 +128,16 @@ def test_inside_backward_is_seen_in_a_recomputation_only():
     assert seen == [False, True] and not ti.inside_backward()
 
 
-def test_checkpoint_phases_and_dispatch_modes_are_recognized():
+def test_checkpoint_phases_and_selective_checkpointing_are_recognized():
     import functools
 
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.flop_counter import FlopCounterMode
 
     seen = []
 
     def block(x):
-        seen.append((ti.checkpoint_phase(), ti.dispatch_modes_active()))
+        seen.append((ti.checkpoint_phase(), ti.selective_checkpointing_active()))
         return x.sin()
 
     x = torch.randn(4, requires_grad=True)
@@ -149,6 +150,10 @@ def test_checkpoint_phases_and_dispatch_modes_are_recognized():
     seen.clear()
     checkpoint(block, x, use_reentrant=True).sum().backward()
     assert seen == [(None, False), (None, False)]
+    seen.clear()
+    with FlopCounterMode(display=False):  # a dispatch mode that is not selective checkpointing's
+        block(x)
+    assert seen == [(None, False)]
     with torch.autograd.graph.save_on_cpu():
         assert ti.checkpoint_phase() is None
-    assert ti.checkpoint_phase() is None and not ti.dispatch_modes_active()
+    assert ti.checkpoint_phase() is None and not ti.selective_checkpointing_active()

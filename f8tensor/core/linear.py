@@ -36,8 +36,8 @@ from torch import nn
 
 from ..distributed.fsdp_float8 import Float8AllGatherWeight
 from ..kernels import quantize_with_amax
-from ..torch_internals import (checkpoint_phase, dispatch_modes_active, inside_backward, module_hook_attributes,
-                               saved_by_producer, transformed)
+from ..torch_internals import (checkpoint_phase, inside_backward, module_hook_attributes, saved_by_producer,
+                               selective_checkpointing_active, transformed)
 from . import weight_amax
 from .class_swap import QuietSubclasses
 from .config import Float8Config
@@ -114,9 +114,9 @@ class _Float8LinearFn(torch.autograd.Function):
             need_w_grad and not torch.compiler.is_compiling() and saved_by_producer(x))
         # In a checkpoint's first forward what is saved is dropped (backward recomputes it): cast
         # only what the forward GEMM reads, save stand-ins of the recomputation's shapes and dtypes.
-        # Not under torch.compile (its partitioner decides), nor under a dispatch mode: selective
-        # checkpointing replays cached op outputs by call order, so both passes run the same ops.
-        free = not torch.compiler.is_compiling() and not dispatch_modes_active()
+        # Not under torch.compile (its partitioner decides), nor under selective checkpointing: it
+        # replays cached op outputs by call order, so both its passes run the same ops.
+        free = not torch.compiler.is_compiling() and not selective_checkpointing_active()
         phase = checkpoint_phase() if free else None
         dropped = phase == "forward"
         x_row, x_col, x_scale, x_amax = _quantize_input(
