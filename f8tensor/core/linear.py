@@ -15,10 +15,11 @@ the weight (autograd guarantees the saved parameter was not modified in between)
 is one pass. With config.keep_fp8_weight both layouts are cast once, in one pass, and kept while
 the weight is unchanged (weight_cache.py): micro-batches and recomputation reuse them. Under
 torch.compile keep_fp8_weight casts both layouts in forward, in one pass, and saves the
-column-major copy for backward (kept for that backward only). A forward inside a backward pass
-(an activation checkpoint's recomputation) casts the weight with its first forward's amax
-(weight_amax.py) in both layouts in one pass and saves the column-major copy, held from the
-recomputation to the layer's backward only. Under saved-tensor hooks
+column-major copy for backward (kept for that backward only). Under non-reentrant activation
+checkpointing the first forward casts only what its GEMM reads (checkpointing drops its saves;
+stand-ins of the same shapes are saved), and the recomputation casts the weight once, in both
+layouts, with the first forward's amax (weight_amax.py), saving the column-major copy for the
+backward that follows; a reentrant checkpoint's recomputation reuses that amax. Under saved-tensor hooks
 (activation checkpointing) the forward GEMM runs after the saves, in an autograd Function of its
 own (saves_first.py), so an early-stopping recomputation can skip it.
 
@@ -171,6 +172,7 @@ class _Float8LinearFn(torch.autograd.Function):
             saved_x, x_info = (x.reshape(-1, x.shape[-1]), x_amax) if need_w_grad else (None, None)
         # w_info: the scale of the saved float8 weight, or the amax record of the weight itself.
         ctx.save_for_backward(saved_x, x_info, w_saved, w_info)
+        ctx.stand_ins = dropped
         ctx.kept_weight = w_col is not None
         ctx.gathered_weight = gathered
         ctx.saved_fp8 = save_fp8
@@ -182,7 +184,7 @@ class _Float8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         config = ctx.config
         x_col, x_scale, weight, w_info = ctx.saved_tensors
-        if any(t is not None and is_stand_in(t) for t in (x_col, weight)):
+        if ctx.stand_ins and any(t is not None and is_stand_in(t) for t in (x_col, weight)):
             raise RuntimeError(
                 "Float8Linear: backward got the stand-in its checkpointed first forward saved, not the tensor "
                 "the recomputation makes: this torch.utils.checkpoint kept the first forward's saved tensors "

@@ -54,6 +54,7 @@ def stand_in(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def is_stand_in(t: torch.Tensor) -> bool:
+    """Whether t looks like `stand_in`'s result: more than one element, every stride 0."""
     return t.numel() > 1 and not any(t.stride())
 
 
