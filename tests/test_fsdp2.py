@@ -71,15 +71,24 @@ def shard_layers(model, mesh, before=None, **options):
     return fully_shard(model, mesh=mesh, **options)
 
 
-def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, results):
+def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, ac, results):
     """One rank: CPU on gloo, or GPU `rank` on NCCL."""
     device = join_process_group(rank, world, store, device_type)
     try:
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
         model = make_model(keep_weight, device, norm=not compiled, recipe=recipe)
         mesh = init_device_mesh(device_type, (world,))
         shard_layers(model, mesh)
+        if ac:  # the whole model recomputed to its end (torchtitan's early stop off): the weights gathered again
+            forward = model.forward
+
+            def checkpointed(x):
+                with set_checkpoint_early_stop(False):
+                    return checkpoint(forward, x, use_reentrant=False)
+
+            model.forward = checkpointed
         # compiled: "static" compiles with dynamic=False, "dynamic" with torch.compile's default
         # (automatic dynamic shapes: each layer's frame, split off by FSDP2's skipped hooks, is
         # recompiled with symbolic sizes once a second layer shape arrives).
@@ -95,13 +104,13 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @TWO_RANK_DEVICES
-@pytest.mark.parametrize("keep_weight, compiled, recipe", [
-    (False, False, "tensorwise"), (True, False, "tensorwise"), (False, "static", "tensorwise"),
-    (False, "dynamic", "tensorwise"), (False, False, "rowwise"), (False, "static", "rowwise"),
-    (False, False, "blockwise"), (False, "static", "blockwise")],
+@pytest.mark.parametrize("keep_weight, compiled, recipe, ac", [
+    (False, False, "tensorwise", False), (True, False, "tensorwise", False), (False, "static", "tensorwise", False),
+    (False, "dynamic", "tensorwise", False), (False, False, "rowwise", False), (False, "static", "rowwise", False),
+    (False, False, "blockwise", False), (False, "static", "blockwise", False), (False, False, "tensorwise", True)],
     ids=["default", "keep_fp8_weight", "compiled", "compiled_dynamic", "rowwise", "rowwise_compiled", "blockwise",
-         "blockwise_compiled"])
-def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, recipe, device_type, tmp_path):
+         "blockwise_compiled", "checkpointed"])
+def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, recipe, ac, device_type, tmp_path):
     """keep_fp8_weight under FSDP2, 2 micro-batches per step: correct training. (FSDP2 gives the
     unsharded parameter new storage at each all-gather here, so the copies are not reused: the
     optimizer-hook safety net is tested in test_weight_cache.py.) Compiled over FSDP2: the same
@@ -109,13 +118,16 @@ def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, r
     FSDP2's hooks, so every layer is a frame of its own, recompiled with symbolic sizes once a
     second shape arrives). That case failed in Dynamo with torch 2.11 (AssertionError in
     `overwrite_tensor_vt_proxy`; on 2 H200s, and on CPU ranks with torch 2.11) while Float8Linear's
-    autograd function read sizes of its intermediates (an emptiness test, a shape check)."""
+    autograd function read sizes of its intermediates (an emptiness test, a shape check).
+    "checkpointed": the sharded model recomputed in backward (the recomputation's weight casts
+    read the first forward's amax of the gathered weights, core/weight_amax.py) gives the bits of
+    the uncheckpointed single process."""
     if recipe == "rowwise" and device_type == "cpu" and not cpu_rowwise_gemm():
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes no rowwise scales")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, recipe, results),
-                 nprocs=2)
+        mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, recipe, ac,
+                                    results), nprocs=2)
         results = dict(results)
     device = torch.device(device_type)  # the reference: one process on the CPU, or on the first GPU
     model = make_model(device=device, norm=not compiled, recipe=recipe)  # the reference casts every time
