@@ -115,10 +115,15 @@ class _Float8LinearFn(torch.autograd.Function):
             need_w_grad and not torch.compiler.is_compiling() and saved_by_producer(x))
         # In a checkpoint's first forward what is saved is dropped (backward recomputes it): cast
         # only what the forward GEMM reads, save stand-ins of the recomputation's shapes and dtypes.
-        # Not under torch.compile (its partitioner decides), nor under selective checkpointing: it
+        # A recomputation (a reentrant checkpoint's runs inside backward without hooks) casts the
+        # weight with the amax of its latest forward cast: the forward it recomputes. None of this
+        # under torch.compile (its partitioner decides), nor under selective checkpointing: it
         # replays cached op outputs by call order, so both its passes run the same ops.
-        free = not torch.compiler.is_compiling() and not selective_checkpointing_active()
-        phase = checkpoint_phase() if free else None
+        compiling = torch.compiler.is_compiling()
+        phase = None if compiling else checkpoint_phase()
+        recomputing = not compiling and (phase == "recompute" or inside_backward())
+        if (phase is not None or recomputing) and selective_checkpointing_active():
+            phase, recomputing = None, False
         dropped = phase == "forward"
         x_row, x_col, x_scale, x_amax = _quantize_input(
             x, config, ("row", "col") if need_w_grad and save_fp8 and not dropped else ("row",))
@@ -149,11 +154,9 @@ class _Float8LinearFn(torch.autograd.Function):
             w_row, w_col, w_scale, _ = quantize_with_amax(
                 weight, config.forward_dtype, "both", config.power_of_2_scale, amax=weight_amax.latest(weight))
         else:  # w_col is None
-            # A recomputation (a reentrant checkpoint's runs inside backward without hooks) casts
-            # with the amax of the weight's latest forward cast: the forward it recomputes.
-            amax = weight_amax.latest(weight) if free and (phase == "recompute" or inside_backward()) else None
             w_row, w_col, w_scale, w_amax = quantize_with_amax(
-                weight, config.forward_dtype, "row", config.power_of_2_scale, amax=amax)
+                weight, config.forward_dtype, "row", config.power_of_2_scale,
+                amax=weight_amax.latest(weight) if recomputing else None)
             weight_amax.remember(weight, w_amax)
             if dropped and need_x_grad:  # the recomputation saves the column-major copy and its scale
                 w_col = stand_in(weight.shape, w_row.dtype, w_row.device)
