@@ -16,7 +16,8 @@ break the checkpoint's recomputation itself, whose saved tensors would no longer
 forward's. Nothing is remembered while torch.compile traces (the compiled graph recomputes what
 its partitioner chooses), while a CUDA graph is being captured, or for inference tensors.
 
-Memory: one amax record (a few bytes) per parameter that Float8Linear has cast.
+Memory: one amax record per parameter that Float8Linear has cast (the Triton path's int32 partial
+maxima, one per program of the amax pass: a few kilobytes; a 0-d tensor elsewhere).
 
 One dict for every thread (on CUDA, autograd runs backward, and checkpoint recomputation, in its
 own device thread), keyed on the parameter's id and checked by identity.
