@@ -416,6 +416,33 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
     for r in res:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
     assert res[0]["cp_async"] == 0  # the both-layouts cast's slices are unrolled (tl.static_range): nothing pipelined
+    packed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "packed_store_compile.py")],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert packed.returncode == 0, packed.stderr[-4000:]
+    check_packed_store_compiles(packed.stdout.splitlines())
+
+
+def check_packed_store_compiles(lines):
+    """tools/packed_store_compile.py: the masked word stores the GPU found wrong compile, with M's
+    divisibility known, into a four-words-a-thread layout that `block_kernel_m_unaligned` (what
+    kernels/blockwise.py launches for them) does not use; there it compiles as the exact 132 x 300
+    case does, and whole tiles keep their vector stores in `block_kernel`."""
+    rows = {}
+    for line in lines:
+        case, kernel = line.split(", ")[0], line.split(", ")[1].split(" ")[0]
+        layouts = ast.literal_eval(line.split("sizePerThread ")[1].split("], ")[0] + "]")
+        counts = ast.literal_eval(line[line.index("{"):])
+        rows[case, kernel] = (layouts, counts, "block_kernel: wrong" in line)
+    assert len(rows) == 12
+    for (case, kernel), (layouts, counts, wrong) in rows.items():
+        if kernel == "block_kernel_m_unaligned":
+            assert "4, 1" not in layouts, case
+        elif wrong:
+            assert "4, 1" in layouts and counts["ldmatrix"] >= 8, case
+    exact = rows["132 x 300 bfloat16 both", "block_kernel"]
+    for case in ("256 x 300 bfloat16 both", "4096 x 4100 bfloat16 both"):
+        assert rows[case, "block_kernel_m_unaligned"][:2] == exact[:2]
+    assert rows["256 x 256 float32 col alone", "block_kernel"][1]["st.global.v4.b32"] > 0
 
 
 @CPU_ONLY

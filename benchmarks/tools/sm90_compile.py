@@ -56,29 +56,37 @@ def _specialize(name: str, value):
                     "descriptors, ints, floats")
 
 
-def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> dict:
-    """Registers, spills and shared memory of `kernel(*args, **constexprs)` compiled for sm_90,
-    and the programs per SM each allows; see the module docstring. `args` are the runtime
-    arguments in signature order (tensors may be on the CPU: only their dtype and alignment count)."""
+def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs):
+    """`kernel(*args, **constexprs)` compiled for sm_90 as a launch would specialize it (the
+    module docstring; parameters the kernel's `triton.jit` exempts, do_not_specialize or
+    do_not_specialize_on_alignment, are not marked divisible by 16). `args` are the runtime
+    arguments in signature order (tensors may be on the CPU: only their dtype and alignment count).
+    Triton's compiled kernel: its `asm` holds the TTGIR, PTX and cubin."""
+    unaligned = {p.name for p in kernel.params if p.do_not_specialize or p.do_not_specialize_on_alignment}
     names = list(kernel.arg_names)
     runtime = names[:len(args)]
     missing = [n for n in names[len(args):] if n not in constexprs and n not in kernel.constexprs_defaults()]
     if missing:
-        raise TypeError(f"sm90_resources: no value for {missing}")
+        raise TypeError(f"compile_sm90: no value for {missing}")
     signature, constants, attrs = {}, dict(constexprs), {}
     for name, value in zip(runtime, args):
         entry, constant, divisible = _specialize(name, value)
         signature[name] = entry
         if constant is not None:
             constants[name] = constant
-        if divisible:
+        if divisible and name not in unaligned:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     for name in names[len(args):]:
         signature[name] = "constexpr"
     src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> dict:
+    """Registers, spills and shared memory of `kernel(*args, **constexprs)` compiled for sm_90,
+    and the programs per SM each allows; see the module docstring and `compile_sm90`."""
+    compiled = compile_sm90(kernel, args, num_warps, num_stages, **constexprs)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
