@@ -39,10 +39,10 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(packed=False)]
 
 
-def applies(cfg: dict, mode: str, M: int, N: int) -> bool:
-    """Whether a sweep configuration's options apply to the cast `mode` of a contiguous M x N input
-    (column slices no wider than the column strips' programs; packed=True where M is a multiple of 4,
-    as block_cast_triton requires)."""
+def applies(cfg: dict, mode: str, M: int) -> bool:
+    """Whether a sweep configuration's options apply to the cast `mode` of an input of M rows (column
+    slices no wider than the column strips' programs; packed=True where M is a multiple of 4, as
+    block_cast_triton requires)."""
     return not ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
                 or "sub_n" in cfg and mode not in ("act_both", "act_col")
                 or "block_n" in cfg and mode != "act_col"
@@ -115,7 +115,7 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if not applies(cfg, mode, M, N):
+                    if not applies(cfg, mode, M):
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

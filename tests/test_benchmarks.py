@@ -336,14 +336,14 @@ def test_blockwise_sweep_configurations_are_accepted_and_give_the_default_bits()
     for x in (torch.randn(256, 384, dtype=torch.bfloat16), torch.randn(130, 256, dtype=torch.bfloat16)):
         for mode in kb.MODES:
             check_sweep(kb, x, mode)
-    assert not kb.applies(dict(packed=True), "act_both", 130, 256) and kb.applies(dict(packed=False), "act_both", 130, 256)
-    assert kb.applies(dict(packed=True), "act_both", 128, 300) and kb.applies(dict(packed=True), "act_both", 128, 304)
+    assert not kb.applies(dict(packed=True), "act_both", 130) and kb.applies(dict(packed=False), "act_both", 130)
+    assert kb.applies(dict(packed=True), "act_both", 128)
 
 
 def check_sweep(kb, x, mode):
     want = kb.ours(x, mode)()
     for cfg in kb.SWEEP:
-        if not kb.applies(cfg, mode, *x.shape):
+        if not kb.applies(cfg, mode, x.shape[0]):
             continue
         got = kb.ours(x, mode, **cfg)()
         assert all(a is None and b is None or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
