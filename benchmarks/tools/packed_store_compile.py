@@ -25,6 +25,7 @@ CASES = [(256, 300, torch.bfloat16, False, "wrong"), (4096, 4100, torch.bfloat16
          (256, 272, torch.bfloat16, True, "exact"), (256, 256, torch.float32, True, "exact (whole tiles)")]
 
 
+KERNELS = {"block_kernel": block_kernel, "block_kernel_m_unaligned": block_kernel_m_unaligned}
 PTX_COUNTS = {"ldmatrix": r"ldmatrix", "st.global.v4.b32": r"st\.global[.\w]*\.v4\.b32",
               "st.global.b32": r"st\.global[.\w]*\.b32 "}
 
@@ -45,14 +46,13 @@ def compiled_word_store(kernel, M: int, N: int, dtype: torch.dtype, col_alone: b
 
 def main():
     for M, N, dtype, col_alone, gpu in CASES:
-        for kernel in (block_kernel, block_kernel_m_unaligned):
+        for name, kernel in KERNELS.items():
             asm = compiled_word_store(kernel, M, N, dtype, col_alone).asm
             layouts = sorted(set(re.findall(r"sizePerThread = \[([\d, ]+)\]", asm["ttgir"])))
             ptx = asm["ptx"]
             counts = {what: len(re.findall(pattern, ptx)) for what, pattern in PTX_COUNTS.items()}
             print(f"{M} x {N} {str(dtype).removeprefix('torch.')} {'col alone' if col_alone else 'both'}, "
-                  f"{kernel.__name__ if kernel is block_kernel else 'block_kernel_m_unaligned'} "
-                  f"(GPU, block_kernel: {gpu}): "
+                  f"{name} (GPU, block_kernel: {gpu}): "
                   f"sizePerThread {layouts}, {counts}", flush=True)
 
 
