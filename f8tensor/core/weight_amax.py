@@ -3,9 +3,10 @@
 Activation checkpointing runs a block's forward again in backward, on the weights the first
 forward read: non-reentrant checkpointing (torchtitan, Hugging Face) checks that the recomputed
 saved tensors match the first forward's, and its result is only right if they do. So a
-Float8Linear forward that runs inside a backward pass (`torch_internals.inside_backward`) casts its
-weight with the amax of that weight's latest forward cast: one read of the weight instead of two,
-the same scale and the same bits (core/linear.py).
+Float8Linear forward that is such a recomputation (`torch_internals.checkpoint_phase`, or for a
+reentrant checkpoint `inside_backward`; core/linear.py decides) casts its weight with the amax of
+that weight's latest forward cast: one read of the weight instead of two, the same scale and the
+same bits.
 
 An entry holds, per parameter object (a weak reference), the amax record of its latest cast
 outside a backward pass together with the version counter, storage, dtype and shape it was taken
