@@ -278,19 +278,24 @@ def scaled_mm_data(
         a_data = a_data.contiguous()
     if not _is_col_major(b_data):
         b_data = b_data.t().contiguous().t()
-    M = a_data.shape[0]
-    if kind == "blockwise" and not torch.compiler.is_dynamo_compiling() and 0 in (M, N, K):
-        # Nothing to multiply (an empty batch): cuBLAS's blockwise GEMM was not probed with empty sizes.
-        out = a_data.new_zeros((M, N), dtype=out_dtype)
-        return out if bias is None else (out + bias).to(out_dtype)
-    if kind == "blockwise" and (M % BLOCK or N % BLOCK or K % _k_multiple(a_scale, b_scale, M, N)):
-        # cuBLAS's blockwise GEMMs gave wrong products on the H200 with torch 2.11 for other sizes
-        # (docs/design.md, "Blockwise scaling"); zero padding is exact.
-        a_data, a_scale, b_data, b_scale = _pad_blockwise(a_data, a_scale, b_data, b_scale)
-        if bias is not None:
-            bias = F.pad(bias, (0, b_data.shape[1] - N))
-        return scaled_mm_data(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum, config,
-                              bias)[:M, :N].contiguous()
+    # a_data's row count is read only in the branches that use it: with torch 2.11, Dynamo tracing
+    # Float8Linear's autograd function with symbolic sizes (FSDP2, compile's automatic dynamic
+    # shapes) failed (AssertionError in overwrite_tensor_vt_proxy) as soon as this function read it
+    # (tests/test_fsdp2.py, "compiled_dynamic").
+    if kind == "blockwise":
+        M = a_data.shape[0]
+        if not torch.compiler.is_dynamo_compiling() and 0 in (M, N, K):
+            # Nothing to multiply (an empty batch): cuBLAS's blockwise GEMM was not probed with empty sizes.
+            out = a_data.new_zeros((M, N), dtype=out_dtype)
+            return out if bias is None else (out + bias).to(out_dtype)
+        if M % BLOCK or N % BLOCK or K % _k_multiple(a_scale, b_scale, M, N):
+            # cuBLAS's blockwise GEMMs gave wrong products on the H200 with torch 2.11 for other sizes
+            # (docs/design.md, "Blockwise scaling"); zero padding is exact.
+            a_data, a_scale, b_data, b_scale = _pad_blockwise(a_data, a_scale, b_data, b_scale)
+            if bias is not None:
+                bias = F.pad(bias, (0, b_data.shape[1] - N))
+            return scaled_mm_data(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum, config,
+                                  bias)[:M, :N].contiguous()
     if K % 16:
         # _scaled_mm needs K % 16 == 0; zero columns add nothing, so padding is exact. This is the
         # weight-gradient GEMM (K = tokens) when the token count is not a multiple of 16.
@@ -304,7 +309,7 @@ def scaled_mm_data(
         # CPU's tensorwise _scaled_mm kernel is two orders of magnitude slower than its rowwise one
         # (42 against 0.28 ms for [512, 64] @ [64, 64] with torch 2.13 on 2 cores): the same scales
         # as a column and a row. (No float8 hardware there: CPU GEMMs serve tests and the demo.)
-        a_scale, b_scale = tensorwise_as_rowwise(a_scale, b_scale, M, N)
+        a_scale, b_scale = tensorwise_as_rowwise(a_scale, b_scale, a_data.shape[0], N)
     # cuBLAS adds a bias of the output dtype in its epilogue for bf16/fp16 outputs only.
     fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
     try:
