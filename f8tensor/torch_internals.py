@@ -15,11 +15,13 @@ Read through functions below:
   checkpoint's first forward Float8Linear casts only what its forward GEMM reads, in its
   recomputation it casts the weight in both layouts with the first forward's amax, core/linear.py)
   and `torch._C._current_graph_task_id` (`inside_backward`: a reentrant checkpoint's recomputation
-  reuses that amax too, core/weight_amax.py); neither while selective checkpointing's dispatch
-  modes (`torch.utils.checkpoint._CachingTorchDispatchMode` and `_CachedTorchDispatchMode`, found
-  on `torch.utils._python_dispatch._get_current_dispatch_mode_stack()`) see the ops
-  (`selective_checkpointing_active`: they replay op outputs by call order, so both passes must run
-  the same ops);
+  reuses that amax too, core/weight_amax.py); the recomputation hook's closure and frame
+  (`recomputation_saves_complete`: with early stop off, a layer whose saves are the checkpoint's
+  last skips its forward GEMM in the recomputation, core/saves_first.py); none of them while
+  selective checkpointing's dispatch modes (`torch.utils.checkpoint._CachingTorchDispatchMode` and
+  `_CachedTorchDispatchMode`, found on `torch.utils._python_dispatch._get_current_dispatch_mode_stack()`)
+  see the ops (`selective_checkpointing_active`: they replay op outputs by call order, so both
+  passes must run the same ops);
 - `torch._C._functorch.is_functorch_wrapped_tensor` (`is_functorch_wrapped`);
 - `torch.fx._symbolic_trace.is_fx_symbolic_tracing` (`fx_tracing`);
 - `torch._subclasses.fake_tensor.is_fake` (`is_fake`);
@@ -42,6 +44,8 @@ version counter in-place writes bump), `Tensor._base` (a view's base),
 `torch._scaled_mm` (the float8 GEMM, core/ops.py) and `aten._unsafe_view` (an output that is not a
 view, as matmul's, core/linear.py), which the tests call on every device.
 """
+
+import inspect
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -94,6 +98,28 @@ def checkpoint_phase() -> str | None:
 
 
 _CHECKPOINT_PHASES = {"_checkpoint_hook": "forward", "_recomputation_hook": "recompute"}
+
+
+def recomputation_saves_complete() -> bool:
+    """Whether torch.utils.checkpoint's non-reentrant recomputation is running, with early stop off
+    and its first forward completed, and has recomputed every tensor that first forward saved: then
+    nothing the rest of this recomputation computes can reach backward (one more save would raise
+    CheckpointError; with early stop on, checkpointing itself stops right there). False otherwise.
+    Read from the recomputation's pack hook: its closure's `target_frame_ref` and `gid`, and the
+    frame's `early_stop`, `forward_completed`, `recomp_counter` and `weak_holders`, the fields
+    checkpoint.py's own pack hook compares."""
+    if checkpoint_phase() != "recompute":
+        return False
+    pack = inspect.unwrap(_top_saved_tensors_hooks(False)[0])  # torch 2.13 wraps it in dynamo.disable
+    cells = dict(zip(pack.__code__.co_freevars, pack.__closure__ or ()))
+    if "target_frame_ref" not in cells or "gid" not in cells:
+        raise RuntimeError(
+            f"torch {torch.__version__}'s checkpoint recomputation hook has no target_frame_ref and gid "
+            "in its closure; f8tensor supports torch 2.11 to 2.13")
+    frame, gid = cells["target_frame_ref"].cell_contents(), cells["gid"].cell_contents
+    if frame is None or frame.early_stop or not frame.forward_completed:
+        return False
+    return frame.recomp_counter[gid] >= len(frame.weak_holders)
 
 
 def selective_checkpointing_active() -> bool:

@@ -16,20 +16,21 @@ from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, swi
 RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
 
 
-def config(recipe):
+def config(recipe, **changes):
     # On CPU the finer recipes are emulated (torch 2.11's CPU _scaled_mm takes no rowwise scales,
     # no CPU one blockwise); the GEMM still runs where the deferral puts it.
-    return Float8Config.from_recipe_name(recipe).replace(emulate=DEVICE.type == "cpu" and recipe != "tensorwise")
+    return Float8Config.from_recipe_name(recipe).replace(emulate=DEVICE.type == "cpu" and recipe != "tensorwise",
+                                                         **changes)
 
 
 class Block(nn.Module):
     """x + w2(gelu(w1(x))): a residual block whose last saves are w2's."""
 
-    def __init__(self, recipe, dim=256, hidden=512):
+    def __init__(self, recipe, dim=256, hidden=512, **changes):
         super().__init__()
         torch.manual_seed(0)
-        self.w1 = Float8Linear(dim, hidden, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
-        self.w2 = Float8Linear(hidden, dim, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
+        self.w1 = Float8Linear(dim, hidden, config=config(recipe, **changes), device=DEVICE, dtype=torch.bfloat16)
+        self.w2 = Float8Linear(hidden, dim, config=config(recipe, **changes), device=DEVICE, dtype=torch.bfloat16)
 
     def forward(self, x):
         return x + self.w2(F.gelu(self.w1(x)))
@@ -65,14 +66,17 @@ def assert_identical(got, want):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recomputation_skips_the_last_layers_gemm_same_bits(recipe, monkeypatch):
-    """Checkpointed, backward runs one forward GEMM again (w1's), not two; with early stop off it
-    runs both. Output and gradients equal the unchecked block's bit for bit either way."""
-    block = Block(recipe)
+@pytest.mark.parametrize("recompute_unread", [False, True], ids=["default", "recompute_unread_gemm"])
+def test_recomputation_skips_the_last_layers_gemm_same_bits(recipe, recompute_unread, monkeypatch):
+    """Checkpointed, backward runs one forward GEMM again (w1's), not two: with early stop on
+    checkpointing stops after w2's saves, with it off w2 skips its GEMM (zeros go on to the
+    residual add); Float8Config.recompute_unread_gemm runs it there. Output and gradients equal
+    the unchecked block's bit for bit every way."""
+    block = Block(recipe, recompute_unread_gemm=recompute_unread)
     x = torch.randn(2, 128, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(block, x, ac=False)
     gemms = forward_gemms(monkeypatch)
-    for early_stop, recomputed in ((True, 1), (False, 2)):
+    for early_stop, recomputed in ((True, 1), (False, 2 if recompute_unread else 1)):
         with set_checkpoint_early_stop(early_stop):
             x_ = x.detach().requires_grad_()
             out = checkpoint(block, x_, use_reentrant=False)
@@ -224,3 +228,53 @@ def test_hugging_face_gradient_checkpointing_skips_each_down_projection(monkeypa
         recomputed_one, want = backward_gemms_and_grads()
     assert (recomputed, recomputed_one) == (2 * 6, 2 * 7)
     assert_identical(got, want)
+
+
+class GatedBlock(nn.Module):
+    """gelu(w2(gelu(w1(x)))): w2's output is saved again by the gelu after it, so w2's saves are
+    not the checkpoint's last."""
+
+    def __init__(self, recipe, dim=256, hidden=512):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1 = Float8Linear(dim, hidden, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
+        self.w2 = Float8Linear(hidden, dim, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        return F.gelu(self.w2(F.gelu(self.w1(x))))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_a_layer_whose_output_is_saved_later_runs_its_gemm(recipe, monkeypatch):
+    """Early stop off, w2 followed by an op that saves w2's output: the recomputation runs both
+    forward GEMMs, and the gradients are the unchecked block's bit for bit."""
+    block = GatedBlock(recipe)
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
+    want = step(block, x, ac=False)
+    gemms = forward_gemms(monkeypatch)
+    with set_checkpoint_early_stop(False):
+        x_ = x.detach().requires_grad_()
+        out = checkpoint(block, x_, use_reentrant=False)
+        gemms.clear()
+        out.float().square().sum().backward()
+    assert len(gemms) == 2
+    assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)
+
+
+@pytest.mark.parametrize("recompute_unread", [False, True], ids=["default", "recompute_unread_gemm"])
+def test_code_after_the_last_saves_sees_zeros_in_the_recomputation(recompute_unread):
+    """The contract of the skip: with early stop off, a forward hook on w2 sees w2's real output in
+    the first forward and zeros in the recomputation (its values reach no backward); with
+    recompute_unread_gemm the real output both times."""
+    block = Block("tensorwise", recompute_unread_gemm=recompute_unread)
+    seen = []
+    block.w2.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    with set_checkpoint_early_stop(False):
+        checkpoint(block, x, use_reentrant=False).float().square().sum().backward()
+    first, recomputed = seen
+    assert first.abs().sum() > 0
+    if recompute_unread:
+        assert torch.equal(recomputed, first)
+    else:
+        assert recomputed.shape == first.shape and recomputed.dtype == first.dtype and not recomputed.any()

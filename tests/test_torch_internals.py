@@ -157,3 +157,30 @@ def test_checkpoint_phases_and_selective_checkpointing_are_recognized():
     with torch.autograd.graph.save_on_cpu():
         assert ti.checkpoint_phase() is None
     assert ti.checkpoint_phase() is None and not ti.selective_checkpointing_active()
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_recomputation_saves_complete_only_after_the_last_save(early_stop):
+    """True in a non-reentrant recomputation with early stop off once every tensor the first
+    forward saved has been recomputed; never in the first forward, with early stop on, in a
+    reentrant checkpoint or outside checkpointing."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    seen = []
+
+    def block(x):
+        seen.append(ti.recomputation_saves_complete())
+        y = x.sin()  # saves x
+        seen.append(ti.recomputation_saves_complete())
+        z = y.cos()  # saves y: the last save
+        seen.append(ti.recomputation_saves_complete())
+        return z + 1  # saves nothing
+    x = torch.randn(4, requires_grad=True)
+    with set_checkpoint_early_stop(early_stop):
+        checkpoint(block, x, use_reentrant=False).sum().backward()
+    # early stop on: the recomputation stops inside cos, before the third look
+    assert seen == [False] * 3 + ([False, False] if early_stop else [False, False, True])
+    seen.clear()
+    checkpoint(block, x, use_reentrant=True).sum().backward()
+    assert seen == [False] * 6
+    assert not ti.recomputation_saves_complete()

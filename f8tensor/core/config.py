@@ -41,6 +41,13 @@ class Float8Config:
     # decide what to keep by dtype or identity). The weight is cast again in backward from the
     # parameter either way (unless keep_fp8_weight): a saved fp8 copy would add memory.
     save_fp8_for_backward: bool = True
+    # Under non-reentrant activation checkpointing with early stop off (torchtitan's trainer's
+    # default), a layer whose saves are the checkpoint's last (a Llama block's down projection)
+    # skips its forward GEMM in the recomputation and passes zeros of the output's shape on:
+    # nothing after those saves reaches backward (checkpointing refuses further saves; with early
+    # stop on it stops there itself, core/saves_first.py). True runs that GEMM, for code after the
+    # layer that reads the recomputed values for a side effect (a forward hook logging them).
+    recompute_unread_gemm: bool = False
     # Keep each weight's float8 copies (both layouts, cast in one pass) while the weight is
     # unchanged: gradient-accumulation micro-batches and activation-checkpoint recomputation reuse
     # them. Dropped on in-place writes and on every torch.optim step; costs 2 bytes per parameter

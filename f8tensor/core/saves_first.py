@@ -21,7 +21,12 @@ autograd Functions:
 
 The same tensors are saved, in the same order, and the same kernels and GEMMs run on the same
 operands: outputs and gradients are bit-identical to the one-Function form. Recomputation stops
-inside the first Function when its saves are the last; else it runs `_Gemm` too. The cost is one
+inside the first Function when its saves are the last; else it runs `_Gemm` too. With early stop
+off the recomputation runs past the last saves: where a layer's saves were the last
+(`torch_internals.recomputation_saves_complete`), `_Gemm` gets no operands and returns zeros of the
+output's shape instead of running the GEMM (`Float8Config.recompute_unread_gemm=True` runs it); the
+rest of that forward runs on those zeros, and nothing of it reaches backward. Not under selective
+checkpointing's dispatch modes, which replay op outputs by call order. The cost is one
 more autograd node per layer (host time), paid only under saved-tensor hooks, and the forward's
 float8 operands live until `_Gemm` runs (the rowwise and blockwise forwards otherwise free them
 before casting x column-major).
@@ -29,7 +34,7 @@ before casting x column-major).
 
 import torch
 
-from ..torch_internals import saved_tensors_hooks_active
+from ..torch_internals import recomputation_saves_complete, saved_tensors_hooks_active, selective_checkpointing_active
 from .ops import scaled_mm_data
 
 
@@ -64,10 +69,13 @@ def _gemm(gemm_args: tuple, out_shape: tuple) -> torch.Tensor:
 
 
 class _Gemm(torch.autograd.Function):
-    """The deferred forward GEMM: the gradient of its output is the placeholder's."""
+    """The deferred forward GEMM (with gemm_args None: zeros of its shape, one element expanded,
+    in its place): the gradient of its output is the placeholder's."""
 
     @staticmethod
     def forward(ctx, placeholder, gemm_args):
+        if gemm_args is None:  # skipped (apply_saving_first): zeros, so what follows computes on defined values
+            return torch.zeros((), dtype=placeholder.dtype, device=placeholder.device).expand(placeholder.shape)
         return _gemm(gemm_args, placeholder.shape)
 
     @staticmethod
@@ -84,4 +92,7 @@ def apply_saving_first(fn, x, weight, bias, config, grad_enabled: bool) -> torch
         return fn.apply(x, weight, bias, config, grad_enabled, None)
     deferred = []
     placeholder = fn.apply(x, weight, bias, config, grad_enabled, deferred)
+    if not config.recompute_unread_gemm and recomputation_saves_complete() and not selective_checkpointing_active():
+        # These saves were the checkpoint's last: the recomputation's output reaches no backward.
+        return _Gemm.apply(placeholder, None)
     return _Gemm.apply(placeholder, deferred[0])
