@@ -16,10 +16,10 @@ columns) and writes what the caller asked for from it:
   tile loaded as laid out and stored transposed, with 64-bit arithmetic only in the tile's base
   pointers and no masks when the shape is a multiple of the tile (the both-layouts path's slices
   did not gain from either: docs/benchmarks.md, "Blockwise scaling");
-- with packed=True (where M is a multiple of 4), the column strips of either cast are stored four
-  rows' bytes to a 32-bit word (`_packed_col_slice`), so the transpose moves words, not single
-  bytes, through shared memory; off by default (PACKED_COLUMNS); where the tiles are not whole
-  compiled without M's divisibility (`block_kernel_m_unaligned`).
+- where M is a multiple of 4, the column strips of either cast are stored four rows' bytes to a
+  32-bit word (`_packed_col_slice`), so the transpose moves words, not single bytes, through shared
+  memory (PACKED_COLUMNS; packed=False stores bytes); where the tiles are not whole compiled
+  without M's divisibility (`block_kernel_m_unaligned`).
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
@@ -197,9 +197,9 @@ COL_STRIPS_SUB_N = 128
 # warps where the tile is 64 columns or fewer; H200 sweep: docs/benchmarks.md, "Blockwise scaling").
 COL_STRIPS_BLOCK_N = 64
 # Whether the column strips are stored four rows' bytes to a 32-bit word by default where that
-# applies (`_packed_col_slice`): off, though 5-8 % faster on the H200 (docs/benchmarks.md, "Blockwise
-# scaling"), until the launch below is proven on the GPU; packed=True asks for it.
-PACKED_COLUMNS = False
+# applies (`_packed_col_slice`): on, the both-layouts cast 5-8 % faster on the H200 and 2.6-4 % on
+# the H100 than the byte store (docs/benchmarks.md, "Blockwise scaling"); packed=False stores bytes.
+PACKED_COLUMNS = True
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
