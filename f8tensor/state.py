@@ -7,7 +7,6 @@
 | shared input | core/tensor_cache.shared_input | the last layer input's float8 copies, per thread | cleared |
 | produced amax | core/tensor_cache.produced_amax | amax records the fused ops measured, per thread | cleared |
 | kept weights | core/weight_cache.ENTRIES | float8 copies of weights (keep_fp8_weight) | cleared |
-| latest weight amax | core/weight_amax.LATEST | each weight's amax record from its latest forward cast (read by checkpoint recomputation) | cleared |
 | optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
 | precomputed-amax generation | distributed/fsdp_float8.GENERATION | a counter that forget_precomputed_scales moves on (after each CUDA graph replay): precomputed amaxes of older generations are not used; steps and loads drop only their own weights' amaxes | kept (the amaxes still valid stay valid) |
 | all-gather optimizer hook | distributed/fsdp_float8.OPTIMIZER_HOOK | the hook that drops, before a step, the amaxes of the weights that optimizer holds | kept (registered once) |
@@ -24,6 +23,10 @@
 | device capability | kernels.device_capability | per-device functools cache | cleared |
 | SM counts | kernels/quantize.num_sms | per-device functools cache | cleared |
 
+Not a store: each weight's amax from its latest forward cast (read by a checkpoint's
+recomputation) lives on the weight tensor itself (core/weight_amax.py), freed with it and used only
+while the weight is unchanged; `reset_state()` does not reach it.
+
 Clearing costs only time: the next call proves, records or casts again. A fused module keeps its
 class and proof (clearing does not unfuse a model), and the kept weights are dropped as
 `forget_fp8_weights()` drops them.
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import kernels, torch_internals
-from .core import class_swap, tensor, tensor_cache, weight_amax, weight_cache
+from .core import class_swap, tensor, tensor_cache, weight_cache
 from .distributed import fsdp_float8
 from .fusion import fused_class, gate_proof, python_versions, rope_complex, rope_proof
 
@@ -63,7 +66,6 @@ STORES = (
     Store("shared input", (tensor_cache.shared_input,), tensor_cache.shared_input.clear),
     Store("produced amax", (tensor_cache.produced_amax,), tensor_cache.produced_amax.clear),
     Store("kept weights", (weight_cache.ENTRIES,), weight_cache.forget_fp8_weights),
-    Store("latest weight amax", (weight_amax.LATEST,), weight_amax.forget),
     Store("optimizer hook", (weight_cache.OPTIMIZER_HOOK,), None),
     Store("precomputed-amax generation", (fsdp_float8.GENERATION,), None),
     Store("all-gather optimizer hook", (fsdp_float8.OPTIMIZER_HOOK,), None),

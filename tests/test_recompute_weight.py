@@ -3,7 +3,9 @@ the weight is cast once there, in both layouts, with the amax of its latest forw
 again in backward; output and gradients are the unchecked block's, bit for bit. The amax is used
 only while the weight is unchanged since that forward."""
 
+import copy
 import gc
+import weakref
 
 import pytest
 import torch
@@ -133,16 +135,37 @@ def test_every_forward_replaces_the_remembered_amax():
     assert_identical(got, want)
 
 
-def test_nothing_is_remembered_for_a_freed_weight_nor_reused_for_another():
+def test_the_amax_lives_on_its_weight_and_is_never_reused_for_another():
+    """The entry is the weight's own (freed with it, no weak reference: swap_tensors still works);
+    a copy of the weight, another tensor or the weight after a write gets none."""
     layer = Float8Linear(64, 64, bias=False, device=DEVICE, dtype=torch.bfloat16)
     layer(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16))
     assert weight_amax.latest(layer.weight) is not None
-    other = torch.randn(64, 64, device=DEVICE, dtype=torch.bfloat16)
-    assert weight_amax.latest(other) is None
-    ident = id(layer.weight)
+    assert weakref.getweakrefcount(layer.weight) == 0
+    assert weight_amax.latest(torch.randn(64, 64, device=DEVICE, dtype=torch.bfloat16)) is None
+    assert weight_amax.latest(copy.deepcopy(layer).weight) is None  # the copy's storage differs
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert weight_amax.latest(layer.weight) is None
+    probe = weakref.ref(layer.weight.__dict__[weight_amax.ATTR][1])  # the amax record goes with the weight
     del layer
     gc.collect()
-    assert ident not in weight_amax.LATEST
+    assert probe() is None
+
+
+def test_modules_convert_by_swapping_their_weights_after_a_step():
+    """Module.to() swaps parameters (torch.utils.swap_tensors) for tensor-subclass parameters and
+    under set_swap_module_params_on_conversion(True); swap_tensors refuses a tensor with weak
+    references, so nothing f8tensor keeps after a forward and backward may hold one."""
+    layer = Float8Linear(64, 64, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    layer(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.to(torch.float32)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert layer.weight.dtype == torch.float32
 
 
 def test_inference_forwards_remember_nothing():
@@ -151,7 +174,7 @@ def test_inference_forwards_remember_nothing():
         w = layer.weight.detach().clone()
         layer.weight = nn.Parameter(w, requires_grad=False)
         layer(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16))
-    assert weight_amax.latest(layer.weight) is None and id(layer.weight) not in weight_amax.LATEST
+    assert weight_amax.latest(layer.weight) is None and weight_amax.ATTR not in layer.weight.__dict__
 
 
 def test_the_first_forward_casts_inputs_row_major_only(monkeypatch):

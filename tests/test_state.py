@@ -77,8 +77,8 @@ def test_reset_state_clears_every_store_it_lists():
     shared_input.put(held, "value")
     produced_amax.put(held, "record")
     filled = {s.name for s in STORES if s.clear is not None and any(_size(o) for o in s.objects)}
-    assert {"fallback warnings", "shared input", "produced amax", "kept weights", "latest weight amax",
-            "saved-tensor names", "fused classes", "activation proofs", "rotary proofs"} <= filled
+    assert {"fallback warnings", "shared input", "produced amax", "kept weights", "saved-tensor names",
+            "fused classes", "activation proofs", "rotary proofs"} <= filled
     reset_state()
     for store in STORES:
         if store.clear is not None:

@@ -8,37 +8,32 @@ reentrant checkpoint `inside_backward`; core/linear.py decides) casts its weight
 that weight's latest forward cast: one read of the weight instead of two, the same scale and the
 same bits.
 
-An entry holds, per parameter object (a weak reference), the amax record of its latest cast
-outside a backward pass together with the version counter, storage, dtype and shape it was taken
-at. It is used only while all five are unchanged; every forward cast replaces it, so it is never
-older than the forward being recomputed. Writes that bypass the version counter (`.data`, DLPack,
-collectives into the parameter) between a forward and its recomputation are not seen here; they
-break the checkpoint's recomputation itself, whose saved tensors would no longer be the first
-forward's. Nothing is remembered while torch.compile traces (the compiled graph recomputes what
-its partitioner chooses), while a CUDA graph is being captured, or for inference tensors.
+The entry lives on the weight tensor itself (its `__dict__`, under ATTR): the amax record of its
+latest cast outside a backward pass together with the version counter, storage, dtype, shape and
+device it was taken at. It is used only while all five are unchanged; every forward cast replaces
+it, so it is never older than the forward being recomputed. Writes that bypass the version counter
+(`.data`, DLPack, collectives into the parameter) between a forward and its recomputation are not
+seen here; they break the checkpoint's recomputation itself, whose saved tensors would no longer
+be the first forward's. Nothing is remembered while torch.compile traces (the compiled graph
+recomputes what its partitioner chooses), while a CUDA graph is being captured, or for inference
+tensors.
 
-Memory: one amax record per parameter that Float8Linear has cast (the Triton path's int32 partial
+On the tensor, not in a registry keyed by weak references: a weak reference to a parameter makes
+`torch.utils.swap_tensors` refuse it, and with it `Module.to()` / `.float()` / `.cuda()` wherever
+PyTorch swaps parameters (tensor-subclass parameters such as FSDP2's DTensors, or
+`torch.__future__.set_swap_module_params_on_conversion(True)`). An entry goes with its weight:
+freed with it, copied by `copy.deepcopy` and pickled with the module object (its recorded storage
+then differs, so the copy's entry is never used); `state_dict()` holds detached tensors and so no
+entries. `reset_state()` does not reach them (nothing at module level holds them).
+
+Memory: one amax record per weight that Float8Linear has cast (the Triton path's int32 partial
 maxima, one per program of the amax pass: a few kilobytes; a 0-d tensor elsewhere).
-
-One dict for every thread (on CUDA, autograd runs backward, and checkpoint recomputation, in its
-own device thread), keyed on the parameter's id and checked by identity.
 """
-
-import functools
-import weakref
 
 import torch
 
-# Plain dict operations (atomic under the GIL): no lock, which a weakref callback run by the
-# garbage collector in the middle of a locked section would deadlock on.
-LATEST: dict[int, tuple] = {}
-
-
-def _drop(ident: int, ref: weakref.ref, entries: dict = LATEST) -> None:
-    """The parameter was freed: drop its entry (unless a newer one took its id)."""
-    entry = entries.get(ident)
-    if entry is not None and entry[0] is ref:
-        entries.pop(ident, None)
+# The attribute of a weight tensor holding (key, amax record) of its latest forward cast.
+ATTR = "_f8tensor_latest_amax"
 
 
 def _rememberable(w: torch.Tensor) -> bool:
@@ -54,22 +49,14 @@ def remember(w: torch.Tensor, amax: torch.Tensor | None) -> None:
     """Record `amax` (the record `quantize_with_amax` returned) as the amax of w's current values."""
     if amax is None or not _rememberable(w):
         return
-    ident = id(w)
-    entry = LATEST.get(ident)
-    ref = entry[0] if entry is not None and entry[0]() is w else weakref.ref(w, functools.partial(_drop, ident))
-    LATEST[ident] = (ref, _key(w), amax)
+    w.__dict__[ATTR] = (_key(w), amax)
 
 
 def latest(w: torch.Tensor) -> torch.Tensor | None:
     """The amax record of w's latest forward cast if w is unchanged since, else None."""
     if not _rememberable(w):
         return None
-    entry = LATEST.get(id(w))
-    if entry is None or entry[0]() is not w or entry[1] != _key(w):
+    entry = w.__dict__.get(ATTR)
+    if entry is None or entry[0] != _key(w):
         return None
-    return entry[2]
-
-
-def forget() -> None:
-    """Drop every remembered amax (state.reset_state)."""
-    LATEST.clear()
+    return entry[1]
