@@ -18,10 +18,10 @@ be the first forward's. Nothing is remembered while torch.compile traces (the co
 recomputes what its partitioner chooses), while a CUDA graph is being captured, or for inference
 tensors.
 
-On the tensor, not in a registry keyed by weak references: a weak reference to a parameter makes
-`torch.utils.swap_tensors` refuse it, and with it `Module.to()` / `.float()` / `.cuda()` wherever
-PyTorch swaps parameters (tensor-subclass parameters such as FSDP2's DTensors, or
-`torch.__future__.set_swap_module_params_on_conversion(True)`). An entry goes with its weight:
+On the tensor, not in a registry keyed by weak references: a weak reference to a weight makes
+`torch.utils.swap_tensors` refuse it, and PyTorch swaps parameters in `Module.to()` / `.float()` /
+`.cuda()` and `load_state_dict()` under `torch.__future__.set_swap_module_params_on_conversion(True)`,
+and in `Module.to()` always for a parameter that is a tensor subclass. An entry goes with its weight:
 freed with it, copied by `copy.deepcopy` and pickled with the module object (its recorded storage
 then differs, so the copy's entry is never used); `state_dict()` holds detached tensors and so no
 entries. `reset_state()` does not reach them (nothing at module level holds them).
