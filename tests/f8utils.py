@@ -147,3 +147,17 @@ def cpu_rowwise_gemm() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def torchtitan_llama():
+    """torchtitan's Llama 3 model code (its PyPI wheel), 2 layers of width 64, bf16 parameters."""
+    from torchtitan.models.llama3.model.args import TransformerModelArgs
+    from torchtitan.models.llama3.model.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
+                                             multiple_of=16, max_seq_len=32))
+    model.init_weights()
+    for p in model.parameters():  # parameters only: freqs_cis stays complex
+        p.data = p.data.to(torch.bfloat16)
+    return model

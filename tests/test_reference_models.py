@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from f8utils import DEVICE, convert_and_fuse
+from f8utils import DEVICE, convert_and_fuse, torchtitan_llama
 from torch import nn
 
 from f8tensor import FusionError, convert_to_float8_training, fuse_model_ops, fusion_report, geglu
@@ -206,19 +206,6 @@ def test_chunked_gate_up_feed_forwards_are_fused(name, fused_calls, monkeypatch)
     assert sqnr(want, got) > 15
     got.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-
-
-def torchtitan_llama():
-    from torchtitan.models.llama3.model.args import TransformerModelArgs
-    from torchtitan.models.llama3.model.model import Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
-                                             multiple_of=16, max_seq_len=32))
-    model.init_weights()
-    for p in model.parameters():  # parameters only: freqs_cis stays complex
-        p.data = p.data.to(torch.bfloat16)
-    return model
 
 
 def test_torchtitan_feed_forward_norms_and_complex_rope_are_fused(fused_calls):

@@ -6,7 +6,7 @@ records still reach backward."""
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, count_amax_passes
+from f8utils import DEVICE, count_amax_passes, torchtitan_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
@@ -278,3 +278,36 @@ def test_code_after_the_last_saves_sees_zeros_in_the_recomputation(recompute_unr
         assert torch.equal(recomputed, first)
     else:
         assert recomputed.shape == first.shape and recomputed.dtype == first.dtype and not recomputed.any()
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_torchtitans_checkpointed_blocks_skip_each_down_projection(early_stop, monkeypatch):
+    """torchtitan's Llama 3 (its own model code), converted and fused, each block wrapped as its
+    trainer applies full activation checkpointing (`ptd_checkpoint_wrapper`, early stop as given):
+    per block the recomputation runs wq, wk, wv, wo, w1 and w3 again, not w2, with early stop on
+    and off; the gradients are those of recompute_unread_gemm=True (w2 run), bit for bit."""
+    pytest.importorskip("torchtitan")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from f8tensor import fuse_model_ops
+
+    tokens = torch.randint(0, 256, (2, 32), device=DEVICE)
+    gemms = forward_gemms(monkeypatch)
+
+    def backward_gemms_and_grads(recompute_unread):
+        model = torchtitan_llama().to(DEVICE)
+        convert_to_float8_training(model, config=Float8Config(recompute_unread_gemm=recompute_unread),
+                                   module_filter_fn=lambda mod, fqn: fqn != "output")
+        fuse_model_ops(model, strict=True)
+        for name, block in list(model.layers.named_children()):
+            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False,
+                                                                  early_stop=early_stop))
+        loss = model(tokens).float().square().mean()
+        gemms.clear()
+        loss.backward()
+        return len(gemms), [p.grad for p in model.parameters()]
+
+    recomputed, got = backward_gemms_and_grads(False)
+    recomputed_all, want = backward_gemms_and_grads(True)
+    assert (recomputed, recomputed_all) == (2 * 6, 2 * (6 if early_stop else 7))
+    assert_identical(got, want)
