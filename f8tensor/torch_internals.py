@@ -91,13 +91,20 @@ def checkpoint_phase() -> str | None:
     hooks keep nothing but shape, dtype and device: backward recomputes the tensors), "recompute"
     while its recomputation runs, None otherwise (also while other saved-tensor hooks are on top of
     checkpointing's). Recognized by the hook functions checkpoint.py defines."""
-    hooks = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks is not None else None
-    if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
-        return None
-    return _CHECKPOINT_PHASES.get(getattr(hooks[0], "__qualname__", "").split(".")[0])
+    return _checkpoint_pack_hook()[0]
 
 
 _CHECKPOINT_PHASES = {"_checkpoint_hook": "forward", "_recomputation_hook": "recompute"}
+
+
+def _checkpoint_pack_hook() -> tuple:
+    """(phase, pack hook) of the saved-tensor hooks on top when torch.utils.checkpoint installed
+    them, else (None, None)."""
+    hooks = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks is not None else None
+    if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
+        return None, None
+    phase = _CHECKPOINT_PHASES.get(getattr(hooks[0], "__qualname__", "").split(".")[0])
+    return phase, hooks[0] if phase is not None else None
 
 
 def recomputation_saves_complete() -> bool:
@@ -108,9 +115,10 @@ def recomputation_saves_complete() -> bool:
     Read from the recomputation's pack hook: its closure's `target_frame_ref` and `gid`, and the
     frame's `early_stop`, `forward_completed`, `recomp_counter` and `weak_holders`, the fields
     checkpoint.py's own pack hook compares."""
-    if checkpoint_phase() != "recompute":
+    phase, pack = _checkpoint_pack_hook()
+    if phase != "recompute":
         return False
-    pack = inspect.unwrap(_top_saved_tensors_hooks(False)[0])  # torch 2.13 wraps it in dynamo.disable
+    pack = inspect.unwrap(pack)  # torch 2.13 wraps it in dynamo.disable
     cells = dict(zip(pack.__code__.co_freevars, pack.__closure__ or ()))
     if "target_frame_ref" not in cells or "gid" not in cells:
         raise RuntimeError(

@@ -16,7 +16,7 @@ import torch
 from f8utils import DEVICE, convert_and_fuse, torchtitan_llama
 from torch import nn
 
-from f8tensor import FusionError, convert_to_float8_training, fuse_model_ops, fusion_report, geglu
+from f8tensor import convert_to_float8_training, fuse_model_ops, fusion_report, geglu
 from f8tensor.fusion import gate_proof, norm_proof, rope_proof
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
