@@ -6,7 +6,7 @@
 | fallback warnings | core/tensor.warned_fallback_ops | ops outside the table already warned about | cleared |
 | shared input | core/tensor_cache.shared_input | the last layer input's float8 copies, per thread | cleared |
 | produced amax | core/tensor_cache.produced_amax | amax records the fused ops measured, per thread | cleared |
-| kept weights | core/weight_cache.ENTRIES | float8 copies of weights (keep_fp8_weight) | cleared |
+| kept weights | core/weight_cache.ENTRIES | float8 copies of weights (keep_fp8_weight), each on its weight, held here weakly | emptied |
 | optimizer hook | core/weight_cache.OPTIMIZER_HOOK | the hook that drops kept weights at each step | kept (registered once) |
 | precomputed-amax generation | distributed/fsdp_float8.GENERATION | a counter that forget_precomputed_scales moves on (after each CUDA graph replay): precomputed amaxes of older generations are not used; steps and loads drop only their own weights' amaxes | kept (the amaxes still valid stay valid) |
 | all-gather optimizer hook | distributed/fsdp_float8.OPTIMIZER_HOOK | the hook that drops, before a step, the amaxes of the weights that optimizer holds | kept (registered once) |

@@ -165,7 +165,7 @@ def test_inference_mode_eval_then_training():
         assert torch.equal(m(x), ref(x))
         assert torch.equal(m(x), ref(x))
     assert weight_cache.kept_fp8_weights() == 2
-    assert not any(e.row.is_inference() or e.col.is_inference() for e in weight_cache.ENTRIES.values())
+    assert not any(e.row.is_inference() or e.col.is_inference() for e in weight_cache.ENTRIES if e.key is not None)
     want = accumulate(ref, [x.clone()])
     got = accumulate(m, [x.clone()])
     for a, b in zip(want[0] + want[1], got[0] + got[1], strict=True):
@@ -179,7 +179,7 @@ def test_dropped_copies_are_freed_at_once():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
 
     def row_ref(layer):
-        return weakref.ref(weight_cache.ENTRIES[id(m[layer].weight)].row)
+        return weakref.ref(m[layer].weight.__dict__[weight_cache.ATTR].row)
 
     gc.disable()
     try:
@@ -275,3 +275,44 @@ def test_a_kept_weight_alive_at_interpreter_exit_prints_nothing():
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0 and run.stdout.strip() == "ran", run.stderr[-2000:]
     assert "Exception ignored" not in run.stderr, run.stderr[-2000:]
+
+
+def test_no_weak_reference_to_the_weight_so_modules_convert_by_swapping():
+    """Module.to() and load_state_dict() swap parameters (torch.utils.swap_tensors) under
+    set_swap_module_params_on_conversion(True), which refuses a tensor with a weak reference: the
+    kept copies are the weight's own attribute, and the module registry holds the entry weakly."""
+    m, x = model(KEEP), micro_batches(1)[0]
+    m(x)
+    assert weight_cache.kept_fp8_weights() == 2
+    assert all(weakref.getweakrefcount(layer.weight) == 0 for layer in (m[0], m[2]))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.to(torch.float32)
+        m.load_state_dict(model(seed=3).float().state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    ref = model(seed=3).float()
+    assert torch.equal(m(x.float()), ref(x.float()))  # kept copies or not: the same bits
+
+
+def test_copies_and_pickles_of_a_weight_carry_no_float8_copies():
+    """copy.deepcopy and torch.save of a module object keep a tensor's attributes: the entry goes
+    along empty (no duplicated float8 copies, none written to the file), and the copy casts for itself."""
+    import copy
+    import io
+
+    m, x = model(KEEP), micro_batches(1)[0]
+    want = m(x)
+    plain = m[0].weight.detach().clone()
+    plain.__dict__[weight_cache.ATTR] = m[0].weight.__dict__[weight_cache.ATTR]
+    copied = copy.deepcopy(plain)  # Tensor.__deepcopy__ copies __dict__ (Parameter's does not)
+    assert copied.__dict__[weight_cache.ATTR].key is None and copied.__dict__[weight_cache.ATTR].row is None
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    entry = loaded[0].weight.__dict__.get(weight_cache.ATTR)
+    assert entry is None or entry.row is None
+    assert weight_cache.kept_fp8_weights() == 2  # the loaded module's weights hold nothing yet
+    assert torch.equal(loaded(x), want)
+    assert weight_cache.kept_fp8_weights() == 4

@@ -6,16 +6,19 @@ the same weight values. With keep_fp8_weight the weight is cast once, in both la
 backward reuses the copies until the weight changes. No flag per micro-batch: a copy is used only
 while all of these hold:
 
-- the same parameter object (a weak reference), storage (data_ptr), dtype and shape;
+- the same parameter object (the copies are its attribute), storage (data_ptr), dtype and shape;
 - the same version counter: every in-place write bumps it (optimizer updates, `copy_`,
   `load_state_dict`, `with torch.no_grad(): w.mul_(...)`);
 - no `torch.optim` optimizer has stepped since: a global optimizer step hook drops every copy,
   which also frees their memory until the next forward.
 
-A kept copy holds a weak reference to its parameter, and PyTorch does not swap tensors that have
-one (`torch.utils.swap_tensors`, which `module.to()` and `load_state_dict` use for plain parameters
-only under `torch.__future__.set_swap_module_params_on_conversion(True)`): call
-`forget_fp8_weights()` before those.
+The copies live on the weight tensor itself (an `_Entry` in its `__dict__`, under ATTR), freed
+with it; the module holds the entries weakly (ENTRIES), to empty them all at a step. Nothing holds
+a weak reference to the weight: `torch.utils.swap_tensors` refuses a tensor that has one, and
+PyTorch swaps parameters in `Module.to()` / `load_state_dict()` under
+`torch.__future__.set_swap_module_params_on_conversion(True)`. A copied or pickled weight
+(`copy.deepcopy`, `torch.save` of a module object) gets an empty entry: its float8 copies are
+neither duplicated nor saved.
 
 Not seen: writes that bypass the version counter — through `.data`, through DLPack or numpy views,
 by collectives or custom kernels writing into the parameter (`dist.broadcast(p)`), or FSDP2's
@@ -31,11 +34,12 @@ done per call (in both layouts, one pass, the column-major copy saved for backwa
 so is it for an inference tensor (no version counter) and while a CUDA graph is being captured
 (the graph must contain the cast).
 
-The cache is one dict for every thread (on CUDA, autograd runs backward, and checkpoint
-recomputation, in its own device thread), keyed on the parameter's id and checked by identity.
+One set of entries for every thread (on CUDA, autograd runs backward, and checkpoint
+recomputation, in its own device thread), under a lock; the garbage collector's removals of freed
+weights' entries take no lock (WeakSet defers them during iteration).
 """
 
-import functools
+import threading
 import weakref
 
 import torch
@@ -43,14 +47,35 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..kernels import quantize_with_amax
 
+# The attribute of a weight tensor holding its _Entry.
+ATTR = "_f8tensor_fp8_weight"
+
 
 class _Entry:
-    __slots__ = ("ref", "key", "row", "col", "scale")
+    """A weight's kept float8 copies and the key they were made under (key None: emptied). Copied
+    and pickled empty: a copy of a weight is another tensor, which casts for itself."""
+
+    __slots__ = ("key", "row", "col", "scale", "__weakref__")
+
+    def __init__(self):
+        self.key = self.row = self.col = self.scale = None
+
+    def empty(self) -> None:
+        self.key = self.row = self.col = self.scale = None
+
+    def __copy__(self):
+        return _Entry()
+
+    def __deepcopy__(self, memo):
+        return _Entry()
+
+    def __reduce__(self):
+        return (_Entry, ())
 
 
-# Plain dict operations (atomic under the GIL): no lock, which a weakref callback run by the
-# garbage collector in the middle of a locked section would deadlock on.
-ENTRIES: dict[int, _Entry] = {}
+# The entries of every live weight with kept copies, held weakly: an entry goes with its weight.
+ENTRIES: "weakref.WeakSet[_Entry]" = weakref.WeakSet()
+LOCK = threading.Lock()
 OPTIMIZER_HOOK = []
 
 
@@ -62,21 +87,16 @@ def forget_fp8_weights() -> None:
     """Drop every kept float8 weight (its memory is freed at once): the next forward casts again.
     Called after every torch.optim optimizer step; call it after writing weights in a way that
     does not bump their version counter (see this module's docstring)."""
-    ENTRIES.clear()
+    with LOCK:
+        entries = list(ENTRIES)
+        ENTRIES.clear()
+    for entry in entries:
+        entry.empty()
 
 
 def _key(w: torch.Tensor, config) -> tuple:
     return (w._version, w.data_ptr(), w.dtype, tuple(w.shape), w.device, config.forward_dtype,
             config.power_of_2_scale)
-
-
-def _drop(ident: int, ref: weakref.ref, entries: dict = ENTRIES) -> None:
-    """The parameter was freed: drop its entry (unless a newer one took its id). The dict is bound
-    here, not read as a global: at interpreter exit module globals are gone before the last
-    parameters are freed."""
-    entry = entries.get(ident)
-    if entry is not None and entry.ref is ref:
-        entries.pop(ident, None)
 
 
 def _cast(w: torch.Tensor, config):
@@ -96,22 +116,22 @@ def fp8_weight(w: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, tor
     # must contain the cast, or its replays would multiply by this step's copies forever.
     if w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _cast(w, config)
-    key, ident = _key(w, config), id(w)
-    entry = ENTRIES.get(ident)
-    if entry is not None and entry.ref() is w and entry.key == key:
+    key = _key(w, config)
+    entry = w.__dict__.get(ATTR)
+    if entry is not None and entry.key == key:
         return entry.row, entry.col, entry.scale
     row, col, scale = _cast(w, config)
     entry = _Entry()
-    # The callback holds the id, not the entry: no reference cycle, so a dropped entry's float8
-    # copies are freed at once, not at the next garbage collection.
-    entry.ref = weakref.ref(w, functools.partial(_drop, ident))
     entry.key, entry.row, entry.col, entry.scale = key, row, col, scale
-    if not OPTIMIZER_HOOK:
-        OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
-    ENTRIES[ident] = entry
+    w.__dict__[ATTR] = entry  # replaces (and so frees) an older entry's copies
+    with LOCK:
+        if not OPTIMIZER_HOOK:
+            OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
+        ENTRIES.add(entry)
     return row, col, scale
 
 
 def kept_fp8_weights() -> int:
     """How many weights have float8 copies kept now (for tests and memory accounting)."""
-    return len(ENTRIES)
+    with LOCK:
+        return sum(entry.key is not None for entry in list(ENTRIES))
