@@ -311,3 +311,48 @@ def test_torchtitans_checkpointed_blocks_skip_each_down_projection(early_stop, m
     recomputed_all, want = backward_gemms_and_grads(True)
     assert (recomputed, recomputed_all) == (2 * 6, 2 * (6 if early_stop else 7))
     assert_identical(got, want)
+
+
+class Nested(nn.Module):
+    """A checkpointed Block inside the function of an outer checkpoint, with a Float8Linear after it
+    (whose saves are then the outer checkpoint's last) or before it (the inner checkpoint's input
+    saves are the outer's last)."""
+
+    def __init__(self, recipe, inner_last, dim=256):
+        super().__init__()
+        self.inner = Block(recipe, dim=dim)
+        torch.manual_seed(1)
+        self.w3 = Float8Linear(dim, dim, config=config(recipe), device=DEVICE, dtype=torch.bfloat16)
+        self.inner_last = inner_last
+
+    def forward(self, x):
+        if self.inner_last:
+            return checkpoint(self.inner, F.gelu(self.w3(x)), use_reentrant=False)
+        h = checkpoint(self.inner, x, use_reentrant=False)
+        return h + self.w3(F.gelu(h))
+
+
+@pytest.mark.parametrize("inner_last", [False, True], ids=["linear_last", "inner_checkpoint_last"])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_nested_checkpoints_same_bits(inner_last, early_stop, monkeypatch):
+    """Nested non-reentrant checkpoints: in the outer recomputation the inner checkpoint runs as a
+    first forward under its own hooks (nothing skipped there), and each checkpoint's own last
+    layer skips its GEMM in its own recomputation. Gradients: the unchecked model's, bit for bit."""
+    model = Nested("tensorwise", inner_last)
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
+    want = step(model, x, ac=False)
+    gemms = forward_gemms(monkeypatch)
+    with set_checkpoint_early_stop(early_stop):
+        x_ = x.detach().requires_grad_()
+        out = checkpoint(model, x_, use_reentrant=False)
+        assert len(gemms) == 3
+        gemms.clear()
+        out.float().square().sum().backward()
+    # The inner recomputation (of the first forward's inner checkpoint) runs w1 and skips w2. The
+    # outer recomputation runs the inner checkpoint again as a first forward, under a new inner
+    # frame whose saves nothing reads (w1 and w2 both run), and w3: linear last, w3's saves are the
+    # outer's last (early stop stops there; without it w3 skips its GEMM): 2 + 1; inner last, w3
+    # runs, and the inner checkpoint's input saves are the outer's last: early stop stops before
+    # the inner region (1 + 1), without it the inner region runs whole (3 + 1).
+    assert len(gemms) == (3 if not inner_last else 2 if early_stop else 4)
+    assert_identical([out.detach(), x_.grad] + [p.grad for p in model.parameters()], want)
