@@ -401,6 +401,7 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
     unrolled, pipelined = (ast.literal_eval(line) for line in run.stdout.splitlines())
     for res in (unrolled, pipelined):
         assert 0 < res["regs"] <= 255 and res["spill_bytes"] == 0
+        assert res["instructions"] > 0 and res["rcp"] == 0  # a multiply, no division
         assert res["programs_per_sm"] == min(res["programs_by_regs"], res["programs_by_shared"], 64 // 4)
     assert unrolled["cp_async"] == 0 and pipelined["cp_async"] > 0
     assert pipelined["shared"] >= 2 * 16 * 128 * 4  # at least two stages of a 16 x 128 fp32 slice
@@ -416,6 +417,7 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
     for r in res:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
     assert res[0]["cp_async"] == 0  # the both-layouts cast's slices are unrolled (tl.static_range): nothing pipelined
+    assert res[0]["rcp"] > 0 and res[0]["instructions"] > res[1]["instructions"]  # its scales divide; per warp, the two layouts take more
     packed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "packed_store_compile.py")],
                             capture_output=True, text=True, timeout=600, env=env)
     assert packed.returncode == 0, packed.stderr[-4000:]

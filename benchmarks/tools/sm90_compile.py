@@ -7,7 +7,8 @@
 specializes them at a launch (a tensor: its element type, and its data pointer 16-byte aligned; an
 int: 1 becomes a constant, a multiple of 16 is marked divisible by 16, i32 or i64 by range), and
 returns what decides a memory-bound kernel's occupancy: registers per thread, local-memory spills,
-shared memory, and how many programs of it fit one SM by each. It also counts the PTX's
+shared memory, and how many programs of it fit one SM by each; and the SASS instructions per warp
+(`instructions`; `rcp`, the reciprocals each fp32 division starts from), what it issues. It also counts the PTX's
 asynchronous copies (`cp.async`, Triton's software pipelining of loads into shared memory) and
 tensor-memory-accelerator copies (`cp.async.bulk.tensor`), which show whether a `tl.range(...,
 num_stages=)` loop was pipelined.
@@ -16,6 +17,7 @@ What it cannot give is time: these numbers screen variants before a GPU run, the
 (docs/benchmarks.md, "Blockwise scaling", compares them with what the GPU reported).
 """
 
+import collections
 import os
 import re
 import subprocess
@@ -93,6 +95,9 @@ def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **c
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", path], capture_output=True,
                                text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
+    opcodes = _opcodes(sass)
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     regs, local = int(fields["REG"]), int(fields["LOCAL"])
     shared = compiled.metadata.shared + int(fields["SHARED"])
@@ -106,7 +111,20 @@ def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **c
                 programs_by_regs=by_regs, programs_by_shared=by_shared, programs_per_sm=programs,
                 warps_per_sm=programs * num_warps,
                 cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)\.shared", ptx)),
-                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)))
+                tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+                instructions=sum(opcodes.values()), rcp=opcodes["MUFU.RCP"])
+
+
+def _opcodes(sass: str) -> collections.Counter:
+    """SASS opcodes (with their first modifier: MUFU.RCP, not MUFU) of cuobjdump -sass output, each
+    instruction line once. The kernels timed here are unrolled (tl.static_range), so per program
+    this is the count executed, less branches not taken."""
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)?)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
 
 
 def main():
