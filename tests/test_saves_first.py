@@ -356,3 +356,34 @@ def test_nested_checkpoints_same_bits(inner_last, early_stop, monkeypatch):
     # the inner region (1 + 1), without it the inner region runs whole (3 + 1).
     assert len(gemms) == (3 if not inner_last else 2 if early_stop else 4)
     assert_identical([out.detach(), x_.grad] + [p.grad for p in model.parameters()], want)
+
+
+class InPlaceAfter(Block):
+    """Block whose down projection's output is scaled in place (as a residual scale or a tensor-parallel
+    all-reduce writes it): in-place code after the checkpoint's last saves."""
+
+    def forward(self, x):
+        y = self.w2(F.gelu(self.w1(x)))
+        y.mul_(0.5)
+        return x + y
+
+
+def test_in_place_code_after_the_skipped_gemm_runs_on_a_tensor_of_its_own(monkeypatch):
+    """Early stop off: the skipped GEMM's zeros are a tensor of their own (not one element expanded),
+    which the in-place op after the layer may write; gradients the unchecked block's bit for bit."""
+    block = InPlaceAfter("tensorwise")
+    seen = []
+    block.w2.register_forward_hook(lambda mod, args, out: seen.append(out))
+    x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
+    want = step(block, x, ac=False)
+    gemms = forward_gemms(monkeypatch)
+    with set_checkpoint_early_stop(False):
+        x_ = x.detach().requires_grad_()
+        out = checkpoint(block, x_, use_reentrant=False)
+        gemms.clear()
+        seen.clear()
+        out.float().square().sum().backward()
+    assert len(gemms) == 1  # w1's; w2's skipped
+    (zeros,) = seen
+    assert zeros.is_contiguous() and not zeros.any()
+    assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)

@@ -23,9 +23,10 @@ The same tensors are saved, in the same order, and the same kernels and GEMMs ru
 operands: outputs and gradients are bit-identical to the one-Function form. Recomputation stops
 inside the first Function when its saves are the last; else it runs `_Gemm` too. With early stop
 off the recomputation runs past the last saves: where a layer's saves were the last
-(`torch_internals.recomputation_saves_complete`), `_Gemm` gets no operands and returns zeros of the
-output's shape instead of running the GEMM (`Float8Config.recompute_unread_gemm=True` runs it); the
-rest of that forward runs on those zeros, and nothing of it reaches backward. Not under selective
+(`torch_internals.recomputation_saves_complete`), `_Gemm` gets no operands and returns a zero
+tensor of the output's shape instead of running the GEMM (a memset; `Float8Config.recompute_unread_gemm=True`
+runs the GEMM); the rest of that forward runs on those zeros, in-place ops and collectives
+included, and nothing of it reaches backward. Not under selective
 checkpointing's dispatch modes, which replay op outputs by call order. The cost is one
 more autograd node per layer (host time), paid only under saved-tensor hooks, and the forward's
 float8 operands live until `_Gemm` runs (the rowwise and blockwise forwards otherwise free them
@@ -69,13 +70,14 @@ def _gemm(gemm_args: tuple, out_shape: tuple) -> torch.Tensor:
 
 
 class _Gemm(torch.autograd.Function):
-    """The deferred forward GEMM (with gemm_args None: zeros of its shape, one element expanded,
-    in its place): the gradient of its output is the placeholder's."""
+    """The deferred forward GEMM (with gemm_args None: a zero tensor of its shape in its place, a
+    tensor of its own, which in-place code and collectives after the layer may write): the gradient
+    of its output is the placeholder's."""
 
     @staticmethod
     def forward(ctx, placeholder, gemm_args):
         if gemm_args is None:  # skipped (apply_saving_first): zeros, so what follows computes on defined values
-            return torch.zeros((), dtype=placeholder.dtype, device=placeholder.device).expand(placeholder.shape)
+            return torch.zeros(placeholder.shape, dtype=placeholder.dtype, device=placeholder.device)
         return _gemm(gemm_args, placeholder.shape)
 
     @staticmethod
