@@ -147,7 +147,7 @@ def test_the_amax_lives_on_its_weight_and_is_never_reused_for_another():
     with torch.no_grad():
         layer.weight.mul_(2)
     assert weight_amax.latest(layer.weight) is None
-    probe = weakref.ref(layer.weight.__dict__[weight_amax.ATTR][1])  # the amax record goes with the weight
+    probe = weakref.ref(layer.weight.__dict__[weight_amax.ATTR].amax)  # the amax record goes with the weight
     del layer
     gc.collect()
     assert probe() is None
@@ -212,3 +212,30 @@ def test_a_kept_stand_in_fails_loudly(monkeypatch):
     monkeypatch.setattr(linear_mod, "checkpoint_phase", ti.checkpoint_phase)
     with pytest.raises(RuntimeError, match="stand-in its checkpointed first forward saved"):
         out.float().sum().backward()
+
+
+def test_fake_and_functorch_weights_remember_nothing():
+    """Under FakeTensorMode (shape propagation, memory estimation) a weight has no storage to key an
+    entry on: nothing is remembered and its data pointer is never read (PyTorch warns on that)."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Accessing the data pointer of FakeTensor is deprecated"
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            layer = Float8Linear(64, 64, bias=False, device=DEVICE, dtype=torch.bfloat16)
+            layer(torch.empty(8, 64, device=DEVICE, dtype=torch.bfloat16))
+    assert weight_amax.ATTR not in layer.weight.__dict__
+
+
+def test_a_full_view_of_the_weight_shares_its_entry():
+    """DTensor.to_local() hands the layer a new full view of the local shard per call: the entry is
+    the shard's, so the recomputation's view finds the first forward's."""
+    layer = Float8Linear(64, 64, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    w = layer.weight.detach()
+    first = w.view_as(w)
+    weight_amax.remember(first, torch.ones((), device=DEVICE))
+    assert weight_amax.ATTR in w.__dict__ and weight_amax.ATTR not in first.__dict__
+    assert weight_amax.latest(w.view_as(w)) is not None
+    assert weight_amax.latest(w[:32]) is None  # a part of it is another tensor

@@ -253,6 +253,22 @@ def one_rank_run(rank, store, device, results):
                            {"0": ColwiseParallel(), "2": RowwiseParallel()})
         results["parallel"] = [t.cpu() for t in first_step(model, device=device)]
         results["plain"] = [t.cpu() for t in first_step(make_model().to(device), device=device)]
+        # A checkpoint's recomputation casts each weight with its first forward's amax: the layer
+        # reads the weight through a new to_local() view per call, the entry lives on the shard.
+        import f8tensor.core.weight_amax as weight_amax
+
+        found, latest = [], weight_amax.latest
+
+        def probe(w):
+            amax = latest(w)
+            found.append(amax is not None)
+            return amax
+
+        weight_amax.latest = probe
+        x = torch.randn(8, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+        checkpoint(model, x, use_reentrant=False).float().sum().backward()
+        weight_amax.latest = latest
+        results["recomputation_found_amax"] = found
     finally:
         dist.destroy_process_group()
 
@@ -329,6 +345,7 @@ def test_one_rank_mesh_is_bit_exact(tmp_path):
         results = dict(results)
     for got, want in zip(results["parallel"], results["plain"]):
         assert torch.equal(got, want)
+    assert results["recomputation_found_amax"] == [True, True]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -12,13 +12,10 @@ while all of these hold:
 - no `torch.optim` optimizer has stepped since: a global optimizer step hook drops every copy,
   which also frees their memory until the next forward.
 
-The copies live on the weight tensor itself (an `_Entry` in its `__dict__`, under ATTR), freed
-with it; the module holds the entries weakly (ENTRIES), to empty them all at a step. Nothing holds
-a weak reference to the weight: `torch.utils.swap_tensors` refuses a tensor that has one, and
-PyTorch swaps parameters in `Module.to()` / `load_state_dict()` under
-`torch.__future__.set_swap_module_params_on_conversion(True)`. A copied or pickled weight
-(`copy.deepcopy`, `torch.save` of a module object) gets an empty entry: its float8 copies are
-neither duplicated nor saved.
+The copies live on the weight tensor itself (weight_attr.py: on the local shard of a
+tensor-parallel weight; never a weak reference to the weight; copies and pickles of the weight
+carry none), freed with it; this module holds the entries weakly (ENTRIES), to empty them all at
+a step.
 
 Not seen: writes that bypass the version counter — through `.data`, through DLPack or numpy views,
 by collectives or custom kernels writing into the parameter (`dist.broadcast(p)`), or FSDP2's
@@ -31,8 +28,8 @@ step until the next step. Under FSDP2 that is per unsharded parameter on every r
 all-gather gives the unsharded parameter new storage (a new key), so copies are seldom reused
 there: not an option for FSDP2. Eager only: under torch.compile the cast is part of the graph,
 done per call (in both layouts, one pass, the column-major copy saved for backward: linear.py);
-so is it for an inference tensor (no version counter) and while a CUDA graph is being captured
-(the graph must contain the cast).
+so is it for an inference tensor (no version counter), while a CUDA graph is being captured
+(the graph must contain the cast) and for fake or functorch-wrapped weights (`weight_attr.trackable`).
 
 One set of entries for every thread (on CUDA, autograd runs backward, and checkpoint
 recomputation, in its own device thread), under a lock; the garbage collector's removals of freed
@@ -46,31 +43,23 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..kernels import quantize_with_amax
+from . import weight_attr
 
 # The attribute of a weight tensor holding its _Entry.
 ATTR = "_f8tensor_fp8_weight"
 
 
-class _Entry:
-    """A weight's kept float8 copies and the key they were made under (key None: emptied). Copied
-    and pickled empty: a copy of a weight is another tensor, which casts for itself."""
+class _Entry(weight_attr.Entry):
+    """A weight's kept float8 copies and the key they were made under (key None: emptied)."""
 
-    __slots__ = ("key", "row", "col", "scale", "__weakref__")
+    __slots__ = ("key", "row", "col", "scale")
 
     def __init__(self):
         self.key = self.row = self.col = self.scale = None
 
     def empty(self) -> None:
-        self.key = self.row = self.col = self.scale = None
-
-    def __copy__(self):
-        return _Entry()
-
-    def __deepcopy__(self, memo):
-        return _Entry()
-
-    def __reduce__(self):
-        return (_Entry, ())
+        self.key = None  # first: a reader that still sees the key read the copies before they went
+        self.row = self.col = self.scale = None
 
 
 # The entries of every live weight with kept copies, held weakly: an entry goes with its weight.
@@ -113,17 +102,20 @@ def fp8_weight(w: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, tor
     """(row-major, column-major, scale) of w in config.forward_dtype: the kept copies while w is
     unchanged, else a fresh cast in both layouts (then kept)."""
     # An inference tensor has no version counter to tell a change; a CUDA graph being captured
-    # must contain the cast, or its replays would multiply by this step's copies forever.
-    if w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+    # must contain the cast, or its replays would multiply by this step's copies forever; fake and
+    # functorch-wrapped tensors hold no values of their own (weight_attr.trackable).
+    if not weight_attr.trackable(w):
         return _cast(w, config)
     key = _key(w, config)
-    entry = w.__dict__.get(ATTR)
-    if entry is not None and entry.key == key:
-        return entry.row, entry.col, entry.scale
+    entry = weight_attr.get(w, ATTR)
+    if entry is not None:
+        row, col, scale = entry.row, entry.col, entry.scale  # before the key: empty() clears the key first
+        if entry.key == key and row is not None:
+            return row, col, scale
     row, col, scale = _cast(w, config)
     entry = _Entry()
     entry.key, entry.row, entry.col, entry.scale = key, row, col, scale
-    w.__dict__[ATTR] = entry  # replaces (and so frees) an older entry's copies
+    weight_attr.put(w, ATTR, entry)  # replaces (and so frees) an older entry's copies
     with LOCK:
         if not OPTIMIZER_HOOK:
             OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_on_optimizer_step))
