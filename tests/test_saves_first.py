@@ -49,11 +49,15 @@ def one_function_form(monkeypatch):
     monkeypatch.setattr(saves_first, "saved_tensors_hooks_active", lambda: False)
 
 
-def step(model, x, ac: bool):
-    """Output and the gradients of x and every parameter, the block checkpointed or not."""
+def step(model, x, ac: bool, early_stop: bool = True, between=None):
+    """Output and the gradients of x and every parameter, the block checkpointed (early stop as
+    given) or not; `between()`, if given, runs after the forward, before backward."""
     x = x.detach().requires_grad_()
-    out = checkpoint(model, x, use_reentrant=False) if ac else model(x)
-    out.float().square().sum().backward()
+    with set_checkpoint_early_stop(early_stop):
+        out = checkpoint(model, x, use_reentrant=False) if ac else model(x)
+        if between is not None:
+            between()
+        out.float().square().sum().backward()
     grads = [x.grad] + [p.grad for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return [out.detach()] + grads
@@ -76,17 +80,15 @@ def test_recomputation_skips_the_last_layers_gemm_same_bits(recipe, recompute_un
     x = torch.randn(2, 128, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(block, x, ac=False)
     gemms = forward_gemms(monkeypatch)
+    def first_forward_ran_both():
+        assert len(gemms) == 2
+        gemms.clear()
+
     for early_stop, recomputed in ((True, 1), (False, 2 if recompute_unread else 1)):
-        with set_checkpoint_early_stop(early_stop):
-            x_ = x.detach().requires_grad_()
-            out = checkpoint(block, x_, use_reentrant=False)
-            assert len(gemms) == 2
-            gemms.clear()
-            out.float().square().sum().backward()
-            assert len(gemms) == recomputed, early_stop
-            gemms.clear()
-            assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)
-            block.zero_grad(set_to_none=True)
+        got = step(block, x, ac=True, early_stop=early_stop, between=first_forward_ran_both)
+        assert len(gemms) == recomputed, early_stop
+        gemms.clear()
+        assert_identical(got, want)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -252,13 +254,9 @@ def test_a_layer_whose_output_is_saved_later_runs_its_gemm(recipe, monkeypatch):
     x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(block, x, ac=False)
     gemms = forward_gemms(monkeypatch)
-    with set_checkpoint_early_stop(False):
-        x_ = x.detach().requires_grad_()
-        out = checkpoint(block, x_, use_reentrant=False)
-        gemms.clear()
-        out.float().square().sum().backward()
+    got = step(block, x, ac=True, early_stop=False, between=gemms.clear)
     assert len(gemms) == 2
-    assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)
+    assert_identical(got, want)
 
 
 @pytest.mark.parametrize("recompute_unread", [False, True], ids=["default", "recompute_unread_gemm"])
@@ -342,12 +340,12 @@ def test_nested_checkpoints_same_bits(inner_last, early_stop, monkeypatch):
     x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(model, x, ac=False)
     gemms = forward_gemms(monkeypatch)
-    with set_checkpoint_early_stop(early_stop):
-        x_ = x.detach().requires_grad_()
-        out = checkpoint(model, x_, use_reentrant=False)
+
+    def first_forward_ran_all():
         assert len(gemms) == 3
         gemms.clear()
-        out.float().square().sum().backward()
+
+    got = step(model, x, ac=True, early_stop=early_stop, between=first_forward_ran_all)
     # The inner recomputation (of the first forward's inner checkpoint) runs w1 and skips w2. The
     # outer recomputation runs the inner checkpoint again as a first forward, under a new inner
     # frame whose saves nothing reads (w1 and w2 both run), and w3: linear last, w3's saves are the
@@ -355,7 +353,7 @@ def test_nested_checkpoints_same_bits(inner_last, early_stop, monkeypatch):
     # runs, and the inner checkpoint's input saves are the outer's last: early stop stops before
     # the inner region (1 + 1), without it the inner region runs whole (3 + 1).
     assert len(gemms) == (3 if not inner_last else 2 if early_stop else 4)
-    assert_identical([out.detach(), x_.grad] + [p.grad for p in model.parameters()], want)
+    assert_identical(got, want)
 
 
 class InPlaceAfter(Block):
@@ -377,13 +375,9 @@ def test_in_place_code_after_the_skipped_gemm_runs_on_a_tensor_of_its_own(monkey
     x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(block, x, ac=False)
     gemms = forward_gemms(monkeypatch)
-    with set_checkpoint_early_stop(False):
-        x_ = x.detach().requires_grad_()
-        out = checkpoint(block, x_, use_reentrant=False)
-        gemms.clear()
-        seen.clear()
-        out.float().square().sum().backward()
+    seen.clear()
+    got = step(block, x, ac=True, early_stop=False, between=lambda: (gemms.clear(), seen.clear()))
     assert len(gemms) == 1  # w1's; w2's skipped
     (zeros,) = seen
     assert zeros.is_contiguous() and not zeros.any()
-    assert_identical([out.detach(), x_.grad] + [p.grad for p in block.parameters()], want)
+    assert_identical(got, want)

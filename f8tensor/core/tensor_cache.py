@@ -78,7 +78,7 @@ class TensorCache:
     def get(self, t: torch.Tensor, key: tuple = ()):
         if _untracked(t):
             return None
-        t = _owner(t)
+        t = owner(t)
         for slot in self._slots():
             if slot.ref is not None and slot.ref() is t and slot.key == (t._version, _capturing(t), *key):
                 return slot.value
@@ -87,7 +87,7 @@ class TensorCache:
     def put(self, t: torch.Tensor, value, key: tuple = ()):
         if _untracked(t):
             return
-        t = _owner(t)
+        t = owner(t)
         slots, local = self._slots(), self.local
         slot = slots[local.next]
         local.next = (local.next + 1) % len(slots)
@@ -104,7 +104,7 @@ class TensorCache:
         return sum(slot.ref is not None for slot in self._slots())
 
 
-def _owner(t: torch.Tensor) -> torch.Tensor:
+def owner(t: torch.Tensor) -> torch.Tensor:
     """t's base where t views all of it with the same layout and dtype, else t."""
     base = t._base
     if (base is not None and base.dtype == t.dtype and base.shape == t.shape

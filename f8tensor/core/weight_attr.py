@@ -6,7 +6,7 @@ On the tensor, not in a registry keyed by weak references: an entry is freed wit
 `Module.to()` and `load_state_dict()` under `torch.__future__.set_swap_module_params_on_conversion(True)`,
 and in `Module.to()` always for a parameter that is a tensor subclass).
 
-- `owner(w)`: the tensor w's entries live on: w's base where w views all of it with the same shape,
+- Entries live on `tensor_cache.owner(w)`: w's base where w views all of it with the same shape,
   strides, offset and dtype (`DTensor.to_local()` hands out a new such view of the local shard on
   every call; the view shares its base's storage and version counter), else w.
 - `Entry`: the base class of entries. A tensor's copies and pickles carry its `__dict__`
@@ -14,7 +14,7 @@ and in `Module.to()` always for a parameter that is a tensor subclass).
   deep-copies as None and pickles as an empty `collections.OrderedDict`, which `torch.load`'s
   weights-only unpickler accepts. No f8tensor class, amax record or float8 copy goes into a file.
 - `get(w, attr)`: the Entry under `attr` on w's owner, else None (nothing there, or what a copy or
-  a pickle left).
+  a pickle left); `put(w, attr, entry)` sets it.
 - `trackable(w)`: whether w's values can be told apart from call to call, so that an entry can
   stand for them: not while torch.compile traces (traced tensors stand for every call's), not a fake
   or functorch-wrapped tensor, not an inference tensor (no version counter), not while a CUDA graph
@@ -26,6 +26,7 @@ import collections
 import torch
 
 from ..torch_internals import is_fake, is_functorch_wrapped
+from .tensor_cache import owner
 
 
 class Entry:
@@ -41,15 +42,6 @@ class Entry:
 
     def __reduce__(self):
         return (collections.OrderedDict, ())
-
-
-def owner(w: torch.Tensor) -> torch.Tensor:
-    """w's base where w views all of it with the same layout and dtype, else w."""
-    base = w._base
-    if (base is not None and base.dtype == w.dtype and base.shape == w.shape
-            and base.stride() == w.stride() and base.storage_offset() == w.storage_offset()):
-        return base
-    return w
 
 
 def get(w: torch.Tensor, attr: str):
