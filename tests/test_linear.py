@@ -336,3 +336,37 @@ def test_features_the_gemms_cannot_take_are_refused_when_the_layer_is_built(reci
         with pytest.raises(ValueError, match="divisible by 16"):
             Float8Linear.from_float(torch.nn.Linear(k, n), config)
     Float8Linear(40, 72, config=Float8Config.from_recipe_name("blockwise"))  # its GEMMs are padded
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "blockwise"])
+def test_a_layer_without_features_is_refused_and_kept_by_conversion(recipe):
+    """nn.Linear takes zero features; no float8 GEMM does: refused when built, kept by conversion
+    with the reason (before, the layer was built and its first forward failed on a reshape)."""
+    from f8tensor import conversion_summary, convert_to_float8_training
+
+    config = Float8Config.from_recipe_name(recipe)
+    for k, n in ((0, 16), (16, 0)):
+        with pytest.raises(ValueError, match="without features has no GEMM"):
+            Float8Linear(k, n, config=config)
+        model = nn.Sequential(nn.Linear(k, n))
+        convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: True)
+        assert type(model[0]) is nn.Linear
+        assert "without features" in conversion_summary(model)
+
+
+def test_a_config_casting_forward_to_e5m2_is_refused_naming_the_field():
+    """The forward GEMM multiplies two forward_dtype operands; CUDA's _scaled_mm rejects e5m2 x e5m2."""
+    with pytest.raises(ValueError, match="forward_dtype=torch.float8_e4m3fn"):
+        Float8Config(forward_dtype=torch.float8_e5m2)
+    Float8Config(backward_dtype=torch.float8_e5m2)  # the gradients' format: fine
+
+
+def test_a_float8_input_in_another_format_is_refused_naming_the_gather():
+    """A Float8Tensor input (what a float8 sequence-parallel gather hands the layer) must be in the
+    layer's forward format; forward_dtype is always e4m3fn, so an e5m2 input comes from elsewhere."""
+    from f8tensor import to_float8
+
+    layer = Float8Linear(64, 64, device=DEVICE, dtype=torch.bfloat16)
+    x = to_float8(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16), torch.float8_e5m2)
+    with pytest.raises(TypeError, match="Float8Tensor in torch.float8_e5m2.*casts inputs to torch.float8_e4m3fn"):
+        layer(x)

@@ -138,16 +138,6 @@ def sp_run(rank, world, store, device_type, results):
             model[0](local(batch(0)))
         out["saved_inputs"] = saved
 
-        # A layer whose config casts to another float8 format than the gather's: named.
-        from f8tensor import Float8Config
-        model = parallel(True)
-        for layer in (model[0].feed_forward.w1, model[0].feed_forward.w3):
-            layer.config = Float8Config(forward_dtype=torch.float8_e5m2, backward_dtype=torch.float8_e4m3fn)
-        try:
-            model[0](local(batch(0)))
-            out["error"] = None
-        except TypeError as e:
-            out["error"] = str(e)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -175,7 +165,6 @@ def test_float8_sequence_parallel_gather_trains_as_the_bf16_gather_with_half_the
             assert all(torch.equal(a, b) for a, b in zip(weights, want_weights)), got
         assert len(r["saved_inputs"]) == 2 and r["saved_inputs"][0] == r["saved_inputs"][1]
         assert r["saved_inputs"][0][1] == (1, 2 * TOKENS)  # column-major
-        assert "float8_e4m3fn" in r["error"] and "float8_e5m2" in r["error"] and "config" in r["error"]
         if world == 1:
             continue
         # Forward: two blocks, each gathering its [2, 16, 64] activation, bf16 2 bytes an element,

@@ -86,10 +86,11 @@ class Float8Config:
             raise ValueError(
                 "Float8Config: fsdp_float8_all_gather and keep_fp8_weight exclude each other: the weight "
                 "FSDP2 gathers is already float8 (cast once per all-gather); set keep_fp8_weight=False")
-        if self.forward_dtype == torch.float8_e5m2 and self.backward_dtype == torch.float8_e5m2:
+        if self.forward_dtype == torch.float8_e5m2:
             raise ValueError(
-                "forward_dtype and backward_dtype are both float8_e5m2: the backward GEMMs would "
-                "multiply e5m2 by e5m2, which CUDA's _scaled_mm rejects; use e4m3fn for one of them"
+                "Float8Config.forward_dtype is float8_e5m2: the forward GEMM multiplies the input by the "
+                "weight, both cast to forward_dtype, and CUDA's _scaled_mm rejects e5m2 x e5m2; use "
+                "forward_dtype=torch.float8_e4m3fn (backward_dtype may be e5m2, the gradients' usual format)"
             )
 
     def _check_axiswise(self):

@@ -34,8 +34,8 @@ def subclass_reason(mod: nn.Linear) -> str | None:
 
 def required_skip_reason(mod: nn.Linear, config: Float8Config) -> str | None:
     """Why a layer cannot run in float8 at all, or None (the blockwise recipe pads its GEMMs: any
-    features)."""
-    return None if config.scaling_granularity == "blockwise" else features_reason(mod.in_features, mod.out_features)
+    features but zero)."""
+    return features_reason(mod.in_features, mod.out_features, config)
 
 
 def default_skip_reason(mod: nn.Linear, config: Float8Config) -> str | None:

@@ -260,8 +260,13 @@ def share_hooks(new: nn.Module, mod: nn.Module) -> None:
         setattr(new, name, getattr(mod, name))
 
 
-def features_reason(in_features: int, out_features: int) -> str | None:
-    """Why a layer of these features cannot run _scaled_mm's tensorwise or rowwise GEMMs, or None."""
+def features_reason(in_features: int, out_features: int, config: Float8Config) -> str | None:
+    """Why a layer of these features cannot run config's float8 GEMMs, or None: tensorwise and rowwise
+    need both divisible by 16; the blockwise GEMMs are padded (any features but zero)."""
+    if not (in_features and out_features):
+        return f"in_features={in_features}, out_features={out_features}: a layer without features has no GEMM to run"
+    if config.scaling_granularity == "blockwise":
+        return None
     if in_features % 16 or out_features % 16:
         return f"in_features={in_features}, out_features={out_features}: _scaled_mm needs both divisible by 16"
     return None
@@ -277,7 +282,9 @@ class Float8Linear(QuietSubclasses, nn.Linear):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  config: Float8Config | None = None):
         config = config or Float8Config()
-        reason = None if config.scaling_granularity == "blockwise" else features_reason(in_features, out_features)
+        reason = features_reason(in_features, out_features, config)
+        if reason is not None and not (in_features and out_features):
+            raise ValueError(f"Float8Linear: {reason}; keep such a layer as nn.Linear")
         if reason is not None:
             # Forward may run (K is zero-padded), backward would not: refused up front.
             raise ValueError(
