@@ -44,6 +44,15 @@ def forward_gemms(monkeypatch) -> list:
     return log
 
 
+def first_forward_ran(gemms: list, n: int):
+    """A `between` for step(): asserts the first forward ran n forward GEMMs, then clears the log
+    for the recomputation's."""
+    def check():
+        assert len(gemms) == n
+        gemms.clear()
+    return check
+
+
 def one_function_form(monkeypatch):
     """Float8Linear as one autograd Function even under saved-tensor hooks (the form before the deferral)."""
     monkeypatch.setattr(saves_first, "saved_tensors_hooks_active", lambda: False)
@@ -80,12 +89,8 @@ def test_recomputation_skips_the_last_layers_gemm_same_bits(recipe, recompute_un
     x = torch.randn(2, 128, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(block, x, ac=False)
     gemms = forward_gemms(monkeypatch)
-    def first_forward_ran_both():
-        assert len(gemms) == 2
-        gemms.clear()
-
     for early_stop, recomputed in ((True, 1), (False, 2 if recompute_unread else 1)):
-        got = step(block, x, ac=True, early_stop=early_stop, between=first_forward_ran_both)
+        got = step(block, x, ac=True, early_stop=early_stop, between=first_forward_ran(gemms, 2))
         assert len(gemms) == recomputed, early_stop
         gemms.clear()
         assert_identical(got, want)
@@ -340,12 +345,7 @@ def test_nested_checkpoints_same_bits(inner_last, early_stop, monkeypatch):
     x = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
     want = step(model, x, ac=False)
     gemms = forward_gemms(monkeypatch)
-
-    def first_forward_ran_all():
-        assert len(gemms) == 3
-        gemms.clear()
-
-    got = step(model, x, ac=True, early_stop=early_stop, between=first_forward_ran_all)
+    got = step(model, x, ac=True, early_stop=early_stop, between=first_forward_ran(gemms, 3))
     # The inner recomputation (of the first forward's inner checkpoint) runs w1 and skips w2. The
     # outer recomputation runs the inner checkpoint again as a first forward, under a new inner
     # frame whose saves nothing reads (w1 and w2 both run), and w3: linear last, w3's saves are the
