@@ -214,7 +214,7 @@ def test_a_kept_stand_in_fails_loudly(monkeypatch):
         out.float().sum().backward()
 
 
-def test_fake_and_functorch_weights_remember_nothing():
+def test_fake_weights_remember_nothing():
     """Under FakeTensorMode (shape propagation, memory estimation) a weight has no storage to key an
     entry on: nothing is remembered and its data pointer is never read (PyTorch warns on that)."""
     import warnings

@@ -297,8 +297,9 @@ def test_no_weak_reference_to_the_weight_so_modules_convert_by_swapping():
 
 
 def test_copies_and_pickles_of_a_weight_carry_no_float8_copies():
-    """copy.deepcopy and torch.save of a module object keep a tensor's attributes: the entry goes
-    along empty (no duplicated float8 copies, none written to the file), and the copy casts for itself."""
+    """copy.deepcopy of a tensor and torch.save of a module object keep a tensor's attributes: the
+    entry goes along as nothing (no duplicated float8 copies, none written to the file), and the
+    loaded copy casts for itself."""
     import copy
     import io
 
