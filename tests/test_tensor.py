@@ -167,6 +167,21 @@ def test_mutating_ops_outside_the_table_raise():
     t = q(torch.randn(16, 32))
     with pytest.raises(NotImplementedError, match="mutating op .*add_.*dequantize"):
         t.add_(1)
+    with pytest.raises(NotImplementedError, match="mutating op .*add.out"):
+        torch.add(torch.ones(16, 32, device=DEVICE), 1, out=t)
+
+
+def test_ops_that_write_a_plain_tensor_may_read_a_float8_tensor():
+    """Only writing into a Float8Tensor would requantize: a plain tensor written from one's values
+    (in place, or as out=) is the op on the dequantized values."""
+    t = q(torch.randn(16, 32))
+    plain = torch.ones(16, 32, device=DEVICE)
+    with pytest.warns(UserWarning, match="not in Float8Tensor's op table"):
+        plain.add_(t)
+    assert torch.equal(plain, 1 + t.dequantize())
+    out = torch.empty(16, 32, device=DEVICE)
+    torch.mul(t, 2, out=out)
+    assert torch.equal(out, t.dequantize() * 2)
 
 
 def test_requantizing_a_float8_tensor_is_refused():

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from .config import Float8Config
 from ..kernels import BLOCK, FLOAT8_DTYPES, LAYOUTS, quantize_blocks, quantize_cols, quantize_rows, quantize_with_amax
-from ..torch_internals import is_fake, is_mutating
+from ..torch_internals import is_fake, is_mutating, written_arguments
 
 # Filled by ops.py: aten op -> handler(func, args, kwargs).
 OPS: dict = {}
@@ -163,12 +163,14 @@ def _check_block(data, scale, block) -> None:
 
 
 def _fallback(func, args, kwargs):
-    """Ops outside the table: run on the dequantized values (correct, not fast); refuse mutation.
+    """Ops outside the table: run on the dequantized values (correct, not fast); refuse to write
+    into a Float8Tensor.
 
-    A mutating op would have to write high-precision results back into float8 storage, which is
-    a requantization the caller did not ask for, so it raises instead.
+    An op writing into a Float8Tensor would have to store high-precision results back into float8,
+    a requantization the caller did not ask for, so it raises instead. An op that writes a plain
+    tensor and only reads a Float8Tensor (`plain.add_(f8)`, `out=plain`) runs on its dequantized values.
     """
-    if is_mutating(func):
+    if is_mutating(func) and any(isinstance(t, Float8Tensor) for t in written_arguments(func, args, kwargs)):
         raise NotImplementedError(
             f"Float8Tensor does not support the mutating op {func}: it would have to requantize in "
             "place. Call .dequantize() and operate on the high-precision tensor instead."
