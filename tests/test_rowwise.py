@@ -483,3 +483,21 @@ def test_tensor_parallel_rowwise_is_as_close_to_bf16_as_one_device(tmp_path):
         for got, want, ref in zip(results[rank], one, bf16):
             assert sqnr(ref, got) > sqnr(ref, want) - 1
             assert sqnr(want, got) > 20
+
+
+@pytest.mark.parametrize("K", [64, 256])
+def test_rowwise_operands_whose_n_is_not_a_multiple_of_16_get_the_rowwise_rule_at_any_k(K):
+    """Over a K of one 128 block, [M, 1] / [1, N] scales also fit the blockwise shapes; rowwise
+    operands still get the rowwise rule (N divisible by 16), not a blockwise error, and blockwise
+    operands of the same shapes still run (padded)."""
+    from f8tensor import to_float8
+
+    a = torch.randn(32, K, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(24, K, device=DEVICE, dtype=torch.bfloat16)
+    config = Float8Config.from_recipe_name("rowwise").replace(emulate=True)
+    A, W = (to_float8(t, granularity="rowwise", config=config) for t in (a, w))
+    with pytest.raises(ValueError, match="N divisible by 16"):
+        torch.mm(A, W.t())
+    config = Float8Config.from_recipe_name("blockwise").replace(emulate=True)
+    A, W = (to_float8(t, granularity="blockwise", config=config) for t in (a, w))
+    assert sqnr(a.float() @ w.float().t(), torch.mm(A, W.t()).float()) > 20

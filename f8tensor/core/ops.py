@@ -236,14 +236,18 @@ def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None
     # Blockwise GEMMs have no fast accumulation; a blockwise config already turns it off, and the
     # default config's setting is no request of the caller's.
     fast_accum = _gemm_fast_accum(a, b, config) and a._block is None and b._block is None
-    return scaled_mm_data(a._data, a._scale, b._data, b._scale, a._orig_dtype, fast_accum, config, bias)
+    return scaled_mm_data(a._data, a._scale, b._data, b._scale, a._orig_dtype, fast_accum, config, bias,
+                          blockwise=a._block is not None or b._block is not None)
 
 
 def scaled_mm_data(
     a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor, b_scale: torch.Tensor,
     out_dtype: torch.dtype, use_fast_accum: bool, config: Float8Config, bias: torch.Tensor | None = None,
+    blockwise: bool | None = None,
 ) -> torch.Tensor:
     """(a_data * a_scale) @ (b_data * b_scale) (+ bias) through torch._scaled_mm, in out_dtype.
+    blockwise: whether the operands are blockwise-scaled (None: the config's recipe says); it
+    decides only scales that fit either kind, [M, 1] and [1, N] over a K of one 128 block.
 
     The one place GEMM rules live (Float8Tensor's mm and Float8Linear both land here). Copies an
     operand only when its layout or alignment is not what _scaled_mm takes, or, under blockwise
@@ -268,7 +272,10 @@ def scaled_mm_data(
         )
     kind = "tensorwise"
     if a_scale.dim() == 2 or b_scale.dim() == 2:
-        kind, a_scale, b_scale = _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum)
+        if blockwise is None:
+            blockwise = config.scaling_granularity == "blockwise"
+        kind, a_scale, b_scale = _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum,
+                                                  blockwise)
     if N % 16 and kind != "blockwise":  # blockwise GEMMs are zero-padded to whole tiles below
         raise ValueError(
             f"_scaled_mm needs N divisible by 16, got [{a_data.shape[0]}, {K}] @ [{K}, {N}]; pad the "
@@ -295,7 +302,7 @@ def scaled_mm_data(
             if bias is not None:
                 bias = F.pad(bias, (0, b_data.shape[1] - N))
             return scaled_mm_data(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum, config,
-                                  bias)[:M, :N].contiguous()
+                                  bias, blockwise=True)[:M, :N].contiguous()
     if K % 16:
         # _scaled_mm needs K % 16 == 0; zero columns add nothing, so padding is exact. This is the
         # weight-gradient GEMM (K = tokens) when the token count is not a multiple of 16.
@@ -345,15 +352,16 @@ def tensorwise_as_rowwise(a_scale, b_scale, M: int, N: int):
 ROWWISE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum):
+def _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum, blockwise: bool):
     """("rowwise" | "blockwise", scale_a, scale_b) under CUDA's rules for scales that are not both
     tensorwise; a tensorwise scale beside a rowwise one is broadcast to its row or column (the
-    same values)."""
+    same values). blockwise: scaled_mm_data's."""
     M, N = a_data.shape[0], b_data.shape[1]
     # Blockwise scales over a K of one block ([M, 1] and [1, N]) are rowwise scales too, the same
-    # math: the rowwise GEMM, unless N is not a multiple of 16, which only the (padded) blockwise path runs.
+    # math: the rowwise GEMM, unless N is not a multiple of 16, which only the (padded) blockwise
+    # path runs, and only for blockwise operands (rowwise ones get the rowwise rule's error).
     if a_scale.dim() == 2 and b_scale.dim() == 2 and _blockwise_kinds(a_data, a_scale, b_data, b_scale) \
-            and (a_scale.shape != (M, 1) or b_scale.shape != (1, N) or N % 16):
+            and (a_scale.shape != (M, 1) or b_scale.shape != (1, N) or (N % 16 and blockwise)):
         return ("blockwise", *_blockwise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum))
     if a_scale.dim() == 0:
         a_scale = a_scale.reshape(1, 1).expand(M, 1)
