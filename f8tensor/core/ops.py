@@ -235,9 +235,10 @@ def scaled_mm(a: Float8Tensor, b: Float8Tensor, bias: torch.Tensor | None = None
     config = a._config or b._config or DEFAULT_CONFIG
     # Blockwise GEMMs have no fast accumulation; a blockwise config already turns it off, and the
     # default config's setting is no request of the caller's.
-    fast_accum = _gemm_fast_accum(a, b, config) and a._block is None and b._block is None
+    blockwise = a._block is not None or b._block is not None
+    fast_accum = _gemm_fast_accum(a, b, config) and not blockwise
     return scaled_mm_data(a._data, a._scale, b._data, b._scale, a._orig_dtype, fast_accum, config, bias,
-                          blockwise=a._block is not None or b._block is not None)
+                          blockwise=blockwise)
 
 
 def scaled_mm_data(
