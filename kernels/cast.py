@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .amax import tile_grid
-from .scale import fp32_to_float8, scale_from_amax
+from .scale import saturate_to_float8, scale_from_amax
 
 
 @triton.jit
@@ -39,8 +39,7 @@ def cast_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n, mask=mask)
     y = x.to(tl.float32) * multiplier
-    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    q = fp32_to_float8(y, row_ptr.dtype.element_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    q = saturate_to_float8(y, row_ptr.dtype.element_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
     if WRITE_ROW:
         tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     if WRITE_COL:

@@ -30,14 +30,13 @@ from .amax import cdiv, magnitude_bits
 from .cast import FORMAT_BITS, FP8_MAX, next_power_of_2
 from .launch import launch_kernel
 from .naive import EPS, INPUT_DTYPES, scale_from_amax_ref
-from .scale import INTERPRETING, fp32_to_float8, scale_from_amax
+from .scale import INTERPRETING, saturate_to_float8, scale_from_amax
 
 
 @triton.jit
 def _cast_tile(x, multiplier, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
                MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
-    y = tl.clamp(x.to(tl.float32) * multiplier, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return fp32_to_float8(y, out_ty, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    return saturate_to_float8(x.to(tl.float32) * multiplier, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
 
 
 @triton.jit

@@ -67,10 +67,23 @@ def round_to(y, dtype: tl.constexpr, EXACT_ROUND: tl.constexpr):
     return y.to(dtype).to(tl.float32)
 
 
+# Triton's own flag as a constant the jit functions below can read.
+INTERPRETING_C = tl.constexpr(INTERPRETING)
+
+
 @triton.jit
-def fp32_to_float8(y, out_dtype: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
-              EXACT_ROUND: tl.constexpr):
-    """fp32 (already clamped to the fp8 range, or NaN) -> float8, round to nearest even."""
+def saturate_to_float8(y, out_dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
+                       MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """fp32 y -> float8 as `naive.quantize_ref` casts: clamped to +-FP8_MAX, NaN kept, rounded to
+    nearest even.
+
+    Compiled for a CUDA GPU (the Triton paths run only on sm_89 and newer), Triton converts fp32 to
+    float8 with `cvt.rn.satfinite`, which saturates finite values and infinities to +-FP8_MAX and
+    keeps NaN: the clamp's results, so the clamp is left out (one instruction per element;
+    tests/test_benchmarks.py checks the compiled conversion). In the interpreter, and under
+    EXACT_ROUND, the clamp is explicit: the interpreter's conversion does not saturate."""
+    if EXACT_ROUND or INTERPRETING_C:
+        y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if EXACT_ROUND:
         q = round_to_float8_grid(y, MANT_BITS, MIN_NORMAL_EXP).to(out_dtype)
         # The interpreter also turns NaN into 384 for e4m3fn; 0x7F is NaN in both formats.

@@ -271,6 +271,90 @@ def test_entry_point_takes_either_kind_of_amax_record():
         quantize_with_amax(x, torch.float8_e4m3fn, "row", amax=torch.zeros(3, device=x.device))
 
 
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+@pytest.mark.parametrize("layout", ["row", "col", "both"])
+def test_a_record_below_the_amax_saturates_as_the_reference_clamps(layout, float8_dtype):
+    """A given amax an eighth of x's: scaled values up to 8x beyond the format's max, and +-inf,
+    saturate to +-max, NaN stays NaN, bit for bit the reference's clamp then cast. On the GPU the
+    kernel leaves the clamp to the hardware conversion (`scale.saturate_to_float8`): this is the
+    check that it saturates as the clamp does, in both formats and layouts."""
+    from f8tensor.kernels.quantize import quantize_triton_with_amax
+
+    x = spanning_values((130, 300), torch.bfloat16)
+    *_, record = quantize_triton_with_amax(x / 8, float8_dtype, "row")  # the record of amax(x) / 8, exactly
+    given = amax_ref(x) / 8
+    x[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    x[5, 7] = -x.abs().nan_to_num(0, 0, 0).max()  # the largest finite magnitude, negative
+    row, col, scale, _ = quantize_triton_with_amax(x, float8_dtype, layout, amax=record)
+    want = quantize_ref(x, float8_dtype, layout, amax=given)
+    assert torch.equal(scale, want[2])
+    top = torch.finfo(float8_dtype).max
+    for got, ref in ((row, want[0]), (col, want[1])):
+        assert (got is None) == (ref is None)
+        if got is not None:
+            assert_same_fp8(got, ref)
+            values = got.float()
+            assert values[0, 0] == top and values[0, 1] == -top and values[0, 2].isnan() and values[5, 7] == -top
+            assert (values.abs() == top).sum() > 3  # finite values beyond the max saturated too
+
+
+SATFINITE_PROBE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tools.sm90_compile import compile_sm90
+from f8tensor.kernels.blockwise import block_kernel
+from f8tensor.kernels.cast import cast_kernel
+from f8tensor.kernels.rowwise import _format, row_kernel
+
+M, N = 256, 512
+x = torch.empty(M, N, dtype=torch.bfloat16)
+scales, partials = torch.empty(M * N, dtype=torch.float32), torch.empty(64, dtype=torch.int32)
+ptx = {}
+for float8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    out, fmt = torch.empty(M, N, dtype=float8_dtype), _format(float8_dtype, False, False, x)
+    compiled = {
+        "cast_kernel": compile_sm90(cast_kernel, (x, partials, 64, out, out.view(torch.uint8), scales, M, N, N, 1, 8, 4), 8, **fmt,
+                                    WRITE_ROW=True, WRITE_COL=True, BLOCK_M=64, BLOCK_N=128, BLOCK_PARTIALS=64),
+        "row_kernel": compile_sm90(row_kernel, (x, out, scales, M, N, N, 1), 4, **fmt, ONE_PASS=True,
+                                   BLOCK_M=32, BLOCK_N=512),
+        "block_kernel": compile_sm90(block_kernel, (x, out, scales, out.view(torch.uint8), scales, M, N, N, 1), 4,
+                                     **fmt, SQUARE=False, WRITE_ROW=True, WRITE_COL=True, BLOCK_M=128, BLOCK_N=128,
+                                     SUB_M=64, SUB_N=64, EVEN=True, OFFSETS_32=True, PACKED=False),
+    }
+    for kernel, c in compiled.items():
+        ptx[f"{kernel} {float8_dtype}"] = c.asm["ptx"]
+print(json.dumps(ptx))
+"""
+
+
+def test_the_cast_kernels_compile_to_the_saturating_conversion(tmp_path):
+    """The GPU kernels leave the clamp to Triton's fp32 -> float8 conversion, which is right only
+    while Triton compiles it to `cvt.rn.satfinite` (saturating): checked in the sm_90 PTX of the
+    tensorwise, rowwise and blockwise casts (compiled here, outside the interpreter, no GPU
+    needed), in both formats, with no separate clamp left (`min.NaN`)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton without its CUDA backend")
+    probe = tmp_path / "probe.py"
+    probe.write_text(SATFINITE_PROBE)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(probe), os.path.join(root, "benchmarks")], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ptx = json.loads(run.stdout)
+    assert len(ptx) == 6
+    for case, text in ptx.items():
+        name = "e4m3x2" if "e4m3" in case else "e5m2x2"
+        assert f"cvt.rn.satfinite.{name}.f32" in text, case
+        assert "min.NaN" not in text, case
+
+
 def test_an_amax_record_of_the_wrong_kind_is_refused():
     x = spanning_values((17, 48), torch.bfloat16)
     for bad in (torch.zeros(3, dtype=torch.float32, device=x.device),
