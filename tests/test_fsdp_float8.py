@@ -7,6 +7,8 @@ float8 all-gather must reproduce single-process float8 training bit for bit, wit
 precomputed scales, resharding after forward or not. (Float8 dims are multiples of 16, so two
 ranks always split dim 0 evenly: the padding of uneven shards is exercised on three ranks below.)"""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -179,6 +181,31 @@ def test_outside_fsdp2_the_weight_is_its_high_precision_values():
     assert type(state["0.weight"]) is torch.Tensor and torch.equal(state["0.weight"], off.state_dict()["0.weight"])
     on.load_state_dict(off.state_dict())
     assert isinstance(on[0].weight, Float8AllGatherWeight)
+
+
+def test_the_switch_wraps_the_weight_however_the_layer_is_made():
+    """Float8Config(fsdp_float8_all_gather=True) handed to Float8Linear(...) or from_float makes the
+    weight gather in float8 as conversion does (both ignored the switch silently): a
+    Float8AllGatherWeight holding the layer's values, state dicts of plain tensors, the state-dict
+    hooks registered once, a hook of the original layer still running, the same outputs."""
+    config = Float8Config(fsdp_float8_all_gather=True)
+    made = Float8Linear(64, 32, config=config)
+    assert isinstance(made.weight, Float8AllGatherWeight) and made.weight.requires_grad
+    assert type(made.state_dict()["weight"]) is torch.Tensor and len(made._state_dict_hooks) == 1
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    converted = convert_to_float8_training(nn.Sequential(copy.deepcopy(lin)), config=config,
+                                           module_filter_fn=lambda module, fqn: True)[0]
+    seen = []
+    lin._register_state_dict_hook(lambda module, state, prefix, metadata: seen.append(prefix))
+    new = Float8Linear.from_float(lin, config)
+    assert isinstance(new.weight, Float8AllGatherWeight) and torch.equal(new.weight._tensor, lin.weight)
+    assert new.bias is lin.bias and new.config == config
+    state = new.state_dict()
+    assert type(state["weight"]) is torch.Tensor and torch.equal(state["weight"], lin.weight) and seen == [""]
+    assert len(new._state_dict_hooks) == 2  # the original layer's and the switch's, once
+    x = torch.randn(4, 64)
+    assert torch.equal(new(x), converted(x))
 
 
 def test_a_precomputed_amax_holds_until_its_weight_is_written():

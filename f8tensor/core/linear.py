@@ -29,13 +29,14 @@ subclass, without a wrapper construction and a __torch_dispatch__ round trip per
 eager training would pay in host time on every layer.
 """
 
+import dataclasses
 import sys
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch import nn
 
-from ..distributed.fsdp_float8 import Float8AllGatherWeight
+from ..distributed.fsdp_float8 import Float8AllGatherWeight, wrap_weight
 from ..kernels import quantize_with_amax
 from ..torch_internals import (checkpoint_phase, inside_backward, module_hook_attributes, saved_by_producer,
                                selective_checkpointing_active, transformed)
@@ -293,17 +294,26 @@ class Float8Linear(QuietSubclasses, nn.Linear):
                 "blockwise recipe, whose GEMMs are padded")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config
+        if config.fsdp_float8_all_gather:
+            wrap_weight(self, config)
 
     @classmethod
     def from_float(cls, mod: nn.Linear, config: Float8Config | None = None) -> "Float8Linear":
         """A Float8Linear holding mod's own Parameter objects (optimizers keep working) and its
         hooks: forward, backward and state-dict hooks registered on mod (a user's, or those that
-        parallelize_module adds) run on the new layer, and their handles still remove them."""
-        with torch.device("meta"):
-            new = cls(mod.in_features, mod.out_features, bias=False, config=config)
+        parallelize_module adds) run on the new layer, and their handles still remove them. With
+        Float8Config(fsdp_float8_all_gather=True) the weight becomes a new Float8AllGatherWeight
+        Parameter holding mod's values, as conversion makes it: build optimizers after this call."""
+        config = config or Float8Config()
+        with torch.device("meta"):  # built without the switch: its state-dict hooks go on mod's dicts, below
+            new = cls(mod.in_features, mod.out_features, bias=False,
+                      config=dataclasses.replace(config, fsdp_float8_all_gather=False))
+        new.config = config
         new.weight = mod.weight
         new.bias = mod.bias
         share_hooks(new, mod)
+        if config.fsdp_float8_all_gather:
+            wrap_weight(new, config)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

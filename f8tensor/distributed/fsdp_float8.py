@@ -224,7 +224,8 @@ class Float8AllGatherWeight(torch.Tensor):
 
 
 def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
-    """Make a Float8Linear's weight a Float8AllGatherWeight (conversion does this with the switch on)."""
+    """Make a Float8Linear's weight a Float8AllGatherWeight (a new Parameter, its values and
+    requires_grad kept): what the switch does, in conversion, Float8Linear(...) and from_float."""
     weight = linear.weight
     if isinstance(weight, Float8AllGatherWeight) or isinstance(getattr(weight, "_local_tensor", None),
                                                                Float8AllGatherWeight):
@@ -233,8 +234,14 @@ def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
         raise TypeError(f"fsdp_float8_all_gather needs a plain weight to wrap, got {type(weight.data).__name__} "
                         "(convert before fully_shard and before tensor parallelism)")
     linear.weight = nn.Parameter(Float8AllGatherWeight(weight.data, config), requires_grad=weight.requires_grad)
-    linear._register_state_dict_hook(_plain_weight)
-    linear._register_load_state_dict_pre_hook(_before_load, with_module=True)
+    if not getattr(linear, _HOOKED, False):  # once per layer (from_float wraps the weight it is given again)
+        linear._register_state_dict_hook(_plain_weight)
+        linear._register_load_state_dict_pre_hook(_before_load, with_module=True)
+        setattr(linear, _HOOKED, True)
+
+
+# Set on a layer whose state-dict hooks `wrap_weight` registered.
+_HOOKED = "_f8tensor_all_gather_hooks"
 
 
 def _before_load(module, state_dict, prefix, local_metadata, *args):
