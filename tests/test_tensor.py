@@ -226,6 +226,14 @@ def test_scaled_mm_refuses_what_cuda_refuses():
     a = q(torch.randn(32, 64), float8_dtype=torch.float8_e5m2)
     with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):
         scaled_mm(a, q(torch.randn(64, 32), float8_dtype=torch.float8_e5m2, layout="col"))
+    # the @ operator shows the same message (torch.Tensor's turned it into "unsupported operand type(s)")
+    b = q(torch.randn(32, 64), float8_dtype=torch.float8_e5m2)
+    with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):
+        a @ b.t()
+    with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):
+        b.t().__rmatmul__(a)  # what Python calls when the left operand's __matmul__ declines
+    x, w = q(torch.randn(32, 64)), q(torch.randn(32, 64))
+    assert torch.equal(x @ w.t(), torch.matmul(x, w.t()))
     with pytest.raises(ValueError, match="N divisible by 16"):
         scaled_mm(q(torch.randn(32, 64)), q(torch.randn(64, 40), layout="col"))
 

@@ -126,6 +126,16 @@ class Float8Tensor(torch.Tensor):
             f"orig_dtype={str(self._orig_dtype).removeprefix('torch.')}, role={role})"
         )
 
+    def __matmul__(self, other):
+        """`self @ other` is torch.matmul(self, other), its errors as raised: torch.Tensor's operator
+        turns a TypeError (the GEMM rules' dtype errors, such as e5m2 x e5m2) into NotImplemented,
+        which Python reports as "unsupported operand type(s) for @"."""
+        return torch.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        """`other @ self` is torch.matmul(other, self) (as `__matmul__`)."""
+        return torch.matmul(other, self)
+
     def __tensor_flatten__(self):
         return ["_data", "_scale"], (self._orig_dtype, self._role, self._config, self._block)
 
