@@ -222,6 +222,23 @@ def test_mm_quantizes_a_plain_operand_and_matmul_linear_work():
         torch.addmm(bias.float(), x, w8.t())
 
 
+def test_to_float8_of_a_tensor_that_requires_grad_is_refused_under_grad_mode():
+    """The cast is not differentiable: to_float8 of a weight that requires grad returned a Float8Tensor
+    without a gradient path, silently. Now a RuntimeError naming the ways out; under no_grad, or of
+    a detached tensor, it runs (the same bits); the op table's on-the-fly cast of a plain operand that
+    requires grad still runs (below autograd)."""
+    w = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    for granularity in ("tensorwise", "rowwise", "blockwise"):
+        with pytest.raises(RuntimeError, match="requires grad.*torch.no_grad\\(\\) or on x.detach\\(\\)"):
+            to_float8(w, granularity=granularity)
+    with torch.no_grad():
+        kept = to_float8(w)
+    assert torch.equal(kept._data.view(torch.uint8), to_float8(w.detach())._data.view(torch.uint8))
+    x8 = q(torch.randn(16, 64))
+    out = torch.mm(x8, w.t())  # w quantized on the fly inside the op table
+    assert out.shape == (16, 32)
+
+
 def test_scaled_mm_refuses_what_cuda_refuses():
     a = q(torch.randn(32, 64), float8_dtype=torch.float8_e5m2)
     with pytest.raises(TypeError, match="e5m2 x float8_e5m2"):

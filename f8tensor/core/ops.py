@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import Float8Config
 from ..kernels import has_float8_hardware
-from .tensor import OPS, Float8Tensor, GemmRole, _axiswise, to_float8
+from .tensor import OPS, Float8Tensor, GemmRole, _axiswise, quantize_to_float8
 
 aten = torch.ops.aten
 DEFAULT_CONFIG = Float8Config()
@@ -488,8 +488,8 @@ def _as_float8(t, other: Float8Tensor, layout: str) -> Float8Tensor:
     config = other._config or DEFAULT_CONFIG
     # the other operand's kind
     granularity = "blockwise" if other._block is not None else "rowwise" if other._scale.dim() else "tensorwise"
-    return to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config,
-                     granularity=granularity)
+    return quantize_to_float8(t, config.forward_dtype, layout=layout, role=GemmRole.INPUT, config=config,
+                              granularity=granularity)
 
 
 def _operands(func, a, b):

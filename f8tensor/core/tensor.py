@@ -218,7 +218,24 @@ def to_float8(
     pair (row, col) from one read of x. N-D inputs are treated as the matrix [prod(leading), K];
     a view when x's strides allow it, otherwise one copy. On CUDA this runs the Triton kernels,
     elsewhere the PyTorch reference; both give the same bits.
+
+    The cast is not differentiable: an x that requires grad, with grad mode on, is a RuntimeError
+    (the result would carry no gradient back to x).
     """
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "to_float8: x requires grad, and the Float8Tensor it returns carries no gradient back to x (the cast "
+            "is not differentiable); call it under torch.no_grad() or on x.detach(), or train through Float8Linear "
+            "(convert_to_float8_training), whose backward runs the float8 GEMMs of the gradients")
+    return quantize_to_float8(x, float8_dtype, layout=layout, role=role, config=config, granularity=granularity)
+
+
+def quantize_to_float8(
+    x: torch.Tensor, float8_dtype: torch.dtype = torch.float8_e4m3fn, *, layout: str = "row",
+    role: GemmRole | None = None, config: Float8Config | None = None, granularity: str | None = None,
+):
+    """`to_float8` without its autograd check, for the op table (inside __torch_dispatch__, below
+    autograd, a plain operand quantized on the fly may still report requires_grad)."""
     if isinstance(x, Float8Tensor):
         raise TypeError("x is already a Float8Tensor; call .dequantize() first to requantize it")
     if layout not in LAYOUTS:
