@@ -1,7 +1,8 @@
 """Blockwise quantization kernel: ours vs torch.compile of the reference and torchao's kernels, vs
 copy bandwidth.
 
-    python benchmarks/kernels_blockwise.py [--out results/kernels_blockwise.jsonl] [--sweep] [--no-compile]
+    python benchmarks/kernels_blockwise.py [--out results/kernels_blockwise.jsonl] [--sweep [--sweep-only I ...]]
+        [--no-compile] [--shapes MxN ...] [--modes MODE ...]
 
 Modes, with the bytes each must move (what the bandwidth figure counts; scales, 4 bytes per 128
 elements or fewer, are left out):
@@ -36,17 +37,20 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(packed=True), dict(packed=True, num_warps=2), dict(packed=True, num_warps=8),
          dict(packed=True, sub_m=32, sub_n=32), dict(packed=True, sub_m=64, sub_n=32),
          dict(packed=True, block_n=32, num_warps=2), dict(packed=True, block_n=64, num_warps=4),
-         dict(packed=False)]
+         dict(packed=False),
+         # columns per load of the word store's column slices (default COL_VEC)
+         dict(col_vec=2), dict(col_vec=8), dict(col_vec=2, num_warps=8), dict(col_vec=4, num_warps=8)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:
     """Whether a sweep configuration's options apply to the cast `mode` of an input of M rows (column
-    slices no wider than the column strips' programs; packed=True where M is a multiple of 4, as
-    block_cast_triton requires)."""
+    slices no wider than the column strips' programs; packed=True and col_vec where M is a multiple
+    of 4, as block_cast_triton requires)."""
     return not ("block_m" in cfg and mode != "act_row" or "sub_m" in cfg and mode != "act_both"
                 or "sub_n" in cfg and mode not in ("act_both", "act_col")
                 or "block_n" in cfg and mode != "act_col"
                 or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
+                or "col_vec" in cfg and (mode not in ("act_both", "act_col") or M % 4)
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 
@@ -91,13 +95,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--shapes", nargs="+", help="MxN shapes to run (default: all of SHAPES)")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), help="casts to run (default: all of MODES)")
+    ap.add_argument("--sweep-only", nargs="+", type=int, metavar="I",
+                    help="with --sweep, only these SWEEP configurations (indices)")
     args, env, copy_bw = kernel_benchmark_start("kernels_blockwise", ap)
     torch._dynamo.config.recompile_limit = 1000
     rows = []
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     for M, N in shapes:
         x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-        for mode in MODES:
+        for mode in args.modes or MODES:
             writes = 2 if mode == "act_both" else 1
             nbytes = (x.element_size() + writes) * x.numel()
             gpu = gpu_ms(ours(x, mode))
@@ -115,7 +122,7 @@ def main():
                     row["torchao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if args.sweep:
                 for i, cfg in enumerate(SWEEP):
-                    if not applies(cfg, mode, M):
+                    if not applies(cfg, mode, M) or args.sweep_only and i not in args.sweep_only:
                         continue
                     row[f"sweep{i}_gpu_ms"] = gpu_ms(ours(x, mode, **cfg))
             rows.append(row)

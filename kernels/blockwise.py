@@ -33,7 +33,7 @@ from .amax import cdiv, magnitude_bits
 from .naive import BLOCK
 from .rowwise import _cast_tile, _check, _empty_scale, _format
 from .launch import launch_kernel
-from .scale import INTERPRETING, scale_from_amax
+from .scale import INTERPRETING, INTERPRETING_C, scale_from_amax
 
 
 @triton.jit
@@ -66,38 +66,67 @@ def _store(ptr, value, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _float8_word(y0, y1, y2, y3, out_ty: tl.constexpr):
+    """Four fp32 values (each already scaled) cast to float8 with saturation and packed into one
+    32-bit word, y_k in byte k: two `cvt.rn.satfinite` of value pairs and one move on the GPU
+    (Triton's own cast and byte packing took about four times the instructions); the same bits
+    as casting each (`saturate_to_float8`) and packing. GPU only: the interpreter runs no PTX."""
+    if out_ty == tl.float8e5:
+        asm: tl.constexpr = ("{ .reg .b16 lo, hi; cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1; "
+                             "cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
+    else:
+        asm: tl.constexpr = ("{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+                             "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m, stride_n, out_ty: tl.constexpr,
                       FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                       MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-                      EVEN: tl.constexpr):
-    """The 128 x 1 column strips of the tile's columns lc, loaded as x viewed [BLOCK_M / 4, 4, len(lc)]
-    (row 4 i + k): each column's rows 4 i .. 4 i + 3 are cast and packed into one 32-bit word, byte k
-    at bits 8 k (the column-major bytes' little-endian order), then stored transposed: the layout
-    change moves 32-bit words through shared memory instead of single bytes. col32_tile: the tile's
-    column-major data as int32 words ([N, M / 4], M a multiple of 4). Offsets inside the tile int32."""
+                      EVEN: tl.constexpr, VEC: tl.constexpr):
+    """The 128 x 1 column strips of the tile's columns lc, loaded as four slices x_k of rows 4 i + k:
+    each column's rows 4 i .. 4 i + 3 are cast and packed into one 32-bit word, row 4 i + k in byte k
+    (the column-major bytes' little-endian order; on the GPU by `_float8_word`), then stored
+    transposed: the layout change moves 32-bit words through shared memory instead of single bytes.
+    col32_tile: the tile's column-major data as int32 words ([N, M / 4], M a multiple of 4). Offsets
+    inside the tile int32. VEC: columns per load (a power of two); fewer columns per thread mean fewer
+    of the column scales' divisions per thread (each thread computes the scales of the columns it
+    holds), at more loads."""
     i = tl.arange(0, BLOCK_M // 4)
-    k = tl.arange(0, 4)
-    lr = 4 * i[:, None, None] + k[None, :, None]
-    offsets = lr * stride_m + lc[None, None, :] * stride_n
-    if EVEN:
-        x = tl.load(x_tile + offsets)
+    # The same columns, contiguous only in runs of VEC as far as Triton can tell: its loads then
+    # take VEC columns at a time (16 bytes, its widest, where VEC is that wide or wider).
+    lc = (lc // VEC) * VEC + lc % VEC
+    x0, mask = _tile_slice(x_tile, 4 * i, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    x1, _ = _tile_slice(x_tile, 4 * i + 1, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    x2, _ = _tile_slice(x_tile, 4 * i + 2, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    x3, _ = _tile_slice(x_tile, 4 * i + 3, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    bits = tl.maximum(tl.maximum(magnitude_bits(x0), magnitude_bits(x1)),
+                      tl.maximum(magnitude_bits(x2), magnitude_bits(x3)))
+    multiplier, scale = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
+    m = multiplier[None, :]
+    if EXACT_ROUND or INTERPRETING_C:
+        w = _cast_tile(x0, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+        words = w.to(tl.uint32)
+        w = _cast_tile(x1, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+        words |= w.to(tl.uint32) << 8
+        w = _cast_tile(x2, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+        words |= w.to(tl.uint32) << 16
+        w = _cast_tile(x3, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
+        words = (words | (w.to(tl.uint32) << 24)).to(tl.int32, bitcast=True)
     else:
-        x = tl.load(x_tile + offsets, mask=(m0 + lr < M) & (n0 + lc < N)[None, None, :], other=0.0)
-    multiplier, scale = scale_from_amax(tl.max(tl.max(magnitude_bits(x), 1), 0).to(tl.float32, bitcast=True),
-                                        FP8_MAX, EPS, POWER_OF_2)
-    q = _cast_tile(x, multiplier[None, None, :], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-    # the four bytes are disjoint bit fields: their sum is their bitwise or
-    words = tl.sum(q.to(tl.uint8, bitcast=True).to(tl.uint32) << (8 * k).to(tl.uint32)[None, :, None], axis=1)
+        words = _float8_word(x0.to(tl.float32) * m, x1.to(tl.float32) * m, x2.to(tl.float32) * m,
+                             x3.to(tl.float32) * m, out_ty)
     _store(scale_row + lc, scale, n0 + lc < N, EVEN)
-    _store(col32_tile + lc[None, :] * (M // 4) + i[:, None], words,
-           (m0 + 4 * i < M)[:, None] & (n0 + lc < N)[None, :], EVEN)
+    _store(col32_tile + lc[None, :] * (M // 4) + i[:, None], words, mask, EVEN)
 
 
 @triton.jit
 def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty: tl.constexpr,
                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, PACKED: tl.constexpr):
+                BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, PACKED: tl.constexpr,
+                COL_VEC: tl.constexpr):
     """The 128 x 1 column strips of one BLOCK_M x BLOCK_N tile, in SUB_N-column slices loaded as laid
     out, each column's scale along axis 0, the data stored column-major (PACKED: col_ptr is its
     int32 words, `_packed_col_slice`). Offsets inside the tile are int32 (the caller checks that
@@ -111,7 +140,7 @@ def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty:
         for j in tl.static_range(BLOCK_N // SUB_N):
             _packed_col_slice(x_tile, col32_tile, scale_row, j * SUB_N + tl.arange(0, SUB_N), m0, n0, M, N,
                               stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP,
-                              EXACT_ROUND, BLOCK_M, EVEN)
+                              EXACT_ROUND, BLOCK_M, EVEN, COL_VEC)
     else:
         col_tile = col_ptr + n0.to(tl.int64) * M + m0
         lr = tl.arange(0, BLOCK_M)
@@ -132,14 +161,14 @@ def block_kernel(
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, COL_VEC: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
     For the column strips (strips only): OFFSETS_32, offsets inside a tile fit int32 (`_col_strips`
     casts them; otherwise column slices loaded transposed with 64-bit offsets); EVEN, M and N are
     multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
-    as one word (`_packed_col_slice`)."""
+    as one word (`_packed_col_slice`, which loads COL_VEC columns at a time)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -172,7 +201,7 @@ def block_kernel(
                 tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
         if WRITE_COL and OFFSETS_32:
             _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
-                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN, PACKED)
+                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN, PACKED, COL_VEC)
         elif WRITE_COL:
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             for j in tl.static_range(BLOCK_N // SUB_N):
@@ -200,6 +229,10 @@ COL_STRIPS_BLOCK_N = 64
 # applies (`_packed_col_slice`): on, the both-layouts cast 5-8 % faster on the H200 and 2.6-4 % on
 # the H100 than the byte store (docs/benchmarks.md, "Blockwise scaling"); packed=False stores bytes.
 PACKED_COLUMNS = True
+# Columns per load in the word store's column slices (`_packed_col_slice`): 4 where Triton's widest
+# load would take 8 bf16 columns: half the column scales' divisions per thread (sm_90 compile:
+# docs/benchmarks.md, "Blockwise scaling").
+COL_VEC = 4
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
@@ -225,7 +258,7 @@ def block_cast_triton(
     x: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False, *, square: bool = False,
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
-    num_warps: int | None = None, packed: bool | None = None,
+    num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -238,7 +271,9 @@ def block_cast_triton(
     COL_STRIPS_SUB_N for the column strips alone where `_col_strips` casts them).
     packed: the column strips' bytes stored four rows to a 32-bit word (`_packed_col_slice`); by
     default (None) wherever it applies (PACKED_COLUMNS on, strips written column-major, M a multiple
-    of 4, offsets inside a tile within int32); True where it does not apply is a ValueError."""
+    of 4, offsets inside a tile within int32); True where it does not apply is a ValueError.
+    col_vec: columns per load of the word store's column slices (2, 4 or 8; COL_VEC by default);
+    given where the word store does not run, a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -281,6 +316,11 @@ def block_cast_triton(
     if packed and why_not:
         raise ValueError(f"block_cast_triton: packed=True does not apply here: {why_not}")
     packed = why_not is None and (PACKED_COLUMNS if packed is None else packed)
+    if col_vec is not None and not packed:
+        raise ValueError("block_cast_triton: col_vec applies to the word store of the column strips (packed), "
+                         "which does not run here")
+    if col_vec is not None and col_vec not in (2, 4, 8):
+        raise ValueError(f"block_cast_triton: col_vec must be 2, 4 or 8, got {col_vec}")
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
@@ -298,7 +338,7 @@ def block_cast_triton(
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
-                      EVEN=even, OFFSETS_32=offsets_32, PACKED=packed)
+                      EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

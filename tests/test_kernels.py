@@ -319,7 +319,11 @@ for float8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                                    BLOCK_M=32, BLOCK_N=512),
         "block_kernel": compile_sm90(block_kernel, (x, out, scales, out.view(torch.uint8), scales, M, N, N, 1), 4,
                                      **fmt, SQUARE=False, WRITE_ROW=True, WRITE_COL=True, BLOCK_M=128, BLOCK_N=128,
-                                     SUB_M=64, SUB_N=64, EVEN=True, OFFSETS_32=True, PACKED=False),
+                                     SUB_M=64, SUB_N=64, EVEN=True, OFFSETS_32=True, PACKED=False, COL_VEC=4),
+        "block_kernel words": compile_sm90(block_kernel, (x, out, scales, out.view(torch.int32), scales, M, N, N, 1),
+                                           4, **fmt, SQUARE=False, WRITE_ROW=True, WRITE_COL=True, BLOCK_M=128,
+                                           BLOCK_N=128, SUB_M=64, SUB_N=64, EVEN=True, OFFSETS_32=True, PACKED=True,
+                                           COL_VEC=4),
     }
     for kernel, c in compiled.items():
         ptx[f"{kernel} {float8_dtype}"] = c.asm["ptx"]
@@ -331,7 +335,8 @@ def test_the_cast_kernels_compile_to_the_saturating_conversion(tmp_path):
     """The GPU kernels leave the clamp to Triton's fp32 -> float8 conversion, which is right only
     while Triton compiles it to `cvt.rn.satfinite` (saturating): checked in the sm_90 PTX of the
     tensorwise, rowwise and blockwise casts (compiled here, outside the interpreter, no GPU
-    needed), in both formats, with no separate clamp left (`min.NaN`)."""
+    needed; the blockwise cast with its column strips stored as words too, whose conversion is
+    inline PTX), in both formats, with no separate clamp left (`min.NaN`)."""
     import json
     import os
     import subprocess
@@ -348,7 +353,7 @@ def test_the_cast_kernels_compile_to_the_saturating_conversion(tmp_path):
                          text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     ptx = json.loads(run.stdout)
-    assert len(ptx) == 6
+    assert len(ptx) == 8
     for case, text in ptx.items():
         name = "e4m3x2" if "e4m3" in case else "e5m2x2"
         assert f"cvt.rn.satfinite.{name}.f32" in text, case

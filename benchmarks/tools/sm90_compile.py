@@ -67,7 +67,8 @@ def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, **con
     unaligned = {p.name for p in kernel.params if p.do_not_specialize or p.do_not_specialize_on_alignment}
     names = list(kernel.arg_names)
     runtime = names[:len(args)]
-    missing = [n for n in names[len(args):] if n not in constexprs and n not in kernel.constexprs_defaults()]
+    defaults = {p.name for p in kernel.params if p.has_default}
+    missing = [n for n in names[len(args):] if n not in constexprs and n not in defaults]
     if missing:
         raise TypeError(f"compile_sm90: no value for {missing}")
     signature, constants, attrs = {}, dict(constexprs), {}
@@ -128,7 +129,7 @@ def _opcodes(sass: str) -> collections.Counter:
 
 
 def main():
-    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, PACKED_COLUMNS, SUB_M, SUB_N,
+    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, PACKED_COLUMNS, SUB_M, SUB_N,
                                             _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
 
@@ -160,7 +161,8 @@ def main():
         warps = warps or _default_warps(square, write_row, write_col, block_n=block_n)
         res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
                              warps, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
-                             BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words)
+                             BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
+                             COL_VEC=COL_VEC)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
