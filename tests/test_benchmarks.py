@@ -425,10 +425,12 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
 
 
 def check_packed_store_compiles(lines):
-    """tools/packed_store_compile.py: the masked word stores the GPU found wrong compile, with M's
-    divisibility known, into a four-words-a-thread layout that `block_kernel_m_unaligned` (what
-    kernels/blockwise.py launches for them) does not use; there it compiles as the exact 132 x 300
-    case does, and whole tiles keep their vector stores in `block_kernel`."""
+    """tools/packed_store_compile.py: the masked word stores the GPU found wrong (in the kernel
+    before 7bf23ff) compile, with M's divisibility known, into a four-words-a-thread layout that
+    `block_kernel_m_unaligned` (what kernels/blockwise.py launches for them) does not use; there it
+    compiles as the exact 132 x 300 case does, and whole tiles keep their vector stores in
+    `block_kernel`. (Since 7bf23ff the specialized compile reaches that layout through 4 ldmatrix
+    instead of 9-10 in the two-layout cases; it is not launched for them.)"""
     rows = {}
     for line in lines:
         case, kernel = line.split(", ")[0], line.split(", ")[1].split(" ")[0]
@@ -440,7 +442,7 @@ def check_packed_store_compiles(lines):
         if kernel == "block_kernel_m_unaligned":
             assert "4, 1" not in layouts, case
         elif wrong:
-            assert "4, 1" in layouts and counts["ldmatrix"] >= 8, case
+            assert "4, 1" in layouts and counts["ldmatrix"] >= 4, case
     exact = rows["132 x 300 bfloat16 both", "block_kernel"]
     for case in ("256 x 300 bfloat16 both", "4096 x 4100 bfloat16 both"):
         assert rows[case, "block_kernel_m_unaligned"][:2] == exact[:2]
