@@ -227,11 +227,13 @@ COL_STRIPS_SUB_N = 128
 COL_STRIPS_BLOCK_N = 64
 # Whether the column strips are stored four rows' bytes to a 32-bit word by default where that
 # applies (`_packed_col_slice`): on, the both-layouts cast 5-8 % faster on the H200 and 2.6-4 % on
-# the H100 than the byte store (docs/benchmarks.md, "Blockwise scaling"); packed=False stores bytes.
+# the H100 than the byte store, and since the word packing moved to inline PTX 6-7 % on the H100
+# (docs/benchmarks.md, "Blockwise scaling"); packed=False stores bytes.
 PACKED_COLUMNS = True
 # Columns per load in the word store's column slices (`_packed_col_slice`): 4 where Triton's widest
-# load would take 8 bf16 columns: half the column scales' divisions per thread (sm_90 compile:
-# docs/benchmarks.md, "Blockwise scaling").
+# load would take 8 bf16 columns: half the column scales' divisions per thread; on an H100 the
+# both-layouts cast 2-3 % faster than with 8, and 2 about 1 % faster again but not run by the GPU
+# tests (docs/benchmarks.md, "Blockwise scaling").
 COL_VEC = 4
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
