@@ -39,7 +39,10 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(packed=True, block_n=32, num_warps=2), dict(packed=True, block_n=64, num_warps=4),
          dict(packed=False),
          # columns per load of the word store's column slices (default COL_VEC)
-         dict(col_vec=2), dict(col_vec=8), dict(col_vec=2, num_warps=8), dict(col_vec=4, num_warps=8)]
+         dict(col_vec=2), dict(col_vec=8), dict(col_vec=2, num_warps=8), dict(col_vec=4, num_warps=8),
+         # each slice's loads ahead of the last slice's stores (both layouts, word store)
+         dict(loads_ahead=True), dict(loads_ahead=True, num_warps=8), dict(loads_ahead=True, col_vec=2),
+         dict(loads_ahead=True, col_vec=2, num_warps=8)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:
@@ -51,6 +54,7 @@ def applies(cfg: dict, mode: str, M: int) -> bool:
                 or "block_n" in cfg and mode != "act_col"
                 or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or "col_vec" in cfg and (mode not in ("act_both", "act_col") or M % 4)
+                or "loads_ahead" in cfg and (mode != "act_both" or M % 4)
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 

@@ -81,18 +81,11 @@ def _float8_word(y0, y1, y2, y3, out_ty: tl.constexpr):
 
 
 @triton.jit
-def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m, stride_n, out_ty: tl.constexpr,
-                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
-                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-                      EVEN: tl.constexpr, VEC: tl.constexpr):
-    """The 128 x 1 column strips of the tile's columns lc, loaded as four slices x_k of rows 4 i + k:
-    each column's rows 4 i .. 4 i + 3 are cast and packed into one 32-bit word, row 4 i + k in byte k
-    (the column-major bytes' little-endian order; on the GPU by `_float8_word`), then stored
-    transposed: the layout change moves 32-bit words through shared memory instead of single bytes.
-    col32_tile: the tile's column-major data as int32 words ([N, M / 4], M a multiple of 4). Offsets
-    inside the tile int32. VEC: columns per load (a power of two); fewer columns per thread mean fewer
-    of the column scales' divisions per thread (each thread computes the scales of the columns it
-    holds), at more loads."""
+def _packed_col_load(x_tile, lc, m0, n0, M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
+                     VEC: tl.constexpr):
+    """(x_0, x_1, x_2, x_3, mask) of `_packed_col_slice`: the tile's columns lc, rows 4 i + k in x_k.
+    VEC: columns per load (a power of two); fewer columns per thread mean fewer of the column scales'
+    divisions per thread (each thread computes the scales of the columns it holds), at more loads."""
     i = tl.arange(0, BLOCK_M // 4)
     # The same columns, contiguous only in runs of VEC as far as Triton can tell: its loads then
     # take VEC columns at a time (16 bytes, its widest, where VEC is that wide or wider).
@@ -101,6 +94,16 @@ def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m,
     x1, _ = _tile_slice(x_tile, 4 * i + 1, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
     x2, _ = _tile_slice(x_tile, 4 * i + 2, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
     x3, _ = _tile_slice(x_tile, 4 * i + 3, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    return x0, x1, x2, x3, mask
+
+
+@triton.jit
+def _packed_col_store(x0, x1, x2, x3, mask, col32_tile, scale_row, lc, n0, M, N, out_ty: tl.constexpr,
+                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+                      EVEN: tl.constexpr):
+    """Cast and store what `_packed_col_load` loaded (see `_packed_col_slice`)."""
+    i = tl.arange(0, BLOCK_M // 4)
     bits = tl.maximum(tl.maximum(magnitude_bits(x0), magnitude_bits(x1)),
                       tl.maximum(magnitude_bits(x2), magnitude_bits(x3)))
     multiplier, scale = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
@@ -119,6 +122,75 @@ def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m,
                              x3.to(tl.float32) * m, out_ty)
     _store(scale_row + lc, scale, n0 + lc < N, EVEN)
     _store(col32_tile + lc[None, :] * (M // 4) + i[:, None], words, mask, EVEN)
+
+
+@triton.jit
+def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m, stride_n, out_ty: tl.constexpr,
+                      FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                      MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+                      EVEN: tl.constexpr, VEC: tl.constexpr):
+    """The 128 x 1 column strips of the tile's columns lc, loaded as four slices x_k of rows 4 i + k:
+    each column's rows 4 i .. 4 i + 3 are cast and packed into one 32-bit word, row 4 i + k in byte k
+    (the column-major bytes' little-endian order; on the GPU by `_float8_word`), then stored
+    transposed: the layout change moves 32-bit words through shared memory instead of single bytes.
+    col32_tile: the tile's column-major data as int32 words ([N, M / 4], M a multiple of 4). Offsets
+    inside the tile int32; VEC as in `_packed_col_load`."""
+    x0, x1, x2, x3, mask = _packed_col_load(x_tile, lc, m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN, VEC)
+    _packed_col_store(x0, x1, x2, x3, mask, col32_tile, scale_row, lc, n0, M, N, out_ty, FP8_MAX, EPS, POWER_OF_2,
+                      MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
+
+
+@triton.jit
+def _row_slice_store(x, mask, row_slice, row_scale_ptr, rows, M, N, out_ty: tl.constexpr, FP8_MAX: tl.constexpr,
+                     EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
+                     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, EVEN: tl.constexpr):
+    """The 1 x 128 row strips of a loaded row slice x (the rows `rows`, 128 columns): scales stored
+    at row_scale_ptr + rows, the data at row_slice + local row * N + local column (row_slice: the
+    slice's first row-major element; offsets int32)."""
+    lr = tl.arange(0, x.shape[0])
+    lc = tl.arange(0, x.shape[1])
+    multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True),
+                                        FP8_MAX, EPS, POWER_OF_2)
+    _store(row_scale_ptr + rows, scale, rows < M, EVEN)
+    q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    _store(row_slice + lr[:, None] * N + lc[None, :], q, mask, EVEN)
+
+
+@triton.jit
+def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+                      out_ty: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
+                      MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr):
+    """Both layouts of one BLOCK_M x BLOCK_N tile with the word store, in two row slices and two
+    column slices as the sliced path, each slice's loads issued before the previous slice's stores:
+    rows 0-63 and 64-127 loaded; rows 0-63 cast and stored; columns 0-63 loaded; rows 64-127 cast and
+    stored; columns 64-127 loaded; the two column slices cast and stored. (Triton keeps a load after
+    a store it cannot tell apart from it, so in source order each slice waited a full memory latency
+    behind the last.) Offsets inside the tile int32."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
+    row_tile = row_ptr + m0.to(tl.int64) * N + n0
+    col32_tile = col32_ptr + n0.to(tl.int64) * (M // 4) + m0 // 4
+    scale_row = col_scale_ptr + pid_m.to(tl.int64) * N + n0
+    half_m: tl.constexpr = BLOCK_M // 2
+    half_n: tl.constexpr = BLOCK_N // 2
+    lr = tl.arange(0, half_m)
+    lc = tl.arange(0, BLOCK_N)
+    top, top_mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    bottom, bottom_mask = _tile_slice(x_tile, half_m + lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+    _row_slice_store(top, top_mask, row_tile, row_scale_ptr + pid_n * M, m0 + lr, M, N, out_ty, FP8_MAX, EPS,
+                     POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
+    left = _packed_col_load(x_tile, tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN, VEC)
+    _row_slice_store(bottom, bottom_mask, row_tile + half_m * N, row_scale_ptr + pid_n * M, m0 + half_m + lr, M,
+                     N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
+    right = _packed_col_load(x_tile, half_n + tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M,
+                             EVEN, VEC)
+    _packed_col_store(left[0], left[1], left[2], left[3], left[4], col32_tile, scale_row, tl.arange(0, half_n), n0, M,
+                      N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
+    _packed_col_store(right[0], right[1], right[2], right[3], right[4], col32_tile, scale_row,
+                      half_n + tl.arange(0, half_n), n0, M, N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS,
+                      MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
 
 
 @triton.jit
@@ -161,14 +233,15 @@ def block_kernel(
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
-    PACKED: tl.constexpr, COL_VEC: tl.constexpr,
+    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
     For the column strips (strips only): OFFSETS_32, offsets inside a tile fit int32 (`_col_strips`
     casts them; otherwise column slices loaded transposed with 64-bit offsets); EVEN, M and N are
     multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
-    as one word (`_packed_col_slice`, which loads COL_VEC columns at a time)."""
+    as one word (`_packed_col_slice`, which loads COL_VEC columns at a time); LOADS_AHEAD (both
+    layouts with the word store, two row and two column slices), `_both_loads_ahead`."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -190,29 +263,34 @@ def block_kernel(
         # slices that hold whole strips, so no slice waits on another: SUB_M-row slices for the rows,
         # then SUB_N-column slices of the tile for the columns (after the row slices, those loads
         # hit L2). Small slices keep registers low and more programs resident.
-        if WRITE_ROW:
-            for i in tl.static_range(BLOCK_M // SUB_M):
-                rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
-                x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
-                multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True),
-                                                    FP8_MAX, EPS, POWER_OF_2)
-                tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
-                q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-        if WRITE_COL and OFFSETS_32:
-            _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
-                        MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN, PACKED, COL_VEC)
-        elif WRITE_COL:
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            for j in tl.static_range(BLOCK_N // SUB_N):
-                c = pid_n * BLOCK_N + j * SUB_N + tl.arange(0, SUB_N)
-                xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)  # [SUB_N, BLOCK_M]: x's transpose
-                multiplier, scale = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True),
-                                                    FP8_MAX, EPS, POWER_OF_2)
-                tl.store(col_scale_ptr + pid_m * N + c, scale, mask=c < N)
-                q = _cast_tile(xt, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
-                tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True),
-                         mask=mask)
+        if LOADS_AHEAD:  # both layouts, word store, two slices of each kind
+            _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
+                              FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N,
+                              EVEN, COL_VEC)
+        else:
+            if WRITE_ROW:
+                for i in tl.static_range(BLOCK_M // SUB_M):
+                    rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
+                    x, mask = _load(x_ptr, rows, cols, M, N, stride_m, stride_n)
+                    multiplier, scale = scale_from_amax(tl.max(magnitude_bits(x), 1).to(tl.float32, bitcast=True),
+                                                        FP8_MAX, EPS, POWER_OF_2)
+                    tl.store(row_scale_ptr + pid_n * M + rows, scale, mask=rows < M)
+                    q = _cast_tile(x, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                    tl.store(row_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+            if WRITE_COL and OFFSETS_32:
+                _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2,
+                            MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_N, EVEN, PACKED, COL_VEC)
+            elif WRITE_COL:
+                rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                for j in tl.static_range(BLOCK_N // SUB_N):
+                    c = pid_n * BLOCK_N + j * SUB_N + tl.arange(0, SUB_N)
+                    xt, mask = _load(x_ptr, c, rows, N, M, stride_n, stride_m)  # [SUB_N, BLOCK_M]: x's transpose
+                    multiplier, scale = scale_from_amax(tl.max(magnitude_bits(xt), 1).to(tl.float32, bitcast=True),
+                                                        FP8_MAX, EPS, POWER_OF_2)
+                    tl.store(col_scale_ptr + pid_m * N + c, scale, mask=c < N)
+                    q = _cast_tile(xt, multiplier[:, None], out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                    tl.store(col_ptr + c[:, None].to(tl.int64) * M + rows[None, :], q.to(tl.uint8, bitcast=True),
+                             mask=mask)
 
 
 # block_kernel compiled as though M's divisibility by 16 were unknown (for the masked word store, below).
@@ -235,6 +313,10 @@ PACKED_COLUMNS = True
 # both-layouts cast 2-3 % faster than with 8, and 2 about 1 % faster again but not run by the GPU
 # tests (docs/benchmarks.md, "Blockwise scaling").
 COL_VEC = 4
+# Whether the both-layouts cast with the word store issues each slice's loads before the previous
+# slice's stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has
+# timed it (sm_90 compile: 200 registers per thread against 119, two programs per SM against four).
+LOADS_AHEAD = False
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
@@ -261,6 +343,7 @@ def block_cast_triton(
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
+    loads_ahead: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -275,7 +358,10 @@ def block_cast_triton(
     default (None) wherever it applies (PACKED_COLUMNS on, strips written column-major, M a multiple
     of 4, offsets inside a tile within int32); True where it does not apply is a ValueError.
     col_vec: columns per load of the word store's column slices (2, 4 or 8; COL_VEC by default);
-    given where the word store does not run, a ValueError."""
+    given where the word store does not run, a ValueError. loads_ahead: the both-layouts cast with
+    the word store and 64-row, 64-column slices issues each slice's loads before the previous
+    slice's stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not
+    run, a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -323,6 +409,11 @@ def block_cast_triton(
                          "which does not run here")
     if col_vec is not None and col_vec not in (2, 4, 8):
         raise ValueError(f"block_cast_triton: col_vec must be 2, 4 or 8, got {col_vec}")
+    ahead_applies = packed and write_row and (sub_m or SUB_M) == BLOCK // 2 and (sub_n or SUB_N) == BLOCK // 2
+    if loads_ahead and not ahead_applies:
+        raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
+                         "(packed) in 64-row and 64-column slices, which does not run here")
+    loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
@@ -340,7 +431,8 @@ def block_cast_triton(
                        x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
-                      EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC)
+                      EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,
+                      LOADS_AHEAD=loads_ahead)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

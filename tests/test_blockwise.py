@@ -119,6 +119,26 @@ def test_column_strips_stored_packed_or_byte_by_byte_match_reference(packed, sha
     same(block_cast_triton(x, float8_dtype, write_row=not col_alone, write_col=True, packed=packed), want)
 
 
+@pytest.mark.parametrize("shape", [(132, 300), (256, 256), (256, 300), (256, 272)]
+                         + ([(4096, 4100), (4096, 4112), (16384, 4096)] if ON_GPU else []), ids=shape_id)
+@pytest.mark.parametrize("hp_dtype", HP_DTYPES)
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+@pytest.mark.parametrize("col_vec", [2, 4, 8])
+def test_both_layouts_with_loads_ahead_match_reference(col_vec, shape, hp_dtype, float8_dtype):
+    """The both-layouts word store with each slice's loads issued ahead of the last slice's stores
+    (loads_ahead=True, `_both_loads_ahead`), at each column load width: the reference's bits, masked
+    tiles included. Refused where that path does not run."""
+    x = spanning_values(shape, hp_dtype)
+    x.view(-1)[1] = float("nan")
+    x.view(-1)[-2] = float("inf")
+    x[-1, 5] = -x.abs().nan_to_num(0, 0, 0).max()
+    want = reference(x, float8_dtype, False, False, True, True)
+    same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, loads_ahead=True, col_vec=col_vec), want)
+    for refused in (dict(write_row=False), dict(sub_m=32), dict(packed=False)):
+        with pytest.raises(ValueError, match="loads_ahead applies to the both-layouts cast"):
+            block_cast_triton(x, float8_dtype, write_col=True, loads_ahead=True, **{"write_row": True, **refused})
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
 def test_the_column_store_asked_for_is_the_one_launched(packed, col_alone, monkeypatch):

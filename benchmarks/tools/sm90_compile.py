@@ -129,7 +129,8 @@ def _opcodes(sass: str) -> collections.Counter:
 
 
 def main():
-    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, PACKED_COLUMNS, SUB_M, SUB_N,
+    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, PACKED_COLUMNS,
+                                            SUB_M, SUB_N,
                                             _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
 
@@ -162,7 +163,7 @@ def main():
         res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
                              warps, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
-                             COL_VEC=COL_VEC)
+                             COL_VEC=COL_VEC, LOADS_AHEAD=LOADS_AHEAD and write_row and words and sub_m == sub_n == 64)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
