@@ -17,9 +17,10 @@ columns) and writes what the caller asked for from it:
   pointers and no masks when the shape is a multiple of the tile (the both-layouts path's slices
   did not gain from either: docs/benchmarks.md, "Blockwise scaling");
 - where M is a multiple of 4, the column strips of either cast are stored four rows' bytes to a
-  32-bit word (`_packed_col_slice`), so the transpose moves words, not single bytes, through shared
-  memory (PACKED_COLUMNS; packed=False stores bytes); where the tiles are not whole compiled
-  without M's divisibility (`block_kernel_m_unaligned`).
+  32-bit word (`_packed_col_slice`; on the GPU two conversions and a move of inline PTX per word,
+  `_float8_word`), so the transpose moves words, not single bytes, through shared memory
+  (PACKED_COLUMNS; packed=False stores bytes); where the tiles are not whole compiled without M's
+  divisibility (`block_kernel_m_unaligned`).
 
 Scales are written straight into the layouts torch._scaled_mm takes (docs/design.md,
 "Blockwise scaling"); `quantize_blocks` in kernels/__init__.py documents them.
