@@ -234,7 +234,7 @@ def wrap_weight(linear: nn.Module, config: Float8Config) -> None:
         raise TypeError(f"fsdp_float8_all_gather needs a plain weight to wrap, got {type(weight.data).__name__} "
                         "(convert before fully_shard and before tensor parallelism)")
     linear.weight = nn.Parameter(Float8AllGatherWeight(weight.data, config), requires_grad=weight.requires_grad)
-    if not getattr(linear, _HOOKED, False):  # once per layer (from_float wraps the weight it is given again)
+    if not getattr(linear, _HOOKED, False):  # once per layer, however often its weight is wrapped
         linear._register_state_dict_hook(_plain_weight)
         linear._register_load_state_dict_pre_hook(_before_load, with_module=True)
         setattr(linear, _HOOKED, True)
