@@ -163,11 +163,10 @@ def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M
                       MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr):
     """Both layouts of one BLOCK_M x BLOCK_N tile with the word store, in two row slices and two
-    column slices as the sliced path, each slice's loads issued before the previous slice's stores:
-    rows 0-63 and 64-127 loaded; rows 0-63 cast and stored; columns 0-63 loaded; rows 64-127 cast and
-    stored; columns 64-127 loaded; the two column slices cast and stored. (Triton keeps a load after
-    a store it cannot tell apart from it, so in source order each slice waited a full memory latency
-    behind the last.) Offsets inside the tile int32."""
+    column slices as the sliced path, loaded two at a time: both row slices, then both cast and
+    stored; both column slices, then both cast and stored. (Triton keeps a load after a store it
+    cannot tell apart from it, so in the sliced path each slice waits a full memory latency behind
+    the last: four waits a tile; here two.) Offsets inside the tile int32."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
@@ -182,9 +181,9 @@ def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M
     bottom, bottom_mask = _tile_slice(x_tile, half_m + lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
     _row_slice_store(top, top_mask, row_tile, row_scale_ptr + pid_n * M, m0 + lr, M, N, out_ty, FP8_MAX, EPS,
                      POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
-    left = _packed_col_load(x_tile, tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN, VEC)
     _row_slice_store(bottom, bottom_mask, row_tile + half_m * N, row_scale_ptr + pid_n * M, m0 + half_m + lr, M,
                      N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
+    left = _packed_col_load(x_tile, tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN, VEC)
     right = _packed_col_load(x_tile, half_n + tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M,
                              EVEN, VEC)
     _packed_col_store(left[0], left[1], left[2], left[3], left[4], col32_tile, scale_row, tl.arange(0, half_n), n0, M,
@@ -314,9 +313,9 @@ PACKED_COLUMNS = True
 # both-layouts cast 2-3 % faster than with 8, and 2 about 1 % faster again but not run by the GPU
 # tests (docs/benchmarks.md, "Blockwise scaling").
 COL_VEC = 4
-# Whether the both-layouts cast with the word store issues each slice's loads before the previous
-# slice's stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has
-# timed it (sm_90 compile: 200 registers per thread against 119, two programs per SM against four).
+# Whether the both-layouts cast with the word store loads its slices two at a time, ahead of the
+# stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has timed it
+# (sm_90 compile: 168 registers per thread against 119, three programs per SM against four).
 LOADS_AHEAD = False
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
@@ -360,9 +359,9 @@ def block_cast_triton(
     of 4, offsets inside a tile within int32); True where it does not apply is a ValueError.
     col_vec: columns per load of the word store's column slices (2, 4 or 8; COL_VEC by default);
     given where the word store does not run, a ValueError. loads_ahead: the both-layouts cast with
-    the word store and 64-row, 64-column slices issues each slice's loads before the previous
-    slice's stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not
-    run, a ValueError."""
+    the word store and 64-row, 64-column slices loads its slices two at a time, ahead of their
+    stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not run, a
+    ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")

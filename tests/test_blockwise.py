@@ -125,7 +125,7 @@ def test_column_strips_stored_packed_or_byte_by_byte_match_reference(packed, sha
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 @pytest.mark.parametrize("col_vec", [2, 4, 8])
 def test_both_layouts_with_loads_ahead_match_reference(col_vec, shape, hp_dtype, float8_dtype):
-    """The both-layouts word store with each slice's loads issued ahead of the last slice's stores
+    """The both-layouts word store with its slices loaded two at a time ahead of their stores
     (loads_ahead=True, `_both_loads_ahead`), at each column load width: the reference's bits, masked
     tiles included. Refused where that path does not run."""
     x = spanning_values(shape, hp_dtype)
