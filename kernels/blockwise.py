@@ -82,15 +82,19 @@ def _float8_word(y0, y1, y2, y3, out_ty: tl.constexpr):
 
 
 @triton.jit
-def _packed_col_load(x_tile, lc, m0, n0, M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
-                     VEC: tl.constexpr):
-    """(x_0, x_1, x_2, x_3, mask) of `_packed_col_slice`: the tile's columns lc, rows 4 i + k in x_k.
-    VEC: columns per load (a power of two); fewer columns per thread mean fewer of the column scales'
-    divisions per thread (each thread computes the scales of the columns it holds), at more loads."""
+def _in_runs(lc, VEC: tl.constexpr):
+    """The same columns lc, contiguous only in runs of VEC as far as Triton can tell: loads through
+    them take VEC columns at a time (16 bytes, Triton's widest, where VEC is that wide or wider).
+    Fewer columns per thread mean fewer of the column scales' divisions per thread (each thread
+    computes the scales of the columns it holds), at more loads."""
+    return (lc // VEC) * VEC + lc % VEC
+
+
+@triton.jit
+def _packed_col_load(x_tile, lc, m0, n0, M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, EVEN: tl.constexpr):
+    """(x_0, x_1, x_2, x_3, mask) of `_packed_col_slice`: the tile's columns lc (`_in_runs`), rows
+    4 i + k in x_k."""
     i = tl.arange(0, BLOCK_M // 4)
-    # The same columns, contiguous only in runs of VEC as far as Triton can tell: its loads then
-    # take VEC columns at a time (16 bytes, its widest, where VEC is that wide or wider).
-    lc = (lc // VEC) * VEC + lc % VEC
     x0, mask = _tile_slice(x_tile, 4 * i, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
     x1, _ = _tile_slice(x_tile, 4 * i + 1, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
     x2, _ = _tile_slice(x_tile, 4 * i + 2, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
@@ -103,7 +107,7 @@ def _packed_col_store(x0, x1, x2, x3, mask, col32_tile, scale_row, lc, n0, M, N,
                       FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                       MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
                       EVEN: tl.constexpr):
-    """Cast and store what `_packed_col_load` loaded (see `_packed_col_slice`)."""
+    """Cast and store what `_packed_col_load` loaded at the columns lc (see `_packed_col_slice`)."""
     i = tl.arange(0, BLOCK_M // 4)
     bits = tl.maximum(tl.maximum(magnitude_bits(x0), magnitude_bits(x1)),
                       tl.maximum(magnitude_bits(x2), magnitude_bits(x3)))
@@ -135,8 +139,9 @@ def _packed_col_slice(x_tile, col32_tile, scale_row, lc, m0, n0, M, N, stride_m,
     (the column-major bytes' little-endian order; on the GPU by `_float8_word`), then stored
     transposed: the layout change moves 32-bit words through shared memory instead of single bytes.
     col32_tile: the tile's column-major data as int32 words ([N, M / 4], M a multiple of 4). Offsets
-    inside the tile int32; VEC as in `_packed_col_load`."""
-    x0, x1, x2, x3, mask = _packed_col_load(x_tile, lc, m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN, VEC)
+    inside the tile int32; VEC columns per load (`_in_runs`)."""
+    lc = _in_runs(lc, VEC)
+    x0, x1, x2, x3, mask = _packed_col_load(x_tile, lc, m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN)
     _packed_col_store(x0, x1, x2, x3, mask, col32_tile, scale_row, lc, n0, M, N, out_ty, FP8_MAX, EPS, POWER_OF_2,
                       MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
 
@@ -183,14 +188,14 @@ def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M
                      POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
     _row_slice_store(bottom, bottom_mask, row_tile + half_m * N, row_scale_ptr + pid_n * M, m0 + half_m + lr, M,
                      N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
-    left = _packed_col_load(x_tile, tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN, VEC)
-    right = _packed_col_load(x_tile, half_n + tl.arange(0, half_n), m0, n0, M, N, stride_m, stride_n, BLOCK_M,
-                             EVEN, VEC)
-    _packed_col_store(left[0], left[1], left[2], left[3], left[4], col32_tile, scale_row, tl.arange(0, half_n), n0, M,
-                      N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
-    _packed_col_store(right[0], right[1], right[2], right[3], right[4], col32_tile, scale_row,
-                      half_n + tl.arange(0, half_n), n0, M, N, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS,
-                      MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
+    lc_left = _in_runs(tl.arange(0, half_n), VEC)
+    lc_right = _in_runs(half_n + tl.arange(0, half_n), VEC)
+    left = _packed_col_load(x_tile, lc_left, m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN)
+    right = _packed_col_load(x_tile, lc_right, m0, n0, M, N, stride_m, stride_n, BLOCK_M, EVEN)
+    _packed_col_store(left[0], left[1], left[2], left[3], left[4], col32_tile, scale_row, lc_left, n0, M, N, out_ty,
+                      FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
+    _packed_col_store(right[0], right[1], right[2], right[3], right[4], col32_tile, scale_row, lc_right, n0, M, N,
+                      out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, EVEN)
 
 
 @triton.jit

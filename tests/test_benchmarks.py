@@ -412,7 +412,9 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
     other = "bytes" if PACKED_COLUMNS else "packed"  # the column store that is not the default
     assert [line.split(" warps ")[0].rsplit(maxsplit=1)[0] for line in lines] == [
         "act_both", "act_col", "weight_row", "weight_col", f"act_both {other}", f"act_col {other}",
-        "act_col block_n=32", "act_col block_n=128"]
+        "act_col block_n=32", "act_col block_n=128"] + [
+        f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}"
+        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)]
     res = [ast.literal_eval(line.split(" warps ", 1)[1]) for line in lines]
     for r in res:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
