@@ -82,6 +82,15 @@ def _float8_word(y0, y1, y2, y3, out_ty: tl.constexpr):
 
 
 @triton.jit
+def _float8_byte(x, multiplier, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
+                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """x cast with multiplier (`_cast_tile`), each float8 byte as a uint32 (for `_float8_word`'s
+    Triton twin, where the interpreter runs)."""
+    q = _cast_tile(x, multiplier, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+    return q.to(tl.uint8, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
 def _in_runs(lc, VEC: tl.constexpr):
     """The same columns lc, contiguous only in runs of VEC as far as Triton can tell: loads through
     them take VEC columns at a time (16 bytes, Triton's widest, where VEC is that wide or wider).
@@ -114,14 +123,11 @@ def _packed_col_store(x0, x1, x2, x3, mask, col32_tile, scale_row, lc, n0, M, N,
     multiplier, scale = scale_from_amax(tl.max(bits, 0).to(tl.float32, bitcast=True), FP8_MAX, EPS, POWER_OF_2)
     m = multiplier[None, :]
     if EXACT_ROUND or INTERPRETING_C:
-        w = _cast_tile(x0, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
-        words = w.to(tl.uint32)
-        w = _cast_tile(x1, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
-        words |= w.to(tl.uint32) << 8
-        w = _cast_tile(x2, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
-        words |= w.to(tl.uint32) << 16
-        w = _cast_tile(x3, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND).to(tl.uint8, bitcast=True)
-        words = (words | (w.to(tl.uint32) << 24)).to(tl.int32, bitcast=True)
+        words = (_float8_byte(x0, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND)
+                 | _float8_byte(x1, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND) << 8
+                 | _float8_byte(x2, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND) << 16
+                 | _float8_byte(x3, m, out_ty, FP8_MAX, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND) << 24)
+        words = words.to(tl.int32, bitcast=True)
     else:
         words = _float8_word(x0.to(tl.float32) * m, x1.to(tl.float32) * m, x2.to(tl.float32) * m,
                              x3.to(tl.float32) * m, out_ty)
