@@ -42,7 +42,10 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(col_vec=2), dict(col_vec=8), dict(col_vec=2, num_warps=8), dict(col_vec=4, num_warps=8),
          # each slice's loads ahead of the last slice's stores (both layouts, word store)
          dict(loads_ahead=True), dict(loads_ahead=True, num_warps=8), dict(loads_ahead=True, col_vec=2),
-         dict(loads_ahead=True, col_vec=2, num_warps=8)]
+         dict(loads_ahead=True, col_vec=2, num_warps=8),
+         # the rows after the first slice prefetched into L2 as each program starts
+         dict(prefetch=True), dict(prefetch=True, col_vec=2), dict(prefetch=True, col_vec=2, num_warps=8),
+         dict(prefetch=True, packed=False)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:
@@ -55,6 +58,7 @@ def applies(cfg: dict, mode: str, M: int) -> bool:
                 or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or "col_vec" in cfg and (mode not in ("act_both", "act_col") or M % 4)
                 or "loads_ahead" in cfg and (mode != "act_both" or M % 4)
+                or "prefetch" in cfg and mode != "act_both"
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 

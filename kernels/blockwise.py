@@ -82,6 +82,19 @@ def _float8_word(y0, y1, y2, y3, out_ty: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(x_ptr, rows, cols, M, N, stride_m, stride_n):
+    """A hint, no data: the memory of x at rows x cols (clamped into x, so every address is x's)
+    brought into L2 ahead of its loads by PTX `prefetch.global.L2`, which holds no register while
+    the memory arrives (the inline asm's result is a dummy 0, dropped). GPU only: the interpreter
+    runs no PTX, and the loads return the same values either way."""
+    rows = tl.minimum(rows, M - 1)
+    cols = tl.minimum(cols, N - 1)
+    ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _float8_byte(x, multiplier, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
                  MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr):
     """x cast with multiplier (`_cast_tile`), each float8 byte as a uint32 (for `_float8_word`'s
@@ -244,7 +257,7 @@ def block_kernel(
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
-    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr,
+    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
@@ -252,7 +265,10 @@ def block_kernel(
     casts them; otherwise column slices loaded transposed with 64-bit offsets); EVEN, M and N are
     multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
     as one word (`_packed_col_slice`, which loads COL_VEC columns at a time); LOADS_AHEAD (both
-    layouts with the word store, two row and two column slices), `_both_loads_ahead`."""
+    layouts with the word store, two row and two column slices), `_both_loads_ahead`; PREFETCH (both
+    layouts, sliced, GPU only), the rows after the first row slice prefetched into L2 as the
+    program starts (`_prefetch_l2`, one 128-byte line per prefetch where x's rows are contiguous),
+    so that the slices after the first load from L2 instead of memory."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -279,6 +295,10 @@ def block_kernel(
                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N,
                               EVEN, COL_VEC)
         else:
+            if PREFETCH and not INTERPRETING_C:
+                line: tl.constexpr = 1024 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
+                _prefetch_l2(x_ptr, pid_m * BLOCK_M + SUB_M + tl.arange(0, BLOCK_M - SUB_M),
+                             pid_n * BLOCK_N + line * tl.arange(0, BLOCK_N // line), M, N, stride_m, stride_n)
             if WRITE_ROW:
                 for i in tl.static_range(BLOCK_M // SUB_M):
                     rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
@@ -328,6 +348,9 @@ COL_VEC = 4
 # stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has timed it
 # (sm_90 compile: 168 registers per thread against 119, three programs per SM against four).
 LOADS_AHEAD = False
+# Whether the sliced both-layouts cast prefetches the rows after its first row slice into L2 as a
+# program starts (`_prefetch_l2`): off until a GPU has timed it.
+PREFETCH_L2 = False
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
@@ -354,7 +377,7 @@ def block_cast_triton(
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
-    loads_ahead: bool | None = None,
+    loads_ahead: bool | None = None, prefetch: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -372,7 +395,9 @@ def block_cast_triton(
     given where the word store does not run, a ValueError. loads_ahead: the both-layouts cast with
     the word store and 64-row, 64-column slices loads its slices two at a time, ahead of their
     stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not run, a
-    ValueError."""
+    ValueError. prefetch: the both-layouts cast slice by slice (not loads_ahead) prefetches the rows
+    after its first row slice into L2 as each program starts (`_prefetch_l2`; PREFETCH_L2 by
+    default; a hint, the same results); True where that cast does not run, a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -425,6 +450,11 @@ def block_cast_triton(
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
                          "(packed) in 64-row and 64-column slices, which does not run here")
     loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
+    prefetch_applies = write_row and write_col and not square and not loads_ahead
+    if prefetch and not prefetch_applies:
+        raise ValueError("block_cast_triton: prefetch applies to the both-layouts strips cast (write_row and "
+                         "write_col, square=False) slice by slice (loads_ahead off), which does not run here")
+    prefetch = prefetch_applies and (PREFETCH_L2 if prefetch is None else prefetch)
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
@@ -443,7 +473,7 @@ def block_cast_triton(
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,
-                      LOADS_AHEAD=loads_ahead)
+                      LOADS_AHEAD=loads_ahead, PREFETCH=prefetch)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

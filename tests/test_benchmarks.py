@@ -414,7 +414,8 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
         "act_both", "act_col", "weight_row", "weight_col", f"act_both {other}", f"act_col {other}",
         "act_col block_n=32", "act_col block_n=128"] + [
         f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}"
-        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)]
+        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)] + [
+        f"act_both col_vec={vec} prefetch w{warps}" for warps in (4, 8) for vec in (4, 2)]
     res = [ast.literal_eval(line.split(" warps ", 1)[1]) for line in lines]
     for r in res:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0

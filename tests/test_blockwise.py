@@ -124,22 +124,25 @@ def test_column_strips_stored_packed_or_byte_by_byte_match_reference(packed, sha
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 @pytest.mark.parametrize("col_vec", [2, 4, 8])
-@pytest.mark.parametrize("loads_ahead", [False, True], ids=["sliced", "loads_ahead"])
-def test_both_layouts_word_store_configurations_match_reference(loads_ahead, col_vec, shape, hp_dtype,
-                                                                 float8_dtype):
-    """The both-layouts word store at each column load width, slice by slice and with its slices
-    loaded two at a time ahead of their stores (loads_ahead=True, `_both_loads_ahead`): the
-    reference's bits, masked tiles included. loads_ahead is refused where that path does not run."""
+@pytest.mark.parametrize("schedule", [{}, dict(loads_ahead=True), dict(prefetch=True)],
+                         ids=["sliced", "loads_ahead", "prefetch"])
+def test_both_layouts_word_store_configurations_match_reference(schedule, col_vec, shape, hp_dtype, float8_dtype):
+    """The both-layouts word store at each column load width, slice by slice, with its slices loaded
+    two at a time ahead of their stores (loads_ahead=True, `_both_loads_ahead`) and with the rows
+    after the first slice prefetched into L2 (prefetch=True, `_prefetch_l2`; a hint the GPU alone
+    runs): the reference's bits, masked tiles included. Each is refused where it does not run."""
     x = spanning_values(shape, hp_dtype)
     x.view(-1)[1] = float("nan")
     x.view(-1)[-2] = float("inf")
     x[-1, 5] = -x.abs().nan_to_num(0, 0, 0).max()
     want = reference(x, float8_dtype, False, False, True, True)
-    same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, loads_ahead=loads_ahead, col_vec=col_vec),
-         want)
-    for refused in (dict(write_row=False), dict(sub_m=32), dict(packed=False)) if loads_ahead else ():
-        with pytest.raises(ValueError, match="loads_ahead applies to the both-layouts cast"):
-            block_cast_triton(x, float8_dtype, write_col=True, loads_ahead=True, **{"write_row": True, **refused})
+    same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, col_vec=col_vec, **schedule), want)
+    refusals = {"loads_ahead": (dict(write_row=False), dict(sub_m=32), dict(packed=False)),
+                "prefetch": (dict(write_row=False), dict(loads_ahead=True), dict(square=True))}
+    for name in schedule:
+        for refused in refusals[name]:
+            with pytest.raises(ValueError, match=f"{name} applies to the both-layouts"):
+                block_cast_triton(x, float8_dtype, write_col=True, **{"write_row": True, name: True, **refused})
 
 
 @pytest.mark.parametrize("packed", [False, True])

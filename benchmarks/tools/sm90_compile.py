@@ -1,7 +1,8 @@
 """A Triton kernel's resources on sm_90 (H100 / H200), compiled on a machine without a GPU.
 
     python benchmarks/tools/sm90_compile.py    (the blockwise casts as block_cast_triton launches them, and candidates:
-                                                the sweep's, the both-layouts word store's col_vec / loads_ahead)
+                                                the sweep's, the both-layouts word store's col_vec / loads_ahead /
+                                                prefetch)
 
 `sm90_resources(kernel, args, num_warps, **constexprs)` compiles `kernel` for compute capability
 9.0 with the installed Triton and its bundled ptxas, the arguments specialized as Triton 3.6
@@ -131,6 +132,7 @@ def _opcodes(sass: str) -> collections.Counter:
 
 def main():
     from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, PACKED_COLUMNS,
+                                            PREFETCH_L2,
                                             SUB_M, SUB_N,
                                             _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
@@ -157,11 +159,13 @@ def main():
         "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, packed, 2),
         "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
     }
-    # the both-layouts word store's own options (col_vec, loads_ahead) at 4 and 8 warps
-    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, warps)
+    # the both-layouts word store's own options (col_vec, loads_ahead, prefetch) at 4 and 8 warps
+    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, False, warps)
                     for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)}
+    both_options.update({f"act_both col_vec={vec} prefetch w{warps}": (vec, False, True, warps)
+                         for warps in (4, 8) for vec in (4, 2)})
     for name in both_options:
-        cases[name] = (True, True, False, SUB_M, SUB_N, True, True, True, both_options[name][2])
+        cases[name] = (True, True, False, SUB_M, SUB_N, True, True, True, both_options[name][3])
     for name, (write_row, write_col, square, sub_m, sub_n, even, off32, words, warps) in cases.items():
         col_alone = write_col and not write_row and not square
         block_n = (sub_n if "block_n" in name else COL_STRIPS_BLOCK_N) if col_alone else BLOCK  # one slice per program
@@ -171,7 +175,10 @@ def main():
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
                              LOADS_AHEAD=(both_options[name][1] if name in both_options
-                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64))
+                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64),
+                             PREFETCH=(both_options[name][2] if name in both_options
+                                       else PREFETCH_L2 and write_row and write_col and not square
+                                       and not (LOADS_AHEAD and words and sub_m == sub_n == 64)))
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
