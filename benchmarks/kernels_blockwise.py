@@ -45,7 +45,10 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(loads_ahead=True, col_vec=2, num_warps=8),
          # the rows after the first slice prefetched into L2 as each program starts
          dict(prefetch=True), dict(prefetch=True, col_vec=2), dict(prefetch=True, col_vec=2, num_warps=8),
-         dict(prefetch=True, packed=False)]
+         dict(prefetch=True, packed=False),
+         # registers capped for one more program per SM (no spills at col_vec=2: tools/sm90_compile.py)
+         dict(col_vec=2, max_registers=96), dict(col_vec=2, num_warps=8, max_registers=64),
+         dict(col_vec=2, max_registers=96, prefetch=True), dict(col_vec=2, num_warps=8, max_registers=64, prefetch=True)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:

@@ -377,7 +377,7 @@ def block_cast_triton(
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
-    loads_ahead: bool | None = None, prefetch: bool | None = None,
+    loads_ahead: bool | None = None, prefetch: bool | None = None, max_registers: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -397,8 +397,13 @@ def block_cast_triton(
     stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not run, a
     ValueError. prefetch: the both-layouts cast slice by slice (not loads_ahead) prefetches the rows
     after its first row slice into L2 as each program starts (`_prefetch_l2`; PREFETCH_L2 by
-    default; a hint, the same results); True where that cast does not run, a ValueError."""
+    default; a hint, the same results); True where that cast does not run, a ValueError.
+    max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
+    to 255; None, ptxas chooses): fewer registers, more programs resident per SM, where ptxas fits
+    the kernel without spilling to local memory (benchmarks/tools/sm90_compile.py shows both)."""
     _check(x, float8_dtype, "blockwise")
+    if max_registers is not None and not 16 <= max_registers <= 255:
+        raise ValueError(f"block_cast_triton: max_registers must be from 16 to 255 (ptxas's range), got {max_registers}")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
     M, N = x.shape
@@ -467,9 +472,8 @@ def block_cast_triton(
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         kernel = block_kernel_m_unaligned if packed and not even else block_kernel
-        launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)),
-                      (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
-                       x.stride(1)), num_warps,
+        args = (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0), x.stride(1))
+        launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)), args, num_warps, maxnreg=max_registers,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,

@@ -145,6 +145,21 @@ def test_both_layouts_word_store_configurations_match_reference(schedule, col_ve
                 block_cast_triton(x, float8_dtype, write_col=True, **{"write_row": True, name: True, **refused})
 
 
+@pytest.mark.parametrize("shape", [(132, 300), (256, 256)] + ([(16384, 4096)] if ON_GPU else []), ids=shape_id)
+@pytest.mark.parametrize("options", [dict(max_registers=96, col_vec=2), dict(max_registers=64, col_vec=2, num_warps=8),
+                                     dict(max_registers=64, num_warps=8, prefetch=True)], ids=["r96", "r64w8", "r64w8pf"])
+def test_both_layouts_with_registers_capped_match_reference(options, shape):
+    """The both-layouts cast compiled with registers per thread capped (max_registers, Triton's
+    maxnreg: more programs per SM): the reference's bits. Out of ptxas's range, a ValueError."""
+    x = spanning_values(shape, torch.bfloat16)
+    x.view(-1)[1] = float("nan")
+    want = reference(x, torch.float8_e4m3fn, False, False, True, True)
+    same(block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, **options), want)
+    for bad in (8, 256):
+        with pytest.raises(ValueError, match="max_registers must be from 16 to 255"):
+            block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=bad)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("col_alone", [False, True], ids=["both", "col"])
 def test_the_column_store_asked_for_is_the_one_launched(packed, col_alone, monkeypatch):
