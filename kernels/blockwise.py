@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
 from .naive import BLOCK
-from .rowwise import _cast_tile, _check, _empty_scale, _format
+from .rowwise import _cast_tile, _check, _empty_scale, _format, _num_sms
 from .launch import launch_kernel
 from .scale import INTERPRETING, INTERPRETING_C, scale_from_amax
 
@@ -218,6 +218,55 @@ def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M
 
 
 @triton.jit
+def _both_persistent(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M, N, stride_m, stride_n,
+                     out_ty: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
+                     MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+                     EVEN: tl.constexpr, VEC: tl.constexpr):
+    """Both layouts with the word store, each of P programs looping over the tiles pid, pid + P,
+    pid + 2 P, ... (numbered row-major over the [M / BLOCK_M, N / BLOCK_N] grid of tiles), each tile
+    cast as the sliced path casts it (row slices, then column slices). As a tile starts, the next
+    tile this program will cast is prefetched into L2 (`_prefetch_l2`, the GPU only), so that its
+    loads, issued a tile later, hit L2: a program waits on memory's latency for its first tile, not
+    for each, and nothing in flight holds a register. Offsets inside a tile int32."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    step = tl.num_programs(0)
+    line: tl.constexpr = 1024 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
+    lines = line * tl.arange(0, BLOCK_N // line)
+    if not INTERPRETING_C:  # the first tile's rows after its first slice, as PREFETCH does
+        first = tl.program_id(0)
+        _prefetch_l2(x_ptr, (first // tiles_n) * BLOCK_M + SUB_M + tl.arange(0, BLOCK_M - SUB_M),
+                     (first % tiles_n) * BLOCK_N + lines, M, N, stride_m, stride_n)
+    for t in tl.range(tl.program_id(0), tiles, step, num_stages=1):
+        # zero, a multiple of 16 the compiler cannot prove 0: added to M, N and stride_m, it makes the
+        # slices' offsets (the same in every tile) computed per tile instead of hoisted out of the loop
+        # and held in registers across it; their divisibility by 16 (vector loads, stores) is kept.
+        zero = (t // tiles) * 16
+        M, N, stride_m = M + zero, N + zero, stride_m + zero
+        pid_m, pid_n = t // tiles_n, t % tiles_n
+        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        if not INTERPRETING_C:  # the next tile (past the last one, rows clamped into x: a repeated hint)
+            following = t + step
+            _prefetch_l2(x_ptr, (following // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M),
+                         (following % tiles_n) * BLOCK_N + lines, M, N, stride_m, stride_n)
+        x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
+        row_tile = row_ptr + m0.to(tl.int64) * N + n0
+        col32_tile = col32_ptr + n0.to(tl.int64) * (M // 4) + m0 // 4
+        scale_row = col_scale_ptr + pid_m.to(tl.int64) * N + n0
+        lc = tl.arange(0, BLOCK_N)
+        for i in tl.static_range(BLOCK_M // SUB_M):
+            lr = i * SUB_M + tl.arange(0, SUB_M)
+            x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
+            _row_slice_store(x, mask, row_tile + i * SUB_M * N, row_scale_ptr + pid_n * M, m0 + lr, M, N, out_ty,
+                             FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
+        for j in tl.static_range(BLOCK_N // SUB_N):
+            _packed_col_slice(x_tile, col32_tile, scale_row, j * SUB_N + tl.arange(0, SUB_N), m0, n0, M, N, stride_m,
+                              stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND,
+                              BLOCK_M, EVEN, VEC)
+
+
+@triton.jit
 def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty: tl.constexpr,
                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -258,6 +307,7 @@ def block_kernel(
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
     PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
@@ -268,7 +318,8 @@ def block_kernel(
     layouts with the word store, two row and two column slices), `_both_loads_ahead`; PREFETCH (both
     layouts, sliced, GPU only), the rows after the first row slice prefetched into L2 as the
     program starts (`_prefetch_l2`, one 128-byte line per prefetch where x's rows are contiguous),
-    so that the slices after the first load from L2 instead of memory."""
+    so that the slices after the first load from L2 instead of memory; PERSISTENT (both layouts with
+    the word store; a 1-D grid of programs looping over the tiles), `_both_persistent`."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -290,7 +341,11 @@ def block_kernel(
         # slices that hold whole strips, so no slice waits on another: SUB_M-row slices for the rows,
         # then SUB_N-column slices of the tile for the columns (after the row slices, those loads
         # hit L2). Small slices keep registers low and more programs resident.
-        if LOADS_AHEAD:  # both layouts, word store, two slices of each kind
+        if PERSISTENT:  # both layouts, word store, programs looping over tiles, the next one prefetched
+            _both_persistent(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
+                             FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_M,
+                             SUB_N, EVEN, COL_VEC)
+        elif LOADS_AHEAD:  # both layouts, word store, two slices of each kind
             _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N,
                               EVEN, COL_VEC)
@@ -348,6 +403,9 @@ COL_VEC = 4
 # stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has timed it
 # (sm_90 compile: 168 registers per thread against 119, three programs per SM against four).
 LOADS_AHEAD = False
+# Programs per SM of the persistent both-layouts cast with the word store (`_both_persistent`; 0: one
+# program per tile): 0 until a GPU has timed it.
+PERSISTENT_PROGRAMS_PER_SM = 0
 # Whether the sliced both-layouts cast prefetches the rows after its first row slice into L2 as a
 # program starts (`_prefetch_l2`): off until a GPU has timed it.
 PREFETCH_L2 = False
@@ -378,6 +436,7 @@ def block_cast_triton(
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
     loads_ahead: bool | None = None, prefetch: bool | None = None, max_registers: int | None = None,
+    persistent: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -400,7 +459,13 @@ def block_cast_triton(
     default; a hint, the same results); True where that cast does not run, a ValueError.
     max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
     to 255; None, ptxas chooses): fewer registers, more programs resident per SM, where ptxas fits
-    the kernel without spilling to local memory (benchmarks/tools/sm90_compile.py shows both)."""
+    the kernel without spilling to local memory (benchmarks/tools/sm90_compile.py shows both).
+    persistent: the both-layouts cast with the word store as `persistent` programs per SM, each
+    looping over tiles and prefetching its next tile into L2 (`_both_persistent`; the same
+    results); 0, one program per tile; None, PERSISTENT_PROGRAMS_PER_SM. More programs than fit an
+    SM at once would leave the last ones to start after the first finish: sm90_compile.py prints
+    how many fit (programs_per_sm). A positive value where that cast does not run, or with
+    loads_ahead or prefetch, is a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if max_registers is not None and not 16 <= max_registers <= 255:
         raise ValueError(f"block_cast_triton: max_registers must be from 16 to 255 (ptxas's range), got {max_registers}")
@@ -455,6 +520,16 @@ def block_cast_triton(
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
                          "(packed) in 64-row and 64-column slices, which does not run here")
     loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
+    persistent = PERSISTENT_PROGRAMS_PER_SM if persistent is None else persistent
+    if not isinstance(persistent, int) or persistent < 0:
+        raise ValueError(f"block_cast_triton: persistent must be a number of programs per SM (0: one per tile), "
+                         f"got {persistent!r}")
+    if persistent and not (packed and write_row):
+        raise ValueError("block_cast_triton: persistent applies to the both-layouts cast with the word store (packed), "
+                         "which does not run here")
+    if persistent and (loads_ahead or prefetch):
+        raise ValueError("block_cast_triton: persistent prefetches each tile itself; it does not combine with "
+                         "loads_ahead or prefetch")
     prefetch_applies = write_row and write_col and not square and not loads_ahead
     if prefetch and not prefetch_applies:
         raise ValueError("block_cast_triton: prefetch applies to the both-layouts strips cast (write_row and "
@@ -472,12 +547,15 @@ def block_cast_triton(
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         kernel = block_kernel_m_unaligned if packed and not even else block_kernel
+        grid = (cdiv(M, bm), cdiv(N, bn))
+        if persistent:  # a 1-D grid of programs looping over the tiles
+            grid = (min(grid[0] * grid[1], persistent * _num_sms(device)),)
         args = (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0), x.stride(1))
-        launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)), args, num_warps, maxnreg=max_registers,
+        launch_kernel(kernel, grid, args, num_warps, maxnreg=max_registers,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,
-                      LOADS_AHEAD=loads_ahead, PREFETCH=prefetch)
+                      LOADS_AHEAD=loads_ahead, PREFETCH=prefetch, PERSISTENT=persistent > 0)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -2,7 +2,8 @@
 
     python benchmarks/tools/sm90_compile.py    (the blockwise casts as block_cast_triton launches them, and candidates:
                                                 the sweep's, the both-layouts word store's col_vec / loads_ahead /
-                                                prefetch / max_registers)
+                                                prefetch / max_registers /
+                                                persistent)
 
 `sm90_resources(kernel, args, num_warps, **constexprs)` compiles `kernel` for compute capability
 9.0 with the installed Triton and its bundled ptxas, the arguments specialized as Triton 3.6
@@ -135,7 +136,7 @@ def _opcodes(sass: str) -> collections.Counter:
 
 def main():
     from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, PACKED_COLUMNS,
-                                            PREFETCH_L2,
+                                            PERSISTENT_PROGRAMS_PER_SM, PREFETCH_L2,
                                             SUB_M, SUB_N,
                                             _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
@@ -163,13 +164,19 @@ def main():
         "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
     }
     # the both-layouts word store's own options (col_vec, loads_ahead, prefetch) at 4 and 8 warps
-    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, False, warps, None)
+    # (col_vec, loads_ahead, prefetch, warps, max_registers, persistent)
+    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, False, warps, None,
+                                                                                        False)
                     for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)}
-    both_options.update({f"act_both col_vec={vec} prefetch w{warps}": (vec, False, True, warps, None)
+    both_options.update({f"act_both col_vec={vec} prefetch w{warps}": (vec, False, True, warps, None, False)
                          for warps in (4, 8) for vec in (4, 2)})
     # registers capped (max_registers) where that makes room for one more program per SM
-    both_options.update({f"act_both col_vec={vec} w{warps} maxnreg={regs}": (vec, False, False, warps, regs)
+    both_options.update({f"act_both col_vec={vec} w{warps} maxnreg={regs}": (vec, False, False, warps, regs, False)
                          for vec in (2, 4) for warps, regs in ((4, 96), (8, 64))})
+    # programs looping over tiles, the next one prefetched (persistent)
+    both_options.update({f"act_both persistent col_vec={vec} w{warps}{f' maxnreg={regs}' if regs else ''}":
+                         (vec, False, False, warps, regs, True)
+                         for vec, warps, regs in ((4, 4, None), (2, 4, 96), (2, 8, 64))})
     for name in both_options:
         cases[name] = (True, True, False, SUB_M, SUB_N, True, True, True, both_options[name][3])
     for name, (write_row, write_col, square, sub_m, sub_n, even, off32, words, warps) in cases.items():
@@ -182,6 +189,8 @@ def main():
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
                              LOADS_AHEAD=(both_options[name][1] if name in both_options
                                           else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64),
+                             PERSISTENT=(both_options[name][5] if name in both_options
+                                         else bool(PERSISTENT_PROGRAMS_PER_SM) and write_row and words),
                              PREFETCH=(both_options[name][2] if name in both_options
                                        else PREFETCH_L2 and write_row and write_col and not square
                                        and not (LOADS_AHEAD and words and sub_m == sub_n == 64)))
