@@ -402,7 +402,7 @@ COL_VEC = 4
 # Whether the both-layouts cast with the word store loads its slices two at a time, ahead of the
 # stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has timed it
 # (sm_90 compile: 168 registers per thread against 119, three programs per SM against four).
-LOADS_AHEAD = False
+LOADS_AHEAD = True
 # Programs per SM of the persistent both-layouts cast with the word store (`_both_persistent`; 0: one
 # program per tile): 0 until a GPU has timed it.
 PERSISTENT_PROGRAMS_PER_SM = 0
