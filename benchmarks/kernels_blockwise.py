@@ -42,16 +42,7 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(col_vec=2), dict(col_vec=8), dict(col_vec=2, num_warps=8), dict(col_vec=4, num_warps=8),
          # each slice's loads ahead of the last slice's stores (both layouts, word store)
          dict(loads_ahead=True), dict(loads_ahead=True, num_warps=8), dict(loads_ahead=True, col_vec=2),
-         dict(loads_ahead=True, col_vec=2, num_warps=8),
-         # the rows after the first slice prefetched into L2 as each program starts
-         dict(prefetch=True), dict(prefetch=True, col_vec=2), dict(prefetch=True, col_vec=2, num_warps=8),
-         dict(prefetch=True, packed=False),
-         # registers capped for one more program per SM (no spills at col_vec=2: tools/sm90_compile.py)
-         dict(col_vec=2, max_registers=96), dict(col_vec=2, num_warps=8, max_registers=64),
-         dict(col_vec=2, max_registers=96, prefetch=True), dict(col_vec=2, num_warps=8, max_registers=64, prefetch=True),
-         # programs looping over tiles, each prefetching its next tile into L2 (as many as fit an SM: sm90_compile.py)
-         dict(persistent=3), dict(persistent=5, col_vec=2, max_registers=96),
-         dict(persistent=4, col_vec=2, num_warps=8, max_registers=64), dict(persistent=2)]
+         dict(loads_ahead=True, col_vec=2, num_warps=8)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:
@@ -64,8 +55,6 @@ def applies(cfg: dict, mode: str, M: int) -> bool:
                 or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or "col_vec" in cfg and (mode not in ("act_both", "act_col") or M % 4)
                 or "loads_ahead" in cfg and (mode != "act_both" or M % 4)
-                or ("prefetch" in cfg or "persistent" in cfg) and mode != "act_both"
-                or "persistent" in cfg and M % 4
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 

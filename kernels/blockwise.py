@@ -10,7 +10,10 @@ columns) and writes what the caller asked for from it:
   128 rows holds whole strips of both kinds, so both layouts, with their scales along different
   axes, come from one program: it casts the rows in row slices, then loads the tile again in
   transposed column slices, which the row slices have just brought into L2 (the rowwise recipe
-  reads x twice from memory for its two layouts);
+  reads x twice from memory for its two layouts); with the word store (below), in 64-row and
+  64-column slices, two slices of a kind are loaded before either is stored (LOADS_AHEAD,
+  `_both_loads_ahead`: Triton keeps a load behind any earlier store, so slice by slice each slice
+  waits out a full memory latency);
 - weights (SQUARE on): one scale per 128 x 128 tile, the data row-major and/or column-major;
 - the column strips alone (a layer's backward casting a saved x): `_col_strips`, slices of the
   tile loaded as laid out and stored transposed, with 64-bit arithmetic only in the tile's base
@@ -32,7 +35,7 @@ import triton.language as tl
 
 from .amax import cdiv, magnitude_bits
 from .naive import BLOCK
-from .rowwise import _cast_tile, _check, _empty_scale, _format, _num_sms
+from .rowwise import _cast_tile, _check, _empty_scale, _format
 from .launch import launch_kernel
 from .scale import INTERPRETING, INTERPRETING_C, scale_from_amax
 
@@ -79,19 +82,6 @@ def _float8_word(y0, y1, y2, y3, out_ty: tl.constexpr):
         asm: tl.constexpr = ("{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
                              "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
     return tl.inline_asm_elementwise(asm, "=r,r,r,r,r", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _prefetch_l2(x_ptr, rows, cols, M, N, stride_m, stride_n):
-    """A hint, no data: the memory of x at rows x cols (clamped into x, so every address is x's)
-    brought into L2 ahead of its loads by PTX `prefetch.global.L2`, which holds no register while
-    the memory arrives (the inline asm's result is a dummy 0, dropped). GPU only: the interpreter
-    runs no PTX, and the loads return the same values either way."""
-    rows = tl.minimum(rows, M - 1)
-    cols = tl.minimum(cols, N - 1)
-    ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -218,55 +208,6 @@ def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M
 
 
 @triton.jit
-def _both_persistent(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M, N, stride_m, stride_n,
-                     out_ty: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
-                     MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-                     EVEN: tl.constexpr, VEC: tl.constexpr):
-    """Both layouts with the word store, each of P programs looping over the tiles pid, pid + P,
-    pid + 2 P, ... (numbered row-major over the [M / BLOCK_M, N / BLOCK_N] grid of tiles), each tile
-    cast as the sliced path casts it (row slices, then column slices). As a tile starts, the next
-    tile this program will cast is prefetched into L2 (`_prefetch_l2`, the GPU only), so that its
-    loads, issued a tile later, hit L2: a program waits on memory's latency for its first tile, not
-    for each, and nothing in flight holds a register. Offsets inside a tile int32."""
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-    step = tl.num_programs(0)
-    line: tl.constexpr = 1024 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
-    lines = line * tl.arange(0, BLOCK_N // line)
-    if not INTERPRETING_C:  # the first tile's rows after its first slice, as PREFETCH does
-        first = tl.program_id(0)
-        _prefetch_l2(x_ptr, (first // tiles_n) * BLOCK_M + SUB_M + tl.arange(0, BLOCK_M - SUB_M),
-                     (first % tiles_n) * BLOCK_N + lines, M, N, stride_m, stride_n)
-    for t in tl.range(tl.program_id(0), tiles, step, num_stages=1):
-        # zero, a multiple of 16 the compiler cannot prove 0: added to M, N and stride_m, it makes the
-        # slices' offsets (the same in every tile) computed per tile instead of hoisted out of the loop
-        # and held in registers across it; their divisibility by 16 (vector loads, stores) is kept.
-        zero = (t // tiles) * 16
-        M, N, stride_m = M + zero, N + zero, stride_m + zero
-        pid_m, pid_n = t // tiles_n, t % tiles_n
-        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-        if not INTERPRETING_C:  # the next tile (past the last one, rows clamped into x: a repeated hint)
-            following = t + step
-            _prefetch_l2(x_ptr, (following // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M),
-                         (following % tiles_n) * BLOCK_N + lines, M, N, stride_m, stride_n)
-        x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
-        row_tile = row_ptr + m0.to(tl.int64) * N + n0
-        col32_tile = col32_ptr + n0.to(tl.int64) * (M // 4) + m0 // 4
-        scale_row = col_scale_ptr + pid_m.to(tl.int64) * N + n0
-        lc = tl.arange(0, BLOCK_N)
-        for i in tl.static_range(BLOCK_M // SUB_M):
-            lr = i * SUB_M + tl.arange(0, SUB_M)
-            x, mask = _tile_slice(x_tile, lr, lc, m0, n0, M, N, stride_m, stride_n, EVEN)
-            _row_slice_store(x, mask, row_tile + i * SUB_M * N, row_scale_ptr + pid_n * M, m0 + lr, M, N, out_ty,
-                             FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, EVEN)
-        for j in tl.static_range(BLOCK_N // SUB_N):
-            _packed_col_slice(x_tile, col32_tile, scale_row, j * SUB_N + tl.arange(0, SUB_N), m0, n0, M, N, stride_m,
-                              stride_n, out_ty, FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND,
-                              BLOCK_M, EVEN, VEC)
-
-
-@triton.jit
 def _col_strips(x_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty: tl.constexpr,
                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr, MANT_BITS: tl.constexpr,
                 MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -306,8 +247,7 @@ def block_kernel(
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
-    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr, PREFETCH: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
@@ -315,11 +255,7 @@ def block_kernel(
     casts them; otherwise column slices loaded transposed with 64-bit offsets); EVEN, M and N are
     multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
     as one word (`_packed_col_slice`, which loads COL_VEC columns at a time); LOADS_AHEAD (both
-    layouts with the word store, two row and two column slices), `_both_loads_ahead`; PREFETCH (both
-    layouts, sliced, GPU only), the rows after the first row slice prefetched into L2 as the
-    program starts (`_prefetch_l2`, one 128-byte line per prefetch where x's rows are contiguous),
-    so that the slices after the first load from L2 instead of memory; PERSISTENT (both layouts with
-    the word store; a 1-D grid of programs looping over the tiles), `_both_persistent`."""
+    layouts with the word store, two row and two column slices), `_both_loads_ahead`."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -341,19 +277,11 @@ def block_kernel(
         # slices that hold whole strips, so no slice waits on another: SUB_M-row slices for the rows,
         # then SUB_N-column slices of the tile for the columns (after the row slices, those loads
         # hit L2). Small slices keep registers low and more programs resident.
-        if PERSISTENT:  # both layouts, word store, programs looping over tiles, the next one prefetched
-            _both_persistent(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
-                             FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N, SUB_M,
-                             SUB_N, EVEN, COL_VEC)
-        elif LOADS_AHEAD:  # both layouts, word store, two slices of each kind
+        if LOADS_AHEAD:  # both layouts, word store, two slices of each kind
             _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N,
                               EVEN, COL_VEC)
         else:
-            if PREFETCH and not INTERPRETING_C:
-                line: tl.constexpr = 1024 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
-                _prefetch_l2(x_ptr, pid_m * BLOCK_M + SUB_M + tl.arange(0, BLOCK_M - SUB_M),
-                             pid_n * BLOCK_N + line * tl.arange(0, BLOCK_N // line), M, N, stride_m, stride_n)
             if WRITE_ROW:
                 for i in tl.static_range(BLOCK_M // SUB_M):
                     rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
@@ -400,15 +328,10 @@ PACKED_COLUMNS = True
 # tests (docs/benchmarks.md, "Blockwise scaling").
 COL_VEC = 4
 # Whether the both-layouts cast with the word store loads its slices two at a time, ahead of the
-# stores (`_both_loads_ahead`; its 64-row and 64-column slices only): off until a GPU has timed it
-# (sm_90 compile: 168 registers per thread against 119, three programs per SM against four).
+# stores (`_both_loads_ahead`; its 64-row and 64-column slices only): on, on an H100 that cast 4-7 %
+# faster than slice by slice (85-89 % of copy against 81-84 %) though it holds 168 registers per
+# thread against 118 (three programs per SM against four); docs/benchmarks.md, "Blockwise scaling".
 LOADS_AHEAD = True
-# Programs per SM of the persistent both-layouts cast with the word store (`_both_persistent`; 0: one
-# program per tile): 0 until a GPU has timed it.
-PERSISTENT_PROGRAMS_PER_SM = 0
-# Whether the sliced both-layouts cast prefetches the rows after its first row slice into L2 as a
-# program starts (`_prefetch_l2`): off until a GPU has timed it.
-PREFETCH_L2 = False
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
@@ -435,8 +358,7 @@ def block_cast_triton(
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
-    loads_ahead: bool | None = None, prefetch: bool | None = None, max_registers: int | None = None,
-    persistent: int | None = None,
+    loads_ahead: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -454,21 +376,8 @@ def block_cast_triton(
     given where the word store does not run, a ValueError. loads_ahead: the both-layouts cast with
     the word store and 64-row, 64-column slices loads its slices two at a time, ahead of their
     stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not run, a
-    ValueError. prefetch: the both-layouts cast slice by slice (not loads_ahead) prefetches the rows
-    after its first row slice into L2 as each program starts (`_prefetch_l2`; PREFETCH_L2 by
-    default; a hint, the same results); True where that cast does not run, a ValueError.
-    max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
-    to 255; None, ptxas chooses): fewer registers, more programs resident per SM, where ptxas fits
-    the kernel without spilling to local memory (benchmarks/tools/sm90_compile.py shows both).
-    persistent: the both-layouts cast with the word store as `persistent` programs per SM, each
-    looping over tiles and prefetching its next tile into L2 (`_both_persistent`; the same
-    results); 0, one program per tile; None, PERSISTENT_PROGRAMS_PER_SM. More programs than fit an
-    SM at once would leave the last ones to start after the first finish: sm90_compile.py prints
-    how many fit (programs_per_sm). A positive value where that cast does not run, or with
-    loads_ahead or prefetch, is a ValueError."""
+    ValueError."""
     _check(x, float8_dtype, "blockwise")
-    if max_registers is not None and not 16 <= max_registers <= 255:
-        raise ValueError(f"block_cast_triton: max_registers must be from 16 to 255 (ptxas's range), got {max_registers}")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
     M, N = x.shape
@@ -515,26 +424,14 @@ def block_cast_triton(
                          "which does not run here")
     if col_vec is not None and col_vec not in (2, 4, 8):
         raise ValueError(f"block_cast_triton: col_vec must be 2, 4 or 8, got {col_vec}")
+    if col_vec == 2 and x.dtype == torch.float32:  # GPU-tested wrong: docs/benchmarks.md, "Blockwise scaling"
+        raise ValueError("block_cast_triton: col_vec=2 with a float32 input stored wrong column-major bytes on an "
+                         "H100 (whole 128 x 128 tiles); use col_vec=4 (the default) or 8")
     ahead_applies = packed and write_row and (sub_m or SUB_M) == BLOCK // 2 and (sub_n or SUB_N) == BLOCK // 2
     if loads_ahead and not ahead_applies:
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
                          "(packed) in 64-row and 64-column slices, which does not run here")
     loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
-    persistent = PERSISTENT_PROGRAMS_PER_SM if persistent is None else persistent
-    if not isinstance(persistent, int) or persistent < 0:
-        raise ValueError(f"block_cast_triton: persistent must be a number of programs per SM (0: one per tile), "
-                         f"got {persistent!r}")
-    if persistent and not (packed and write_row):
-        raise ValueError("block_cast_triton: persistent applies to the both-layouts cast with the word store (packed), "
-                         "which does not run here")
-    if persistent and (loads_ahead or prefetch):
-        raise ValueError("block_cast_triton: persistent prefetches each tile itself; it does not combine with "
-                         "loads_ahead or prefetch")
-    prefetch_applies = write_row and write_col and not square and not loads_ahead
-    if prefetch and not prefetch_applies:
-        raise ValueError("block_cast_triton: prefetch applies to the both-layouts strips cast (write_row and "
-                         "write_col, square=False) slice by slice (loads_ahead off), which does not run here")
-    prefetch = prefetch_applies and (PREFETCH_L2 if prefetch is None else prefetch)
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
@@ -547,15 +444,13 @@ def block_cast_triton(
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         kernel = block_kernel_m_unaligned if packed and not even else block_kernel
-        grid = (cdiv(M, bm), cdiv(N, bn))
-        if persistent:  # a 1-D grid of programs looping over the tiles
-            grid = (min(grid[0] * grid[1], persistent * _num_sms(device)),)
-        args = (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0), x.stride(1))
-        launch_kernel(kernel, grid, args, num_warps, maxnreg=max_registers,
+        launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)),
+                      (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
+                       x.stride(1)), num_warps,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,
-                      LOADS_AHEAD=loads_ahead, PREFETCH=prefetch, PERSISTENT=persistent > 0)
+                      LOADS_AHEAD=loads_ahead)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -414,17 +414,10 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
         "act_both", "act_col", "weight_row", "weight_col", f"act_both {other}", f"act_col {other}",
         "act_col block_n=32", "act_col block_n=128"] + [
         f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}"
-        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)] + [
-        f"act_both col_vec={vec} prefetch w{warps}" for warps in (4, 8) for vec in (4, 2)] + [
-        f"act_both col_vec={vec} w{warps} maxnreg={regs}" for vec in (2, 4) for warps, regs in ((4, 96), (8, 64))] + [
-        "act_both persistent col_vec=4 w4", "act_both persistent col_vec=2 w4 maxnreg=96",
-        "act_both persistent col_vec=2 w8 maxnreg=64"]
+        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)]
     res = [ast.literal_eval(line.split(" warps ", 1)[1]) for line in lines]
     for r in res:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
-    for r in res[-7:-5]:  # col_vec=2 capped at 96 (4 warps) and 64 (8 warps): one more program per SM, no stack
-        assert r["stack"] == 0 and r["regs"] <= (96 if r["warps_per_sm"] % 8 else 64)
-        assert r["warps_per_sm"] in (20, 32)
     assert res[0]["cp_async"] == 0  # the both-layouts cast's slices are unrolled (tl.static_range): nothing pipelined
     assert res[0]["rcp"] > 0 and res[0]["instructions"] > res[1]["instructions"]  # its scales divide; per warp, the two layouts take more
     packed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "packed_store_compile.py")],

@@ -124,49 +124,26 @@ def test_column_strips_stored_packed_or_byte_by_byte_match_reference(packed, sha
 @pytest.mark.parametrize("hp_dtype", HP_DTYPES)
 @pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
 @pytest.mark.parametrize("col_vec", [2, 4, 8])
-@pytest.mark.parametrize("schedule", [{}, dict(loads_ahead=True), dict(prefetch=True), dict(persistent=1)],
-                         ids=["sliced", "loads_ahead", "prefetch", "persistent"])
-def test_both_layouts_word_store_configurations_match_reference(schedule, col_vec, shape, hp_dtype, float8_dtype):
-    """The both-layouts word store at each column load width, slice by slice, with its slices loaded
-    two at a time ahead of their stores (loads_ahead=True, `_both_loads_ahead`) and with the rows
-    after the first slice prefetched into L2 (prefetch=True, `_prefetch_l2`; a hint the GPU alone
-    runs), and as programs looping over tiles (persistent=1: one program per SM, two in the
-    interpreter, so each casts several tiles): the reference's bits, masked tiles included. Each is
-    refused where it does not run."""
+@pytest.mark.parametrize("loads_ahead", [False, True], ids=["sliced", "loads_ahead"])
+def test_both_layouts_word_store_configurations_match_reference(loads_ahead, col_vec, shape, hp_dtype,
+                                                                 float8_dtype):
+    """The both-layouts word store at each column load width, slice by slice and with its slices
+    loaded two at a time ahead of their stores (loads_ahead=True, `_both_loads_ahead`): the
+    reference's bits, masked tiles included. loads_ahead is refused where that path does not run."""
     x = spanning_values(shape, hp_dtype)
     x.view(-1)[1] = float("nan")
     x.view(-1)[-2] = float("inf")
     x[-1, 5] = -x.abs().nan_to_num(0, 0, 0).max()
+    if col_vec == 2 and hp_dtype == torch.float32:  # wrong bits on an H100 in whole tiles: refused everywhere
+        with pytest.raises(ValueError, match="col_vec=2 with a float32 input"):
+            block_cast_triton(x, float8_dtype, write_row=True, write_col=True, loads_ahead=loads_ahead, col_vec=2)
+        return
     want = reference(x, float8_dtype, False, False, True, True)
-    same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, col_vec=col_vec, **schedule), want)
-    refusals = {"loads_ahead": (dict(write_row=False), dict(sub_m=32), dict(packed=False)),
-                "prefetch": (dict(write_row=False), dict(loads_ahead=True), dict(square=True)),
-                "persistent": (dict(write_row=False), dict(packed=False))}
-    for name, value in schedule.items():
-        for refused in refusals[name]:
-            with pytest.raises(ValueError, match=f"{name} applies to the both-layouts"):
-                block_cast_triton(x, float8_dtype, write_col=True, **{"write_row": True, name: value, **refused})
-    if "persistent" in schedule:
-        for other in (dict(loads_ahead=True), dict(prefetch=True)):
-            with pytest.raises(ValueError, match="does not combine with loads_ahead or prefetch"):
-                block_cast_triton(x, float8_dtype, write_row=True, write_col=True, persistent=1, **other)
-        with pytest.raises(ValueError, match="persistent must be a number of programs per SM"):
-            block_cast_triton(x, float8_dtype, write_row=True, write_col=True, persistent=-1)
-
-
-@pytest.mark.parametrize("shape", [(132, 300), (256, 256)] + ([(16384, 4096)] if ON_GPU else []), ids=shape_id)
-@pytest.mark.parametrize("options", [dict(max_registers=96, col_vec=2), dict(max_registers=64, col_vec=2, num_warps=8),
-                                     dict(max_registers=64, num_warps=8, prefetch=True)], ids=["r96", "r64w8", "r64w8pf"])
-def test_both_layouts_with_registers_capped_match_reference(options, shape):
-    """The both-layouts cast compiled with registers per thread capped (max_registers, Triton's
-    maxnreg: more programs per SM): the reference's bits. Out of ptxas's range, a ValueError."""
-    x = spanning_values(shape, torch.bfloat16)
-    x.view(-1)[1] = float("nan")
-    want = reference(x, torch.float8_e4m3fn, False, False, True, True)
-    same(block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, **options), want)
-    for bad in (8, 256):
-        with pytest.raises(ValueError, match="max_registers must be from 16 to 255"):
-            block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=bad)
+    same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, loads_ahead=loads_ahead, col_vec=col_vec),
+         want)
+    for refused in (dict(write_row=False), dict(sub_m=32), dict(packed=False)) if loads_ahead else ():
+        with pytest.raises(ValueError, match="loads_ahead applies to the both-layouts cast"):
+            block_cast_triton(x, float8_dtype, write_col=True, loads_ahead=True, **{"write_row": True, **refused})
 
 
 @pytest.mark.parametrize("packed", [False, True])

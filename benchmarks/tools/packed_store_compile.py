@@ -15,7 +15,7 @@ import re
 import torch
 
 from sm90_compile import compile_sm90
-from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, PERSISTENT_PROGRAMS_PER_SM, PREFETCH_L2, SUB_M, SUB_N,
+from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, SUB_M, SUB_N,
                                         _default_warps,
                                         block_kernel, block_kernel_m_unaligned)
 from f8tensor.kernels.rowwise import _format
@@ -44,8 +44,7 @@ def compiled_word_store(kernel, M: int, N: int, dtype: torch.dtype, col_alone: b
         kernel, (x, row, scale, words, scale, M, N, N, 1), _default_warps(False, not col_alone, True, block_n=block_n),
         **_format(torch.float8_e4m3fn, False, False, x), SQUARE=False, WRITE_ROW=not col_alone, WRITE_COL=True,
         BLOCK_M=BLOCK, BLOCK_N=block_n, SUB_M=SUB_M, SUB_N=min(COL_STRIPS_SUB_N, block_n) if col_alone else SUB_N,
-        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=LOADS_AHEAD and not col_alone,
-        PREFETCH=PREFETCH_L2 and not col_alone and not LOADS_AHEAD, PERSISTENT=bool(PERSISTENT_PROGRAMS_PER_SM) and not col_alone)
+        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=LOADS_AHEAD and not col_alone)
 
 
 def main():

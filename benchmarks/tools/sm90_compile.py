@@ -1,9 +1,7 @@
 """A Triton kernel's resources on sm_90 (H100 / H200), compiled on a machine without a GPU.
 
     python benchmarks/tools/sm90_compile.py    (the blockwise casts as block_cast_triton launches them, and candidates:
-                                                the sweep's, the both-layouts word store's col_vec / loads_ahead /
-                                                prefetch / max_registers /
-                                                persistent)
+                                                the sweep's, the both-layouts word store's col_vec / loads_ahead)
 
 `sm90_resources(kernel, args, num_warps, **constexprs)` compiles `kernel` for compute capability
 9.0 with the installed Triton and its bundled ptxas, the arguments specialized as Triton 3.6
@@ -61,13 +59,12 @@ def _specialize(name: str, value):
                     "descriptors, ints, floats")
 
 
-def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, maxnreg: int | None = None, **constexprs):
+def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs):
     """`kernel(*args, **constexprs)` compiled for sm_90 as a launch would specialize it (the
     module docstring; parameters the kernel's `triton.jit` exempts, do_not_specialize or
     do_not_specialize_on_alignment, are not marked divisible by 16). `args` are the runtime
     arguments in signature order (tensors may be on the CPU: only their dtype and alignment count).
-    maxnreg: Triton's cap on registers per thread (None: none). Triton's compiled kernel: its `asm`
-    holds the TTGIR, PTX and cubin."""
+    Triton's compiled kernel: its `asm` holds the TTGIR, PTX and cubin."""
     unaligned = {p.name for p in kernel.params if p.do_not_specialize or p.do_not_specialize_on_alignment}
     names = list(kernel.arg_names)
     runtime = names[:len(args)]
@@ -87,15 +84,13 @@ def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, maxnr
         signature[name] = "constexpr"
     src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages) | ({} if maxnreg is None else dict(maxnreg=maxnreg))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, maxnreg: int | None = None,
-                   **constexprs) -> dict:
+def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> dict:
     """Registers, spills and shared memory of `kernel(*args, **constexprs)` compiled for sm_90,
     and the programs per SM each allows; see the module docstring and `compile_sm90`."""
-    compiled = compile_sm90(kernel, args, num_warps, num_stages, maxnreg, **constexprs)
+    compiled = compile_sm90(kernel, args, num_warps, num_stages, **constexprs)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
@@ -136,7 +131,6 @@ def _opcodes(sass: str) -> collections.Counter:
 
 def main():
     from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, PACKED_COLUMNS,
-                                            PERSISTENT_PROGRAMS_PER_SM, PREFETCH_L2,
                                             SUB_M, SUB_N,
                                             _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
@@ -163,37 +157,21 @@ def main():
         "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, packed, 2),
         "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
     }
-    # the both-layouts word store's own options (col_vec, loads_ahead, prefetch) at 4 and 8 warps
-    # (col_vec, loads_ahead, prefetch, warps, max_registers, persistent)
-    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, False, warps, None,
-                                                                                        False)
+    # the both-layouts word store's own options (col_vec, loads_ahead) at 4 and 8 warps
+    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, warps)
                     for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)}
-    both_options.update({f"act_both col_vec={vec} prefetch w{warps}": (vec, False, True, warps, None, False)
-                         for warps in (4, 8) for vec in (4, 2)})
-    # registers capped (max_registers) where that makes room for one more program per SM
-    both_options.update({f"act_both col_vec={vec} w{warps} maxnreg={regs}": (vec, False, False, warps, regs, False)
-                         for vec in (2, 4) for warps, regs in ((4, 96), (8, 64))})
-    # programs looping over tiles, the next one prefetched (persistent)
-    both_options.update({f"act_both persistent col_vec={vec} w{warps}{f' maxnreg={regs}' if regs else ''}":
-                         (vec, False, False, warps, regs, True)
-                         for vec, warps, regs in ((4, 4, None), (2, 4, 96), (2, 8, 64))})
     for name in both_options:
-        cases[name] = (True, True, False, SUB_M, SUB_N, True, True, True, both_options[name][3])
+        cases[name] = (True, True, False, SUB_M, SUB_N, True, True, True, both_options[name][2])
     for name, (write_row, write_col, square, sub_m, sub_n, even, off32, words, warps) in cases.items():
         col_alone = write_col and not write_row and not square
         block_n = (sub_n if "block_n" in name else COL_STRIPS_BLOCK_N) if col_alone else BLOCK  # one slice per program
         warps = warps or _default_warps(square, write_row, write_col, block_n=block_n)
         res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
-                             warps, maxnreg=both_options[name][4] if name in both_options else None, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
+                             warps, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
                              LOADS_AHEAD=(both_options[name][1] if name in both_options
-                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64),
-                             PERSISTENT=(both_options[name][5] if name in both_options
-                                         else bool(PERSISTENT_PROGRAMS_PER_SM) and write_row and words),
-                             PREFETCH=(both_options[name][2] if name in both_options
-                                       else PREFETCH_L2 and write_row and write_col and not square
-                                       and not (LOADS_AHEAD and words and sub_m == sub_n == 64)))
+                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64))
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
