@@ -272,6 +272,10 @@ def scaled_mm_data(
             "high precision"
         )
     kind = "tensorwise"
+    if a_scale.dim() != 2 and b_scale.dim() != 2 and out_dtype not in TENSORWISE_OUT_DTYPES:
+        raise TypeError(f"tensorwise _scaled_mm writes {', '.join(map(str, TENSORWISE_OUT_DTYPES))} (checked on an "
+                        f"H100 with torch 2.11: cuBLAS refuses float64), asked for {out_dtype}; cast the "
+                        "operands from bfloat16, float16 or float32")
     if a_scale.dim() == 2 or b_scale.dim() == 2:
         if blockwise is None:
             blockwise = config.scaling_granularity == "blockwise"
@@ -351,6 +355,9 @@ def tensorwise_as_rowwise(a_scale, b_scale, M: int, N: int):
 # Output dtypes of rowwise _scaled_mm checked against an exact reference on the H200
 # (benchmarks/tools/scaled_mm_support.py, docs/data/scaled_mm_support_h200.txt).
 ROWWISE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# What CUDA's tensorwise _scaled_mm writes (docs/data/scaled_mm_out_dtype_h100.txt: float64 and int32
+# refused by cuBLAS; float8_e5m2 not probed).
+TENSORWISE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
 def _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum, blockwise: bool):
