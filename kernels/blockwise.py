@@ -325,8 +325,8 @@ PACKED_COLUMNS = True
 # Columns per load in the word store's column slices (`_packed_col_slice`): 4 where Triton's widest
 # load would take 8 bf16 columns: half the column scales' divisions per thread; on an H100 the
 # both-layouts cast 2-3 % faster than with 8, and 2 about 1 % faster again (slice by slice), but 2
-# stored wrong bytes for float32 inputs in whole tiles on the GPU (refused for them) and gains
-# nothing over 4 once the slices are loaded ahead (docs/benchmarks.md, "Blockwise scaling").
+# stored wrong bytes for float32 inputs in whole tiles on the GPU (refused for them); with the
+# slices loaded ahead (the default) 2 was not timed (docs/benchmarks.md, "Blockwise scaling").
 COL_VEC = 4
 # Whether the both-layouts cast with the word store loads its slices two at a time, ahead of the
 # stores (`_both_loads_ahead`; its 64-row and 64-column slices only): on, on an H100 that cast 4-7 %
