@@ -42,7 +42,9 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(col_vec=2), dict(col_vec=8), dict(col_vec=2, num_warps=8), dict(col_vec=4, num_warps=8),
          # each slice's loads ahead of the last slice's stores (both layouts, word store)
          dict(loads_ahead=True), dict(loads_ahead=True, num_warps=8), dict(loads_ahead=True, col_vec=2),
-         dict(loads_ahead=True, col_vec=2, num_warps=8)]
+         dict(loads_ahead=True, col_vec=2, num_warps=8),
+         # slice by slice (the default before c2cbada; indices 31-42 of the 127c606 sweep were other, removed options)
+         dict(loads_ahead=False), dict(loads_ahead=False, col_vec=2, num_warps=8)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:

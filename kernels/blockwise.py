@@ -427,7 +427,8 @@ def block_cast_triton(
         raise ValueError(f"block_cast_triton: col_vec must be 2, 4 or 8, got {col_vec}")
     if col_vec == 2 and x.dtype == torch.float32:  # GPU-tested wrong: docs/benchmarks.md, "Blockwise scaling"
         raise ValueError("block_cast_triton: col_vec=2 with a float32 input stored wrong column-major bytes on an "
-                         "H100 (whole 128 x 128 tiles); use col_vec=4 (the default) or 8")
+                         "H100 (the both-layouts cast, whole 128 x 128 tiles), so it is refused for float32; use "
+                         "col_vec=4 (the default) or 8")
     ahead_applies = packed and write_row and (sub_m or SUB_M) == BLOCK // 2 and (sub_n or SUB_N) == BLOCK // 2
     if loads_ahead and not ahead_applies:
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
