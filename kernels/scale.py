@@ -80,7 +80,7 @@ def saturate_to_float8(y, out_dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANT_B
     Compiled for a CUDA GPU (the Triton paths run only on sm_89 and newer), Triton converts fp32 to
     float8 with `cvt.rn.satfinite`, which saturates finite values and infinities to +-FP8_MAX and
     keeps NaN: the clamp's results, so the clamp is left out (one instruction per element;
-    tests/test_benchmarks.py checks the compiled conversion). In the interpreter, and under
+    tests/test_kernels.py checks the compiled conversion). In the interpreter, and under
     EXACT_ROUND, the clamp is explicit: the interpreter's conversion does not saturate."""
     if EXACT_ROUND or INTERPRETING_C:
         y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)

@@ -253,7 +253,7 @@ def test_scaled_mm_refuses_what_cuda_refuses():
     assert torch.equal(x @ w.t(), torch.matmul(x, w.t()))
     with pytest.raises(ValueError, match="N divisible by 16"):
         scaled_mm(q(torch.randn(32, 64)), q(torch.randn(64, 40), layout="col"))
-    # cuBLAS writes no float64 (docs/data/scaled_mm_out_dtype_h100.txt); the CPU's _scaled_mm would
+    # cuBLAS writes no float64 (docs/data/scaled_mm_out_dtype_h100.txt), though the CPU's _scaled_mm does
     from f8tensor.core.ops import scaled_mm_data
     x, w, one = q(torch.randn(32, 64)), q(torch.randn(64, 32), layout="col"), torch.ones((), device=DEVICE)
     with pytest.raises(TypeError, match="tensorwise _scaled_mm writes .* asked for torch.float64"):
