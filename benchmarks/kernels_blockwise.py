@@ -44,7 +44,11 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          dict(loads_ahead=True), dict(loads_ahead=True, num_warps=8), dict(loads_ahead=True, col_vec=2),
          dict(loads_ahead=True, col_vec=2, num_warps=8),
          # slice by slice (the default before c2cbada; indices 31-42 of the 127c606 sweep were other, removed options)
-         dict(loads_ahead=False), dict(loads_ahead=False, col_vec=2, num_warps=8)]
+         dict(loads_ahead=False), dict(loads_ahead=False, col_vec=2, num_warps=8),
+         # loads ahead with registers capped (more programs per SM), or programs numbered along rows of tiles
+         dict(loads_ahead=True, max_registers=128), dict(loads_ahead=True, num_warps=8, max_registers=80),
+         dict(loads_ahead=True, num_warps=8, max_registers=64), dict(loads_ahead=True, columns_first=True),
+         dict(loads_ahead=True, columns_first=True, max_registers=128)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:
@@ -56,7 +60,7 @@ def applies(cfg: dict, mode: str, M: int) -> bool:
                 or "block_n" in cfg and mode != "act_col"
                 or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or "col_vec" in cfg and (mode not in ("act_both", "act_col") or M % 4)
-                or "loads_ahead" in cfg and (mode != "act_both" or M % 4)
+                or ("loads_ahead" in cfg or "columns_first" in cfg) and (mode != "act_both" or M % 4)
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 

@@ -175,13 +175,18 @@ def _row_slice_store(x, mask, row_slice, row_scale_ptr, rows, M, N, out_ty: tl.c
 def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M, N, stride_m, stride_n,
                       out_ty: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
                       MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr,
+                      COLUMNS_FIRST: tl.constexpr):
     """Both layouts of one BLOCK_M x BLOCK_N tile with the word store, in two row slices and two
     column slices as the sliced path, loaded two at a time: both row slices, then both cast and
     stored; both column slices, then both cast and stored. (Triton keeps a load after a store it
     cannot tell apart from it, so in the sliced path each slice waits a full memory latency behind
-    the last: four waits a tile; here two.) Offsets inside the tile int32."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    the last: four waits a tile; here two.) Offsets inside the tile int32. COLUMNS_FIRST: the grid is
+    (column tiles, row tiles), so that consecutive programs take the tiles along a row of tiles."""
+    if COLUMNS_FIRST:
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    else:
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
     x_tile = x_ptr + m0.to(tl.int64) * stride_m + n0.to(tl.int64) * stride_n
     row_tile = row_ptr + m0.to(tl.int64) * N + n0
@@ -247,7 +252,7 @@ def block_kernel(
     MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr, SQUARE: tl.constexpr,
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
-    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr,
+    PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
@@ -255,7 +260,8 @@ def block_kernel(
     casts them; otherwise column slices loaded transposed with 64-bit offsets); EVEN, M and N are
     multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
     as one word (`_packed_col_slice`, which loads COL_VEC columns at a time); LOADS_AHEAD (both
-    layouts with the word store, two row and two column slices), `_both_loads_ahead`."""
+    layouts with the word store, two row and two column slices), `_both_loads_ahead`; COLUMNS_FIRST
+    (LOADS_AHEAD only), its grid's axes swapped."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -280,7 +286,7 @@ def block_kernel(
         if LOADS_AHEAD:  # both layouts, word store, two slices of each kind
             _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N,
-                              EVEN, COL_VEC)
+                              EVEN, COL_VEC, COLUMNS_FIRST)
         else:
             if WRITE_ROW:
                 for i in tl.static_range(BLOCK_M // SUB_M):
@@ -359,7 +365,7 @@ def block_cast_triton(
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
-    loads_ahead: bool | None = None,
+    loads_ahead: bool | None = None, max_registers: int | None = None, columns_first: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -377,10 +383,16 @@ def block_cast_triton(
     given where the word store does not run, a ValueError. loads_ahead: the both-layouts cast with
     the word store and 64-row, 64-column slices loads its slices two at a time, ahead of their
     stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not run, a
-    ValueError."""
+    ValueError. columns_first: that cast (loads_ahead) numbers its programs along a row of tiles
+    first (the grid's axes swapped; M up to 65,535 tiles); where it does not run, a ValueError.
+    max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
+    to 255; None, ptxas chooses): fewer registers, more programs resident per SM, where ptxas fits
+    the kernel without spilling (benchmarks/tools/sm90_compile.py shows both)."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
+    if max_registers is not None and not 16 <= max_registers <= 255:
+        raise ValueError(f"block_cast_triton: max_registers must be from 16 to 255 (ptxas's range), got {max_registers}")
     M, N = x.shape
     mb, nb = cdiv(M, BLOCK), cdiv(N, BLOCK)
     device = x.device
@@ -434,6 +446,12 @@ def block_cast_triton(
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
                          "(packed) in 64-row and 64-column slices, which does not run here")
     loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
+    if columns_first and not loads_ahead:
+        raise ValueError("block_cast_triton: columns_first applies to the both-layouts cast with its slices loaded "
+                         "ahead (loads_ahead), which does not run here")
+    if columns_first and cdiv(M, bm) > 65535:
+        raise ValueError(f"block_cast_triton: columns_first puts the {cdiv(M, bm)} row tiles on the grid's second "
+                         "axis, which takes at most 65,535; use columns_first=False")
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
@@ -446,13 +464,14 @@ def block_cast_triton(
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         kernel = block_kernel_m_unaligned if packed and not even else block_kernel
-        launch_kernel(kernel, (cdiv(M, bm), cdiv(N, bn)),
+        grid = (cdiv(N, bn), cdiv(M, bm)) if columns_first else (cdiv(M, bm), cdiv(N, bn))
+        launch_kernel(kernel, grid,
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
-                       x.stride(1)), num_warps,
+                       x.stride(1)), num_warps, maxnreg=max_registers,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,
-                      LOADS_AHEAD=loads_ahead)
+                      LOADS_AHEAD=loads_ahead, COLUMNS_FIRST=columns_first)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -124,20 +124,22 @@ def _arg_key(arg):
     return type(arg), arg
 
 
-def launch_kernel(kernel, grid: tuple, args: tuple, num_warps: int, **constexprs):
+def launch_kernel(kernel, grid: tuple, args: tuple, num_warps: int, *, maxnreg: int | None = None, **constexprs):
     """`kernel[grid](*args, num_warps=num_warps, **constexprs)`: the first time for each case
     through Triton, later through the recorded C launcher (a `Relaunch`). The key holds the kernel,
     grid, knobs, current device and every argument (ints by value), so it is at least as fine as
-    Triton's specialization. The constexprs must be the kernel's last parameters, in this order."""
+    Triton's specialization. The constexprs must be the kernel's last parameters, in this order.
+    maxnreg: Triton's compile option capping registers per thread (None: ptxas chooses)."""
     key = None
     if relaunch_possible():
-        key = (kernel, grid, num_warps, *constexprs.items(), *specialization_key(), *map(_arg_key, args))
+        key = (kernel, grid, num_warps, maxnreg, *constexprs.items(), *specialization_key(), *map(_arg_key, args))
         relaunch = RELAUNCHES.get(key)
         if relaunch is not None:
             relaunch(current_raw_stream(torch.cuda.current_device()), *args,
                      *constexprs.values())
             return
-    compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
+    options = {} if maxnreg is None else dict(maxnreg=maxnreg)
+    compiled = kernel[grid](*args, num_warps=num_warps, **options, **constexprs)
     if key is not None:
         relaunch = Relaunch.capture(compiled, grid)
         if relaunch is not None:

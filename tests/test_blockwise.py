@@ -23,7 +23,7 @@ from f8tensor.kernels import quantize_blocks, quantize_blockwise_ref
 from f8tensor.kernels.naive import block_amax_ref, to_col_major
 
 triton = pytest.importorskip("triton")
-from f8tensor.kernels.blockwise import block_cast_triton  # noqa: E402
+from f8tensor.kernels.blockwise import BLOCK, block_cast_triton  # noqa: E402
 from f8tensor.kernels.scale import INTERPRETING  # noqa: E402
 
 ON_GPU = DEVICE.type == "cuda"
@@ -144,6 +144,40 @@ def test_both_layouts_word_store_configurations_match_reference(loads_ahead, col
     for refused in (dict(write_row=False), dict(sub_m=32), dict(packed=False)) if loads_ahead else ():
         with pytest.raises(ValueError, match="loads_ahead applies to the both-layouts cast"):
             block_cast_triton(x, float8_dtype, write_col=True, loads_ahead=True, **{"write_row": True, **refused})
+
+
+@pytest.mark.parametrize("shape", [(132, 300), (256, 272)] + ([(256, 256), (4096, 4100), (16384, 4096)]
+                                                               if ON_GPU else []), ids=shape_id)
+@pytest.mark.parametrize("hp_dtype", HP_DTYPES if ON_GPU else [torch.bfloat16])
+@pytest.mark.parametrize("float8_dtype", FLOAT8_DTYPES)
+@pytest.mark.parametrize("options", [dict(columns_first=True), dict(max_registers=128),
+                                     dict(columns_first=True, max_registers=128), dict(num_warps=8, max_registers=64)],
+                         ids=["columns_first", "regs128", "columns_first-regs128", "w8-regs64"])
+def test_both_layouts_loads_ahead_launch_options_match_reference(options, shape, hp_dtype, float8_dtype):
+    """The both-layouts cast with its slices loaded ahead, its grid's axes swapped (columns_first) or
+    its registers capped (max_registers; on the GPU only, the interpreter has no registers): the
+    reference's bits, masked tiles included."""
+    x = spanning_values(shape, hp_dtype)
+    x.view(-1)[1] = float("nan")
+    x[-1, 5] = -x.abs().nan_to_num(0, 0, 0).max()
+    want = reference(x, float8_dtype, False, False, True, True)
+    same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, loads_ahead=True, **options), want)
+
+
+def test_launch_options_are_refused_where_they_cannot_apply():
+    """columns_first where the cast with its slices loaded ahead does not run, or with more row tiles
+    than the grid's second axis takes; max_registers outside ptxas's range: ValueErrors naming why."""
+    x = torch.randn(256, 256, dtype=torch.bfloat16)
+    for refused in (dict(loads_ahead=False), dict(write_row=False), dict(packed=False), dict(sub_m=32)):
+        with pytest.raises(ValueError, match="columns_first applies to the both-layouts cast"):
+            block_cast_triton(x, torch.float8_e4m3fn, write_col=True, columns_first=True,
+                              **{"write_row": True, **refused})
+    tall = torch.empty(65536 * BLOCK + 4, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="65537 row tiles on the grid's second axis"):
+        block_cast_triton(tall, torch.float8_e4m3fn, write_row=True, write_col=True, columns_first=True)
+    for bad in (8, 256):
+        with pytest.raises(ValueError, match=f"max_registers must be from 16 to 255.*got {bad}"):
+            block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=bad)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -44,7 +44,8 @@ def compiled_word_store(kernel, M: int, N: int, dtype: torch.dtype, col_alone: b
         kernel, (x, row, scale, words, scale, M, N, N, 1), _default_warps(False, not col_alone, True, block_n=block_n),
         **_format(torch.float8_e4m3fn, False, False, x), SQUARE=False, WRITE_ROW=not col_alone, WRITE_COL=True,
         BLOCK_M=BLOCK, BLOCK_N=block_n, SUB_M=SUB_M, SUB_N=min(COL_STRIPS_SUB_N, block_n) if col_alone else SUB_N,
-        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=LOADS_AHEAD and not col_alone)
+        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=LOADS_AHEAD and not col_alone,
+        COLUMNS_FIRST=False)
 
 
 def main():

@@ -59,12 +59,13 @@ def _specialize(name: str, value):
                     "descriptors, ints, floats")
 
 
-def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs):
+def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, maxnreg: int | None = None,
+                 **constexprs):
     """`kernel(*args, **constexprs)` compiled for sm_90 as a launch would specialize it (the
     module docstring; parameters the kernel's `triton.jit` exempts, do_not_specialize or
     do_not_specialize_on_alignment, are not marked divisible by 16). `args` are the runtime
-    arguments in signature order (tensors may be on the CPU: only their dtype and alignment count).
-    Triton's compiled kernel: its `asm` holds the TTGIR, PTX and cubin."""
+    arguments in signature order (tensors may be on the CPU: only their dtype and alignment count);
+    maxnreg, Triton's cap on registers per thread (None: ptxas chooses). Triton's compiled kernel: its `asm` holds the TTGIR, PTX and cubin."""
     unaligned = {p.name for p in kernel.params if p.do_not_specialize or p.do_not_specialize_on_alignment}
     names = list(kernel.arg_names)
     runtime = names[:len(args)]
@@ -84,13 +85,15 @@ def compile_sm90(kernel, args: tuple, num_warps: int, num_stages: int = 3, **con
         signature[name] = "constexpr"
     src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, **constexprs) -> dict:
+def sm90_resources(kernel, args: tuple, num_warps: int, num_stages: int = 3, maxnreg: int | None = None,
+                   **constexprs) -> dict:
     """Registers, spills and shared memory of `kernel(*args, **constexprs)` compiled for sm_90,
     and the programs per SM each allows; see the module docstring and `compile_sm90`."""
-    compiled = compile_sm90(kernel, args, num_warps, num_stages, **constexprs)
+    compiled = compile_sm90(kernel, args, num_warps, num_stages, maxnreg, **constexprs)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
@@ -157,9 +160,12 @@ def main():
         "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, packed, 2),
         "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
     }
-    # the both-layouts word store's own options (col_vec, loads_ahead) at 4 and 8 warps
-    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, warps)
+    # the both-layouts word store's own options (col_vec, loads_ahead) at 4 and 8 warps; loads_ahead with
+    # registers capped (max_registers) for more programs per SM
+    both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, warps, None)
                     for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)}
+    both_options |= {f"act_both loads_ahead w{warps} max_registers={cap}": (COL_VEC, True, warps, cap)
+                     for warps, cap in ((4, 128), (8, 80), (8, 64))}
     for name in both_options:
         cases[name] = (True, True, False, SUB_M, SUB_N, True, True, True, both_options[name][2])
     for name, (write_row, write_col, square, sub_m, sub_n, even, off32, words, warps) in cases.items():
@@ -167,11 +173,12 @@ def main():
         block_n = (sub_n if "block_n" in name else COL_STRIPS_BLOCK_N) if col_alone else BLOCK  # one slice per program
         warps = warps or _default_warps(square, write_row, write_col, block_n=block_n)
         res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
-                             warps, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
+                             warps, maxnreg=both_options[name][3] if name in both_options else None, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
                              LOADS_AHEAD=(both_options[name][1] if name in both_options
-                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64))
+                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64),
+                             COLUMNS_FIRST=False)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
