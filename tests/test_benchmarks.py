@@ -414,10 +414,16 @@ def test_sm90_compile_reports_resources_without_a_gpu(tmp_path):
         "act_both", "act_col", "weight_row", "weight_col", f"act_both {other}", f"act_col {other}",
         "act_col block_n=32", "act_col block_n=128"] + [
         f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}"
-        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)]
+        for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)] + [
+        f"act_both loads_ahead w{warps} max_registers={cap}" for warps, cap in ((4, 128), (8, 80), (8, 64))]
     res = [ast.literal_eval(line.split(" warps ", 1)[1]) for line in lines]
     for r in res:
         assert 0 < r["regs"] <= 255 and r["spill_bytes"] == 0
+    by_name = dict(zip((line.split(" warps ")[0].rsplit(maxsplit=1)[0] for line in lines), res))
+    for warps, cap in ((4, 128), (8, 80), (8, 64)):  # the cap holds and leaves room for more programs per SM
+        capped = by_name[f"act_both loads_ahead w{warps} max_registers={cap}"]
+        assert capped["regs"] <= cap
+        assert capped["programs_per_sm"] > by_name[f"act_both col_vec=4 loads_ahead w{warps}"]["programs_per_sm"]
     assert res[0]["cp_async"] == 0  # the both-layouts cast's slices are unrolled (tl.static_range): nothing pipelined
     assert res[0]["rcp"] > 0 and res[0]["instructions"] > res[1]["instructions"]  # its scales divide; per warp, the two layouts take more
     packed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "packed_store_compile.py")],
