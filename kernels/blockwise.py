@@ -339,6 +339,13 @@ COL_VEC = 4
 # faster than slice by slice (85-89 % of copy against 81-84 %) though it holds 168 registers per
 # thread against 118 (three programs per SM against four); docs/benchmarks.md, "Blockwise scaling".
 LOADS_AHEAD = True
+# How that cast (loads ahead) is launched by default: its programs numbered along a row of tiles first
+# (the grid's axes swapped, where M has at most 65,535 row tiles) and its registers capped at 128 per
+# thread (four programs per SM against three, no spill): on an H100 together 0.986-0.988x the
+# time of the column-first, uncapped launch, no benchmark shape slower; each alone 0.993x and 1.016x
+# (docs/benchmarks.md, "Blockwise scaling").
+COLUMNS_FIRST = True
+LOADS_AHEAD_MAX_REGISTERS = 128
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
@@ -365,7 +372,7 @@ def block_cast_triton(
     write_row: bool = True, write_col: bool = False, exact_round: bool = INTERPRETING,
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
-    loads_ahead: bool | None = None, max_registers: int | None = None, columns_first: bool = False,
+    loads_ahead: bool | None = None, max_registers: int | None = None, columns_first: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -384,10 +391,12 @@ def block_cast_triton(
     the word store and 64-row, 64-column slices loads its slices two at a time, ahead of their
     stores (`_both_loads_ahead`; LOADS_AHEAD by default); True where that cast does not run, a
     ValueError. columns_first: that cast (loads_ahead) numbers its programs along a row of tiles
-    first (the grid's axes swapped; M up to 65,535 tiles); where it does not run, a ValueError.
+    first (the grid's axes swapped; M up to 65,535 row tiles); by default (None) COLUMNS_FIRST
+    where it runs and the row tiles fit; True where it does not run or they do not fit, a ValueError.
     max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
-    to 255; None, ptxas chooses): fewer registers, more programs resident per SM, where ptxas fits
-    the kernel without spilling (benchmarks/tools/sm90_compile.py shows both)."""
+    to 255, 255 leaving ptxas its choice): fewer registers, more programs resident per SM, where
+    ptxas fits the kernel without spilling (benchmarks/tools/sm90_compile.py shows both); by
+    default (None) LOADS_AHEAD_MAX_REGISTERS where the slices are loaded ahead, else ptxas's choice."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -446,6 +455,10 @@ def block_cast_triton(
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
                          "(packed) in 64-row and 64-column slices, which does not run here")
     loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
+    if columns_first is None:
+        columns_first = COLUMNS_FIRST and loads_ahead and cdiv(M, bm) <= 65535
+    if max_registers is None and loads_ahead:
+        max_registers = LOADS_AHEAD_MAX_REGISTERS
     if columns_first and not loads_ahead:
         raise ValueError("block_cast_triton: columns_first applies to the both-layouts cast with its slices loaded "
                          "ahead (loads_ahead), which does not run here")

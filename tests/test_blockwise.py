@@ -164,6 +164,27 @@ def test_both_layouts_loads_ahead_launch_options_match_reference(options, shape,
     same(block_cast_triton(x, float8_dtype, write_row=True, write_col=True, loads_ahead=True, **options), want)
 
 
+def test_loads_ahead_launches_columns_first_with_registers_capped_by_default(monkeypatch):
+    """By default the both-layouts cast with its slices loaded ahead is launched with its grid's axes
+    swapped (COLUMNS_FIRST) and its registers capped (LOADS_AHEAD_MAX_REGISTERS); with more row tiles
+    than the grid's second axis takes, row tiles first. Other casts: ptxas's registers, row tiles first."""
+    module = sys.modules[block_cast_triton.__module__]
+    launches = []
+    monkeypatch.setattr(module, "launch_kernel", lambda kernel, grid, args, num_warps, maxnreg=None, **consts:
+                        launches.append((grid, maxnreg, consts["LOADS_AHEAD"], consts["COLUMNS_FIRST"])))
+    x = torch.empty(256, 384, dtype=torch.bfloat16)
+    block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True)
+    block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, loads_ahead=False)
+    block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=255, columns_first=False)
+    block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=False)
+    block_cast_triton(torch.empty(65536 * BLOCK + 4, 4, dtype=torch.bfloat16), torch.float8_e4m3fn, write_row=True,
+                      write_col=True)
+    cap = module.LOADS_AHEAD_MAX_REGISTERS
+    assert module.COLUMNS_FIRST and cap == 128
+    assert launches == [((3, 2), cap, True, True), ((2, 3), None, False, False), ((2, 3), 255, True, False),
+                        ((8, 3), None, False, False), ((65537, 1), cap, True, False)]
+
+
 def test_launch_options_are_refused_where_they_cannot_apply():
     """columns_first where the cast with its slices loaded ahead does not run, or with more row tiles
     than the grid's second axis takes; max_registers outside ptxas's range: ValueErrors naming why."""

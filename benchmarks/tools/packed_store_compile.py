@@ -15,8 +15,8 @@ import re
 import torch
 
 from sm90_compile import compile_sm90
-from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, SUB_M, SUB_N,
-                                        _default_warps,
+from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, COLUMNS_FIRST, LOADS_AHEAD,
+                                        LOADS_AHEAD_MAX_REGISTERS, SUB_M, SUB_N, _default_warps,
                                         block_kernel, block_kernel_m_unaligned)
 from f8tensor.kernels.rowwise import _format
 
@@ -40,12 +40,13 @@ def compiled_word_store(kernel, M: int, N: int, dtype: torch.dtype, col_alone: b
     scale = torch.empty(M * N // 16, dtype=torch.float32)
     block_n = COL_STRIPS_BLOCK_N if col_alone else BLOCK
     even = M % BLOCK == 0 and N % block_n == 0
+    ahead = LOADS_AHEAD and not col_alone  # compiled as block_cast_triton launches it by default
     return compile_sm90(
         kernel, (x, row, scale, words, scale, M, N, N, 1), _default_warps(False, not col_alone, True, block_n=block_n),
+        maxnreg=LOADS_AHEAD_MAX_REGISTERS if ahead else None,
         **_format(torch.float8_e4m3fn, False, False, x), SQUARE=False, WRITE_ROW=not col_alone, WRITE_COL=True,
         BLOCK_M=BLOCK, BLOCK_N=block_n, SUB_M=SUB_M, SUB_N=min(COL_STRIPS_SUB_N, block_n) if col_alone else SUB_N,
-        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=LOADS_AHEAD and not col_alone,
-        COLUMNS_FIRST=False)
+        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead)
 
 
 def main():

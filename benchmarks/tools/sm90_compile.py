@@ -133,8 +133,8 @@ def _opcodes(sass: str) -> collections.Counter:
 
 
 def main():
-    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, LOADS_AHEAD, PACKED_COLUMNS,
-                                            SUB_M, SUB_N,
+    from f8tensor.kernels.blockwise import (BLOCK, COL_STRIPS_BLOCK_N, COL_STRIPS_SUB_N, COL_VEC, COLUMNS_FIRST, LOADS_AHEAD,
+                                            LOADS_AHEAD_MAX_REGISTERS, PACKED_COLUMNS, SUB_M, SUB_N,
                                             _default_warps, block_kernel)
     from f8tensor.kernels.rowwise import _format
 
@@ -160,8 +160,8 @@ def main():
         "act_col block_n=32": (False, True, False, SUB_M, 32, True, True, packed, 2),
         "act_col block_n=128": (False, True, False, SUB_M, 128, True, True, packed, 4),
     }
-    # the both-layouts word store's own options (col_vec, loads_ahead) at 4 and 8 warps; loads_ahead with
-    # registers capped (max_registers) for more programs per SM
+    # the both-layouts word store's own options (col_vec, loads_ahead) at 4 and 8 warps, registers as ptxas
+    # chooses; loads_ahead with registers capped (max_registers) for more programs per SM
     both_options = {f"act_both col_vec={vec}{' loads_ahead' if ahead else ''} w{warps}": (vec, ahead, warps, None)
                     for warps in (4, 8) for ahead in (False, True) for vec in (4, 2)}
     both_options |= {f"act_both loads_ahead w{warps} max_registers={cap}": (COL_VEC, True, warps, cap)
@@ -172,13 +172,14 @@ def main():
         col_alone = write_col and not write_row and not square
         block_n = (sub_n if "block_n" in name else COL_STRIPS_BLOCK_N) if col_alone else BLOCK  # one slice per program
         warps = warps or _default_warps(square, write_row, write_col, block_n=block_n)
+        ahead = (both_options[name][1] if name in both_options
+                 else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64)
+        default_cap = LOADS_AHEAD_MAX_REGISTERS if ahead and name not in both_options else None  # as launched
         res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
-                             warps, maxnreg=both_options[name][3] if name in both_options else None, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
+                             warps, maxnreg=both_options[name][3] if name in both_options else default_cap, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
-                             LOADS_AHEAD=(both_options[name][1] if name in both_options
-                                          else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64),
-                             COLUMNS_FIRST=False)
+                             LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead and name not in both_options)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
