@@ -353,8 +353,8 @@ LOADS_AHEAD = True
 # How that cast (loads ahead) is launched by default: its programs numbered along a row of tiles first
 # (the grid's axes swapped, where M has at most 65,535 row tiles) and its registers capped at 128 per
 # thread (four programs per SM against three, no spill): on an H100 together 0.986-0.988x the
-# time of the column-first, uncapped launch, no benchmark shape slower; each alone 0.993x and 1.016x
-# (docs/benchmarks.md, "Blockwise scaling").
+# time of the launch before (programs down a column of tiles first, ptxas's 168 registers), no
+# benchmark shape slower; each alone 0.993x and 1.016x (docs/benchmarks.md, "Blockwise scaling").
 COLUMNS_FIRST = True
 LOADS_AHEAD_MAX_REGISTERS = 128
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
@@ -415,8 +415,10 @@ def block_cast_triton(
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
-    if max_registers is not None and not 16 <= max_registers <= 255:
-        raise ValueError(f"block_cast_triton: max_registers must be from 16 to 255 (ptxas's range), got {max_registers}")
+    if max_registers is not None and (isinstance(max_registers, bool) or not isinstance(max_registers, int)
+                                      or not 16 <= max_registers <= 255):
+        raise ValueError(f"block_cast_triton: max_registers must be an int from 16 to 255 (ptxas's range), "
+                         f"got {max_registers!r}")
     M, N = x.shape
     mb, nb = cdiv(M, BLOCK), cdiv(N, BLOCK)
     device = x.device

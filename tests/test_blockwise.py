@@ -201,8 +201,8 @@ def test_launch_options_are_refused_where_they_cannot_apply():
     tall = torch.empty(65536 * BLOCK + 4, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="65537 row tiles on the grid's second axis"):
         block_cast_triton(tall, torch.float8_e4m3fn, write_row=True, write_col=True, columns_first=True)
-    for bad in (8, 256):
-        with pytest.raises(ValueError, match=f"max_registers must be from 16 to 255.*got {bad}"):
+    for bad in (8, 256, 128.0, True):
+        with pytest.raises(ValueError, match=f"max_registers must be an int from 16 to 255.*got {bad!r}"):
             block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=bad)
     with pytest.raises(ValueError, match="group_m applies to the both-layouts cast"):
         block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, loads_ahead=False, group_m=2)
