@@ -357,6 +357,8 @@ LOADS_AHEAD = True
 # benchmark shape slower; each alone 0.993x and 1.016x (docs/benchmarks.md, "Blockwise scaling").
 COLUMNS_FIRST = True
 LOADS_AHEAD_MAX_REGISTERS = 128
+# Programs a CUDA grid takes along its second axis (the first takes 2**31 - 1).
+GRID_AXIS_1_MAX = 65535
 # Where the tile is not whole (masked stores) the word store launches `block_kernel_m_unaligned`,
 # the same kernel compiled without M's divisibility by 16: compiled with it, the masked word store
 # mis-stored one row in eight of the column-major data on the H200 and the H100 wherever M was a
@@ -448,6 +450,7 @@ def block_cast_triton(
         if value is not None and (value < 1 or value & (value - 1) or bound is not None and value > bound):
             raise ValueError(f"block_cast_triton: {name} must be a power of two" + (
                 f" <= {bound} here" if bound is not None else "") + f", got {value}")
+    tiles_m, tiles_n = cdiv(M, bm), cdiv(N, bn)  # the programs' tiles
     # Offsets inside one tile (rows x stride_m + columns x stride_n; the column-major store's
     # columns x M + rows) fit int32 where this holds: `_col_strips` then adds 64 bits only per tile.
     fits_32 = BLOCK * (x.stride(0) + x.stride(1) + M) < 2 ** 31
@@ -484,15 +487,15 @@ def block_cast_triton(
                              "columns_first=True")
         columns_first = False
     if columns_first is None:
-        columns_first = COLUMNS_FIRST and loads_ahead and cdiv(M, bm) <= 65535
+        columns_first = COLUMNS_FIRST and loads_ahead and tiles_m <= GRID_AXIS_1_MAX
     if max_registers is None and loads_ahead:
         max_registers = LOADS_AHEAD_MAX_REGISTERS
     if columns_first and not loads_ahead:
         raise ValueError("block_cast_triton: columns_first applies to the both-layouts cast with its slices loaded "
                          "ahead (loads_ahead), which does not run here")
-    if columns_first and cdiv(M, bm) > 65535:
-        raise ValueError(f"block_cast_triton: columns_first puts the {cdiv(M, bm)} row tiles on the grid's second "
-                         "axis, which takes at most 65,535; use columns_first=False")
+    if columns_first and tiles_m > GRID_AXIS_1_MAX:
+        raise ValueError(f"block_cast_triton: columns_first puts the {tiles_m} row tiles on the grid's second "
+                         f"axis, which takes at most {GRID_AXIS_1_MAX:,}; use columns_first=False")
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
@@ -505,8 +508,7 @@ def block_cast_triton(
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         kernel = block_kernel_m_unaligned if packed and not even else block_kernel
-        grid = ((cdiv(M, bm) * cdiv(N, bn),) if group_m else (cdiv(N, bn), cdiv(M, bm)) if columns_first
-                else (cdiv(M, bm), cdiv(N, bn)))
+        grid = (tiles_m * tiles_n,) if group_m else (tiles_n, tiles_m) if columns_first else (tiles_m, tiles_n)
         launch_kernel(kernel, grid,
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps, maxnreg=max_registers,

@@ -272,15 +272,15 @@ def scaled_mm_data(
             "high precision"
         )
     kind = "tensorwise"
-    if a_scale.dim() != 2 and b_scale.dim() != 2 and out_dtype not in TENSORWISE_OUT_DTYPES:
-        raise TypeError(f"tensorwise _scaled_mm writes {', '.join(map(str, TENSORWISE_OUT_DTYPES))} (checked on an "
-                        f"H100 with torch 2.11: cuBLAS refuses float64), asked for {out_dtype}; cast the "
-                        "operands from bfloat16, float16 or float32")
     if a_scale.dim() == 2 or b_scale.dim() == 2:
         if blockwise is None:
             blockwise = config.scaling_granularity == "blockwise"
         kind, a_scale, b_scale = _axiswise_scales(a_data, a_scale, b_data, b_scale, out_dtype, use_fast_accum,
                                                   blockwise)
+    elif out_dtype not in TENSORWISE_OUT_DTYPES:
+        raise TypeError(f"tensorwise _scaled_mm writes {', '.join(map(str, TENSORWISE_OUT_DTYPES))} (checked on an "
+                        f"H100 with torch 2.11: cuBLAS refuses float64), asked for {out_dtype}; cast the "
+                        "operands from bfloat16, float16 or float32")
     if N % 16 and kind != "blockwise":  # blockwise GEMMs are zero-padded to whole tiles below
         raise ValueError(
             f"_scaled_mm needs N divisible by 16, got [{a_data.shape[0]}, {K}] @ [{K}, {N}]; pad the "
