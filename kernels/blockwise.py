@@ -352,7 +352,7 @@ COL_VEC = 4
 LOADS_AHEAD = True
 # How that cast (loads ahead) is launched by default: its programs numbered along a row of tiles first
 # (the grid's axes swapped, where M has at most 65,535 row tiles) and its registers capped at 128 per
-# thread (four programs per SM against three, no spill): on an H100 together 0.986-0.988x the
+# thread (four programs per SM against three, no spill): on an H100 together 0.986-0.989x the
 # time of the launch before (programs down a column of tiles first, ptxas's 168 registers), no
 # benchmark shape slower; each alone 0.993x and 1.016x (docs/benchmarks.md, "Blockwise scaling").
 COLUMNS_FIRST = True
