@@ -413,7 +413,9 @@ def block_cast_triton(
     max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
     to 255, 255 leaving ptxas its choice): fewer registers, more programs resident per SM, where
     ptxas fits the kernel without spilling (benchmarks/tools/sm90_compile.py shows both); by
-    default (None) LOADS_AHEAD_MAX_REGISTERS where the slices are loaded ahead, else ptxas's choice."""
+    default (None) LOADS_AHEAD_MAX_REGISTERS where the slices are loaded ahead, else ptxas's choice.
+    The grid's second axis holds the column tiles (the row tiles under columns_first; none under
+    group_m): more than GRID_AXIS_1_MAX of them, a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -496,6 +498,10 @@ def block_cast_triton(
     if columns_first and tiles_m > GRID_AXIS_1_MAX:
         raise ValueError(f"block_cast_triton: columns_first puts the {tiles_m} row tiles on the grid's second "
                          f"axis, which takes at most {GRID_AXIS_1_MAX:,}; use columns_first=False")
+    if not (group_m or columns_first) and tiles_n > GRID_AXIS_1_MAX:
+        raise ValueError(f"block_cast_triton: N = {N} makes {tiles_n} column tiles of {bn} on the grid's second axis, "
+                         f"which takes at most {GRID_AXIS_1_MAX:,}; cast x in column slices of at most "
+                         f"{GRID_AXIS_1_MAX * BLOCK:,} columns at multiples of {BLOCK} (no scale spans them)")
     if M and N:
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles

@@ -191,7 +191,7 @@ def test_loads_ahead_launches_columns_first_with_registers_capped_by_default(mon
 
 def test_launch_options_are_refused_where_they_cannot_apply():
     """columns_first where the cast with its slices loaded ahead does not run, or with more row tiles
-    than the grid's second axis takes; max_registers outside ptxas's range; group_m where that cast
+    than the grid's second axis takes; more column tiles than it takes where they are on it; max_registers outside ptxas's range; group_m where that cast
     does not run, not a positive int, or with columns_first=True: ValueErrors naming why."""
     x = torch.randn(256, 256, dtype=torch.bfloat16)
     for refused in (dict(loads_ahead=False), dict(write_row=False), dict(packed=False), dict(sub_m=32)):
@@ -201,6 +201,10 @@ def test_launch_options_are_refused_where_they_cannot_apply():
     tall = torch.empty(65536 * BLOCK + 4, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="65537 row tiles on the grid's second axis"):
         block_cast_triton(tall, torch.float8_e4m3fn, write_row=True, write_col=True, columns_first=True)
+    wide = torch.empty(4, 65536 * BLOCK + 4, dtype=torch.bfloat16)  # 65,537 column tiles
+    for cast in (dict(write_col=False), dict(write_col=True, loads_ahead=False), dict(square=True)):
+        with pytest.raises(ValueError, match="makes 65537 column tiles of 128 on the grid's second axis"):
+            block_cast_triton(wide, torch.float8_e4m3fn, **cast)
     for bad in (8, 256, 128.0, True):
         with pytest.raises(ValueError, match=f"max_registers must be an int from 16 to 255.*got {bad!r}"):
             block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=bad)
