@@ -36,6 +36,10 @@ Read through functions below:
   complex RoPE fusion traces with it, fusion/rope_complex.py);
 - `torch.utils._python_dispatch._disable_current_modes` (`dispatch_modes_disabled`: that trace runs
   without the caller's dispatch modes, fusion/rope_complex.py).
+- `torch.multiprocessing.reductions.StorageWeakRef` and `UntypedStorage._cdata` (`storage_ref`,
+  `same_storage`: the storage object a weight's remembered amax was taken on, held by a weak
+  reference of PyTorch's own that keeps the object, not its memory; FSDP2 frees a gathered weight's
+  memory after forward and gathers it again into the same storage object, core/weight_amax.py).
 
 Used where they are, as PyTorch's own subclass and module code uses them: `Tensor._version` (the
 version counter in-place writes bump), `Tensor._base` (a view's base),
@@ -66,6 +70,10 @@ except ImportError:  # pragma: no cover (every supported torch has it; the test 
     _disable_current_modes = None
 _is_fx_tracing = getattr(getattr(torch.fx, "_symbolic_trace", None), "is_fx_symbolic_tracing", None)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds only
+try:
+    from torch.multiprocessing.reductions import StorageWeakRef as _StorageWeakRef
+except ImportError:  # pragma: no cover (every supported torch has it; the test says so)
+    _StorageWeakRef = None
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
@@ -213,6 +221,19 @@ def raw_stream_available() -> bool:
 def current_raw_stream(device_index: int) -> int:
     """The current CUDA stream's handle on a device, as Triton's launcher passes it."""
     return _raw_stream(device_index)
+
+
+def storage_ref(t: torch.Tensor):
+    """A weak reference to t's storage object (its StorageImpl): it keeps that object, so no other
+    storage takes its address while the reference lives, and not its memory (not a Python weak
+    reference to t: `torch.utils.swap_tensors` still swaps t)."""
+    return _StorageWeakRef(t.untyped_storage())
+
+
+def same_storage(t: torch.Tensor, ref) -> bool:
+    """Whether t's storage object is the one `ref` (from `storage_ref`) refers to, its memory
+    reallocated or not (`UntypedStorage.resize_` keeps the object)."""
+    return ref.cdata == t.untyped_storage()._cdata
 
 
 def is_mutating(func) -> bool:

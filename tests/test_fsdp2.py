@@ -79,6 +79,7 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, 
         from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
         model = make_model(keep_weight, device, norm=not compiled, recipe=recipe)
+        reuses = []
         mesh = init_device_mesh(device_type, (world,))
         shard_layers(model, mesh)
         if ac:  # the whole model recomputed to its end (torchtitan's early stop off): the weights gathered again
@@ -89,6 +90,10 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, 
                     return checkpoint(forward, x, use_reentrant=False)
 
             model.forward = checkpointed
+            from f8tensor.core import weight_amax
+
+            real_latest = weight_amax.latest  # log whether each recomputed weight cast finds its record
+            weight_amax.latest = lambda w: reuses.append(real_latest(w) is not None) or real_latest(w)
         # compiled: "static" compiles with dynamic=False, "dynamic" with torch.compile's default
         # (automatic dynamic shapes: each layer's frame, split off by FSDP2's skipped hooks, is
         # recompiled with symbolic sizes once a second layer shape arrives).
@@ -96,7 +101,7 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, 
             model = torch.compile(model, dynamic=False if compiled == "static" else None)
         losses = train(model, 2 if keep_weight else 1, device)
         weights = [p.full_tensor().detach().cpu() for p in model.parameters()]
-        results[rank] = (losses, weights)
+        results[rank] = (losses, weights, reuses)
     finally:
         dist.destroy_process_group()
 
@@ -119,9 +124,10 @@ def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, r
     second shape arrives). That case failed in Dynamo with torch 2.11 (AssertionError in
     `overwrite_tensor_vt_proxy`; on 2 H200s, and on CPU ranks with torch 2.11) while Float8Linear's
     autograd function read sizes of its intermediates (an emptiness test, a shape check).
-    "checkpointed": the sharded model recomputed in backward (the recomputation's weight casts
-    read the first forward's amax of the gathered weights, core/weight_amax.py) gives the bits of
-    the uncheckpointed single process."""
+    "checkpointed": the sharded model recomputed in backward gives the bits of the uncheckpointed
+    single process, and every recomputed weight cast reads the first forward's amax
+    (core/weight_amax.py), though FSDP2 freed the gathered weights' memory after forward and
+    gathered them again."""
     if recipe == "rowwise" and device_type == "cpu" and not cpu_rowwise_gemm():
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes no rowwise scales")
     with mp.Manager() as manager:
@@ -132,8 +138,10 @@ def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, r
     device = torch.device(device_type)  # the reference: one process on the CPU, or on the first GPU
     model = make_model(device=device, norm=not compiled, recipe=recipe)  # the reference casts every time
     want_losses = train(model, 2 if keep_weight else 1, device)
+    layers = sum(isinstance(m, Float8Linear) for m in model.modules())
     for rank in (0, 1):
-        losses, weights = results[rank]
+        losses, weights, reuses = results[rank]
         assert losses == want_losses
+        assert reuses == [True] * (STEPS * layers if ac else 0)  # one recomputed cast per layer and step
         for got, want in zip(weights, model.parameters()):
             assert torch.equal(got, want.detach().cpu())

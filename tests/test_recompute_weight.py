@@ -137,13 +137,26 @@ def test_every_forward_replaces_the_remembered_amax():
 
 def test_the_amax_lives_on_its_weight_and_is_never_reused_for_another():
     """The entry is the weight's own (freed with it, no weak reference: swap_tensors still works);
-    a copy of the weight, another tensor or the weight after a write gets none."""
+    a copy of the weight, another tensor, the weight given other storage or after a write gets none;
+    the weight's storage freed and filled again (FSDP2's reshard and regather) keeps it."""
     layer = Float8Linear(64, 64, bias=False, device=DEVICE, dtype=torch.bfloat16)
     layer(torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16))
     assert weight_amax.latest(layer.weight) is not None
     assert weakref.getweakrefcount(layer.weight) == 0
     assert weight_amax.latest(torch.randn(64, 64, device=DEVICE, dtype=torch.bfloat16)) is None
     assert weight_amax.latest(copy.deepcopy(layer).weight) is None  # the copy's storage differs
+    storage = layer.weight.untyped_storage()  # freed and filled again with the same values, version kept
+    values = layer.weight.detach().clone()
+    storage.resize_(0)
+    storage.resize_(values.numel() * values.element_size())
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(layer.weight):
+        layer.weight.copy_(values)
+    assert weight_amax.latest(layer.weight) is not None  # as FSDP2 regathers a weight for a recomputation
+    held = layer.weight.data
+    layer.weight.data = values  # other storage, the same values and version: not the remembered tensor
+    assert weight_amax.latest(layer.weight) is None
+    layer.weight.data = held
+    assert weight_amax.latest(layer.weight) is not None
     with torch.no_grad():
         layer.weight.mul_(2)
     assert weight_amax.latest(layer.weight) is None

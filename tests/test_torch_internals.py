@@ -88,6 +88,27 @@ def test_shard_placements():
     assert Shard in shard_placements() and len(shard_placements()) == 2  # _StridedShard importable
 
 
+def test_a_storage_is_known_through_reallocation_and_not_after_replacement():
+    """same_storage holds while the storage object is resized to nothing and back (as FSDP2 frees
+    and regathers a weight), not for other storage (`.data =`, a copy); the reference keeps the
+    object, not its memory, and is no Python weak reference to the tensor."""
+    import weakref
+
+    w = torch.randn(64, 64, device=DEVICE)
+    ref = ti.storage_ref(w)
+    assert ti.same_storage(w, ref) and ti.same_storage(w.view(-1), ref) and weakref.getweakrefcount(w) == 0
+    w.untyped_storage().resize_(0)
+    w.untyped_storage().resize_(64 * 64 * 4)
+    assert ti.same_storage(w, ref)
+    assert not ti.same_storage(w.clone(), ref)
+    w.data = torch.randn(64, 64, device=DEVICE)
+    # The old storage's memory is freed with its last tensor; the reference keeps only the object,
+    # whose address no new storage can take, so it never matches another.
+    assert not ti.same_storage(w, ref) and ref.expired()
+    for _ in range(100):
+        assert not ti.same_storage(torch.empty(64, 64, device=DEVICE), ref)
+
+
 def test_dispatch_modes_are_off_inside_and_back_after():
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -10,9 +10,14 @@ same bits.
 
 The entry lives on the weight tensor itself (weight_attr.py: on the local shard of a tensor-parallel
 weight; never a weak reference to the weight; left out of copies and pickles): the amax record of
-its latest cast outside a backward pass together with the version counter, storage, dtype, shape
-and device it was taken at. It is used only while all five are unchanged; every forward cast
-replaces it, so it is never older than the forward being recomputed. Writes that bypass the version
+its latest cast outside a backward pass together with the version counter, storage object,
+storage offset, dtype, shape and device it was taken at. It is used only while all six are
+unchanged; every forward cast replaces it, so it is never older than the forward being recomputed.
+The storage object, not its memory: FSDP2 (reshard after forward) frees a gathered weight's memory
+after forward and gathers the same values into the same storage object again, its version counter
+kept, for the recomputation, which then reuses the amax; a weight given other storage (`.data =`,
+`Module.to()`, a copy) gets none. The entry holds a weak reference of PyTorch's own to that object
+(torch_internals.storage_ref), so no other storage takes its address while the entry lives. Writes that bypass the version
 counter (`.data`, DLPack, collectives into the parameter) between a forward and its recomputation
 are not seen here; they break the checkpoint's recomputation itself, whose saved tensors would no
 longer be the first forward's. Nothing is remembered where `weight_attr.trackable` says no (while
@@ -26,6 +31,7 @@ maxima, one per program of the amax pass: a few kilobytes; a 0-d tensor elsewher
 
 import torch
 
+from ..torch_internals import same_storage, storage_ref
 from . import weight_attr
 
 # The attribute of a weight tensor holding its _Entry.
@@ -33,11 +39,11 @@ ATTR = "_f8tensor_latest_amax"
 
 
 class _Entry(weight_attr.Entry):
-    __slots__ = ("key", "amax")
+    __slots__ = ("key", "storage", "amax")
 
 
 def _key(w: torch.Tensor) -> tuple:
-    return (w._version, w.data_ptr(), w.dtype, tuple(w.shape), w.device)
+    return (w._version, w.storage_offset(), w.dtype, tuple(w.shape), w.device)
 
 
 def remember(w: torch.Tensor, amax: torch.Tensor | None) -> None:
@@ -45,7 +51,7 @@ def remember(w: torch.Tensor, amax: torch.Tensor | None) -> None:
     if amax is None or not weight_attr.trackable(w):
         return
     entry = _Entry()
-    entry.key, entry.amax = _key(w), amax
+    entry.key, entry.storage, entry.amax = _key(w), storage_ref(w), amax
     weight_attr.put(w, ATTR, entry)
 
 
@@ -54,6 +60,6 @@ def latest(w: torch.Tensor) -> torch.Tensor | None:
     if not weight_attr.trackable(w):
         return None
     entry = weight_attr.get(w, ATTR)
-    if entry is None or entry.key != _key(w):
+    if entry is None or entry.key != _key(w) or not same_storage(w, entry.storage):
         return None
     return entry.amax
