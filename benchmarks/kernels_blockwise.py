@@ -48,9 +48,7 @@ SWEEP = [dict(num_warps=4), dict(num_warps=16), dict(block_m=32, num_warps=4), d
          # loads ahead with registers capped (more programs per SM), or programs numbered along rows of tiles
          dict(loads_ahead=True, max_registers=128), dict(loads_ahead=True, num_warps=8, max_registers=80),
          dict(loads_ahead=True, num_warps=8, max_registers=64), dict(loads_ahead=True, columns_first=True),
-         dict(loads_ahead=True, columns_first=True, max_registers=128),
-         # programs in groups of rows of tiles, each group column by column (group_m=1: as columns_first)
-         dict(group_m=1), dict(group_m=2), dict(group_m=4), dict(group_m=8), dict(group_m=16)]
+         dict(loads_ahead=True, columns_first=True, max_registers=128)]
 
 
 def applies(cfg: dict, mode: str, M: int) -> bool:
@@ -62,7 +60,7 @@ def applies(cfg: dict, mode: str, M: int) -> bool:
                 or "block_n" in cfg and mode != "act_col"
                 or "packed" in cfg and (mode not in ("act_both", "act_col") or cfg["packed"] and M % 4)
                 or "col_vec" in cfg and (mode not in ("act_both", "act_col") or M % 4)
-                or ("loads_ahead" in cfg or "columns_first" in cfg or "group_m" in cfg) and (mode != "act_both" or M % 4)
+                or ("loads_ahead" in cfg or "columns_first" in cfg) and (mode != "act_both" or M % 4)
                 or mode == "act_col" and cfg.get("sub_n", 0) > cfg.get("block_n", COL_STRIPS_BLOCK_N))
 
 

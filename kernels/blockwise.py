@@ -176,24 +176,14 @@ def _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col32_ptr, col_scale_ptr, M
                       out_ty: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, POWER_OF_2: tl.constexpr,
                       MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, EXACT_ROUND: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr,
-                      COLUMNS_FIRST: tl.constexpr, GROUP_M: tl.constexpr):
+                      COLUMNS_FIRST: tl.constexpr):
     """Both layouts of one BLOCK_M x BLOCK_N tile with the word store, in two row slices and two
     column slices as the sliced path, loaded two at a time: both row slices, then both cast and
     stored; both column slices, then both cast and stored. (Triton keeps a load after a store it
     cannot tell apart from it, so in the sliced path each slice waits a full memory latency behind
     the last: four waits a tile; here two.) Offsets inside the tile int32. COLUMNS_FIRST: the grid is
-    (column tiles, row tiles), so that consecutive programs take the tiles along a row of tiles.
-    GROUP_M > 0: the grid is one axis of all tiles, taken in groups of GROUP_M rows of tiles (the
-    last group what is left), each group column by column (1: as COLUMNS_FIRST; at least the rows
-    of tiles: as a grid of row tiles first)."""
-    if GROUP_M > 0:
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        first_m = pid // (GROUP_M * tiles_n) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        within = pid % (GROUP_M * tiles_n)
-        pid_m, pid_n = first_m + within % group_rows, within // group_rows
-    elif COLUMNS_FIRST:
+    (column tiles, row tiles), so that consecutive programs take the tiles along a row of tiles."""
+    if COLUMNS_FIRST:
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     else:
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -263,7 +253,6 @@ def block_kernel(
     WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_M: tl.constexpr, SUB_N: tl.constexpr, EVEN: tl.constexpr, OFFSETS_32: tl.constexpr,
     PACKED: tl.constexpr, COL_VEC: tl.constexpr, LOADS_AHEAD: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
     """row_ptr is float8 (when WRITE_ROW is off, any float8 buffer of the format: it gives the type);
     col_ptr is the column-major buffer [N, M] row-major, as bytes (uint8) or, PACKED, as int32 words.
@@ -272,7 +261,7 @@ def block_kernel(
     multiples of the tile; PACKED (needs OFFSETS_32 and M a multiple of 4), four rows' bytes stored
     as one word (`_packed_col_slice`, which loads COL_VEC columns at a time); LOADS_AHEAD (both
     layouts with the word store, two row and two column slices), `_both_loads_ahead`; COLUMNS_FIRST
-    and GROUP_M (LOADS_AHEAD only), the order of its programs (`_both_loads_ahead`)."""
+    (LOADS_AHEAD only), its grid's axes swapped."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ty = row_ptr.dtype.element_ty
@@ -297,7 +286,7 @@ def block_kernel(
         if LOADS_AHEAD:  # both layouts, word store, two slices of each kind
             _both_loads_ahead(x_ptr, row_ptr, row_scale_ptr, col_ptr, col_scale_ptr, M, N, stride_m, stride_n, out_ty,
                               FP8_MAX, EPS, POWER_OF_2, MANT_BITS, MIN_NORMAL_EXP, EXACT_ROUND, BLOCK_M, BLOCK_N,
-                              EVEN, COL_VEC, COLUMNS_FIRST, GROUP_M)
+                              EVEN, COL_VEC, COLUMNS_FIRST)
         else:
             if WRITE_ROW:
                 for i in tl.static_range(BLOCK_M // SUB_M):
@@ -386,7 +375,6 @@ def block_cast_triton(
     block_m: int | None = None, block_n: int | None = None, sub_m: int | None = None, sub_n: int | None = None,
     num_warps: int | None = None, packed: bool | None = None, col_vec: int | None = None,
     loads_ahead: bool | None = None, max_registers: int | None = None, columns_first: bool | None = None,
-    group_m: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row | None, row_scale | None, col | None, col_scale | None) of a 2-D x [M, N]; see
     `kernels.quantize_blocks` for the layouts. block_m: rows per program when only the 1 x 128
@@ -407,15 +395,12 @@ def block_cast_triton(
     ValueError. columns_first: that cast (loads_ahead) numbers its programs along a row of tiles
     first (the grid's axes swapped; M up to 65,535 row tiles); by default (None) COLUMNS_FIRST
     where it runs and the row tiles fit; True where it does not run or they do not fit, a ValueError.
-    group_m: that cast's programs on one grid axis, taken in groups of group_m rows of tiles, each
-    group column by column (a positive int; `_both_loads_ahead`); with columns_first=True, or where
-    that cast does not run, a ValueError; None, the two-axis grid columns_first chooses.
     max_registers: registers per thread the compiled kernel may use (Triton's maxnreg option, 16
     to 255, 255 leaving ptxas its choice): fewer registers, more programs resident per SM, where
     ptxas fits the kernel without spilling (benchmarks/tools/sm90_compile.py shows both); by
     default (None) LOADS_AHEAD_MAX_REGISTERS where the slices are loaded ahead, else ptxas's choice.
-    The grid's second axis holds the column tiles (the row tiles under columns_first; none under
-    group_m): more than GRID_AXIS_1_MAX of them, a ValueError."""
+    The grid's second axis holds the column tiles (the row tiles under columns_first): more than
+    GRID_AXIS_1_MAX of them, a ValueError."""
     _check(x, float8_dtype, "blockwise")
     if not (write_row or write_col):
         raise ValueError("block_cast_triton: nothing to do (write_row and write_col both off)")
@@ -477,17 +462,6 @@ def block_cast_triton(
         raise ValueError("block_cast_triton: loads_ahead applies to the both-layouts cast with the word store "
                          "(packed) in 64-row and 64-column slices, which does not run here")
     loads_ahead = ahead_applies and (LOADS_AHEAD if loads_ahead is None else loads_ahead)
-    if group_m is not None:
-        if not loads_ahead:
-            raise ValueError("block_cast_triton: group_m applies to the both-layouts cast with its slices loaded "
-                             "ahead (loads_ahead), which does not run here")
-        if isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
-            raise ValueError(f"block_cast_triton: group_m must be a positive int (rows of tiles per group), "
-                             f"got {group_m!r}")
-        if columns_first:
-            raise ValueError("block_cast_triton: group_m orders the programs itself; it does not combine with "
-                             "columns_first=True")
-        columns_first = False
     if columns_first is None:
         columns_first = COLUMNS_FIRST and loads_ahead and tiles_m <= GRID_AXIS_1_MAX
     if max_registers is None and loads_ahead:
@@ -498,7 +472,7 @@ def block_cast_triton(
     if columns_first and tiles_m > GRID_AXIS_1_MAX:
         raise ValueError(f"block_cast_triton: columns_first puts the {tiles_m} row tiles on the grid's second "
                          f"axis, which takes at most {GRID_AXIS_1_MAX:,}; use columns_first=False")
-    if not (group_m or columns_first) and tiles_n > GRID_AXIS_1_MAX:
+    if not columns_first and tiles_n > GRID_AXIS_1_MAX:
         raise ValueError(f"block_cast_triton: N = {N} makes {tiles_n} column tiles of {bn} on the grid's second axis, "
                          f"which takes at most {GRID_AXIS_1_MAX:,}; cast x in column slices of at most "
                          f"{GRID_AXIS_1_MAX * BLOCK:,} columns at multiples of {BLOCK} (no scale spans them)")
@@ -514,14 +488,14 @@ def block_cast_triton(
         # The column-major data is stored as bytes (a uint8 view), as in cast.py, or as words.
         col_bytes = None if col_t is None else col_t.view(torch.int32 if packed else torch.uint8)
         kernel = block_kernel_m_unaligned if packed and not even else block_kernel
-        grid = (tiles_m * tiles_n,) if group_m else (tiles_n, tiles_m) if columns_first else (tiles_m, tiles_n)
+        grid = (tiles_n, tiles_m) if columns_first else (tiles_m, tiles_n)
         launch_kernel(kernel, grid,
                       (x, row if row is not None else col_t, row_scale, col_bytes, col_scale, M, N, x.stride(0),
                        x.stride(1)), num_warps, maxnreg=max_registers,
                       **_format(float8_dtype, power_of_2, exact_round, x), SQUARE=square,
                       WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=bm, BLOCK_N=bn, SUB_M=sub, SUB_N=sub_n,
                       EVEN=even, OFFSETS_32=offsets_32, PACKED=packed, COL_VEC=col_vec or COL_VEC,
-                      LOADS_AHEAD=loads_ahead, COLUMNS_FIRST=columns_first, GROUP_M=group_m or 0)
+                      LOADS_AHEAD=loads_ahead, COLUMNS_FIRST=columns_first)
     else:  # no elements: scales of empty tiles, where there are tiles
         for s in (row_scale, col_scale):
             if s is not None and s.numel():

@@ -320,11 +320,11 @@ for float8_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         "block_kernel": compile_sm90(block_kernel, (x, out, scales, out.view(torch.uint8), scales, M, N, N, 1), 4,
                                      **fmt, SQUARE=False, WRITE_ROW=True, WRITE_COL=True, BLOCK_M=128, BLOCK_N=128,
                                      SUB_M=64, SUB_N=64, EVEN=True, OFFSETS_32=True, PACKED=False, COL_VEC=4,
-                                     LOADS_AHEAD=False, COLUMNS_FIRST=False, GROUP_M=0),
+                                     LOADS_AHEAD=False, COLUMNS_FIRST=False),
         "block_kernel words": compile_sm90(block_kernel, (x, out, scales, out.view(torch.int32), scales, M, N, N, 1),
                                            4, **fmt, SQUARE=False, WRITE_ROW=True, WRITE_COL=True, BLOCK_M=128,
                                            BLOCK_N=128, SUB_M=64, SUB_N=64, EVEN=True, OFFSETS_32=True, PACKED=True,
-                                           COL_VEC=4, LOADS_AHEAD=True, COLUMNS_FIRST=False, GROUP_M=0),
+                                           COL_VEC=4, LOADS_AHEAD=True, COLUMNS_FIRST=False),
     }
     for kernel, c in compiled.items():
         ptx[f"{kernel} {float8_dtype}"] = c.asm["ptx"]

@@ -46,8 +46,7 @@ def compiled_word_store(kernel, M: int, N: int, dtype: torch.dtype, col_alone: b
         maxnreg=LOADS_AHEAD_MAX_REGISTERS if ahead else None,
         **_format(torch.float8_e4m3fn, False, False, x), SQUARE=False, WRITE_ROW=not col_alone, WRITE_COL=True,
         BLOCK_M=BLOCK, BLOCK_N=block_n, SUB_M=SUB_M, SUB_N=min(COL_STRIPS_SUB_N, block_n) if col_alone else SUB_N,
-        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead,
-        GROUP_M=0)
+        EVEN=even, OFFSETS_32=True, PACKED=True, COL_VEC=COL_VEC, LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead)
 
 
 def main():

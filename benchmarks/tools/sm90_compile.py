@@ -179,8 +179,7 @@ def main():
                              warps, maxnreg=both_options[name][3] if name in both_options else default_cap, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
-                             LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead and name not in both_options,
-                             GROUP_M=0)
+                             LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead and name not in both_options)
         print(f"{name:<28} {warps:>2} warps {res}", flush=True)
 
 
