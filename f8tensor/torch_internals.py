@@ -6,8 +6,8 @@ to the rest of the package, and has a test in tests/test_torch_internals.py that
 installed PyTorch no longer provides it, so an upgrade cannot switch a gain off without a sign.
 
 Read through functions below:
-- `torch._C._autograd._top_saved_tensors_default_hooks` and an autograd node's `_saved_*`
-  attributes: whether autograd already keeps a tensor's storage for backward
+- `torch._C._autograd._top_saved_tensors_default_hooks`, an autograd node's `_saved_*`
+  attributes and `UntypedStorage._cdata`: whether autograd already keeps a tensor's storage for backward
   (`saved_by_producer`; Float8Linear then saves that input instead of a float8 copy of it), and
   whether saved-tensor hooks are active (`saved_tensors_hooks_active`; Float8Linear then runs its
   forward GEMM after its saves, core/saves_first.py);
@@ -169,13 +169,13 @@ def saved_by_producer(x: torch.Tensor) -> bool:
     names = SAVED_NAMES.get(type(node))
     if names is None:
         names = SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
-    storage = x.untyped_storage().data_ptr()
+    storage = x.untyped_storage()._cdata  # the storage object, not its address: fake tensors have none
     for name in names:
         try:
             value = getattr(node, name)
         except RuntimeError:  # freed, or packed by a saved-tensor hook: unknown
             return False
-        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
+        if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata == storage:
             return True
     return False
 

@@ -1,7 +1,8 @@
 """Triton kernels and their plain-PyTorch references (`naive`), behind one entry point per function.
 
 Installed as `f8tensor.kernels`. `quantize_with_amax` quantizes a 2-D tensor: Triton on a CUDA
-device with float8 hardware, the reference elsewhere; both return (row_major | None, col_major |
+device with float8 hardware, the reference elsewhere (and for fake tensors outside torch.compile,
+which have no memory to launch on); both return (row_major | None, col_major |
 None, scale, amax record) with the same bits. The fused ops' entry points (`rms_norm_with_amax`,
 `swiglu_with_amax`, `rope_forward` and their backwards) choose the same way, as do `quantize_rows` / `quantize_cols`
 (one scale per row / per column: the rowwise recipes) and `quantize_blocks` (one scale per 1 x 128
@@ -43,6 +44,15 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
     cross_entropy_forward_triton = cross_entropy_backward_triton = None
 
 from .op import amax_of_bits, blockwise_op, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
+from ..torch_internals import is_fake  # noqa: E402
+
+
+def _runs_triton(t: torch.Tensor) -> bool:
+    """Whether t's kernels run as Triton: a CUDA tensor with values. A fake tensor outside
+    torch.compile (FakeTensorMode's shape propagation, memory estimation: torchtitan's, torch's
+    FSDP memory tracker) takes the reference, whose ops fake tensors carry; a Triton launch would
+    read its data pointer, which it does not have."""
+    return t.is_cuda and not is_fake(t)
 
 __all__ = [
     "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "cross_entropy_backward",
@@ -77,7 +87,7 @@ def quantize_with_amax(
                 col if layout in ("col", "both") else None, scale, amax)
     # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
     # take the reference, which gives the same bits.
-    if x.is_cuda and has_float8_hardware(x.device):
+    if _runs_triton(x) and has_float8_hardware(x.device):
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
         amax = None if amax is None else _as_record(amax)
@@ -98,7 +108,7 @@ def quantize_rows(
     if torch.compiler.is_compiling():
         row, row_scale, amax = rowwise_rows_op(x, float8_dtype, power_of_2, write_row, col_amax)
         return (row if write_row else None, row_scale if write_row else None, amax if col_amax else None)
-    if not (x.is_cuda and has_float8_hardware(x.device)):
+    if not (_runs_triton(x) and has_float8_hardware(x.device)):
         row, row_scale, _, _ = quantize_rowwise_ref(x, float8_dtype, "row", power_of_2) if write_row else (None,) * 4
         return row, row_scale, axis_amax_ref(x, 0).reshape(-1) if col_amax else None
     if row_cast_triton is None:
@@ -114,7 +124,7 @@ def quantize_cols(
     While torch.compile traces, the op `f8tensor::rowwise_cols` (op.py)."""
     if torch.compiler.is_compiling():
         return rowwise_cols_op(x, col_amax, float8_dtype, power_of_2)
-    if not (x.is_cuda and has_float8_hardware(x.device)):
+    if not (_runs_triton(x) and has_float8_hardware(x.device)):
         return quantize_rowwise_ref(x, float8_dtype, "col", power_of_2, col_amax=col_amax)[2:]
     if col_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
@@ -140,7 +150,7 @@ def quantize_blocks(
         row, row_scale, col, col_scale = blockwise_op(x, float8_dtype, power_of_2, square, write_row, write_col)
         return (row if write_row else None, row_scale if write_row else None,
                 col if write_col else None, col_scale if write_col else None)
-    if not (x.is_cuda and has_float8_hardware(x.device)):
+    if not (_runs_triton(x) and has_float8_hardware(x.device)):
         return _quantize_blocks_ref(x, float8_dtype, power_of_2, square, write_row, write_col)
     if block_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
@@ -163,7 +173,7 @@ def swiglu_with_amax(a: torch.Tensor, b: torch.Tensor, gelu_tanh: bool = False) 
     """(silu(a) * b, its amax record) for contiguous a, b of one shape and dtype (gelu_tanh:
     gelu(a, approximate="tanh") * b, GeGLU's gate): one pass on CUDA (Triton), the reference
     elsewhere or without triton. The record goes to `quantize_with_amax` with that tensor."""
-    if a.is_cuda and swiglu_triton is not None:
+    if _runs_triton(a) and swiglu_triton is not None:
         return swiglu_triton(a, b, gelu_tanh)
     h = geglu_ref(a, b) if gelu_tanh else swiglu_ref(a, b)
     return h, amax_ref(h)
@@ -174,7 +184,7 @@ def swiglu_backward_with_amax(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_a, grad_b, record of grad_a, record of grad_b) of h = silu(a) * b (gelu_tanh: of
     GeGLU's gate) given dh = g."""
-    if a.is_cuda and swiglu_backward_triton is not None:
+    if _runs_triton(a) and swiglu_backward_triton is not None:
         return swiglu_backward_triton(g, a, b, gelu_tanh)
     grad_a, grad_b = (geglu_backward_ref if gelu_tanh else swiglu_backward_ref)(g, a, b)
     return grad_a, grad_b, amax_ref(grad_a), amax_ref(grad_b)
@@ -184,7 +194,7 @@ def swiglu_halves_with_amax(y: torch.Tensor, gate_half: int = 0, gelu_tanh: bool
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, its amax record): `swiglu_with_amax` of the two halves of a contiguous y [..., 2 F]'s last
     dim (the gate the first half for gate_half 0, the second for 1), read in place on CUDA."""
-    if y.is_cuda and swiglu_halves_triton is not None:
+    if _runs_triton(y) and swiglu_halves_triton is not None:
         return swiglu_halves_triton(y, gate_half, gelu_tanh)
     h = swiglu_halves_ref(y, gate_half, gelu_tanh)
     return h, amax_ref(h)
@@ -194,7 +204,7 @@ def swiglu_halves_backward_with_amax(g: torch.Tensor, y: torch.Tensor, gate_half
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, its amax record) of h = swiglu_halves_with_amax(y)'s h given dh = g (contiguous): both
     halves' gradients in one tensor of y's shape."""
-    if y.is_cuda and swiglu_halves_backward_triton is not None:
+    if _runs_triton(y) and swiglu_halves_backward_triton is not None:
         return swiglu_halves_backward_triton(g, y, gate_half, gelu_tanh)
     dy = swiglu_halves_backward_ref(g, y, gate_half, gelu_tanh)
     return dy, amax_ref(dy)
@@ -205,7 +215,7 @@ def rms_norm_with_amax(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, rstd, amax record of y) for a contiguous x [..., D]: one pass on CUDA (Triton), the
     reference elsewhere or without triton."""
-    if x.is_cuda and rms_norm_triton is not None:
+    if _runs_triton(x) and rms_norm_triton is not None:
         return rms_norm_triton(x, weight, eps, cast_before_weight)
     y, rstd = rms_norm_ref(x, weight, eps, cast_before_weight)
     return y, rstd, amax_ref(y)
@@ -216,7 +226,7 @@ def rms_norm_backward(
     cast_before_weight: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dweight | None) for contiguous g and x of one shape, given forward's rstd."""
-    if x.is_cuda and rms_norm_backward_triton is not None:
+    if _runs_triton(x) and rms_norm_backward_triton is not None:
         return rms_norm_backward_triton(g, x, weight, rstd, cast_before_weight)
     return rms_norm_backward_ref(g, x, weight, rstd, cast_before_weight)
 
@@ -224,7 +234,7 @@ def rms_norm_backward(
 def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """rope_ref(x, cos, sin, interleaved): one pass on CUDA (Triton), the reference elsewhere or
     without triton. The output has x's layout where x is dense."""
-    if x.is_cuda and rope_triton is not None:
+    if _runs_triton(x) and rope_triton is not None:
         return rope_triton(x, cos, sin, interleaved=interleaved)
     return torch.empty_like(x).copy_(rope_ref(x, cos, sin, interleaved))
 
@@ -233,7 +243,7 @@ def rope_backward(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strides
                   interleaved: bool = False) -> torch.Tensor:
     """rope_backward_ref(g, cos, sin, interleaved) laid out with `strides` (forward's output
     layout, so the gradient reaches x's producer in x's layout: its view's backward needs no copy)."""
-    if g.is_cuda and rope_triton is not None:
+    if _runs_triton(g) and rope_triton is not None:
         return rope_triton(g, cos, sin, backward=True, out_strides=strides, interleaved=interleaved)
     out = torch.empty_strided(g.shape, strides, dtype=g.dtype, device=g.device)
     return out.copy_(rope_backward_ref(g, cos, sin, interleaved))
@@ -243,7 +253,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss fp32 [N], lse fp32 [N]) of logits [N, V] (unit column stride) against int64 target [N]:
     Triton on a CUDA device, `cross_entropy_ref` elsewhere or without triton."""
-    if logits.is_cuda and cross_entropy_forward_triton is not None:
+    if _runs_triton(logits) and cross_entropy_forward_triton is not None:
         return cross_entropy_forward_triton(logits, target, ignore_index)
     return cross_entropy_ref(logits, target, ignore_index)
 
@@ -252,7 +262,7 @@ def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torc
                            ignore_index: int) -> torch.Tensor:
     """The gradient of sum(loss * g) with respect to logits (g fp32 [N], or 0-d for every row), in
     the logits' dtype: Triton on a CUDA device (from forward's lse), `cross_entropy_backward_ref` elsewhere."""
-    if logits.is_cuda and cross_entropy_backward_triton is not None:
+    if _runs_triton(logits) and cross_entropy_backward_triton is not None:
         return cross_entropy_backward_triton(logits, target, lse, g, ignore_index)
     return cross_entropy_backward_ref(logits, target, g, ignore_index)
 
