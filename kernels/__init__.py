@@ -44,7 +44,7 @@ except ImportError:  # triton is not installed (e.g. macOS): the reference path 
     cross_entropy_forward_triton = cross_entropy_backward_triton = None
 
 from .op import amax_of_bits, blockwise_op, cast_op, rowwise_cols_op, rowwise_rows_op  # noqa: E402  (op.py uses quantize_with_amax at call time)
-from ..torch_internals import is_fake  # noqa: E402
+from ..torch_internals import is_fake_tensor  # noqa: E402
 
 
 def _runs_triton(t: torch.Tensor) -> bool:
@@ -52,7 +52,7 @@ def _runs_triton(t: torch.Tensor) -> bool:
     torch.compile (FakeTensorMode's shape propagation, memory estimation: torchtitan's, torch's
     FSDP memory tracker) takes the reference, whose ops fake tensors carry; a Triton launch would
     read its data pointer, which it does not have."""
-    return t.is_cuda and not is_fake(t)
+    return t.is_cuda and not is_fake_tensor(t)
 
 __all__ = [
     "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "cross_entropy_backward",

@@ -62,8 +62,8 @@ def test_functorch_fx_fake_and_hooks():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        assert ti.is_fake(torch.empty(2))
-    assert not ti.is_fake(x)
+        assert ti.is_fake(torch.empty(2)) and ti.is_fake_tensor(torch.empty(2))
+    assert not ti.is_fake(x) and not ti.is_fake_tensor(x)
     lin = nn.Linear(2, 2)
     assert not ti.has_hooks(lin)
     lin.register_forward_pre_hook(lambda *a: None)
