@@ -472,11 +472,11 @@ def block_cast_triton(
     if columns_first and tiles_m > GRID_AXIS_1_MAX:
         raise ValueError(f"block_cast_triton: columns_first puts the {tiles_m} row tiles on the grid's second "
                          f"axis, which takes at most {GRID_AXIS_1_MAX:,}; use columns_first=False")
-    if not columns_first and tiles_n > GRID_AXIS_1_MAX:
-        raise ValueError(f"block_cast_triton: N = {N} makes {tiles_n} column tiles of {bn} on the grid's second axis, "
-                         f"which takes at most {GRID_AXIS_1_MAX:,}; cast x in column slices of at most "
-                         f"{GRID_AXIS_1_MAX * BLOCK:,} columns at multiples of {BLOCK} (no scale spans them)")
     if M and N:
+        if not columns_first and tiles_n > GRID_AXIS_1_MAX:
+            raise ValueError(f"block_cast_triton: N = {N} makes {tiles_n} column tiles of {bn} on the grid's second "
+                             f"axis, which takes at most {GRID_AXIS_1_MAX:,}; cast x in column slices of at most "
+                             f"{GRID_AXIS_1_MAX * bn:,} columns at multiples of {BLOCK} (no scale spans them)")
         # The column strips through `_col_strips` (alone, or packed after the row strips); other
         # column strips in slices loaded transposed with 64-bit offsets. Casts of 128 x 128 tiles
         # take none of the flags (one compiled kernel each).

@@ -201,6 +201,9 @@ def test_launch_options_are_refused_where_they_cannot_apply():
     for cast in (dict(write_col=False), dict(write_col=True, loads_ahead=False), dict(square=True)):
         with pytest.raises(ValueError, match="makes 65537 column tiles of 128 on the grid's second axis"):
             block_cast_triton(wide, torch.float8_e4m3fn, **cast)
+    with pytest.raises(ValueError, match="131073 column tiles of 64 .* slices of at most 4,194,240 columns"):
+        block_cast_triton(wide, torch.float8_e4m3fn, write_row=False, write_col=True)  # the column strips alone
+    block_cast_triton(wide[:0], torch.float8_e4m3fn)  # no rows: nothing is launched, nothing refused
     for bad in (8, 256, 128.0, True):
         with pytest.raises(ValueError, match=f"max_registers must be an int from 16 to 255.*got {bad!r}"):
             block_cast_triton(x, torch.float8_e4m3fn, write_row=True, write_col=True, max_registers=bad)
