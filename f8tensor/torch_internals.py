@@ -170,13 +170,13 @@ def saved_by_producer(x: torch.Tensor) -> bool:
     names = SAVED_NAMES.get(type(node))
     if names is None:
         names = SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
-    storage = x.untyped_storage()._cdata  # the storage object, not its address: fake tensors have none
+    storage = _storage_object(x)  # not its address: fake tensors have none
     for name in names:
         try:
             value = getattr(node, name)
         except RuntimeError:  # freed, or packed by a saved-tensor hook: unknown
             return False
-        if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata == storage:
+        if isinstance(value, torch.Tensor) and _storage_object(value) == storage:
             return True
     return False
 
@@ -230,6 +230,12 @@ def current_raw_stream(device_index: int) -> int:
     return _raw_stream(device_index)
 
 
+def _storage_object(t: torch.Tensor) -> int:
+    """t's storage object (its StorageImpl's address): the same through `UntypedStorage.resize_`,
+    another for other storage; fake tensors have one too."""
+    return t.untyped_storage()._cdata
+
+
 def storage_ref(t: torch.Tensor):
     """A weak reference to t's storage object (its StorageImpl): it keeps that object, so no other
     storage takes its address while the reference lives, and not its memory (not a Python weak
@@ -240,7 +246,7 @@ def storage_ref(t: torch.Tensor):
 def same_storage(t: torch.Tensor, ref) -> bool:
     """Whether t's storage object is the one `ref` (from `storage_ref`) refers to, its memory
     reallocated or not (`UntypedStorage.resize_` keeps the object)."""
-    return ref.cdata == t.untyped_storage()._cdata
+    return ref.cdata == _storage_object(t)
 
 
 def is_mutating(func) -> bool:

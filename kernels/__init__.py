@@ -54,6 +54,12 @@ def _runs_triton(t: torch.Tensor) -> bool:
     read its data pointer, which it does not have."""
     return t.is_cuda and not is_fake_tensor(t)
 
+
+def _casts_in_triton(x: torch.Tensor) -> bool:
+    """Whether x's float8 casts run as Triton: `_runs_triton` on a device that converts to float8 in
+    hardware (sm_89 on; older GPUs, emulate mode, take the reference, which gives the same bits)."""
+    return _runs_triton(x) and has_float8_hardware(x.device)
+
 __all__ = [
     "BLOCK", "EPS", "FLOAT8_DTYPES", "INPUT_DTYPES", "LAYOUTS", "amax_ref", "cross_entropy_backward",
     "cross_entropy_backward_ref", "cross_entropy_forward", "cross_entropy_ref", "fp8_max", "geglu_backward_ref", "geglu_ref",
@@ -85,9 +91,7 @@ def quantize_with_amax(
         row, col, scale = cast_op(x, _as_record(amax), float8_dtype, layout, power_of_2)
         return (row if layout in ("row", "both") else None,
                 col if layout in ("col", "both") else None, scale, amax)
-    # Triton converts to float8 in hardware from sm_89 (Ada, Hopper) on; older GPUs (emulate mode)
-    # take the reference, which gives the same bits.
-    if _runs_triton(x) and has_float8_hardware(x.device):
+    if _casts_in_triton(x):
         if quantize_triton is None:
             raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
         amax = None if amax is None else _as_record(amax)
@@ -108,7 +112,7 @@ def quantize_rows(
     if torch.compiler.is_compiling():
         row, row_scale, amax = rowwise_rows_op(x, float8_dtype, power_of_2, write_row, col_amax)
         return (row if write_row else None, row_scale if write_row else None, amax if col_amax else None)
-    if not (_runs_triton(x) and has_float8_hardware(x.device)):
+    if not _casts_in_triton(x):
         row, row_scale, _, _ = quantize_rowwise_ref(x, float8_dtype, "row", power_of_2) if write_row else (None,) * 4
         return row, row_scale, axis_amax_ref(x, 0).reshape(-1) if col_amax else None
     if row_cast_triton is None:
@@ -124,7 +128,7 @@ def quantize_cols(
     While torch.compile traces, the op `f8tensor::rowwise_cols` (op.py)."""
     if torch.compiler.is_compiling():
         return rowwise_cols_op(x, col_amax, float8_dtype, power_of_2)
-    if not (_runs_triton(x) and has_float8_hardware(x.device)):
+    if not _casts_in_triton(x):
         return quantize_rowwise_ref(x, float8_dtype, "col", power_of_2, col_amax=col_amax)[2:]
     if col_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")
@@ -150,7 +154,7 @@ def quantize_blocks(
         row, row_scale, col, col_scale = blockwise_op(x, float8_dtype, power_of_2, square, write_row, write_col)
         return (row if write_row else None, row_scale if write_row else None,
                 col if write_col else None, col_scale if write_col else None)
-    if not (_runs_triton(x) and has_float8_hardware(x.device)):
+    if not _casts_in_triton(x):
         return _quantize_blocks_ref(x, float8_dtype, power_of_2, square, write_row, write_col)
     if block_cast_triton is None:
         raise RuntimeError("f8tensor needs triton to quantize CUDA tensors: pip install triton")

@@ -93,7 +93,12 @@ def sharded_run(rank, world, store, device_type, keep_weight, compiled, recipe, 
             from f8tensor.core import weight_amax
 
             real_latest = weight_amax.latest  # log whether each recomputed weight cast finds its record
-            weight_amax.latest = lambda w: reuses.append(real_latest(w) is not None) or real_latest(w)
+            def latest(w):
+                record = real_latest(w)
+                reuses.append(record is not None)
+                return record
+
+            weight_amax.latest = latest
         # compiled: "static" compiles with dynamic=False, "dynamic" with torch.compile's default
         # (automatic dynamic shapes: each layer's frame, split off by FSDP2's skipped hooks, is
         # recompiled with symbolic sizes once a second layer shape arrives).

@@ -174,9 +174,10 @@ def main():
         warps = warps or _default_warps(square, write_row, write_col, block_n=block_n)
         ahead = (both_options[name][1] if name in both_options
                  else LOADS_AHEAD and write_row and words and sub_m == sub_n == 64)
-        default_cap = LOADS_AHEAD_MAX_REGISTERS if ahead and name not in both_options else None  # as launched
+        cap = (both_options[name][3] if name in both_options  # as launched by default otherwise
+               else LOADS_AHEAD_MAX_REGISTERS if ahead else None)
         res = sm90_resources(block_kernel, (x, row, scale, col_words if words else col_bytes, scale, M, N, N, 1),
-                             warps, maxnreg=both_options[name][3] if name in both_options else default_cap, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
+                             warps, maxnreg=cap, **fmt, SQUARE=square, WRITE_ROW=write_row, WRITE_COL=write_col, BLOCK_M=BLOCK,
                              BLOCK_N=block_n, SUB_M=sub_m, SUB_N=sub_n, EVEN=even, OFFSETS_32=off32, PACKED=words,
                              COL_VEC=both_options[name][0] if name in both_options else COL_VEC,
                              LOADS_AHEAD=ahead, COLUMNS_FIRST=COLUMNS_FIRST and ahead and name not in both_options)
