@@ -729,6 +729,11 @@ def test_tensor_parallel_blockwise_is_as_close_to_bf16_as_one_device(tmp_path):
     bf16 = tp_step(tp_model(None))
     one = tp_step(tp_model("blockwise", emulate=True))
     for rank in (0, 1):
-        for got, want, ref in zip(results[rank], one, bf16):
-            assert sqnr(ref, got) > sqnr(ref, want) - 1
+        got_all, gemms = results[rank]
+        # float8 ran on the shards: each layer's three emulated GEMMs widen two float8 operands each
+        assert len(gemms) == 12 and all(kind == "widened" for kind, *_ in gemms), gemms
+        for got, want, ref in zip(got_all, one, bf16):
+            # as far from bf16 as one device's blockwise layers (not closer: bf16 itself would pass
+            # a lower bound alone), and close to them
+            assert abs(sqnr(ref, got) - sqnr(ref, want)) < 1.5, (sqnr(ref, got), sqnr(ref, want))
             assert sqnr(want, got) > 20

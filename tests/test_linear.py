@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from f8utils import DEVICE, sqnr
+from f8utils import DEVICE, cpu_rowwise_gemm, sqnr
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear
@@ -59,6 +59,35 @@ def test_exact_parity_with_scaled_mm_by_hand(bias, dtype):
     assert torch.equal(out.view(-1, 512), want)
     assert torch.equal(gx.view(-1, 256), torch._scaled_mm(g_row, w_col, sg, sw, out_dtype=dtype))
     assert torch.equal(gw, torch._scaled_mm(g_col.t(), x_col, sg, sx, out_dtype=dtype))
+
+
+@pytest.mark.parametrize("recipe, flags", [
+    ("tensorwise", (True, False, False)), ("tensorwise", (False, True, True)),
+    ("rowwise", (True, False, False)), ("rowwise", (False, True, True)), ("blockwise", (False, False, False))],
+    ids=["tensorwise-default", "tensorwise-flipped", "rowwise-default", "rowwise-flipped", "blockwise"])
+def test_each_gemm_gets_its_configured_fast_accumulation(recipe, flags, monkeypatch):
+    """Float8Linear's forward, grad_input and grad_weight GEMMs pass the config's fast_accum_output,
+    fast_accum_grad_input and fast_accum_grad_weight to _scaled_mm (CPU's kernel gives the same
+    bits either way, so only the flags show it); blockwise GEMMs have none (its config refuses it)."""
+    if recipe == "rowwise" and DEVICE == "cpu" and not cpu_rowwise_gemm():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only")
+    config = Float8Config.from_recipe_name(recipe).replace(
+        fast_accum_output=flags[0], fast_accum_grad_input=flags[1], fast_accum_grad_weight=flags[2])
+    tokens, in_f, out_f = (256, 384, 128) if recipe == "blockwise" else (32, 64, 48)
+    f8 = Float8Linear(in_f, out_f, device=DEVICE, dtype=torch.bfloat16, config=config)
+    calls, inner = {}, torch._scaled_mm
+
+    def recording(a, b, *args, use_fast_accum=False, **kwargs):
+        # the GEMM's role by its output's shape: [tokens, out_f], [tokens, in_f], [out_f, in_f]
+        role = {(tokens, out_f): "output", (tokens, in_f): "grad_input", (out_f, in_f): "grad_weight"}[
+            (a.shape[0], b.shape[1])]
+        calls.setdefault(role, []).append(use_fast_accum)
+        return inner(a, b, *args, use_fast_accum=use_fast_accum, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    run(f8, torch.randn(tokens, in_f, device=DEVICE, dtype=torch.bfloat16),
+        torch.randn(tokens, out_f, device=DEVICE, dtype=torch.bfloat16))
+    assert calls == {"output": [flags[0]], "grad_input": [flags[1]], "grad_weight": [flags[2]]}
 
 
 def test_backward_saves_float8_or_high_precision_as_configured():

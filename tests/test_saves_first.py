@@ -6,7 +6,7 @@ records still reach backward."""
 import pytest
 import torch
 import torch.nn.functional as F
-from f8utils import DEVICE, count_amax_passes, torchtitan_llama
+from f8utils import DEVICE, count_amax_passes, cpu_rowwise_gemm, torchtitan_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
@@ -17,10 +17,11 @@ RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
 
 
 def config(recipe, **changes):
-    # On CPU the finer recipes are emulated (torch 2.11's CPU _scaled_mm takes no rowwise scales,
-    # no CPU one blockwise); the GEMM still runs where the deferral puts it.
-    return Float8Config.from_recipe_name(recipe).replace(emulate=DEVICE.type == "cpu" and recipe != "tensorwise",
-                                                         **changes)
+    # The GEMMs run through _scaled_mm and its routing (on CPU, blockwise through conftest's CUDA-rules
+    # stand-in, which multiplies in fp32); rowwise is emulated only on a torch whose CPU _scaled_mm
+    # takes no rowwise scales (2.11's). The GEMM still runs where the deferral puts it.
+    emulate = DEVICE.type == "cpu" and recipe.startswith("rowwise") and not cpu_rowwise_gemm()
+    return Float8Config.from_recipe_name(recipe).replace(emulate=emulate, **changes)
 
 
 class Block(nn.Module):
