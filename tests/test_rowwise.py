@@ -134,6 +134,25 @@ def test_col_cast_rejects_a_record_of_another_tensor():
         row_cast_triton(x, E4M3, write_row=False, col_amax=False)
 
 
+def test_reference_scales_each_row_and_column_by_its_own_amax():
+    """The reference, checked from first principles: each row's (column's) scale is amax / 448
+    of that row (column) alone, an outlier moves only its own row's and column's, and the data is
+    x times 448 / amax rounded to e4m3 (the outlier itself lands on 448)."""
+    x = torch.randn(64, 96)
+    x[5, 40] = 1e4
+    row, row_scale, col, col_scale = quantize_rowwise_ref(x, E4M3, "both")
+    amax_r, amax_c = x.abs().amax(1, keepdim=True), x.abs().amax(0, keepdim=True)
+    assert amax_r[5, 0] == 1e4 and (amax_r[torch.arange(64) != 5] < 10).all()
+    assert amax_c[0, 40] == 1e4 and (amax_c[0, torch.arange(96) != 40] < 10).all()
+    # 448 / amax correctly rounded (a tensor divided by a tensor; `448 / t` multiplies by a reciprocal)
+    mult_r, mult_c = torch.tensor(448.0) / amax_r, torch.tensor(448.0) / amax_c
+    assert row_scale.shape == (64, 1) and col_scale.shape == (1, 96)
+    assert torch.equal(row_scale, mult_r.reciprocal()) and torch.equal(col_scale, mult_c.reciprocal())
+    assert torch.equal(row.float(), (x * mult_r).clamp(-448, 448).to(E4M3).float())
+    assert torch.equal(col.float(), (x * mult_c).clamp(-448, 448).to(E4M3).float())
+    assert col.stride() == (1, 64) and row[5, 40].float() == 448 and col[5, 40].float() == 448
+
+
 def test_dispatch_matches_reference():
     """quantize_rows / quantize_cols (what Float8Linear calls) give the reference's bits on this device."""
     x = spanning_values((48, 80), torch.bfloat16)
