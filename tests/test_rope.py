@@ -215,14 +215,24 @@ def test_last_dim_not_contiguous_is_copied_first():
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
 def test_double_backward_goes_through_plain_ops(interleaved):
+    """Under create_graph the gradient is the written code's, and differentiates as it does. The
+    tables are random, not a rotation's: for a rotation (cos^2 + sin^2 = 1) the second derivative
+    of |grad|^2 is 2 g for any orthogonal backward, the wrong rotation or none at all."""
     x = randn((2, 3, 8, 16), torch.float32).requires_grad_()
     g = randn((2, 3, 8, 16), torch.float32, seed=1).requires_grad_()
-    cos, sin = tables(8, 16, interleaved=interleaved)
+    half_cos, half_sin = randn((8, 8), torch.float32, seed=2), randn((8, 8), torch.float32, seed=3)
+    if interleaved:  # each value twice in a row, as the complex form's tables are
+        cos, sin = half_cos.repeat_interleave(2, -1), half_sin.repeat_interleave(2, -1)
+    else:  # both halves alike, as rotate_half's tables are
+        cos, sin = torch.cat([half_cos, half_cos], -1), torch.cat([half_sin, half_sin], -1)
     (grad,) = torch.autograd.grad(rope(x, cos, sin, interleaved), (x,), g, create_graph=True)
     got = torch.autograd.grad((grad * grad).sum(), (g,))
     eager = complex_rope if interleaved else eager_rope  # the model code it replaces
     (want_grad,) = torch.autograd.grad(eager(x, cos, sin), (x,), g, create_graph=True)
-    torch.testing.assert_close(got, torch.autograd.grad((want_grad * want_grad).sum(), (g,)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    want = torch.autograd.grad((want_grad * want_grad).sum(), (g,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0], 2 * g, rtol=1e-2)  # the tables are no rotation's
 
 
 def test_tables_that_require_grad_get_their_gradient():
