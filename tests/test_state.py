@@ -5,6 +5,8 @@ import copy
 import importlib
 import pickle
 import pkgutil
+import threading
+import weakref
 
 import pytest
 import torch
@@ -96,22 +98,43 @@ def _modules():
                 yield importlib.import_module(info.name)
 
 
+WEAK = (weakref.WeakSet, weakref.WeakKeyDictionary, weakref.WeakValueDictionary)
+
+
+def _is_container(value) -> bool:
+    return isinstance(value, (dict, set, list, threading.local) + WEAK) or hasattr(value, "cache_info")
+
+
 def _containers():
-    """Every module-level dict, set, list or functools cache of the package, once: {where: object}."""
+    """Every dict, set, list, weak container, thread-local or functools cache held at module level
+    or as a class attribute of the package's classes, once: {where: object}."""
     found, seen = {}, set()
     for module in _modules():
         for name, value in vars(module).items():
-            if name == "__all__" or id(value) in seen:
-                continue
-            if isinstance(value, (dict, set, list)) or hasattr(value, "cache_info"):
-                seen.add(id(value))
-                found[f"{module.__name__}.{name}"] = value
+            places = [(f"{module.__name__}.{name}", value)]
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                places += [(f"{module.__name__}.{name}.{attr}", v) for attr, v in vars(value).items()
+                           if not attr.startswith("__")]
+            for where, v in places:
+                if where.endswith(".__all__") or id(v) in seen or not _is_container(v):
+                    continue
+                seen.add(id(v))
+                found[where] = v
     return found
 
 
+def _state(value):
+    if hasattr(value, "cache_info"):
+        return value.cache_info().currsize
+    if isinstance(value, WEAK):  # their repr shows no entries
+        return ("entries", len(value))
+    if isinstance(value, threading.local):  # this thread's attributes
+        return repr(vars(value))
+    return repr(value)
+
+
 def _snapshot(containers: dict, listed: set) -> dict:
-    return {where: value.cache_info().currsize if hasattr(value, "cache_info") else repr(value)
-            for where, value in containers.items() if id(value) not in listed}
+    return {where: _state(value) for where, value in containers.items() if id(value) not in listed}
 
 
 def test_no_module_keeps_state_the_list_misses():
@@ -119,8 +142,9 @@ def test_no_module_keeps_state_the_list_misses():
     being listed fails here."""
     listed = {id(o) for s in STORES for o in s.objects}
     before = _snapshot(_containers(), listed)
-    _workload()
+    alive = _workload()  # kept: a weak container's entries live while the workload's objects do
     after = _snapshot(_containers(), listed)
+    del alive
     changed = sorted(where for where in before if after.get(where) != before[where])
     assert not changed, f"module-level state not listed in f8tensor/state.py: {changed}"
     assert len(before) > 10  # the scan sees the package's constants
