@@ -552,5 +552,7 @@ def test_a_pruned_norm_runs_fused_through_its_mask():
     want.backward(g)
     assert_close(y.detach(), want.detach(), ulp(want) * 2**20 + want.abs())
     assert torch.equal(norm.weight_orig.grad != 0, ref.weight.grad * norm.weight_mask != 0)  # masked out: none
+    # the values: the written norm's weight gradient through the mask (a sum over rows, in another order)
+    torch.testing.assert_close(norm.weight_orig.grad, ref.weight.grad * norm.weight_mask, rtol=2**-7, atol=1e-6)
     with pytest.raises(TypeError, match="computed Tensor, not a Parameter .*fuse_model_ops"):
         RMSNorm.from_norm(norm)
