@@ -55,7 +55,7 @@ def sqnr(ref, x) -> float:
     return (20 * torch.log10(ref.float().norm() / (ref.float() - x.float()).norm())).item()
 
 
-def assert_fused_as_written(model, tokens, fused_calls, *logs):
+def assert_fused_as_written(model, tokens, fused_calls, *logs, **fusions):
     """Every fusion at once, on a float32 copy of the model, gives the written code's float32 output
     to within float32 rounding (the fused ops round once where the written code rounds per op: 130
     to 160 dB on these models; a rotation left out or a gate off by 25 % gave 11 to 78 dB). The
@@ -64,7 +64,7 @@ def assert_fused_as_written(model, tokens, fused_calls, *logs):
     counts = {**fused_calls}, [len(log) for log in logs]
     written = copy.deepcopy(model).float()
     fused = copy.deepcopy(written)
-    fuse_model_ops(fused, strict=True)
+    fuse_model_ops(fused, strict=True, **fusions)
     want, got = written(tokens), fused(tokens)
     want, got = getattr(want, "logits", want), getattr(got, "logits", got)
     assert sqnr(want, got) > 100, sqnr(want, got)
@@ -256,10 +256,14 @@ def test_our_benchmark_and_demo_models_are_fused(fused_calls):
         sys.path.pop(0)
     a = SimpleNamespace(vocab=256, dim=64, layers=2, heads=4, kv_heads=2, ffn=128, seq=32, rope="rotate_half")
     bench = train.Transformer(a).to(torch.bfloat16)
+    tokens = torch.randint(0, 256, (2, 32))
+    assert_fused_as_written(bench, tokens, fused_calls)
     report = fuse_model_ops(bench, strict=True)
     assert [len(report.fused(k)) for k in ("rms_norm", "swiglu", "rope")] == [5, 2, 2]
-    bench(torch.randint(0, 256, (2, 32)))
+    bench(tokens)
     assert fused_calls == {"swiglu": 2, "rope": 4, "rms_norm": 0}  # its nn.RMSNorms are swapped
-    demo = convert_and_fuse(DemoTransformer(dim=64, layers=2, heads=4, seq=32), rope=False, strict=True)
+    demo = DemoTransformer(dim=64, layers=2, heads=4, seq=32)
+    assert_fused_as_written(demo, tokens, fused_calls, rope=False)
+    demo = convert_and_fuse(demo, rope=False, strict=True)
     assert [len(fusion_report(demo).fused(k)) for k in ("rms_norm", "swiglu")] == [5, 2]
     assert isinstance(demo, nn.Module)
