@@ -57,10 +57,9 @@ def sqnr(ref, x) -> float:
 
 def assert_fused_as_written(model, tokens, fused_calls, *logs, **fusions):
     """Every fusion at once, on a float32 copy of the model, gives the written code's float32 output
-    to within float32 rounding (the fused ops round once where the written code rounds per op: 130
-    to 160 dB on these models; a rotation left out or a gate off by 25 % gave 11 to 78 dB). The
-    float8 comparisons that follow are too coarse to see a wrong fusion. The counters the test
-    keeps are left as they were."""
+    to within float32 rounding (the order of operations differs: 130 to 160 dB on these models; a
+    rotation left out or a gate off by 25 % gave 11 to 78 dB). The float8 comparisons that follow
+    are too coarse to see a wrong fusion. The counters the test keeps are left as they were."""
     counts = {**fused_calls}, [len(log) for log in logs]
     written = copy.deepcopy(model).float()
     fused = copy.deepcopy(written)
