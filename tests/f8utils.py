@@ -149,6 +149,12 @@ def cpu_rowwise_gemm() -> bool:
     return True
 
 
+def skip_rowwise_without_cpu_gemm(recipe: str, device_type: str) -> None:
+    """Skip a case of the rowwise recipe on CPU where this torch's CPU _scaled_mm takes no rowwise scales."""
+    if recipe == "rowwise" and device_type == "cpu" and not cpu_rowwise_gemm():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only")
+
+
 def torchtitan_llama():
     """torchtitan's Llama 3 model code (its PyPI wheel), 2 layers of width 64, bf16 parameters."""
     from torchtitan.models.llama3.model.args import TransformerModelArgs

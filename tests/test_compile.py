@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from f8utils import DEVICE, cpu_rowwise_gemm, saved_activations
+from f8utils import DEVICE, saved_activations, skip_rowwise_without_cpu_gemm
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, convert_to_float8_training, forget_fp8_weights, to_float8
@@ -210,8 +210,7 @@ def test_compiled_checkpointed_block_saves_only_its_input(recipe, policy):
     (with the min-cut partitioner inductor uses; the backend that runs it without codegen)."""
     from torch.utils.checkpoint import checkpoint
 
-    if recipe == "rowwise" and DEVICE.type == "cpu" and not cpu_rowwise_gemm():
-        pytest.skip("this torch's CPU _scaled_mm takes tensorwise scales only")
+    skip_rowwise_without_cpu_gemm(recipe, DEVICE.type)
 
     class Block(nn.Module):
         def __init__(self):

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from f8utils import DEVICE, SwiGLU
+from f8utils import DEVICE, SwiGLU, skip_rowwise_without_cpu_gemm
 from torch import nn
 
 from f8tensor import Float8Config, RMSNorm, convert_to_float8_training, fuse_model_ops
@@ -43,11 +43,7 @@ def step(model):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "blockwise"])
 def test_a_step_on_fake_tensors_runs_and_gives_the_real_steps_shapes(recipe):
-    if recipe == "rowwise" and DEVICE.type == "cpu":
-        from f8utils import cpu_rowwise_gemm
-
-        if not cpu_rowwise_gemm():
-            pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes no rowwise scales")
+    skip_rowwise_without_cpu_gemm(recipe, DEVICE.type)
     want = step(build(recipe))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Accessing the data pointer of FakeTensor is deprecated"

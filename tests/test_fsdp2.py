@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from f8utils import TWO_RANK_DEVICES, SwiGLU, cpu_rowwise_gemm, join_process_group
+from f8utils import TWO_RANK_DEVICES, SwiGLU, join_process_group, skip_rowwise_without_cpu_gemm
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear, RMSNorm, convert_to_float8_training, fuse_model_ops
@@ -133,8 +133,7 @@ def test_fully_shard_matches_single_process_bit_for_bit(keep_weight, compiled, r
     single process, and every recomputed weight cast reads the first forward's amax
     (core/weight_amax.py), though FSDP2 freed the gathered weights' memory after forward and
     gathered them again."""
-    if recipe == "rowwise" and device_type == "cpu" and not cpu_rowwise_gemm():
-        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes no rowwise scales")
+    skip_rowwise_without_cpu_gemm(recipe, device_type)
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(sharded_run, args=(2, str(tmp_path / "store"), device_type, keep_weight, compiled, recipe, ac,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from f8utils import DEVICE, cpu_rowwise_gemm, sqnr
+from f8utils import DEVICE, skip_rowwise_without_cpu_gemm, sqnr
 from torch import nn
 
 from f8tensor import Float8Config, Float8Linear
@@ -69,8 +69,7 @@ def test_each_gemm_gets_its_configured_fast_accumulation(recipe, flags, monkeypa
     """Float8Linear's forward, grad_input and grad_weight GEMMs pass the config's fast_accum_output,
     fast_accum_grad_input and fast_accum_grad_weight to _scaled_mm (CPU's kernel gives the same
     bits either way, so only the flags show it); blockwise GEMMs have none (its config refuses it)."""
-    if recipe == "rowwise" and DEVICE.type == "cpu" and not cpu_rowwise_gemm():
-        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes tensorwise scales only")
+    skip_rowwise_without_cpu_gemm(recipe, DEVICE.type)
     config = Float8Config.from_recipe_name(recipe).replace(
         fast_accum_output=flags[0], fast_accum_grad_input=flags[1], fast_accum_grad_weight=flags[2])
     tokens, in_f, out_f = (256, 384, 128) if recipe == "blockwise" else (32, 64, 48)

@@ -19,11 +19,11 @@ kept, for the recomputation, which then reuses the amax; a weight given other st
 `Module.to()`, a copy) gets none. The entry holds a weak reference of PyTorch's own to that object
 (torch_internals.storage_ref), so no other storage takes its address while the entry lives.
 Writes that bypass the version counter (`.data`, DLPack, collectives into the parameter) between a
-forward and its recomputation are not seen here; they break the checkpoint's recomputation itself, whose saved tensors would no
-longer be the first forward's. Nothing is remembered where `weight_attr.trackable` says no (while
-torch.compile traces: the compiled graph recomputes what its partitioner chooses; fake and
-functorch-wrapped tensors; inference tensors; CUDA graph capture). `reset_state()` does not reach
-the entries (nothing at module level holds them).
+forward and its recomputation are not seen here; they break the checkpoint's recomputation itself,
+whose saved tensors would no longer be the first forward's. Nothing is remembered where
+`weight_attr.trackable` says no (while torch.compile traces: the compiled graph recomputes what its
+partitioner chooses; fake and functorch-wrapped tensors; inference tensors; CUDA graph capture).
+`reset_state()` does not reach the entries (nothing at module level holds them).
 
 Memory: one amax record per weight that Float8Linear has cast (the Triton path's int32 partial
 maxima, one per program of the amax pass: a few kilobytes; a 0-d tensor elsewhere).
